@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "diskchain.h"
+
+#define DC_DEFAULT_MAX_DEPTH 64
+#define DC_EXPORT __attribute__((visibility("default")))
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _unused_ __attribute__((unused))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+
+static inline void freep(void *p) {
+        free(*(void **) p);
+}
+#define _cleanup_free_ _cleanup_(freep)
+static inline void closep(int *fd) {
+        if (*fd >= 0)
+                close(*fd);
+}
+#define _cleanup_close_ _cleanup_(closep)
+
+#define TAKE_PTR(p)                          \
+        ({                                   \
+                __typeof__(p) _tp_ = (p);    \
+                (p) = NULL;                  \
+                _tp_;                        \
+        })
+#define TAKE_FD(fd)                          \
+        ({                                   \
+                int _tfd_ = (fd);            \
+                (fd) = -EBADF;               \
+                _tfd_;                       \
+        })
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define DIV_ROUND_UP(a, b) (((a) + (b) - 1) / (b))
+#define ALIGN_UP(a, b) (DIV_ROUND_UP(a, b) * (b))
+#define ALIGN_DOWN(a, b) ((a) / (b) * (b))
+
+/* Record the reason of a failure for this thread and return -err. */
+int dc_error(int err, const char *fmt, ...) _printf_(2, 3);
+void dc_error_clear(void);
+
+int dc_pread_full(int fd, void *buf, size_t len, uint64_t off);
+int dc_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
+int dc_fdatasync(int fd);
+extern long dc_fault_writes_left;
+
+static inline uint16_t be16(const void *p) {
+        const uint8_t *b = p;
+        return (uint16_t) (b[0] << 8 | b[1]);
+}
+static inline uint32_t be32(const void *p) {
+        const uint8_t *b = p;
+        return (uint32_t) b[0] << 24 | (uint32_t) b[1] << 16 | (uint32_t) b[2] << 8 | b[3];
+}
+static inline uint64_t be64(const void *p) {
+        const uint8_t *b = p;
+        return (uint64_t) be32(b) << 32 | be32(b + 4);
+}
+static inline void put_be16(void *p, uint16_t v) {
+        uint8_t *b = p;
+        b[0] = v >> 8;
+        b[1] = v;
+}
+static inline void put_be32(void *p, uint32_t v) {
+        uint8_t *b = p;
+        b[0] = v >> 24;
+        b[1] = v >> 16;
+        b[2] = v >> 8;
+        b[3] = v;
+}
+static inline void put_be64(void *p, uint64_t v) {
+        put_be32(p, v >> 32);
+        put_be32((uint8_t *) p + 4, (uint32_t) v);
+}
+
+/* Status of one layer at an offset. */
+enum {
+        DC_LAYER_UNALLOCATED, /* fall through to the backing file */
+        DC_LAYER_ZERO,        /* reads as zeros, allocated in this layer */
+        DC_LAYER_DATA,        /* data stored in this layer */
+};
+
+struct dc_layer_status {
+        int type;
+        uint64_t length;
+        int64_t host_offset; /* -1 when none */
+        bool compressed;
+        bool host_hole;      /* DATA stored in a hole of the host file (reads zero) */
+};
+
+/*
+ * The operations of one format, for one layer (nbdcopy's rw_ops idea).
+ * Offsets and lengths given to them are inside the virtual size; the layer
+ * lock is held by the caller.
+ */
+struct dc_driver {
+        const char *name;
+        int format;
+        int (*open)(dc_image *img, bool writable);
+        void (*close)(dc_image *img);
+        int (*block_status)(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret);
+        /* Read a range whose status is DATA. */
+        int (*read)(dc_image *img, void *buf, uint64_t off, size_t len);
+        int (*write)(dc_image *img, const void *buf, uint64_t off, size_t len);
+        int (*write_zeroes)(dc_image *img, uint64_t off, uint64_t len, unsigned flags);
+        int (*write_compressed)(dc_image *img, const void *buf, uint64_t off, size_t len);
+        int (*discard)(dc_image *img, uint64_t off, uint64_t len);
+        int (*flush)(dc_image *img);
+        int (*truncate)(dc_image *img, uint64_t size);
+        int (*check)(dc_image *img, int repair, struct dc_check_result *ret);
+};
+
+extern const struct dc_driver dc_raw_driver;
+extern const struct dc_driver dc_qcow2_driver;
+
+struct dc_image {
+        const struct dc_driver *drv;
+        pthread_mutex_t lock;
+        int fd;
+        char *path;            /* absolute */
+        uint64_t virtual_size;
+        bool writable;
+        bool check_mode;
+        char *read_only_reason;
+        char *backing_file;    /* as stored */
+        char *backing_format;  /* from the extension */
+        dc_image *backing;
+        void *priv;            /* driver state */
+};
+
+/* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
+int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
+
+int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, const char *backing_fmt);
+int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size);
+int dc_qcow2_preallocate(dc_image *img, int mode);
+
+/* Compression of one cluster: returns the compressed size, or 0 if it does not fit. */
+int dc_compress(int type, const void *src, size_t srclen, void *dst, size_t dstcap, size_t *ret_len);
+int dc_decompress(int type, const void *src, size_t srclen, void *dst, size_t dstlen);

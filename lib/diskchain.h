@@ -1,0 +1,167 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/*
+ * libdiskchain — the block layer of diskchain.
+ *
+ * Reads and writes raw and qcow2 (v2/v3) images and their backing chains,
+ * confined to a set of storage roots.  No D-Bus, no polkit, no logging
+ * above debug: callers get a negative errno from every function and can
+ * fetch a human-readable reason with dc_get_error(), which is kept per
+ * thread and stays valid until the next failing call on that thread.
+ *
+ * Conventions:
+ *   - functions return >= 0 on success and -errno on failure;
+ *   - ret_* out-parameters are written only on success;
+ *   - strings returned by getters live as long as the image handle;
+ *   - an image handle may be used from several threads: every entry
+ *     point takes the layer's lock.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct dc_image dc_image;
+
+/* The reason for the last failure on this thread ("" when none). */
+const char *dc_get_error(void);
+/* The errno of the last failure on this thread (0 when none). */
+int dc_get_errno(void);
+
+enum {
+        DC_FORMAT_QCOW2 = 0, /* the default when options are zeroed */
+        DC_FORMAT_RAW = 1,
+};
+
+struct dc_open_options {
+        const char *const *roots; /* NULL-terminated storage roots; NULL = no confinement */
+        unsigned max_depth;       /* longest chain accepted; 0 = default (64) */
+        bool writable;            /* open the top layer read-write */
+        bool no_backing;          /* open only this layer, not its backing chain */
+        bool check_mode;          /* for check/repair: open despite the corrupt bit */
+        bool no_lock;             /* skip QEMU-compatible image locking */
+};
+
+/* -EBUSY from dc_image_open() means another process (such as QEMU) holds a
+ * conflicting QEMU-compatible lock on one of the files. */
+/* True when another open file description holds QEMU's write lock on PATH. */
+int dc_path_locked_by_writer(const char *abs, const char *const *roots);
+
+/* Open PATH (absolute, or relative to roots[0]) and its backing chain. */
+int dc_image_open(const char *path, const struct dc_open_options *opts, dc_image **ret);
+/* Close the image and its backing chain.  Returns NULL. */
+dc_image *dc_image_close(dc_image *img);
+
+struct dc_create_options {
+        int format;                 /* DC_FORMAT_QCOW2 (default) or DC_FORMAT_RAW */
+        const char *backing;        /* backing file name as it will be stored, or NULL */
+        int backing_format;         /* -1 = probe the backing file */
+        uint32_t cluster_size;      /* 0 = 65536 */
+        int compat;                 /* 2 (0.10) or 3 (1.1); 0 = 3 */
+        int compression_type;       /* 0 zlib, 1 zstd */
+        int preallocation;          /* DC_PREALLOC_* */
+        bool lazy_refcounts;
+        uint32_t refcount_bits;     /* 0 = 16 */
+};
+
+enum {
+        DC_PREALLOC_OFF = 0,
+        DC_PREALLOC_METADATA,
+        DC_PREALLOC_FALLOC,
+        DC_PREALLOC_FULL,
+};
+
+/* Create a new image at PATH (must not exist).  size 0 with a backing file
+ * takes the backing file's virtual size.  The file is removed on failure. */
+int dc_image_create(const char *path, uint64_t size, const struct dc_create_options *opts,
+                    const char *const *roots);
+
+/* Guest I/O on the chain: reads fall through the layers, writes go to the top. */
+int dc_image_read(dc_image *img, void *buf, uint64_t offset, size_t length);
+int dc_image_write(dc_image *img, const void *buf, uint64_t offset, size_t length);
+/* DC_ZERO_MAY_UNMAP lets the driver deallocate instead of keeping clusters. */
+#define DC_ZERO_MAY_UNMAP 1u
+int dc_image_write_zeroes(dc_image *img, uint64_t offset, uint64_t length, unsigned flags);
+/* Whole clusters only (the last may be short at the end of the image). */
+int dc_image_write_compressed(dc_image *img, const void *buf, uint64_t offset, size_t length);
+int dc_image_discard(dc_image *img, uint64_t offset, uint64_t length);
+int dc_image_flush(dc_image *img);
+/* Grow the virtual size (shrinking is refused with -ENOTSUP). */
+int dc_image_truncate(dc_image *img, uint64_t size);
+
+/* One extent of block status, for the chain or one layer. */
+struct dc_extent {
+        uint64_t start, length;
+        unsigned depth;       /* 0 = top layer */
+        bool present;         /* allocated in some layer (zero clusters count) */
+        bool zero;            /* reads as zeros */
+        bool data;            /* data stored (not a hole / zero cluster) */
+        bool compressed;
+        int64_t host_offset;  /* -1 when none */
+};
+
+/* Status of the chain at OFFSET, covering as much of LENGTH as is uniform. */
+int dc_image_block_status(dc_image *img, uint64_t offset, uint64_t length, struct dc_extent *ret);
+
+typedef int (*dc_map_cb)(const struct dc_extent *e, void *userdata);
+/* Walk [offset, offset+length) as `qemu-img map` would, merging equal neighbours. */
+int dc_image_map(dc_image *img, uint64_t offset, uint64_t length, dc_map_cb cb, void *userdata);
+
+enum {
+        DC_REPAIR_NONE = 0,
+        DC_REPAIR_LEAKS = 1,
+        DC_REPAIR_ALL = 2,
+};
+
+struct dc_check_result {
+        uint64_t check_errors, corruptions, leaks, corruptions_fixed, leaks_fixed;
+        uint64_t image_end_offset, total_clusters, allocated_clusters;
+        uint64_t fragmented_clusters, compressed_clusters;
+};
+
+/* Check the top layer (qcow2 only; raw gives -ENOTSUP).  Repairs need a
+ * writable handle opened with check_mode. */
+int dc_image_check(dc_image *img, int repair, struct dc_check_result *ret);
+
+/* Properties of one layer. */
+const char *dc_image_path(dc_image *img);
+int dc_image_format(dc_image *img);
+const char *dc_format_name(int format);
+uint64_t dc_image_virtual_size(dc_image *img);
+uint64_t dc_image_actual_size(dc_image *img);
+uint32_t dc_image_cluster_size(dc_image *img);      /* 0 for raw */
+const char *dc_image_compat(dc_image *img);          /* "0.10", "1.1" or "" */
+const char *dc_image_compression_type(dc_image *img); /* "zlib", "zstd" or "" */
+const char *dc_image_backing_file(dc_image *img);    /* as stored, "" when none */
+const char *dc_image_backing_format(dc_image *img);  /* from the header extension, or "" */
+dc_image *dc_image_backing(dc_image *img);           /* next layer, NULL at the base */
+bool dc_image_dirty(dc_image *img);
+bool dc_image_corrupt(dc_image *img);
+bool dc_image_encrypted(dc_image *img);
+bool dc_image_read_only(dc_image *img);
+/* Why a writable open was refused or downgraded ("" when it was not). */
+const char *dc_image_read_only_reason(dc_image *img);
+unsigned dc_image_refcount_bits(dc_image *img);
+bool dc_image_lazy_refcounts(dc_image *img);
+
+/*
+ * Path confinement.  Resolve PATH (absolute, or relative to roots[0]) to a
+ * normalised absolute path inside one of ROOTS.  Returns -EPERM (with a
+ * reason) for paths that leave the roots.
+ */
+int dc_path_resolve(const char *path, const char *const *roots, char **ret_abs, size_t *ret_root_index);
+/* Open ABS (already resolved) beneath its root without following symlinks out of it. */
+int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mode);
+
+/* Resolve a backing name stored in OVERLAY_ABS to an absolute normalised path. */
+int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_abs);
+
+#ifdef __cplusplus
+}
+#endif

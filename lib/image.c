@@ -1,0 +1,730 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Images and chains: confinement to the storage roots, opening a chain,
+ * the public entry points, chain reads, block status and map.
+ *
+ * Design notes
+ * ------------
+ * - Every path is normalised lexically and must lie strictly inside one
+ *   storage root; the file is then opened with openat2(RESOLVE_BENEATH |
+ *   RESOLVE_NO_MAGICLINKS) relative to that root, so a symlink that leads
+ *   out of the root fails in the kernel, not in a check that races.
+ * - Backing names are resolved against the directory of the overlay (not
+ *   the CWD), as QEMU does; protocol names (nbd://, json:) are refused.
+ *   The backing format comes from the header extension, otherwise qcow2 is
+ *   recognised by its magic and anything else is raw.
+ * - Chains are limited in depth and loops are caught by (st_dev, st_ino).
+ * - Locking follows QEMU's file-posix scheme of OFD byte locks (bytes 100+n
+ *   "I use permission n", 200+n "nobody else may have permission n"), so
+ *   that QEMU and diskchain refuse to write the same file at once.
+ */
+
+#include <fcntl.h>
+#include <libgen.h>
+#include <linux/openat2.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+
+#include "dc-internal.h"
+
+/* --- paths ---------------------------------------------------------------- */
+
+/* Lexical normalisation of an absolute path: no ".", "..", "//". */
+static char *normalize(const char *abs) {
+        size_t n = strlen(abs);
+        char *out = malloc(n + 2), *tmp = strdup(abs), *save = NULL;
+        size_t len = 0;
+
+        if (!out || !tmp) {
+                free(out);
+                free(tmp);
+                return NULL;
+        }
+        out[0] = 0;
+        for (char *tok = strtok_r(tmp, "/", &save); tok; tok = strtok_r(NULL, "/", &save)) {
+                if (strcmp(tok, ".") == 0)
+                        continue;
+                if (strcmp(tok, "..") == 0) {
+                        char *slash = strrchr(out, '/');
+                        len = slash ? (size_t) (slash - out) : 0;
+                        out[len] = 0;
+                        continue;
+                }
+                out[len++] = '/';
+                memcpy(out + len, tok, strlen(tok));
+                len += strlen(tok);
+                out[len] = 0;
+        }
+        if (len == 0)
+                strcpy(out, "/");
+        free(tmp);
+        return out;
+}
+
+static int find_root(const char *abs, const char *const *roots, size_t *ret_idx, size_t *ret_len) {
+        for (size_t i = 0; roots && roots[i]; i++) {
+                _cleanup_free_ char *r = normalize(roots[i]);
+                size_t l;
+                if (!r)
+                        return -ENOMEM;
+                l = strcmp(r, "/") == 0 ? 0 : strlen(r);
+                if (strncmp(abs, r, l) == 0 && abs[l] == '/' && abs[l + 1]) {
+                        *ret_idx = i;
+                        *ret_len = l;
+                        return 0;
+                }
+        }
+        return -EPERM;
+}
+
+DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char **ret_abs, size_t *ret_root_index) {
+        _cleanup_free_ char *joined = NULL;
+        char *abs;
+        size_t idx, l;
+
+        if (!path || !*path)
+                return dc_error(EINVAL, "empty path");
+        if (strlen(path) >= 4096)
+                return dc_error(ENAMETOOLONG, "path is too long");
+        if (path[0] != '/') {
+                char cwd[4096];
+                const char *base = roots && roots[0] ? roots[0] : getcwd(cwd, sizeof cwd);
+                if (!base)
+                        return dc_error(errno, "'%s': cannot get the working directory: %m", path);
+                if (asprintf(&joined, "%s/%s", base, path) < 0)
+                        return dc_error(ENOMEM, "out of memory");
+                path = joined;
+        }
+        abs = normalize(path);
+        if (!abs)
+                return dc_error(ENOMEM, "out of memory");
+        if (roots && find_root(abs, roots, &idx, &l) < 0) {
+                dc_error(EPERM, "'%s' is outside the storage roots", abs);
+                free(abs);
+                return -EPERM;
+        }
+        *ret_abs = abs;
+        if (ret_root_index)
+                *ret_root_index = roots ? idx : 0;
+        return 0;
+}
+
+DC_EXPORT int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mode) {
+        _cleanup_close_ int dfd = -EBADF;
+        struct open_how how = { 0 };
+        size_t idx, l;
+        _cleanup_free_ char *root = NULL;
+        int fd;
+
+        if (!roots) {
+                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY, mode);
+                if (fd < 0)
+                        return dc_error(errno, "'%s': %m", abs);
+                return fd;
+        }
+        if (find_root(abs, roots, &idx, &l) < 0)
+                return dc_error(EPERM, "'%s' is outside the storage roots", abs);
+        root = strndup(abs, l);
+        if (!root)
+                return dc_error(ENOMEM, "out of memory");
+        dfd = open(l ? root : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0)
+                return dc_error(errno, "storage root '%s': %m", l ? root : "/");
+        how.flags = (uint64_t) (flags | O_CLOEXEC | O_NOCTTY);
+        how.mode = (flags & O_CREAT) ? mode : 0;
+        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+        fd = (int) syscall(SYS_openat2, dfd, abs + l + 1, &how, sizeof how);
+        if (fd < 0 && errno == ENOSYS) {
+                /* Old kernel: refuse any symlink in the path instead. */
+                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
+                if (fd >= 0) {
+                        char real[4096];
+                        if (!realpath(abs, real) || strcmp(real, abs) != 0) {
+                                close(fd);
+                                return dc_error(EPERM, "'%s': path goes through a symlink", abs);
+                        }
+                }
+        }
+        if (fd < 0) {
+                if (errno == EXDEV || errno == ELOOP)
+                        return dc_error(EPERM, "'%s': a symlink leads outside the storage root '%s'", abs, root);
+                return dc_error(errno, "'%s': %m", abs);
+        }
+        return fd;
+}
+
+DC_EXPORT int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_abs) {
+        _cleanup_free_ char *dir = NULL, *joined = NULL;
+        char *abs;
+
+        if (strstr(backing, "://") || strncmp(backing, "json:", 5) == 0 || strncmp(backing, "nbd:", 4) == 0)
+                return dc_error(EPERM, "'%s': backing file '%s' is a protocol name, not a file", overlay_abs,
+                                backing);
+        if (backing[0] == '/')
+                abs = normalize(backing);
+        else {
+                dir = strdup(overlay_abs);
+                if (!dir)
+                        return dc_error(ENOMEM, "out of memory");
+                if (asprintf(&joined, "%s/%s", dirname(dir), backing) < 0)
+                        return dc_error(ENOMEM, "out of memory");
+                abs = normalize(joined);
+        }
+        if (!abs)
+                return dc_error(ENOMEM, "out of memory");
+        *ret_abs = abs;
+        return 0;
+}
+
+/* --- QEMU-compatible locks -------------------------------------------------- */
+
+#define LOCK_PERM_BASE 100
+#define LOCK_SHARED_BASE 200
+#define PERM_CONSISTENT_READ 0
+#define PERM_WRITE 1
+
+static int lock_test(int fd, off_t byte) {
+        struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1 };
+        if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+                return -errno;
+        return fl.l_type != F_UNLCK;
+}
+
+static int lock_take(int fd, off_t byte) {
+        struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1 };
+        if (fcntl(fd, F_OFD_SETLK, &fl) < 0)
+                return -errno;
+        return 0;
+}
+
+static int image_lock(dc_image *img, bool writable) {
+        int r;
+
+        /* A writer needs nobody else writing and nobody refusing writers;
+         * a reader needs nobody writing (it refuses writers, as QEMU's
+         * backing files and read-only opens do). */
+        r = lock_test(img->fd, LOCK_PERM_BASE + PERM_WRITE);
+        if (r == 0 && writable)
+                r = lock_test(img->fd, LOCK_SHARED_BASE + PERM_WRITE);
+        if (r > 0)
+                return dc_error(EBUSY, "'%s' is in use by another process that holds a conflicting lock",
+                                img->path);
+        if (r < 0)
+                return 0; /* no OFD locks on this file system: nothing to respect */
+        (void) lock_take(img->fd, LOCK_PERM_BASE + PERM_CONSISTENT_READ);
+        if (writable)
+                (void) lock_take(img->fd, LOCK_PERM_BASE + PERM_WRITE);
+        (void) lock_take(img->fd, LOCK_SHARED_BASE + PERM_WRITE);
+        return 0;
+}
+
+DC_EXPORT int dc_path_locked_by_writer(const char *abs, const char *const *roots) {
+        _cleanup_close_ int fd = dc_path_open(abs, roots, O_RDONLY, 0);
+        int r;
+
+        if (fd < 0)
+                return fd;
+        r = lock_test(fd, LOCK_PERM_BASE + PERM_WRITE);
+        return r < 0 ? 0 : r;
+}
+
+/* --- open / close --------------------------------------------------------- */
+
+static dc_image *layer_free(dc_image *img) {
+        if (!img)
+                return NULL;
+        if (img->drv && img->drv->close)
+                img->drv->close(img);
+        if (img->fd >= 0)
+                close(img->fd);
+        pthread_mutex_destroy(&img->lock);
+        free(img->path);
+        free(img->read_only_reason);
+        free(img->backing_file);
+        free(img->backing_format);
+        free(img);
+        return NULL;
+}
+
+DC_EXPORT dc_image *dc_image_close(dc_image *img) {
+        while (img) {
+                dc_image *next = img->backing;
+                layer_free(img);
+                img = next;
+        }
+        return NULL;
+}
+
+static void dc_image_closep(dc_image **p) {
+        dc_image_close(*p);
+}
+
+/* Open one layer.  FORMAT is -1 to recognise it by its magic. */
+static int layer_open(const char *abs, const struct dc_open_options *o, bool writable, int format,
+                      dc_image **ret) {
+        dc_image *img;
+        uint8_t magic[72] = { 0 };
+        struct stat st;
+        int r;
+
+        img = calloc(1, sizeof *img);
+        if (!img)
+                return dc_error(ENOMEM, "out of memory");
+        pthread_mutex_init(&img->lock, NULL);
+        img->fd = -EBADF;
+        img->check_mode = o->check_mode;
+        img->path = strdup(abs);
+        if (!img->path) {
+                layer_free(img);
+                return dc_error(ENOMEM, "out of memory");
+        }
+        r = dc_path_open(abs, o->roots, writable ? O_RDWR : O_RDONLY, 0);
+        if (r < 0 && r == -EROFS && writable) {
+                layer_free(img);
+                return dc_error(EROFS, "'%s' is on a read-only file system", abs);
+        }
+        if (r < 0) {
+                layer_free(img);
+                return r;
+        }
+        img->fd = r;
+        if (fstat(img->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                layer_free(img);
+                return dc_error(EINVAL, "'%s' is not a regular file", abs);
+        }
+        r = dc_pread_full(img->fd, magic, sizeof magic, 0);
+        if (r < 0) {
+                layer_free(img);
+                return dc_error(r, "'%s': cannot read: %s", abs, strerror(-r));
+        }
+        if (format < 0)
+                format = dc_qcow2_probe_header(magic, sizeof magic, NULL) ? DC_FORMAT_QCOW2 : DC_FORMAT_RAW;
+        else if (format == DC_FORMAT_QCOW2 && !dc_qcow2_probe_header(magic, sizeof magic, NULL)) {
+                layer_free(img);
+                return dc_error(EINVAL, "'%s' is not a qcow2 image (bad magic)", abs);
+        }
+        img->drv = format == DC_FORMAT_QCOW2 ? &dc_qcow2_driver : &dc_raw_driver;
+        if (!o->no_lock) {
+                r = image_lock(img, writable);
+                if (r < 0) {
+                        layer_free(img);
+                        return r;
+                }
+        }
+        r = img->drv->open(img, writable);
+        if (r < 0) {
+                layer_free(img);
+                return r;
+        }
+        img->writable = writable && !img->read_only_reason;
+        *ret = img;
+        return 0;
+}
+
+static int format_from_name(const char *abs, const char *name) {
+        if (!name)
+                return -1;
+        if (strcmp(name, "qcow2") == 0)
+                return DC_FORMAT_QCOW2;
+        if (strcmp(name, "raw") == 0)
+                return DC_FORMAT_RAW;
+        return dc_error(ENOTSUP, "'%s': backing format '%s' is not supported", abs, name);
+}
+
+DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts, dc_image **ret) {
+        static const struct dc_open_options defaults = { 0 };
+        const struct dc_open_options *o = opts ? opts : &defaults;
+        unsigned max_depth = o->max_depth ? o->max_depth : DC_DEFAULT_MAX_DEPTH;
+        _cleanup_(dc_image_closep) dc_image *top = NULL;
+        _cleanup_free_ char *abs = NULL;
+        struct {
+                dev_t dev;
+                ino_t ino;
+        } seen[256];
+        unsigned depth = 0;
+        dc_image *cur;
+        struct stat st;
+        int r;
+
+        dc_error_clear();
+        if (max_depth > 255)
+                max_depth = 255;
+        r = dc_path_resolve(path, o->roots, &abs, NULL);
+        if (r < 0)
+                return r;
+        r = layer_open(abs, o, o->writable, -1, &top);
+        if (r < 0)
+                return r;
+        cur = top;
+        for (;;) {
+                _cleanup_free_ char *babs = NULL;
+                int fmt;
+
+                if (fstat(cur->fd, &st) < 0)
+                        return dc_error(errno, "'%s': cannot stat: %m", cur->path);
+                for (unsigned i = 0; i < depth; i++)
+                        if (seen[i].dev == st.st_dev && seen[i].ino == st.st_ino)
+                                return dc_error(ELOOP, "'%s': backing chain loops back to '%s'", abs, cur->path);
+                seen[depth].dev = st.st_dev;
+                seen[depth].ino = st.st_ino;
+                depth++;
+                if (!cur->backing_file || o->no_backing)
+                        break;
+                if (depth >= max_depth)
+                        return dc_error(ELOOP, "'%s': backing chain is deeper than %u", abs, max_depth);
+                r = dc_backing_resolve(cur->path, cur->backing_file, &babs);
+                if (r < 0)
+                        return r;
+                if (o->roots) {
+                        size_t idx, l;
+                        if (find_root(babs, o->roots, &idx, &l) < 0)
+                                return dc_error(EPERM, "'%s': backing file '%s' is outside the storage roots",
+                                                cur->path, cur->backing_file);
+                }
+                fmt = format_from_name(cur->path, cur->backing_format);
+                if (fmt < -1)
+                        return fmt;
+                r = layer_open(babs, o, false, fmt, &cur->backing);
+                if (r < 0) {
+                        if (r == -ENOENT)
+                                return dc_error(ENOENT, "'%s': backing file '%s' does not exist", cur->path,
+                                                cur->backing_file);
+                        return r;
+                }
+                cur = cur->backing;
+        }
+        *ret = TAKE_PTR(top);
+        return 0;
+}
+
+/* --- I/O ------------------------------------------------------------------ */
+
+static int check_range(dc_image *img, uint64_t off, uint64_t len) {
+        if (off > img->virtual_size || len > img->virtual_size - off)
+                return dc_error(EINVAL, "'%s': range %llu+%llu is beyond the virtual size %llu", img->path,
+                                (unsigned long long) off, (unsigned long long) len,
+                                (unsigned long long) img->virtual_size);
+        return 0;
+}
+
+static int check_writable(dc_image *img) {
+        if (!img->writable)
+                return dc_error(EROFS, "'%s' is open read-only%s%s", img->path, img->read_only_reason ? ": " : "",
+                                img->read_only_reason ? img->read_only_reason : "");
+        return 0;
+}
+
+int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+        uint8_t *p = buf;
+        int r = 0;
+
+        pthread_mutex_lock(&img->lock);
+        while (len > 0) {
+                struct dc_layer_status st;
+
+                r = img->drv->block_status(img, off, len, &st);
+                if (r < 0)
+                        break;
+                if (st.length == 0 || st.length > len)
+                        st.length = len;
+                if (st.type == DC_LAYER_DATA)
+                        r = img->drv->read(img, p, off, (size_t) st.length);
+                else if (st.type == DC_LAYER_UNALLOCATED && img->backing && off < img->backing->virtual_size) {
+                        uint64_t n = MIN(st.length, img->backing->virtual_size - off);
+                        r = dc_chain_read(img->backing, p, off, (size_t) n);
+                        if (n < st.length)
+                                memset(p + n, 0, (size_t) (st.length - n));
+                } else
+                        memset(p, 0, (size_t) st.length);
+                if (r < 0)
+                        break;
+                p += st.length;
+                off += st.length;
+                len -= (size_t) st.length;
+        }
+        pthread_mutex_unlock(&img->lock);
+        return r;
+}
+
+DC_EXPORT int dc_image_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+        int r = check_range(img, off, len);
+        if (r < 0)
+                return r;
+        return dc_chain_read(img, buf, off, len);
+}
+
+#define LOCKED(img, expr)                              \
+        ({                                             \
+                int _r;                                \
+                pthread_mutex_lock(&(img)->lock);      \
+                _r = (expr);                           \
+                pthread_mutex_unlock(&(img)->lock);    \
+                _r;                                    \
+        })
+
+DC_EXPORT int dc_image_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        int r = check_range(img, off, len);
+        if (r >= 0)
+                r = check_writable(img);
+        if (r < 0 || len == 0)
+                return r;
+        return LOCKED(img, img->drv->write(img, buf, off, len));
+}
+
+DC_EXPORT int dc_image_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned flags) {
+        int r = check_range(img, off, len);
+        if (r >= 0)
+                r = check_writable(img);
+        if (r < 0 || len == 0)
+                return r;
+        return LOCKED(img, img->drv->write_zeroes(img, off, len, flags));
+}
+
+DC_EXPORT int dc_image_write_compressed(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        int r = check_range(img, off, len);
+        if (r >= 0)
+                r = check_writable(img);
+        if (r < 0 || len == 0)
+                return r;
+        if (!img->drv->write_compressed)
+                return dc_error(ENOTSUP, "'%s': %s images cannot hold compressed data", img->path, img->drv->name);
+        return LOCKED(img, img->drv->write_compressed(img, buf, off, len));
+}
+
+DC_EXPORT int dc_image_discard(dc_image *img, uint64_t off, uint64_t len) {
+        int r = check_range(img, off, len);
+        if (r >= 0)
+                r = check_writable(img);
+        if (r < 0 || len == 0)
+                return r;
+        return LOCKED(img, img->drv->discard(img, off, len));
+}
+
+DC_EXPORT int dc_image_flush(dc_image *img) {
+        if (!img->writable)
+                return 0;
+        return LOCKED(img, img->drv->flush(img));
+}
+
+DC_EXPORT int dc_image_truncate(dc_image *img, uint64_t size) {
+        int r = check_writable(img);
+        if (r < 0)
+                return r;
+        if (size < img->virtual_size)
+                return dc_error(ENOTSUP, "'%s': shrinking from %llu to %llu bytes is not supported", img->path,
+                                (unsigned long long) img->virtual_size, (unsigned long long) size);
+        if (size % 512)
+                return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", img->path,
+                                (unsigned long long) size);
+        return LOCKED(img, img->drv->truncate(img, size));
+}
+
+DC_EXPORT int dc_image_check(dc_image *img, int repair, struct dc_check_result *ret) {
+        if (!img->drv->check)
+                return dc_error(ENOTSUP, "'%s': %s images have no metadata to check", img->path, img->drv->name);
+        if (repair != DC_REPAIR_NONE) {
+                int r = check_writable(img);
+                if (r < 0)
+                        return r;
+        }
+        return LOCKED(img, img->drv->check(img, repair, ret));
+}
+
+DC_EXPORT int dc_image_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_extent *ret) {
+        unsigned depth = 0;
+        dc_image *layer = img;
+        int r;
+
+        r = check_range(img, off, len);
+        if (r < 0)
+                return r;
+        for (;;) {
+                struct dc_layer_status st;
+
+                r = LOCKED(layer, layer->drv->block_status(layer, off, len, &st));
+                if (r < 0)
+                        return r;
+                if (st.length == 0 || st.length > len)
+                        st.length = len;
+                if (st.type == DC_LAYER_UNALLOCATED && layer->backing && off < layer->backing->virtual_size) {
+                        len = MIN(st.length, layer->backing->virtual_size - off);
+                        layer = layer->backing;
+                        depth++;
+                        continue;
+                }
+                *ret = (struct dc_extent){
+                        .start = off,
+                        .length = st.length,
+                        .depth = depth,
+                        .present = st.type != DC_LAYER_UNALLOCATED,
+                        .zero = st.type != DC_LAYER_DATA || st.host_hole,
+                        .data = st.type == DC_LAYER_DATA,
+                        .compressed = st.compressed,
+                        .host_offset = st.host_offset,
+                };
+                return 0;
+        }
+}
+
+DC_EXPORT int dc_image_map(dc_image *img, uint64_t off, uint64_t len, dc_map_cb cb, void *userdata) {
+        struct dc_extent cur = { 0 }, e;
+        bool have = false;
+        int r;
+
+        r = check_range(img, off, len);
+        if (r < 0)
+                return r;
+        while (len > 0) {
+                r = dc_image_block_status(img, off, len, &e);
+                if (r < 0)
+                        return r;
+                if (have && cur.depth == e.depth && cur.present == e.present && cur.zero == e.zero &&
+                    cur.data == e.data && cur.compressed == e.compressed &&
+                    ((cur.host_offset < 0 && e.host_offset < 0) ||
+                     (cur.host_offset >= 0 && e.host_offset >= 0 &&
+                      (uint64_t) cur.host_offset + cur.length == (uint64_t) e.host_offset)))
+                        cur.length += e.length;
+                else {
+                        if (have) {
+                                r = cb(&cur, userdata);
+                                if (r < 0)
+                                        return r;
+                        }
+                        cur = e;
+                        have = true;
+                }
+                off += e.length;
+                len -= e.length;
+        }
+        if (have)
+                return cb(&cur, userdata);
+        return 0;
+}
+
+/* --- create --------------------------------------------------------------- */
+
+DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_create_options *opts,
+                              const char *const *roots) {
+        static const struct dc_create_options defaults = { .backing_format = -1 };
+        const struct dc_create_options *o = opts ? opts : &defaults;
+        _cleanup_(dc_image_closep) dc_image *backing = NULL;
+        _cleanup_free_ char *abs = NULL;
+        _cleanup_close_ int fd = -EBADF;
+        const char *bfmt = NULL;
+        int r;
+
+        dc_error_clear();
+        r = dc_path_resolve(path, roots, &abs, NULL);
+        if (r < 0)
+                return r;
+        if (o->format != DC_FORMAT_QCOW2 && o->format != DC_FORMAT_RAW)
+                return dc_error(EINVAL, "'%s': unknown format", abs);
+        if (o->format == DC_FORMAT_RAW && (o->backing || o->preallocation == DC_PREALLOC_METADATA))
+                return dc_error(EINVAL, "'%s': raw images support neither a backing file nor metadata preallocation",
+                                abs);
+        if (o->backing) {
+                _cleanup_free_ char *babs = NULL;
+                struct dc_open_options bo = { .roots = roots };
+                r = dc_backing_resolve(abs, o->backing, &babs);
+                if (r < 0)
+                        return r;
+                if (roots) {
+                        size_t idx, l;
+                        if (find_root(babs, roots, &idx, &l) < 0)
+                                return dc_error(EPERM, "'%s': backing file '%s' is outside the storage roots", abs,
+                                                o->backing);
+                }
+                if (strcmp(babs, abs) == 0)
+                        return dc_error(ELOOP, "'%s': an image cannot be its own backing file", abs);
+                r = dc_image_open(babs, &bo, &backing);
+                if (r < 0)
+                        return r;
+                if (o->backing_format >= 0 && o->backing_format != dc_image_format(backing))
+                        return dc_error(EINVAL, "'%s': backing file '%s' is %s, not %s", abs, o->backing,
+                                        dc_format_name(dc_image_format(backing)), dc_format_name(o->backing_format));
+                bfmt = dc_format_name(dc_image_format(backing));
+                if (size == 0)
+                        size = backing->virtual_size;
+        }
+        if (size % 512)
+                return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", abs, (unsigned long long) size);
+
+        fd = dc_path_open(abs, roots, O_RDWR | O_CREAT | O_EXCL, 0600);
+        if (fd < 0) {
+                if (fd == -EEXIST)
+                        return dc_error(EEXIST, "'%s' already exists", abs);
+                return fd;
+        }
+        if (o->format == DC_FORMAT_RAW) {
+                if (ftruncate(fd, (off_t) size) < 0)
+                        r = dc_error(errno, "'%s': cannot size the image: %m", abs);
+                else if (o->preallocation == DC_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, (off_t) size) < 0)
+                        r = dc_error(errno, "'%s': cannot allocate %llu bytes: %m", abs, (unsigned long long) size);
+                else if (o->preallocation == DC_PREALLOC_FULL) {
+                        static const uint8_t zeros[1 << 16];
+                        for (uint64_t p = 0; p < size && r >= 0; p += sizeof zeros)
+                                r = dc_pwrite_full(fd, zeros, (size_t) MIN((uint64_t) sizeof zeros, size - p), p);
+                        if (r < 0)
+                                r = dc_error(r, "'%s': cannot write zeros: %s", abs, strerror(-r));
+                }
+                if (r >= 0 && (r = dc_fdatasync(fd)) < 0)
+                        r = dc_error(r, "'%s': sync failed: %s", abs, strerror(-r));
+        } else {
+                r = dc_qcow2_create(fd, size, o, bfmt);
+                if (r < 0)
+                        r = dc_error(r, "'%s': %s", abs, dc_get_error());
+                if (r >= 0 && o->preallocation != DC_PREALLOC_OFF) {
+                        _cleanup_(dc_image_closep) dc_image *img = NULL;
+                        struct dc_open_options no = { .roots = roots, .writable = true, .no_backing = true };
+                        r = dc_image_open(abs, &no, &img);
+                        if (r >= 0)
+                                r = dc_qcow2_preallocate(img, o->preallocation);
+                }
+        }
+        if (r < 0) {
+                int saved = dc_get_errno();
+                char msg[1024];
+                snprintf(msg, sizeof msg, "%s", dc_get_error());
+                (void) unlink(abs);
+                return dc_error(saved, "%s", msg);
+        }
+        return 0;
+}
+
+/* --- properties ------------------------------------------------------------- */
+
+DC_EXPORT const char *dc_format_name(int format) {
+        return format == DC_FORMAT_QCOW2 ? "qcow2" : "raw";
+}
+
+DC_EXPORT const char *dc_image_path(dc_image *img) {
+        return img->path;
+}
+DC_EXPORT int dc_image_format(dc_image *img) {
+        return img->drv->format;
+}
+DC_EXPORT uint64_t dc_image_virtual_size(dc_image *img) {
+        return img->virtual_size;
+}
+DC_EXPORT uint64_t dc_image_actual_size(dc_image *img) {
+        struct stat st;
+        if (fstat(img->fd, &st) < 0)
+                return 0;
+        return (uint64_t) st.st_blocks * 512;
+}
+DC_EXPORT const char *dc_image_backing_file(dc_image *img) {
+        return img->backing_file ? img->backing_file : "";
+}
+DC_EXPORT const char *dc_image_backing_format(dc_image *img) {
+        return img->backing_format ? img->backing_format : "";
+}
+DC_EXPORT dc_image *dc_image_backing(dc_image *img) {
+        return img->backing;
+}
+DC_EXPORT bool dc_image_read_only(dc_image *img) {
+        return !img->writable;
+}
+DC_EXPORT const char *dc_image_read_only_reason(dc_image *img) {
+        return img->read_only_reason ? img->read_only_reason : "";
+}

@@ -1,0 +1,1237 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The qcow2 driver: open, guest reads and writes (docs/interop/qcow2.rst).
+ *
+ * Design notes
+ * ------------
+ * - The header is parsed once and never rewritten as a whole: every later
+ *   change patches the field it concerns in place (sizes, table pointers,
+ *   feature words).  Unknown header extensions, unknown trailing header
+ *   fields and the feature name table are therefore preserved byte for byte.
+ * - The active L1 table lives in memory; L2 tables and refcount blocks go
+ *   through small write-through caches (qcow2-refcount.c), so the file is
+ *   always up to date and a close never has anything to write back.
+ * - Allocation order and the crash argument are in qcow2-refcount.c.  Here
+ *   the rule is: new clusters get their refcount, their full contents and
+ *   one fdatasync() before the L2 entry that makes them visible is written;
+ *   old clusters are freed only after that entry is synced.
+ * - A new L2 table is allocated, written in full (zeroes, or a copy of the
+ *   shared table it replaces) and synced before its L1 entry is written.
+ * - Images with internal snapshots, encryption or an unsupported feature
+ *   are opened read-only or refused with the reason; write-opens clear
+ *   unknown autoclear bits and mark persistent bitmaps in-use (we do not
+ *   track them yet, so they must not be trusted after our writes), and a
+ *   dirty image has its refcounts rebuilt first, as QEMU does.
+ */
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "qcow2.h"
+
+int qcow2_cluster_type(struct qcow2 *s, uint64_t e) {
+        if (e & QCOW_OFLAG_COMPRESSED)
+                return QC_COMPRESSED;
+        if ((e & QCOW_OFLAG_ZERO) && s->version >= 3)
+                return (e & L2E_OFFSET_MASK) ? QC_ZERO_ALLOC : QC_ZERO_PLAIN;
+        if ((e & L2E_OFFSET_MASK) == 0)
+                return QC_UNALLOCATED;
+        return QC_NORMAL;
+}
+
+void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint64_t *ret_len) {
+        unsigned shift = 62 - (s->cluster_bits - 8);
+        uint64_t mask = (1ull << (s->cluster_bits - 8)) - 1;
+        uint64_t off = e & ((1ull << shift) - 1);
+        uint64_t nsect = ((e >> shift) & mask) + 1;
+
+        *ret_off = off;
+        *ret_len = nsect * 512 - (off & 511);
+}
+
+static const char *feature_name(struct qcow2 *s, int type, int bit) {
+        static const char *const builtin[3][2] = {
+                { "dirty bit", "corrupt bit" },
+                { "lazy refcounts", NULL },
+                { "bitmaps", "raw external data" },
+        };
+        if (s->feature_names[type][bit])
+                return s->feature_names[type][bit];
+        if (type == 0 && bit == 2)
+                return "external data file";
+        if (type == 0 && bit == 3)
+                return "compression type";
+        if (type == 0 && bit == 4)
+                return "extended L2 entries";
+        if (bit < 2 && builtin[type][bit])
+                return builtin[type][bit];
+        return NULL;
+}
+
+static int set_read_only(dc_image *img, bool writable, const char *reason) {
+        if (!img->read_only_reason)
+                img->read_only_reason = strdup(reason);
+        if (writable)
+                return dc_error(EROFS, "'%s': %s; it can only be opened read-only", img->path, reason);
+        return 0;
+}
+
+int qcow2_header_write(dc_image *img, uint64_t field_off, const void *buf, size_t len) {
+        int r = dc_pwrite_full(img->fd, buf, len, field_off);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot update the header: %s", img->path, strerror(-r));
+        return 0;
+}
+
+static int parse_extensions(dc_image *img, const uint8_t *h, uint64_t end) {
+        struct qcow2 *s = QC(img);
+        uint64_t p = s->header_length;
+
+        while (p + 8 <= end) {
+                uint32_t type = be32(h + p), len = be32(h + p + 4);
+                const uint8_t *d = h + p + 8;
+
+                if (type == QCOW2_EXT_END)
+                        return 0;
+                if (p + 8 + len > end)
+                        return dc_error(EINVAL, "'%s': header extension 0x%08x overruns the header area",
+                                        img->path, type);
+                switch (type) {
+                case QCOW2_EXT_BACKING_FORMAT:
+                        if (len == 0 || len >= 16)
+                                return dc_error(EINVAL, "'%s': invalid backing format extension", img->path);
+                        free(img->backing_format);
+                        img->backing_format = strndup((const char *) d, len);
+                        if (!img->backing_format)
+                                return dc_error(ENOMEM, "out of memory");
+                        break;
+                case QCOW2_EXT_FEATURE_TABLE:
+                        for (uint32_t i = 0; i + 48 <= len; i += 48) {
+                                unsigned t = d[i], bit = d[i + 1];
+                                if (t > 2 || bit > 63 || s->feature_names[t][bit])
+                                        continue;
+                                s->feature_names[t][bit] = strndup((const char *) d + i + 2, 46);
+                        }
+                        break;
+                case QCOW2_EXT_BITMAPS:
+                        if (len != 24)
+                                return dc_error(EINVAL, "'%s': bitmaps extension has length %u, not 24", img->path,
+                                                len);
+                        s->nb_bitmaps = be32(d);
+                        s->bitmap_dir_size = be64(d + 8);
+                        s->bitmap_dir_offset = be64(d + 16);
+                        if (be32(d + 4) != 0 || s->nb_bitmaps == 0 || s->nb_bitmaps > 65535 ||
+                            (s->bitmap_dir_offset & (s->cluster_size - 1)) || s->bitmap_dir_size > (64u << 20))
+                                return dc_error(EINVAL, "'%s': invalid bitmaps extension", img->path);
+                        s->has_bitmaps = true;
+                        break;
+                case QCOW2_EXT_FDE:
+                        if (len != 16)
+                                return dc_error(EINVAL, "'%s': invalid encryption header extension", img->path);
+                        s->fde_offset = be64(d);
+                        s->fde_length = be64(d + 8);
+                        break;
+                default:
+                        /* Unknown: skipped, and kept since we never rewrite cluster 0. */
+                        break;
+                }
+                p += 8 + ALIGN_UP((uint64_t) len, 8);
+        }
+        return 0;
+}
+
+int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size) {
+        if (len < 72 || be32(buf) != QCOW2_MAGIC)
+                return 0;
+        if (ret_size)
+                *ret_size = be64(buf + 24);
+        return 1;
+}
+
+static int qcow2_open(dc_image *img, bool writable) {
+        _cleanup_free_ uint8_t *h = NULL;
+        struct qcow2 *s;
+        uint64_t backing_off, end, need_l1, unknown;
+        uint32_t backing_len;
+        struct stat st;
+        int r;
+
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return dc_error(ENOMEM, "out of memory");
+        img->priv = s;
+        s->metadata_prealloc = -1;
+
+        h = malloc(2u << 20);
+        if (!h)
+                return dc_error(ENOMEM, "out of memory");
+        r = dc_pread_full(img->fd, h, 4096, 0);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
+        if (fstat(img->fd, &st) < 0)
+                return dc_error(errno, "'%s': cannot stat: %m", img->path);
+        if ((uint64_t) st.st_size < 72)
+                return dc_error(EINVAL, "'%s': qcow2 header is truncated", img->path);
+
+        s->version = be32(h + 4);
+        if (s->version != 2 && s->version != 3)
+                return dc_error(ENOTSUP, "'%s': unsupported qcow2 version %u", img->path, s->version);
+        s->cluster_bits = be32(h + 20);
+        if (s->cluster_bits < 9 || s->cluster_bits > 21)
+                return dc_error(EINVAL, "'%s': cluster size 2^%u is outside 512 B - 2 MiB", img->path,
+                                s->cluster_bits);
+        s->cluster_size = 1u << s->cluster_bits;
+        s->l2_entries = s->cluster_size / 8;
+        if (s->cluster_size > 4096) {
+                r = dc_pread_full(img->fd, h, s->cluster_size, 0);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
+        }
+        img->virtual_size = be64(h + 24);
+        s->crypt_method = be32(h + 32);
+        s->l1_size = be32(h + 36);
+        s->l1_offset = be64(h + 40);
+        s->rt_offset = be64(h + 48);
+        s->rt_clusters = be32(h + 56);
+        s->nb_snapshots = be32(h + 60);
+        s->snapshots_offset = be64(h + 64);
+        if (s->version == 2) {
+                s->header_length = 72;
+                s->refcount_order = 4;
+        } else {
+                if ((uint64_t) st.st_size < 104)
+                        return dc_error(EINVAL, "'%s': qcow2 v3 header is truncated", img->path);
+                s->incompat = be64(h + 72);
+                s->compat = be64(h + 80);
+                s->autoclear = be64(h + 88);
+                s->refcount_order = be32(h + 96);
+                s->header_length = be32(h + 100);
+                if (s->header_length < 104 || s->header_length % 8 || s->header_length > s->cluster_size)
+                        return dc_error(EINVAL, "'%s': invalid header length %u", img->path, s->header_length);
+                if (s->header_length > 104)
+                        s->compression_type = h[104];
+        }
+        if (s->refcount_order > 6)
+                return dc_error(EINVAL, "'%s': refcount order %u is too large", img->path, s->refcount_order);
+        s->refcount_bits = 1u << s->refcount_order;
+        s->per_block = (uint64_t) s->cluster_size * 8 / s->refcount_bits;
+
+        backing_off = be64(h + 8);
+        backing_len = be32(h + 16);
+        end = backing_off ? backing_off : s->cluster_size;
+        if (backing_off && (backing_off > s->cluster_size || backing_len > 1023 ||
+                            backing_off + backing_len > s->cluster_size || backing_off < s->header_length))
+                return dc_error(EINVAL, "'%s': backing file name is outside the header cluster", img->path);
+        r = parse_extensions(img, h, end);
+        if (r < 0)
+                return r;
+        if (backing_off && backing_len > 0) {
+                img->backing_file = strndup((const char *) h + backing_off, backing_len);
+                if (!img->backing_file)
+                        return dc_error(ENOMEM, "out of memory");
+                if (strlen(img->backing_file) != backing_len)
+                        return dc_error(EINVAL, "'%s': backing file name contains a NUL byte", img->path);
+        }
+
+        /* Incompatible features we do not know must stop us, named. */
+        unknown = s->incompat & ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_COMPRESSION);
+        if (unknown) {
+                char names[512] = "";
+                size_t n = 0;
+                for (int bit = 0; bit < 64; bit++) {
+                        const char *name;
+                        if (!(unknown & (1ull << bit)))
+                                continue;
+                        name = feature_name(s, 0, bit);
+                        n += (size_t) snprintf(names + n, sizeof names - MIN(n, sizeof names), "%s%s%s",
+                                               n ? ", " : "", name ? name : "unknown incompatible feature bit ",
+                                               "");
+                        if (!name && n < sizeof names)
+                                n += (size_t) snprintf(names + n, sizeof names - n, "%d", bit);
+                        if (n >= sizeof names)
+                                break;
+                }
+                return dc_error(ENOTSUP, "'%s': unsupported qcow2 feature(s): %s", img->path, names);
+        }
+        if (!!(s->incompat & QCOW2_INCOMPAT_COMPRESSION) != (s->compression_type != 0))
+                return dc_error(EINVAL, "'%s': compression type field and incompatible bit disagree", img->path);
+        if (s->compression_type > 1)
+                return dc_error(ENOTSUP, "'%s': unknown compression type %u", img->path, s->compression_type);
+        if (img->virtual_size % 512)
+                return dc_error(EINVAL, "'%s': virtual size %llu is not a multiple of 512", img->path,
+                                (unsigned long long) img->virtual_size);
+
+        /* Tables. */
+        need_l1 = DIV_ROUND_UP(DIV_ROUND_UP(img->virtual_size, s->cluster_size), s->l2_entries);
+        if ((uint64_t) s->l1_size * 8 > QCOW2_MAX_L1_BYTES)
+                return dc_error(EFBIG, "'%s': L1 table is too large", img->path);
+        if (s->l1_size < need_l1)
+                return dc_error(EINVAL, "'%s': L1 table is too small for the virtual size", img->path);
+        if (s->l1_size && (s->l1_offset & (s->cluster_size - 1)))
+                return dc_error(EINVAL, "'%s': L1 table offset is not cluster aligned", img->path);
+        if (s->rt_offset & (s->cluster_size - 1))
+                return dc_error(EINVAL, "'%s': refcount table offset is not cluster aligned", img->path);
+        if ((uint64_t) s->rt_clusters * s->cluster_size > QCOW2_MAX_REFTABLE_BYTES)
+                return dc_error(EFBIG, "'%s': refcount table is too large", img->path);
+        if (s->rt_clusters == 0 && !img->check_mode)
+                return dc_error(EINVAL, "'%s': image has no refcount table", img->path);
+        if (s->nb_snapshots && (s->snapshots_offset & (s->cluster_size - 1)))
+                return dc_error(EINVAL, "'%s': snapshot table offset is not cluster aligned", img->path);
+
+        s->l1 = calloc(MAX(s->l1_size, 1u), sizeof(uint64_t));
+        if (!s->l1)
+                return dc_error(ENOMEM, "out of memory");
+        if (s->l1_size) {
+                _cleanup_free_ uint8_t *raw = malloc((size_t) s->l1_size * 8);
+                if (!raw)
+                        return dc_error(ENOMEM, "out of memory");
+                r = dc_pread_full(img->fd, raw, (size_t) s->l1_size * 8, s->l1_offset);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read the L1 table: %s", img->path, strerror(-r));
+                for (uint32_t i = 0; i < s->l1_size; i++)
+                        s->l1[i] = be64(raw + i * 8);
+        }
+        s->rt_entries = (uint64_t) s->rt_clusters * s->cluster_size / 8;
+        s->rt = calloc(MAX(s->rt_entries, 1u), sizeof(uint64_t));
+        if (!s->rt)
+                return dc_error(ENOMEM, "out of memory");
+        if (s->rt_entries) {
+                _cleanup_free_ uint8_t *raw = malloc(s->rt_entries * 8);
+                if (!raw)
+                        return dc_error(ENOMEM, "out of memory");
+                r = dc_pread_full(img->fd, raw, s->rt_entries * 8, s->rt_offset);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read the refcount table: %s", img->path, strerror(-r));
+                for (uint64_t i = 0; i < s->rt_entries; i++)
+                        s->rt[i] = be64(raw + i * 8);
+        }
+
+        /* Conditions that make the image read-only. */
+        if (s->crypt_method) {
+                r = set_read_only(img, writable, s->crypt_method == 1 ? "image is encrypted (AES)"
+                                                                       : "image is encrypted (LUKS)");
+                if (r < 0)
+                        return r;
+        }
+        if (s->nb_snapshots) {
+                r = set_read_only(img, writable, "image has internal snapshots");
+                if (r < 0)
+                        return r;
+        }
+        if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !img->check_mode) {
+                r = set_read_only(img, writable, "image is marked corrupt");
+                if (r < 0)
+                        return r;
+        }
+        if (s->version == 2 && s->has_bitmaps)
+                s->has_bitmaps = false; /* v2 cannot carry consistent bitmaps */
+
+        img->writable = writable;
+        if (writable && (s->incompat & QCOW2_INCOMPAT_DIRTY) && !img->check_mode) {
+                /* Refcounts may be stale: rebuild them from the tables. */
+                struct dc_check_result res;
+                uint8_t w[8];
+                r = qcow2_check(img, DC_REPAIR_ALL, &res);
+                if (r < 0)
+                        return r;
+                if (res.corruptions)
+                        return dc_error(EIO, "'%s': dirty image could not be repaired", img->path);
+                s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
+                put_be64(w, s->incompat);
+                r = qcow2_header_write(img, 72, w, 8);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+static void qcow2_close(dc_image *img) {
+        struct qcow2 *s = QC(img);
+
+        if (!s)
+                return;
+        qcow2_cache_free(&s->l2_cache);
+        qcow2_cache_free(&s->rb_cache);
+        for (int t = 0; t < 3; t++)
+                for (int b = 0; b < 64; b++)
+                        free(s->feature_names[t][b]);
+        free(s->l1);
+        free(s->rt);
+        free(s->comp_cache);
+        free(s);
+        img->priv = NULL;
+}
+
+/* The L2 entry of guest cluster GIDX (0 when the L2 table is absent). */
+static int l2_entry(dc_image *img, uint64_t gidx, uint64_t *ret) {
+        struct qcow2 *s = QC(img);
+        uint64_t l1i = gidx / s->l2_entries, l1e, l2off, e;
+        uint8_t *t;
+        int r;
+
+        if (l1i >= s->l1_size) {
+                *ret = 0;
+                return 0;
+        }
+        l1e = s->l1[l1i];
+        if (l1e & L1E_RESERVED_MASK)
+                return dc_error(EIO, "'%s': L1 entry %llu has reserved bits set", img->path, (unsigned long long) l1i);
+        l2off = l1e & L1E_OFFSET_MASK;
+        if (l2off == 0) {
+                *ret = 0;
+                return 0;
+        }
+        if (l2off & (s->cluster_size - 1))
+                return dc_error(EIO, "'%s': L2 table at %llu is not cluster aligned", img->path,
+                                (unsigned long long) l2off);
+        r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+        if (r < 0)
+                return r;
+        e = be64(t + (gidx % s->l2_entries) * 8);
+        if (!(e & QCOW_OFLAG_COMPRESSED)) {
+                uint64_t reserved = L2E_RESERVED_MASK | (s->version < 3 ? QCOW_OFLAG_ZERO : 0);
+                if (e & reserved)
+                        return dc_error(EIO, "'%s': L2 entry of cluster %llu has reserved bits set", img->path,
+                                        (unsigned long long) gidx);
+        } else if (e & QCOW_OFLAG_COPIED)
+                return dc_error(EIO, "'%s': compressed cluster %llu has the COPIED flag", img->path,
+                                (unsigned long long) gidx);
+        *ret = e;
+        return 0;
+}
+
+/* QEMU reports data in host-file holes as zero for metadata-preallocated
+ * images only; it decides that once, by counting refcounted clusters. */
+static bool detect_metadata_prealloc(dc_image *img) {
+        struct qcow2 *s = QC(img);
+        struct stat st;
+        uint64_t real_clusters, threshold, end, count = 0;
+
+        if (s->metadata_prealloc >= 0)
+                return s->metadata_prealloc;
+        s->metadata_prealloc = 0;
+        if (fstat(img->fd, &st) < 0)
+                return false;
+        real_clusters = (uint64_t) st.st_blocks * 512 / s->cluster_size;
+        threshold = MAX(real_clusters * 10 / 9, real_clusters + 2);
+        end = DIV_ROUND_UP((uint64_t) st.st_size, s->cluster_size);
+        for (uint64_t i = 0; i < end && count < threshold; i++) {
+                uint64_t v;
+                if (qcow2_refcount_get(img, i, &v) < 0)
+                        return false;
+                count += !!v;
+        }
+        s->metadata_prealloc = count >= threshold;
+        return s->metadata_prealloc;
+}
+
+static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, gidx = off / cs, e, done, host = 0;
+        int type, t2, r;
+
+        r = l2_entry(img, gidx, &e);
+        if (r < 0)
+                return r;
+        type = qcow2_cluster_type(s, e);
+        if (type == QC_NORMAL || type == QC_ZERO_ALLOC) {
+                host = (e & L2E_OFFSET_MASK) + off % cs;
+                if ((e & L2E_OFFSET_MASK) & (cs - 1))
+                        return dc_error(EIO, "'%s': data cluster %llu is not cluster aligned", img->path,
+                                        (unsigned long long) gidx);
+        }
+        done = MIN(cs - off % cs, len);
+        /* Extend over following clusters of the same kind. */
+        for (uint64_t g = gidx + 1; done < len; g++) {
+                uint64_t e2;
+                r = l2_entry(img, g, &e2);
+                if (r < 0)
+                        return r;
+                t2 = qcow2_cluster_type(s, e2);
+                if (t2 != type)
+                        break;
+                if ((type == QC_NORMAL || type == QC_ZERO_ALLOC) &&
+                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + (g - gidx) * cs)
+                        break;
+                done += MIN(cs, len - done);
+        }
+
+        ret->compressed = type == QC_COMPRESSED;
+        ret->host_offset = -1;
+        ret->host_hole = false;
+        ret->length = done;
+        switch (type) {
+        case QC_UNALLOCATED:
+                ret->type = DC_LAYER_UNALLOCATED;
+                break;
+        case QC_ZERO_PLAIN:
+                ret->type = DC_LAYER_ZERO;
+                break;
+        case QC_ZERO_ALLOC:
+                ret->type = DC_LAYER_ZERO;
+                ret->host_offset = (int64_t) host;
+                break;
+        case QC_COMPRESSED:
+                ret->type = DC_LAYER_DATA;
+                break;
+        default:
+                ret->type = DC_LAYER_DATA;
+                ret->host_offset = (int64_t) host;
+                if (!s->crypt_method && detect_metadata_prealloc(img)) {
+                        off_t d = lseek(img->fd, (off_t) host, SEEK_DATA);
+                        if (d < 0 || (uint64_t) d > host) {
+                                uint64_t hole_end = d < 0 ? UINT64_MAX : (uint64_t) d;
+                                ret->host_hole = true;
+                                ret->length = MIN(ret->length, hole_end - host);
+                        } else {
+                                off_t hl = lseek(img->fd, (off_t) host, SEEK_HOLE);
+                                if (hl > 0 && (uint64_t) hl > host)
+                                        ret->length = MIN(ret->length, (uint64_t) hl - host);
+                        }
+                }
+                break;
+        }
+        if (s->crypt_method)
+                ret->host_offset = -1;
+        return 0;
+}
+
+static int read_compressed(dc_image *img, uint64_t e, uint8_t *cluster) {
+        struct qcow2 *s = QC(img);
+        uint64_t coff, clen;
+        _cleanup_free_ uint8_t *in = NULL;
+        int r;
+
+        if (!s->comp_cache) {
+                s->comp_cache = malloc(s->cluster_size);
+                if (!s->comp_cache)
+                        return dc_error(ENOMEM, "out of memory");
+        }
+        if (s->comp_cache_key != e) {
+                qcow2_compressed_range(s, e, &coff, &clen);
+                in = malloc(clen);
+                if (!in)
+                        return dc_error(ENOMEM, "out of memory");
+                r = dc_pread_full(img->fd, in, clen, coff);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read compressed data: %s", img->path, strerror(-r));
+                s->comp_cache_key = 0;
+                r = dc_decompress(s->compression_type, in, clen, s->comp_cache, s->cluster_size);
+                if (r < 0)
+                        return dc_error(r, "'%s': compressed cluster at host offset %llu: %s", img->path,
+                                        (unsigned long long) coff, dc_get_error());
+                s->comp_cache_key = e;
+        }
+        memcpy(cluster, s->comp_cache, s->cluster_size);
+        return 0;
+}
+
+static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size;
+        uint8_t *p = buf;
+        int r;
+
+        if (s->crypt_method)
+                return dc_error(ENOTSUP, "'%s': reading encrypted images is not supported", img->path);
+        while (len > 0) {
+                uint64_t gidx = off / cs, in = off % cs, e;
+                size_t n = (size_t) MIN(len, cs - in);
+                int type;
+
+                r = l2_entry(img, gidx, &e);
+                if (r < 0)
+                        return r;
+                type = qcow2_cluster_type(s, e);
+                if (type == QC_NORMAL) {
+                        /* Merge physically contiguous clusters into one read. */
+                        uint64_t host = (e & L2E_OFFSET_MASK) + in;
+                        while (n < len) {
+                                uint64_t e2;
+                                r = l2_entry(img, gidx + 1, &e2);
+                                if (r < 0)
+                                        return r;
+                                if (qcow2_cluster_type(s, e2) != QC_NORMAL ||
+                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs)
+                                        break;
+                                e = e2;
+                                gidx++;
+                                n += (size_t) MIN(len - n, cs);
+                        }
+                        r = dc_pread_full(img->fd, p, n, host);
+                        if (r < 0)
+                                return dc_error(r, "'%s': read error at host offset %llu: %s", img->path,
+                                                (unsigned long long) host, strerror(-r));
+                } else if (type == QC_COMPRESSED) {
+                        _cleanup_free_ uint8_t *c = malloc(cs);
+                        if (!c)
+                                return dc_error(ENOMEM, "out of memory");
+                        r = read_compressed(img, e, c);
+                        if (r < 0)
+                                return r;
+                        memcpy(p, c + in, n);
+                } else
+                        memset(p, 0, n); /* zero clusters (callers only ask for DATA) */
+                p += n;
+                off += n;
+                len -= n;
+        }
+        return 0;
+}
+
+/* --- writing ------------------------------------------------------------- */
+
+static int mark_bitmaps_in_use(dc_image *img) {
+        struct qcow2 *s = QC(img);
+        _cleanup_free_ uint8_t *dir = NULL;
+        uint64_t p = 0;
+        bool changed = false;
+        int r;
+
+        if (!s->has_bitmaps || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+                return 0;
+        dir = malloc(s->bitmap_dir_size);
+        if (!dir)
+                return dc_error(ENOMEM, "out of memory");
+        r = dc_pread_full(img->fd, dir, s->bitmap_dir_size, s->bitmap_dir_offset);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read the bitmap directory: %s", img->path, strerror(-r));
+        for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+                uint32_t flags, name_size, extra;
+                if (p + 24 > s->bitmap_dir_size)
+                        return dc_error(EINVAL, "'%s': bitmap directory is truncated", img->path);
+                flags = be32(dir + p + 12);
+                name_size = be16(dir + p + 18);
+                extra = be32(dir + p + 20);
+                if (!(flags & 1)) {
+                        put_be32(dir + p + 12, flags | 1);
+                        changed = true;
+                }
+                p += ALIGN_UP(24 + (uint64_t) extra + name_size, 8);
+        }
+        if (!changed)
+                return 0;
+        r = dc_pwrite_full(img->fd, dir, s->bitmap_dir_size, s->bitmap_dir_offset);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot update the bitmap directory: %s", img->path, strerror(-r));
+        return 0;
+}
+
+/* Before the first write: clear autoclear bits we do not maintain, and
+ * flag persistent bitmaps as in-use since our writes do not update them. */
+static int prepare_for_write(dc_image *img) {
+        struct qcow2 *s = QC(img);
+        int r;
+
+        if (s->prepared_for_write)
+                return 0;
+        if (!img->writable)
+                return dc_error(EROFS, "'%s': image is open read-only%s%s", img->path,
+                                img->read_only_reason ? ": " : "", img->read_only_reason ? img->read_only_reason : "");
+        if (s->autoclear & ~QCOW2_AUTOCLEAR_KNOWN) {
+                uint8_t w[8];
+                s->autoclear &= QCOW2_AUTOCLEAR_KNOWN;
+                put_be64(w, s->autoclear);
+                r = qcow2_header_write(img, 88, w, 8);
+                if (r < 0)
+                        return r;
+        }
+        r = mark_bitmaps_in_use(img);
+        if (r < 0)
+                return r;
+        s->prepared_for_write = true;
+        return 0;
+}
+
+/* Return a writable (COPIED) L2 table for L1 index L1I, allocating it. */
+static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *ret_off) {
+        struct qcow2 *s = QC(img);
+        uint64_t l1e = s->l1[l1i], old = l1e & L1E_OFFSET_MASK, c;
+        uint8_t *t, ent[8];
+        int r;
+
+        if (old && (l1e & QCOW_OFLAG_COPIED)) {
+                r = qcow2_cache_get(img, &s->l2_cache, old, false, ret);
+                if (r >= 0)
+                        *ret_off = old;
+                return r;
+        }
+        if (old)
+                /* Only internal snapshots share L2 tables, and those images
+                 * are opened read-only: a writable one is inconsistent. */
+                return dc_error(EIO, "'%s': L2 table at %llu is shared (COPIED flag clear)", img->path,
+                                (unsigned long long) old);
+        r = qcow2_alloc_clusters(img, 1, &c);
+        if (r < 0)
+                return r;
+        r = qcow2_cache_get(img, &s->l2_cache, c * s->cluster_size, true, &t);
+        if (r < 0)
+                return r;
+        r = dc_pwrite_full(img->fd, t, s->cluster_size, c * s->cluster_size);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot write an L2 table: %s", img->path, strerror(-r));
+        put_be64(ent, c * s->cluster_size | QCOW_OFLAG_COPIED);
+        r = dc_pwrite_full(img->fd, ent, 8, s->l1_offset + l1i * 8);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot update the L1 table: %s", img->path, strerror(-r));
+        s->l1[l1i] = c * s->cluster_size | QCOW_OFLAG_COPIED;
+        *ret = t;
+        *ret_off = c * s->cluster_size;
+        return 0;
+}
+
+/* The current guest content of cluster GIDX, from this layer or below. */
+static int read_cluster(dc_image *img, uint64_t gidx, uint8_t *dst) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, e, off = gidx * cs;
+        size_t n = (size_t) MIN(cs, img->virtual_size - off);
+        int r;
+
+        memset(dst, 0, cs);
+        r = l2_entry(img, gidx, &e);
+        if (r < 0)
+                return r;
+        switch (qcow2_cluster_type(s, e)) {
+        case QC_NORMAL:
+                r = dc_pread_full(img->fd, dst, n, e & L2E_OFFSET_MASK);
+                if (r < 0)
+                        return dc_error(r, "'%s': read error: %s", img->path, strerror(-r));
+                return 0;
+        case QC_COMPRESSED:
+                return read_compressed(img, e, dst);
+        case QC_UNALLOCATED:
+                if (img->backing && off < img->backing->virtual_size)
+                        return dc_chain_read(img->backing, dst, off,
+                                             (size_t) MIN((uint64_t) n, img->backing->virtual_size - off));
+                return 0;
+        default:
+                return 0;
+        }
+}
+
+/* Free what an L2 entry referenced (after the replacing entry is durable). */
+static int free_entry(dc_image *img, uint64_t e) {
+        struct qcow2 *s = QC(img);
+        int type = qcow2_cluster_type(s, e);
+
+        if (type == QC_COMPRESSED) {
+                uint64_t coff, clen;
+                qcow2_compressed_range(s, e, &coff, &clen);
+                return qcow2_free_bytes(img, coff, clen);
+        }
+        if (type == QC_NORMAL || type == QC_ZERO_ALLOC)
+                return qcow2_free_clusters(img, (e & L2E_OFFSET_MASK) / s->cluster_size, 1);
+        return 0;
+}
+
+static int write_l2_entries(dc_image *img, uint8_t *t, uint64_t l2off, uint64_t first, uint64_t n) {
+        int r = dc_pwrite_full(img->fd, t + first * 8, n * 8, l2off + first * 8);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot update an L2 table: %s", img->path, strerror(-r));
+        return 0;
+}
+
+static int free_entries(dc_image *img, const uint64_t *old, uint64_t n) {
+        bool any = false;
+        int r;
+
+        for (uint64_t i = 0; i < n; i++)
+                if (old[i])
+                        any = true;
+        if (!any)
+                return 0;
+        r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
+        for (uint64_t i = 0; i < n; i++)
+                if (old[i]) {
+                        r = free_entry(img, old[i]);
+                        if (r < 0)
+                                return r;
+                }
+        return 0;
+}
+
+#define MAX_RUN_BYTES (4u << 20)
+
+static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size;
+        const uint8_t *p = buf;
+        int r;
+
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        while (len > 0) {
+                uint64_t gidx = off / cs, l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries, l2off, e;
+                uint64_t max_run = MAX(1u, MAX_RUN_BYTES / cs), run = 0, first_host;
+                uint8_t *t;
+                int type;
+
+                r = l2_for_write(img, l1i, &t, &l2off);
+                if (r < 0)
+                        return r;
+                e = be64(t + l2i * 8);
+                type = qcow2_cluster_type(s, e);
+                if (type == QC_NORMAL && (e & QCOW_OFLAG_COPIED)) {
+                        /* In place, merging contiguous clusters. */
+                        uint64_t host = (e & L2E_OFFSET_MASK) + off % cs;
+                        size_t n = (size_t) MIN(len, cs - off % cs);
+                        while (n < len && l2i + 1 < s->l2_entries) {
+                                uint64_t e2 = be64(t + (l2i + 1) * 8);
+                                if (qcow2_cluster_type(s, e2) != QC_NORMAL || !(e2 & QCOW_OFLAG_COPIED) ||
+                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs)
+                                        break;
+                                e = e2;
+                                l2i++;
+                                n += (size_t) MIN(len - n, cs);
+                        }
+                        r = dc_pwrite_full(img->fd, p, n, host);
+                        if (r < 0)
+                                return dc_error(r, "'%s': write error at host offset %llu: %s", img->path,
+                                                (unsigned long long) host, strerror(-r));
+                        p += n;
+                        off += n;
+                        len -= n;
+                        continue;
+                }
+
+                /* Allocating write: gather a run of clusters needing new space. */
+                {
+                        uint64_t in = off % cs, bytes;
+                        _cleanup_free_ uint8_t *nb = NULL;
+                        _cleanup_free_ uint64_t *old = NULL;
+
+                        while (run < max_run && l2i + run < s->l2_entries && run * cs < in + len) {
+                                uint64_t e2 = be64(t + (l2i + run) * 8);
+                                if (run > 0 && qcow2_cluster_type(s, e2) == QC_NORMAL && (e2 & QCOW_OFLAG_COPIED))
+                                        break;
+                                run++;
+                        }
+                        bytes = MIN(run * cs - in, len);
+                        nb = malloc(run * cs);
+                        old = calloc(run, sizeof(uint64_t));
+                        if (!nb || !old)
+                                return dc_error(ENOMEM, "out of memory");
+                        /* Head and tail that the write does not cover keep their content. */
+                        if (in)
+                                r = read_cluster(img, gidx, nb);
+                        else
+                                r = 0;
+                        if (r >= 0 && (in + bytes) % cs && (run > 1 || !in))
+                                r = read_cluster(img, gidx + run - 1, nb + (run - 1) * cs);
+                        if (r < 0)
+                                return r;
+                        memcpy(nb + in, p, bytes);
+                        r = qcow2_alloc_clusters(img, run, &first_host);
+                        if (r < 0)
+                                return r;
+                        r = dc_pwrite_full(img->fd, nb, run * cs, first_host * cs);
+                        if (r >= 0)
+                                r = dc_fdatasync(img->fd);
+                        if (r < 0)
+                                return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
+                        /* The L2 table may have been evicted by allocations: get it again. */
+                        r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+                        if (r < 0)
+                                return r;
+                        for (uint64_t i = 0; i < run; i++) {
+                                old[i] = be64(t + (l2i + i) * 8);
+                                put_be64(t + (l2i + i) * 8, (first_host + i) * cs | QCOW_OFLAG_COPIED);
+                        }
+                        r = write_l2_entries(img, t, l2off, l2i, run);
+                        if (r < 0)
+                                return r;
+                        r = free_entries(img, old, run);
+                        if (r < 0)
+                                return r;
+                        p += bytes;
+                        off += bytes;
+                        len -= bytes;
+                }
+        }
+        return 0;
+}
+
+/*
+ * Whole clusters [gidx, gidx+n): make them read as zeros (ZERO flag, v3),
+ * or deallocate them (v2 without backing, or a discard on v2).
+ */
+static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flags, bool discard) {
+        struct qcow2 *s = QC(img);
+
+        while (n > 0) {
+                uint64_t l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries;
+                uint64_t cnt = MIN(n, s->l2_entries - l2i), l2off, changed = 0, lo = UINT64_MAX, hi = 0;
+                _cleanup_free_ uint64_t *old = NULL;
+                uint8_t *t;
+                int r;
+
+                if ((s->l1[l1i] & L1E_OFFSET_MASK) == 0 && (!img->backing || (discard && s->version < 3))) {
+                        /* No table and nothing below: already reads as zero. */
+                        gidx += cnt;
+                        n -= cnt;
+                        continue;
+                }
+                r = l2_for_write(img, l1i, &t, &l2off);
+                if (r < 0)
+                        return r;
+                old = calloc(cnt, sizeof(uint64_t));
+                if (!old)
+                        return dc_error(ENOMEM, "out of memory");
+                for (uint64_t i = 0; i < cnt; i++) {
+                        uint64_t e = be64(t + (l2i + i) * 8), ne;
+                        int type = qcow2_cluster_type(s, e);
+
+                        if (s->version < 3)
+                                ne = 0;
+                        else if (!(flags & DC_ZERO_MAY_UNMAP) && !discard &&
+                                 (type == QC_NORMAL || type == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED))
+                                ne = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO;
+                        else if (discard && !img->backing && type == QC_UNALLOCATED)
+                                ne = 0;
+                        else
+                                ne = QCOW_OFLAG_ZERO;
+                        if (ne == e)
+                                continue;
+                        if ((ne & L2E_OFFSET_MASK) == 0)
+                                old[i] = e;
+                        put_be64(t + (l2i + i) * 8, ne);
+                        changed++;
+                        lo = MIN(lo, l2i + i);
+                        hi = MAX(hi, l2i + i + 1);
+                }
+                if (changed) {
+                        r = write_l2_entries(img, t, l2off, lo, hi - lo);
+                        if (r < 0)
+                                return r;
+                        r = free_entries(img, old, cnt);
+                        if (r < 0)
+                                return r;
+                }
+                gidx += cnt;
+                n -= cnt;
+        }
+        return 0;
+}
+
+static int write_zero_bytes(dc_image *img, uint64_t off, uint64_t len) {
+        _cleanup_free_ uint8_t *z = calloc(1, (size_t) MIN(len, (uint64_t) MAX_RUN_BYTES));
+        if (!z)
+                return dc_error(ENOMEM, "out of memory");
+        while (len > 0) {
+                size_t n = (size_t) MIN(len, (uint64_t) MAX_RUN_BYTES);
+                int r = qcow2_write(img, z, off, n);
+                if (r < 0)
+                        return r;
+                off += n;
+                len -= n;
+        }
+        return 0;
+}
+
+static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned flags) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, head, tail, first, last;
+        int r;
+
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        /* v2 with a backing file has no way to say "zero": write zeroes. */
+        if (s->version < 3 && img->backing)
+                return write_zero_bytes(img, off, len);
+        first = DIV_ROUND_UP(off, cs);
+        last = (off + len) / cs;
+        if (off + len == img->virtual_size)
+                last = DIV_ROUND_UP(img->virtual_size, cs);
+        if (first >= last)
+                return write_zero_bytes(img, off, len);
+        head = first * cs - off;
+        tail = off + len > last * cs ? off + len - last * cs : 0;
+        if (head) {
+                r = write_zero_bytes(img, off, head);
+                if (r < 0)
+                        return r;
+        }
+        r = zero_clusters(img, first, last - first, flags, false);
+        if (r < 0)
+                return r;
+        if (tail)
+                return write_zero_bytes(img, last * cs, tail);
+        return 0;
+}
+
+static int qcow2_discard(dc_image *img, uint64_t off, uint64_t len) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, first = DIV_ROUND_UP(off, cs), last = (off + len) / cs;
+        int r;
+
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        if (off + len == img->virtual_size)
+                last = DIV_ROUND_UP(img->virtual_size, cs);
+        if (first >= last)
+                return 0; /* discard is a hint: partial clusters are left alone */
+        return zero_clusters(img, first, last - first, DC_ZERO_MAY_UNMAP, true);
+}
+
+static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, gidx = off / cs, l2off, coff, e, ne, field, start;
+        unsigned shift = 62 - (s->cluster_bits - 8);
+        _cleanup_free_ uint8_t *in = NULL, *out = NULL;
+        size_t clen = 0;
+        uint8_t *t;
+        int r;
+
+        if (off % cs || (len != cs && off + len != img->virtual_size) || len > cs)
+                return dc_error(EINVAL, "'%s': compressed writes must cover whole clusters", img->path);
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        in = calloc(1, cs);
+        out = malloc(cs);
+        if (!in || !out)
+                return dc_error(ENOMEM, "out of memory");
+        memcpy(in, buf, len);
+        r = dc_compress(s->compression_type, in, cs, out, cs - 1, &clen);
+        if (r < 0)
+                return r;
+        if (r == 0 || clen >= cs - 1)
+                return qcow2_write(img, buf, off, len); /* incompressible: store plain */
+
+        r = l2_for_write(img, gidx / s->l2_entries, &t, &l2off);
+        if (r < 0)
+                return r;
+        if (s->comp_free_off && s->comp_free_off % cs + clen <= cs) {
+                coff = s->comp_free_off;
+                r = qcow2_ref_bytes(img, coff, clen);
+        } else {
+                r = qcow2_alloc_clusters(img, DIV_ROUND_UP(clen, cs), &start);
+                coff = start * cs;
+        }
+        if (r < 0)
+                return r;
+        s->comp_free_off = (coff + clen) % cs ? coff + clen : 0;
+        r = dc_pwrite_full(img->fd, out, clen, coff);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
+        field = ((coff + clen - 1) >> 9) - (coff >> 9);
+        ne = QCOW_OFLAG_COMPRESSED | (field << shift) | coff;
+        r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+        if (r < 0)
+                return r;
+        e = be64(t + (gidx % s->l2_entries) * 8);
+        put_be64(t + (gidx % s->l2_entries) * 8, ne);
+        r = write_l2_entries(img, t, l2off, gidx % s->l2_entries, 1);
+        if (r < 0)
+                return r;
+        return free_entries(img, &e, 1);
+}
+
+static int qcow2_flush(dc_image *img) {
+        int r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
+        return 0;
+}
+
+static int qcow2_truncate(dc_image *img, uint64_t size) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, need = DIV_ROUND_UP(DIV_ROUND_UP(size, cs), s->l2_entries);
+        uint64_t have_clusters = DIV_ROUND_UP((uint64_t) s->l1_size * 8, cs);
+        uint8_t hdr[24];
+        int r;
+
+        if (size < img->virtual_size)
+                return dc_error(ENOTSUP, "'%s': shrinking is not supported", img->path);
+        if (size % 512)
+                return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", img->path,
+                                (unsigned long long) size);
+        if (need * 8 > QCOW2_MAX_L1_BYTES)
+                return dc_error(EFBIG, "'%s': size %llu needs an L1 table over 32 MiB", img->path,
+                                (unsigned long long) size);
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        if (need > s->l1_size) {
+                uint64_t *nl1 = calloc(need, sizeof(uint64_t));
+                _cleanup_free_ uint8_t *raw = calloc(DIV_ROUND_UP(need * 8, cs), cs);
+                uint64_t new_off = s->l1_offset, first;
+
+                if (!nl1 || !raw) {
+                        free(nl1);
+                        return dc_error(ENOMEM, "out of memory");
+                }
+                memcpy(nl1, s->l1, (size_t) s->l1_size * 8);
+                for (uint64_t i = 0; i < need; i++)
+                        put_be64(raw + i * 8, nl1[i]);
+                if (DIV_ROUND_UP(need * 8, cs) > have_clusters || s->l1_size == 0) {
+                        r = qcow2_alloc_clusters(img, DIV_ROUND_UP(need * 8, cs), &first);
+                        if (r < 0) {
+                                free(nl1);
+                                return r;
+                        }
+                        new_off = first * cs;
+                }
+                r = dc_pwrite_full(img->fd, raw, DIV_ROUND_UP(need * 8, cs) * cs, new_off);
+                if (r >= 0)
+                        r = dc_fdatasync(img->fd);
+                if (r < 0) {
+                        free(nl1);
+                        return dc_error(r, "'%s': cannot write the L1 table: %s", img->path, strerror(-r));
+                }
+                put_be64(hdr, size);
+                put_be32(hdr + 8, s->crypt_method);
+                put_be32(hdr + 12, (uint32_t) need);
+                put_be64(hdr + 16, new_off);
+                r = qcow2_header_write(img, 24, hdr, 24);
+                if (r < 0) {
+                        free(nl1);
+                        return r;
+                }
+                free(s->l1);
+                s->l1 = nl1;
+                if (new_off != s->l1_offset && s->l1_size) {
+                        uint64_t old_off = s->l1_offset;
+                        s->l1_offset = new_off;
+                        s->l1_size = (uint32_t) need;
+                        r = qcow2_free_clusters(img, old_off / cs, have_clusters);
+                        if (r < 0)
+                                return r;
+                }
+                s->l1_offset = new_off;
+                s->l1_size = (uint32_t) need;
+        } else {
+                put_be64(hdr, size);
+                r = qcow2_header_write(img, 24, hdr, 8);
+                if (r < 0)
+                        return r;
+        }
+        img->virtual_size = size;
+        return 0;
+}
+
+const struct dc_driver dc_qcow2_driver = {
+        .name = "qcow2",
+        .format = DC_FORMAT_QCOW2,
+        .open = qcow2_open,
+        .close = qcow2_close,
+        .block_status = qcow2_block_status,
+        .read = qcow2_read,
+        .write = qcow2_write,
+        .write_zeroes = qcow2_write_zeroes,
+        .write_compressed = qcow2_write_compressed,
+        .discard = qcow2_discard,
+        .flush = qcow2_flush,
+        .truncate = qcow2_truncate,
+        .check = qcow2_check,
+};
+
+/* Allocate every guest cluster (preallocation=metadata/falloc/full). */
+int dc_qcow2_preallocate(dc_image *img, int mode) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, n = DIV_ROUND_UP(img->virtual_size, cs);
+        _cleanup_free_ uint8_t *zeros = NULL;
+        int r;
+
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        if (mode == DC_PREALLOC_FULL) {
+                zeros = calloc(1, MAX_RUN_BYTES);
+                if (!zeros)
+                        return dc_error(ENOMEM, "out of memory");
+        }
+        for (uint64_t g = 0; g < n;) {
+                uint64_t l2i = g % s->l2_entries, cnt = MIN(s->l2_entries - l2i, n - g), l2off, first;
+                uint8_t *t;
+
+                r = l2_for_write(img, g / s->l2_entries, &t, &l2off);
+                if (r < 0)
+                        return r;
+                r = qcow2_alloc_clusters(img, cnt, &first);
+                if (r < 0)
+                        return r;
+                if (mode == DC_PREALLOC_FULL) {
+                        for (uint64_t o = 0; o < cnt * cs && r >= 0; o += MAX_RUN_BYTES)
+                                r = dc_pwrite_full(img->fd, zeros, (size_t) MIN((uint64_t) MAX_RUN_BYTES, cnt * cs - o),
+                                                   first * cs + o);
+                } else if (mode == DC_PREALLOC_FALLOC) {
+                        if (fallocate(img->fd, 0, (off_t) (first * cs), (off_t) (cnt * cs)) < 0)
+                                r = -errno;
+                } else {
+                        struct stat st;
+                        if (fstat(img->fd, &st) < 0)
+                                r = -errno;
+                        else if ((uint64_t) st.st_size < (first + cnt) * cs &&
+                                 ftruncate(img->fd, (off_t) ((first + cnt) * cs)) < 0)
+                                r = -errno;
+                }
+                if (r >= 0)
+                        r = dc_fdatasync(img->fd);
+                if (r < 0)
+                        return dc_error(r, "'%s': preallocation failed: %s", img->path, strerror(-r));
+                r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+                if (r < 0)
+                        return r;
+                for (uint64_t i = 0; i < cnt; i++)
+                        put_be64(t + (l2i + i) * 8, (first + i) * cs | QCOW_OFLAG_COPIED);
+                r = write_l2_entries(img, t, l2off, l2i, cnt);
+                if (r < 0)
+                        return r;
+                g += cnt;
+        }
+        return dc_fdatasync(img->fd);
+}
+
+/* --- properties of a qcow2 layer (neutral values for raw) ----------------- */
+
+static struct qcow2 *qcow2_of(dc_image *img) {
+        return img->drv == &dc_qcow2_driver ? QC(img) : NULL;
+}
+
+DC_EXPORT uint32_t dc_image_cluster_size(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s ? s->cluster_size : 0;
+}
+DC_EXPORT const char *dc_image_compat(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return !s ? "" : s->version == 2 ? "0.10" : "1.1";
+}
+DC_EXPORT const char *dc_image_compression_type(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return !s ? "" : s->compression_type ? "zstd" : "zlib";
+}
+DC_EXPORT bool dc_image_dirty(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && (s->incompat & QCOW2_INCOMPAT_DIRTY);
+}
+DC_EXPORT bool dc_image_corrupt(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && (s->incompat & QCOW2_INCOMPAT_CORRUPT);
+}
+DC_EXPORT bool dc_image_encrypted(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && s->crypt_method != 0;
+}
+DC_EXPORT unsigned dc_image_refcount_bits(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s ? s->refcount_bits : 0;
+}
+DC_EXPORT bool dc_image_lazy_refcounts(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+}

@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#pragma once
+
+/* Shared between the qcow2 driver files (qcow2.c, qcow2-refcount.c, qcow2-check.c, qcow2-create.c). */
+
+#include "dc-internal.h"
+
+#define QCOW2_MAGIC 0x514649fbu
+
+#define QCOW2_INCOMPAT_DIRTY (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ull << 4)
+#define QCOW2_INCOMPAT_KNOWN 0x1full
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
+#define QCOW2_AUTOCLEAR_KNOWN 0x1ull /* bit 1 needs an external data file, which we refuse */
+
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_FDE 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+#define L1E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define L2E_OFFSET_MASK 0x00fffffffffffe00ull
+#define L2E_RESERVED_MASK 0x3f000000000001feull
+#define REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK 0x1ffull
+#define QCOW_OFLAG_COPIED (1ull << 63)
+#define QCOW_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW_OFLAG_ZERO (1ull << 0)
+
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+
+enum {
+        QC_UNALLOCATED,
+        QC_ZERO_PLAIN,
+        QC_ZERO_ALLOC,
+        QC_NORMAL,
+        QC_COMPRESSED,
+};
+
+#define QCOW2_CACHE_SLOTS 32
+
+struct qcow2_cache {
+        uint64_t offset[QCOW2_CACHE_SLOTS]; /* 0 = slot free */
+        uint64_t used[QCOW2_CACHE_SLOTS];
+        uint8_t *buf[QCOW2_CACHE_SLOTS];
+        uint64_t clock;
+};
+
+struct qcow2 {
+        uint32_t version;
+        uint32_t cluster_bits, cluster_size;
+        uint32_t header_length;
+        uint64_t incompat, compat, autoclear;
+        uint32_t crypt_method;
+        uint8_t compression_type;
+
+        uint64_t l1_offset;
+        uint32_t l1_size;
+        uint64_t *l1; /* host order, l1_size entries */
+        uint64_t l2_entries;
+
+        uint64_t rt_offset;
+        uint32_t rt_clusters;
+        uint64_t rt_entries;
+        uint64_t *rt; /* host order */
+        uint32_t refcount_order, refcount_bits;
+        uint64_t per_block; /* refcounts per refblock */
+
+        uint32_t nb_snapshots;
+        uint64_t snapshots_offset;
+
+        bool has_bitmaps;
+        uint32_t nb_bitmaps;
+        uint64_t bitmap_dir_offset, bitmap_dir_size;
+
+        uint64_t fde_offset, fde_length;
+
+        char *feature_names[3][64]; /* from the feature name table, for messages */
+
+        struct qcow2_cache l2_cache, rb_cache;
+
+        uint64_t free_hint;       /* no free cluster below this index */
+        uint64_t comp_free_off;   /* next free byte for compressed data, 0 = none */
+        bool prepared_for_write;  /* header fixed up before the first write */
+        int metadata_prealloc;    /* -1 unknown, 0, 1 */
+
+        uint8_t *comp_cache;      /* last decompressed cluster */
+        uint64_t comp_cache_key;  /* its L2 entry, 0 = none */
+};
+
+static inline struct qcow2 *QC(dc_image *img) {
+        return img->priv;
+}
+
+int qcow2_cluster_type(struct qcow2 *s, uint64_t e);
+void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint64_t *ret_len);
+
+int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool fresh, uint8_t **ret);
+void qcow2_cache_drop(struct qcow2_cache *c, uint64_t offset);
+void qcow2_cache_free(struct qcow2_cache *c);
+
+int qcow2_refcount_get(dc_image *img, uint64_t cluster, uint64_t *ret);
+int qcow2_refcount_set(dc_image *img, uint64_t cluster, uint64_t value);
+int qcow2_alloc_clusters(dc_image *img, uint64_t n, uint64_t *ret_first);
+int qcow2_free_clusters(dc_image *img, uint64_t first, uint64_t n);
+int qcow2_free_bytes(dc_image *img, uint64_t off, uint64_t len);
+int qcow2_ref_bytes(dc_image *img, uint64_t off, uint64_t len);
+
+int qcow2_check(dc_image *img, int repair, struct dc_check_result *ret);
+int qcow2_header_write(dc_image *img, uint64_t field_off, const void *buf, size_t len);

@@ -1,0 +1,264 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * dc-tool: drives libdiskchain from the command line for the interoperability
+ * and crash tests, which judge the results with qemu-img.
+ *
+ *   dc-tool create PATH SIZE [key=value ...]   (format, backing, backing-format,
+ *                                              cluster-size, compat, compression-type,
+ *                                              preallocation, lazy-refcounts, refcount-bits)
+ *   dc-tool io PATH CMD...                    CMD: write PAT OFF LEN | zero OFF LEN [unmap]
+ *                                              | discard OFF LEN | compress PAT OFF LEN
+ *                                              | writefile FILE OFF | resize SIZE
+ *   dc-tool read PATH OUTFILE                 whole guest disk as raw
+ *   dc-tool map PATH                          like qemu-img map --output=json
+ *   dc-tool check PATH [leaks|all]            like qemu-img check --output=json
+ *   dc-tool info PATH
+ *
+ * Environment: DC_ROOT confines paths; DC_FAULT_WRITES=N dies before the Nth write.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "diskchain.h"
+
+extern long dc_fault_writes_left;
+
+static const char *roots[2];
+
+static int fail(const char *what) {
+        fprintf(stderr, "dc-tool: %s: %s\n", what, dc_get_error());
+        return 1;
+}
+
+static uint64_t num(const char *s) {
+        char *end;
+        uint64_t v = strtoull(s, &end, 0);
+        switch (*end) {
+        case 'k': case 'K': v <<= 10; break;
+        case 'm': case 'M': v <<= 20; break;
+        case 'g': case 'G': v <<= 30; break;
+        default: break;
+        }
+        return v;
+}
+
+static int do_create(int argc, char **argv) {
+        struct dc_create_options o = { .backing_format = -1 };
+        for (int i = 4; i < argc; i++) {
+                char *k = argv[i], *v = strchr(k, '=');
+                if (!v)
+                        return fprintf(stderr, "bad option %s\n", k), 2;
+                *v++ = 0;
+                if (!strcmp(k, "format"))
+                        o.format = !strcmp(v, "raw") ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
+                else if (!strcmp(k, "backing"))
+                        o.backing = v;
+                else if (!strcmp(k, "backing-format"))
+                        o.backing_format = !strcmp(v, "raw") ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
+                else if (!strcmp(k, "cluster-size"))
+                        o.cluster_size = (uint32_t) num(v);
+                else if (!strcmp(k, "compat"))
+                        o.compat = !strcmp(v, "0.10") ? 2 : 3;
+                else if (!strcmp(k, "compression-type"))
+                        o.compression_type = !strcmp(v, "zstd");
+                else if (!strcmp(k, "preallocation"))
+                        o.preallocation = !strcmp(v, "metadata") ? DC_PREALLOC_METADATA
+                                          : !strcmp(v, "falloc") ? DC_PREALLOC_FALLOC
+                                          : !strcmp(v, "full")   ? DC_PREALLOC_FULL
+                                                                 : DC_PREALLOC_OFF;
+                else if (!strcmp(k, "lazy-refcounts"))
+                        o.lazy_refcounts = !strcmp(v, "on");
+                else if (!strcmp(k, "refcount-bits"))
+                        o.refcount_bits = (uint32_t) num(v);
+                else
+                        return fprintf(stderr, "unknown option %s\n", k), 2;
+        }
+        if (dc_image_create(argv[2], num(argv[3]), &o, roots[0] ? roots : NULL) < 0)
+                return fail("create");
+        return 0;
+}
+
+static void pattern(uint8_t *b, size_t n, uint64_t pat, uint64_t off) {
+        if (pat < 256) {
+                memset(b, (int) pat, n);
+                return;
+        }
+        /* pseudo-random but reproducible: depends on the offset */
+        for (size_t i = 0; i < n; i++) {
+                uint64_t x = (off + i) * 0x9E3779B97F4A7C15ull ^ pat;
+                b[i] = (uint8_t) (x >> 29);
+        }
+}
+
+static int do_io(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL, .writable = true };
+        dc_image *img;
+        int i = 3, r = 0;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        while (i < argc && r >= 0) {
+                const char *c = argv[i];
+                if (!strcmp(c, "write") || !strcmp(c, "compress")) {
+                        uint64_t pat = num(argv[i + 1]), off = num(argv[i + 2]), len = num(argv[i + 3]);
+                        uint8_t *b = malloc(len);
+                        pattern(b, len, pat, off);
+                        if (!strcmp(c, "write"))
+                                r = dc_image_write(img, b, off, len);
+                        else {
+                                uint32_t cs = dc_image_cluster_size(img);
+                                for (uint64_t p = 0; p < len && r >= 0; p += cs)
+                                        r = dc_image_write_compressed(img, b + p, off + p, (size_t) (len - p < cs ? len - p : cs));
+                        }
+                        free(b);
+                        i += 4;
+                } else if (!strcmp(c, "zero")) {
+                        unsigned fl = 0;
+                        uint64_t off = num(argv[i + 1]), len = num(argv[i + 2]);
+                        i += 3;
+                        if (i < argc && !strcmp(argv[i], "unmap"))
+                                fl = DC_ZERO_MAY_UNMAP, i++;
+                        r = dc_image_write_zeroes(img, off, len, fl);
+                } else if (!strcmp(c, "discard")) {
+                        r = dc_image_discard(img, num(argv[i + 1]), num(argv[i + 2]));
+                        i += 3;
+                } else if (!strcmp(c, "resize")) {
+                        r = dc_image_truncate(img, num(argv[i + 1]));
+                        i += 2;
+                } else if (!strcmp(c, "writefile")) {
+                        FILE *f = fopen(argv[i + 1], "rb");
+                        uint64_t off = num(argv[i + 2]);
+                        static uint8_t b[1 << 20];
+                        size_t n;
+                        if (!f)
+                                return perror(argv[i + 1]), 1;
+                        while (r >= 0 && (n = fread(b, 1, sizeof b, f)) > 0) {
+                                r = dc_image_write(img, b, off, n);
+                                off += n;
+                        }
+                        fclose(f);
+                        i += 3;
+                } else {
+                        fprintf(stderr, "unknown io command %s\n", c);
+                        return 2;
+                }
+        }
+        if (r >= 0)
+                r = dc_image_flush(img);
+        if (r < 0) {
+                fail("io");
+                dc_image_close(img);
+                return 1;
+        }
+        dc_image_close(img);
+        return 0;
+}
+
+static int do_read(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
+        dc_image *img;
+        static uint8_t b[4 << 20];
+        FILE *f;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        f = fopen(argv[3], "wb");
+        for (uint64_t off = 0; off < dc_image_virtual_size(img); off += sizeof b) {
+                size_t n = (size_t) (dc_image_virtual_size(img) - off < sizeof b ? dc_image_virtual_size(img) - off : sizeof b);
+                if (dc_image_read(img, b, off, n) < 0)
+                        return fail("read");
+                fwrite(b, 1, n, f);
+        }
+        fclose(f);
+        dc_image_close(img);
+        return 0;
+}
+
+static int print_extent(const struct dc_extent *e, void *userdata) {
+        int *first = userdata;
+        printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u, \"present\": %s, \"zero\": %s, \"data\": %s",
+               *first ? "[" : ",\n", e->start, e->length, e->depth, e->present ? "true" : "false",
+               e->zero ? "true" : "false", e->data ? "true" : "false");
+        if (e->host_offset >= 0)
+                printf(", \"offset\": %" PRId64, e->host_offset);
+        printf("}");
+        *first = 0;
+        return 0;
+}
+
+static int do_map(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
+        dc_image *img;
+        int first = 1;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        if (dc_image_map(img, 0, dc_image_virtual_size(img), print_extent, &first) < 0)
+                return fail("map");
+        printf(first ? "[]\n" : "]\n");
+        dc_image_close(img);
+        return 0;
+}
+
+static int do_check(int argc, char **argv) {
+        int repair = argc > 3 ? (!strcmp(argv[3], "all") ? DC_REPAIR_ALL : DC_REPAIR_LEAKS) : DC_REPAIR_NONE;
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL, .writable = repair != DC_REPAIR_NONE,
+                                     .check_mode = true, .no_backing = true };
+        struct dc_check_result c;
+        dc_image *img;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        if (dc_image_check(img, repair, &c) < 0)
+                return fail("check");
+        printf("{\"check-errors\": %" PRIu64 ", \"corruptions\": %" PRIu64 ", \"leaks\": %" PRIu64
+               ", \"corruptions-fixed\": %" PRIu64 ", \"leaks-fixed\": %" PRIu64 ", \"image-end-offset\": %" PRIu64
+               ", \"total-clusters\": %" PRIu64 ", \"allocated-clusters\": %" PRIu64
+               ", \"fragmented-clusters\": %" PRIu64 ", \"compressed-clusters\": %" PRIu64 "}\n",
+               c.check_errors, c.corruptions, c.leaks, c.corruptions_fixed, c.leaks_fixed, c.image_end_offset,
+               c.total_clusters, c.allocated_clusters, c.fragmented_clusters, c.compressed_clusters);
+        dc_image_close(img);
+        return c.corruptions ? 2 : c.leaks ? 3 : 0;
+}
+
+static int do_info(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
+        dc_image *img;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        for (dc_image *l = img; l; l = dc_image_backing(l))
+                printf("%s format=%s size=%" PRIu64 " cluster=%u backing=%s backing-format=%s ro=%s\n", dc_image_path(l),
+                       dc_format_name(dc_image_format(l)), dc_image_virtual_size(l), dc_image_cluster_size(l),
+                       dc_image_backing_file(l), dc_image_backing_format(l), dc_image_read_only_reason(l));
+        dc_image_close(img);
+        return 0;
+}
+
+int main(int argc, char **argv) {
+        const char *f = getenv("DC_FAULT_WRITES");
+        roots[0] = getenv("DC_ROOT");
+        if (f)
+                dc_fault_writes_left = atol(f);
+        if (argc < 3)
+                return fprintf(stderr, "usage: see the comment in tests/dc-tool.c\n"), 2;
+        if (!strcmp(argv[1], "create") && argc >= 4)
+                return do_create(argc, argv);
+        if (!strcmp(argv[1], "io"))
+                return do_io(argc, argv);
+        if (!strcmp(argv[1], "read") && argc >= 4)
+                return do_read(argc, argv);
+        if (!strcmp(argv[1], "map"))
+                return do_map(argc, argv);
+        if (!strcmp(argv[1], "check"))
+                return do_check(argc, argv);
+        if (!strcmp(argv[1], "info"))
+                return do_info(argc, argv);
+        return fprintf(stderr, "unknown command %s\n", argv[1]), 2;
+}
