@@ -373,6 +373,12 @@ int qcow2_alloc_clusters(dc_image *img, uint64_t n, uint64_t *ret_first) {
         uint64_t start = s->free_hint, i = 0;
         int r;
 
+        /* Every refcount range begins with its own refblock, so a run can
+         * never be longer than one range minus that cluster. */
+        if (n > qcow2_max_run(s))
+                return dc_error(EFBIG, "'%s': cannot allocate %llu contiguous clusters with %u-bit refcounts and "
+                                       "%u-byte clusters", img->path, (unsigned long long) n, s->refcount_bits,
+                                s->cluster_size);
         while (i < n) {
                 uint64_t c = start + i, v;
 

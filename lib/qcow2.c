@@ -772,7 +772,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                 return r;
         while (len > 0) {
                 uint64_t gidx = off / cs, l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries, l2off, e;
-                uint64_t max_run = MAX(1u, MAX_RUN_BYTES / cs), run = 0, first_host;
+                uint64_t max_run = MIN(MAX(1u, MAX_RUN_BYTES / cs), qcow2_max_run(s)), run = 0, first_host;
                 uint8_t *t;
                 int type;
 
@@ -1014,6 +1014,16 @@ static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, 
         if (r < 0)
                 return r;
         if (s->comp_free_off && s->comp_free_off % cs + clen <= cs) {
+                /* Share the tail of the last compressed cluster, unless its
+                 * refcount is at the maximum (1-bit refcounts, say). */
+                uint64_t v;
+                r = qcow2_refcount_get(img, s->comp_free_off / cs, &v);
+                if (r < 0)
+                        return r;
+                if (s->refcount_bits < 64 && v >= (1ull << s->refcount_bits) - 1)
+                        s->comp_free_off = 0;
+        }
+        if (s->comp_free_off && s->comp_free_off % cs + clen <= cs) {
                 coff = s->comp_free_off;
                 r = qcow2_ref_bytes(img, coff, clen);
         } else {
@@ -1156,7 +1166,7 @@ int dc_qcow2_preallocate(dc_image *img, int mode) {
                         return dc_error(ENOMEM, "out of memory");
         }
         for (uint64_t g = 0; g < n;) {
-                uint64_t l2i = g % s->l2_entries, cnt = MIN(s->l2_entries - l2i, n - g), l2off, first;
+                uint64_t l2i = g % s->l2_entries, cnt = MIN(MIN(s->l2_entries - l2i, n - g), qcow2_max_run(s)), l2off, first;
                 uint8_t *t;
 
                 r = l2_for_write(img, g / s->l2_entries, &t, &l2off);

@@ -101,6 +101,11 @@ static inline struct qcow2 *QC(dc_image *img) {
         return img->priv;
 }
 
+/* The longest run of clusters qcow2_alloc_clusters() can always satisfy. */
+static inline uint64_t qcow2_max_run(struct qcow2 *s) {
+        return MAX(1u, s->per_block / 2);
+}
+
 int qcow2_cluster_type(struct qcow2 *s, uint64_t e);
 void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint64_t *ret_len);
 
