@@ -1,0 +1,412 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* org.diskchain.DiskChain1.Image: properties, Check, Map, Resize, Delete. */
+
+#include <errno.h>
+#include <inttypes.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "daemon.h"
+
+int image_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                      sd_bus_error *error) {
+        Manager *mgr = userdata;
+        _cleanup_free_ char *abs = NULL;
+        Image *img;
+
+        if (sd_bus_path_decode(path, IMAGE_PREFIX, &abs) <= 0)
+                return 0;
+        img = model_find(mgr, abs);
+        if (!img)
+                return 0;
+        *found = img;
+        return 1;
+}
+
+#define IMG ((Image *) userdata)
+
+static int property_get_string(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                               sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        const char *v = "";
+        if (strcmp(prop, "Path") == 0)
+                v = IMG->path;
+        else if (strcmp(prop, "Format") == 0)
+                v = dc_format_name(IMG->format);
+        else if (strcmp(prop, "Compat") == 0)
+                v = IMG->compat;
+        else if (strcmp(prop, "CompressionType") == 0)
+                v = IMG->compression_type;
+        else if (strcmp(prop, "BackingFile") == 0)
+                v = IMG->backing_file;
+        else if (strcmp(prop, "BackingFormat") == 0)
+                v = IMG->backing_format;
+        else if (strcmp(prop, "InUse") == 0)
+                v = IMG->external_lock ? "external" : "";
+        return sd_bus_message_append(reply, "s", v ? v : "");
+}
+
+static int property_get_u64(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                            sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "t", strcmp(prop, "VirtualSize") == 0 ? IMG->virtual_size
+                                                                                   : IMG->actual_size);
+}
+
+static int property_get_bool(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        bool v = strcmp(prop, "Dirty") == 0       ? IMG->dirty
+                 : strcmp(prop, "Corrupt") == 0   ? IMG->corrupt
+                 : strcmp(prop, "Encrypted") == 0 ? IMG->encrypted
+                                                  : IMG->read_only;
+        return sd_bus_message_append(reply, "b", v);
+}
+
+static int property_get_cluster_size(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                                     sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "u", IMG->cluster_size);
+}
+
+static int property_get_backing(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                                sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        Image *b = IMG->backing_abs ? model_find(IMG->mgr, IMG->backing_abs) : NULL;
+        return sd_bus_message_append(reply, "o", b ? b->object : "/");
+}
+
+static int property_get_objects(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                                sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        g_auto(GStrv) l = strcmp(prop, "Overlays") == 0 ? image_overlays(IMG->mgr, IMG) : image_chains(IMG->mgr, IMG);
+        return append_objects(reply, l);
+}
+
+/* --- work shared by the methods ---------------------------------------------- */
+
+typedef struct ImageOp {
+        char *path;
+        char **roots;
+        unsigned max_depth;
+        int repair;
+        uint64_t a, b;
+        struct dc_check_result check;
+        GArray *extents;
+} ImageOp;
+
+static void image_op_free(void *p) {
+        ImageOp *op = p;
+        free(op->path);
+        g_strfreev(op->roots);
+        if (op->extents)
+                g_array_unref(op->extents);
+        free(op);
+}
+
+static ImageOp *image_op_new(Image *img) {
+        ImageOp *op = calloc(1, sizeof *op);
+        if (!op)
+                return NULL;
+        op->path = strdup(img->path);
+        op->roots = g_strdupv(img->mgr->config.roots);
+        op->max_depth = img->mgr->config.max_depth;
+        return op;
+}
+
+static void reply_failed(Work *w, const char *einval_name) {
+        (void) reply_error_errno(w->m, w->r, w->error, einval_name);
+}
+
+static const char *details(const char **d, Image *img, const char *operation) {
+        d[0] = "path";
+        d[1] = img->path;
+        d[2] = "root";
+        d[3] = root_of(img->mgr, img->path);
+        d[4] = "operation";
+        d[5] = operation;
+        d[6] = NULL;
+        return d[0];
+}
+
+/* Check */
+
+static void check_run(Work *w) {
+        ImageOp *op = w->data;
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .no_backing = true,
+                                     .check_mode = true, .writable = op->repair != DC_REPAIR_NONE };
+        dc_image *img = NULL;
+        int r = dc_image_open(op->path, &o, &img);
+        if (r >= 0)
+                r = dc_image_check(img, op->repair, &op->check);
+        work_capture_error(w, r);
+        dc_image_close(img);
+}
+
+static void check_done(Work *w) {
+        ImageOp *op = w->data;
+        sd_bus_message *reply = NULL;
+        int r;
+
+        if (w->r < 0)
+                return reply_failed(w, ERROR_PREFIX "Corrupt");
+        r = sd_bus_message_new_method_return(w->m, &reply);
+        if (r >= 0)
+                r = sd_bus_message_append(
+                        reply, "a{sv}", 10, "check-errors", "t", op->check.check_errors, "corruptions", "t",
+                        op->check.corruptions, "leaks", "t", op->check.leaks, "corruptions-fixed", "t",
+                        op->check.corruptions_fixed, "leaks-fixed", "t", op->check.leaks_fixed, "image-end-offset",
+                        "t", op->check.image_end_offset, "total-clusters", "t", op->check.total_clusters,
+                        "allocated-clusters", "t", op->check.allocated_clusters, "fragmented-clusters", "t",
+                        op->check.fragmented_clusters, "compressed-clusters", "t", op->check.compressed_clusters);
+        if (r >= 0)
+                r = sd_bus_send(NULL, reply, NULL);
+        if (r < 0)
+                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot reply: %s", strerror(-r));
+        sd_bus_message_unref(reply);
+}
+
+static int method_check(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "repair", NULL };
+        static const char *const repairs[] = { "none", "leaks", "all", NULL };
+        g_autoptr(GHashTable) opts = NULL;
+        const char *d[8];
+        ImageOp *op;
+        int repair = 0, r;
+
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        r = opt_enum(opts, "repair", repairs, &repair, error);
+        if (r < 0)
+                return r;
+        if (IMG->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': %s images have no metadata to check",
+                                         IMG->path, dc_format_name(IMG->format));
+        details(d, IMG, repair ? "repair" : "check");
+        r = polkit_verify(IMG->mgr, m, repair ? "org.diskchain.modify" : "org.diskchain.inspect", d, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = image_op_new(IMG);
+        if (!op)
+                return -ENOMEM;
+        op->repair = repair;
+        r = work_start(IMG->mgr, m, check_run, check_done, op, image_op_free, repair != 0);
+        return r < 0 ? r : 1;
+}
+
+/* Map */
+
+static int map_collect(const struct dc_extent *e, void *userdata) {
+        g_array_append_val((GArray *) userdata, *e);
+        return 0;
+}
+
+static void map_run(Work *w) {
+        ImageOp *op = w->data;
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .max_depth = op->max_depth,
+                                     .no_lock = true };
+        dc_image *img = NULL;
+        int r = dc_image_open(op->path, &o, &img);
+
+        op->extents = g_array_new(FALSE, FALSE, sizeof(struct dc_extent));
+        if (r >= 0) {
+                uint64_t size = dc_image_virtual_size(img), len = op->b ? op->b : size - MIN(op->a, size);
+                r = dc_image_map(img, op->a, len, map_collect, op->extents);
+        }
+        work_capture_error(w, r);
+        dc_image_close(img);
+}
+
+static void map_done(Work *w) {
+        ImageOp *op = w->data;
+        sd_bus_message *reply = NULL;
+        int r;
+
+        if (w->r < 0)
+                return reply_failed(w, NULL);
+        r = sd_bus_message_new_method_return(w->m, &reply);
+        if (r >= 0)
+                r = sd_bus_message_open_container(reply, 'a', "(ttubbbbx)");
+        for (guint i = 0; r >= 0 && i < op->extents->len; i++) {
+                struct dc_extent *e = &g_array_index(op->extents, struct dc_extent, i);
+                r = sd_bus_message_append(reply, "(ttubbbbx)", e->start, e->length, e->depth, e->present, e->zero,
+                                          e->data, e->compressed, e->compressed ? (int64_t) -1 : e->host_offset);
+        }
+        if (r >= 0)
+                r = sd_bus_message_close_container(reply);
+        if (r >= 0)
+                r = sd_bus_send(NULL, reply, NULL);
+        if (r < 0)
+                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot reply: %s", strerror(-r));
+        sd_bus_message_unref(reply);
+}
+
+static int method_map(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        g_autoptr(GHashTable) opts = NULL;
+        uint64_t offset, length;
+        const char *d[8];
+        ImageOp *op;
+        int r;
+
+        r = sd_bus_message_read(m, "tt", &offset, &length);
+        if (r < 0)
+                return r;
+        r = parse_options(m, NULL, &opts, error);
+        if (r < 0)
+                return r;
+        if (offset > IMG->virtual_size || (length && length > IMG->virtual_size - offset))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': range %" PRIu64 "+%" PRIu64 " is beyond the virtual size %" PRIu64,
+                                         IMG->path, offset, length, IMG->virtual_size);
+        details(d, IMG, "map");
+        r = polkit_verify(IMG->mgr, m, "org.diskchain.inspect", d, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = image_op_new(IMG);
+        if (!op)
+                return -ENOMEM;
+        op->a = offset;
+        op->b = length;
+        r = work_start(IMG->mgr, m, map_run, map_done, op, image_op_free, false);
+        return r < 0 ? r : 1;
+}
+
+/* Resize */
+
+static void resize_run(Work *w) {
+        ImageOp *op = w->data;
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .no_backing = true, .writable = true };
+        dc_image *img = NULL;
+        int r = dc_image_open(op->path, &o, &img);
+        if (r >= 0)
+                r = dc_image_truncate(img, op->a);
+        if (r >= 0)
+                r = dc_image_flush(img);
+        work_capture_error(w, r);
+        dc_image_close(img);
+}
+
+static void reply_empty_done(Work *w) {
+        if (w->r < 0)
+                return reply_failed(w, NULL);
+        (void) sd_bus_reply_method_return(w->m, NULL);
+}
+
+static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        g_autoptr(GHashTable) opts = NULL;
+        const char *d[8];
+        uint64_t size;
+        ImageOp *op;
+        int r;
+
+        r = sd_bus_message_read(m, "t", &size);
+        if (r < 0)
+                return r;
+        r = parse_options(m, NULL, &opts, error);
+        if (r < 0)
+                return r;
+        if (size < IMG->virtual_size)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "'%s': shrinking from %" PRIu64 " to %" PRIu64 " bytes is not supported",
+                                         IMG->path, IMG->virtual_size, size);
+        if (size % 512)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': size %" PRIu64 " is not a multiple of 512", IMG->path, size);
+        details(d, IMG, "resize");
+        r = polkit_verify(IMG->mgr, m, "org.diskchain.modify", d, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = image_op_new(IMG);
+        if (!op)
+                return -ENOMEM;
+        op->a = size;
+        r = work_start(IMG->mgr, m, resize_run, reply_empty_done, op, image_op_free, true);
+        return r < 0 ? r : 1;
+}
+
+/* Delete */
+
+static void delete_run(Work *w) {
+        ImageOp *op = w->data;
+        g_autofree char *dir = g_path_get_dirname(op->path), *base = g_path_get_basename(op->path);
+        int dfd, r = 0;
+
+        /* The parent may be the root itself, which dc_path_open refuses to open
+         * as "inside" the root: open it directly then. */
+        dfd = dc_path_open(dir, (const char *const *) op->roots, O_PATH | O_DIRECTORY, 0);
+        if (dfd == -EPERM) {
+                for (char **rt = op->roots; *rt; rt++)
+                        if (strcmp(*rt, dir) == 0)
+                                dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        }
+        if (dfd < 0)
+                r = dfd < -1 ? dfd : -errno;
+        else if (dc_path_locked_by_writer(op->path, (const char *const *) op->roots) > 0)
+                r = -EBUSY;
+        else if (unlinkat(dfd, base, 0) < 0)
+                r = -errno;
+        if (dfd >= 0)
+                close(dfd);
+        if (r == -EBUSY)
+                w->error = g_strdup_printf("'%s' is in use by another process", op->path);
+        else if (r < 0 && !w->error)
+                w->error = g_strdup_printf("'%s': cannot delete: %s", op->path, strerror(-r));
+        w->r = r;
+}
+
+static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        g_autoptr(GHashTable) opts = NULL;
+        g_auto(GStrv) overlays = NULL;
+        const char *d[8];
+        ImageOp *op;
+        int r;
+
+        r = parse_options(m, NULL, &opts, error);
+        if (r < 0)
+                return r;
+        overlays = image_overlays(IMG->mgr, IMG);
+        if (overlays[0])
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the backing file of %u other image(s)",
+                                         IMG->path, g_strv_length(overlays));
+        if (IMG->external_lock)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by another process", IMG->path);
+        details(d, IMG, "delete");
+        r = polkit_verify(IMG->mgr, m, "org.diskchain.delete", d, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = image_op_new(IMG);
+        if (!op)
+                return -ENOMEM;
+        r = work_start(IMG->mgr, m, delete_run, reply_empty_done, op, image_op_free, true);
+        return r < 0 ? r : 1;
+}
+
+#define PROP(name, sig, getter) \
+        SD_BUS_PROPERTY(name, sig, getter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
+
+const sd_bus_vtable image_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("Path", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        PROP("Format", "s", property_get_string),
+        PROP("VirtualSize", "t", property_get_u64),
+        PROP("ActualSize", "t", property_get_u64),
+        PROP("ClusterSize", "u", property_get_cluster_size),
+        PROP("Compat", "s", property_get_string),
+        PROP("CompressionType", "s", property_get_string),
+        PROP("BackingFile", "s", property_get_string),
+        PROP("BackingFormat", "s", property_get_string),
+        PROP("Backing", "o", property_get_backing),
+        PROP("Overlays", "ao", property_get_objects),
+        PROP("Chains", "ao", property_get_objects),
+        PROP("Dirty", "b", property_get_bool),
+        PROP("Corrupt", "b", property_get_bool),
+        PROP("Encrypted", "b", property_get_bool),
+        PROP("ReadOnly", "b", property_get_bool),
+        PROP("InUse", "s", property_get_string),
+        SD_BUS_METHOD_WITH_ARGS("Check", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("a{sv}", result),
+                                method_check, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Map", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options),
+                                SD_BUS_RESULT("a(ttubbbbx)", extents), method_map, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Resize", SD_BUS_ARGS("t", size, "a{sv}", options), SD_BUS_NO_RESULT,
+                                method_resize, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Delete", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, method_delete,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};

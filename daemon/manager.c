@@ -1,0 +1,247 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* The Manager: owns the event loop, the bus connection and the model. */
+
+#include <errno.h>
+#include <stdio.h>
+
+#include "daemon.h"
+
+static void source_free_void(void *p) {
+        sd_event_source_disable_unref(p);
+}
+
+int manager_new(Manager **ret, const Config *config) {
+        Manager *mgr = calloc(1, sizeof *mgr);
+        int r;
+
+        if (!mgr)
+                return -ENOMEM;
+        mgr->config = *config;
+        mgr->notify_fd = -1;
+        mgr->images = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, image_free_void);
+        mgr->polkit = polkit_registry_new();
+        mgr->watches = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                             source_free_void);
+        r = sd_event_default(&mgr->event);
+        if (r >= 0)
+                r = worker_setup(mgr);
+        if (r < 0) {
+                manager_free(mgr);
+                return r;
+        }
+        *ret = mgr;
+        return 0;
+}
+
+Manager *manager_free(Manager *mgr) {
+        if (!mgr)
+                return NULL;
+        polkit_registry_free(mgr);
+        if (mgr->watches)
+                g_hash_table_destroy(mgr->watches);
+        if (mgr->images)
+                g_hash_table_destroy(mgr->images);
+        sd_event_source_disable_unref(mgr->rescan_timer);
+        sd_event_source_disable_unref(mgr->notify_source);
+        if (mgr->notify_fd >= 0)
+                close(mgr->notify_fd);
+        if (mgr->done)
+                g_queue_free(mgr->done);
+        sd_bus_flush_close_unref(mgr->bus);
+        sd_event_unref(mgr->event);
+        config_done(&mgr->config);
+        free(mgr);
+        return NULL;
+}
+
+bool manager_is_idle(Manager *mgr) {
+        return mgr->work_in_flight == 0 && g_hash_table_size(mgr->polkit) == 0;
+}
+
+const char *root_of(Manager *mgr, const char *abs) {
+        for (char **r = mgr->config.roots; *r; r++) {
+                size_t l = strlen(*r);
+                if (strncmp(abs, *r, l) == 0 && abs[l] == '/')
+                        return *r;
+        }
+        return "";
+}
+
+int manager_resolve_path(Manager *mgr, const char *path, char **ret_abs, sd_bus_error *error) {
+        int r = dc_path_resolve(path, (const char *const *) mgr->config.roots, ret_abs, NULL);
+        if (r < 0)
+                return bus_error_from_errno(error, r, dc_get_error(), NULL);
+        return 0;
+}
+
+/* --- a{sv} options ----------------------------------------------------------- */
+
+static void option_free(void *p) {
+        Option *o = p;
+        if (o)
+                free(o->s);
+        free(o);
+}
+
+int parse_options(sd_bus_message *m, const char *const *allowed, GHashTable **ret, sd_bus_error *error) {
+        g_autoptr(GHashTable) t = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, option_free);
+        int r;
+
+        r = sd_bus_message_enter_container(m, 'a', "{sv}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
+                const char *key, *contents;
+                Option *o;
+                char type;
+                bool ok = false;
+
+                r = sd_bus_message_read(m, "s", &key);
+                if (r < 0)
+                        return r;
+                for (const char *const *a = allowed; a && *a; a++)
+                        if (strcmp(*a, key) == 0)
+                                ok = true;
+                if (!ok)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "unknown option '%s'", key);
+                r = sd_bus_message_peek_type(m, &type, &contents);
+                if (r < 0)
+                        return r;
+                o = calloc(1, sizeof *o);
+                if (!o)
+                        return -ENOMEM;
+                g_hash_table_replace(t, g_strdup(key), o);
+                o->type = contents[0];
+                r = sd_bus_message_enter_container(m, 'v', contents);
+                if (r < 0)
+                        return r;
+                switch (contents[0]) {
+                case 's':
+                case 'o': {
+                        const char *s;
+                        r = sd_bus_message_read_basic(m, contents[0], &s);
+                        if (r >= 0)
+                                o->s = strdup(s);
+                        break;
+                }
+                case 'b': {
+                        int b;
+                        r = sd_bus_message_read_basic(m, 'b', &b);
+                        o->b = b;
+                        break;
+                }
+                case 'y': { uint8_t v; r = sd_bus_message_read_basic(m, 'y', &v); o->u = v; break; }
+                case 'q': { uint16_t v; r = sd_bus_message_read_basic(m, 'q', &v); o->u = v; break; }
+                case 'u': { uint32_t v; r = sd_bus_message_read_basic(m, 'u', &v); o->u = v; break; }
+                case 't': { uint64_t v; r = sd_bus_message_read_basic(m, 't', &v); o->u = v; break; }
+                case 'n': { int16_t v; r = sd_bus_message_read_basic(m, 'n', &v); o->i = v; o->u = (uint64_t) v; break; }
+                case 'i': { int32_t v; r = sd_bus_message_read_basic(m, 'i', &v); o->i = v; o->u = (uint64_t) v; break; }
+                case 'x': { int64_t v; r = sd_bus_message_read_basic(m, 'x', &v); o->i = v; o->u = (uint64_t) v; break; }
+                default:
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "option '%s' has unsupported type '%s'", key, contents);
+                }
+                if (r < 0)
+                        return r;
+                r = sd_bus_message_exit_container(m);
+                if (r >= 0)
+                        r = sd_bus_message_exit_container(m);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        r = sd_bus_message_exit_container(m);
+        if (r < 0)
+                return r;
+        *ret = TAKE_PTR(t);
+        return 0;
+}
+
+int opt_string(GHashTable *t, const char *key, const char **ret, sd_bus_error *error) {
+        Option *o = g_hash_table_lookup(t, key);
+        if (!o)
+                return 0;
+        if (o->type != 's' && o->type != 'o')
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "option '%s' must be a string", key);
+        *ret = o->s;
+        return 1;
+}
+
+int opt_uint(GHashTable *t, const char *key, uint64_t *ret, sd_bus_error *error) {
+        Option *o = g_hash_table_lookup(t, key);
+        if (!o)
+                return 0;
+        if (!strchr("yqutnix", o->type) || (strchr("nix", o->type) && o->i < 0))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "option '%s' must be a non-negative integer", key);
+        *ret = o->u;
+        return 1;
+}
+
+int opt_bool(GHashTable *t, const char *key, bool *ret, sd_bus_error *error) {
+        Option *o = g_hash_table_lookup(t, key);
+        if (!o)
+                return 0;
+        if (o->type != 'b')
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "option '%s' must be a boolean", key);
+        *ret = o->b;
+        return 1;
+}
+
+int opt_enum(GHashTable *t, const char *key, const char *const *values, int *ret, sd_bus_error *error) {
+        const char *s = NULL;
+        g_autofree char *list = NULL;
+        int r = opt_string(t, key, &s, error);
+
+        if (r <= 0)
+                return r;
+        for (int i = 0; values[i]; i++)
+                if (strcmp(values[i], s) == 0) {
+                        *ret = i;
+                        return 1;
+                }
+        list = g_strjoinv("', '", (char **) values);
+        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "option '%s': '%s' is not one of '%s'", key, s,
+                                 list);
+}
+
+int append_objects(sd_bus_message *m, char **paths) {
+        int r = sd_bus_message_open_container(m, 'a', "o");
+        for (char **p = paths; r >= 0 && p && *p; p++)
+                r = sd_bus_message_append_basic(m, 'o', *p);
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
+        return r;
+}
+
+/* --- registration ------------------------------------------------------------ */
+
+static int enumerate_images(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
+        *ret = model_image_paths(userdata);
+        return 0;
+}
+
+static int enumerate_chains(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
+        *ret = model_chain_paths(userdata);
+        return 0;
+}
+
+int bus_register(Manager *mgr) {
+        int r;
+
+        r = sd_bus_add_object_vtable(mgr->bus, NULL, MANAGER_PATH, IFACE_MANAGER, manager_vtable, mgr);
+        if (r >= 0)
+                r = sd_bus_add_object_manager(mgr->bus, NULL, MANAGER_PATH);
+        if (r >= 0)
+                r = sd_bus_add_fallback_vtable(mgr->bus, NULL, IMAGE_PREFIX, IFACE_IMAGE, image_vtable,
+                                               image_object_find, mgr);
+        if (r >= 0)
+                r = sd_bus_add_node_enumerator(mgr->bus, NULL, IMAGE_PREFIX, enumerate_images, mgr);
+        if (r >= 0)
+                r = sd_bus_add_fallback_vtable(mgr->bus, NULL, CHAIN_PREFIX, IFACE_CHAIN, chain_vtable,
+                                               chain_object_find, mgr);
+        if (r >= 0)
+                r = sd_bus_add_node_enumerator(mgr->bus, NULL, CHAIN_PREFIX, enumerate_chains, mgr);
+        return r;
+}
