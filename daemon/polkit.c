@@ -96,6 +96,7 @@ static int sender_is_root(sd_bus_message *m) {
 }
 
 int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const char **details, sd_bus_error *error) {
+        const char *object = details && details[0] && details[1] ? details[1] : sd_bus_message_get_path(m);
         sd_bus_message *call = NULL;
         PolkitQuery *q;
         int r;
@@ -118,11 +119,12 @@ int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const cha
                 case 2:
                         if (!sd_bus_message_get_allow_interactive_authorization(m))
                                 return sd_bus_error_setf(error, SD_BUS_ERROR_INTERACTIVE_AUTHORIZATION_REQUIRED,
-                                                         "Interactive authentication required for %s", action);
+                                                         "'%s': interactive authentication required for %s",
+                                                         object, action);
                         _fallthrough_;
                 case 0:
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "Not authorized for %s",
-                                                 action);
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_ACCESS_DENIED, "'%s': not authorized for %s",
+                                                 object, action);
                 default:
                         return -EIO;
                 }

@@ -101,7 +101,7 @@ class Bus:
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
   </policy>
   <policy user="root">
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.systemd1.Activator"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
   <include>{SRC}/policy/org.diskchain.DiskChain1.conf</include>
   <includedir>/usr/share/dbus-1/system.d</includedir>

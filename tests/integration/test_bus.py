@@ -1,0 +1,315 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""diskchaind through the real doors: busctl, gdbus and diskchainctl on a
+private system bus with the real polkitd; qemu-img judges every image."""
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import SRC, qemu_img, qemu_io, set_group_member, sh
+
+M = "/org/diskchain/DiskChain1"
+
+
+def data(p):
+    return json.loads(p.stdout)["data"]
+
+
+def create(bus, path, size, *opts, user=None, check=True):
+    args = ["sta{sv}", path, str(size), str(len(opts) // 3), *opts]
+    return bus.call(M, "Manager", "CreateImage", *args, user=user, check=check)
+
+
+def image(bus, path):
+    return data(bus.call(M, "Manager", "GetImage", "s", path))[0]
+
+
+def prop(bus, obj, iface, name):
+    return data(bus.busctl("--json=short", "get-property", "org.diskchain.DiskChain1", obj,
+                           f"org.diskchain.DiskChain1.{iface}", name))
+
+
+def test_create_chain_and_read_back(bus):
+    create(bus, "base.qcow2", 16 << 20, "cluster-size", "u", "4096")
+    base = os.path.join(bus.root, "base.qcow2")
+    qemu_io(base, "write -P 0x11 0 1M")
+    create(bus, "top.qcow2", 0, "backing", "s", "base.qcow2")
+    top = os.path.join(bus.root, "top.qcow2")
+    info = json.loads(qemu_img("info", "--output=json", "--backing-chain", top).stdout)
+    assert [i["filename"] for i in info] == [top, base]
+    assert info[0]["backing-filename"] == "base.qcow2" and info[0]["virtual-size"] == 16 << 20
+    for f in (base, top):
+        assert qemu_img("check", f, check=False).returncode == 0
+    t = image(bus, "top.qcow2")
+    b = image(bus, base)
+    assert prop(bus, t, "Image", "Backing") == b
+    assert prop(bus, b, "Image", "Overlays") == [t]
+    assert prop(bus, t, "Image", "ClusterSize") == 65536
+    assert prop(bus, b, "Image", "ClusterSize") == 4096
+    chains = data(bus.call(M, "Manager", "ListChains"))[0]
+    assert len(chains) == 1
+    assert prop(bus, chains[0], "Chain", "Layers") == [t, b]
+    assert prop(bus, chains[0], "Chain", "Depth") == 2
+    assert data(bus.call(M, "Manager", "GetChain", "s", "top.qcow2"))[0] == chains[0]
+    p = bus.call(M, "Manager", "GetChain", "s", "base.qcow2", check=False)
+    assert p.returncode != 0 and "not the active layer" in p.stderr
+    # Map through the bus agrees with qemu-img map
+    ext = data(bus.call(t, "Image", "Map", "tta{sv}", "0", "0", "0"))[0]
+    qm = json.loads(qemu_img("map", "--output=json", top).stdout)
+    assert [(e[0], e[1], e[2], e[3], e[4], e[5]) for e in ext] == \
+        [(q["start"], q["length"], q["depth"], q["present"], q["zero"], q["data"]) for q in qm]
+
+
+def test_create_options(bus):
+    create(bus, "z.qcow2", 1 << 20, "compat", "s", "1.1", "compression-type", "s", "zstd",
+           "refcount-bits", "u", "64", "lazy-refcounts", "b", "true")
+    create(bus, "v2.qcow2", 1 << 20, "compat", "s", "0.10")
+    create(bus, "m.qcow2", 4 << 20, "preallocation", "s", "metadata")
+    create(bus, "r.raw", 1 << 20, "format", "s", "raw", "preallocation", "s", "full")
+    fs = json.loads(qemu_img("info", "--output=json", os.path.join(bus.root, "z.qcow2")).stdout)["format-specific"]["data"]
+    assert fs["compression-type"] == "zstd" and fs["refcount-bits"] == 64 and fs["lazy-refcounts"]
+    assert json.loads(qemu_img("info", "--output=json", os.path.join(bus.root, "v2.qcow2")).stdout)["format-specific"]["data"]["compat"] == "0.10"
+    for n in ("z.qcow2", "v2.qcow2", "m.qcow2"):
+        assert qemu_img("check", os.path.join(bus.root, n), check=False).returncode == 0
+    assert os.path.getsize(os.path.join(bus.root, "r.raw")) == 1 << 20
+    # bad options: clear errors naming the problem
+    p = create(bus, "bad.qcow2", 1 << 20, "colour", "s", "red", check=False)
+    assert "InvalidArgs" in p.stderr or "unknown option 'colour'" in p.stderr
+    p = create(bus, "bad.qcow2", 1 << 20, "compat", "s", "2.0", check=False)
+    assert "'2.0' is not one of" in p.stderr
+    p = create(bus, "bad.qcow2", 1000, check=False)
+    assert "multiple of 512" in p.stderr
+    p = create(bus, "z.qcow2", 1 << 20, check=False)
+    assert "already exists" in p.stderr
+    p = bus.gdbus("--object-path", M, "--method", "org.diskchain.DiskChain1.Manager.CreateImage",
+                  "c.qcow2", "1048576", "{'cluster-size': <uint32 1000>}", check=False)
+    assert "DiskChain1.Error" in p.stderr or "InvalidArgs" in p.stderr
+    assert not os.path.exists(os.path.join(bus.root, "c.qcow2"))
+
+
+def test_gdbus_and_object_manager(bus):
+    p = bus.gdbus("--object-path", M, "--method", "org.diskchain.DiskChain1.Manager.CreateImage",
+                  "g.qcow2", "1048576", "{}")
+    assert "/org/diskchain/DiskChain1/image/" in p.stdout
+    p = bus.gdbus("--object-path", M, "--method", "org.freedesktop.DBus.ObjectManager.GetManagedObjects")
+    assert "org.diskchain.DiskChain1.Image" in p.stdout and "org.diskchain.DiskChain1.Chain" in p.stdout
+    obj = image(bus, "g.qcow2")
+    p = bus.gdbus("--object-path", obj, "--method", "org.diskchain.DiskChain1.Image.Check", "{}")
+    assert "'corruptions': <uint64 0>" in p.stdout
+    p = bus.gdbus("--object-path", obj, "--method", "org.diskchain.DiskChain1.Image.Resize", "uint64 2097152", "{}")
+    assert prop(bus, obj, "Image", "VirtualSize") == 2 << 20
+    bus.gdbus("--object-path", obj, "--method", "org.diskchain.DiskChain1.Image.Delete", "{}")
+    assert not os.path.exists(os.path.join(bus.root, "g.qcow2"))
+    p = bus.call(M, "Manager", "GetImage", "s", "g.qcow2", check=False)
+    assert "NotFound" in p.stderr or "no such image" in p.stderr
+
+
+def test_signals_on_create_and_delete(bus):
+    import subprocess
+    m = subprocess.Popen(["busctl", "--system", "monitor", "--json=short", "--match",
+                          "type='signal',interface='org.freedesktop.DBus.ObjectManager'"],
+                         env={**os.environ, **bus.env}, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    create(bus, "s.qcow2", 1 << 20)
+    obj = image(bus, "s.qcow2")
+    bus.call(obj, "Image", "Delete", "a{sv}", "0")
+    time.sleep(0.5)
+    m.terminate()
+    out = m.communicate()[0]
+    members = [json.loads(l)["member"] for l in out.splitlines() if l.strip()]
+    assert members.count("InterfacesAdded") == 2 and members.count("InterfacesRemoved") == 2, members
+
+
+def test_external_changes_are_seen(bus):
+    bus.call(M, "Manager", "ListImages")  # activate
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(bus.root, "ext.qcow2"), "1M")
+    for _ in range(50):
+        if bus.call(M, "Manager", "GetImage", "s", "ext.qcow2", check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    assert prop(bus, image(bus, "ext.qcow2"), "Image", "VirtualSize") == 1 << 20
+
+
+def test_check_repair_through_bus(bus):
+    f = os.path.join(bus.root, "leaky.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", f, "4M")
+    with open(f, "r+b") as fh:
+        fh.truncate(4 * 65536 + 65536)
+        fh.seek(0x20000 + 4 * 2)
+        fh.write(b"\x00\x01")
+    assert qemu_img("check", f, check=False).returncode == 3
+    obj = image(bus, f)
+    r = data(bus.call(obj, "Image", "Check", "a{sv}", "0"))[0]
+    assert r["leaks"]["data"] == 1
+    r = data(bus.call(obj, "Image", "Check", "a{sv}", "1", "repair", "s", "leaks"))[0]
+    assert r["leaks-fixed"]["data"] == 1 and r["leaks"]["data"] == 0
+    assert qemu_img("check", f, check=False).returncode == 0
+
+
+def test_diskchainctl(bus):
+    assert "/image/" in bus.ctl("create", "c1.qcow2", "8M").stdout
+    bus.ctl("create", "c2.qcow2", "0", "--backing", "c1.qcow2", "--cluster-size", "4096")
+    assert "c2.qcow2" in bus.ctl("images").stdout
+    assert "c2.qcow2 <- " in bus.ctl("chains").stdout
+    j = json.loads(bus.ctl("--json", "info", "c2.qcow2").stdout)
+    assert j["backing-filename"] == "c1.qcow2" and j["cluster-size"] == 4096 and j["virtual-size"] == 8 << 20
+    assert json.loads(bus.ctl("--json", "check", "c2.qcow2").stdout)["corruptions"] == 0
+    m = json.loads(bus.ctl("map", "c2.qcow2").stdout)
+    assert m[0]["start"] == 0 and m[-1]["start"] + m[-1]["length"] == 8 << 20
+    p = bus.ctl("info", "nothere.qcow2", check=False)
+    assert p.returncode != 0 and "no such image" in p.stderr
+    p = bus.ctl("create", "../../etc/x.qcow2", "1M", check=False)
+    assert p.returncode != 0 and "outside the storage roots" in p.stderr
+
+
+def test_polkit_denials_and_group_rule(bus):
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(bus.root, "p.qcow2"), "1M")
+    obj = image(bus, "p.qcow2")
+    u = "dctest"
+    # listing and properties work for everyone
+    assert data(bus.call(M, "Manager", "ListImages", user=u))[0] == [obj]
+    assert prop(bus, obj, "Image", "Format") == "qcow2"
+    os.chmod(os.path.join(bus.root, "p.qcow2"), 0o644)
+    # changes are refused for an ordinary user
+    for p in (create(bus, "u.qcow2", 1 << 20, user=u, check=False),
+              bus.call(obj, "Image", "Resize", "ta{sv}", str(2 << 20), "0", user=u, check=False),
+              bus.call(obj, "Image", "Check", "a{sv}", "1", "repair", "s", "all", user=u, check=False),
+              bus.call(obj, "Image", "Delete", "a{sv}", "0", user=u, check=False),
+              bus.ctl("create", "u2.qcow2", "1M", user=u, check=False)):
+        assert p.returncode != 0
+        assert ("not authorized for org.diskchain." in p.stderr or "Access denied" in p.stderr
+                or "interactive authentication required" in p.stderr), p.stderr
+    assert not os.path.exists(os.path.join(bus.root, "u.qcow2"))
+    # without the interactive flag polkit's challenge becomes InteractiveAuthorizationRequired
+    p = bus.busctl("--allow-interactive-authorization=no", "call", "org.diskchain.DiskChain1", M,
+                   "org.diskchain.DiskChain1.Manager", "CreateImage", "sta{sv}", "u.qcow2", "1048576", "0",
+                   user=u, check=False)
+    assert p.returncode != 0
+    assert ("interactive authentication required" in p.stderr or "not authorized" in p.stderr
+            or "Access denied" in p.stderr), p.stderr
+    # members of group diskchain may, through the shipped rule
+    set_group_member(True)
+    try:
+        create(bus, "u.qcow2", 1 << 20, user=u)
+        bus.call(obj, "Image", "Resize", "ta{sv}", str(2 << 20), "0", user=u)
+        bus.call(image(bus, "u.qcow2"), "Image", "Delete", "a{sv}", "0", user=u)
+    finally:
+        set_group_member(False)
+    # root is allowed without asking
+    create(bus, "root.qcow2", 1 << 20)
+
+
+def test_hostile_input(bus):
+    r = bus.root
+    outside = os.path.join(bus.dir, "outside.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", outside, "1M")
+    # paths that leave the root
+    for p in ("../outside.qcow2", f"{r}/../outside.qcow2", "/etc/passwd"):
+        e = bus.call(M, "Manager", "GetImage", "s", p, check=False)
+        assert "PathNotAllowed" in e.stderr or "outside the storage roots" in e.stderr, e.stderr
+    # a symlink out of the root
+    os.symlink(outside, os.path.join(r, "link.qcow2"))
+    e = bus.call(M, "Manager", "CreateImage", "sta{sv}", "viaslink.qcow2", "0", "1", "backing", "s", "link.qcow2",
+                 check=False)
+    assert e.returncode != 0 and "symlink" in e.stderr, e.stderr
+    # backing file outside the roots, written by qemu-img
+    qemu_img("create", "-q", "-f", "qcow2", "-b", outside, "-F", "qcow2", os.path.join(r, "escape.qcow2"))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "escape.qcow2", "-F", "qcow2", os.path.join(r, "esc2.qcow2"))
+    # a backing loop
+    a, b = os.path.join(r, "loopa.qcow2"), os.path.join(r, "loopb.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", a, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "loopa.qcow2", "-F", "qcow2", b)
+    qemu_img("rebase", "-u", "-b", "loopb.qcow2", "-F", "qcow2", a)
+    # truncated and fuzzed headers
+    good = os.path.join(r, "good.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", good, "1M")
+    raw = open(good, "rb").read()
+    open(os.path.join(r, "trunc.qcow2"), "wb").write(raw[:50])
+    fz = bytearray(raw)
+    fz[20:24] = (40).to_bytes(4, "big")  # cluster_bits 40
+    open(os.path.join(r, "fuzz1.qcow2"), "wb").write(fz)
+    fz = bytearray(raw)
+    fz[72:80] = (1 << 40).to_bytes(8, "big")  # unknown incompatible bit
+    open(os.path.join(r, "fuzz2.qcow2"), "wb").write(fz)
+    time.sleep(0.5)
+    for name, want in (("esc2.qcow2", "outside the storage roots"), ("loopa.qcow2", "loop"),
+                       ("trunc.qcow2", "truncated"), ("fuzz1.qcow2", "cluster size"),
+                       ("fuzz2.qcow2", "unsupported qcow2 feature")):
+        obj = bus.call(M, "Manager", "GetImage", "s", name, check=False)
+        if obj.returncode == 0:
+            # the layer itself parses: the chain is refused when used
+            e = bus.call(data(obj)[0], "Image", "Map", "tta{sv}", "0", "0", "0", check=False)
+        else:
+            e = obj
+        assert e.returncode != 0 and want in e.stderr, (name, e.stderr)
+    # the daemon keeps serving, and nothing was damaged
+    assert bus.call(M, "Manager", "GetImage", "s", "good.qcow2").returncode == 0
+    assert qemu_img("check", good, check=False).returncode == 0
+
+
+def test_responsive_during_long_create(bus):
+    import subprocess
+    big = subprocess.Popen(["busctl", "--system", "--timeout", "300", "call", "org.diskchain.DiskChain1", M,
+                            "org.diskchain.DiskChain1.Manager", "CreateImage", "sta{sv}", "big.qcow2",
+                            str(2 << 30), "1", "preallocation", "s", "full"],
+                           env={**os.environ, **bus.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    bus.call(M, "Manager", "ListImages")
+    answered = time.monotonic() - t0
+    still_running = big.poll() is None
+    big.wait(300)
+    assert big.returncode == 0
+    assert still_running and answered < 2.0, (still_running, answered)
+
+
+def test_introspection_matches_xml(bus):
+    create(bus, "i.qcow2", 1 << 20)
+    paths = {"Manager": M, "Image": image(bus, "i.qcow2"),
+             "Chain": data(bus.call(M, "Manager", "GetChain", "s", "i.qcow2"))[0]}
+    for name, path in paths.items():
+        iface = f"org.diskchain.DiskChain1.{name}"
+        live = data(bus.busctl("--json=short", "call", "org.diskchain.DiskChain1", path,
+                               "org.freedesktop.DBus.Introspectable", "Introspect"))[0]
+        doc = open(os.path.join(SRC, "interfaces", iface + ".xml")).read()
+
+        def members(x):
+            root = ET.fromstring(x.split(">", 1)[1] if x.startswith("<!DOCTYPE") else x)
+            out = set()
+            for i in root.iter("interface"):
+                if i.get("name") != iface:
+                    continue
+                for m in i:
+                    args = tuple((a.get("type"), a.get("direction")) for a in m.findall("arg"))
+                    ann = tuple(a.get("value") for a in m.findall("annotation")
+                                if a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal")
+                    out.add((m.tag, m.get("name"), m.get("type"), args, ann))
+            return out
+        assert members(live) == members(doc), f"{iface}: XML and daemon differ:\n{members(live) ^ members(doc)}"
+
+
+def test_activation_and_idle_exit(bus_idle):
+    bus = bus_idle
+    assert bus.daemon_pid() is None
+    bus.call(M, "Manager", "ListImages")
+    pid = bus.daemon_pid()
+    assert pid
+    for _ in range(60):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "daemon did not exit when idle"
+    assert bus.daemon_pid() is None
+    bus.call(M, "Manager", "ListImages")
+    pid2 = bus.daemon_pid()
+    assert pid2 and pid2 != pid
+
+
+@pytest.fixture
+def bus_idle():
+    from conftest import Bus
+    b = Bus(idle_timeout=2)
+    yield b
+    b.stop()
