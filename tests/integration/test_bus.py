@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import SRC, qemu_img, qemu_io, set_group_member, sh
+from bustest import SRC, qemu_img, qemu_io, set_group_member, sh
 
 M = "/org/diskchain/DiskChain1"
 
@@ -309,7 +309,7 @@ def test_activation_and_idle_exit(bus_idle):
 
 @pytest.fixture
 def bus_idle():
-    from conftest import Bus
+    from bustest import Bus
     b = Bus(idle_timeout=2)
     yield b
     b.stop()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import dc, qemu_img, qemu_io, run
+from imgtest import dc, qemu_img, qemu_io, run
 
 SCENARIOS = {
     # allocating writes, a new L2 table, COW over a backing file, zero clusters,

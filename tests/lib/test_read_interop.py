@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import dc, dc_map, qemu_img, qemu_io, qemu_map
+from imgtest import dc, dc_map, qemu_img, qemu_io, qemu_map
 
 VARIANTS = [
     # compat, cluster size, refcount bits

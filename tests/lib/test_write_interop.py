@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import assert_clean, assert_same_content, dc, qemu_img, qemu_io
+from imgtest import assert_clean, assert_same_content, dc, qemu_img, qemu_io
 
 VARIANTS = [
     dict(compat="0.10"),

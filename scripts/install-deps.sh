@@ -1,0 +1,18 @@
+#!/bin/bash
+# Install the Debian packages diskchain builds, runs and is tested with.
+# Each one and why: see README.md, "Dependencies".
+set -euo pipefail
+pkgs=(meson ninja-build pkg-config gcc
+      libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev
+      dbus polkitd
+      qemu-utils
+      python3-pytest python3-dbus man-db groff-base util-linux passwd)
+missing=()
+for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
