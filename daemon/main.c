@@ -157,8 +157,11 @@ int main(int argc, char **argv) {
                         fprintf(stderr, "diskchaind: event loop failed: %s\n", strerror(-r));
                         break;
                 }
-                if (sd_event_get_state(mgr->event) == SD_EVENT_FINISHED)
+                if (sd_event_get_state(mgr->event) == SD_EVENT_FINISHED) {
+                        if (log_level >= 6)
+                                fprintf(stderr, "diskchaind: terminated, exiting\n");
                         break;
+                }
                 if (r == 0 && idle && manager_is_idle(mgr)) {
                         /* Give the name back, answer whatever was already
                          * queued for us, then go. */

@@ -9,15 +9,19 @@ static __thread char last_error[1024];
 static __thread int last_errno;
 
 int dc_error(int err, const char *fmt, ...) {
+        char msg[sizeof last_error];
         va_list ap;
 
         if (err < 0)
                 err = -err;
         if (err == 0)
                 err = EIO;
+        /* Format aside first: callers may wrap the previous message,
+         * passing dc_get_error() itself as an argument. */
         va_start(ap, fmt);
-        vsnprintf(last_error, sizeof last_error, fmt, ap);
+        vsnprintf(msg, sizeof msg, fmt, ap);
         va_end(ap);
+        memcpy(last_error, msg, sizeof msg);
         last_errno = err;
         return -err;
 }

@@ -8,6 +8,7 @@ rule are installed where polkitd reads them for the duration of the session
 and removed afterwards.  The daemon's log is printed only when a test fails.
 """
 import grp
+import re
 import os
 import pwd
 import shutil
@@ -72,9 +73,13 @@ class Bus:
         services = os.path.join(self.dir, "services")
         os.mkdir(services)
         self.idle_timeout = idle_timeout
+        wrap = ""
+        if os.environ.get("DISKCHAIN_VALGRIND"):
+            # -q: valgrind writes only errors, as "==PID== ..." lines in the log
+            wrap = "valgrind -q --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite "
         with open(os.path.join(services, "org.diskchain.DiskChain1.service"), "w") as f:
             f.write("[D-BUS Service]\nName=org.diskchain.DiskChain1\n"
-                    f"Exec=/bin/sh -c 'exec {DAEMON} --config /nonexistent --root {self.root} "
+                    f"Exec=/bin/sh -c 'exec {wrap}{DAEMON} --config /nonexistent --root {self.root} "
                     f"--idle-timeout {idle_timeout} --log-level debug >>{self.log} 2>&1'\nUser=root\n")
         conf = os.path.join(self.dir, "bus.conf")
         with open(conf, "w") as f:
@@ -167,11 +172,13 @@ class Bus:
             except ProcessLookupError:
                 pass
         # the daemon loses its bus and exits; make sure
-        for _ in range(50):
+        for _ in range(100):
             if not pid or not os.path.exists(f"/proc/{pid}"):
                 break
             time.sleep(0.05)
+        self.log_text = self.daemon_log()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return self.log_text
 
     def daemon_log(self):
         try:
@@ -202,14 +209,32 @@ def polkit_files():
     set_group_member(False)
 
 
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "==ERROR")
+
+
+def finish(request, b):
+    """Stop everything; print the daemon's log only if the test failed, and
+    fail the test if a sanitizer complained in the daemon."""
+    log = b.stop()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print("---- diskchaind log ----\n" + log)
+    bad = [m for m in SANITIZER_MARKS if m in log] + re.findall(r"^==\d+== .*", log, re.M)
+    assert not bad, "sanitizer report in the daemon's log:\n" + log
+
+
 @pytest.fixture
 def bus(request):
     b = Bus()
     yield b
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        print("---- diskchaind log ----\n" + b.daemon_log())
-    b.stop()
+    finish(request, b)
+
+
+@pytest.fixture
+def bus_idle(request):
+    b = Bus(idle_timeout=2)
+    yield b
+    finish(request, b)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -305,11 +305,3 @@ def test_activation_and_idle_exit(bus_idle):
     bus.call(M, "Manager", "ListImages")
     pid2 = bus.daemon_pid()
     assert pid2 and pid2 != pid
-
-
-@pytest.fixture
-def bus_idle():
-    from bustest import Bus
-    b = Bus(idle_timeout=2)
-    yield b
-    b.stop()

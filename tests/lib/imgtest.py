@@ -21,6 +21,11 @@ def run(*args, check=True, env=None, **kw):
 
 
 def dc(*args, **kw):
+    if os.environ.get("DISKCHAIN_VALGRIND") and "DC_FAULT_WRITES" not in (kw.get("env") or {}):
+        p = run("valgrind", "-q", "--error-exitcode=66", "--leak-check=full", "--errors-for-leak-kinds=definite",
+                DC_TOOL, *args, **kw)
+        assert p.returncode != 66, f"valgrind found errors in dc-tool {args}:\n{p.stderr}"
+        return p
     return run(DC_TOOL, *args, **kw)
 
 
