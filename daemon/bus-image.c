@@ -43,7 +43,11 @@ static int property_get_string(sd_bus *bus, const char *path, const char *iface,
         else if (strcmp(prop, "BackingFormat") == 0)
                 v = IMG->backing_format;
         else if (strcmp(prop, "InUse") == 0)
-                v = IMG->external_lock ? "external" : "";
+                /* Asked live: QEMU can take its lock without touching the
+                 * directory, so no scan would notice. */
+                v = dc_path_locked_by_writer(IMG->path, (const char *const *) IMG->mgr->config.roots) > 0
+                            ? "external"
+                            : "";
         return sd_bus_message_append(reply, "s", v ? v : "");
 }
 
@@ -365,8 +369,6 @@ static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (overlays[0])
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the backing file of %u other image(s)",
                                          IMG->path, g_strv_length(overlays));
-        if (IMG->external_lock)
-                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by another process", IMG->path);
         details(d, IMG, "delete");
         r = polkit_verify(IMG->mgr, m, "org.diskchain.delete", d, error);
         if (r <= 0)
@@ -399,7 +401,7 @@ const sd_bus_vtable image_vtable[] = {
         PROP("Corrupt", "b", property_get_bool),
         PROP("Encrypted", "b", property_get_bool),
         PROP("ReadOnly", "b", property_get_bool),
-        PROP("InUse", "s", property_get_string),
+        SD_BUS_PROPERTY("InUse", "s", property_get_string, 0, 0),
         SD_BUS_METHOD_WITH_ARGS("Check", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("a{sv}", result),
                                 method_check, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Map", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options),

@@ -44,7 +44,6 @@ typedef struct Image {
         char *compat, *compression_type, *backing_file, *backing_format;
         char *backing_abs;    /* resolved backing path, or NULL */
         bool dirty, corrupt, encrypted, read_only;
-        bool external_lock;   /* another process holds QEMU's write lock */
         char *error;          /* set when the file could not be parsed: not exported */
         int error_errno;
 } Image;

@@ -105,7 +105,6 @@ static Image *scan_one(Manager *mgr, const char *abs) {
         if (*img->backing_file && dc_backing_resolve(abs, img->backing_file, &img->backing_abs) < 0)
                 img->backing_abs = NULL;
         dc_image_close(d);
-        img->external_lock = dc_path_locked_by_writer(abs, (const char *const *) mgr->config.roots) > 0;
         return img;
 }
 
@@ -172,7 +171,7 @@ static bool image_props_equal(const Image *a, const Image *b) {
                str_eq(a->compression_type, b->compression_type) && str_eq(a->backing_file, b->backing_file) &&
                str_eq(a->backing_format, b->backing_format) && str_eq(a->backing_abs, b->backing_abs) &&
                a->dirty == b->dirty && a->corrupt == b->corrupt && a->encrypted == b->encrypted &&
-               a->read_only == b->read_only && a->external_lock == b->external_lock;
+               a->read_only == b->read_only;
 }
 
 bool image_is_active(Manager *mgr, Image *img) {

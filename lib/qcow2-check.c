@@ -152,6 +152,10 @@ static void walk_snapshots(struct check *c) {
                 uint32_t l1_size, extra;
                 uint16_t id_len, name_len;
 
+                if (p / s->cluster_size >= c->nb) {
+                        c->res.corruptions++; /* the table runs past the end of the file */
+                        return;
+                }
                 if (dc_pread_full(c->img->fd, h, sizeof h, p) < 0) {
                         c->res.check_errors++;
                         return;

@@ -278,6 +278,8 @@ static int qcow2_open(dc_image *img, bool writable) {
                 return dc_error(EFBIG, "'%s': refcount table is too large", img->path);
         if (s->rt_clusters == 0 && !img->check_mode)
                 return dc_error(EINVAL, "'%s': image has no refcount table", img->path);
+        if (s->nb_snapshots > 65536)
+                return dc_error(EINVAL, "'%s': %u internal snapshots is more than 65536", img->path, s->nb_snapshots);
         if (s->nb_snapshots && (s->snapshots_offset & (s->cluster_size - 1)))
                 return dc_error(EINVAL, "'%s': snapshot table offset is not cluster aligned", img->path);
 

@@ -228,7 +228,8 @@ static int do_check(int argc, char **argv) {
 }
 
 static int do_info(int argc, char **argv) {
-        struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL,
+                                     .max_depth = getenv("DC_MAX_DEPTH") ? (unsigned) atoi(getenv("DC_MAX_DEPTH")) : 0 };
         dc_image *img;
 
         if (dc_image_open(argv[2], &o, &img) < 0)

@@ -61,7 +61,7 @@ def set_group_member(member):
 
 
 class Bus:
-    def __init__(self, idle_timeout=30):
+    def __init__(self, idle_timeout=30, polkit=True):
         self.dir = tempfile.mkdtemp(prefix="diskchain-test-")
         os.chmod(self.dir, 0o755)
         self.root = os.path.join(self.dir, "images")
@@ -121,13 +121,15 @@ class Bus:
                 break
             time.sleep(0.05)
         os.chmod(self.socket, 0o777)
-        self.polkit = subprocess.Popen(["/usr/lib/polkit-1/polkitd", "--no-debug"],
-                                       env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            if self.name_has_owner("org.freedesktop.PolicyKit1"):
-                break
-            time.sleep(0.05)
+        self.polkit = None
+        if polkit:
+            self.polkit = subprocess.Popen(["/usr/lib/polkit-1/polkitd", "--no-debug"],
+                                           env={**os.environ, **self.env}, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+            for _ in range(100):
+                if self.name_has_owner("org.freedesktop.PolicyKit1"):
+                    break
+                time.sleep(0.05)
 
     def name_has_owner(self, name):
         p = sh("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
@@ -159,9 +161,10 @@ class Bus:
 
     def stop(self):
         pid = self.daemon_pid()
-        for p in (self.polkit, self.bus):
+        procs = [p for p in (self.polkit, self.bus) if p]
+        for p in procs:
             p.send_signal(signal.SIGTERM)
-        for p in (self.polkit, self.bus):
+        for p in procs:
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
@@ -226,6 +229,13 @@ def finish(request, b):
 @pytest.fixture
 def bus(request):
     b = Bus()
+    yield b
+    finish(request, b)
+
+
+@pytest.fixture
+def bus_without_polkit(request):
+    b = Bus(polkit=False)
     yield b
     finish(request, b)
 

@@ -305,3 +305,75 @@ def test_activation_and_idle_exit(bus_idle):
     bus.call(M, "Manager", "ListImages")
     pid2 = bus.daemon_pid()
     assert pid2 and pid2 != pid
+
+
+def test_every_method_with_busctl_and_gdbus(bus):
+    """Each Manager and Image method answers both clients the same way."""
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(bus.root, "e.qcow2"), "1M")
+    obj = image(bus, "e.qcow2")
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "e.qcow2"))[0]
+    G = "org.diskchain.DiskChain1."
+    cases = [
+        # (path, iface, method, busctl signature+args, gdbus args, expected text in both outputs)
+        (M, "Manager", "GetImage", ["s", "e.qcow2"], ["e.qcow2"], obj),
+        (M, "Manager", "ListImages", [], [], obj),
+        (M, "Manager", "ListChains", [], [], chain),
+        (M, "Manager", "GetChain", ["s", "e.qcow2"], ["e.qcow2"], chain),
+        (M, "Manager", "ListJobs", [], [], ""),
+        (M, "Manager", "QueryBlockJobs", [], [], ""),
+        (obj, "Image", "Check", ["a{sv}", "0"], ["{}"], "corruptions"),
+        (obj, "Image", "Map", ["tta{sv}", "0", "0", "0"], ["0", "0", "{}"], "1048576"),
+    ]
+    for path, iface, method, bargs, gargs, want in cases:
+        b = bus.call(path, iface, method, *bargs)
+        g = bus.gdbus("--object-path", path, "--method", G + iface + "." + method, *gargs)
+        assert want in b.stdout and want in g.stdout, (method, b.stdout, g.stdout)
+    # methods that fail must fail the same way for both
+    b = bus.call(M, "Manager", "GetJob", "s", "nojob", check=False)
+    g = bus.gdbus("--object-path", M, "--method", G + "Manager.GetJob", "nojob", check=False)
+    assert "no job 'nojob'" in b.stderr and "Error.NotFound" in g.stderr
+    # the changing ones, each client in turn
+    bus.call(M, "Manager", "CreateImage", "sta{sv}", "b1.qcow2", "1048576", "0")
+    bus.gdbus("--object-path", M, "--method", G + "Manager.CreateImage", "g1.qcow2", "1048576", "{}")
+    for name, use_gdbus in (("b1.qcow2", False), ("g1.qcow2", True)):
+        o = image(bus, name)
+        if use_gdbus:
+            bus.gdbus("--object-path", o, "--method", G + "Image.Resize", "4194304", "{}")
+            bus.gdbus("--object-path", o, "--method", G + "Image.Check", "{'repair': <'all'>}")
+            bus.gdbus("--object-path", o, "--method", G + "Image.Delete", "{}")
+        else:
+            bus.call(o, "Image", "Resize", "ta{sv}", "4194304", "0")
+            bus.call(o, "Image", "Check", "a{sv}", "1", "repair", "s", "all")
+            bus.call(o, "Image", "Delete", "a{sv}", "0")
+        assert not os.path.exists(os.path.join(bus.root, name))
+
+
+def test_without_polkit_only_root(bus_without_polkit):
+    bus = bus_without_polkit
+    assert not bus.name_has_owner("org.freedesktop.PolicyKit1")
+    create(bus, "root-only.qcow2", 1 << 20)
+    p = create(bus, "user.qcow2", 1 << 20, user="dctest", check=False)
+    assert p.returncode != 0 and ("not authorized" in p.stderr or "Access denied" in p.stderr), p.stderr
+    # reading is still open to everyone
+    assert bus.call(M, "Manager", "ListImages", user="dctest").returncode == 0
+
+
+def test_in_use_by_qemu(bus):
+    import subprocess
+    f = os.path.join(bus.root, "vm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", f, "1M")
+    obj = image(bus, "vm.qcow2")
+    assert prop(bus, obj, "Image", "InUse") == ""
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", f], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        assert prop(bus, obj, "Image", "InUse") == "external"
+        p = bus.call(obj, "Image", "Resize", "ta{sv}", str(2 << 20), "0", check=False)
+        assert p.returncode != 0 and "in use by another process" in p.stderr, p.stderr
+        p = bus.call(obj, "Image", "Delete", "a{sv}", "0", check=False)
+        assert p.returncode != 0 and "in use by another process" in p.stderr, p.stderr
+    finally:
+        holder.communicate(b"quit\n", timeout=10)
+    assert prop(bus, obj, "Image", "InUse") == ""
+    assert qemu_img("check", f, check=False).returncode == 0
