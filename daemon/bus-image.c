@@ -118,6 +118,15 @@ static void reply_failed(Work *w, const char *einval_name) {
         (void) reply_error_errno(w->m, w->r, w->error, einval_name);
 }
 
+/* Send REPLY, built with result R so far; on failure answer with an error. */
+static void send_reply(Work *w, sd_bus_message *reply, int r) {
+        if (r >= 0)
+                r = sd_bus_send(NULL, reply, NULL);
+        if (r < 0)
+                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot reply: %s", strerror(-r));
+        sd_bus_message_unref(reply);
+}
+
 static const char *details(const char **d, Image *img, const char *operation) {
         d[0] = "path";
         d[1] = img->path;
@@ -159,11 +168,7 @@ static void check_done(Work *w) {
                         "t", op->check.image_end_offset, "total-clusters", "t", op->check.total_clusters,
                         "allocated-clusters", "t", op->check.allocated_clusters, "fragmented-clusters", "t",
                         op->check.fragmented_clusters, "compressed-clusters", "t", op->check.compressed_clusters);
-        if (r >= 0)
-                r = sd_bus_send(NULL, reply, NULL);
-        if (r < 0)
-                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot reply: %s", strerror(-r));
-        sd_bus_message_unref(reply);
+        send_reply(w, reply, r);
 }
 
 static int method_check(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -235,11 +240,7 @@ static void map_done(Work *w) {
         }
         if (r >= 0)
                 r = sd_bus_message_close_container(reply);
-        if (r >= 0)
-                r = sd_bus_send(NULL, reply, NULL);
-        if (r < 0)
-                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot reply: %s", strerror(-r));
-        sd_bus_message_unref(reply);
+        send_reply(w, reply, r);
 }
 
 static int method_map(sd_bus_message *m, void *userdata, sd_bus_error *error) {

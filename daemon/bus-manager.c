@@ -8,8 +8,8 @@
 #include "config.h"
 #include "daemon.h"
 
-static int method_get_image(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        Manager *mgr = userdata;
+/* Read the path argument and find its image; errors say what is there instead. */
+static int read_image_arg(Manager *mgr, sd_bus_message *m, Image **ret, sd_bus_error *error) {
         _cleanup_free_ char *abs = NULL;
         const char *path;
         Image *img;
@@ -26,29 +26,28 @@ static int method_get_image(sd_bus_message *m, void *userdata, sd_bus_error *err
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
         if (img->error)
                 return bus_error_from_errno(error, img->error_errno, img->error, ERROR_PREFIX "NotAnImage");
+        *ret = img;
+        return 0;
+}
+
+static int method_get_image(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        Image *img;
+        int r = read_image_arg(userdata, m, &img, error);
+        if (r < 0)
+                return r;
         return sd_bus_reply_method_return(m, "o", img->object);
 }
 
 static int method_get_chain(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        Manager *mgr = userdata;
-        _cleanup_free_ char *abs = NULL, *p = NULL;
-        const char *path;
+        _cleanup_free_ char *p = NULL;
         Image *img;
-        int r;
-
-        r = sd_bus_message_read(m, "s", &path);
+        int r = read_image_arg(userdata, m, &img, error);
         if (r < 0)
                 return r;
-        r = manager_resolve_path(mgr, path, &abs, error);
-        if (r < 0)
-                return r;
-        img = model_find(mgr, abs);
-        if (!img)
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
-        if (!image_is_active(mgr, img))
+        if (!image_is_active(userdata, img))
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
-                                         "'%s' is a backing file, not the active layer of a chain", abs);
-        p = chain_object_path(abs);
+                                         "'%s' is a backing file, not the active layer of a chain", img->path);
+        p = chain_object_path(img->path);
         return sd_bus_reply_method_return(m, "o", p);
 }
 
