@@ -6,7 +6,8 @@ pkgs=(meson ninja-build pkg-config gcc
       libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev
       dbus polkitd
       qemu-utils
-      python3-pytest python3-dbus man-db groff-base util-linux passwd)
+      python3-pytest libglib2.0-bin man-db groff-base util-linux passwd
+      systemd)
 missing=()
 for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

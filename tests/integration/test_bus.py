@@ -194,6 +194,8 @@ def test_polkit_denials_and_group_rule(bus):
     try:
         create(bus, "u.qcow2", 1 << 20, user=u)
         bus.call(obj, "Image", "Resize", "ta{sv}", str(2 << 20), "0", user=u)
+        r = data(bus.call(obj, "Image", "Check", "a{sv}", "1", "repair", "s", "all", user=u))[0]
+        assert r["corruptions"]["data"] == 0
         bus.call(image(bus, "u.qcow2"), "Image", "Delete", "a{sv}", "0", user=u)
     finally:
         set_group_member(False)
