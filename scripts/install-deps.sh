@@ -3,7 +3,7 @@
 # Each one and why: see README.md, "Dependencies".
 set -euo pipefail
 pkgs=(meson ninja-build pkg-config gcc
-      libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev
+      libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev libdbus-1-dev libpolkit-gobject-1-dev
       dbus polkitd
       qemu-utils
       python3-pytest libglib2.0-bin man-db groff-base util-linux passwd
