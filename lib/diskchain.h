@@ -46,6 +46,7 @@ struct dc_open_options {
         bool no_backing;          /* open only this layer, not its backing chain */
         bool check_mode;          /* for check/repair: open despite the corrupt bit */
         bool no_lock;             /* skip QEMU-compatible image locking */
+        const char *writable_layer; /* open this layer of the chain read-write instead of the top */
 };
 
 /* -EBUSY from dc_image_open() means another process (such as QEMU) holds a
@@ -161,6 +162,88 @@ int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mo
 
 /* Resolve a backing name stored in OVERLAY_ABS to an absolute normalised path. */
 int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_abs);
+
+/* Record a new backing file in a qcow2 header (NULL = none). */
+int dc_image_set_backing(dc_image *img, const char *backing, const char *backing_format);
+
+/*
+ * Block jobs, with QEMU's job model (qapi/job.json, job.c): the statuses,
+ * the transition and verb tables, auto-finalize/auto-dismiss, speed limits,
+ * on-error policies and the event order.  A job runs on its own thread;
+ * events are queued and the owner is woken through opts.notify (called on
+ * the job's thread) to fetch them with dc_job_next_event() on its own.
+ */
+typedef struct dc_job dc_job;
+
+enum {
+        DC_JOB_CREATED, DC_JOB_RUNNING, DC_JOB_PAUSED, DC_JOB_READY, DC_JOB_STANDBY, DC_JOB_WAITING,
+        DC_JOB_PENDING, DC_JOB_ABORTING, DC_JOB_CONCLUDED, DC_JOB_NULL,
+};
+enum { DC_JOB_TYPE_STREAM, DC_JOB_TYPE_COMMIT, DC_JOB_TYPE_MIRROR, DC_JOB_TYPE_BACKUP };
+enum { DC_ON_ERROR_REPORT, DC_ON_ERROR_IGNORE, DC_ON_ERROR_STOP, DC_ON_ERROR_ENOSPC };
+enum { DC_IO_OK, DC_IO_FAILED, DC_IO_NOSPACE };
+enum { DC_EV_STATUS, DC_EV_READY, DC_EV_PENDING, DC_EV_COMPLETED, DC_EV_CANCELLED, DC_EV_ERROR };
+
+struct dc_job_event {
+        int kind;
+        int status;                 /* DC_EV_STATUS */
+        uint64_t len, offset, speed;
+        char error[512];            /* DC_EV_COMPLETED: empty on success */
+        const char *operation;      /* DC_EV_ERROR: "read" or "write" */
+        const char *action;         /* DC_EV_ERROR: "report", "ignore" or "stop" */
+};
+
+struct dc_job_options {
+        const char *id;
+        uint64_t speed;             /* bytes per second, 0 = unlimited */
+        int on_error;
+        bool auto_finalize, auto_dismiss;
+        void (*notify)(void *userdata);
+        void *userdata;
+};
+
+/*
+ * block-stream: copy into TOP_PATH what its backing files above BASE_PATH
+ * hold (BASE_PATH NULL = flatten), then make BASE the backing file of top
+ * (recorded as BACKING_FILE, or a name relative to top's directory).
+ */
+int dc_job_stream(const char *top_path, const char *base_path, const char *backing_file,
+                  const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);
+/*
+ * Intermediate block-commit: copy what TOP_PATH and the layers below it
+ * hold above BASE_PATH into base, then point OVERLAY_PATH (top's overlay)
+ * at base.  Base grows when it is smaller than top.
+ */
+int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
+                  const char *backing_file, const struct dc_open_options *oo,
+                  const struct dc_job_options *jo, dc_job **ret);
+
+const char *dc_job_id(dc_job *j);
+int dc_job_type(dc_job *j);
+int dc_job_status(dc_job *j);
+const char *dc_job_status_name(int status);
+const char *dc_job_type_name(int type);
+/* Progress, speed and state, read under the job's lock. */
+struct dc_job_info {
+        int status, io_status;
+        uint64_t len, offset, speed;
+        bool busy, paused, ready, auto_finalize, auto_dismiss;
+        char error[512];
+};
+void dc_job_get_info(dc_job *j, struct dc_job_info *ret);
+/* 1 and an event, or 0 when the queue is empty. */
+int dc_job_next_event(dc_job *j, struct dc_job_event *ret);
+
+/* Verbs: -EPERM with QMP's message when the status does not allow them. */
+int dc_job_pause(dc_job *j);
+int dc_job_resume(dc_job *j);
+int dc_job_set_speed(dc_job *j, uint64_t speed);
+int dc_job_cancel(dc_job *j, bool force);
+int dc_job_complete(dc_job *j);
+int dc_job_finalize(dc_job *j);
+int dc_job_dismiss(dc_job *j);
+/* Wait for the job's thread (after status null) and free it. */
+dc_job *dc_job_free(dc_job *j);
 
 #ifdef __cplusplus
 }

@@ -353,7 +353,7 @@ DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts
         r = dc_path_resolve(path, o->roots, &abs, NULL);
         if (r < 0)
                 return r;
-        r = layer_open(abs, o, o->writable, -1, &top);
+        r = layer_open(abs, o, o->writable || (o->writable_layer && strcmp(o->writable_layer, abs) == 0), -1, &top);
         if (r < 0)
                 return r;
         cur = top;
@@ -385,7 +385,8 @@ DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts
                 fmt = format_from_name(cur->path, cur->backing_format);
                 if (fmt < -1)
                         return fmt;
-                r = layer_open(babs, o, false, fmt, &cur->backing);
+                r = layer_open(babs, o, o->writable_layer && strcmp(o->writable_layer, babs) == 0, fmt,
+                               &cur->backing);
                 if (r < 0) {
                         if (r == -ENOENT)
                                 return dc_error(ENOENT, "'%s': backing file '%s' does not exist", cur->path,
@@ -690,6 +691,15 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                 return dc_error(saved, "%s", msg);
         }
         return 0;
+}
+
+DC_EXPORT int dc_image_set_backing(dc_image *img, const char *backing, const char *backing_format) {
+        int r = check_writable(img);
+        if (r < 0)
+                return r;
+        if (img->drv != &dc_qcow2_driver)
+                return dc_error(ENOTSUP, "'%s': %s images have no backing file", img->path, img->drv->name);
+        return LOCKED(img, dc_qcow2_set_backing(img, backing, backing_format));
 }
 
 /* --- properties ------------------------------------------------------------- */

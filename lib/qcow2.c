@@ -1247,3 +1247,73 @@ DC_EXPORT bool dc_image_lazy_refcounts(dc_image *img) {
         struct qcow2 *s = qcow2_of(img);
         return s && (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
 }
+
+/*
+ * Change the backing file recorded in the header (what stream and commit do
+ * when they finish).  Cluster 0 is rebuilt from the header as it is on disk:
+ * every extension is kept in order except the backing format, which is
+ * replaced; the backing name follows the end marker.  The new cluster 0 is
+ * written in one write and synced.  Both the old and the new backing give
+ * the same guest data at that moment (the job copied what differs), so either
+ * version surviving a crash is correct.
+ */
+int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, end, p, q;
+        _cleanup_free_ uint8_t *old = malloc(cs), *h = calloc(1, cs);
+        size_t blen = backing ? strlen(backing) : 0;
+        int r;
+
+        if (!old || !h)
+                return dc_error(ENOMEM, "out of memory");
+        if (blen > 1023)
+                return dc_error(EINVAL, "'%s': backing file name is longer than 1023 bytes", img->path);
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        r = dc_pread_full(img->fd, old, cs, 0);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
+        end = be64(old + 8) ? be64(old + 8) : cs;
+        memcpy(h, old, s->header_length);
+        p = q = s->header_length;
+        if (backing && fmt) {
+                put_be32(h + q, QCOW2_EXT_BACKING_FORMAT);
+                put_be32(h + q + 4, (uint32_t) strlen(fmt));
+                memcpy(h + q + 8, fmt, strlen(fmt));
+                q += 8 + ALIGN_UP(strlen(fmt), 8);
+        }
+        while (p + 8 <= end) {
+                uint32_t type = be32(old + p), len = be32(old + p + 4);
+                uint64_t sz = 8 + ALIGN_UP((uint64_t) len, 8);
+                if (type == QCOW2_EXT_END)
+                        break;
+                if (type != QCOW2_EXT_BACKING_FORMAT) {
+                        if (q + sz + 8 + blen > cs)
+                                return dc_error(ENOSPC, "'%s': the header extensions leave no room for the backing name",
+                                                img->path);
+                        memcpy(h + q, old + p, sz);
+                        q += sz;
+                }
+                p += sz;
+        }
+        q += 8; /* end marker (zeroes) */
+        if (q + blen > cs)
+                return dc_error(ENOSPC, "'%s': no room for the backing name in the header", img->path);
+        put_be64(h + 8, backing ? q : 0);
+        put_be32(h + 16, (uint32_t) blen);
+        if (backing)
+                memcpy(h + q, backing, blen);
+        /* cover the old backing name too, so no stale bytes stay behind */
+        p = be64(old + 8) ? be64(old + 8) + be32(old + 16) : p + 8;
+        r = dc_pwrite_full(img->fd, h, MIN(cs, ALIGN_UP(MAX(q + blen, p), 512)), 0);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot rewrite the header: %s", img->path, strerror(-r));
+        free(img->backing_file);
+        free(img->backing_format);
+        img->backing_file = backing ? strdup(backing) : NULL;
+        img->backing_format = backing && fmt ? strdup(fmt) : NULL;
+        return 0;
+}

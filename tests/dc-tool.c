@@ -242,6 +242,49 @@ static int do_info(int argc, char **argv) {
         return 0;
 }
 
+static void no_notify(void *u) {
+        (void) u;
+}
+
+/* dc-tool job stream TOP [BASE] | job commit OVERLAY TOP BASE: run to the end,
+ * printing every event as a line; exit 0 only on success. */
+static int do_job(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
+        struct dc_job_options jo = { .id = "job0", .auto_finalize = true, .auto_dismiss = true, .notify = no_notify };
+        struct dc_job_event ev;
+        dc_job *j = NULL;
+        int r, ok = 0, done = 0;
+
+        if (getenv("DC_JOB_SPEED"))
+                jo.speed = strtoull(getenv("DC_JOB_SPEED"), NULL, 0);
+        if (!strcmp(argv[2], "stream"))
+                r = dc_job_stream(argv[3], argc > 4 ? argv[4] : NULL, NULL, &o, &jo, &j);
+        else if (!strcmp(argv[2], "commit") && argc > 5)
+                r = dc_job_commit(argv[3], argv[4], argv[5], NULL, &o, &jo, &j);
+        else
+                return fprintf(stderr, "bad job command\n"), 2;
+        if (r < 0)
+                return fail("job");
+        while (!done) {
+                while (dc_job_next_event(j, &ev) > 0) {
+                        if (ev.kind == DC_EV_STATUS) {
+                                printf("status %s\n", dc_job_status_name(ev.status));
+                                if (ev.status == DC_JOB_NULL)
+                                        done = 1;
+                        } else if (ev.kind == DC_EV_COMPLETED) {
+                                printf("completed %s\n", ev.error[0] ? ev.error : "ok");
+                                ok = !ev.error[0];
+                        } else if (ev.kind == DC_EV_CANCELLED)
+                                printf("cancelled\n");
+                        else if (ev.kind == DC_EV_ERROR)
+                                printf("error %s %s\n", ev.operation, ev.action);
+                }
+                usleep(10000);
+        }
+        dc_job_free(j);
+        return ok ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
         const char *f = getenv("DC_FAULT_WRITES");
         roots[0] = getenv("DC_ROOT");
@@ -259,6 +302,8 @@ int main(int argc, char **argv) {
                 return do_map(argc, argv);
         if (!strcmp(argv[1], "check"))
                 return do_check(argc, argv);
+        if (!strcmp(argv[1], "job") && argc >= 4)
+                return do_job(argc, argv);
         if (!strcmp(argv[1], "info"))
                 return do_info(argc, argv);
         return fprintf(stderr, "unknown command %s\n", argv[1]), 2;
