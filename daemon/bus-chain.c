@@ -1,5 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* org.diskchain.DiskChain1.Chain: a top image and its backing files. */
+/* org.diskchain.DiskChain1.Chain: a top image and its backing files, and the block jobs on them. */
+
+#include <errno.h>
+#include <stdio.h>
 
 #include "daemon.h"
 
@@ -36,11 +39,311 @@ static int property_get_size(sd_bus *bus, const char *path, const char *iface, c
         return sd_bus_message_append(reply, "t", ACTIVE->virtual_size);
 }
 
-/* Jobs and exports arrive with the block-job and NBD issues; until then a
- * chain has none, which is the truth, not a placeholder. */
+static int property_get_jobs(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        g_autofree char *me = chain_object_path(ACTIVE->path);
+        GHashTableIter it;
+        Job *j;
+        int r = sd_bus_message_open_container(reply, 'a', "o");
+
+        g_hash_table_iter_init(&it, ACTIVE->mgr->jobs);
+        while (r >= 0 && g_hash_table_iter_next(&it, NULL, (void **) &j))
+                if (strcmp(j->chain_object, me) == 0)
+                        r = sd_bus_message_append(reply, "o", j->object);
+        if (r >= 0)
+                r = sd_bus_message_close_container(reply);
+        return r;
+}
+
+/* NBD exports arrive with their own issue; until then a chain has none,
+ * which is the truth, not a placeholder. */
 static int property_get_none(sd_bus *bus, const char *path, const char *iface, const char *prop,
                              sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "ao", 0);
+}
+
+
+/* --- block jobs: Stream, Commit -------------------------------------------- */
+
+typedef struct JobStart {
+        int type;
+        char *id, *chain_object, *overlay, *top, *base, *backing_file;
+        char **roots, **paths;
+        unsigned max_depth;
+        struct dc_job_options jo;
+        dc_job *job;
+} JobStart;
+
+static void job_start_free(void *p) {
+        JobStart *s = p;
+        free(s->id);
+        free(s->chain_object);
+        free(s->overlay);
+        free(s->top);
+        free(s->base);
+        free(s->backing_file);
+        g_strfreev(s->roots);
+        g_strfreev(s->paths);
+        dc_job_free(s->job); /* only set when the start failed after creating it */
+        free(s);
+}
+
+static void job_start_run(Work *w) {
+        JobStart *s = w->data;
+        struct dc_open_options o = { .roots = (const char *const *) s->roots, .max_depth = s->max_depth };
+        int r;
+
+        s->jo.id = s->id;
+        if (s->type == DC_JOB_TYPE_STREAM)
+                r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
+        else
+                r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
+        work_capture_error(w, r);
+}
+
+static void job_start_done(Work *w) {
+        JobStart *s = w->data;
+        Job *j;
+        int r;
+
+        if (w->r < 0) {
+                for (char **p = s->paths; p && *p; p++)
+                        g_hash_table_remove(w->mgr->busy, *p);
+                (void) reply_error_errno(w->m, w->r, w->error, NULL);
+                return;
+        }
+        r = job_register(w->mgr, s->job, w->m, s->chain_object, s->top, s->base,
+                         s->type == DC_JOB_TYPE_STREAM ? s->top : s->base, s->paths, &j);
+        if (r < 0) {
+                (void) dc_job_cancel(s->job, true);
+                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot publish the job: %s", strerror(-r));
+                return;
+        }
+        s->job = NULL; /* owned by the Job object now */
+        (void) sd_bus_reply_method_return(w->m, "o", j->object);
+}
+
+/* An image named by path or object path, which must be a layer of the chain. */
+static int find_layer_opt(Manager *mgr, GPtrArray *layers, const char *v, const char *what, Image **ret,
+                          sd_bus_error *error) {
+        _cleanup_free_ char *abs = NULL;
+        int r;
+
+        if (v[0] == '/' && g_str_has_prefix(v, IMAGE_PREFIX "/")) {
+                if (sd_bus_path_decode(v, IMAGE_PREFIX, &abs) <= 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "%s: invalid object '%s'", what, v);
+        } else {
+                r = manager_resolve_path(mgr, v, &abs, error);
+                if (r < 0)
+                        return r;
+        }
+        for (guint i = 0; i < layers->len; i++) {
+                Image *img = layers->pdata[i];
+                if (strcmp(img->path, abs) == 0) {
+                        *ret = img;
+                        return (int) i;
+                }
+        }
+        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "%s: '%s' is not in this backing file chain", what,
+                                 abs);
+}
+
+static int job_common_options(Manager *mgr, GHashTable *opts, const char *type, JobStart *s, sd_bus_error *error) {
+        static const char *const on_errors[] = { "report", "ignore", "stop", "enospc", NULL };
+        const char *id = NULL;
+        uint64_t speed = 0;
+        bool af = true, ad = true;
+        int on_error = 0, r;
+
+        if ((r = opt_string(opts, "job-id", &id, error)) < 0 || (r = opt_uint(opts, "speed", &speed, error)) < 0 ||
+            (r = opt_enum(opts, "on-error", on_errors, &on_error, error)) < 0 ||
+            (r = opt_bool(opts, "auto-finalize", &af, error)) < 0 ||
+            (r = opt_bool(opts, "auto-dismiss", &ad, error)) < 0)
+                return r;
+        if (id && g_hash_table_contains(mgr->jobs, id))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", id);
+        s->id = id ? strdup(id) : job_new_id(mgr, type);
+        s->jo = (struct dc_job_options){ .speed = speed, .on_error = on_error, .auto_finalize = af, .auto_dismiss = ad,
+                                         .notify = job_notify, .userdata = mgr };
+        return 0;
+}
+
+/* Mark PATHS busy for the new job, or say which job holds one of them. */
+static int claim(Manager *mgr, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
+        for (guint i = 0; i < paths->len; i++) {
+                const char *holder = busy_job(mgr, paths->pdata[i]);
+                if (holder)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'",
+                                                 (char *) paths->pdata[i], holder);
+        }
+        g_ptr_array_add(paths, NULL);
+        s->paths = g_strdupv((char **) paths->pdata);
+        for (char **p = s->paths; *p; p++)
+                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(s->id));
+        return 0;
+}
+
+/* Authorize, claim the images and start the job off the loop.  Returns 1
+ * when S now belongs to the work, 0 while polkit is asked, < 0 on error;
+ * in the last two cases the caller still owns S. */
+static int start_job(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
+        Manager *mgr = active->mgr;
+        const char *d[] = { "path", active->path, "root", root_of(mgr, active->path), "operation",
+                            dc_job_type_name(s->type), "job-id", s->id, NULL };
+        int r;
+
+        r = polkit_verify(mgr, m, "org.diskchain.modify", d, error);
+        if (r <= 0)
+                return r;
+        if (g_hash_table_size(mgr->jobs) >= mgr->config.max_jobs)
+                return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded", "%u jobs are running already (MaxJobs)",
+                                         g_hash_table_size(mgr->jobs));
+        r = claim(mgr, s, paths, error);
+        if (r < 0)
+                return r;
+        s->chain_object = chain_object_path(active->path);
+        s->roots = g_strdupv(mgr->config.roots);
+        s->max_depth = mgr->config.max_depth;
+        r = work_start(mgr, m, job_start_run, job_start_done, s, job_start_free, false);
+        if (r < 0) {
+                /* work_start freed S; the claimed paths are still in PATHS */
+                for (guint i = 0; i < paths->len && paths->pdata[i]; i++)
+                        g_hash_table_remove(mgr->busy, paths->pdata[i]);
+                sd_bus_error_set_errnof(error, -r, "cannot start the job: %s", strerror(-r));
+                return 1;
+        }
+        return 1;
+}
+
+static int finish_start(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
+        int r = start_job(m, active, s, paths, error);
+        if (r <= 0)
+                job_start_free(s);
+        if (sd_bus_error_is_set(error))
+                return -EINVAL;
+        return 1;
+}
+
+static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "job-id", "top", "base", "bottom", "backing-file", "speed", "on-error",
+                                               "auto-finalize", "auto-dismiss", NULL };
+        Image *active = ACTIVE, *top = ACTIVE, *base = NULL, *bottom = NULL;
+        g_autoptr(GHashTable) opts = NULL;
+        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
+        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        const char *v = NULL, *bf = NULL;
+        JobStart *s;
+        int ti = 0, bi = -1, r;
+
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(active->mgr, layers, v, "top", &top, error)) < 0)
+                return ti;
+        if (opt_string(opts, "base", &v, error) > 0) {
+                if (g_hash_table_contains(opts, "bottom"))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'base' and 'bottom' are mutually exclusive");
+                if ((bi = find_layer_opt(active->mgr, layers, v, "base", &base, error)) < 0)
+                        return bi;
+        }
+        if (opt_string(opts, "bottom", &v, error) > 0) {
+                int bo = find_layer_opt(active->mgr, layers, v, "bottom", &bottom, error);
+                if (bo < 0)
+                        return bo;
+                if (bo < ti)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s' is not below '%s'", bottom->path,
+                                                 top->path);
+                bi = bo + 1 < (int) layers->len ? bo + 1 : -1;
+                base = bi >= 0 ? layers->pdata[bi] : NULL;
+        }
+        if (base && bi <= ti)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Node '%s' is not a backing image of '%s'",
+                                         base->path, top->path);
+        (void) opt_string(opts, "backing-file", &bf, error);
+        if (bf && !base)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "backing file specified, but streaming the entire chain");
+        if (top->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': only qcow2 images can receive streamed data",
+                                         top->path);
+        if (sd_bus_error_is_set(error))
+                return -EINVAL;
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->type = DC_JOB_TYPE_STREAM;
+        r = job_common_options(active->mgr, opts, "stream", s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        s->top = strdup(top->path);
+        s->base = base ? strdup(base->path) : NULL;
+        s->backing_file = bf ? strdup(bf) : NULL;
+        for (int i = ti; i < (int) layers->len && (bi < 0 || i <= bi); i++)
+                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
+        return finish_start(m, active, s, paths, error);
+}
+
+static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "job-id", "top", "base", "backing-file", "speed", "on-error",
+                                               "auto-finalize", "auto-dismiss", "force-shared-base", NULL };
+        Image *active = ACTIVE, *top = ACTIVE, *base;
+        g_autoptr(GHashTable) opts = NULL;
+        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
+        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        const char *v = NULL, *bf = NULL;
+        bool force_shared = false;
+        JobStart *s;
+        int ti = 0, bi, r;
+
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(active->mgr, layers, v, "top", &top, error)) < 0)
+                return ti;
+        bi = (int) layers->len - 1;
+        base = layers->pdata[bi];
+        if (opt_string(opts, "base", &v, error) > 0 && (bi = find_layer_opt(active->mgr, layers, v, "base", &base, error)) < 0)
+                return bi;
+        (void) opt_string(opts, "backing-file", &bf, error);
+        (void) opt_bool(opts, "force-shared-base", &force_shared, error);
+        if (sd_bus_error_is_set(error))
+                return -EINVAL;
+        if (bi == ti)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "cannot commit an image into itself");
+        if (bi < ti)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s' is not below '%s' in the chain",
+                                         base->path, top->path);
+        if (ti == 0)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "'%s' is the active layer: active commit needs the ready phase of the "
+                                         "mirror engine, which this version does not have; commit an intermediate top",
+                                         top->path);
+        if (!force_shared) {
+                g_auto(GStrv) users = image_chains(active->mgr, base);
+                if (g_strv_length(users) > 1)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy",
+                                                 "'%s' is also the base of %u other chain(s); set force-shared-base to "
+                                                 "commit into it anyway",
+                                                 base->path, g_strv_length(users) - 1);
+        }
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->type = DC_JOB_TYPE_COMMIT;
+        r = job_common_options(active->mgr, opts, "commit", s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        s->overlay = strdup(((Image *) layers->pdata[ti - 1])->path);
+        s->top = strdup(top->path);
+        s->base = strdup(base->path);
+        s->backing_file = bf ? strdup(bf) : NULL;
+        for (int i = ti - 1; i <= bi; i++)
+                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
+        return finish_start(m, active, s, paths, error);
 }
 
 const sd_bus_vtable chain_vtable[] = {
@@ -49,7 +352,11 @@ const sd_bus_vtable chain_vtable[] = {
         SD_BUS_PROPERTY("Layers", "ao", property_get_layers, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Depth", "u", property_get_depth, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("VirtualSize", "t", property_get_size, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Jobs", "ao", property_get_none, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Jobs", "ao", property_get_jobs, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Exports", "ao", property_get_none, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_METHOD_WITH_ARGS("Stream", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_stream,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Commit", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_commit,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };

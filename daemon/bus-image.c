@@ -42,12 +42,18 @@ static int property_get_string(sd_bus *bus, const char *path, const char *iface,
                 v = IMG->backing_file;
         else if (strcmp(prop, "BackingFormat") == 0)
                 v = IMG->backing_format;
-        else if (strcmp(prop, "InUse") == 0)
+        else if (strcmp(prop, "InUse") == 0) {
                 /* Asked live: QEMU can take its lock without touching the
                  * directory, so no scan would notice. */
+                const char *job = busy_job(IMG->mgr, IMG->path);
+                if (job) {
+                        g_autofree char *holder = g_strdup_printf("job:%s", job);
+                        return sd_bus_message_append(reply, "s", holder);
+                }
                 v = dc_path_locked_by_writer(IMG->path, (const char *const *) IMG->mgr->config.roots) > 0
                             ? "external"
                             : "";
+        }
         return sd_bus_message_append(reply, "s", v ? v : "");
 }
 
@@ -112,6 +118,13 @@ static ImageOp *image_op_new(Image *img) {
         op->roots = g_strdupv(img->mgr->config.roots);
         op->max_depth = img->mgr->config.max_depth;
         return op;
+}
+
+static int refuse_busy(Image *img, sd_bus_error *error) {
+        const char *job = busy_job(img->mgr, img->path);
+        if (job)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", img->path, job);
+        return 0;
 }
 
 static void reply_failed(Work *w, const char *einval_name) {
@@ -188,6 +201,8 @@ static int method_check(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if (IMG->format != DC_FORMAT_QCOW2)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': %s images have no metadata to check",
                                          IMG->path, dc_format_name(IMG->format));
+        if (repair && (r = refuse_busy(IMG, error)) < 0)
+                return r;
         details(d, IMG, repair ? "repair" : "check");
         r = polkit_verify(IMG->mgr, m, repair ? "org.diskchain.modify" : "org.diskchain.inspect", d, error);
         if (r <= 0)
@@ -314,6 +329,9 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (size % 512)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "'%s': size %" PRIu64 " is not a multiple of 512", IMG->path, size);
+        r = refuse_busy(IMG, error);
+        if (r < 0)
+                return r;
         details(d, IMG, "resize");
         r = polkit_verify(IMG->mgr, m, "org.diskchain.modify", d, error);
         if (r <= 0)
@@ -370,6 +388,9 @@ static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (overlays[0])
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the backing file of %u other image(s)",
                                          IMG->path, g_strv_length(overlays));
+        r = refuse_busy(IMG, error);
+        if (r < 0)
+                return r;
         details(d, IMG, "delete");
         r = polkit_verify(IMG->mgr, m, "org.diskchain.delete", d, error);
         if (r <= 0)

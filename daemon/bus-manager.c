@@ -63,7 +63,7 @@ static int method_list(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         else if (strcmp(member, "ListChains") == 0)
                 l = model_chain_paths(mgr);
         else
-                l = g_new0(char *, 1); /* ListJobs: no block jobs exist yet */
+                l = model_job_paths(mgr);
         r = sd_bus_message_new_method_return(m, &reply);
         if (r >= 0)
                 r = append_objects(reply, l);
@@ -74,15 +74,27 @@ static int method_list(sd_bus_message *m, void *userdata, sd_bus_error *error) {
 }
 
 static int method_get_job(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        Manager *mgr = userdata;
         const char *id;
+        Job *j;
         int r = sd_bus_message_read(m, "s", &id);
         if (r < 0)
                 return r;
-        return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "no job '%s'", id);
+        j = g_hash_table_lookup(mgr->jobs, id);
+        if (!j)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "no job '%s'", id);
+        return sd_bus_reply_method_return(m, "o", j->object);
 }
 
 static int method_query_block_jobs(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return sd_bus_reply_method_return(m, "aa{sv}", 0);
+        sd_bus_message *reply = NULL;
+        int r = sd_bus_message_new_method_return(m, &reply);
+        if (r >= 0)
+                r = append_job_infos(userdata, reply);
+        if (r >= 0)
+                r = sd_bus_send(NULL, reply, NULL);
+        sd_bus_message_unref(reply);
+        return r;
 }
 
 /* CreateImage */

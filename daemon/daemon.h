@@ -68,7 +68,25 @@ struct Manager {
         GHashTable *watches;  /* directory -> inotify sd_event_source */
         GMutex done_lock;
         GQueue *done;         /* finished Work items waiting for the loop */
+        GHashTable *jobs;     /* id -> Job* */
+        GHashTable *busy;     /* image path -> job id, for images a job uses */
+        int job_fd;           /* eventfd: some job has events */
+        sd_event_source *job_source, *progress_timer;
+        unsigned job_counter;
 };
+
+typedef struct Job {
+        Manager *mgr;
+        dc_job *dj;
+        char *id, *object, *chain_object;
+        char *top, *base, *target;
+        char **paths;         /* images held busy */
+        uid_t uid;
+        uint64_t start_time;  /* µs since the epoch */
+        int type, status;
+        uint64_t last_offset, rate, rate_t0, rate_off0;
+        struct dc_job_info last;
+} Job;
 
 /* config.c */
 int config_load(Config *c, const char *file, char **cli_roots);
@@ -132,6 +150,23 @@ int image_object_find(sd_bus *bus, const char *path, const char *iface, void *us
                       sd_bus_error *error);
 int chain_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
                       sd_bus_error *error);
+
+/* bus-job.c */
+#define IFACE_JOB BUS_NAME ".Job"
+extern const sd_bus_vtable job_vtable[];
+int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                    sd_bus_error *error);
+int jobs_setup(Manager *mgr);
+void jobs_free(Manager *mgr);
+int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_object, const char *top,
+                 const char *base, const char *target, char **paths, Job **ret);
+char **model_job_paths(Manager *mgr);
+const char *busy_job(Manager *mgr, const char *path);
+int append_job_infos(Manager *mgr, sd_bus_message *reply);
+char *job_new_id(Manager *mgr, const char *type);
+void job_notify(void *userdata);
+GPtrArray *chain_layer_images(Manager *mgr, Image *active);
+int caller_uid(sd_bus_message *m, uid_t *ret);
 
 /* manager.c */
 int manager_new(Manager **ret, const Config *config);

@@ -25,6 +25,8 @@ int manager_new(Manager **ret, const Config *config) {
         r = sd_event_default(&mgr->event);
         if (r >= 0)
                 r = worker_setup(mgr);
+        if (r >= 0)
+                r = jobs_setup(mgr);
         if (r < 0) {
                 manager_free(mgr);
                 return r;
@@ -36,6 +38,7 @@ int manager_new(Manager **ret, const Config *config) {
 Manager *manager_free(Manager *mgr) {
         if (!mgr)
                 return NULL;
+        jobs_free(mgr);
         polkit_registry_free(mgr);
         if (mgr->watches)
                 g_hash_table_destroy(mgr->watches);
@@ -55,7 +58,8 @@ Manager *manager_free(Manager *mgr) {
 }
 
 bool manager_is_idle(Manager *mgr) {
-        return mgr->work_in_flight == 0 && g_hash_table_size(mgr->polkit) == 0;
+        /* a job keeps us up while it runs, and until dismissed when concluded */
+        return mgr->work_in_flight == 0 && g_hash_table_size(mgr->polkit) == 0 && g_hash_table_size(mgr->jobs) == 0;
 }
 
 const char *root_of(Manager *mgr, const char *abs) {
@@ -222,6 +226,11 @@ static int enumerate_images(sd_bus *bus, const char *prefix, void *userdata, cha
         return 0;
 }
 
+static int enumerate_jobs(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
+        *ret = model_job_paths(userdata);
+        return 0;
+}
+
 static int enumerate_chains(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
         *ret = model_chain_paths(userdata);
         return 0;
@@ -243,5 +252,9 @@ int bus_register(Manager *mgr) {
                                                chain_object_find, mgr);
         if (r >= 0)
                 r = sd_bus_add_node_enumerator(mgr->bus, NULL, CHAIN_PREFIX, enumerate_chains, mgr);
+        if (r >= 0)
+                r = sd_bus_add_fallback_vtable(mgr->bus, NULL, JOB_PREFIX, IFACE_JOB, job_vtable, job_object_find, mgr);
+        if (r >= 0)
+                r = sd_bus_add_node_enumerator(mgr->bus, NULL, JOB_PREFIX, enumerate_jobs, mgr);
         return r;
 }

@@ -323,6 +323,20 @@ char **chain_layers(Manager *mgr, Image *active) {
         return (char **) g_ptr_array_free(a, FALSE);
 }
 
+/* Layers of the chain whose active image is ACTIVE, active first. */
+GPtrArray *chain_layer_images(Manager *mgr, Image *active) {
+        GPtrArray *a = g_ptr_array_new();
+        Image *cur = active;
+
+        for (unsigned depth = 0; cur && depth < mgr->config.max_depth; depth++) {
+                g_ptr_array_add(a, cur);
+                cur = cur->backing_abs ? model_find(mgr, cur->backing_abs) : NULL;
+                if (cur == active)
+                        break;
+        }
+        return a;
+}
+
 char **image_chains(Manager *mgr, Image *img) {
         g_autoptr(GPtrArray) act = active_set(mgr);
         GPtrArray *a = g_ptr_array_new();

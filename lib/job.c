@@ -284,16 +284,17 @@ static uint64_t now_ns(void) {
 }
 
 /*
- * Between chunks: take a requested pause (reporting paused/standby only now,
+ * Between chunks: account progress (BYTES_DONE) and the data moved for the
+ * speed limit (BYTES_COPIED), take a requested pause (reporting paused/standby only now,
  * as QEMU does), honour the speed limit, and tell whether to stop.
  * Returns -ECANCELED when cancelled.  Called without the lock.
  */
-static int pause_point(dc_job *j, uint64_t bytes_done) {
+static int pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
         int r = 0;
 
         pthread_mutex_lock(&j->lock);
         j->offset += bytes_done;
-        j->rate_bytes += bytes_done;
+        j->rate_bytes += bytes_copied; /* the limit counts data copied, not ranges skipped */
         for (;;) {
                 if (j->cancelled) {
                         /* a cancelled paused job is resumed first, as QEMU does */
@@ -432,7 +433,7 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
                 uint64_t n = MIN((uint64_t) CHUNK, size - off), run;
                 bool copy, ignored = false;
 
-                r = pause_point(j, 0);
+                r = pause_point(j, 0, 0);
                 if (r < 0)
                         break;
                 if (skip_dst_allocated) {
@@ -443,7 +444,7 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
                         if (r < 0)
                                 goto io_error_read;
                         if (st.type != DC_LAYER_UNALLOCATED) {
-                                r = pause_point(j, st.length);
+                                r = pause_point(j, st.length, 0);
                                 if (r < 0)
                                         break;
                                 off += st.length;
@@ -481,7 +482,7 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
                         }
                 }
         next:
-                r = pause_point(j, run);
+                r = pause_point(j, run, copy ? run : 0);
                 if (r < 0)
                         break;
                 off += run;
@@ -491,7 +492,7 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
                 if (r == 0)
                         continue;
                 if (r == 1) {
-                        r = pause_point(j, n);
+                        r = pause_point(j, n, 0);
                         if (r < 0)
                                 break;
                         off += n;

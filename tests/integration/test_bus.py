@@ -269,8 +269,9 @@ def test_responsive_during_long_create(bus):
 
 def test_introspection_matches_xml(bus):
     create(bus, "i.qcow2", 1 << 20)
-    paths = {"Manager": M, "Image": image(bus, "i.qcow2"),
-             "Chain": data(bus.call(M, "Manager", "GetChain", "s", "i.qcow2"))[0]}
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "i.qcow2"))[0]
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "1", "auto-dismiss", "b", "false"))[0]
+    paths = {"Manager": M, "Image": image(bus, "i.qcow2"), "Chain": chain, "Job": job}
     for name, path in paths.items():
         iface = f"org.diskchain.DiskChain1.{name}"
         live = data(bus.busctl("--json=short", "call", "org.diskchain.DiskChain1", path,
@@ -284,7 +285,7 @@ def test_introspection_matches_xml(bus):
                 if i.get("name") != iface:
                     continue
                 for m in i:
-                    args = tuple((a.get("type"), a.get("direction")) for a in m.findall("arg"))
+                    args = tuple((a.get("type"), a.get("direction") or "out") for a in m.findall("arg"))
                     ann = tuple(a.get("value") for a in m.findall("annotation")
                                 if a.get("name") == "org.freedesktop.DBus.Property.EmitsChangedSignal")
                     out.add((m.tag, m.get("name"), m.get("type"), args, ann))
@@ -379,3 +380,212 @@ def test_in_use_by_qemu(bus):
         holder.communicate(b"quit\n", timeout=10)
     assert prop(bus, obj, "Image", "InUse") == ""
     assert qemu_img("check", f, check=False).returncode == 0
+
+
+# --- block jobs ----------------------------------------------------------------
+
+def make_seed_chain(bus):
+    """The seed chain [A] <-- [B] <-- [C] <-- [D], a distinct pattern in each layer."""
+    r = bus.root
+    create(bus, "A.qcow2", 8 << 20)
+    qemu_io(os.path.join(r, "A.qcow2"), "write -P 0xa 0 8M")
+    for lower, name, cmd in (("A", "B", "write -P 0xb 1M 2M"), ("B", "C", "write -P 0xc 2M 2M"),
+                             ("C", "D", "write -P 0xd 3M 2M")):
+        create(bus, f"{name}.qcow2", 0, "backing", "s", f"{lower}.qcow2")
+        qemu_io(os.path.join(r, f"{name}.qcow2"), cmd)
+    for n in "ABCD":
+        qemu_img("convert", "-O", "raw", os.path.join(r, f"{n}.qcow2"), os.path.join(bus.dir, f"{n}.ref"))
+    time.sleep(0.4)  # let the daemon see qemu-io's writes
+    return data(bus.call(M, "Manager", "GetChain", "s", "D.qcow2"))[0]
+
+
+class Monitor:
+    """busctl monitor on the Job interface: the signals in the order received."""
+    def __init__(self, bus):
+        import subprocess
+        self.p = subprocess.Popen(["busctl", "--system", "monitor", "--json=short", "--match",
+                                   "type='signal',interface='org.diskchain.DiskChain1.Job'"],
+                                  env={**os.environ, **bus.env}, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.4)
+
+    def stop(self):
+        time.sleep(0.3)
+        self.p.terminate()
+        out = self.p.communicate()[0]
+        sigs = []
+        for line in out.splitlines():
+            d = json.loads(line)
+            payload = d["payload"]["data"]
+            sigs.append(d["member"] + ("(" + payload[1] + ")" if d["member"] == "JobStatusChange" else ""))
+        return sigs
+
+
+def wait_gone(bus, job, timeout=30):
+    for _ in range(timeout * 10):
+        if job not in data(bus.call(M, "Manager", "ListJobs"))[0]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{job} did not finish")
+
+
+def shape(bus, name):
+    info = json.loads(qemu_img("info", "-U", "--output=json", "--backing-chain", os.path.join(bus.root, name)).stdout)
+    return [i["filename"].rsplit("/", 1)[1] for i in info]
+
+
+def assert_chain_intact(bus, expect_shape):
+    for n in "ABCD":
+        assert qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False).returncode == 0
+    assert shape(bus, "D.qcow2") == expect_shape
+    p = qemu_img("compare", "-F", "raw", os.path.join(bus.root, "D.qcow2"), os.path.join(bus.dir, "D.ref"),
+                 check=False)
+    assert p.returncode == 0, p.stdout
+
+
+QMP_SUCCESS = ["JobStatusChange(created)", "JobStatusChange(running)", "JobStatusChange(waiting)",
+               "JobStatusChange(pending)", "BlockJobCompleted", "JobStatusChange(concluded)",
+               "JobStatusChange(null)"]
+
+
+@pytest.mark.parametrize("case", ["flatten", "to-base", "intermediate"])
+def test_stream_over_the_bus(bus, case):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    opts = {"flatten": [], "to-base": ["base", "s", "A.qcow2"],
+            "intermediate": ["top", "s", "C.qcow2", "base", "s", "A.qcow2"]}[case]
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", str(len(opts) // 3), *opts))[0]
+    wait_gone(bus, job)
+    assert mon.stop() == QMP_SUCCESS
+    expect = {"flatten": ["D.qcow2"], "to-base": ["D.qcow2", "A.qcow2"],
+              "intermediate": ["D.qcow2", "C.qcow2", "A.qcow2"]}[case]
+    assert_chain_intact(bus, expect)
+    # the model follows: the chain's layers are the new shape
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "D.qcow2"))[0]
+    assert len(prop(bus, chain, "Chain", "Layers")) == len(expect)
+
+
+@pytest.mark.parametrize("top,base,expect", [("B", "A", ["D.qcow2", "C.qcow2", "A.qcow2"]),
+                                             ("C", "A", ["D.qcow2", "A.qcow2"]),
+                                             ("C", "B", ["D.qcow2", "B.qcow2", "A.qcow2"])])
+def test_intermediate_commit_over_the_bus(bus, top, base, expect):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Commit", "a{sv}", "2", "top", "s", f"{top}.qcow2", "base", "s",
+                        f"{base}.qcow2"))[0]
+    wait_gone(bus, job)
+    assert mon.stop() == QMP_SUCCESS
+    assert_chain_intact(bus, expect)
+
+
+def test_job_verbs_pause_resume_cancel(bus):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "job-id", "s", "slow", "speed", "t", str(256 << 10)))[0]
+    assert data(bus.call(M, "Manager", "GetJob", "s", "slow"))[0] == job
+    q = data(bus.call(M, "Manager", "QueryBlockJobs"))[0][0]
+    assert q["device"]["data"] == "slow" and q["type"]["data"] == "stream" and q["speed"]["data"] == 256 << 10
+    # a running stream holds its images
+    d = image(bus, "D.qcow2")
+    assert prop(bus, d, "Image", "InUse") == "job:slow"
+    p = bus.call(d, "Image", "Resize", "ta{sv}", str(16 << 20), "0", check=False)
+    assert "in use by job 'slow'" in p.stderr
+    p = bus.call(chain, "Chain", "Stream", "a{sv}", "0", check=False)
+    assert "Busy" in p.stderr or "in use by job" in p.stderr
+    bus.call(job, "Job", "Pause")
+    p = bus.call(job, "Job", "Pause", check=False)
+    assert "already paused" in p.stderr
+    time.sleep(0.5)
+    assert prop(bus, job, "Job", "Status") == "paused" and prop(bus, job, "Job", "Paused") is True
+    p = bus.call(job, "Job", "Complete", check=False)
+    assert "Job 'slow' in state 'paused' cannot accept command verb 'complete'" in p.stderr
+    p = bus.call(job, "Job", "Finalize", check=False)
+    assert "cannot accept command verb 'finalize'" in p.stderr
+    p = bus.call(job, "Job", "Dismiss", check=False)
+    assert "cannot accept command verb 'dismiss'" in p.stderr
+    bus.call(job, "Job", "Resume")
+    bus.call(job, "Job", "SetSpeed", "t", str(128 << 10))
+    assert prop(bus, job, "Job", "Speed") == 128 << 10
+    bus.call(job, "Job", "Cancel", "b", "false")
+    wait_gone(bus, job)
+    sigs = mon.stop()
+    assert sigs == ["JobStatusChange(created)", "JobStatusChange(running)", "JobStatusChange(paused)",
+                    "JobStatusChange(running)", "JobStatusChange(aborting)", "BlockJobCancelled",
+                    "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+    # cancelled stream: D keeps its backing, and data is intact
+    assert_chain_intact(bus, ["D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"])
+    assert prop(bus, d, "Image", "InUse") == ""
+
+
+def test_manual_finalize_and_dismiss(bus):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "3", "job-id", "s", "manual", "auto-finalize", "b",
+                        "false", "auto-dismiss", "b", "false"))[0]
+    for _ in range(100):
+        if prop(bus, job, "Job", "Status") == "pending":
+            break
+        time.sleep(0.1)
+    assert shape(bus, "D.qcow2") == ["D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]  # not yet finalized
+    bus.gdbus("--object-path", job, "--method", "org.diskchain.DiskChain1.Job.Finalize")
+    for _ in range(100):
+        if prop(bus, job, "Job", "Status") == "concluded":
+            break
+        time.sleep(0.1)
+    assert job in data(bus.call(M, "Manager", "ListJobs"))[0]
+    assert prop(bus, job, "Job", "Error") == ""
+    bus.call(job, "Job", "Dismiss")
+    wait_gone(bus, job)
+    assert mon.stop() == ["JobStatusChange(created)", "JobStatusChange(running)", "JobStatusChange(waiting)",
+                          "JobStatusChange(pending)", "BlockJobPending", "BlockJobCompleted",
+                          "JobStatusChange(concluded)", "JobStatusChange(null)"]
+    assert_chain_intact(bus, ["D.qcow2"])
+
+
+def test_job_refusals_over_the_bus(bus):
+    chain = make_seed_chain(bus)
+    for opts, want in ((["base", "s", "D.qcow2"], "is not a backing image of"),
+                       (["job-id", "s", "9bad"], "Invalid job ID"),
+                       (["base", "s", "nope.qcow2"], "is not in this backing file chain"),
+                       (["backing-file", "s", "x"], "backing file specified, but streaming the entire chain"),
+                       (["colour", "s", "red"], "unknown option 'colour'")):
+        p = bus.call(chain, "Chain", "Stream", "a{sv}", str(len(opts) // 3), *opts, check=False)
+        assert p.returncode != 0 and want in p.stderr, (opts, p.stderr)
+    p = bus.call(chain, "Chain", "Commit", "a{sv}", "0", check=False)
+    assert "active commit" in p.stderr
+    p = bus.call(chain, "Chain", "Commit", "a{sv}", "2", "top", "s", "B.qcow2", "base", "s", "B.qcow2", check=False)
+    assert "cannot commit an image into itself" in p.stderr
+    # an unprivileged user may not start jobs
+    p = bus.call(chain, "Chain", "Stream", "a{sv}", "0", user="dctest", check=False)
+    assert p.returncode != 0 and ("not authorized" in p.stderr or "interactive authentication" in p.stderr
+                                  or "Access denied" in p.stderr), p.stderr
+    assert data(bus.call(M, "Manager", "ListJobs"))[0] == []
+    assert_chain_intact(bus, ["D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"])
+
+
+def test_shared_base_needs_force(bus):
+    make_seed_chain(bus)
+    create(bus, "E.qcow2", 0, "backing", "s", "A.qcow2")  # A is now the base of two chains
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "D.qcow2"))[0]
+    p = bus.call(chain, "Chain", "Commit", "a{sv}", "2", "top", "s", "C.qcow2", "base", "s", "A.qcow2", check=False)
+    assert "force-shared-base" in p.stderr
+    job = data(bus.call(chain, "Chain", "Commit", "a{sv}", "3", "top", "s", "C.qcow2", "base", "s", "A.qcow2",
+                        "force-shared-base", "b", "true"))[0]
+    wait_gone(bus, job)
+    assert shape(bus, "D.qcow2") == ["D.qcow2", "A.qcow2"]
+
+
+def test_daemon_stays_while_job_exists(bus_idle):
+    bus = bus_idle
+    chain = make_seed_chain(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "job-id", "s", "keep", "auto-dismiss", "b",
+                        "false"))[0]
+    pid = bus.daemon_pid()
+    time.sleep(4)  # longer than the idle timeout: the concluded job keeps the daemon
+    assert bus.daemon_pid() == pid
+    assert prop(bus, job, "Job", "Status") == "concluded"
+    bus.call(job, "Job", "Dismiss")
+    for _ in range(60):
+        if bus.daemon_pid() is None:
+            break
+        time.sleep(0.1)
+    assert bus.daemon_pid() is None

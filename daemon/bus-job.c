@@ -1,0 +1,523 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * org.diskchain.DiskChain1.Job: one block job, its properties, verbs and the
+ * signals that mirror QMP's events one to one.
+ *
+ * The job runs on its own thread (lib/job.c) and queues events; it wakes the
+ * loop through an eventfd, and here, on the loop, each event becomes its
+ * signal in the order the job produced it.  Status changes also refresh the
+ * properties; progress is announced by a 250 ms timer, only when it moved.
+ * A job whose status reaches null leaves the bus (InterfacesRemoved), and
+ * the chain model is rescanned since its shape may have changed.
+ */
+
+#include <errno.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+
+static uint64_t now_usec(clockid_t c) {
+        struct timespec ts;
+        clock_gettime(c, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+static void job_free(Job *j) {
+        if (!j)
+                return;
+        if (j->paths)
+                for (char **p = j->paths; *p; p++)
+                        g_hash_table_remove(j->mgr->busy, *p);
+        dc_job_free(j->dj);
+        g_strfreev(j->paths);
+        free(j->id);
+        free(j->object);
+        free(j->chain_object);
+        free(j->top);
+        free(j->base);
+        free(j->target);
+        free(j);
+}
+
+static void job_free_void(void *p) {
+        job_free(p);
+}
+
+int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                    sd_bus_error *error) {
+        Manager *mgr = userdata;
+        _cleanup_free_ char *id = NULL;
+        Job *j;
+
+        if (sd_bus_path_decode(path, JOB_PREFIX, &id) <= 0)
+                return 0;
+        j = g_hash_table_lookup(mgr->jobs, id);
+        if (!j)
+                return 0;
+        *found = j;
+        return 1;
+}
+
+char **model_job_paths(Manager *mgr) {
+        GPtrArray *a = g_ptr_array_new();
+        GHashTableIter it;
+        Job *j;
+
+        g_hash_table_iter_init(&it, mgr->jobs);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &j))
+                g_ptr_array_add(a, strdup(j->object));
+        g_ptr_array_add(a, NULL);
+        return (char **) g_ptr_array_free(a, FALSE);
+}
+
+const char *busy_job(Manager *mgr, const char *path) {
+        return g_hash_table_lookup(mgr->busy, path);
+}
+
+char *job_new_id(Manager *mgr, const char *type) {
+        for (;;) {
+                char *id = g_strdup_printf("%s%u", type, mgr->job_counter++);
+                if (!g_hash_table_contains(mgr->jobs, id))
+                        return id;
+                g_free(id);
+        }
+}
+
+int caller_uid(sd_bus_message *m, uid_t *ret) {
+        sd_bus_creds *creds = NULL;
+        int r = sd_bus_query_sender_creds(m, SD_BUS_CREDS_EUID, &creds);
+        if (r >= 0)
+                r = sd_bus_creds_get_euid(creds, ret);
+        sd_bus_creds_unref(creds);
+        return r;
+}
+
+static const char *io_status_name(int s) {
+        return s == DC_IO_FAILED ? "failed" : s == DC_IO_NOSPACE ? "nospace" : "ok";
+}
+
+/* --- events -> signals ------------------------------------------------------ */
+
+static void job_emit(Job *j, const struct dc_job_event *ev) {
+        const char *type = dc_job_type_name(j->type);
+        Manager *mgr = j->mgr;
+
+        switch (ev->kind) {
+        case DC_EV_STATUS:
+                j->status = ev->status;
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "JobStatusChange", "ss", j->id,
+                                          dc_job_status_name(ev->status));
+                (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "Status", "Paused", "Ready",
+                                                      "Busy", "IoStatus", "Error", NULL);
+                break;
+        case DC_EV_READY:
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobReady", "ssttt", type, j->id,
+                                          ev->len, ev->offset, ev->speed);
+                break;
+        case DC_EV_PENDING:
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobPending", "ss", type, j->id);
+                break;
+        case DC_EV_COMPLETED:
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobCompleted", "ssttts", type, j->id,
+                                          ev->len, ev->offset, ev->speed, ev->error);
+                break;
+        case DC_EV_CANCELLED:
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobCancelled", "ssttt", type, j->id,
+                                          ev->len, ev->offset, ev->speed);
+                break;
+        case DC_EV_ERROR:
+                (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobError", "sss", j->id,
+                                          ev->operation, ev->action);
+                (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "IoStatus", "Error", NULL);
+                break;
+        default:
+                break;
+        }
+}
+
+static void job_drain(Job *j) {
+        struct dc_job_event ev;
+        Manager *mgr = j->mgr;
+
+        while (dc_job_next_event(j->dj, &ev) > 0) {
+                dc_job_get_info(j->dj, &j->last);
+                job_emit(j, &ev);
+                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_CONCLUDED) {
+                        /* the images are closed: free them for others, rescan the shape */
+                        for (char **p = j->paths; p && *p; p++)
+                                g_hash_table_remove(mgr->busy, *p);
+                        g_strfreev(j->paths);
+                        j->paths = NULL;
+                        (void) model_request_rescan(mgr);
+                }
+                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_NULL) {
+                        (void) sd_bus_emit_object_removed(mgr->bus, j->object);
+                        (void) sd_bus_emit_properties_changed(mgr->bus, j->chain_object, IFACE_CHAIN, "Jobs", NULL);
+                        g_hash_table_remove(mgr->jobs, j->id); /* frees j */
+                        return;
+                }
+        }
+}
+
+static int on_job_events(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Manager *mgr = userdata;
+        g_autoptr(GPtrArray) all = g_ptr_array_new();
+        GHashTableIter it;
+        uint64_t n;
+        Job *j;
+
+        (void) !read(fd, &n, sizeof n);
+        g_hash_table_iter_init(&it, mgr->jobs);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &j))
+                g_ptr_array_add(all, j);
+        for (guint i = 0; i < all->len; i++)
+                job_drain(all->pdata[i]);
+        return 0;
+}
+
+static int on_progress(sd_event_source *s, uint64_t usec, void *userdata) {
+        Manager *mgr = userdata;
+        GHashTableIter it;
+        Job *j;
+
+        g_hash_table_iter_init(&it, mgr->jobs);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &j)) {
+                uint64_t t = now_usec(CLOCK_MONOTONIC);
+                dc_job_get_info(j->dj, &j->last);
+                if (j->last.offset == j->last_offset)
+                        continue;
+                if (t > j->rate_t0 + 1000000) {
+                        j->rate = (j->last.offset - j->rate_off0) * 1000000 / (t - j->rate_t0);
+                        j->rate_t0 = t;
+                        j->rate_off0 = j->last.offset;
+                }
+                j->last_offset = j->last.offset;
+                (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "CurrentProgress",
+                                                      "TotalProgress", "Rate", "ExpectedEndTime", NULL);
+        }
+        /* tick only while there are jobs, so an idle daemon can time out */
+        if (g_hash_table_size(mgr->jobs) > 0) {
+                (void) sd_event_source_set_time_relative(s, 250000);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+void job_notify(void *userdata) {
+        Manager *mgr = userdata;
+        uint64_t one = 1;
+        (void) !write(mgr->job_fd, &one, sizeof one);
+}
+
+int jobs_setup(Manager *mgr) {
+        int r;
+
+        mgr->jobs = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free_void);
+        mgr->busy = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        mgr->job_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (mgr->job_fd < 0)
+                return -errno;
+        r = sd_event_add_io(mgr->event, &mgr->job_source, mgr->job_fd, EPOLLIN, on_job_events, mgr);
+        if (r >= 0)
+                r = sd_event_add_time_relative(mgr->event, &mgr->progress_timer, CLOCK_MONOTONIC, 250000, 50000,
+                                               on_progress, mgr);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(mgr->progress_timer, SD_EVENT_OFF);
+        return r;
+}
+
+void jobs_free(Manager *mgr) {
+        GHashTableIter it;
+        Job *j;
+
+        if (mgr->jobs) {
+                /* shutting down: cancel what runs, then wait for each thread */
+                g_hash_table_iter_init(&it, mgr->jobs);
+                while (g_hash_table_iter_next(&it, NULL, (void **) &j))
+                        (void) dc_job_cancel(j->dj, true);
+                g_hash_table_destroy(mgr->jobs);
+        }
+        if (mgr->busy)
+                g_hash_table_destroy(mgr->busy);
+        sd_event_source_disable_unref(mgr->job_source);
+        sd_event_source_disable_unref(mgr->progress_timer);
+        if (mgr->job_fd > 0)
+                close(mgr->job_fd);
+}
+
+/* The options every job start passes to the library. */
+int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_object, const char *top,
+                 const char *base, const char *target, char **paths, Job **ret) {
+        Job *j = calloc(1, sizeof *j);
+        int r;
+
+        if (!j)
+                return -ENOMEM;
+        j->mgr = mgr;
+        j->dj = dj;
+        j->id = strdup(dc_job_id(dj));
+        r = sd_bus_path_encode(JOB_PREFIX, j->id, &j->object);
+        j->chain_object = strdup(chain_object);
+        j->top = strdup(top ? top : "");
+        j->base = strdup(base ? base : "");
+        j->target = strdup(target ? target : "");
+        j->paths = g_strdupv(paths);
+        j->type = dc_job_type(dj);
+        j->status = DC_JOB_CREATED;
+        j->start_time = now_usec(CLOCK_REALTIME);
+        j->rate_t0 = now_usec(CLOCK_MONOTONIC);
+        (void) caller_uid(m, &j->uid);
+        dc_job_get_info(dj, &j->last);
+        if (r < 0) {
+                job_free(j);
+                return r;
+        }
+        for (char **p = paths; p && *p; p++)
+                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(j->id));
+        g_hash_table_insert(mgr->jobs, j->id, j);
+        if (g_hash_table_size(mgr->jobs) == 1) {
+                (void) sd_event_source_set_time_relative(mgr->progress_timer, 250000);
+                (void) sd_event_source_set_enabled(mgr->progress_timer, SD_EVENT_ONESHOT);
+        }
+        (void) sd_bus_emit_object_added(mgr->bus, j->object);
+        (void) sd_bus_emit_properties_changed(mgr->bus, chain_object, IFACE_CHAIN, "Jobs", NULL);
+        job_notify(mgr);
+        *ret = j;
+        return 0;
+}
+
+/* --- query-block-jobs ------------------------------------------------------- */
+
+int append_job_infos(Manager *mgr, sd_bus_message *reply) {
+        GHashTableIter it;
+        Job *j;
+        int r = sd_bus_message_open_container(reply, 'a', "a{sv}");
+
+        g_hash_table_iter_init(&it, mgr->jobs);
+        while (r >= 0 && g_hash_table_iter_next(&it, NULL, (void **) &j)) {
+                struct dc_job_info i;
+                dc_job_get_info(j->dj, &i);
+                r = sd_bus_message_open_container(reply, 'a', "{sv}");
+                if (r >= 0)
+                        r = sd_bus_message_append(
+                                reply, "{sv}{sv}{sv}{sv}{sv}{sv}{sv}{sv}{sv}{sv}{sv}{sv}", "type", "s",
+                                dc_job_type_name(j->type), "device", "s", j->id, "len", "t", i.len, "offset", "t",
+                                i.offset, "busy", "b", i.busy, "paused", "b", i.paused, "speed", "t", i.speed,
+                                "io-status", "s", io_status_name(i.io_status), "ready", "b", i.ready, "status", "s",
+                                dc_job_status_name(i.status), "auto-finalize", "b", i.auto_finalize, "auto-dismiss",
+                                "b", i.auto_dismiss);
+                if (r >= 0 && i.error[0] && (i.status == DC_JOB_CONCLUDED || i.status == DC_JOB_ABORTING))
+                        r = sd_bus_message_append(reply, "{sv}", "error", "s", i.error);
+                if (r >= 0)
+                        r = sd_bus_message_close_container(reply);
+        }
+        if (r >= 0)
+                r = sd_bus_message_close_container(reply);
+        return r;
+}
+
+/* --- properties ------------------------------------------------------------- */
+
+#define JOB ((Job *) userdata)
+
+static int property_get_string(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                               sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        struct dc_job_info i;
+        const char *v = "";
+
+        dc_job_get_info(JOB->dj, &i);
+        if (strcmp(prop, "Id") == 0 || strcmp(prop, "Device") == 0)
+                v = JOB->id;
+        else if (strcmp(prop, "Type") == 0)
+                v = dc_job_type_name(JOB->type);
+        else if (strcmp(prop, "Status") == 0)
+                v = dc_job_status_name(JOB->status);
+        else if (strcmp(prop, "Top") == 0)
+                v = JOB->top;
+        else if (strcmp(prop, "Base") == 0)
+                v = JOB->base;
+        else if (strcmp(prop, "Target") == 0)
+                v = JOB->target;
+        else if (strcmp(prop, "IoStatus") == 0)
+                v = io_status_name(i.io_status);
+        else if (strcmp(prop, "Error") == 0)
+                return sd_bus_message_append(reply, "s",
+                                             JOB->status == DC_JOB_CONCLUDED || JOB->status == DC_JOB_ABORTING ? i.error
+                                                                                                               : "");
+        return sd_bus_message_append(reply, "s", v);
+}
+
+static int property_get_u64(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                            sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        struct dc_job_info i;
+        uint64_t v = 0;
+
+        dc_job_get_info(JOB->dj, &i);
+        if (strcmp(prop, "CurrentProgress") == 0)
+                v = i.offset;
+        else if (strcmp(prop, "TotalProgress") == 0)
+                v = i.len;
+        else if (strcmp(prop, "Speed") == 0)
+                v = i.speed;
+        else if (strcmp(prop, "StartTime") == 0)
+                v = JOB->start_time;
+        else if (strcmp(prop, "Rate") == 0)
+                v = JOB->rate;
+        else if (strcmp(prop, "ExpectedEndTime") == 0)
+                v = JOB->rate && i.len > i.offset && i.status == DC_JOB_RUNNING
+                            ? now_usec(CLOCK_REALTIME) + (i.len - i.offset) * 1000000 / JOB->rate
+                            : 0;
+        return sd_bus_message_append(reply, "t", v);
+}
+
+static int property_get_bool(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        struct dc_job_info i;
+        bool v = false;
+
+        dc_job_get_info(JOB->dj, &i);
+        if (strcmp(prop, "Busy") == 0)
+                v = i.busy;
+        else if (strcmp(prop, "Paused") == 0)
+                v = i.paused;
+        else if (strcmp(prop, "Ready") == 0)
+                v = i.ready;
+        else if (strcmp(prop, "AutoFinalize") == 0)
+                v = i.auto_finalize;
+        else if (strcmp(prop, "AutoDismiss") == 0)
+                v = i.auto_dismiss;
+        return sd_bus_message_append(reply, "b", v); /* ActivelySynced: no mirror yet, always false */
+}
+
+static int property_get_chain(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                              sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "o", JOB->chain_object);
+}
+
+static int property_get_uid(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                            sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "u", (uint32_t) JOB->uid);
+}
+
+/* --- verbs ---------------------------------------------------------------- */
+
+static int verb_authorize(sd_bus_message *m, Job *j, const char *verb, sd_bus_error *error) {
+        const char *d[] = { "path", j->top, "job-id", j->id, "operation", verb, NULL };
+        uid_t uid = 0;
+        int r = caller_uid(m, &uid);
+        if (r < 0)
+                return r;
+        return polkit_verify(j->mgr, m,
+                             uid == j->uid ? "org.diskchain.manage-job" : "org.diskchain.manage-job-other-user", d,
+                             error);
+}
+
+static int verb_result(sd_bus_message *m, int r, sd_bus_error *error) {
+        if (r < 0)
+                return sd_bus_error_set(error, r == -EPERM ? ERROR_PREFIX "InvalidJobState" : ERROR_PREFIX "IOError",
+                                        dc_get_error());
+        return sd_bus_reply_method_return(m, NULL);
+}
+
+#define VERB_METHOD(name, verb, call)                                                         \
+        static int method_##name(sd_bus_message *m, void *userdata, sd_bus_error *error) {    \
+                int r = verb_authorize(m, JOB, verb, error);                                  \
+                if (r <= 0)                                                                   \
+                        return r < 0 ? r : 1;                                                 \
+                return verb_result(m, call, error);                                           \
+        }
+
+VERB_METHOD(pause, "pause", dc_job_pause(JOB->dj))
+VERB_METHOD(resume, "resume", dc_job_resume(JOB->dj))
+VERB_METHOD(complete, "complete", dc_job_complete(JOB->dj))
+VERB_METHOD(finalize, "finalize", dc_job_finalize(JOB->dj))
+VERB_METHOD(dismiss, "dismiss", dc_job_dismiss(JOB->dj))
+
+static int method_set_speed(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        uint64_t speed;
+        int r = sd_bus_message_read(m, "t", &speed);
+        if (r < 0)
+                return r;
+        r = verb_authorize(m, JOB, "set-speed", error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        r = dc_job_set_speed(JOB->dj, speed);
+        if (r >= 0)
+                (void) sd_bus_emit_properties_changed(JOB->mgr->bus, JOB->object, IFACE_JOB, "Speed", NULL);
+        return verb_result(m, r, error);
+}
+
+static int method_cancel(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        int force;
+        int r = sd_bus_message_read(m, "b", &force);
+        if (r < 0)
+                return r;
+        r = verb_authorize(m, JOB, "cancel", error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        return verb_result(m, dc_job_cancel(JOB->dj, force), error);
+}
+
+static int method_change(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "copy-mode", NULL };
+        g_autoptr(GHashTable) opts = NULL;
+        int r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        /* change exists for mirror's copy-mode; stream and commit have nothing to change */
+        return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "Job '%s' of type '%s' has no options to change",
+                                 JOB->id, dc_job_type_name(JOB->type));
+}
+
+#define JPROP(name, sig, getter) SD_BUS_PROPERTY(name, sig, getter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
+
+const sd_bus_vtable job_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("Id", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Type", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        JPROP("Status", "s", property_get_string),
+        SD_BUS_PROPERTY("Device", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Chain", "o", property_get_chain, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Top", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Base", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Target", "s", property_get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        JPROP("CurrentProgress", "t", property_get_u64),
+        JPROP("TotalProgress", "t", property_get_u64),
+        JPROP("Speed", "t", property_get_u64),
+        JPROP("Busy", "b", property_get_bool),
+        JPROP("Paused", "b", property_get_bool),
+        JPROP("Ready", "b", property_get_bool),
+        JPROP("IoStatus", "s", property_get_string),
+        JPROP("Error", "s", property_get_string),
+        SD_BUS_PROPERTY("AutoFinalize", "b", property_get_bool, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("AutoDismiss", "b", property_get_bool, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        JPROP("ActivelySynced", "b", property_get_bool),
+        SD_BUS_PROPERTY("StartedByUID", "u", property_get_uid, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("StartTime", "t", property_get_u64, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        JPROP("Rate", "t", property_get_u64),
+        JPROP("ExpectedEndTime", "t", property_get_u64),
+        SD_BUS_METHOD("Pause", NULL, NULL, method_pause, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Resume", NULL, NULL, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("SetSpeed", SD_BUS_ARGS("t", speed), SD_BUS_NO_RESULT, method_set_speed,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Change", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, method_change,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Complete", NULL, NULL, method_complete, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Cancel", SD_BUS_ARGS("b", force), SD_BUS_NO_RESULT, method_cancel,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Finalize", NULL, NULL, method_finalize, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD("Dismiss", NULL, NULL, method_dismiss, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_SIGNAL_WITH_ARGS("JobStatusChange", SD_BUS_ARGS("s", id, "s", status), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("BlockJobReady", SD_BUS_ARGS("s", type, "s", device, "t", len, "t", offset, "t", speed),
+                                0),
+        SD_BUS_SIGNAL_WITH_ARGS("BlockJobPending", SD_BUS_ARGS("s", type, "s", id), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("BlockJobCompleted",
+                                SD_BUS_ARGS("s", type, "s", device, "t", len, "t", offset, "t", speed, "s", error), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("BlockJobCancelled",
+                                SD_BUS_ARGS("s", type, "s", device, "t", len, "t", offset, "t", speed), 0),
+        SD_BUS_SIGNAL_WITH_ARGS("BlockJobError", SD_BUS_ARGS("s", device, "s", operation, "s", action), 0),
+        SD_BUS_VTABLE_END,
+};
