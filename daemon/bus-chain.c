@@ -345,6 +345,114 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
         return finish_start(m, active, s, paths, error);
 }
+/* --- Snapshot (blockdev-snapshot-sync) --------------------------------------- */
+
+typedef struct SnapshotOp {
+        char *overlay, *backing, **roots;
+        bool existing;
+} SnapshotOp;
+
+static void snapshot_op_free(void *p) {
+        SnapshotOp *op = p;
+        free(op->overlay);
+        free(op->backing);
+        g_strfreev(op->roots);
+        free(op);
+}
+
+static void snapshot_run(Work *w) {
+        SnapshotOp *op = w->data;
+        struct dc_create_options o = { .backing = op->backing, .backing_format = -1 };
+        int r;
+
+        if (!op->existing)
+                r = dc_image_create(op->overlay, 0, &o, (const char *const *) op->roots);
+        else {
+                /* an existing overlay of the right size, with no backing yet */
+                struct dc_open_options oo = { .roots = (const char *const *) op->roots, .writable = true,
+                                              .no_backing = true };
+                dc_image *img = NULL;
+                r = dc_image_open(op->overlay, &oo, &img);
+                if (r >= 0 && *dc_image_backing_file(img)) {
+                        r = -EEXIST;
+                        w->error = g_strdup_printf("'%s' already has a backing file", op->overlay);
+                }
+                if (r >= 0)
+                        r = dc_image_set_backing(img, op->backing, "qcow2");
+                dc_image_close(img);
+        }
+        if (r < 0 && !w->error)
+                work_capture_error(w, r);
+        w->r = r;
+}
+
+static void snapshot_done(Work *w) {
+        SnapshotOp *op = w->data;
+        Image *img;
+
+        if (w->r < 0) {
+                (void) reply_error_errno(w->m, w->r, w->error, NULL);
+                return;
+        }
+        img = model_find(w->mgr, op->overlay);
+        if (!img) {
+                (void) sd_bus_reply_method_errorf(w->m, ERROR_PREFIX "IOError", "'%s' was created but cannot be read back",
+                                                  op->overlay);
+                return;
+        }
+        (void) sd_bus_reply_method_return(w->m, "o", img->object);
+}
+
+static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "format", "mode", NULL };
+        static const char *const formats[] = { "qcow2", NULL };
+        static const char *const modes[] = { "absolute-paths", "existing", NULL };
+        Image *active = ACTIVE;
+        Manager *mgr = active->mgr;
+        g_autoptr(GHashTable) opts = NULL;
+        _cleanup_free_ char *abs = NULL;
+        const char *overlay, *d[8], *job;
+        int fmt = 0, mode = 0, r;
+        SnapshotOp *op;
+
+        r = sd_bus_message_read(m, "s", &overlay);
+        if (r < 0)
+                return r;
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        if ((r = opt_enum(opts, "format", formats, &fmt, error)) < 0 || (r = opt_enum(opts, "mode", modes, &mode, error)) < 0)
+                return r;
+        r = manager_resolve_path(mgr, overlay, &abs, error);
+        if (r < 0)
+                return r;
+        if (mode == 0 && g_hash_table_lookup(mgr->images, abs))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists", abs);
+        job = busy_job(mgr, active->path);
+        if (job)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", active->path, job);
+        d[0] = "path", d[1] = abs, d[2] = "root", d[3] = root_of(mgr, abs), d[4] = "operation", d[5] = "snapshot";
+        d[6] = NULL;
+        r = polkit_verify(mgr, m, "org.diskchain.create", d, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = calloc(1, sizeof *op);
+        if (!op)
+                return -ENOMEM;
+        op->overlay = TAKE_PTR(abs);
+        op->existing = mode == 1;
+        {
+                /* relative to the overlay's directory when the active image is below it */
+                g_autofree char *dir = g_path_get_dirname(op->overlay);
+                size_t l = strlen(dir);
+                op->backing = strncmp(active->path, dir, l) == 0 && active->path[l] == '/'
+                                      ? strdup(active->path + l + 1)
+                                      : strdup(active->path);
+        }
+        op->roots = g_strdupv(mgr->config.roots);
+        r = work_start(mgr, m, snapshot_run, snapshot_done, op, snapshot_op_free, true);
+        return r < 0 ? r : 1;
+}
 
 const sd_bus_vtable chain_vtable[] = {
         SD_BUS_VTABLE_START(0),
@@ -358,5 +466,7 @@ const sd_bus_vtable chain_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Commit", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_commit,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Snapshot", SD_BUS_ARGS("s", overlay, "a{sv}", options), SD_BUS_RESULT("o", image),
+                                method_snapshot, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };

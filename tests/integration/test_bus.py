@@ -385,13 +385,16 @@ def test_in_use_by_qemu(bus):
 # --- block jobs ----------------------------------------------------------------
 
 def make_seed_chain(bus):
-    """The seed chain [A] <-- [B] <-- [C] <-- [D], a distinct pattern in each layer."""
+    """The seed chain [A] <-- [B] <-- [C] <-- [D], built with CreateImage and
+    Snapshot, with a distinct pattern written in each layer."""
     r = bus.root
     create(bus, "A.qcow2", 8 << 20)
     qemu_io(os.path.join(r, "A.qcow2"), "write -P 0xa 0 8M")
     for lower, name, cmd in (("A", "B", "write -P 0xb 1M 2M"), ("B", "C", "write -P 0xc 2M 2M"),
                              ("C", "D", "write -P 0xd 3M 2M")):
-        create(bus, f"{name}.qcow2", 0, "backing", "s", f"{lower}.qcow2")
+        chain = data(bus.call(M, "Manager", "GetChain", "s", f"{lower}.qcow2"))[0]
+        new = data(bus.call(chain, "Chain", "Snapshot", "sa{sv}", f"{name}.qcow2", "0"))[0]
+        assert prop(bus, new, "Image", "BackingFile") == f"{lower}.qcow2"
         qemu_io(os.path.join(r, f"{name}.qcow2"), cmd)
     for n in "ABCD":
         qemu_img("convert", "-O", "raw", os.path.join(r, f"{n}.qcow2"), os.path.join(bus.dir, f"{n}.ref"))
@@ -589,3 +592,23 @@ def test_daemon_stays_while_job_exists(bus_idle):
             break
         time.sleep(0.1)
     assert bus.daemon_pid() is None
+
+
+def test_snapshot_modes(bus):
+    create(bus, "base.qcow2", 4 << 20)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "base.qcow2"))[0]
+    p = bus.gdbus("--object-path", chain, "--method", "org.diskchain.DiskChain1.Chain.Snapshot", "snap1.qcow2", "{}")
+    assert "/org/diskchain/DiskChain1/image/" in p.stdout
+    new_chain = data(bus.call(M, "Manager", "GetChain", "s", "snap1.qcow2"))[0]
+    assert len(prop(bus, new_chain, "Chain", "Layers")) == 2
+    p = bus.call(M, "Manager", "GetChain", "s", "base.qcow2", check=False)
+    assert "not the active layer" in p.stderr
+    # mode=existing: an overlay made beforehand gets the active layer as backing
+    create(bus, "pre.qcow2", 4 << 20)
+    bus.call(new_chain, "Chain", "Snapshot", "sa{sv}", "pre.qcow2", "1", "mode", "s", "existing")
+    assert shape(bus, "pre.qcow2") == ["pre.qcow2", "snap1.qcow2", "base.qcow2"]
+    p = bus.call(data(bus.call(M, "Manager", "GetChain", "s", "pre.qcow2"))[0], "Chain", "Snapshot", "sa{sv}",
+                 "snap1.qcow2", "0", check=False)
+    assert "already exists" in p.stderr
+    for n in ("base", "snap1", "pre"):
+        assert qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False).returncode == 0
