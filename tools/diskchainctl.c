@@ -12,7 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <systemd/sd-bus.h>
+#include <time.h>
+#include <unistd.h>
 
 #define BUS_NAME "org.diskchain.DiskChain1"
 #define MANAGER_PATH "/org/diskchain/DiskChain1"
@@ -357,6 +360,392 @@ static int cmd_map(const char *path) {
         return 0;
 }
 
+/* --- block jobs -------------------------------------------------------------- */
+
+struct waiter {
+        const char *job;      /* object path followed */
+        bool done, ok, concluded_kept;
+        char error[512];
+};
+
+static int on_job_signal(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        struct waiter *w = userdata;
+        const char *member = sd_bus_message_get_member(m);
+
+        if (!w->job || strcmp(sd_bus_message_get_path(m), w->job) != 0)
+                return 0;
+        if (strcmp(member, "BlockJobCompleted") == 0) {
+                const char *type, *dev, *err;
+                uint64_t len, off, speed;
+                if (sd_bus_message_read(m, "ssttts", &type, &dev, &len, &off, &speed, &err) >= 0) {
+                        w->ok = !*err;
+                        snprintf(w->error, sizeof w->error, "%s", err);
+                }
+        } else if (strcmp(member, "BlockJobCancelled") == 0) {
+                w->ok = false;
+                snprintf(w->error, sizeof w->error, "cancelled");
+        } else if (strcmp(member, "JobStatusChange") == 0) {
+                const char *id, *status;
+                if (sd_bus_message_read(m, "ss", &id, &status) >= 0) {
+                        if (strcmp(status, "null") == 0)
+                                w->done = true;
+                        else if (strcmp(status, "concluded") == 0)
+                                w->concluded_kept = true;
+                }
+        }
+        return 0;
+}
+
+static int add_job_match(struct waiter *w, sd_bus_slot **slot) {
+        return sd_bus_add_match(bus, slot, "type='signal',interface='" IFACE("Job") "'",
+                                on_job_signal, w);
+}
+
+static void show_progress(const char *job) {
+        uint64_t cur = 0, total = 0, rate = 0, end = 0;
+        char *status = get_string(job, IFACE("Job"), "Status");
+        get_prop(job, IFACE("Job"), "CurrentProgress", 't', &cur);
+        get_prop(job, IFACE("Job"), "TotalProgress", 't', &total);
+        get_prop(job, IFACE("Job"), "Rate", 't', &rate);
+        get_prop(job, IFACE("Job"), "ExpectedEndTime", 't', &end);
+        if (total) {
+                int pct = (int) (cur * 100 / total), width = 30;
+                char bar[64];
+                struct timeval now;
+                long left = -1;
+                gettimeofday(&now, NULL);
+                if (end)
+                        left = (long) ((int64_t) end / 1000000 - now.tv_sec);
+                for (int i = 0; i < width; i++)
+                        bar[i] = i < pct * width / 100 ? '#' : '.';
+                bar[width] = 0;
+                fprintf(stderr, "\r%-9s [%s] %3d%%  %6.1f MiB/s  %s%lds left  ", status, bar, pct,
+                        (double) rate / 1048576.0, left < 0 ? "?" : "", left < 0 ? 0 : left);
+        }
+        free(status);
+}
+
+/* Follow JOB until it ends; print the outcome.  Exit status 0 only on success. */
+static int wait_job(struct waiter *w) {
+        bool tty = isatty(STDERR_FILENO);
+        for (;;) {
+                int r = sd_bus_process(bus, NULL);
+                if (r < 0)
+                        return fail("bus", NULL, r);
+                if (w->done || (w->concluded_kept && (w->ok || w->error[0])))
+                        break;
+                if (r > 0)
+                        continue;
+                if (tty)
+                        show_progress(w->job);
+                /* the job may have gone before we looked: then it is over */
+                if (!w->done) {
+                        char *st = get_string(w->job, IFACE("Job"), "Status");
+                        bool gone = !*st;
+                        free(st);
+                        if (gone && !w->ok && !w->error[0]) {
+                                sd_bus_wait(bus, 200000);
+                                sd_bus_process(bus, NULL);
+                                if (!w->ok && !w->error[0])
+                                        snprintf(w->error, sizeof w->error, "the job ended before its outcome was seen");
+                                break;
+                        }
+                }
+                sd_bus_wait(bus, 500000);
+        }
+        if (tty)
+                fprintf(stderr, "\r%-70s\r", "");
+        if (w->ok) {
+                printf("%s: completed\n", w->job);
+                return 0;
+        }
+        fprintf(stderr, "diskchainctl: %s: %s\n", w->job, w->error);
+        return 1;
+}
+
+static int get_chain(const char *path, char **ret) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        const char *o;
+        int r = call(MANAGER_PATH, IFACE("Manager"), "GetChain", &reply, &e, "s", path);
+        if (r < 0) {
+                fail("GetChain", &e, r);
+                sd_bus_error_free(&e);
+                return r;
+        }
+        sd_bus_message_read(reply, "o", &o);
+        *ret = strdup(o);
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+/* stream|commit CHAIN [options]: start the job, then wait unless --no-wait. */
+static int cmd_job_start(const char *method, int argc, char **argv) {
+        static const struct option opts[] = {
+                { "top", required_argument, NULL, 't' },      { "base", required_argument, NULL, 'b' },
+                { "bottom", required_argument, NULL, 'B' },   { "backing-file", required_argument, NULL, 'f' },
+                { "speed", required_argument, NULL, 's' },    { "on-error", required_argument, NULL, 'e' },
+                { "job-id", required_argument, NULL, 'i' },   { "no-auto-finalize", no_argument, NULL, 'F' },
+                { "no-auto-dismiss", no_argument, NULL, 'D' }, { "force-shared-base", no_argument, NULL, 'S' },
+                { "no-wait", no_argument, NULL, 'n' },        {},
+        };
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *m = NULL, *reply = NULL;
+        sd_bus_slot *slot = NULL;
+        struct waiter w = { 0 };
+        bool no_wait = false, ok;
+        char *chain = NULL;
+        const char *job;
+        int c, r;
+
+        if (argc < 2) {
+                fprintf(stderr, "diskchainctl: %s CHAIN-ACTIVE-PATH [OPTIONS]\n", argv[0]);
+                return 2;
+        }
+        if (get_chain(argv[1], &chain) < 0)
+                return 1;
+        r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, chain, IFACE("Chain"), method);
+        free(chain);
+        if (r < 0)
+                return fail(method, NULL, r);
+        sd_bus_message_open_container(m, 'a', "{sv}");
+        optind = 1;
+        while ((c = getopt_long(argc - 1, argv + 1, "", opts, NULL)) >= 0) {
+                switch (c) {
+                case 't': sd_bus_message_append(m, "{sv}", "top", "s", optarg); break;
+                case 'b': sd_bus_message_append(m, "{sv}", "base", "s", optarg); break;
+                case 'B': sd_bus_message_append(m, "{sv}", "bottom", "s", optarg); break;
+                case 'f': sd_bus_message_append(m, "{sv}", "backing-file", "s", optarg); break;
+                case 'e': sd_bus_message_append(m, "{sv}", "on-error", "s", optarg); break;
+                case 'i': sd_bus_message_append(m, "{sv}", "job-id", "s", optarg); break;
+                case 'F': sd_bus_message_append(m, "{sv}", "auto-finalize", "b", 0); break;
+                case 'D': sd_bus_message_append(m, "{sv}", "auto-dismiss", "b", 0); break;
+                case 'S': sd_bus_message_append(m, "{sv}", "force-shared-base", "b", 1); break;
+                case 'n': no_wait = true; break;
+                case 's': {
+                        uint64_t v = parse_size(optarg, &ok);
+                        if (!ok)
+                                return fprintf(stderr, "diskchainctl: invalid speed '%s'\n", optarg), 2;
+                        sd_bus_message_append(m, "{sv}", "speed", "t", v);
+                        break;
+                }
+                default:
+                        return 2;
+                }
+        }
+        sd_bus_message_close_container(m);
+        if (!no_wait && (r = add_job_match(&w, &slot)) < 0)
+                return fail("subscribe", NULL, r);
+        r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
+        sd_bus_message_unref(m);
+        if (r < 0)
+                return fail(method, &e, r);
+        sd_bus_message_read(reply, "o", &job);
+        if (no_wait) {
+                printf("%s\n", job);
+                sd_bus_message_unref(reply);
+                return 0;
+        }
+        w.job = job;
+        r = wait_job(&w);
+        sd_bus_slot_unref(slot);
+        sd_bus_message_unref(reply);
+        return r;
+}
+
+static int cmd_snapshot(int argc, char **argv) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        char *chain = NULL;
+        const char *o;
+        int r;
+
+        if (argc < 3)
+                return fprintf(stderr, "diskchainctl: snapshot CHAIN-ACTIVE-PATH OVERLAY [--existing]\n"), 2;
+        if (get_chain(argv[1], &chain) < 0)
+                return 1;
+        if (argc > 3 && strcmp(argv[3], "--existing") == 0)
+                r = call(chain, IFACE("Chain"), "Snapshot", &reply, &e, "sa{sv}", argv[2], 1, "mode", "s", "existing");
+        else
+                r = call(chain, IFACE("Chain"), "Snapshot", &reply, &e, "sa{sv}", argv[2], 0);
+        free(chain);
+        if (r < 0)
+                return fail("Snapshot", &e, r);
+        sd_bus_message_read(reply, "o", &o);
+        printf("%s\n", o);
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+static int get_job(const char *id, char **ret) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        const char *o;
+        int r = call(MANAGER_PATH, IFACE("Manager"), "GetJob", &reply, &e, "s", id);
+        if (r < 0) {
+                fail("GetJob", &e, r);
+                sd_bus_error_free(&e);
+                return r;
+        }
+        sd_bus_message_read(reply, "o", &o);
+        *ret = strdup(o);
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+static void print_job(const char *o, bool long_form) {
+        char *id = get_string(o, IFACE("Job"), "Id"), *type = get_string(o, IFACE("Job"), "Type");
+        char *status = get_string(o, IFACE("Job"), "Status"), *err = get_string(o, IFACE("Job"), "Error");
+        char *top = get_string(o, IFACE("Job"), "Top"), *base = get_string(o, IFACE("Job"), "Base");
+        char *io = get_string(o, IFACE("Job"), "IoStatus");
+        uint64_t cur = 0, total = 0, speed = 0;
+
+        get_prop(o, IFACE("Job"), "CurrentProgress", 't', &cur);
+        get_prop(o, IFACE("Job"), "TotalProgress", 't', &total);
+        get_prop(o, IFACE("Job"), "Speed", 't', &speed);
+        if (arg_json)
+                printf("{\"id\": \"%s\", \"type\": \"%s\", \"status\": \"%s\", \"offset\": %" PRIu64
+                       ", \"len\": %" PRIu64 ", \"speed\": %" PRIu64 ", \"io-status\": \"%s\", \"top\": \"%s\", "
+                       "\"base\": \"%s\", \"error\": \"%s\"}\n",
+                       id, type, status, cur, total, speed, io, top, base, err);
+        else if (long_form)
+                printf("id: %s\ntype: %s\nstatus: %s\nprogress: %" PRIu64 "/%" PRIu64 "\nspeed: %" PRIu64
+                       "\nio-status: %s\ntop: %s\nbase: %s\nerror: %s\nobject: %s\n",
+                       id, type, status, cur, total, speed, io, top, *base ? base : "(none)", err, o);
+        else
+                printf("%-12s %-7s %-10s %3d%%  %s\n", id, type, status, total ? (int) (cur * 100 / total) : 0, top);
+        free(id), free(type), free(status), free(err), free(top), free(base), free(io);
+}
+
+static int cmd_jobs(void) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        char **v = NULL;
+        int r = call(MANAGER_PATH, IFACE("Manager"), "ListJobs", &reply, &e, NULL);
+        if (r < 0)
+                return fail("ListJobs", &e, r);
+        read_paths(reply, &v);
+        if (!arg_json)
+                printf("ID           TYPE    STATUS     DONE  TOP\n");
+        for (char **p = v; *p; p++)
+                print_job(*p, false);
+        strv_free(v);
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+static int cmd_job(int argc, char **argv) {
+        static const struct {
+                const char *verb, *method;
+        } verbs[] = { { "pause", "Pause" }, { "resume", "Resume" }, { "complete", "Complete" },
+                      { "finalize", "Finalize" }, { "dismiss", "Dismiss" } };
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        char *o = NULL;
+        int r;
+
+        if (argc < 3)
+                return fprintf(stderr, "diskchainctl: job info|pause|resume|cancel|complete|finalize|dismiss|set-speed ID\n"), 2;
+        if (get_job(argv[2], &o) < 0)
+                return 1;
+        if (strcmp(argv[1], "info") == 0) {
+                print_job(o, true);
+                free(o);
+                return 0;
+        }
+        if (strcmp(argv[1], "cancel") == 0)
+                r = call(o, IFACE("Job"), "Cancel", NULL, &e, "b", argc > 3 && strcmp(argv[3], "--force") == 0);
+        else if (strcmp(argv[1], "set-speed") == 0) {
+                bool ok;
+                uint64_t v = argc > 3 ? parse_size(argv[3], &ok) : (ok = false, 0);
+                if (!ok) {
+                        free(o);
+                        return fprintf(stderr, "diskchainctl: job set-speed ID BYTES-PER-SECOND\n"), 2;
+                }
+                r = call(o, IFACE("Job"), "SetSpeed", NULL, &e, "t", v);
+        } else {
+                r = -EINVAL;
+                for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++)
+                        if (strcmp(argv[1], verbs[i].verb) == 0)
+                                r = call(o, IFACE("Job"), verbs[i].method, NULL, &e, NULL);
+                if (r == -EINVAL && !sd_bus_error_is_set(&e)) {
+                        free(o);
+                        return fprintf(stderr, "diskchainctl: unknown job verb '%s'\n", argv[1]), 2;
+                }
+        }
+        free(o);
+        if (r < 0)
+                return fail(argv[1], &e, r);
+        return 0;
+}
+
+static int cmd_wait(const char *id) {
+        struct waiter w = { 0 };
+        sd_bus_slot *slot = NULL;
+        char *o = NULL;
+        int r = add_job_match(&w, &slot);
+
+        if (r < 0)
+                return fail("subscribe", NULL, r);
+        if (get_job(id, &o) < 0)
+                return 1;
+        w.job = o;
+        r = wait_job(&w);
+        sd_bus_slot_unref(slot);
+        free(o);
+        return r;
+}
+
+/* monitor: every job signal as one line of JSON in QMP's event shape. */
+static int on_monitor_signal(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        const char *member = sd_bus_message_get_member(m), *a = "", *b = "", *c = "", *err = "";
+        uint64_t len = 0, off = 0, speed = 0;
+        struct timeval tv;
+
+        gettimeofday(&tv, NULL);
+        printf("{\"timestamp\": {\"seconds\": %ld, \"microseconds\": %ld}, ", (long) tv.tv_sec, (long) tv.tv_usec);
+        if (strcmp(member, "JobStatusChange") == 0) {
+                sd_bus_message_read(m, "ss", &a, &b);
+                printf("\"event\": \"JOB_STATUS_CHANGE\", \"data\": {\"status\": \"%s\", \"id\": \"%s\"}}\n", b, a);
+        } else if (strcmp(member, "BlockJobPending") == 0) {
+                sd_bus_message_read(m, "ss", &a, &b);
+                printf("\"event\": \"BLOCK_JOB_PENDING\", \"data\": {\"type\": \"%s\", \"id\": \"%s\"}}\n", a, b);
+        } else if (strcmp(member, "BlockJobError") == 0) {
+                sd_bus_message_read(m, "sss", &a, &b, &c);
+                printf("\"event\": \"BLOCK_JOB_ERROR\", \"data\": {\"device\": \"%s\", \"operation\": \"%s\", "
+                       "\"action\": \"%s\"}}\n", a, b, c);
+        } else {
+                const char *ev = strcmp(member, "BlockJobReady") == 0       ? "BLOCK_JOB_READY"
+                                 : strcmp(member, "BlockJobCompleted") == 0 ? "BLOCK_JOB_COMPLETED"
+                                                                            : "BLOCK_JOB_CANCELLED";
+                sd_bus_message_read(m, "ssttt", &a, &b, &len, &off, &speed);
+                if (strcmp(member, "BlockJobCompleted") == 0)
+                        sd_bus_message_read(m, "s", &err);
+                printf("\"event\": \"%s\", \"data\": {\"device\": \"%s\", \"len\": %" PRIu64 ", \"offset\": %" PRIu64
+                       ", \"speed\": %" PRIu64 ", \"type\": \"%s\"",
+                       ev, b, len, off, speed, a);
+                if (*err)
+                        printf(", \"error\": \"%s\"", err);
+                printf("}}\n");
+        }
+        fflush(stdout);
+        return 0;
+}
+
+static int cmd_monitor(void) {
+        sd_bus_slot *slot = NULL;
+        int r = sd_bus_add_match(bus, &slot, "type='signal',interface='" IFACE("Job") "'",
+                                 on_monitor_signal, NULL);
+        if (r < 0)
+                return fail("subscribe", NULL, r);
+        for (;;) {
+                r = sd_bus_process(bus, NULL);
+                if (r < 0)
+                        return fail("bus", NULL, r);
+                if (r == 0)
+                        sd_bus_wait(bus, UINT64_MAX);
+        }
+}
+
 static void help(void) {
         printf("diskchainctl [OPTIONS...] COMMAND ...\n\n"
                "Commands:\n"
@@ -367,7 +756,18 @@ static void help(void) {
                "                               --cluster-size, --compat, --compression-type,\n"
                "                               --preallocation, --lazy-refcounts, --refcount-bits)\n"
                "  check PATH [--repair leaks|all]\n"
-               "  map PATH                     Show allocation, as qemu-img map --output=json\n\n"
+               "  map PATH                     Show allocation, as qemu-img map --output=json\n"
+               "  stream CHAIN [--top P] [--base P|--bottom P] [--backing-file S] [--speed N]\n"
+               "  commit CHAIN --top P [--base P] [--backing-file S] [--force-shared-base] [--speed N]\n"
+               "                               Start a job on the chain whose active layer is CHAIN and\n"
+               "                               wait for it (progress on a terminal); also --job-id ID,\n"
+               "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
+               "                               --no-auto-dismiss, --no-wait (print the job and return)\n"
+               "  snapshot CHAIN OVERLAY [--existing]\n"
+               "  jobs                         List block jobs\n"
+               "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
+               "  wait ID                      Wait for a job to end; non-zero unless it completed\n"
+               "  monitor                      Print every job signal as a QMP event in JSON\n\n"
                "Options:\n"
                "  -h --help      Show this help\n"
                "     --json      JSON output for images, chains, info and check\n"
@@ -420,6 +820,20 @@ int main(int argc, char **argv) {
                 r = cmd_check(argv[1]);
         else if (strcmp(argv[0], "map") == 0 && argc >= 2)
                 r = cmd_map(argv[1]);
+        else if (strcmp(argv[0], "stream") == 0)
+                r = cmd_job_start("Stream", argc, argv);
+        else if (strcmp(argv[0], "commit") == 0)
+                r = cmd_job_start("Commit", argc, argv);
+        else if (strcmp(argv[0], "snapshot") == 0)
+                r = cmd_snapshot(argc, argv);
+        else if (strcmp(argv[0], "jobs") == 0)
+                r = cmd_jobs();
+        else if (strcmp(argv[0], "job") == 0)
+                r = cmd_job(argc, argv);
+        else if (strcmp(argv[0], "wait") == 0 && argc >= 2)
+                r = cmd_wait(argv[1]);
+        else if (strcmp(argv[0], "monitor") == 0)
+                r = cmd_monitor();
         else {
                 fprintf(stderr, "diskchainctl: unknown command or missing argument: %s\n", argv[0]);
                 r = 2;

@@ -612,3 +612,38 @@ def test_snapshot_modes(bus):
     assert "already exists" in p.stderr
     for n in ("base", "snap1", "pre"):
         assert qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False).returncode == 0
+
+
+def test_diskchainctl_jobs_and_monitor(bus):
+    import subprocess
+    make_seed_chain(bus)
+    from bustest import CTL
+    mon = subprocess.Popen([CTL, "monitor"], env={**os.environ, **bus.env}, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    # stream waits by default and reports the outcome
+    p = bus.ctl("stream", "D.qcow2", "--base", "B.qcow2", "--job-id", "ctl1")
+    assert "job/ctl1: completed" in p.stdout
+    assert shape(bus, "D.qcow2") == ["D.qcow2", "B.qcow2", "A.qcow2"]
+    # --no-wait, then the job verbs
+    p = bus.ctl("stream", "D.qcow2", "--job-id", "ctl2", "--speed", "64K", "--no-auto-dismiss", "--no-wait")
+    assert p.stdout.strip().endswith("/job/ctl2")
+    assert "ctl2" in bus.ctl("jobs").stdout
+    bus.ctl("job", "pause", "ctl2")
+    p = bus.ctl("job", "complete", "ctl2", check=False)
+    assert p.returncode != 0 and "cannot accept command verb 'complete'" in p.stderr
+    bus.ctl("job", "set-speed", "ctl2", "0")
+    bus.ctl("job", "resume", "ctl2")
+    j = json.loads(bus.ctl("--json", "job", "info", "ctl2").stdout)
+    assert j["id"] == "ctl2" and j["type"] == "stream"
+    p = bus.ctl("wait", "ctl2")
+    assert "completed" in p.stdout
+    bus.ctl("job", "dismiss", "ctl2")
+    # refusals come back as the client's failure, with the daemon's message
+    p = bus.ctl("commit", "D.qcow2", "--top", "D.qcow2", check=False)
+    assert p.returncode != 0 and "cannot commit an image into itself" in p.stderr
+    mon.terminate()
+    events = [json.loads(l) for l in mon.communicate()[0].splitlines()]
+    names = [e["event"] for e in events if e["data"].get("id", e["data"].get("device")) == "ctl1"]
+    assert names == ["JOB_STATUS_CHANGE"] * 4 + ["BLOCK_JOB_COMPLETED"] + ["JOB_STATUS_CHANGE"] * 2, names
+    done = [e for e in events if e["event"] == "BLOCK_JOB_COMPLETED"][0]
+    assert done["data"]["type"] == "stream" and done["data"]["len"] == 8 << 20 and "seconds" in done["timestamp"]
