@@ -444,8 +444,14 @@ static int wait_job(struct waiter *w) {
                         bool gone = !*st;
                         free(st);
                         if (gone && !w->ok && !w->error[0]) {
-                                sd_bus_wait(bus, 200000);
-                                sd_bus_process(bus, NULL);
+                                /* its signals were queued during our property
+                                 * call, or are about to arrive: read them all */
+                                for (int tries = 0; tries < 10 && !w->ok && !w->error[0]; tries++) {
+                                        while (sd_bus_process(bus, NULL) > 0)
+                                                ;
+                                        if (!w->ok && !w->error[0])
+                                                sd_bus_wait(bus, 100000);
+                                }
                                 if (!w->ok && !w->error[0])
                                         snprintf(w->error, sizeof w->error, "the job ended before its outcome was seen");
                                 break;

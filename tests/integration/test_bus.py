@@ -408,8 +408,10 @@ class Monitor:
         import subprocess
         self.p = subprocess.Popen(["busctl", "--system", "monitor", "--json=short", "--match",
                                    "type='signal',interface='org.diskchain.DiskChain1.Job'"],
-                                  env={**os.environ, **bus.env}, stdout=subprocess.PIPE, text=True)
-        time.sleep(0.4)
+                                  env={**os.environ, **bus.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        # busctl says so once BecomeMonitor has succeeded: nothing is missed after
+        assert "Monitoring bus message stream" in self.p.stderr.readline()
 
     def stop(self):
         time.sleep(0.3)
