@@ -649,3 +649,90 @@ def test_diskchainctl_jobs_and_monitor(bus):
     assert names == ["JOB_STATUS_CHANGE"] * 4 + ["BLOCK_JOB_COMPLETED"] + ["JOB_STATUS_CHANGE"] * 2, names
     done = [e for e in events if e["event"] == "BLOCK_JOB_COMPLETED"][0]
     assert done["data"]["type"] == "stream" and done["data"]["len"] == 8 << 20 and "seconds" in done["timestamp"]
+
+
+VERBS = {  # verb -> (method, busctl args)
+    "pause": ("Pause", []), "resume": ("Resume", []), "set-speed": ("SetSpeed", ["t", "1024"]),
+    "complete": ("Complete", []), "finalize": ("Finalize", []), "dismiss": ("Dismiss", []),
+    "cancel": ("Cancel", ["b", "true"]),
+}
+# QEMU's verb table, for the statuses a stream job can be held in
+ALLOWED = {
+    "running": {"pause", "resume", "set-speed", "cancel"},
+    "paused": {"pause", "resume", "set-speed", "cancel"},
+    "pending": {"finalize", "cancel"},
+    "concluded": {"dismiss"},
+}
+
+
+def wait_status(bus, job, status, timeout=30):
+    for _ in range(timeout * 10):
+        if prop(bus, job, "Job", "Status") == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{job} never reached {status}: it is {prop(bus, job, 'Job', 'Status')}, "
+                         f"error {prop(bus, job, 'Job', 'Error')!r}")
+
+
+def test_verb_table(bus):
+    """Each verb in each reachable status: accepted, or InvalidJobState with QMP's message."""
+    chain = make_seed_chain(bus)
+    for status in ("running", "paused", "pending", "concluded"):
+        jid = f"vt-{status}"
+        opts = ["job-id", "s", jid, "auto-finalize", "b", "true" if status == "concluded" else "false",
+                "auto-dismiss", "b", "false"]
+        if status in ("running", "paused"):
+            opts += ["speed", "t", "1024"]
+        job = data(bus.call(chain, "Chain", "Stream", "a{sv}", str(len(opts) // 3), *opts))[0]
+        wait_status(bus, job, "running" if status == "paused" else status)
+        if status == "paused":
+            bus.call(job, "Job", "Pause")
+            wait_status(bus, job, "paused")
+        for verb, (method, args) in VERBS.items():
+            if verb in ("cancel", "finalize", "dismiss", "resume", "pause"):
+                continue  # these change the status; tried below, one at a time
+            p = bus.call(job, "Job", method, *args, check=False)
+            if verb in ALLOWED[status]:
+                assert p.returncode == 0, (status, verb, p.stderr)
+            else:
+                assert f"Job '{jid}' in state '{status}' cannot accept command verb '{verb}'" in p.stderr, \
+                    (status, verb, p.stderr)
+        for verb in ("pause", "resume", "finalize", "dismiss"):
+            if verb not in ALLOWED[status]:
+                p = bus.call(job, "Job", VERBS[verb][0], check=False)
+                assert f"cannot accept command verb '{verb}'" in p.stderr, (status, verb, p.stderr)
+        # end it the way its status allows
+        if status == "concluded":
+            bus.call(job, "Job", "Dismiss")
+        else:
+            bus.call(job, "Job", "Cancel", "b", "true")
+            wait_status(bus, job, "concluded")
+            p = bus.call(job, "Job", "Cancel", "b", "true", check=False)
+            assert f"in state 'concluded' cannot accept command verb 'cancel'" in p.stderr
+            bus.call(job, "Job", "Dismiss")
+        wait_gone(bus, job)
+    assert_chain_intact(bus, ["D.qcow2"])  # the 'concluded' round finished its stream
+
+
+def test_bus_answers_while_four_jobs_run(bus):
+    for i in range(4):
+        create(bus, f"b{i}.qcow2", 32 << 20)
+        qemu_io(os.path.join(bus.root, f"b{i}.qcow2"), "write -P 1 0 32M")
+        create(bus, f"t{i}.qcow2", 0, "backing", "s", f"b{i}.qcow2")
+    time.sleep(0.4)
+    jobs = []
+    for i in range(4):
+        chain = data(bus.call(M, "Manager", "GetChain", "s", f"t{i}.qcow2"))[0]
+        jobs.append(data(bus.call(chain, "Chain", "Stream", "a{sv}", "1", "speed", "t", str(16 << 20)))[0])
+    assert len(data(bus.call(M, "Manager", "ListJobs"))[0]) == 4
+    worst = 0
+    for _ in range(10):
+        t0 = time.monotonic()
+        bus.call(M, "Manager", "QueryBlockJobs")
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.1)
+    assert worst < 1.0, f"a call took {worst:.2f}s while four jobs ran"
+    for j in jobs:
+        wait_gone(bus, j)
+    for i in range(4):
+        assert qemu_img("check", os.path.join(bus.root, f"t{i}.qcow2"), check=False).returncode == 0
