@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Job faults under each on-error policy: a full target (a small tmpfs inside
+the storage root) and a read error (a corrupted compressed cluster in a
+backing file).  Signals come in QEMU's order; stop/enospc pause the job with
+io-status, and Resume() after space is freed completes it with correct data."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from bustest import qemu_img, qemu_io, sh
+from test_bus import M, Monitor, data, prop, wait_gone, wait_status
+
+
+@pytest.fixture
+def small_fs(bus):
+    mnt = os.path.join(bus.root, "small")
+    os.mkdir(mnt)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", mnt], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", mnt])
+
+
+def full_target_chain(bus, mnt):
+    base = os.path.join(bus.root, "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 0x5a 0 12M")
+    top = os.path.join(mnt, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "../base.qcow2", "-F", "qcow2", top)
+    qemu_img("convert", "-O", "raw", top, os.path.join(bus.dir, "top.ref"))
+    time.sleep(0.5)
+    return top, data(bus.call(M, "Manager", "GetChain", "s", top))[0]
+
+
+def events(sigs):
+    """Collapse repeated BlockJobError signals (one per failing chunk)."""
+    out = []
+    for s in sigs:
+        if not out or s != out[-1] or not s.startswith("BlockJobError"):
+            out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore"])
+def test_full_target_fails(bus, small_fs, policy):
+    top, chain = full_target_chain(bus, small_fs)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "on-error", "s", policy, "auto-dismiss", "b", "false"))[0]
+    wait_status(bus, job, "concluded")
+    err = prop(bus, job, "Job", "Error")
+    assert "No space left" in err or "no space" in err.lower(), err
+    bus.call(job, "Job", "Dismiss")
+    wait_gone(bus, job)
+    sigs = events(mon.stop())
+    assert sigs == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                    "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                    "JobStatusChange(null)"], sigs
+    # the top keeps its backing and its data; leaks at worst
+    assert json.loads(qemu_img("info", "--output=json", top).stdout)["backing-filename"] == "../base.qcow2"
+    assert qemu_img("check", top, check=False).returncode in (0, 3)
+    assert qemu_img("compare", "-F", "raw", top, os.path.join(bus.dir, "top.ref"), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("policy", ["stop", "enospc"])
+def test_full_target_stops_then_resumes(bus, small_fs, policy):
+    top, chain = full_target_chain(bus, small_fs)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "1", "on-error", "s", policy))[0]
+    wait_status(bus, job, "paused")
+    assert prop(bus, job, "Job", "IoStatus") == "nospace"
+    assert prop(bus, job, "Job", "Paused") is True
+    sh("mount", "-o", "remount,size=64M", small_fs)  # free space
+    bus.call(job, "Job", "Resume")
+    wait_gone(bus, job)
+    sigs = events(mon.stop())
+    assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                        "JobStatusChange(paused)"], sigs
+    assert sigs[-5:] == ["JobStatusChange(waiting)", "JobStatusChange(pending)", "BlockJobCompleted",
+                         "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+    assert "backing-filename" not in json.loads(qemu_img("info", "--output=json", top).stdout)
+    assert qemu_img("check", top, check=False).returncode in (0, 3)
+    assert qemu_img("compare", "-F", "raw", top, os.path.join(bus.dir, "top.ref"), check=False).returncode == 0
+
+
+def corrupt_compressed_base(bus):
+    src = os.path.join(bus.dir, "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", src, "4M")
+    qemu_io(src, "write -P 0x33 0 4M")
+    base = os.path.join(bus.root, "cbase.qcow2")
+    qemu_img("convert", "-c", "-O", "qcow2", src, base)
+    m = json.loads(qemu_img("map", "--output=json", base).stdout)
+    assert m[0]["data"]
+    # find the compressed data of cluster 1 through its L2 entry and smash it
+    raw = open(base, "rb").read()
+    l1_off = int.from_bytes(raw[40:48], "big")
+    l2_off = int.from_bytes(raw[l1_off:l1_off + 8], "big") & 0x00fffffffffffe00
+    e = int.from_bytes(raw[l2_off + 8:l2_off + 16], "big")
+    coff = e & ((1 << 54) - 1)
+    with open(base, "r+b") as f:
+        f.seek(coff)
+        f.write(os.urandom(64))
+    top = os.path.join(bus.root, "ctop.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "cbase.qcow2", "-F", "qcow2", top)
+    time.sleep(0.5)
+    return top, data(bus.call(M, "Manager", "GetChain", "s", top))[0]
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop"])
+def test_read_error(bus, policy):
+    top, chain = corrupt_compressed_base(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "on-error", "s", policy, "auto-dismiss", "b", "false"))[0]
+    if policy == "stop":
+        wait_status(bus, job, "paused")
+        assert prop(bus, job, "Job", "IoStatus") == "failed"
+        bus.call(job, "Job", "Cancel", "b", "true")  # the data will not heal: give up
+    wait_status(bus, job, "concluded")
+    err = prop(bus, job, "Job", "Error")
+    bus.call(job, "Job", "Dismiss")
+    wait_gone(bus, job)
+    sigs = events(mon.stop())
+    assert sigs[:3] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError"], sigs
+    if policy == "stop":
+        assert "BlockJobCancelled" in sigs and err == ""
+    else:
+        assert sigs[-4:] == ["JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                             "JobStatusChange(null)"], sigs
+        assert "compressed" in err, err
+    # the top keeps its backing: nothing was lost
+    assert json.loads(qemu_img("info", "--output=json", top).stdout)["backing-filename"] == "cbase.qcow2"
+    assert qemu_img("check", top, check=False).returncode in (0, 3)
