@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include "daemon.h"
 
@@ -68,6 +69,11 @@ static int property_get_none(sd_bus *bus, const char *path, const char *iface, c
 typedef struct JobStart {
         int type;
         char *id, *chain_object, *overlay, *top, *base, *backing_file;
+        /* backup */
+        char *target, *target_backing;
+        bool create_target;
+        struct dc_create_options co;
+        struct dc_backup_options bo;
         char **roots, **paths;
         unsigned max_depth;
         struct dc_job_options jo;
@@ -82,6 +88,8 @@ static void job_start_free(void *p) {
         free(s->top);
         free(s->base);
         free(s->backing_file);
+        free(s->target);
+        free(s->target_backing);
         g_strfreev(s->roots);
         g_strfreev(s->paths);
         dc_job_free(s->job); /* only set when the start failed after creating it */
@@ -96,8 +104,37 @@ static void job_start_run(Work *w) {
         s->jo.id = s->id;
         if (s->type == DC_JOB_TYPE_STREAM)
                 r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
-        else
+        else if (s->type == DC_JOB_TYPE_COMMIT)
                 r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
+        else {
+                /* drive-backup with mode absolute-paths creates the target first */
+                r = 0;
+                if (s->create_target) {
+                        dc_image *src = NULL;
+                        struct dc_open_options so = o;
+                        so.no_lock = true;
+                        r = dc_image_open(s->top, &so, &src);
+                        if (r >= 0) {
+                                s->co.backing = s->target_backing;
+                                s->co.backing_format = -1;
+                                r = dc_image_create(s->target, dc_image_virtual_size(src), &s->co, (const char *const *) s->roots);
+                                dc_image_close(src);
+                        }
+                }
+                if (r >= 0) {
+                        r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
+                        if (r < 0 && s->create_target) {
+                                char msg[1024];
+                                snprintf(msg, sizeof msg, "%s", dc_get_error());
+                                (void) unlink(s->target); /* we made it for this job only */
+                                work_capture_error(w, r);
+                                free(w->error);
+                                w->error = strdup(msg);
+                                return;
+                        }
+                }
+                w->rescan = s->create_target;
+        }
         work_capture_error(w, r);
 }
 
@@ -113,7 +150,10 @@ static void job_start_done(Work *w) {
                 return;
         }
         r = job_register(w->mgr, s->job, w->m, s->chain_object, s->top, s->base,
-                         s->type == DC_JOB_TYPE_STREAM ? s->top : s->base, s->paths, &j);
+                         s->type == DC_JOB_TYPE_STREAM   ? s->top
+                         : s->type == DC_JOB_TYPE_BACKUP ? s->target
+                                                         : s->base,
+                         s->paths, &j);
         if (r < 0) {
                 (void) dc_job_cancel(s->job, true);
                 (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot publish the job: %s", strerror(-r));
@@ -155,15 +195,19 @@ static int job_common_options(Manager *mgr, GHashTable *opts, const char *type, 
         bool af = true, ad = true;
         int on_error = 0, r;
 
+        int on_target = -1;
         if ((r = opt_string(opts, "job-id", &id, error)) < 0 || (r = opt_uint(opts, "speed", &speed, error)) < 0 ||
             (r = opt_enum(opts, "on-error", on_errors, &on_error, error)) < 0 ||
+            (r = opt_enum(opts, "on-source-error", on_errors, &on_error, error)) < 0 ||
+            (r = opt_enum(opts, "on-target-error", on_errors, &on_target, error)) < 0 ||
             (r = opt_bool(opts, "auto-finalize", &af, error)) < 0 ||
             (r = opt_bool(opts, "auto-dismiss", &ad, error)) < 0)
                 return r;
         if (id && g_hash_table_contains(mgr->jobs, id))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", id);
         s->id = id ? strdup(id) : job_new_id(mgr, type);
-        s->jo = (struct dc_job_options){ .speed = speed, .on_error = on_error, .auto_finalize = af, .auto_dismiss = ad,
+        s->jo = (struct dc_job_options){ .speed = speed, .on_error = on_error, .has_target_error = on_target >= 0,
+                                         .on_target_error = on_target, .auto_finalize = af, .auto_dismiss = ad,
                                          .notify = job_notify, .userdata = mgr };
         return 0;
 }
@@ -188,11 +232,15 @@ static int claim(Manager *mgr, JobStart *s, GPtrArray *paths, sd_bus_error *erro
  * in the last two cases the caller still owns S. */
 static int start_job(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
         Manager *mgr = active->mgr;
-        const char *d[] = { "path", active->path, "root", root_of(mgr, active->path), "operation",
-                            dc_job_type_name(s->type), "job-id", s->id, NULL };
+        const char *d[12] = { "path", active->path, "root", root_of(mgr, active->path), "operation",
+                              dc_job_type_name(s->type), "job-id", s->id, NULL };
         int r;
 
-        r = polkit_verify(mgr, m, "org.diskchain.modify", d, error);
+        if (s->type == DC_JOB_TYPE_BACKUP) {
+                d[8] = "target", d[9] = s->target, d[10] = NULL;
+                r = polkit_verify(mgr, m, "org.diskchain.copy", d, error);
+        } else
+                r = polkit_verify(mgr, m, "org.diskchain.modify", d, error);
         if (r <= 0)
                 return r;
         if (g_hash_table_size(mgr->jobs) >= mgr->config.max_jobs)
@@ -345,6 +393,90 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
         return finish_start(m, active, s, paths, error);
 }
+static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
+                                               "speed", "on-source-error", "on-target-error", "max-workers",
+                                               "max-chunk", "auto-finalize", "auto-dismiss", NULL };
+        static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
+        static const char *const modes[] = { "absolute-paths", "existing", NULL };
+        static const char *const formats[] = { "qcow2", "raw", NULL };
+        Image *active = ACTIVE, *tgt;
+        Manager *mgr = active->mgr;
+        g_autoptr(GHashTable) opts = NULL;
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        _cleanup_free_ char *abs = NULL;
+        const char *target;
+        int sync = 0, mode = 0, format = 0, r;
+        bool compress = false;
+        uint64_t workers = 0, chunk = 0;
+        JobStart *s;
+
+        r = sd_bus_message_read(m, "s", &target);
+        if (r < 0)
+                return r;
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        if ((r = opt_enum(opts, "sync", syncs, &sync, error)) < 0 || (r = opt_enum(opts, "mode", modes, &mode, error)) < 0 ||
+            (r = opt_enum(opts, "format", formats, &format, error)) < 0 ||
+            (r = opt_bool(opts, "compress", &compress, error)) < 0 ||
+            (r = opt_uint(opts, "max-workers", &workers, error)) < 0 ||
+            (r = opt_uint(opts, "max-chunk", &chunk, error)) < 0)
+                return r;
+        if (sync >= 3 || g_hash_table_contains(opts, "bitmap") || g_hash_table_contains(opts, "bitmap-mode"))
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "incremental and bitmap backups need persistent dirty bitmaps, which this "
+                                         "version does not have");
+        if (workers > 16)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
+        if (compress && format == 1)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
+        r = manager_resolve_path(mgr, target, &abs, error);
+        if (r < 0)
+                return r;
+        if (strcmp(abs, active->path) == 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Source and target cannot be the same");
+        tgt = g_hash_table_lookup(mgr->images, abs);
+        if (mode == 0 && tgt)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists (use mode 'existing')", abs);
+        if (mode == 1) {
+                if (!tgt || tgt->error)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
+                if (tgt->virtual_size != active->virtual_size)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "Source and target image have different sizes");
+        }
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->type = DC_JOB_TYPE_BACKUP;
+        r = job_common_options(mgr, opts, "backup", s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        s->top = strdup(active->path);
+        s->target = TAKE_PTR(abs);
+        s->create_target = mode == 0;
+        s->co.format = format == 1 ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
+        if (sync == 1 && active->backing_abs)
+                s->target_backing = strdup(active->backing_abs); /* top: valid over the same backing */
+        else if (sync == 2)
+                s->target_backing = strdup(active->path);         /* none: over the source itself */
+        if (s->target_backing && format == 1) {
+                job_start_free(s);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "sync '%s' needs a target with a backing file: use format qcow2", syncs[sync]);
+        }
+        s->bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
+                                            .max_chunk = chunk };
+        for (guint i = 0; i < layers->len; i++)
+                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
+        g_ptr_array_add(paths, g_strdup(s->target));
+        return finish_start(m, active, s, paths, error);
+}
+
 /* --- Snapshot (blockdev-snapshot-sync) --------------------------------------- */
 
 typedef struct SnapshotOp {
@@ -466,6 +598,8 @@ const sd_bus_vtable chain_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Commit", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_commit,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Backup", SD_BUS_ARGS("s", target, "a{sv}", options), SD_BUS_RESULT("o", job),
+                                method_backup, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Snapshot", SD_BUS_ARGS("s", overlay, "a{sv}", options), SD_BUS_RESULT("o", image),
                                 method_snapshot, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,

@@ -146,6 +146,9 @@ int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, co
 int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size);
 int dc_qcow2_preallocate(dc_image *img, int mode);
 int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt);
+int dc_qcow2_compress_cluster(dc_image *img, const void *buf, size_t len, void *out, size_t *ret_clen);
+int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size_t len, const void *out,
+                              size_t clen);
 
 /* Compression of one cluster: returns the compressed size, or 0 if it does not fit. */
 int dc_compress(int type, const void *src, size_t srclen, void *dst, size_t dstcap, size_t *ret_len);

@@ -196,7 +196,9 @@ struct dc_job_event {
 struct dc_job_options {
         const char *id;
         uint64_t speed;             /* bytes per second, 0 = unlimited */
-        int on_error;
+        int on_error;               /* reads, and writes unless on_target_error is set */
+        bool has_target_error;
+        int on_target_error;        /* writes (backup's on-target-error) */
         bool auto_finalize, auto_dismiss;
         void (*notify)(void *userdata);
         void *userdata;
@@ -217,6 +219,21 @@ int dc_job_stream(const char *top_path, const char *base_path, const char *backi
 int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
                   const char *backing_file, const struct dc_open_options *oo,
                   const struct dc_job_options *jo, dc_job **ret);
+
+enum { DC_SYNC_FULL, DC_SYNC_TOP, DC_SYNC_NONE };
+struct dc_backup_options {
+        int sync;                   /* DC_SYNC_* */
+        bool compress;              /* write compressed clusters (qcow2 target) */
+        unsigned max_workers;       /* threads compressing at once; 0 = 2 */
+        uint64_t max_chunk;         /* largest request; 0 = 512 KiB */
+};
+/*
+ * drive-backup: a point-in-time copy of SOURCE_PATH's chain into the
+ * existing image TARGET_PATH (same virtual size): everything (full), what
+ * the top layer holds (top), or nothing until cancelled (none).
+ */
+int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
+                  const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);
 
 const char *dc_job_id(dc_job *j);
 int dc_job_type(dc_job *j);

@@ -57,7 +57,7 @@ struct dc_job {
         uint64_t len, offset, speed;
         bool user_paused, paused_now, cancelled, force_cancel, finalize_requested;
         bool auto_finalize, auto_dismiss, busy;
-        int on_error, io_status;
+        int on_error, on_error_write, io_status;
         char error[512];
         struct event_node *head, *tail;
         void (*notify)(void *);
@@ -70,6 +70,11 @@ struct dc_job {
         dc_image *target;         /* layer written (inside img) */
         dc_image *base;           /* layer where copying stops (inside img), NULL = none */
         dc_image *overlay;        /* commit: the image whose backing changes */
+        dc_image *tgt;            /* backup: the target, a separate chain */
+        int sync;
+        bool compress;
+        unsigned workers;
+        uint64_t chunk;
         char *new_backing;        /* name recorded at the end */
         char *new_backing_fmt;
         uint64_t rate_start_ns, rate_bytes;
@@ -358,18 +363,19 @@ static int pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
  */
 static int handle_io_error(dc_job *j, int err, bool is_read, bool *ret_ignored) {
         struct dc_job_event ev = { .kind = DC_EV_ERROR, .operation = is_read ? "read" : "write" };
-        bool stop = j->on_error == DC_ON_ERROR_STOP || (j->on_error == DC_ON_ERROR_ENOSPC && err == -ENOSPC);
+        int policy = is_read ? j->on_error : j->on_error_write;
+        bool stop = policy == DC_ON_ERROR_STOP || (policy == DC_ON_ERROR_ENOSPC && err == -ENOSPC);
         char msg[512];
 
         snprintf(msg, sizeof msg, "%s", dc_get_error()[0] ? dc_get_error() : strerror(-err));
         pthread_mutex_lock(&j->lock);
-        ev.action = stop ? "stop" : j->on_error == DC_ON_ERROR_IGNORE ? "ignore" : "report";
+        ev.action = stop ? "stop" : policy == DC_ON_ERROR_IGNORE ? "ignore" : "report";
         queue_event(j, &ev);
         if (stop) {
                 if (j->io_status == DC_IO_OK)
                         j->io_status = err == -ENOSPC ? DC_IO_NOSPACE : DC_IO_FAILED;
                 j->user_paused = true; /* as if by the user: Resume() retries */
-        } else if (j->on_error == DC_ON_ERROR_IGNORE) {
+        } else if (policy == DC_ON_ERROR_IGNORE) {
                 *ret_ignored = true;
                 snprintf(j->error, sizeof j->error, "%s", msg);
         } else
@@ -378,7 +384,7 @@ static int handle_io_error(dc_job *j, int err, bool is_read, bool *ret_ignored) 
         wake_owner(j);
         if (stop)
                 return 0;
-        if (j->on_error == DC_ON_ERROR_IGNORE)
+        if (policy == DC_ON_ERROR_IGNORE)
                 return 1;
         return err;
 }
@@ -415,6 +421,73 @@ static bool all_zero(const uint8_t *b, size_t n) {
         return true;
 }
 
+/* Parallel compression of the whole clusters of one chunk (backup compress). */
+struct compress_task {
+        dc_image *dst;
+        const uint8_t *buf;
+        uint8_t **out;
+        size_t *clen;
+        uint64_t first, step, n, cs, len;
+        int r;
+};
+
+static void *compress_worker(void *p) {
+        struct compress_task *t = p;
+        for (uint64_t i = t->first; i < t->n && t->r >= 0; i += t->step) {
+                size_t l = (size_t) MIN(t->cs, t->len - i * t->cs);
+                t->r = dc_qcow2_compress_cluster(t->dst, t->buf + i * t->cs, l, t->out[i], &t->clen[i]);
+        }
+        return NULL;
+}
+
+static int write_compressed_run(dc_job *j, dc_image *dst, const uint8_t *buf, uint64_t off, uint64_t len) {
+        uint64_t cs = dc_image_cluster_size(dst), n = DIV_ROUND_UP(len, cs);
+        unsigned workers = (unsigned) MIN((uint64_t) j->workers, n);
+        struct compress_task tasks[16];
+        pthread_t th[16];
+        uint8_t **out = calloc(n, sizeof *out);
+        size_t *clen = calloc(n, sizeof *clen);
+        int r = 0;
+
+        if (!out || !clen) {
+                free(out);
+                free(clen);
+                return dc_error(ENOMEM, "out of memory");
+        }
+        for (uint64_t i = 0; i < n && r >= 0; i++)
+                if (!(out[i] = malloc(cs)))
+                        r = dc_error(ENOMEM, "out of memory");
+        /* workers-1 helper threads, and this one; a helper that cannot be
+         * started has its share done here */
+        {
+                bool started[16] = { false };
+                for (unsigned w = 0; r >= 0 && w < workers; w++) {
+                        tasks[w] = (struct compress_task){ dst, buf, out, clen, w, workers, n, cs, len, 0 };
+                        if (w > 0)
+                                started[w] = pthread_create(&th[w], NULL, compress_worker, &tasks[w]) == 0;
+                }
+                for (unsigned w = 0; r >= 0 && w < workers; w++)
+                        if (!started[w])
+                                compress_worker(&tasks[w]);
+                for (unsigned w = 1; w < workers; w++)
+                        if (started[w])
+                                pthread_join(th[w], NULL);
+                for (unsigned w = 0; r >= 0 && w < workers; w++)
+                        if (tasks[w].r < 0)
+                                r = tasks[w].r;
+        }
+        pthread_mutex_lock(&dst->lock);
+        for (uint64_t i = 0; i < n && r >= 0; i++)
+                r = dc_qcow2_store_compressed(dst, buf + i * cs, off + i * cs, (size_t) MIN(cs, len - i * cs), out[i],
+                                              clen[i]);
+        pthread_mutex_unlock(&dst->lock);
+        for (uint64_t i = 0; i < n; i++)
+                free(out[i]);
+        free(out);
+        free(clen);
+        return r;
+}
+
 /*
  * The copy loop shared by stream and commit: every range of the virtual size
  * that is allocated from SRC down to (not including) STOP is read through
@@ -423,14 +496,15 @@ static bool all_zero(const uint8_t *b, size_t n) {
  * ranges DST already holds itself (stream).
  */
 static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bool skip_dst_allocated) {
-        uint8_t *buf = malloc(CHUNK);
+        uint64_t chunk = j->chunk ? j->chunk : CHUNK;
+        uint8_t *buf = malloc(chunk);
         uint64_t size = src->virtual_size, off = 0;
         int r = 0;
 
         if (!buf)
                 return dc_error(ENOMEM, "out of memory");
         while (off < size) {
-                uint64_t n = MIN((uint64_t) CHUNK, size - off), run;
+                uint64_t n = MIN(chunk, size - off), run;
                 bool copy, ignored = false;
 
                 r = pause_point(j, 0, 0);
@@ -465,6 +539,9 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
                                 pthread_mutex_lock(&dst->lock);
                                 r = dst->drv->write_zeroes(dst, off, run, 0);
                                 pthread_mutex_unlock(&dst->lock);
+                        } else if (j->compress && off % dc_image_cluster_size(dst) == 0 &&
+                                   ((off + run) % dc_image_cluster_size(dst) == 0 || off + run == dst->virtual_size)) {
+                                r = write_compressed_run(j, dst, buf, off, run);
                         } else {
                                 pthread_mutex_lock(&dst->lock);
                                 r = dst->drv->write(dst, buf, off, (size_t) run);
@@ -526,6 +603,20 @@ static int commit_run(dc_job *j) {
         return copy_loop(j, j->target, j->base, j->base, false);
 }
 
+static int backup_run(dc_job *j) {
+        if (j->sync == DC_SYNC_NONE) {
+                /* nothing to copy in the background: run until cancelled */
+                for (;;) {
+                        struct timespec ts = { 0, 100000000 };
+                        int r = pause_point(j, 0, 0);
+                        if (r < 0)
+                                return r;
+                        nanosleep(&ts, NULL);
+                }
+        }
+        return copy_loop(j, j->img, j->sync == DC_SYNC_TOP ? j->img->backing : NULL, j->tgt, false);
+}
+
 static int set_backing_prepare(dc_job *j) {
         dc_image *img = j->type == DC_JOB_TYPE_STREAM ? j->target : j->overlay;
         return dc_image_set_backing(img, j->new_backing, j->new_backing_fmt);
@@ -575,6 +666,7 @@ static void *job_thread(void *p) {
                 job_set_status(j, DC_JOB_NULL);
         /* the images are released before anyone hears of the end */
         j->img = dc_image_close(j->img);
+        j->tgt = dc_image_close(j->tgt);
         pthread_mutex_unlock(&j->lock);
         wake_owner(j);
         return NULL;
@@ -611,6 +703,7 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
 
         j->speed = jo->speed;
         j->on_error = jo->on_error;
+        j->on_error_write = jo->has_target_error ? jo->on_target_error : jo->on_error;
         j->auto_finalize = jo->auto_finalize;
         j->auto_dismiss = jo->auto_dismiss;
         j->notify = jo->notify;
@@ -732,6 +825,53 @@ fail:
         return r;
 }
 
+DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
+                            const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        struct dc_open_options so = *oo, to = *oo;
+        dc_job *j;
+        int r;
+
+        if (!id_wellformed(jo->id))
+                return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
+        if (strcmp(source_path, target_path) == 0)
+                return dc_error(EINVAL, "Source and target cannot be the same");
+        j = job_alloc(jo, DC_JOB_TYPE_BACKUP);
+        if (!j)
+                return dc_error(ENOMEM, "out of memory");
+        so.writable = false;
+        r = dc_image_open(source_path, &so, &j->img);
+        if (r < 0)
+                goto fail;
+        to.writable = true;
+        r = dc_image_open(target_path, &to, &j->tgt);
+        if (r < 0)
+                goto fail;
+        if (j->tgt->virtual_size != j->img->virtual_size) {
+                r = dc_error(EINVAL, "Source and target image have different sizes");
+                goto fail;
+        }
+        if (bo->compress && !j->tgt->drv->write_compressed) {
+                r = dc_error(ENOTSUP, "Compression is not supported for this drive");
+                goto fail;
+        }
+        if (bo->max_chunk && bo->max_chunk < MAX(dc_image_cluster_size(j->tgt), 512u)) {
+                r = dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
+                goto fail;
+        }
+        j->target = j->tgt;
+        j->sync = bo->sync;
+        j->compress = bo->compress;
+        j->workers = bo->max_workers ? MIN(bo->max_workers, 16u) : 2;
+        j->chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) CHUNK) : 0;
+        j->run = backup_run;
+        r = job_start(j, jo, ret);
+        if (r >= 0)
+                return 0;
+fail:
+        dc_job_free(j);
+        return r;
+}
+
 DC_EXPORT dc_job *dc_job_free(dc_job *j) {
         struct dc_job_event ev;
 
@@ -742,6 +882,7 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
         while (dc_job_next_event(j, &ev) > 0)
                 ;
         dc_image_close(j->img);
+        dc_image_close(j->tgt);
         pthread_mutex_destroy(&j->lock);
         pthread_cond_destroy(&j->cond);
         free(j->id);

@@ -987,12 +987,16 @@ static int qcow2_discard(dc_image *img, uint64_t off, uint64_t len) {
         return zero_clusters(img, first, last - first, DC_ZERO_MAY_UNMAP, true);
 }
 
-static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, size_t len) {
+/*
+ * Store one cluster whose compressed form (OUT, CLEN bytes) was made by the
+ * caller, possibly on another thread; CLEN 0 means "did not compress": the
+ * cluster is stored plain.
+ */
+int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size_t len, const void *out,
+                              size_t clen) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size, gidx = off / cs, l2off, coff, e, ne, field, start;
         unsigned shift = 62 - (s->cluster_bits - 8);
-        _cleanup_free_ uint8_t *in = NULL, *out = NULL;
-        size_t clen = 0;
         uint8_t *t;
         int r;
 
@@ -1001,16 +1005,8 @@ static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, 
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
-        in = calloc(1, cs);
-        out = malloc(cs);
-        if (!in || !out)
-                return dc_error(ENOMEM, "out of memory");
-        memcpy(in, buf, len);
-        r = dc_compress(s->compression_type, in, cs, out, cs - 1, &clen);
-        if (r < 0)
-                return r;
-        if (r == 0 || clen >= cs - 1)
-                return qcow2_write(img, buf, off, len); /* incompressible: store plain */
+        if (clen == 0 || clen >= cs - 1)
+                return qcow2_write(img, raw, off, len); /* incompressible: store plain */
 
         r = l2_for_write(img, gidx / s->l2_entries, &t, &l2off);
         if (r < 0)
@@ -1051,6 +1047,35 @@ static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, 
         if (r < 0)
                 return r;
         return free_entries(img, &e, 1);
+}
+
+/* Compress one cluster into OUT (capacity cs - 1); 0 = does not fit. */
+int dc_qcow2_compress_cluster(dc_image *img, const void *buf, size_t len, void *out, size_t *ret_clen) {
+        struct qcow2 *s = QC(img);
+        _cleanup_free_ uint8_t *in = calloc(1, s->cluster_size);
+        int r;
+
+        if (!in)
+                return dc_error(ENOMEM, "out of memory");
+        memcpy(in, buf, len);
+        *ret_clen = 0;
+        r = dc_compress(s->compression_type, in, s->cluster_size, out, s->cluster_size - 1, ret_clen);
+        if (r == 0)
+                *ret_clen = 0;
+        return r < 0 ? r : 0;
+}
+
+static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        _cleanup_free_ uint8_t *out = malloc(QC(img)->cluster_size);
+        size_t clen = 0;
+        int r;
+
+        if (!out)
+                return dc_error(ENOMEM, "out of memory");
+        r = dc_qcow2_compress_cluster(img, buf, len, out, &clen);
+        if (r < 0)
+                return r;
+        return dc_qcow2_store_compressed(img, buf, off, len, out, clen);
 }
 
 static int qcow2_flush(dc_image *img) {

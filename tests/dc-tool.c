@@ -259,7 +259,13 @@ static int do_job(int argc, char **argv) {
                 jo.speed = strtoull(getenv("DC_JOB_SPEED"), NULL, 0);
         if (!strcmp(argv[2], "stream"))
                 r = dc_job_stream(argv[3], argc > 4 ? argv[4] : NULL, NULL, &o, &jo, &j);
-        else if (!strcmp(argv[2], "commit") && argc > 5)
+        else if (!strcmp(argv[2], "backup") && argc > 5) {
+                struct dc_backup_options bo = { .sync = !strcmp(argv[5], "top") ? DC_SYNC_TOP
+                                                         : !strcmp(argv[5], "none") ? DC_SYNC_NONE
+                                                                                    : DC_SYNC_FULL,
+                                                .compress = argc > 6 && !strcmp(argv[6], "compress") };
+                r = dc_job_backup(argv[3], argv[4], &bo, &o, &jo, &j);
+        } else if (!strcmp(argv[2], "commit") && argc > 5)
                 r = dc_job_commit(argv[3], argv[4], argv[5], NULL, &o, &jo, &j);
         else
                 return fprintf(stderr, "bad job command\n"), 2;

@@ -736,3 +736,57 @@ def test_bus_answers_while_four_jobs_run(bus):
         wait_gone(bus, j)
     for i in range(4):
         assert qemu_img("check", os.path.join(bus.root, f"t{i}.qcow2"), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("sync", ["full", "top"])
+def test_backup(bus, sync):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    opts = ["sync", "s", sync, "compress", "b", "true" if sync == "full" else "false"]
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", f"bk-{sync}.qcow2", str(len(opts) // 3), *opts))[0]
+    wait_gone(bus, job)
+    assert mon.stop() == QMP_SUCCESS
+    tgt = os.path.join(bus.root, f"bk-{sync}.qcow2")
+    p = qemu_img("check", "--output=json", tgt, check=False)
+    assert p.returncode == 0
+    if sync == "full":
+        assert json.loads(p.stdout).get("compressed-clusters", 0) > 0
+        assert shape(bus, f"bk-{sync}.qcow2") == ["bk-full.qcow2"]
+    else:
+        assert shape(bus, f"bk-{sync}.qcow2") == ["bk-top.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    p = qemu_img("compare", "-F", "raw", tgt, os.path.join(bus.dir, "D.ref"), check=False)
+    assert p.returncode == 0, p.stdout
+    # the source chain is untouched
+    assert_chain_intact(bus, ["D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"])
+
+
+def test_backup_sync_none_runs_until_cancelled(bus):
+    chain = make_seed_chain(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "fleece.qcow2", "1", "sync", "s", "none"))[0]
+    time.sleep(1.0)
+    assert prop(bus, job, "Job", "Status") == "running"
+    bus.call(job, "Job", "Cancel", "b", "false")  # every backup cancel is hard
+    wait_gone(bus, job)
+    assert mon.stop() == ["JobStatusChange(created)", "JobStatusChange(running)", "JobStatusChange(aborting)",
+                          "BlockJobCancelled", "JobStatusChange(concluded)", "JobStatusChange(null)"]
+    assert shape(bus, "fleece.qcow2") == ["fleece.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+
+
+def test_backup_refusals(bus):
+    chain = make_seed_chain(bus)
+    create(bus, "small.qcow2", 1 << 20)
+    for target, opts, want in (
+            ("small.qcow2", ["mode", "s", "existing"], "Source and target image have different sizes"),
+            ("A.qcow2", [], "already exists"),
+            ("D.qcow2", [], "Source and target cannot be the same"),
+            ("x.raw", ["format", "s", "raw", "compress", "b", "true"], "Compression is not supported"),
+            ("x.qcow2", ["sync", "s", "incremental"], "dirty bitmaps"),
+            ("x.qcow2", ["bitmap", "s", "b0"], "dirty bitmaps"),
+            ("../x.qcow2", [], "outside the storage roots")):
+        p = bus.call(chain, "Chain", "Backup", "sa{sv}", target, str(len(opts) // 3), *opts, check=False)
+        assert p.returncode != 0 and want in p.stderr, (target, opts, p.stderr)
+    assert not os.path.exists(os.path.join(bus.root, "x.qcow2"))
+    # copy is its own polkit action
+    p = bus.call(chain, "Chain", "Backup", "sa{sv}", "u.qcow2", "0", user="dctest", check=False)
+    assert p.returncode != 0 and "org.diskchain.copy" in p.stderr or "Access denied" in p.stderr, p.stderr
