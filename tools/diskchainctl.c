@@ -493,8 +493,12 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 { "speed", required_argument, NULL, 's' },    { "on-error", required_argument, NULL, 'e' },
                 { "job-id", required_argument, NULL, 'i' },   { "no-auto-finalize", no_argument, NULL, 'F' },
                 { "no-auto-dismiss", no_argument, NULL, 'D' }, { "force-shared-base", no_argument, NULL, 'S' },
-                { "no-wait", no_argument, NULL, 'n' },        {},
+                { "no-wait", no_argument, NULL, 'n' },        { "sync", required_argument, NULL, 'y' },
+                { "mode", required_argument, NULL, 'm' },     { "format", required_argument, NULL, 'o' },
+                { "compress", no_argument, NULL, 'c' },       { "max-workers", required_argument, NULL, 'w' },
+                { "max-chunk", required_argument, NULL, 'k' }, {},
         };
+        bool backup = strcmp(method, "Backup") == 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *m = NULL, *reply = NULL;
         sd_bus_slot *slot = NULL;
@@ -504,8 +508,8 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
         const char *job;
         int c, r;
 
-        if (argc < 2) {
-                fprintf(stderr, "diskchainctl: %s CHAIN-ACTIVE-PATH [OPTIONS]\n", argv[0]);
+        if (argc < (backup ? 3 : 2)) {
+                fprintf(stderr, "diskchainctl: %s CHAIN-ACTIVE-PATH %s[OPTIONS]\n", argv[0], backup ? "TARGET " : "");
                 return 2;
         }
         if (get_chain(argv[1], &chain) < 0)
@@ -514,9 +518,11 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
         free(chain);
         if (r < 0)
                 return fail(method, NULL, r);
+        if (backup)
+                sd_bus_message_append(m, "s", argv[2]);
         sd_bus_message_open_container(m, 'a', "{sv}");
         optind = 1;
-        while ((c = getopt_long(argc - 1, argv + 1, "", opts, NULL)) >= 0) {
+        while ((c = getopt_long(argc - (backup ? 2 : 1), argv + (backup ? 2 : 1), "", opts, NULL)) >= 0) {
                 switch (c) {
                 case 't': sd_bus_message_append(m, "{sv}", "top", "s", optarg); break;
                 case 'b': sd_bus_message_append(m, "{sv}", "base", "s", optarg); break;
@@ -528,6 +534,21 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 case 'D': sd_bus_message_append(m, "{sv}", "auto-dismiss", "b", 0); break;
                 case 'S': sd_bus_message_append(m, "{sv}", "force-shared-base", "b", 1); break;
                 case 'n': no_wait = true; break;
+                case 'y': sd_bus_message_append(m, "{sv}", "sync", "s", optarg); break;
+                case 'm': sd_bus_message_append(m, "{sv}", "mode", "s", optarg); break;
+                case 'o': sd_bus_message_append(m, "{sv}", "format", "s", optarg); break;
+                case 'c': sd_bus_message_append(m, "{sv}", "compress", "b", 1); break;
+                case 'w':
+                case 'k': {
+                        uint64_t v = parse_size(optarg, &ok);
+                        if (!ok || (c == 'w' && v > UINT32_MAX))
+                                return fprintf(stderr, "diskchainctl: invalid number '%s'\n", optarg), 2;
+                        if (c == 'w')
+                                sd_bus_message_append(m, "{sv}", "max-workers", "u", (uint32_t) v);
+                        else
+                                sd_bus_message_append(m, "{sv}", "max-chunk", "t", v);
+                        break;
+                }
                 case 's': {
                         uint64_t v = parse_size(optarg, &ok);
                         if (!ok)
@@ -769,6 +790,8 @@ static void help(void) {
                "                               wait for it (progress on a terminal); also --job-id ID,\n"
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
                "                               --no-auto-dismiss, --no-wait (print the job and return)\n"
+               "  backup CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
+               "                               [--compress] [--max-workers N] [--max-chunk N]\n"
                "  snapshot CHAIN OVERLAY [--existing]\n"
                "  jobs                         List block jobs\n"
                "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
@@ -830,6 +853,8 @@ int main(int argc, char **argv) {
                 r = cmd_job_start("Stream", argc, argv);
         else if (strcmp(argv[0], "commit") == 0)
                 r = cmd_job_start("Commit", argc, argv);
+        else if (strcmp(argv[0], "backup") == 0)
+                r = cmd_job_start("Backup", argc, argv);
         else if (strcmp(argv[0], "snapshot") == 0)
                 r = cmd_snapshot(argc, argv);
         else if (strcmp(argv[0], "jobs") == 0)

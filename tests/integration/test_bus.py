@@ -640,6 +640,17 @@ def test_diskchainctl_jobs_and_monitor(bus):
     p = bus.ctl("wait", "ctl2")
     assert "completed" in p.stdout
     bus.ctl("job", "dismiss", "ctl2")
+    # a compressed full backup, waited for
+    p = bus.ctl("backup", "D.qcow2", "bk.qcow2", "--compress", "--max-workers", "2", "--job-id", "ctl3")
+    assert "job/ctl3: completed" in p.stdout
+    assert qemu_img("compare", os.path.join(bus.root, "bk.qcow2"), os.path.join(bus.root, "D.qcow2")).returncode == 0
+    # a fleecing backup never ends by itself; cancelling it makes the client fail
+    p = bus.ctl("backup", "D.qcow2", "fl.qcow2", "--sync", "none", "--job-id", "ctl4", "--no-wait")
+    bus.ctl("job", "cancel", "ctl4")
+    p = bus.ctl("wait", "ctl4", check=False)
+    assert p.returncode != 0  # cancelled, or already gone: either way not a success
+    wait_gone(bus, "/org/diskchain/DiskChain1/job/ctl4")
+    bus.call(image(bus, "fl.qcow2"), "Image", "Delete", "a{sv}", "0")  # D is active again
     # refusals come back as the client's failure, with the daemon's message
     p = bus.ctl("commit", "D.qcow2", "--top", "D.qcow2", check=False)
     assert p.returncode != 0 and "cannot commit an image into itself" in p.stderr
