@@ -39,7 +39,7 @@
 
 #include "dc-internal.h"
 
-#define CHUNK (512u * 1024u)
+#define CHUNK (4u << 20) /* bytes read and written per step: few syncs, bounded memory */
 
 struct event_node {
         struct dc_job_event ev;
