@@ -652,8 +652,11 @@ static void *job_thread(void *p) {
                 outcome_event(j, DC_EV_COMPLETED, "");
         else {
                 job_set_status(j, DC_JOB_ABORTING);
-                if (j->force_cancel && !j->error[0])
+                if (j->force_cancel && !j->error[0]) {
                         outcome_event(j, DC_EV_CANCELLED, NULL);
+                        /* as QMP's query reports a cancelled job's ret */
+                        snprintf(j->error, sizeof j->error, "%s", strerror(ECANCELED));
+                }
                 else {
                         if (!j->error[0])
                                 snprintf(j->error, sizeof j->error, "%s",
@@ -724,15 +727,21 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
         return 0;
 }
 
-static dc_job *job_alloc(const struct dc_job_options *jo, int type) {
-        dc_job *j = calloc(1, sizeof *j);
+/* A new job object with a well-formed id (QMP's rule), not started yet. */
+static int job_new(const struct dc_job_options *jo, int type, dc_job **ret) {
+        dc_job *j;
+
+        if (!id_wellformed(jo->id))
+                return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
+        j = calloc(1, sizeof *j);
         if (!j)
-                return NULL;
+                return dc_error(ENOMEM, "out of memory");
         pthread_mutex_init(&j->lock, NULL);
         pthread_cond_init(&j->cond, NULL);
         j->type = type;
-        j->id = strdup(jo->id ? jo->id : "");
-        return j;
+        j->id = strdup(jo->id);
+        *ret = j;
+        return 0;
 }
 
 DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const char *backing_file,
@@ -741,13 +750,11 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
         dc_job *j;
         int r;
 
-        if (!id_wellformed(jo->id))
-                return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
         if (!base_path && backing_file)
                 return dc_error(EINVAL, "backing file specified, but streaming the entire chain");
-        j = job_alloc(jo, DC_JOB_TYPE_STREAM);
-        if (!j)
-                return dc_error(ENOMEM, "out of memory");
+        r = job_new(jo, DC_JOB_TYPE_STREAM, &j);
+        if (r < 0)
+                return r;
         o.writable = true;
         r = dc_image_open(top_path, &o, &j->img);
         if (r < 0)
@@ -783,13 +790,11 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
         dc_job *j;
         int r;
 
-        if (!id_wellformed(jo->id))
-                return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
         if (strcmp(top_path, base_path) == 0)
                 return dc_error(EINVAL, "cannot commit an image into itself");
-        j = job_alloc(jo, DC_JOB_TYPE_COMMIT);
-        if (!j)
-                return dc_error(ENOMEM, "out of memory");
+        r = job_new(jo, DC_JOB_TYPE_COMMIT, &j);
+        if (r < 0)
+                return r;
         /* one handle: the overlay read-write for its new backing pointer,
          * base read-write to receive the data */
         o.writable = true;
@@ -831,13 +836,11 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         dc_job *j;
         int r;
 
-        if (!id_wellformed(jo->id))
-                return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
         if (strcmp(source_path, target_path) == 0)
                 return dc_error(EINVAL, "Source and target cannot be the same");
-        j = job_alloc(jo, DC_JOB_TYPE_BACKUP);
-        if (!j)
-                return dc_error(ENOMEM, "out of memory");
+        r = job_new(jo, DC_JOB_TYPE_BACKUP, &j);
+        if (r < 0)
+                return r;
         so.writable = false;
         r = dc_image_open(source_path, &so, &j->img);
         if (r < 0)

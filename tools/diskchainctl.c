@@ -438,11 +438,19 @@ static int wait_job(struct waiter *w) {
                         continue;
                 if (tty)
                         show_progress(w->job);
-                /* the job may have gone before we looked: then it is over */
+                /* the job may have ended before we subscribed: a concluded
+                 * job tells its outcome through its Error property */
                 if (!w->done) {
                         char *st = get_string(w->job, IFACE("Job"), "Status");
-                        bool gone = !*st;
+                        bool gone = !*st, concluded = strcmp(st, "concluded") == 0;
                         free(st);
+                        if (concluded && !w->ok && !w->error[0]) {
+                                char *err = get_string(w->job, IFACE("Job"), "Error");
+                                w->ok = !*err;
+                                snprintf(w->error, sizeof w->error, "%s", err);
+                                free(err);
+                                break;
+                        }
                         if (gone && !w->ok && !w->error[0]) {
                                 /* its signals were queued during our property
                                  * call, or are about to arrive: read them all */

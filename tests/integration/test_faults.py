@@ -125,7 +125,7 @@ def test_read_error(bus, policy):
     sigs = events(mon.stop())
     assert sigs[:3] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError"], sigs
     if policy == "stop":
-        assert "BlockJobCancelled" in sigs and err == ""
+        assert "BlockJobCancelled" in sigs and err == "Operation canceled"
     else:
         assert sigs[-4:] == ["JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
                              "JobStatusChange(null)"], sigs
