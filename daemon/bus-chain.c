@@ -56,8 +56,8 @@ static int property_get_jobs(sd_bus *bus, const char *path, const char *iface, c
         return r;
 }
 
-/* NBD exports arrive with their own issue; until then a chain has none,
- * which is the truth, not a placeholder. */
+/* This version has no NBD server, so no chain is ever exported: the empty
+ * list is the real state. */
 static int property_get_none(sd_bus *bus, const char *path, const char *iface, const char *prop,
                              sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "ao", 0);
