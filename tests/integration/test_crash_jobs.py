@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""kill -9 of the daemon at random moments during stream and commit jobs:
+"""kill -9 of the daemon at random moments during stream, commit and backup jobs:
 afterwards every image passes qemu-img check without corruption, the
 chain's guest-visible data is unchanged, and the backing pointer is either
 the old one or the new one, never anything else."""
@@ -28,22 +28,28 @@ def build_pristine(d):
     qemu_img("convert", "-O", "raw", os.path.join(d, "D.qcow2"), os.path.join(d, "D.ref"))
 
 
-@pytest.mark.parametrize("kind", ["stream", "commit"])
+@pytest.mark.parametrize("kind", ["stream", "commit", "backup"])
 def test_kill_during_job(bus, kind):
     pristine = os.path.join(bus.dir, "pristine")
     os.mkdir(pristine)
     build_pristine(pristine)
-    rng = random.Random(1234 if kind == "stream" else 4321)
+    rng = random.Random({"stream": 1234, "commit": 4321, "backup": 2468}[kind])
     for _ in range(ROUNDS):
         for n in "ABCD":
             shutil.copy(os.path.join(pristine, f"{n}.qcow2"), os.path.join(bus.root, f"{n}.qcow2"))
+        target = os.path.join(bus.root, "backup.qcow2")
+        if os.path.exists(target):
+            os.unlink(target)
         time.sleep(0.4)  # the daemon's model catches up with the new files
         chain = json.loads(bus.call(M, "Manager", "GetChain", "s", "D.qcow2").stdout)["data"][0]
         if kind == "stream":
-            args = ["a{sv}", "2", "base", "s", "A.qcow2", "speed", "t", str(8 << 20)]
+            args = ["Stream", "a{sv}", "2", "base", "s", "A.qcow2", "speed", "t", str(8 << 20)]
+        elif kind == "commit":
+            args = ["Commit", "a{sv}", "3", "top", "s", "C.qcow2", "base", "s", "A.qcow2", "speed", "t", str(8 << 20)]
         else:
-            args = ["a{sv}", "3", "top", "s", "C.qcow2", "base", "s", "A.qcow2", "speed", "t", str(8 << 20)]
-        bus.call(chain, "Chain", "Stream" if kind == "stream" else "Commit", *args)
+            args = ["Backup", "sa{sv}", "backup.qcow2", "2", "compress", "b", rng.choice(["true", "false"]),
+                    "speed", "t", str(8 << 20)]
+        bus.call(chain, "Chain", *args)
         time.sleep(rng.uniform(0.0, 1.8))
         pid = bus.daemon_pid()
         if pid:
@@ -52,13 +58,15 @@ def test_kill_during_job(bus, kind):
                 if not os.path.exists(f"/proc/{pid}"):
                     break
                 time.sleep(0.02)
-        for n in "ABCD":
-            p = qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False)
+        for n in "ABCD" + ("T" if kind == "backup" else ""):
+            f = os.path.join(bus.root, "backup.qcow2" if n == "T" else f"{n}.qcow2")
+            p = qemu_img("check", f, check=False)
             assert p.returncode in (0, 3), f"{kind}: {n} after kill: exit {p.returncode}\n{p.stdout}{p.stderr}"
         p = qemu_img("compare", "-F", "raw", os.path.join(bus.root, "D.qcow2"), os.path.join(pristine, "D.ref"),
                      check=False)
         assert p.returncode == 0, f"{kind}: guest data changed after kill: {p.stdout}"
         info = json.loads(qemu_img("info", "--output=json", os.path.join(bus.root, "D.qcow2")).stdout)
         # stream rewrites D's backing, commit rewrites D's too (C's overlay):
-        # either the old pointer or the new one, whole
-        assert info.get("backing-filename") in ("C.qcow2", "A.qcow2"), info.get("backing-filename")
+        # either the old pointer or the new one, whole; backup leaves it alone
+        expect = ("C.qcow2",) if kind == "backup" else ("C.qcow2", "A.qcow2")
+        assert info.get("backing-filename") in expect, info.get("backing-filename")
