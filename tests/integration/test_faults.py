@@ -133,3 +133,27 @@ def test_read_error(bus, policy):
     # the top keeps its backing: nothing was lost
     assert json.loads(qemu_img("info", "--output=json", top).stdout)["backing-filename"] == "cbase.qcow2"
     assert qemu_img("check", top, check=False).returncode in (0, 3)
+
+
+def test_backup_full_target_stops_then_resumes(bus, small_fs):
+    """on-target-error=stop applies to the target's writes (source errors would report)."""
+    base = os.path.join(bus.root, "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 0x6b 0 12M")
+    time.sleep(0.5)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", base))[0]
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", os.path.join(small_fs, "bk.qcow2"), "2",
+                        "on-source-error", "s", "report", "on-target-error", "s", "stop"))[0]
+    wait_status(bus, job, "paused")
+    assert prop(bus, job, "Job", "IoStatus") == "nospace"
+    sh("mount", "-o", "remount,size=64M", small_fs)
+    bus.call(job, "Job", "Resume")
+    wait_gone(bus, job)
+    sigs = events(mon.stop())
+    assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                        "JobStatusChange(paused)"], sigs
+    assert sigs[-3:] == ["BlockJobCompleted", "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+    bk = os.path.join(small_fs, "bk.qcow2")
+    assert qemu_img("check", bk, check=False).returncode in (0, 3)
+    assert qemu_img("compare", bk, base, check=False).returncode == 0
