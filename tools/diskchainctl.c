@@ -176,13 +176,15 @@ static int cmd_chains(void) {
         return 0;
 }
 
-static int get_image(const char *path, char **ret) {
+/* Ask the Manager for an object by path or id (GetImage, GetChain, GetJob);
+ * on failure print the daemon's message. */
+static int manager_lookup(const char *method, const char *arg, char **ret) {
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *reply = NULL;
         const char *o;
-        int r = call(MANAGER_PATH, IFACE("Manager"), "GetImage", &reply, &e, "s", path);
+        int r = call(MANAGER_PATH, IFACE("Manager"), method, &reply, &e, "s", arg);
         if (r < 0) {
-                fail("GetImage", &e, r);
+                fail(method, &e, r);
                 sd_bus_error_free(&e);
                 return r;
         }
@@ -190,6 +192,18 @@ static int get_image(const char *path, char **ret) {
         *ret = strdup(o);
         sd_bus_message_unref(reply);
         return 0;
+}
+
+static int get_image(const char *path, char **ret) {
+        return manager_lookup("GetImage", path, ret);
+}
+
+static int get_chain(const char *path, char **ret) {
+        return manager_lookup("GetChain", path, ret);
+}
+
+static int get_job(const char *id, char **ret) {
+        return manager_lookup("GetJob", id, ret);
 }
 
 static int cmd_info(const char *path) {
@@ -477,21 +491,6 @@ static int wait_job(struct waiter *w) {
         return 1;
 }
 
-static int get_chain(const char *path, char **ret) {
-        sd_bus_error e = SD_BUS_ERROR_NULL;
-        sd_bus_message *reply = NULL;
-        const char *o;
-        int r = call(MANAGER_PATH, IFACE("Manager"), "GetChain", &reply, &e, "s", path);
-        if (r < 0) {
-                fail("GetChain", &e, r);
-                sd_bus_error_free(&e);
-                return r;
-        }
-        sd_bus_message_read(reply, "o", &o);
-        *ret = strdup(o);
-        sd_bus_message_unref(reply);
-        return 0;
-}
 
 /* stream|commit CHAIN [options]: start the job, then wait unless --no-wait. */
 static int cmd_job_start(const char *method, int argc, char **argv) {
@@ -612,21 +611,6 @@ static int cmd_snapshot(int argc, char **argv) {
         return 0;
 }
 
-static int get_job(const char *id, char **ret) {
-        sd_bus_error e = SD_BUS_ERROR_NULL;
-        sd_bus_message *reply = NULL;
-        const char *o;
-        int r = call(MANAGER_PATH, IFACE("Manager"), "GetJob", &reply, &e, "s", id);
-        if (r < 0) {
-                fail("GetJob", &e, r);
-                sd_bus_error_free(&e);
-                return r;
-        }
-        sd_bus_message_read(reply, "o", &o);
-        *ret = strdup(o);
-        sd_bus_message_unref(reply);
-        return 0;
-}
 
 static void print_job(const char *o, bool long_form) {
         char *id = get_string(o, IFACE("Job"), "Id"), *type = get_string(o, IFACE("Job"), "Type");
