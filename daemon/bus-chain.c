@@ -520,19 +520,7 @@ static void snapshot_run(Work *w) {
 
 static void snapshot_done(Work *w) {
         SnapshotOp *op = w->data;
-        Image *img;
-
-        if (w->r < 0) {
-                (void) reply_error_errno(w->m, w->r, w->error, NULL);
-                return;
-        }
-        img = model_find(w->mgr, op->overlay);
-        if (!img) {
-                (void) sd_bus_reply_method_errorf(w->m, ERROR_PREFIX "IOError", "'%s' was created but cannot be read back",
-                                                  op->overlay);
-                return;
-        }
-        (void) sd_bus_reply_method_return(w->m, "o", img->object);
+        reply_new_image(w, op->overlay);
 }
 
 static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *error) {

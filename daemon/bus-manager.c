@@ -122,19 +122,7 @@ static void create_run(Work *w) {
 
 static void create_done(Work *w) {
         CreateOp *op = w->data;
-        Image *img;
-
-        if (w->r < 0) {
-                (void) reply_error_errno(w->m, w->r, w->error, NULL);
-                return;
-        }
-        img = model_find(w->mgr, op->path);
-        if (!img) {
-                (void) sd_bus_reply_method_errorf(w->m, ERROR_PREFIX "IOError",
-                                                  "'%s' was created but cannot be read back", op->path);
-                return;
-        }
-        (void) sd_bus_reply_method_return(w->m, "o", img->object);
+        reply_new_image(w, op->path);
 }
 
 static int method_create_image(sd_bus_message *m, void *userdata, sd_bus_error *error) {

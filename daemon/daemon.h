@@ -121,6 +121,8 @@ int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void 
                bool rescan);
 int worker_setup(Manager *mgr);
 void work_capture_error(Work *w, int r);
+/* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
+void reply_new_image(Work *w, const char *path);
 
 /* model.c — images, chains and their bus objects */
 Image *image_free(Image *img);

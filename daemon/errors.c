@@ -67,3 +67,20 @@ int reply_error_errno(sd_bus_message *m, int err, const char *message, const cha
         sd_bus_error_free(&e);
         return r;
 }
+
+void reply_new_image(Work *w, const char *path) {
+        Image *img;
+
+        if (w->r < 0) {
+                (void) reply_error_errno(w->m, w->r, w->error, NULL);
+                return;
+        }
+        /* the work rescanned the roots, so the new image is in the model */
+        img = model_find(w->mgr, path);
+        if (!img) {
+                (void) sd_bus_reply_method_errorf(w->m, ERROR_PREFIX "IOError", "'%s' was created but cannot be read back",
+                                                  path);
+                return;
+        }
+        (void) sd_bus_reply_method_return(w->m, "o", img->object);
+}
