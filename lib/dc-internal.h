@@ -139,6 +139,35 @@ struct dc_image {
         void *priv;            /* driver state */
 };
 
+/* --- the write path (disk.c) --- */
+struct dc_range {
+        uint64_t off, end;
+        struct dc_range *next;
+};
+struct dc_range_lock {
+        struct dc_range r;
+};
+/* What the attached job hooks into guest writes; called with the range lock held. */
+struct dc_disk_hooks {
+        int (*before_write)(void *data, uint64_t off, uint64_t len); /* copy-before-write; < 0 fails the write */
+        void (*after_write)(void *data, uint64_t off, uint64_t len); /* mirror: dirty or write-through */
+};
+void dc_disk_quiesce(dc_disk *d);
+void dc_disk_unquiesce(dc_disk *d);
+void dc_disk_range_lock(dc_disk *d, struct dc_range_lock *rl, uint64_t off, uint64_t len);
+void dc_disk_range_unlock(dc_disk *d, struct dc_range_lock *rl);
+dc_image *dc_disk_chain(dc_disk *d);
+const struct dc_open_options *dc_disk_open_options(dc_disk *d);
+int dc_disk_attach(dc_disk *d, const struct dc_disk_hooks *hooks, void *data, uint64_t align);
+void dc_disk_detach(dc_disk *d, void *data);
+dc_image *dc_disk_swap_chain(dc_disk *d, dc_image *img);
+int dc_disk_reopen(dc_disk *d, const char *const *writable);
+
+/* The extended attribute a pivot leaves on the layers it dropped. */
+#define DC_XATTR_SUPERSEDED "user.diskchain.superseded-by"
+/* ... and the one a backup or mirror target carries while its job runs. */
+#define DC_XATTR_JOB_TARGET "user.diskchain.job-target"
+
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
 

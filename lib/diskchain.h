@@ -47,6 +47,7 @@ struct dc_open_options {
         bool check_mode;          /* for check/repair: open despite the corrupt bit */
         bool no_lock;             /* skip QEMU-compatible image locking */
         const char *writable_layer; /* open this layer of the chain read-write instead of the top */
+        const char *const *writable_layers; /* NULL-terminated: more layers to open read-write */
 };
 
 /* -EBUSY from dc_image_open() means another process (such as QEMU) holds a
@@ -167,6 +168,31 @@ int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_
 int dc_image_set_backing(dc_image *img, const char *backing, const char *backing_format);
 
 /*
+ * The write path of one open chain (QEMU's BlockBackend).  Writers go
+ * through it and never hold the chain's images themselves, so that a job
+ * attached to it can copy before writes (backup), track or copy them
+ * (mirror, active commit), keep a stream correct under them, and switch the
+ * writers to a new top at a pivot without losing a write.  Thread-safe.
+ */
+typedef struct dc_disk dc_disk;
+
+/* Open PATH's chain; opts->writable for writers. */
+int dc_disk_open(const char *path, const struct dc_open_options *opts, dc_disk **ret);
+dc_disk *dc_disk_ref(dc_disk *d);
+/* Drop a reference; the chain is closed with the last.  Returns NULL. */
+dc_disk *dc_disk_unref(dc_disk *d);
+int dc_disk_read(dc_disk *d, void *buf, uint64_t offset, size_t length);
+int dc_disk_write(dc_disk *d, const void *buf, uint64_t offset, size_t length);
+int dc_disk_write_zeroes(dc_disk *d, uint64_t offset, uint64_t length, unsigned flags);
+int dc_disk_discard(dc_disk *d, uint64_t offset, uint64_t length);
+int dc_disk_flush(dc_disk *d);
+uint64_t dc_disk_size(dc_disk *d);
+/* The path of the current active layer (changes at a pivot); free() it. */
+char *dc_disk_top_path(dc_disk *d);
+/* The layer a pivot superseded PATH with ("" when none), read from the file; free() it. */
+int dc_path_superseded_by(const char *abs, const char *const *roots, char **ret);
+
+/*
  * Block jobs, with QEMU's job model (qapi/job.json, job.c): the statuses,
  * the transition and verb tables, auto-finalize/auto-dismiss, speed limits,
  * on-error policies and the event order.  A job runs on its own thread;
@@ -202,6 +228,7 @@ struct dc_job_options {
         bool auto_finalize, auto_dismiss;
         void (*notify)(void *userdata);
         void *userdata;
+        dc_disk *disk;              /* the chain's write path when it has writers; NULL = the job opens its own */
 };
 
 /*
@@ -215,6 +242,9 @@ int dc_job_stream(const char *top_path, const char *base_path, const char *backi
  * Intermediate block-commit: copy what TOP_PATH and the layers below it
  * hold above BASE_PATH into base, then point OVERLAY_PATH (top's overlay)
  * at base.  Base grows when it is smaller than top.
+ * Active commit (OVERLAY_PATH NULL: TOP_PATH is the active layer): the
+ * mirror engine copies into base until it is in sync (ready); complete
+ * makes base the active layer, a soft cancel leaves the chain as it was.
  */
 int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
                   const char *backing_file, const struct dc_open_options *oo,
@@ -235,6 +265,27 @@ struct dc_backup_options {
 int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
                   const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);
 
+enum { DC_COPY_MODE_BACKGROUND, DC_COPY_MODE_WRITE_BLOCKING };
+struct dc_mirror_options {
+        int sync;                   /* DC_SYNC_*: the chain, the top layer, or only new writes */
+        bool existing;              /* the target was not created for this job: it may not read as zeros */
+        uint32_t granularity;       /* dirty-tracking chunk, power of two 512 B..64 MiB; 0 = target cluster */
+        uint64_t buf_size;          /* data in flight; 0 = 16 MiB */
+        bool unmap;                 /* deallocate on the target where the source reads as zeros */
+        int copy_mode;              /* DC_COPY_MODE_* */
+};
+/*
+ * drive-mirror: copy SOURCE_PATH's chain (full), its top layer (top) or
+ * only new writes (none) into TARGET_PATH, whose own backing is used at
+ * the pivot.  The job reaches ready once in sync and keeps it so; complete
+ * switches the chain's writers to the target; a soft cancel leaves a
+ * point-in-time copy.  A target of another size fails the job at run time.
+ */
+int dc_job_mirror(const char *source_path, const char *target_path, const struct dc_mirror_options *mo,
+                  const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);
+/* block-job-change: background -> write-blocking only. */
+int dc_job_change_copy_mode(dc_job *j, int copy_mode);
+
 const char *dc_job_id(dc_job *j);
 int dc_job_type(dc_job *j);
 int dc_job_status(dc_job *j);
@@ -244,7 +295,7 @@ const char *dc_job_type_name(int type);
 struct dc_job_info {
         int status, io_status;
         uint64_t len, offset, speed;
-        bool busy, paused, ready, auto_finalize, auto_dismiss;
+        bool busy, paused, ready, auto_finalize, auto_dismiss, actively_synced;
         char error[512];
 };
 void dc_job_get_info(dc_job *j, struct dc_job_info *ret);

@@ -322,6 +322,16 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         return 0;
 }
 
+/* Is ABS one of the layers the caller wants read-write besides the top? */
+static bool wants_writable(const struct dc_open_options *o, const char *abs) {
+        if (o->writable_layer && strcmp(o->writable_layer, abs) == 0)
+                return true;
+        for (size_t i = 0; o->writable_layers && o->writable_layers[i]; i++)
+                if (strcmp(o->writable_layers[i], abs) == 0)
+                        return true;
+        return false;
+}
+
 static int format_from_name(const char *abs, const char *name) {
         if (!name)
                 return -1;
@@ -353,7 +363,7 @@ DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts
         r = dc_path_resolve(path, o->roots, &abs, NULL);
         if (r < 0)
                 return r;
-        r = layer_open(abs, o, o->writable || (o->writable_layer && strcmp(o->writable_layer, abs) == 0), -1, &top);
+        r = layer_open(abs, o, o->writable || wants_writable(o, abs), -1, &top);
         if (r < 0)
                 return r;
         cur = top;
@@ -385,8 +395,7 @@ DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts
                 fmt = format_from_name(cur->path, cur->backing_format);
                 if (fmt < -1)
                         return fmt;
-                r = layer_open(babs, o, o->writable_layer && strcmp(o->writable_layer, babs) == 0, fmt,
-                               &cur->backing);
+                r = layer_open(babs, o, wants_writable(o, babs), fmt, &cur->backing);
                 if (r < 0) {
                         if (r == -ENOENT)
                                 return dc_error(ENOENT, "'%s': backing file '%s' does not exist", cur->path,

@@ -35,6 +35,7 @@
  */
 
 #include <stdio.h>
+#include <sys/xattr.h>
 #include <time.h>
 
 #include "dc-internal.h"
@@ -66,7 +67,10 @@ struct dc_job {
         /* the work */
         int (*run)(dc_job *j);
         int (*prepare)(dc_job *j);
-        dc_image *img;            /* chain the job reads through */
+        void (*clean)(dc_job *j); /* always, last: unhook from the disk */
+        dc_disk *disk;            /* the chain's write path (a reference) */
+        bool disk_reopened;       /* the caller's disk was reopened with layers read-write */
+        dc_image *img;            /* chain the job reads through (the disk's, or a layer of it) */
         dc_image *target;         /* layer written (inside img) */
         dc_image *base;           /* layer where copying stops (inside img), NULL = none */
         dc_image *overlay;        /* commit: the image whose backing changes */
@@ -78,7 +82,54 @@ struct dc_job {
         char *new_backing;        /* name recorded at the end */
         char *new_backing_fmt;
         uint64_t rate_start_ns, rate_bytes;
+
+        /* backup: clusters still to copy (copy-before-write clears them too) */
+        uint64_t *todo, todo_unit, todo_bits;
+        /* mirror and active commit */
+        bool active_commit, existing, unmap;
+        int copy_mode;
+        uint64_t unit, buf_size;  /* dirty-tracking chunk; data in flight */
+        uint64_t *dirty, nbits, ndirty;
+        uint8_t *buf;
+        bool should_complete, actively_synced;
 };
+
+/* --- bitmaps (callers hold the job lock) --- */
+static bool bit_test(const uint64_t *bm, uint64_t i) {
+        return bm[i / 64] >> (i % 64) & 1;
+}
+/* Set or clear bits [first, first+n); returns how many changed. */
+static uint64_t bits_assign(uint64_t *bm, uint64_t first, uint64_t n, bool v) {
+        uint64_t changed = 0;
+        for (uint64_t i = first; i < first + n; i++)
+                if (bit_test(bm, i) != v) {
+                        bm[i / 64] ^= 1ull << (i % 64);
+                        changed++;
+                }
+        return changed;
+}
+/* The length of the run of equal bits at I, at most MAX. */
+static uint64_t bits_run(const uint64_t *bm, uint64_t i, uint64_t max, bool *ret_v) {
+        bool v = bit_test(bm, i);
+        uint64_t n = 1;
+        while (n < max && bit_test(bm, i + n) == v)
+                n++;
+        *ret_v = v;
+        return n;
+}
+/* The first set bit at or after FROM (wrapping around), or NBITS when none. */
+static uint64_t bits_next(const uint64_t *bm, uint64_t nbits, uint64_t from) {
+        for (uint64_t k = 0; k < nbits; k++) {
+                uint64_t i = (from + k) % nbits;
+                if (!(i % 64) && !bm[i / 64] && nbits - i >= 64 && k + 63 < nbits) {
+                        k += 63;
+                        continue;
+                }
+                if (bit_test(bm, i))
+                        return i;
+        }
+        return nbits;
+}
 
 static const char *const status_names[] = { "created", "running", "paused", "ready", "standby",
                                             "waiting", "pending", "aborting", "concluded", "null" };
@@ -111,8 +162,9 @@ static const unsigned allowed[] = {
         [DC_JOB_NULL] = 0,
 };
 
-enum { VERB_CANCEL, VERB_PAUSE, VERB_RESUME, VERB_SET_SPEED, VERB_COMPLETE, VERB_FINALIZE, VERB_DISMISS };
-static const char *const verb_names[] = { "cancel", "pause", "resume", "set-speed", "complete", "finalize", "dismiss" };
+enum { VERB_CANCEL, VERB_PAUSE, VERB_RESUME, VERB_SET_SPEED, VERB_COMPLETE, VERB_FINALIZE, VERB_DISMISS, VERB_CHANGE };
+static const char *const verb_names[] = { "cancel", "pause", "resume", "set-speed", "complete", "finalize", "dismiss",
+                                          "change" };
 /* QEMU's verb table: statuses in which each verb is accepted. */
 static const unsigned verb_ok[] = {
         [VERB_CANCEL] = 1u << DC_JOB_CREATED | 1u << DC_JOB_RUNNING | 1u << DC_JOB_PAUSED | 1u << DC_JOB_READY |
@@ -126,6 +178,8 @@ static const unsigned verb_ok[] = {
         [VERB_COMPLETE] = 1u << DC_JOB_READY | 1u << DC_JOB_STANDBY,
         [VERB_FINALIZE] = 1u << DC_JOB_PENDING,
         [VERB_DISMISS] = 1u << DC_JOB_CONCLUDED,
+        [VERB_CHANGE] = 1u << DC_JOB_CREATED | 1u << DC_JOB_RUNNING | 1u << DC_JOB_PAUSED | 1u << DC_JOB_READY |
+                        1u << DC_JOB_STANDBY,
 };
 
 static void queue_event(dc_job *j, const struct dc_job_event *ev) {
@@ -206,6 +260,7 @@ DC_EXPORT void dc_job_get_info(dc_job *j, struct dc_job_info *ret) {
                 .ready = j->status == DC_JOB_READY || j->status == DC_JOB_STANDBY,
                 .auto_finalize = j->auto_finalize,
                 .auto_dismiss = j->auto_dismiss,
+                .actively_synced = j->actively_synced,
         };
         memcpy(ret->error, j->error, sizeof ret->error);
         pthread_mutex_unlock(&j->lock);
@@ -260,17 +315,34 @@ DC_EXPORT int dc_job_set_speed(dc_job *j, uint64_t speed) {
 }
 
 DC_EXPORT int dc_job_cancel(dc_job *j, bool force) {
-        (void) force; /* stream and commit have no ready phase: every cancel is hard */
         return VERB(j, VERB_CANCEL, {
                 j->cancelled = true;
-                j->force_cancel = true;
+                /* only a ready mirror or active commit knows a soft cancel:
+                 * it finishes without pivot; everything else is abandoned */
+                if (force || !(j->status == DC_JOB_READY || j->status == DC_JOB_STANDBY))
+                        j->force_cancel = true;
                 j->user_paused = false;
         });
 }
 
 DC_EXPORT int dc_job_complete(dc_job *j) {
         return VERB(j, VERB_COMPLETE, {
-                _r = dc_error(EPERM, "The active block job '%s' cannot be completed", j->id);
+                if (j->cancelled || (j->type != DC_JOB_TYPE_MIRROR && !j->active_commit))
+                        _r = dc_error(EPERM, "The active block job '%s' cannot be completed", j->id);
+                else
+                        j->should_complete = true;
+        });
+}
+
+DC_EXPORT int dc_job_change_copy_mode(dc_job *j, int mode) {
+        return VERB(j, VERB_CHANGE, {
+                if (j->type != DC_JOB_TYPE_MIRROR || j->active_commit)
+                        _r = dc_error(EINVAL, "Job '%s': only a mirror job's copy-mode can be changed", j->id);
+                else if (mode != j->copy_mode && mode != DC_COPY_MODE_WRITE_BLOCKING)
+                        _r = dc_error(EINVAL, "Job '%s': copy-mode can only change from background to write-blocking",
+                                      j->id);
+                else
+                        j->copy_mode = mode;
         });
 }
 
@@ -292,7 +364,8 @@ static uint64_t now_ns(void) {
  * Between chunks: account progress (BYTES_DONE) and the data moved for the
  * speed limit (BYTES_COPIED), take a requested pause (reporting paused/standby only now,
  * as QEMU does), honour the speed limit, and tell whether to stop.
- * Returns -ECANCELED when cancelled.  Called without the lock.
+ * Returns -ECANCELED when hard-cancelled (a soft cancel is the mirror's to
+ * act on).  Called without the lock.
  */
 static int pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
         int r = 0;
@@ -301,7 +374,7 @@ static int pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
         j->offset += bytes_done;
         j->rate_bytes += bytes_copied; /* the limit counts data copied, not ranges skipped */
         for (;;) {
-                if (j->cancelled) {
+                if (j->force_cancel) {
                         /* a cancelled paused job is resumed first, as QEMU does */
                         if (j->paused_now) {
                                 j->paused_now = false;
@@ -488,12 +561,95 @@ static int write_compressed_run(dc_job *j, dc_image *dst, const uint8_t *buf, ui
         return r;
 }
 
+/* Write BUF (RUN bytes at OFF) into DST as a job does: zeros as zero writes
+ * (deallocating when MAY_UNMAP), whole clusters compressed when asked. */
+static int job_write(dc_job *j, dc_image *dst, const uint8_t *buf, uint64_t off, uint64_t run, unsigned zero_flags) {
+        int r;
+        if (off + run > dst->virtual_size)
+                return dc_error(EINVAL, "'%s' is smaller than the data to copy", dst->path);
+        if (all_zero(buf, (size_t) run)) {
+                pthread_mutex_lock(&dst->lock);
+                r = dst->drv->write_zeroes(dst, off, run, zero_flags);
+                pthread_mutex_unlock(&dst->lock);
+        } else if (j->compress && off % dc_image_cluster_size(dst) == 0 &&
+                   ((off + run) % dc_image_cluster_size(dst) == 0 || off + run == dst->virtual_size)) {
+                r = write_compressed_run(j, dst, buf, off, run);
+        } else {
+                pthread_mutex_lock(&dst->lock);
+                r = dst->drv->write(dst, buf, off, (size_t) run);
+                pthread_mutex_unlock(&dst->lock);
+        }
+        return r;
+}
+
+struct step {
+        uint64_t done;   /* bytes of the virtual size handled */
+        bool copied;     /* data moved (counts for the speed limit) */
+        bool read_error; /* the failure was a read */
+};
+
+/* One step of copy_loop at OFF, at most N bytes, under the range lock. */
+static int copy_step(dc_job *j, uint8_t *buf, dc_image *src, dc_image *stop, dc_image *dst, bool skip_dst_allocated,
+                     uint64_t off, uint64_t n, struct step *st) {
+        uint64_t run = n;
+        bool copy = true;
+        int r;
+
+        st->read_error = true;
+        st->done = n;
+        if (skip_dst_allocated) {
+                struct dc_layer_status ls;
+                pthread_mutex_lock(&dst->lock);
+                r = dst->drv->block_status(dst, off, n, &ls);
+                pthread_mutex_unlock(&dst->lock);
+                if (r < 0)
+                        return r;
+                if (ls.type != DC_LAYER_UNALLOCATED) {
+                        st->done = ls.length; /* a guest write or earlier data: never overwritten */
+                        return 0;
+                }
+                n = MIN(n, ls.length);
+        }
+        if (j->todo) {
+                /* backup: what is left to copy as of the job's start */
+                uint64_t u = j->todo_unit, first = off / u;
+                bool set;
+                pthread_mutex_lock(&j->lock);
+                run = MIN(bits_run(j->todo, first, DIV_ROUND_UP(n, u), &set) * u, n);
+                pthread_mutex_unlock(&j->lock);
+                copy = set;
+        } else {
+                r = allocated_above(skip_dst_allocated ? src->backing : src, stop, off, n, &copy, &run);
+                if (r < 0)
+                        return r;
+        }
+        st->done = run;
+        st->copied = copy;
+        if (!copy)
+                return 0;
+        r = dc_chain_read(src, buf, off, (size_t) run);
+        if (r < 0)
+                return r;
+        st->read_error = false;
+        r = job_write(j, dst, buf, off, run, 0);
+        if (r < 0)
+                return r;
+        if (j->todo) {
+                pthread_mutex_lock(&j->lock);
+                bits_assign(j->todo, off / j->todo_unit, DIV_ROUND_UP(run, j->todo_unit), false);
+                pthread_mutex_unlock(&j->lock);
+        }
+        return 0;
+}
+
 /*
- * The copy loop shared by stream and commit: every range of the virtual size
- * that is allocated from SRC down to (not including) STOP is read through
- * SRC's chain and written into DST; ranges that read as zero become zero
- * writes.  Sparse-aware: nothing else is touched.  SKIP_DST_ALLOCATED skips
- * ranges DST already holds itself (stream).
+ * The copy loop of stream, intermediate commit and backup: every range of
+ * the virtual size that is allocated from SRC down to (not including) STOP
+ * (backup: still to copy) is read through SRC's chain and written into DST;
+ * ranges that read as zero become zero writes.  Sparse-aware: nothing else
+ * is touched.  SKIP_DST_ALLOCATED skips ranges DST already holds itself
+ * (stream).  Each step holds the disk's range lock, so guest writes to the
+ * same clusters wait for it and it never copies over them.
  */
 static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bool skip_dst_allocated) {
         uint64_t chunk = j->chunk ? j->chunk : CHUNK;
@@ -504,78 +660,29 @@ static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bo
         if (!buf)
                 return dc_error(ENOMEM, "out of memory");
         while (off < size) {
-                uint64_t n = MIN(chunk, size - off), run;
-                bool copy, ignored = false;
+                uint64_t n = MIN(chunk, size - off);
+                struct dc_range_lock rl;
+                struct step st = { 0 };
+                bool ignored = false;
 
                 r = pause_point(j, 0, 0);
                 if (r < 0)
                         break;
-                if (skip_dst_allocated) {
-                        struct dc_layer_status st;
-                        pthread_mutex_lock(&dst->lock);
-                        r = dst->drv->block_status(dst, off, n, &st);
-                        pthread_mutex_unlock(&dst->lock);
-                        if (r < 0)
-                                goto io_error_read;
-                        if (st.type != DC_LAYER_UNALLOCATED) {
-                                r = pause_point(j, st.length, 0);
-                                if (r < 0)
-                                        break;
-                                off += st.length;
-                                continue;
-                        }
-                        n = MIN(n, st.length);
-                }
-                r = allocated_above(skip_dst_allocated ? src->backing : src, stop, off, n, &copy, &run);
-                if (r < 0)
-                        goto io_error_read;
-                if (copy) {
-                        r = dc_chain_read(src, buf, off, (size_t) run);
-                        if (r < 0)
-                                goto io_error_read;
-                        if (off + run > dst->virtual_size)
-                                r = dc_error(EINVAL, "'%s' is smaller than the data to copy", dst->path);
-                        else if (all_zero(buf, (size_t) run)) {
-                                pthread_mutex_lock(&dst->lock);
-                                r = dst->drv->write_zeroes(dst, off, run, 0);
-                                pthread_mutex_unlock(&dst->lock);
-                        } else if (j->compress && off % dc_image_cluster_size(dst) == 0 &&
-                                   ((off + run) % dc_image_cluster_size(dst) == 0 || off + run == dst->virtual_size)) {
-                                r = write_compressed_run(j, dst, buf, off, run);
-                        } else {
-                                pthread_mutex_lock(&dst->lock);
-                                r = dst->drv->write(dst, buf, off, (size_t) run);
-                                pthread_mutex_unlock(&dst->lock);
-                        }
-                        if (r < 0) {
-                                r = handle_io_error(j, r, false, &ignored);
-                                if (r == 0)
-                                        continue; /* stopped, resumed: retry */
-                                if (r == 1) {
-                                        r = 0;
-                                        goto next;
-                                }
+                dc_disk_range_lock(j->disk, &rl, off, n);
+                r = copy_step(j, buf, src, stop, dst, skip_dst_allocated, off, n, &st);
+                dc_disk_range_unlock(j->disk, &rl);
+                if (r < 0) {
+                        r = handle_io_error(j, r, st.read_error, &ignored);
+                        if (r == 0)
+                                continue; /* stopped, resumed: retry */
+                        if (r != 1)
                                 break;
-                        }
+                        st.copied = false; /* ignored: skip it */
                 }
-        next:
-                r = pause_point(j, run, copy ? run : 0);
+                r = pause_point(j, st.done, st.copied ? st.done : 0);
                 if (r < 0)
                         break;
-                off += run;
-                continue;
-        io_error_read:
-                r = handle_io_error(j, r, true, &ignored);
-                if (r == 0)
-                        continue;
-                if (r == 1) {
-                        r = pause_point(j, n, 0);
-                        if (r < 0)
-                                break;
-                        off += n;
-                        continue;
-                }
-                break;
+                off += st.done;
         }
         free(buf);
         if (r >= 0)
@@ -603,18 +710,427 @@ static int commit_run(dc_job *j) {
         return copy_loop(j, j->target, j->base, j->base, false);
 }
 
+static dc_image *find_layer(dc_image *chain, const char *abs);
+
+/* Set the bits of BM (UNIT bytes each) over what is allocated from FROM down to STOP. */
+static int mark_allocated(dc_job *j, uint64_t *bm, uint64_t unit, dc_image *from, dc_image *stop, uint64_t *ret_set) {
+        uint64_t size = from->virtual_size, off = 0, set = 0;
+
+        while (off < size) {
+                uint64_t run;
+                bool alloc;
+                int r = allocated_above(from, stop, off, size - off, &alloc, &run);
+                if (r < 0)
+                        return r;
+                if (run == 0)
+                        run = size - off;
+                if (alloc) {
+                        pthread_mutex_lock(&j->lock);
+                        set += bits_assign(bm, off / unit, DIV_ROUND_UP(off + run, unit) - off / unit, true);
+                        pthread_mutex_unlock(&j->lock);
+                }
+                off += run;
+        }
+        *ret_set = set;
+        return 0;
+}
+
+/* Mark (or, with VALUE NULL, unmark) a layer's file for the daemon's model. */
+static void mark_file(dc_image *l, const char *name, const char *value) {
+        if (value)
+                (void) fsetxattr(l->fd, name, value, strlen(value), 0);
+        else
+                (void) fremovexattr(l->fd, name);
+}
+
+/* --- backup: copy-before-write ----------------------------------------------- */
+
+/*
+ * Before a guest write, copy the clusters it touches that the backup has
+ * not copied yet (their data as of the job's start) into the target.  On
+ * failure the guest's write fails and the backup stays a true point in
+ * time (QEMU's default on-cbw-error=break-guest-write).
+ */
+static int backup_cbw(void *data, uint64_t off, uint64_t len) {
+        dc_job *j = data;
+        uint64_t u = j->todo_unit, i = off / u, end = MIN(DIV_ROUND_UP(off + len, u), j->todo_bits);
+        uint8_t *buf = NULL;
+        int r = 0;
+
+        while (i < end && r >= 0) {
+                uint64_t n, a, l;
+                bool set;
+
+                pthread_mutex_lock(&j->lock);
+                n = bits_run(j->todo, i, MIN(end - i, MAX(CHUNK / u, 1)), &set);
+                pthread_mutex_unlock(&j->lock);
+                if (set) {
+                        a = i * u;
+                        l = MIN(n * u, j->img->virtual_size - a);
+                        if (!buf && !(buf = malloc(MAX((uint64_t) CHUNK, u))))
+                                r = dc_error(ENOMEM, "out of memory");
+                        if (r >= 0)
+                                r = dc_chain_read(j->img, buf, a, (size_t) l);
+                        if (r >= 0)
+                                r = job_write(j, j->tgt, buf, a, l, 0);
+                        if (r >= 0) {
+                                pthread_mutex_lock(&j->lock);
+                                bits_assign(j->todo, i, n, false);
+                                pthread_mutex_unlock(&j->lock);
+                        }
+                }
+                i += n;
+        }
+        free(buf);
+        if (r < 0) {
+                char why[512];
+                snprintf(why, sizeof why, "%s", dc_get_error());
+                return dc_error(-r, "copy-before-write for backup job '%s' failed: %s", j->id, why);
+        }
+        return 0;
+}
+
+static const struct dc_disk_hooks backup_hooks = { .before_write = backup_cbw };
+
 static int backup_run(dc_job *j) {
+        uint64_t set;
+        int r;
+
+        /* what is to be copied is fixed now: quiesced, hooked, then measured */
+        dc_disk_quiesce(j->disk);
+        r = dc_disk_attach(j->disk, &backup_hooks, j, j->todo_unit);
+        if (r >= 0) {
+                if (j->sync == DC_SYNC_NONE)
+                        bits_assign(j->todo, 0, j->todo_bits, true);
+                else
+                        r = mark_allocated(j, j->todo, j->todo_unit, j->img,
+                                           j->sync == DC_SYNC_TOP ? j->img->backing : NULL, &set);
+        }
+        dc_disk_unquiesce(j->disk);
+        if (r < 0)
+                return r;
         if (j->sync == DC_SYNC_NONE) {
-                /* nothing to copy in the background: run until cancelled */
+                /* nothing to copy in the background: copy-before-write until cancelled */
                 for (;;) {
                         struct timespec ts = { 0, 100000000 };
-                        int r = pause_point(j, 0, 0);
+                        r = pause_point(j, 0, 0);
                         if (r < 0)
                                 return r;
                         nanosleep(&ts, NULL);
                 }
         }
-        return copy_loop(j, j->img, j->sync == DC_SYNC_TOP ? j->img->backing : NULL, j->tgt, false);
+        return copy_loop(j, j->img, NULL, j->tgt, false);
+}
+
+static void backup_clean(dc_job *j) {
+        dc_disk_detach(j->disk, j);
+        if (j->tgt)
+                mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
+}
+
+/* --- mirror and active commit ------------------------------------------------- */
+
+static void mirror_progress(dc_job *j) {
+        j->len = j->offset + j->ndirty * j->unit;
+}
+
+static unsigned mirror_zero_flags(dc_job *j) {
+        return j->unmap ? DC_ZERO_MAY_UNMAP : 0;
+}
+
+/*
+ * Copy bits [FIRST, FIRST+N) from the source chain to the target under the
+ * range lock; on failure they are dirty again.
+ */
+static int mirror_copy(dc_job *j, uint8_t *buf, uint64_t first, uint64_t n, bool *ret_read_err) {
+        uint64_t a = first * j->unit, l = MIN((first + n) * j->unit, j->img->virtual_size) - a;
+        struct dc_range_lock rl;
+        int r;
+
+        dc_disk_range_lock(j->disk, &rl, a, l);
+        pthread_mutex_lock(&j->lock);
+        j->ndirty -= bits_assign(j->dirty, first, n, false);
+        pthread_mutex_unlock(&j->lock);
+        *ret_read_err = true;
+        r = dc_chain_read(j->img, buf, a, (size_t) l);
+        if (r >= 0) {
+                *ret_read_err = false;
+                r = job_write(j, j->target, buf, a, l, mirror_zero_flags(j));
+        }
+        pthread_mutex_lock(&j->lock);
+        if (r < 0)
+                j->ndirty += bits_assign(j->dirty, first, n, true);
+        mirror_progress(j);
+        pthread_mutex_unlock(&j->lock);
+        dc_disk_range_unlock(j->disk, &rl);
+        return r;
+}
+
+/* After a guest write: write-blocking copies it to the target at once, background marks it dirty. */
+static void mirror_after_write(void *data, uint64_t off, uint64_t len) {
+        dc_job *j = data;
+        uint64_t u = j->unit, size = j->img->virtual_size, first = off / u;
+        uint64_t last = DIV_ROUND_UP(MIN(off + len, size), u);
+        bool wb;
+
+        if (first >= last)
+                return;
+        pthread_mutex_lock(&j->lock);
+        wb = j->copy_mode == DC_COPY_MODE_WRITE_BLOCKING;
+        pthread_mutex_unlock(&j->lock);
+        if (wb) {
+                /* the guest holds the range lock over these whole chunks */
+                uint64_t a = first * u, l = MIN(last * u, size) - a;
+                uint8_t *buf = malloc(l);
+                int r = buf ? dc_chain_read(j->img, buf, a, (size_t) l) : -ENOMEM;
+                if (r >= 0)
+                        r = job_write(j, j->target, buf, a, l, mirror_zero_flags(j));
+                free(buf);
+                pthread_mutex_lock(&j->lock);
+                if (r >= 0)
+                        j->ndirty -= bits_assign(j->dirty, first, last - first, false);
+                else {
+                        j->actively_synced = false;
+                        j->ndirty += bits_assign(j->dirty, first, last - first, true);
+                }
+        } else {
+                pthread_mutex_lock(&j->lock);
+                j->ndirty += bits_assign(j->dirty, first, last - first, true);
+        }
+        mirror_progress(j);
+        pthread_cond_broadcast(&j->cond);
+        pthread_mutex_unlock(&j->lock);
+}
+
+static const struct dc_disk_hooks mirror_hooks = { .after_write = mirror_after_write };
+
+/* Copy everything dirty (the disk is quiesced: nothing new comes), then flush the target. */
+static int mirror_drain(dc_job *j, bool *ret_read_err) {
+        uint64_t max = MAX(j->chunk / j->unit, 1);
+        int r;
+
+        for (;;) {
+                uint64_t i, n;
+                bool set;
+                pthread_mutex_lock(&j->lock);
+                i = bits_next(j->dirty, j->nbits, 0);
+                n = i < j->nbits ? bits_run(j->dirty, i, MIN(max, j->nbits - i), &set) : 0;
+                pthread_mutex_unlock(&j->lock);
+                if (!n)
+                        break;
+                r = mirror_copy(j, j->buf, i, n, ret_read_err);
+                if (r < 0)
+                        return r;
+        }
+        *ret_read_err = false;
+        return dc_image_flush(j->target);
+}
+
+static int mirror_run(dc_job *j) {
+        uint64_t cursor = 0, set = 0;
+        int r;
+
+        if (j->active_commit) {
+                /* base grows when smaller than top, never shrinks */
+                if (j->base->virtual_size < j->img->virtual_size) {
+                        r = dc_image_truncate(j->base, j->img->virtual_size);
+                        if (r < 0)
+                                return r;
+                }
+        } else if (j->tgt->virtual_size != j->img->virtual_size)
+                return dc_error(EINVAL, "Source and target image have different sizes");
+        j->nbits = DIV_ROUND_UP(j->img->virtual_size, j->unit);
+        j->dirty = calloc(j->nbits / 64 + 1, sizeof *j->dirty);
+        j->chunk = MAX(j->unit, ALIGN_DOWN(MIN(j->buf_size, (uint64_t) CHUNK), j->unit));
+        j->buf = malloc(j->chunk);
+        if (!j->dirty || !j->buf)
+                return dc_error(ENOMEM, "out of memory");
+
+        /* from here on every guest write is tracked; what is there already is measured */
+        dc_disk_quiesce(j->disk);
+        r = dc_disk_attach(j->disk, &mirror_hooks, j, j->unit);
+        if (r >= 0) {
+                if (j->sync == DC_SYNC_FULL && j->existing && !j->active_commit)
+                        set = bits_assign(j->dirty, 0, j->nbits, true); /* it may not read as zeros */
+                else if (j->active_commit)
+                        r = mark_allocated(j, j->dirty, j->unit, j->img, j->base, &set);
+                else if (j->sync != DC_SYNC_NONE)
+                        r = mark_allocated(j, j->dirty, j->unit, j->img,
+                                           j->sync == DC_SYNC_TOP ? j->img->backing : NULL, &set);
+        }
+        pthread_mutex_lock(&j->lock);
+        j->ndirty += set;
+        mirror_progress(j);
+        pthread_mutex_unlock(&j->lock);
+        dc_disk_unquiesce(j->disk);
+        if (r < 0)
+                return r;
+
+        for (;;) {
+                uint64_t i, n = 0;
+                bool ready, completing, set_bit, read_err = false, ignored = false;
+
+                r = pause_point(j, 0, 0);
+                if (r < 0)
+                        break;
+                pthread_mutex_lock(&j->lock);
+                ready = j->status == DC_JOB_READY;
+                completing = ready && (j->should_complete || j->cancelled);
+                i = bits_next(j->dirty, j->nbits, cursor);
+                if (i < j->nbits)
+                        n = bits_run(j->dirty, i, MIN(MAX(j->chunk / j->unit, 1), j->nbits - i), &set_bit);
+                pthread_mutex_unlock(&j->lock);
+
+                if (completing) {
+                        /* no guest write from here to the end of the copy: a point in time */
+                        dc_disk_quiesce(j->disk);
+                        r = mirror_drain(j, &read_err);
+                        if (r >= 0 && j->cancelled)
+                                dc_disk_detach(j->disk, j); /* soft cancel: later writes stay out */
+                        dc_disk_unquiesce(j->disk);
+                        if (r < 0) {
+                                r = handle_io_error(j, r, read_err, &ignored);
+                                if (r == 0)
+                                        continue;
+                                if (r == 1)
+                                        r = -EIO;
+                        }
+                        break;
+                }
+                if (n == 0) {
+                        if (!ready) {
+                                r = dc_image_flush(j->target);
+                                if (r < 0) {
+                                        r = handle_io_error(j, r, false, &ignored);
+                                        if (r == 0 || r == 1)
+                                                continue;
+                                        break;
+                                }
+                                pthread_mutex_lock(&j->lock);
+                                if (j->error[0]) {
+                                        /* on-error=ignore skipped data: in sync it is not */
+                                        pthread_mutex_unlock(&j->lock);
+                                        r = -EIO;
+                                        break;
+                                }
+                                mirror_progress(j);
+                                job_set_status(j, DC_JOB_READY);
+                                outcome_event(j, DC_EV_READY, NULL);
+                                j->actively_synced = j->copy_mode == DC_COPY_MODE_WRITE_BLOCKING;
+                                pthread_mutex_unlock(&j->lock);
+                                wake_owner(j);
+                                continue;
+                        }
+                        /* in sync: wait for a write, a verb, or 100 ms */
+                        pthread_mutex_lock(&j->lock);
+                        if (!j->ndirty && !j->should_complete && !j->cancelled && !j->user_paused) {
+                                struct timespec ts;
+                                clock_gettime(CLOCK_REALTIME, &ts);
+                                ts.tv_nsec += 100000000l;
+                                if (ts.tv_nsec >= 1000000000l) {
+                                        ts.tv_sec++;
+                                        ts.tv_nsec -= 1000000000l;
+                                }
+                                pthread_cond_timedwait(&j->cond, &j->lock, &ts);
+                        }
+                        pthread_mutex_unlock(&j->lock);
+                        continue;
+                }
+                r = mirror_copy(j, j->buf, i, n, &read_err);
+                cursor = i + n;
+                if (r < 0) {
+                        r = handle_io_error(j, r, read_err, &ignored);
+                        if (r == 0)
+                                continue;
+                        if (r != 1)
+                                break;
+                        /* ignored: skipped, and the job fails when it would be in sync */
+                        pthread_mutex_lock(&j->lock);
+                        j->ndirty -= bits_assign(j->dirty, i, n, false);
+                        pthread_mutex_unlock(&j->lock);
+                        r = pause_point(j, 0, 0);
+                        if (r < 0)
+                                break;
+                        continue;
+                }
+                {
+                        uint64_t bytes = MIN((i + n) * j->unit, j->img->virtual_size) - i * j->unit;
+                        r = pause_point(j, bytes, bytes);
+                        if (r < 0)
+                                break;
+                }
+        }
+        return r;
+}
+
+/*
+ * The pivot: the target (mirror) or base (active commit) becomes the active
+ * layer of the disk.  The target keeps its own backing: a layer of the old
+ * chain (top, none) or a chain opened now (existing).  The dropped layers
+ * are marked superseded bottom first, the old top last — the moment the
+ * pivot is done on disk; the target was flushed before.
+ */
+static int pivot(dc_job *j) {
+        dc_image *old = dc_disk_chain(j->disk), *top = j->active_commit ? j->base : j->tgt;
+        dc_image *keep = j->active_commit ? j->base : NULL, *extra = NULL, *above = NULL;
+        dc_image *dropped[256];
+        size_t n = 0;
+        int r;
+
+        if (!j->active_commit && top->backing_file) {
+                _cleanup_free_ char *babs = NULL;
+                r = dc_backing_resolve(top->path, top->backing_file, &babs);
+                if (r < 0)
+                        return r;
+                keep = find_layer(old, babs);
+                if (!keep) {
+                        struct dc_open_options o = *dc_disk_open_options(j->disk);
+                        o.writable = false;
+                        r = dc_image_open(babs, &o, &extra);
+                        if (r < 0)
+                                return r;
+                }
+        }
+        for (dc_image *l = old; l && l != keep && n < sizeof dropped / sizeof *dropped; l = l->backing) {
+                dropped[n++] = l;
+                if (l->backing == keep)
+                        above = l;
+        }
+        while (n-- > 0)
+                mark_file(dropped[n], DC_XATTR_SUPERSEDED, top->path);
+        if (!j->active_commit) {
+                mark_file(top, DC_XATTR_JOB_TARGET, NULL);
+                top->backing = keep ? keep : extra;
+                j->tgt = NULL; /* the disk's now */
+        }
+        if (above)
+                above->backing = NULL;
+        dc_disk_swap_chain(j->disk, top);
+        j->img = top;
+        if (keep != old)
+                dc_image_close(old);
+        return 0;
+}
+
+static int mirror_prepare(dc_job *j) {
+        bool read_err;
+        int r;
+
+        if (j->cancelled)
+                return 0; /* soft cancel: the target is a point-in-time copy, nothing moves */
+        dc_disk_quiesce(j->disk);
+        r = mirror_drain(j, &read_err); /* what was written since the job left its loop */
+        if (r >= 0)
+                r = pivot(j);
+        dc_disk_detach(j->disk, j);
+        dc_disk_unquiesce(j->disk);
+        return r;
+}
+
+static void mirror_clean(dc_job *j) {
+        dc_disk_detach(j->disk, j);
+        if (j->tgt)
+                mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
 }
 
 static int set_backing_prepare(dc_job *j) {
@@ -622,14 +1138,25 @@ static int set_backing_prepare(dc_job *j) {
         return dc_image_set_backing(img, j->new_backing, j->new_backing_fmt);
 }
 
+/* Put the caller's disk back as it was (its layers read-only again). */
+static void disk_restore(dc_job *j) {
+        if (!j->disk_reopened)
+                return;
+        dc_disk_quiesce(j->disk);
+        (void) dc_disk_reopen(j->disk, NULL);
+        dc_disk_unquiesce(j->disk);
+        j->disk_reopened = false;
+}
+
 static void *job_thread(void *p) {
         dc_job *j = p;
+        bool ok;
         int r;
 
         r = j->run(j);
         pthread_mutex_lock(&j->lock);
         j->busy = false;
-        if (r >= 0 && !j->cancelled) {
+        if (r >= 0 && !j->force_cancel) {
                 job_set_status(j, DC_JOB_WAITING);
                 job_set_status(j, DC_JOB_PENDING);
                 if (!j->auto_finalize) {
@@ -637,10 +1164,10 @@ static void *job_thread(void *p) {
                         pthread_mutex_unlock(&j->lock);
                         wake_owner(j);
                         pthread_mutex_lock(&j->lock);
-                        while (!j->finalize_requested && !j->cancelled)
+                        while (!j->finalize_requested && !j->force_cancel)
                                 pthread_cond_wait(&j->cond, &j->lock);
                 }
-                if (!j->cancelled) {
+                if (!j->force_cancel) {
                         pthread_mutex_unlock(&j->lock);
                         r = j->prepare ? j->prepare(j) : 0;
                         pthread_mutex_lock(&j->lock);
@@ -648,28 +1175,34 @@ static void *job_thread(void *p) {
                                 snprintf(j->error, sizeof j->error, "%s", dc_get_error());
                 }
         }
-        if (r >= 0 && !j->cancelled)
-                outcome_event(j, DC_EV_COMPLETED, "");
-        else {
+        ok = r >= 0 && !j->force_cancel;
+        if (!ok) {
                 job_set_status(j, DC_JOB_ABORTING);
-                if (j->force_cancel && !j->error[0]) {
-                        outcome_event(j, DC_EV_CANCELLED, NULL);
-                        /* as QMP's query reports a cancelled job's ret */
-                        snprintf(j->error, sizeof j->error, "%s", strerror(ECANCELED));
-                }
-                else {
-                        if (!j->error[0])
-                                snprintf(j->error, sizeof j->error, "%s",
-                                         dc_get_error()[0] ? dc_get_error() : strerror(-r));
-                        outcome_event(j, DC_EV_COMPLETED, j->error);
-                }
+                if (!(j->force_cancel && !j->error[0]) && !j->error[0])
+                        snprintf(j->error, sizeof j->error, "%s", dc_get_error()[0] ? dc_get_error() : strerror(-r));
         }
+        pthread_mutex_unlock(&j->lock);
+
+        /* unhooked and the images released before anyone hears of the end */
+        if (j->clean)
+                j->clean(j);
+        disk_restore(j);
+        j->img = NULL;
+        j->disk = dc_disk_unref(j->disk);
+        j->tgt = dc_image_close(j->tgt);
+
+        pthread_mutex_lock(&j->lock);
+        if (ok)
+                outcome_event(j, DC_EV_COMPLETED, "");
+        else if (j->force_cancel && !j->error[0]) {
+                outcome_event(j, DC_EV_CANCELLED, NULL);
+                /* as QMP's query reports a cancelled job's ret */
+                snprintf(j->error, sizeof j->error, "%s", strerror(ECANCELED));
+        } else
+                outcome_event(j, DC_EV_COMPLETED, j->error);
         job_set_status(j, DC_JOB_CONCLUDED);
         if (j->auto_dismiss)
                 job_set_status(j, DC_JOB_NULL);
-        /* the images are released before anyone hears of the end */
-        j->img = dc_image_close(j->img);
-        j->tgt = dc_image_close(j->tgt);
         pthread_mutex_unlock(&j->lock);
         wake_owner(j);
         return NULL;
@@ -711,7 +1244,8 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
         j->auto_dismiss = jo->auto_dismiss;
         j->notify = jo->notify;
         j->userdata = jo->userdata;
-        j->len = j->target->virtual_size;
+        if (!j->len)
+                j->len = j->img->virtual_size;
         j->status = DC_JOB_CREATED;
         {
                 struct dc_job_event ev = { .kind = DC_EV_STATUS, .status = DC_JOB_CREATED };
@@ -744,24 +1278,79 @@ static int job_new(const struct dc_job_options *jo, int type, dc_job **ret) {
         return 0;
 }
 
+/*
+ * The chain a job works on, with TOP_ABS in it and the layers in WRITABLE
+ * (NULL-terminated absolute paths) read-write: the caller's disk (reopened
+ * when one of them is read-only in it), or a disk of the job's own.
+ */
+static int job_disk(dc_job *j, const char *top_abs, const struct dc_open_options *oo, const struct dc_job_options *jo,
+                    const char *const *writable) {
+        struct dc_open_options o = *oo;
+        int r;
+
+        if (jo->disk) {
+                dc_image *chain = dc_disk_chain(jo->disk);
+                bool reopen = false;
+                if (!find_layer(chain, top_abs))
+                        return dc_error(EINVAL, "'%s' is not in the chain of '%s'", top_abs, chain->path);
+                for (size_t i = 0; writable && writable[i]; i++) {
+                        dc_image *l = find_layer(chain, writable[i]);
+                        if (!l)
+                                return dc_error(EINVAL, "'%s' is not in the chain of '%s'", writable[i], chain->path);
+                        reopen |= !l->writable;
+                }
+                j->disk = dc_disk_ref(jo->disk);
+                if (reopen) {
+                        dc_disk_quiesce(j->disk);
+                        r = dc_disk_reopen(j->disk, writable);
+                        dc_disk_unquiesce(j->disk);
+                        if (r < 0)
+                                return r;
+                        j->disk_reopened = true;
+                }
+                return 0;
+        }
+        o.writable = false;
+        o.writable_layer = NULL;
+        o.no_backing = false;
+        o.writable_layers = writable;
+        return dc_disk_open(top_abs, &o, &j->disk);
+}
+
+/* Resolve PATH to an absolute path inside the roots; free() it. */
+static int job_path(const char *path, const struct dc_open_options *oo, char **ret) {
+        return dc_path_resolve(path, oo->roots, ret, NULL);
+}
+
+static int writable_check(dc_image *l) {
+        if (!l->writable)
+                return dc_error(EROFS, "'%s' cannot be written%s%s", l->path, l->read_only_reason ? ": " : "",
+                                l->read_only_reason ? l->read_only_reason : "");
+        return 0;
+}
+
 DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const char *backing_file,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
-        struct dc_open_options o = *oo;
+        _cleanup_free_ char *top = NULL, *base = NULL;
         dc_job *j;
         int r;
 
         if (!base_path && backing_file)
                 return dc_error(EINVAL, "backing file specified, but streaming the entire chain");
+        r = job_path(top_path, oo, &top);
+        if (r >= 0 && base_path)
+                r = job_path(base_path, oo, &base);
+        if (r < 0)
+                return r;
         r = job_new(jo, DC_JOB_TYPE_STREAM, &j);
         if (r < 0)
                 return r;
-        o.writable = true;
-        r = dc_image_open(top_path, &o, &j->img);
+        r = job_disk(j, top, oo, jo, (const char *const[]){ top, NULL });
         if (r < 0)
                 goto fail;
-        j->target = j->img;
-        if (base_path) {
-                j->base = find_layer(j->img->backing, base_path);
+        j->img = j->target = find_layer(dc_disk_chain(j->disk), top);
+        if (base) {
+                j->base = find_layer(j->img->backing, base);
                 if (!j->base) {
                         r = dc_error(EINVAL, "'%s' is not a backing image of '%s'", base_path, top_path);
                         goto fail;
@@ -773,8 +1362,12 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
                 r = dc_error(ENOTSUP, "'%s': only qcow2 images can receive streamed data", top_path);
                 goto fail;
         }
+        r = writable_check(j->target);
+        if (r < 0)
+                goto fail;
         j->run = stream_run;
         j->prepare = set_backing_prepare;
+        j->clean = NULL;
         r = job_start(j, jo, ret);
         if (r >= 0)
                 return 0;
@@ -786,42 +1379,73 @@ fail:
 DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
                             const char *backing_file, const struct dc_open_options *oo,
                             const struct dc_job_options *jo, dc_job **ret) {
-        struct dc_open_options o = *oo;
+        _cleanup_free_ char *overlay = NULL, *top = NULL, *base = NULL;
+        dc_image *chain;
         dc_job *j;
         int r;
 
-        if (strcmp(top_path, base_path) == 0)
+        r = job_path(top_path, oo, &top);
+        if (r >= 0)
+                r = job_path(base_path, oo, &base);
+        if (r >= 0 && overlay_path)
+                r = job_path(overlay_path, oo, &overlay);
+        if (r < 0)
+                return r;
+        if (strcmp(top, base) == 0)
                 return dc_error(EINVAL, "cannot commit an image into itself");
+        if (!overlay && backing_file)
+                return dc_error(EINVAL, "'backing-file' specified, but 'top' is the active layer");
         r = job_new(jo, DC_JOB_TYPE_COMMIT, &j);
         if (r < 0)
                 return r;
-        /* one handle: the overlay read-write for its new backing pointer,
-         * base read-write to receive the data */
-        o.writable = true;
-        o.writable_layer = base_path;
-        r = dc_image_open(overlay_path, &o, &j->img);
-        if (r < 0)
-                goto fail;
-        j->overlay = j->img;
-        j->target = find_layer(j->img->backing, top_path);
-        if (!j->target || j->overlay->backing != j->target) {
-                r = dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
-                goto fail;
+        if (overlay) {
+                /* the overlay read-write for its new backing pointer, base to receive the data */
+                r = job_disk(j, overlay, oo, jo, (const char *const[]){ overlay, base, NULL });
+                if (r < 0)
+                        goto fail;
+                chain = dc_disk_chain(j->disk);
+                j->overlay = find_layer(chain, overlay);
+                j->img = j->target = find_layer(j->overlay->backing, top);
+                if (!j->target || j->overlay->backing != j->target) {
+                        r = dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
+                        goto fail;
+                }
+        } else {
+                r = job_disk(j, top, oo, jo, (const char *const[]){ base, NULL });
+                if (r < 0)
+                        goto fail;
+                chain = dc_disk_chain(j->disk);
+                if (strcmp(chain->path, top) != 0) {
+                        r = dc_error(EINVAL, "'%s' is not the active layer of '%s'", top_path, chain->path);
+                        goto fail;
+                }
+                j->img = j->target = chain;
+                j->active_commit = true;
         }
-        j->base = find_layer(j->target->backing, base_path);
+        j->base = find_layer(j->target->backing, base);
         if (!j->base) {
                 r = dc_error(EINVAL, "'%s' is not in the backing chain of '%s'", base_path, top_path);
                 goto fail;
         }
-        if (!j->base->writable) {
-                r = dc_error(EROFS, "'%s' cannot be written%s%s", base_path, j->base->read_only_reason ? ": " : "",
-                             j->base->read_only_reason ? j->base->read_only_reason : "");
+        r = writable_check(j->base);
+        if (r < 0)
                 goto fail;
+        if (j->active_commit) {
+                uint32_t cs = dc_image_cluster_size(j->base);
+                j->target = j->base;
+                j->unit = MAX(MIN(MAX(cs, 4096u), 65536u), cs ? cs : 1u);
+                j->buf_size = 16u << 20;
+                j->copy_mode = DC_COPY_MODE_BACKGROUND;
+                j->run = mirror_run;
+                j->prepare = mirror_prepare;
+                j->clean = mirror_clean;
+                j->len = 0;
+        } else {
+                j->new_backing = backing_file ? strdup(backing_file) : backing_name(j->overlay, j->base);
+                j->new_backing_fmt = strdup(dc_format_name(dc_image_format(j->base)));
+                j->run = commit_run;
+                j->prepare = set_backing_prepare;
         }
-        j->new_backing = backing_file ? strdup(backing_file) : backing_name(j->overlay, j->base);
-        j->new_backing_fmt = strdup(dc_format_name(dc_image_format(j->base)));
-        j->run = commit_run;
-        j->prepare = set_backing_prepare;
         r = job_start(j, jo, ret);
         if (r >= 0)
                 return 0;
@@ -830,23 +1454,50 @@ fail:
         return r;
 }
 
+/* Open a backup or mirror target: its top only, read-write, marked as a job's target. */
+static int open_target(dc_job *j, const char *target, const struct dc_open_options *oo) {
+        struct dc_open_options o = *oo;
+        int r;
+
+        if (find_layer(j->img, target))
+                return dc_error(EINVAL, j->type == DC_JOB_TYPE_MIRROR ? "Can't mirror node into itself"
+                                                                      : "Source and target cannot be the same");
+        o.writable = true;
+        o.no_backing = true; /* its backing is read at the pivot, not before (it may be the source) */
+        o.writable_layer = NULL;
+        o.writable_layers = NULL;
+        r = dc_image_open(target, &o, &j->tgt);
+        if (r < 0)
+                return r;
+        r = writable_check(j->tgt);
+        if (r < 0)
+                return r;
+        mark_file(j->tgt, DC_XATTR_JOB_TARGET, j->id);
+        return 0;
+}
+
 DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
-        struct dc_open_options so = *oo, to = *oo;
+        _cleanup_free_ char *source = NULL, *target = NULL;
+        uint64_t cs;
         dc_job *j;
         int r;
 
-        if (strcmp(source_path, target_path) == 0)
+        r = job_path(source_path, oo, &source);
+        if (r >= 0)
+                r = job_path(target_path, oo, &target);
+        if (r < 0)
+                return r;
+        if (strcmp(source, target) == 0)
                 return dc_error(EINVAL, "Source and target cannot be the same");
         r = job_new(jo, DC_JOB_TYPE_BACKUP, &j);
         if (r < 0)
                 return r;
-        so.writable = false;
-        r = dc_image_open(source_path, &so, &j->img);
+        r = job_disk(j, source, oo, jo, NULL);
         if (r < 0)
                 goto fail;
-        to.writable = true;
-        r = dc_image_open(target_path, &to, &j->tgt);
+        j->img = find_layer(dc_disk_chain(j->disk), source);
+        r = open_target(j, target, oo);
         if (r < 0)
                 goto fail;
         if (j->tgt->virtual_size != j->img->virtual_size) {
@@ -857,7 +1508,8 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                 r = dc_error(ENOTSUP, "Compression is not supported for this drive");
                 goto fail;
         }
-        if (bo->max_chunk && bo->max_chunk < MAX(dc_image_cluster_size(j->tgt), 512u)) {
+        cs = dc_image_cluster_size(j->tgt);
+        if (bo->max_chunk && bo->max_chunk < MAX(cs, 512u)) {
                 r = dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
                 goto fail;
         }
@@ -866,7 +1518,79 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         j->compress = bo->compress;
         j->workers = bo->max_workers ? MIN(bo->max_workers, 16u) : 2;
         j->chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) CHUNK) : 0;
+        /* copy-before-write works in whole target clusters (64 KiB for raw) */
+        j->todo_unit = cs ? cs : 65536;
+        if (j->chunk && j->chunk < j->todo_unit)
+                j->todo_unit = j->chunk;
+        if (j->chunk)
+                j->chunk = ALIGN_DOWN(j->chunk, j->todo_unit);
+        j->todo_bits = DIV_ROUND_UP(j->img->virtual_size, j->todo_unit);
+        j->todo = calloc(j->todo_bits / 64 + 1, sizeof *j->todo);
+        if (!j->todo) {
+                r = dc_error(ENOMEM, "out of memory");
+                goto fail;
+        }
         j->run = backup_run;
+        j->clean = backup_clean;
+        r = job_start(j, jo, ret);
+        if (r >= 0)
+                return 0;
+fail:
+        dc_job_free(j);
+        return r;
+}
+
+DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, const struct dc_mirror_options *mo,
+                            const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        _cleanup_free_ char *source = NULL, *target = NULL;
+        uint32_t cs, gran;
+        dc_image *chain;
+        dc_job *j;
+        int r;
+
+        if (mo->granularity && (mo->granularity < 512 || mo->granularity > (64u << 20) ||
+                                (mo->granularity & (mo->granularity - 1))))
+                return dc_error(EINVAL, "Granularity must be a power of 2 between 512 and 64 MiB");
+        if (mo->sync != DC_SYNC_FULL && mo->sync != DC_SYNC_TOP && mo->sync != DC_SYNC_NONE)
+                return dc_error(EINVAL, "Sync mode not supported");
+        r = job_path(source_path, oo, &source);
+        if (r >= 0)
+                r = job_path(target_path, oo, &target);
+        if (r < 0)
+                return r;
+        if (strcmp(source, target) == 0)
+                return dc_error(EINVAL, "Can't mirror node into itself");
+        r = job_new(jo, DC_JOB_TYPE_MIRROR, &j);
+        if (r < 0)
+                return r;
+        r = job_disk(j, source, oo, jo, NULL);
+        if (r < 0)
+                goto fail;
+        chain = dc_disk_chain(j->disk);
+        if (strcmp(chain->path, source) != 0) {
+                r = dc_error(EINVAL, "'%s' is not the active layer of '%s'", source_path, chain->path);
+                goto fail;
+        }
+        j->img = chain;
+        r = open_target(j, target, oo);
+        if (r < 0)
+                goto fail;
+        j->target = j->tgt;
+        j->sync = mo->sync;
+        j->existing = mo->existing;
+        j->unmap = mo->unmap;
+        j->copy_mode = mo->copy_mode == DC_COPY_MODE_WRITE_BLOCKING ? DC_COPY_MODE_WRITE_BLOCKING
+                                                                     : DC_COPY_MODE_BACKGROUND;
+        /* QEMU's default granularity: the target's cluster size within 4 KiB..64 KiB; the
+         * chunk copied is never smaller than a target cluster, so no write needs its backing */
+        cs = dc_image_cluster_size(j->tgt);
+        gran = mo->granularity ? mo->granularity : cs ? MIN(MAX(cs, 4096u), 65536u) : 65536u;
+        j->unit = MAX(gran, cs);
+        j->buf_size = mo->buf_size ? mo->buf_size : 16u << 20;
+        j->run = mirror_run;
+        j->prepare = mirror_prepare;
+        j->clean = mirror_clean;
+        j->len = 0;
         r = job_start(j, jo, ret);
         if (r >= 0)
                 return 0;
@@ -882,15 +1606,24 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
                 return NULL;
         if (j->thread_started)
                 pthread_join(j->thread, NULL);
+        else {
+                /* never started: undo what the constructor did */
+                if (j->tgt)
+                        mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
+                disk_restore(j);
+        }
         while (dc_job_next_event(j, &ev) > 0)
                 ;
-        dc_image_close(j->img);
+        dc_disk_unref(j->disk);
         dc_image_close(j->tgt);
         pthread_mutex_destroy(&j->lock);
         pthread_cond_destroy(&j->cond);
         free(j->id);
         free(j->new_backing);
         free(j->new_backing_fmt);
+        free(j->todo);
+        free(j->dirty);
+        free(j->buf);
         free(j);
         return NULL;
 }

@@ -877,7 +877,7 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                 uint8_t *t;
                 int r;
 
-                if ((s->l1[l1i] & L1E_OFFSET_MASK) == 0 && (!img->backing || (discard && s->version < 3))) {
+                if ((s->l1[l1i] & L1E_OFFSET_MASK) == 0 && (!img->backing_file || (discard && s->version < 3))) {
                         /* No table and nothing below: already reads as zero. */
                         gidx += cnt;
                         n -= cnt;
@@ -898,7 +898,7 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                         else if (!(flags & DC_ZERO_MAY_UNMAP) && !discard &&
                                  (type == QC_NORMAL || type == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED))
                                 ne = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO;
-                        else if (discard && !img->backing && type == QC_UNALLOCATED)
+                        else if (discard && !img->backing_file && type == QC_UNALLOCATED)
                                 ne = 0;
                         else
                                 ne = QCOW_OFLAG_ZERO;
@@ -949,7 +949,7 @@ static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigne
         if (r < 0)
                 return r;
         /* v2 with a backing file has no way to say "zero": write zeroes. */
-        if (s->version < 3 && img->backing)
+        if (s->version < 3 && img->backing_file)
                 return write_zero_bytes(img, off, len);
         first = DIV_ROUND_UP(off, cs);
         last = (off + len) / cs;
