@@ -792,11 +792,12 @@ static int backup_cbw(void *data, uint64_t off, uint64_t len) {
 
 static const struct dc_disk_hooks backup_hooks = { .before_write = backup_cbw };
 
-static int backup_run(dc_job *j) {
+/* At the job's creation, so that the copy is of the moment the caller gets the job:
+ * quiesced, hooked, and what is to be copied measured. */
+static int backup_setup(dc_job *j) {
         uint64_t set;
         int r;
 
-        /* what is to be copied is fixed now: quiesced, hooked, then measured */
         dc_disk_quiesce(j->disk);
         r = dc_disk_attach(j->disk, &backup_hooks, j, j->todo_unit);
         if (r >= 0) {
@@ -807,8 +808,12 @@ static int backup_run(dc_job *j) {
                                            j->sync == DC_SYNC_TOP ? j->img->backing : NULL, &set);
         }
         dc_disk_unquiesce(j->disk);
-        if (r < 0)
-                return r;
+        return r;
+}
+
+static int backup_run(dc_job *j) {
+        int r;
+
         if (j->sync == DC_SYNC_NONE) {
                 /* nothing to copy in the background: copy-before-write until cancelled */
                 for (;;) {
@@ -926,27 +931,20 @@ static int mirror_drain(dc_job *j, bool *ret_read_err) {
         return dc_image_flush(j->target);
 }
 
-static int mirror_run(dc_job *j) {
-        uint64_t cursor = 0, set = 0;
+/*
+ * At the job's creation, so that its start is the caller's return: the
+ * dirty bitmap, hooked into the disk, holding what is to be copied.
+ */
+static int mirror_setup(dc_job *j) {
+        uint64_t set = 0;
         int r;
 
-        if (j->active_commit) {
-                /* base grows when smaller than top, never shrinks */
-                if (j->base->virtual_size < j->img->virtual_size) {
-                        r = dc_image_truncate(j->base, j->img->virtual_size);
-                        if (r < 0)
-                                return r;
-                }
-        } else if (j->tgt->virtual_size != j->img->virtual_size)
-                return dc_error(EINVAL, "Source and target image have different sizes");
         j->nbits = DIV_ROUND_UP(j->img->virtual_size, j->unit);
         j->dirty = calloc(j->nbits / 64 + 1, sizeof *j->dirty);
         j->chunk = MAX(j->unit, ALIGN_DOWN(MIN(j->buf_size, (uint64_t) CHUNK), j->unit));
         j->buf = malloc(j->chunk);
         if (!j->dirty || !j->buf)
                 return dc_error(ENOMEM, "out of memory");
-
-        /* from here on every guest write is tracked; what is there already is measured */
         dc_disk_quiesce(j->disk);
         r = dc_disk_attach(j->disk, &mirror_hooks, j, j->unit);
         if (r >= 0) {
@@ -963,9 +961,22 @@ static int mirror_run(dc_job *j) {
         mirror_progress(j);
         pthread_mutex_unlock(&j->lock);
         dc_disk_unquiesce(j->disk);
-        if (r < 0)
-                return r;
+        return r;
+}
 
+static int mirror_run(dc_job *j) {
+        uint64_t cursor = 0;
+        int r;
+
+        if (j->active_commit) {
+                /* base grows when smaller than top, never shrinks */
+                if (j->base->virtual_size < j->img->virtual_size) {
+                        r = dc_image_truncate(j->base, j->img->virtual_size);
+                        if (r < 0)
+                                return r;
+                }
+        } else if (j->tgt->virtual_size != j->img->virtual_size)
+                return dc_error(EINVAL, "Source and target image have different sizes");
         for (;;) {
                 uint64_t i, n = 0;
                 bool ready, completing, set_bit, read_err = false, ignored = false;
@@ -1244,7 +1255,7 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
         j->auto_dismiss = jo->auto_dismiss;
         j->notify = jo->notify;
         j->userdata = jo->userdata;
-        if (!j->len)
+        if (!j->len && !j->dirty)
                 j->len = j->img->virtual_size;
         j->status = DC_JOB_CREATED;
         {
@@ -1317,6 +1328,8 @@ static int job_disk(dc_job *j, const char *top_abs, const struct dc_open_options
         return dc_disk_open(top_abs, &o, &j->disk);
 }
 
+static const struct dc_open_options no_options;
+
 /* Resolve PATH to an absolute path inside the roots; free() it. */
 static int job_path(const char *path, const struct dc_open_options *oo, char **ret) {
         return dc_path_resolve(path, oo->roots, ret, NULL);
@@ -1334,6 +1347,8 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
         _cleanup_free_ char *top = NULL, *base = NULL;
         dc_job *j;
         int r;
+
+        oo = oo ? oo : &no_options;
 
         if (!base_path && backing_file)
                 return dc_error(EINVAL, "backing file specified, but streaming the entire chain");
@@ -1383,6 +1398,8 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
         dc_image *chain;
         dc_job *j;
         int r;
+
+        oo = oo ? oo : &no_options;
 
         r = job_path(top_path, oo, &top);
         if (r >= 0)
@@ -1439,7 +1456,9 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
                 j->run = mirror_run;
                 j->prepare = mirror_prepare;
                 j->clean = mirror_clean;
-                j->len = 0;
+                r = mirror_setup(j);
+                if (r < 0)
+                        goto fail;
         } else {
                 j->new_backing = backing_file ? strdup(backing_file) : backing_name(j->overlay, j->base);
                 j->new_backing_fmt = strdup(dc_format_name(dc_image_format(j->base)));
@@ -1482,6 +1501,8 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         uint64_t cs;
         dc_job *j;
         int r;
+
+        oo = oo ? oo : &no_options;
 
         r = job_path(source_path, oo, &source);
         if (r >= 0)
@@ -1532,7 +1553,9 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         }
         j->run = backup_run;
         j->clean = backup_clean;
-        r = job_start(j, jo, ret);
+        r = backup_setup(j);
+        if (r >= 0)
+                r = job_start(j, jo, ret);
         if (r >= 0)
                 return 0;
 fail:
@@ -1547,6 +1570,8 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         dc_image *chain;
         dc_job *j;
         int r;
+
+        oo = oo ? oo : &no_options;
 
         if (mo->granularity && (mo->granularity < 512 || mo->granularity > (64u << 20) ||
                                 (mo->granularity & (mo->granularity - 1))))
@@ -1590,8 +1615,9 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         j->run = mirror_run;
         j->prepare = mirror_prepare;
         j->clean = mirror_clean;
-        j->len = 0;
-        r = job_start(j, jo, ret);
+        r = mirror_setup(j);
+        if (r >= 0)
+                r = job_start(j, jo, ret);
         if (r >= 0)
                 return 0;
 fail:
@@ -1606,9 +1632,11 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
                 return NULL;
         if (j->thread_started)
                 pthread_join(j->thread, NULL);
-        else {
+        else if (j->disk) {
                 /* never started: undo what the constructor did */
-                if (j->tgt)
+                if (j->clean)
+                        j->clean(j);
+                else if (j->tgt)
                         mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
                 disk_restore(j);
         }
