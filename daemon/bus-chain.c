@@ -74,6 +74,7 @@ typedef struct JobStart {
         bool create_target;
         struct dc_create_options co;
         struct dc_backup_options bo;
+        struct dc_mirror_options mo;
         char **roots, **paths;
         unsigned max_depth;
         struct dc_job_options jo;
@@ -107,7 +108,7 @@ static void job_start_run(Work *w) {
         else if (s->type == DC_JOB_TYPE_COMMIT)
                 r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
         else {
-                /* drive-backup with mode absolute-paths creates the target first */
+                /* drive-backup and drive-mirror with mode absolute-paths create the target first */
                 r = 0;
                 if (s->create_target) {
                         dc_image *src = NULL;
@@ -122,7 +123,10 @@ static void job_start_run(Work *w) {
                         }
                 }
                 if (r >= 0) {
-                        r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
+                        if (s->type == DC_JOB_TYPE_MIRROR)
+                                r = dc_job_mirror(s->top, s->target, &s->mo, &o, &s->jo, &s->job);
+                        else
+                                r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
                         if (r < 0 && s->create_target) {
                                 char msg[1024];
                                 snprintf(msg, sizeof msg, "%s", dc_get_error());
@@ -150,9 +154,9 @@ static void job_start_done(Work *w) {
                 return;
         }
         r = job_register(w->mgr, s->job, w->m, s->chain_object, s->top, s->base,
-                         s->type == DC_JOB_TYPE_STREAM   ? s->top
-                         : s->type == DC_JOB_TYPE_BACKUP ? s->target
-                                                         : s->base,
+                         s->type == DC_JOB_TYPE_STREAM ? s->top
+                         : s->target                   ? s->target
+                                                       : s->base,
                          s->paths, &j);
         if (r < 0) {
                 (void) dc_job_cancel(s->job, true);
@@ -236,7 +240,7 @@ static int start_job(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *p
                               dc_job_type_name(s->type), "job-id", s->id, NULL };
         int r;
 
-        if (s->type == DC_JOB_TYPE_BACKUP) {
+        if (s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR) {
                 d[8] = "target", d[9] = s->target, d[10] = NULL;
                 r = polkit_verify(mgr, m, "org.diskchain.copy", d, error);
         } else
@@ -363,11 +367,9 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (bi < ti)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s' is not below '%s' in the chain",
                                          base->path, top->path);
-        if (ti == 0)
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
-                                         "'%s' is the active layer: active commit needs the ready phase of the "
-                                         "mirror engine, which this version does not have; commit an intermediate top",
-                                         top->path);
+        if (ti == 0 && bf)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'backing-file' specified, but 'top' is the active layer");
         if (!force_shared) {
                 g_auto(GStrv) users = image_chains(active->mgr, base);
                 if (g_strv_length(users) > 1)
@@ -385,14 +387,67 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 job_start_free(s);
                 return r;
         }
-        s->overlay = strdup(((Image *) layers->pdata[ti - 1])->path);
+        /* top the active layer: active commit, with a ready phase and a pivot to base */
+        s->overlay = ti > 0 ? strdup(((Image *) layers->pdata[ti - 1])->path) : NULL;
         s->top = strdup(top->path);
         s->base = strdup(base->path);
         s->backing_file = bf ? strdup(bf) : NULL;
-        for (int i = ti - 1; i <= bi; i++)
+        for (int i = ti > 0 ? ti - 1 : 0; i <= bi; i++)
                 g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
         return finish_start(m, active, s, paths, error);
 }
+/*
+ * The target of a backup or mirror: a path in the roots, not a layer of
+ * the chain, new (absolute-paths) or an image that exists (existing).
+ * SIZE_CHECK: refuse another size now (backup); a mirror fails at run time.
+ */
+static int target_check(Manager *mgr, Image *active, GPtrArray *layers, const char *target, int mode,
+                        const char *same_msg, bool size_check, char **ret_abs, sd_bus_error *error) {
+        _cleanup_free_ char *abs = NULL;
+        Image *tgt;
+        int r = manager_resolve_path(mgr, target, &abs, error);
+        if (r < 0)
+                return r;
+        if (strcmp(abs, active->path) == 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "%s", same_msg);
+        tgt = g_hash_table_lookup(mgr->images, abs);
+        if (mode == 0 && tgt)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists (use mode 'existing')", abs);
+        for (guint i = 1; i < layers->len; i++)
+                if (strcmp(((Image *) layers->pdata[i])->path, abs) == 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "'%s' is in the source's backing chain", abs);
+        if (mode == 1) {
+                if (!tgt || tgt->error)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
+                if (size_check && tgt->virtual_size != active->virtual_size)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "Source and target image have different sizes");
+        }
+        *ret_abs = TAKE_PTR(abs);
+        return 0;
+}
+
+/* Fill in S's target: made for the job (absolute-paths) over the right backing for SYNC, or existing.
+ * Frees S on error. */
+static int target_setup(JobStart *s, Image *active, char *abs, int mode, int format, int sync,
+                        const char *const *syncs, sd_bus_error *error) {
+        s->top = strdup(active->path);
+        s->target = abs;
+        s->create_target = mode == 0;
+        s->co.format = format == 1 ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
+        if (mode == 0 && sync == DC_SYNC_TOP && active->backing_abs)
+                s->target_backing = strdup(active->backing_abs); /* top: valid over the same backing */
+        else if (mode == 0 && sync == DC_SYNC_NONE)
+                s->target_backing = strdup(active->path);         /* none: over the source itself */
+        if (s->target_backing && format == 1) {
+                job_start_free(s);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "sync '%s' needs a target with a backing file: use format qcow2", syncs[sync]);
+        }
+        return 0;
+}
+
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
                                                "speed", "on-source-error", "on-target-error", "max-workers",
@@ -400,7 +455,7 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
         static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
         static const char *const modes[] = { "absolute-paths", "existing", NULL };
         static const char *const formats[] = { "qcow2", "raw", NULL };
-        Image *active = ACTIVE, *tgt;
+        Image *active = ACTIVE;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
@@ -432,21 +487,9 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
-        r = manager_resolve_path(mgr, target, &abs, error);
+        r = target_check(mgr, active, layers, target, mode, "Source and target cannot be the same", true, &abs, error);
         if (r < 0)
                 return r;
-        if (strcmp(abs, active->path) == 0)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Source and target cannot be the same");
-        tgt = g_hash_table_lookup(mgr->images, abs);
-        if (mode == 0 && tgt)
-                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists (use mode 'existing')", abs);
-        if (mode == 1) {
-                if (!tgt || tgt->error)
-                        return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
-                if (tgt->virtual_size != active->virtual_size)
-                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                 "Source and target image have different sizes");
-        }
         s = calloc(1, sizeof *s);
         if (!s)
                 return -ENOMEM;
@@ -456,21 +499,76 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 job_start_free(s);
                 return r;
         }
-        s->top = strdup(active->path);
-        s->target = TAKE_PTR(abs);
-        s->create_target = mode == 0;
-        s->co.format = format == 1 ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
-        if (sync == 1 && active->backing_abs)
-                s->target_backing = strdup(active->backing_abs); /* top: valid over the same backing */
-        else if (sync == 2)
-                s->target_backing = strdup(active->path);         /* none: over the source itself */
-        if (s->target_backing && format == 1) {
-                job_start_free(s);
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                         "sync '%s' needs a target with a backing file: use format qcow2", syncs[sync]);
-        }
+        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        if (r < 0)
+                return r;
         s->bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
                                             .max_chunk = chunk };
+        for (guint i = 0; i < layers->len; i++)
+                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
+        g_ptr_array_add(paths, g_strdup(s->target));
+        return finish_start(m, active, s, paths, error);
+}
+
+static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "job-id", "sync", "mode", "format", "granularity", "buf-size", "speed",
+                                               "on-source-error", "on-target-error", "unmap", "copy-mode",
+                                               "auto-finalize", "auto-dismiss", NULL };
+        static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
+        static const char *const modes[] = { "absolute-paths", "existing", NULL };
+        static const char *const formats[] = { "qcow2", "raw", NULL };
+        static const char *const copy_modes[] = { "background", "write-blocking", NULL };
+        Image *active = ACTIVE;
+        Manager *mgr = active->mgr;
+        g_autoptr(GHashTable) opts = NULL;
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        _cleanup_free_ char *abs = NULL;
+        const char *target;
+        int sync = 0, mode = 0, format = active->format == DC_FORMAT_RAW ? 1 : 0, copy_mode = 0, r;
+        uint64_t granularity = 0, buf_size = 0;
+        bool unmap = true;
+        JobStart *s;
+
+        r = sd_bus_message_read(m, "s", &target);
+        if (r < 0)
+                return r;
+        r = parse_options(m, allowed, &opts, error);
+        if (r < 0)
+                return r;
+        if ((r = opt_enum(opts, "sync", syncs, &sync, error)) < 0 || (r = opt_enum(opts, "mode", modes, &mode, error)) < 0 ||
+            (r = opt_enum(opts, "format", formats, &format, error)) < 0 ||
+            (r = opt_uint(opts, "granularity", &granularity, error)) < 0 ||
+            (r = opt_uint(opts, "buf-size", &buf_size, error)) < 0 || (r = opt_bool(opts, "unmap", &unmap, error)) < 0 ||
+            (r = opt_enum(opts, "copy-mode", copy_modes, &copy_mode, error)) < 0)
+                return r;
+        if (sync >= 3)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Sync mode '%s' not supported", syncs[sync]);
+        if (g_hash_table_contains(opts, "granularity") &&
+            (granularity < 512 || granularity > (64u << 20) || (granularity & (granularity - 1))))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "Granularity must be a power of 2 between 512 and 64 MiB");
+        if (g_hash_table_contains(opts, "buf-size") && (buf_size == 0 || buf_size > (1ull << 30)))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Invalid parameter 'buf-size'");
+        r = target_check(mgr, active, layers, target, mode, "Can't mirror node into itself", false, &abs, error);
+        if (r < 0)
+                return r;
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->type = DC_JOB_TYPE_MIRROR;
+        r = job_common_options(mgr, opts, "mirror", s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        if (r < 0)
+                return r;
+        s->mo = (struct dc_mirror_options){ .sync = sync, .existing = mode == 1, .granularity = (uint32_t) granularity,
+                                            .buf_size = buf_size, .unmap = unmap,
+                                            .copy_mode = copy_mode ? DC_COPY_MODE_WRITE_BLOCKING
+                                                                   : DC_COPY_MODE_BACKGROUND };
         for (guint i = 0; i < layers->len; i++)
                 g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
         g_ptr_array_add(paths, g_strdup(s->target));
@@ -586,6 +684,8 @@ const sd_bus_vtable chain_vtable[] = {
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Commit", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_commit,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Mirror", SD_BUS_ARGS("s", target, "a{sv}", options), SD_BUS_RESULT("o", job),
+                                method_mirror, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Backup", SD_BUS_ARGS("s", target, "a{sv}", options), SD_BUS_RESULT("o", job),
                                 method_backup, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Snapshot", SD_BUS_ARGS("s", overlay, "a{sv}", options), SD_BUS_RESULT("o", image),

@@ -111,7 +111,7 @@ static void job_emit(Job *j, const struct dc_job_event *ev) {
                 (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "JobStatusChange", "ss", j->id,
                                           dc_job_status_name(ev->status));
                 (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "Status", "Paused", "Ready",
-                                                      "Busy", "IoStatus", "Error", NULL);
+                                                      "Busy", "IoStatus", "Error", "ActivelySynced", NULL);
                 break;
         case DC_EV_READY:
                 (void) sd_bus_emit_signal(mgr->bus, j->object, IFACE_JOB, "BlockJobReady", "ssttt", type, j->id,
@@ -186,9 +186,13 @@ static int on_progress(sd_event_source *s, uint64_t usec, void *userdata) {
         g_hash_table_iter_init(&it, mgr->jobs);
         while (g_hash_table_iter_next(&it, NULL, (void **) &j)) {
                 uint64_t t = now_usec(CLOCK_MONOTONIC);
+                bool synced = j->last.actively_synced;
                 dc_job_get_info(j->dj, &j->last);
-                if (j->last.offset == j->last_offset)
+                if (synced != j->last.actively_synced)
+                        (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "ActivelySynced", NULL);
+                if (j->last.offset == j->last_offset && j->last.len == j->last_len)
                         continue;
+                j->last_len = j->last.len;
                 if (t > j->rate_t0 + 1000000) {
                         j->rate = (j->last.offset - j->rate_off0) * 1000000 / (t - j->rate_t0);
                         j->rate_t0 = t;
@@ -389,7 +393,9 @@ static int property_get_bool(sd_bus *bus, const char *path, const char *iface, c
                 v = i.auto_finalize;
         else if (strcmp(prop, "AutoDismiss") == 0)
                 v = i.auto_dismiss;
-        return sd_bus_message_append(reply, "b", v); /* ActivelySynced: no mirror yet, always false */
+        else if (strcmp(prop, "ActivelySynced") == 0)
+                v = i.actively_synced;
+        return sd_bus_message_append(reply, "b", v);
 }
 
 static int property_get_chain(sd_bus *bus, const char *path, const char *iface, const char *prop,
@@ -463,13 +469,28 @@ static int method_cancel(sd_bus_message *m, void *userdata, sd_bus_error *error)
 
 static int method_change(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "copy-mode", NULL };
+        static const char *const copy_modes[] = { "background", "write-blocking", NULL };
         g_autoptr(GHashTable) opts = NULL;
+        int mode = -1;
         int r = parse_options(m, allowed, &opts, error);
         if (r < 0)
                 return r;
-        /* change exists for mirror's copy-mode; stream and commit have nothing to change */
-        return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "Job '%s' of type '%s' has no options to change",
-                                 JOB->id, dc_job_type_name(JOB->type));
+        r = opt_enum(opts, "copy-mode", copy_modes, &mode, error);
+        if (r < 0)
+                return r;
+        r = verb_authorize(m, JOB, "change", error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (JOB->type != DC_JOB_TYPE_MIRROR)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "Job '%s' of type '%s' has no options to change", JOB->id,
+                                         dc_job_type_name(JOB->type));
+        if (mode < 0)
+                return sd_bus_reply_method_return(m, NULL); /* nothing asked */
+        r = dc_job_change_copy_mode(JOB->dj, mode ? DC_COPY_MODE_WRITE_BLOCKING : DC_COPY_MODE_BACKGROUND);
+        if (r == -EINVAL)
+                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, dc_get_error());
+        return verb_result(m, r, error);
 }
 
 #define JPROP(name, sig, getter) SD_BUS_PROPERTY(name, sig, getter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)

@@ -44,6 +44,10 @@ static int method_get_chain(sd_bus_message *m, void *userdata, sd_bus_error *err
         int r = read_image_arg(userdata, m, &img, error);
         if (r < 0)
                 return r;
+        if (img->superseded_by && *img->superseded_by)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
+                                         "'%s' was replaced by '%s' when a job pivoted; it is no chain's active layer",
+                                         img->path, img->superseded_by);
         if (!image_is_active(userdata, img))
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
                                          "'%s' is a backing file, not the active layer of a chain", img->path);

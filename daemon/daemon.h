@@ -44,6 +44,8 @@ typedef struct Image {
         char *compat, *compression_type, *backing_file, *backing_format;
         char *backing_abs;    /* resolved backing path, or NULL */
         bool dirty, corrupt, encrypted, read_only;
+        char *superseded_by;  /* a pivot replaced this layer with that active layer ("" = no) */
+        char *job_target;     /* the job whose target this is while it runs ("" = none) */
         char *error;          /* set when the file could not be parsed: not exported */
         int error_errno;
 } Image;
@@ -84,7 +86,7 @@ typedef struct Job {
         uid_t uid;
         uint64_t start_time;  /* µs since the epoch */
         int type, status;
-        uint64_t last_offset, rate, rate_t0, rate_off0;
+        uint64_t last_offset, last_len, rate, rate_t0, rate_off0;
         struct dc_job_info last;
 } Job;
 

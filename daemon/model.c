@@ -11,6 +11,13 @@
  * .img.  An image that no other image uses as its backing file is the
  * active layer of exactly one chain; the chain's object path is derived
  * from the active image's path.
+ *
+ * Two marks that jobs leave on files (extended attributes, see libdiskchain)
+ * take images out of that reckoning: the layers a pivot dropped (the old
+ * chain of a completed mirror or active commit), and the target of a
+ * running mirror or backup, until the job ends or pivots to it.  Neither
+ * is an active layer, nor does it count as an overlay of its backing file.
+ * Both stay Image objects.
  */
 
 #include <dirent.h>
@@ -33,6 +40,8 @@ Image *image_free(Image *img) {
         free(img->backing_file);
         free(img->backing_format);
         free(img->backing_abs);
+        free(img->superseded_by);
+        free(img->job_target);
         free(img->error);
         free(img);
         return NULL;
@@ -105,6 +114,10 @@ static Image *scan_one(Manager *mgr, const char *abs) {
         if (*img->backing_file && dc_backing_resolve(abs, img->backing_file, &img->backing_abs) < 0)
                 img->backing_abs = NULL;
         dc_image_close(d);
+        if (dc_path_marks(abs, o.roots, &img->superseded_by, &img->job_target) < 0) {
+                img->superseded_by = NULL;
+                img->job_target = NULL;
+        }
         return img;
 }
 
@@ -171,16 +184,25 @@ static bool image_props_equal(const Image *a, const Image *b) {
                str_eq(a->compression_type, b->compression_type) && str_eq(a->backing_file, b->backing_file) &&
                str_eq(a->backing_format, b->backing_format) && str_eq(a->backing_abs, b->backing_abs) &&
                a->dirty == b->dirty && a->corrupt == b->corrupt && a->encrypted == b->encrypted &&
-               a->read_only == b->read_only;
+               a->read_only == b->read_only && str_eq(a->superseded_by, b->superseded_by) &&
+               str_eq(a->job_target, b->job_target);
+}
+
+/* Dropped by a pivot, or the target of a job that runs now. */
+static bool image_set_aside(Manager *mgr, Image *img) {
+        return (img->superseded_by && *img->superseded_by) ||
+               (img->job_target && *img->job_target && g_hash_table_contains(mgr->jobs, img->job_target));
 }
 
 bool image_is_active(Manager *mgr, Image *img) {
         GHashTableIter it;
         Image *o;
 
+        if (image_set_aside(mgr, img))
+                return false;
         g_hash_table_iter_init(&it, mgr->images);
         while (g_hash_table_iter_next(&it, NULL, (void **) &o))
-                if (!o->error && o->backing_abs && strcmp(o->backing_abs, img->path) == 0)
+                if (!o->error && o->backing_abs && strcmp(o->backing_abs, img->path) == 0 && !image_set_aside(mgr, o))
                         return false;
         return true;
 }

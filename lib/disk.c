@@ -357,14 +357,10 @@ DC_EXPORT int dc_disk_flush(dc_disk *d) {
 
 /* --- what a pivot leaves behind ------------------------------------------------- */
 
-DC_EXPORT int dc_path_superseded_by(const char *abs, const char *const *roots, char **ret) {
-        _cleanup_close_ int fd = dc_path_open(abs, roots, O_RDONLY, 0);
+static int read_mark(int fd, const char *abs, const char *name, char **ret) {
         char buf[4096];
-        ssize_t n;
+        ssize_t n = fgetxattr(fd, name, buf, sizeof buf - 1);
 
-        if (fd < 0)
-                return fd;
-        n = fgetxattr(fd, DC_XATTR_SUPERSEDED, buf, sizeof buf - 1);
         if (n < 0) {
                 if (errno != ENODATA && errno != ENOTSUP)
                         return dc_error(errno, "'%s': cannot read its attributes: %m", abs);
@@ -373,4 +369,19 @@ DC_EXPORT int dc_path_superseded_by(const char *abs, const char *const *roots, c
         buf[n] = 0;
         *ret = strdup(buf);
         return *ret ? 0 : dc_error(ENOMEM, "out of memory");
+}
+
+DC_EXPORT int dc_path_marks(const char *abs, const char *const *roots, char **ret_superseded_by, char **ret_job) {
+        _cleanup_close_ int fd = dc_path_open(abs, roots, O_RDONLY, 0);
+        _cleanup_free_ char *sup = NULL;
+        int r;
+
+        if (fd < 0)
+                return fd;
+        r = read_mark(fd, abs, DC_XATTR_SUPERSEDED, &sup);
+        if (r >= 0)
+                r = read_mark(fd, abs, DC_XATTR_JOB_TARGET, ret_job);
+        if (r >= 0)
+                *ret_superseded_by = TAKE_PTR(sup);
+        return r;
 }

@@ -189,8 +189,12 @@ int dc_disk_flush(dc_disk *d);
 uint64_t dc_disk_size(dc_disk *d);
 /* The path of the current active layer (changes at a pivot); free() it. */
 char *dc_disk_top_path(dc_disk *d);
-/* The layer a pivot superseded PATH with ("" when none), read from the file; free() it. */
-int dc_path_superseded_by(const char *abs, const char *const *roots, char **ret);
+/*
+ * What jobs leave on files (extended attributes): the new active layer a
+ * pivot replaced ABS with, and the job whose target ABS is while it runs;
+ * "" when none.  free() both.
+ */
+int dc_path_marks(const char *abs, const char *const *roots, char **ret_superseded_by, char **ret_job);
 
 /*
  * Block jobs, with QEMU's job model (qapi/job.json, job.c): the statuses,

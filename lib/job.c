@@ -1034,6 +1034,8 @@ static int mirror_run(dc_job *j) {
                         }
                         /* in sync: wait for a write, a verb, or 100 ms */
                         pthread_mutex_lock(&j->lock);
+                        if (j->copy_mode == DC_COPY_MODE_WRITE_BLOCKING && !j->ndirty)
+                                j->actively_synced = true; /* also after a change to write-blocking */
                         if (!j->ndirty && !j->should_complete && !j->cancelled && !j->user_paused) {
                                 struct timespec ts;
                                 clock_gettime(CLOCK_REALTIME, &ts);
