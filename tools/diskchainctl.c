@@ -376,9 +376,12 @@ static int cmd_map(const char *path) {
 
 /* --- block jobs -------------------------------------------------------------- */
 
+enum { READY_STOP, READY_COMPLETE, READY_COPY };
+
 struct waiter {
         const char *job;      /* object path followed */
-        bool done, ok, concluded_kept;
+        bool done, ok, concluded_kept, ready, acted;
+        int on_ready;         /* READY_*: what to do when a mirror or active commit is ready */
         char error[512];
 };
 
@@ -395,6 +398,8 @@ static int on_job_signal(sd_bus_message *m, void *userdata, sd_bus_error *ret_er
                         w->ok = !*err;
                         snprintf(w->error, sizeof w->error, "%s", err);
                 }
+        } else if (strcmp(member, "BlockJobReady") == 0) {
+                w->ready = true;
         } else if (strcmp(member, "BlockJobCancelled") == 0) {
                 w->ok = false;
                 snprintf(w->error, sizeof w->error, "cancelled");
@@ -450,6 +455,29 @@ static int wait_job(struct waiter *w) {
                         break;
                 if (r > 0)
                         continue;
+                if (!w->ready && !w->acted) {
+                        /* it may have become ready before we subscribed */
+                        char *st = get_string(w->job, IFACE("Job"), "Status");
+                        w->ready = strcmp(st, "ready") == 0 || strcmp(st, "standby") == 0;
+                        free(st);
+                }
+                if (w->ready && !w->acted) {
+                        sd_bus_error e = SD_BUS_ERROR_NULL;
+                        w->acted = true;
+                        if (tty)
+                                fprintf(stderr, "\r%-70s\r", "");
+                        if (w->on_ready == READY_STOP) {
+                                printf("%s: ready (in sync); 'diskchainctl job complete ID' pivots to the new "
+                                       "active layer, 'diskchainctl job cancel ID' keeps a point-in-time copy\n",
+                                       w->job);
+                                return 0;
+                        }
+                        r = w->on_ready == READY_COMPLETE ? call(w->job, IFACE("Job"), "Complete", NULL, &e, NULL)
+                                                          : call(w->job, IFACE("Job"), "Cancel", NULL, &e, "b", 0);
+                        if (r < 0)
+                                return fail(w->on_ready == READY_COMPLETE ? "complete" : "cancel", &e, r);
+                        continue;
+                }
                 if (tty)
                         show_progress(w->job);
                 /* the job may have ended before we subscribed: a concluded
@@ -503,9 +531,12 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 { "no-wait", no_argument, NULL, 'n' },        { "sync", required_argument, NULL, 'y' },
                 { "mode", required_argument, NULL, 'm' },     { "format", required_argument, NULL, 'o' },
                 { "compress", no_argument, NULL, 'c' },       { "max-workers", required_argument, NULL, 'w' },
-                { "max-chunk", required_argument, NULL, 'k' }, {},
+                { "max-chunk", required_argument, NULL, 'k' }, { "granularity", required_argument, NULL, 'g' },
+                { "buf-size", required_argument, NULL, 'z' }, { "no-unmap", no_argument, NULL, 'U' },
+                { "copy-mode", required_argument, NULL, 'M' }, { "complete", no_argument, NULL, 'C' },
+                { "copy", no_argument, NULL, 'P' },             {},
         };
-        bool backup = strcmp(method, "Backup") == 0;
+        bool backup = strcmp(method, "Backup") == 0 || strcmp(method, "Mirror") == 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *m = NULL, *reply = NULL;
         sd_bus_slot *slot = NULL;
@@ -545,6 +576,21 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 case 'm': sd_bus_message_append(m, "{sv}", "mode", "s", optarg); break;
                 case 'o': sd_bus_message_append(m, "{sv}", "format", "s", optarg); break;
                 case 'c': sd_bus_message_append(m, "{sv}", "compress", "b", 1); break;
+                case 'U': sd_bus_message_append(m, "{sv}", "unmap", "b", 0); break;
+                case 'M': sd_bus_message_append(m, "{sv}", "copy-mode", "s", optarg); break;
+                case 'C': w.on_ready = READY_COMPLETE; break;
+                case 'P': w.on_ready = READY_COPY; break;
+                case 'g':
+                case 'z': {
+                        uint64_t v = parse_size(optarg, &ok);
+                        if (!ok || (c == 'g' && v > UINT32_MAX))
+                                return fprintf(stderr, "diskchainctl: invalid number '%s'\n", optarg), 2;
+                        if (c == 'g')
+                                sd_bus_message_append(m, "{sv}", "granularity", "u", (uint32_t) v);
+                        else
+                                sd_bus_message_append(m, "{sv}", "buf-size", "t", v);
+                        break;
+                }
                 case 'w':
                 case 'k': {
                         uint64_t v = parse_size(optarg, &ok);
@@ -658,12 +704,13 @@ static int cmd_job(int argc, char **argv) {
                 const char *verb, *method;
         } verbs[] = { { "pause", "Pause" }, { "resume", "Resume" }, { "complete", "Complete" },
                       { "finalize", "Finalize" }, { "dismiss", "Dismiss" } };
+        sd_bus_message *m = NULL;
         sd_bus_error e = SD_BUS_ERROR_NULL;
         char *o = NULL;
         int r;
 
         if (argc < 3)
-                return fprintf(stderr, "diskchainctl: job info|pause|resume|cancel|complete|finalize|dismiss|set-speed ID\n"), 2;
+                return fprintf(stderr, "diskchainctl: job info|pause|resume|cancel|complete|finalize|dismiss|set-speed|change ID\n"), 2;
         if (get_job(argv[2], &o) < 0)
                 return 1;
         if (strcmp(argv[1], "info") == 0) {
@@ -681,6 +728,17 @@ static int cmd_job(int argc, char **argv) {
                         return fprintf(stderr, "diskchainctl: job set-speed ID BYTES-PER-SECOND\n"), 2;
                 }
                 r = call(o, IFACE("Job"), "SetSpeed", NULL, &e, "t", v);
+        } else if (strcmp(argv[1], "change") == 0) {
+                if (argc < 5 || strcmp(argv[3], "--copy-mode") != 0) {
+                        free(o);
+                        return fprintf(stderr, "diskchainctl: job change ID --copy-mode write-blocking\n"), 2;
+                }
+                r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Job"), "Change");
+                if (r >= 0)
+                        r = sd_bus_message_append(m, "a{sv}", 1, "copy-mode", "s", argv[4]);
+                if (r >= 0)
+                        r = sd_bus_call(bus, m, LONG_CALL, &e, NULL);
+                sd_bus_message_unref(m);
         } else {
                 r = -EINVAL;
                 for (size_t i = 0; i < sizeof verbs / sizeof verbs[0]; i++)
@@ -777,16 +835,22 @@ static void help(void) {
                "  check PATH [--repair leaks|all]\n"
                "  map PATH                     Show allocation, as qemu-img map --output=json\n"
                "  stream CHAIN [--top P] [--base P|--bottom P] [--backing-file S] [--speed N]\n"
-               "  commit CHAIN --top P [--base P] [--backing-file S] [--force-shared-base] [--speed N]\n"
+               "  commit CHAIN [--top P] [--base P] [--backing-file S] [--force-shared-base] [--speed N]\n"
                "                               Start a job on the chain whose active layer is CHAIN and\n"
                "                               wait for it (progress on a terminal); also --job-id ID,\n"
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
                "                               --no-auto-dismiss, --no-wait (print the job and return)\n"
                "  backup CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
                "                               [--compress] [--max-workers N] [--max-chunk N]\n"
+               "  mirror CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
+               "                               [--granularity N] [--buf-size N] [--no-unmap]\n"
+               "                               [--copy-mode background|write-blocking]\n"
+               "                               mirror and active commit (no --top) wait until ready;\n"
+               "                               --complete then pivots, --copy keeps a point-in-time copy\n"
                "  snapshot CHAIN OVERLAY [--existing]\n"
                "  jobs                         List block jobs\n"
                "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
+               "  job change ID --copy-mode write-blocking\n"
                "  wait ID                      Wait for a job to end; non-zero unless it completed\n"
                "  monitor                      Print every job signal as a QMP event in JSON\n\n"
                "Options:\n"
@@ -847,6 +911,8 @@ int main(int argc, char **argv) {
                 r = cmd_job_start("Commit", argc, argv);
         else if (strcmp(argv[0], "backup") == 0)
                 r = cmd_job_start("Backup", argc, argv);
+        else if (strcmp(argv[0], "mirror") == 0)
+                r = cmd_job_start("Mirror", argc, argv);
         else if (strcmp(argv[0], "snapshot") == 0)
                 r = cmd_snapshot(argc, argv);
         else if (strcmp(argv[0], "jobs") == 0)

@@ -223,3 +223,28 @@ def test_ready_verbs(bus):
     bus.call(job, "Job", "Resume")
     wait_gone(bus, job)
     same(bus, "E.qcow2", "D.ref")
+
+
+def test_diskchainctl_mirror_and_active_commit(bus):
+    make_seed_chain(bus)
+    # by default the client returns once the job is ready, and says what next
+    p = bus.ctl("mirror", "D.qcow2", "E.qcow2", "--sync", "top", "--job-id", "cm1")
+    assert "job/cm1: ready" in p.stdout and "job complete" in p.stdout
+    assert prop(bus, "/org/diskchain/DiskChain1/job/cm1", "Job", "Status") in ("ready", "standby")
+    bus.ctl("job", "change", "cm1", "--copy-mode", "write-blocking")
+    bus.ctl("job", "complete", "cm1")
+    p = bus.ctl("wait", "cm1", check=False)  # over, or about to be
+    wait_gone(bus, "/org/diskchain/DiskChain1/job/cm1")
+    assert shape(bus, "E.qcow2") == ["E.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
+    wait_chains(bus, ["E.qcow2"])
+    # --copy: a point-in-time copy, the chain stays
+    p = bus.ctl("mirror", "E.qcow2", "F.qcow2", "--copy", "--granularity", "64K", "--buf-size", "1M", "--no-unmap")
+    assert "completed" in p.stdout
+    same(bus, "F.qcow2", "D.ref")
+    # --complete on an active commit: E into A, then A is the chain
+    p = bus.ctl("commit", "E.qcow2", "--complete")
+    assert "completed" in p.stdout
+    assert shape(bus, "A.qcow2") == ["A.qcow2"]
+    same(bus, "A.qcow2", "D.ref")
+    wait_chains(bus, ["A.qcow2", "F.qcow2"])
+    all_clean(bus)
