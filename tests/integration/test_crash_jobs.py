@@ -70,3 +70,77 @@ def test_kill_during_job(bus, kind):
         # either the old pointer or the new one, whole; backup leaves it alone
         expect = ("C.qcow2",) if kind == "backup" else ("C.qcow2", "A.qcow2")
         assert info.get("backing-filename") in expect, info.get("backing-filename")
+
+
+@pytest.mark.parametrize("kind", ["mirror", "active-commit"])
+def test_kill_during_job_with_pivot(bus, kind):
+    """A mirror or active commit killed at any moment, also around Complete():
+    the pivot is done on disk entirely (the old top marked superseded, the new
+    active layer holding the guest's data) or not at all (the old chain as it
+    was), and the restarted daemon publishes exactly one of the two chains."""
+    pristine = os.path.join(bus.dir, "pristine")
+    os.mkdir(pristine)
+    build_pristine(pristine)
+    rng = random.Random({"mirror": 1357, "active-commit": 7531}[kind])
+    new_top = "E.qcow2" if kind == "mirror" else "A.qcow2"
+    pivots = 0
+    for _ in range(ROUNDS):
+        for n in "ABCD":
+            shutil.copy(os.path.join(pristine, f"{n}.qcow2"), os.path.join(bus.root, f"{n}.qcow2"))
+        if os.path.exists(os.path.join(bus.root, "E.qcow2")):
+            os.unlink(os.path.join(bus.root, "E.qcow2"))
+        time.sleep(0.4)
+        chain = json.loads(bus.call(M, "Manager", "GetChain", "s", "D.qcow2").stdout)["data"][0]
+        if kind == "mirror":
+            args = ["Mirror", "sa{sv}", "E.qcow2", "3", "sync", "s", rng.choice(["full", "top"]), "speed", "t",
+                    str(16 << 20), "job-id", "s", "cj"]
+        else:
+            args = ["Commit", "a{sv}", "2", "speed", "t", str(16 << 20), "job-id", "s", "cj"]
+        job = json.loads(bus.call(chain, "Chain", *args).stdout)["data"][0]
+        deadline = time.monotonic() + rng.uniform(0.2, 2.0)
+        completed = False
+        while time.monotonic() < deadline:
+            st = bus.busctl("--json=short", "get-property", "org.diskchain.DiskChain1", job,
+                            "org.diskchain.DiskChain1.Job", "Ready", check=False).stdout
+            if not completed and '"data":true' in st and rng.random() < 0.5:
+                bus.call(job, "Job", "Complete", check=False)
+                completed = True
+                deadline = time.monotonic() + rng.uniform(0.0, 0.3)
+            time.sleep(0.05)
+        pid = bus.daemon_pid()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.02)
+        files = [f for f in ("A", "B", "C", "D", "E") if os.path.exists(os.path.join(bus.root, f"{f}.qcow2"))]
+        for n in files:
+            p = qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False)
+            assert p.returncode in (0, 3), f"{kind}: {n} after kill: exit {p.returncode}\n{p.stdout}{p.stderr}"
+        pivoted = "user.diskchain.superseded-by" in os.listxattr(os.path.join(bus.root, "D.qcow2"))
+        # the guest's data is where the published chain says it is
+        p = qemu_img("compare", "-U", "-F", "raw", os.path.join(bus.root, new_top if pivoted else "D.qcow2"),
+                     os.path.join(pristine, "D.ref"), check=False)
+        assert p.returncode == 0, f"{kind}: guest data changed after kill (pivoted={pivoted}): {p.stdout}"
+        if not pivoted:
+            info = json.loads(qemu_img("info", "--output=json", os.path.join(bus.root, "D.qcow2")).stdout)
+            assert info.get("backing-filename") == "C.qcow2"
+        pivots += pivoted
+        # the daemon comes back (bus activation) with the old chain or the new one, not both
+        # (a target left half-copied by an unfinished mirror is an image of its own)
+        want = (new_top if pivoted else "D.qcow2").replace(".", "_2e")
+        for _ in range(50):
+            chains = json.loads(bus.call(M, "Manager", "ListChains").stdout)["data"][0]
+            if any(c.endswith("_2f" + want) for c in chains):
+                break
+            time.sleep(0.1)
+        assert any(c.endswith("_2f" + want) for c in chains), (want, chains)
+        if pivoted:
+            assert not any(c.endswith("_2fD_2eqcow2") for c in chains), chains
+        for n in files:
+            try:
+                os.removexattr(os.path.join(bus.root, f"{n}.qcow2"), "user.diskchain.superseded-by")
+            except OSError:
+                pass
+    print(f"{kind}: {pivots} of {ROUNDS} rounds were killed after the pivot")
