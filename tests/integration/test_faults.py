@@ -157,3 +157,129 @@ def test_backup_full_target_stops_then_resumes(bus, small_fs):
     bk = os.path.join(small_fs, "bk.qcow2")
     assert qemu_img("check", bk, check=False).returncode in (0, 3)
     assert qemu_img("compare", bk, base, check=False).returncode == 0
+
+
+def commit_into_small_base(bus, mnt):
+    """base (on the small file system) <- mid (12 MiB of data) <- top."""
+    base = os.path.join(mnt, "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 0x11 0 1M")
+    mid = os.path.join(bus.root, "mid.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "small/base.qcow2", "-F", "qcow2", mid)
+    qemu_io(mid, "write -P 0x22 1M 12M")
+    top = os.path.join(bus.root, "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    qemu_io(top, "write -P 0x33 14M 1M")
+    qemu_img("convert", "-O", "raw", top, os.path.join(bus.dir, "top.ref"))
+    time.sleep(0.5)
+    return top, data(bus.call(M, "Manager", "GetChain", "s", top))[0]
+
+
+def backing_of(path):
+    return json.loads(qemu_img("info", "-U", "--output=json", path).stdout).get("backing-filename")
+
+
+@pytest.mark.parametrize("policy", ["report", "stop"])
+@pytest.mark.parametrize("active", [False, True])
+def test_commit_into_a_full_base(bus, small_fs, policy, active):
+    top, chain = commit_into_small_base(bus, small_fs)
+    base = os.path.join(small_fs, "base.qcow2")
+    mon = Monitor(bus)
+    opts = ["base", "s", base, "on-error", "s", policy, "auto-dismiss", "b", "false"]
+    if not active:
+        opts += ["top", "s", "mid.qcow2"]
+    job = data(bus.call(chain, "Chain", "Commit", "a{sv}", str(len(opts) // 3), *opts))[0]
+    if policy == "report":
+        wait_status(bus, job, "concluded")
+        assert "space" in prop(bus, job, "Job", "Error").lower()
+        bus.call(job, "Job", "Dismiss")
+        wait_gone(bus, job)
+        sigs = events(mon.stop())
+        assert sigs == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                        "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                        "JobStatusChange(null)"], sigs
+        assert backing_of(top) == "mid.qcow2"  # nothing moved
+    else:
+        wait_status(bus, job, "paused")
+        assert prop(bus, job, "Job", "IoStatus") == "nospace"
+        sh("mount", "-o", "remount,size=64M", small_fs)
+        bus.call(job, "Job", "Resume")
+        if active:
+            wait_status(bus, job, "ready")
+            bus.call(job, "Job", "Complete")
+        wait_status(bus, job, "concluded")
+        assert prop(bus, job, "Job", "Error") == ""
+        bus.call(job, "Job", "Dismiss")
+        wait_gone(bus, job)
+        sigs = events(mon.stop())
+        assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                            "JobStatusChange(paused)"], sigs
+        assert sigs[-5:] == ["JobStatusChange(waiting)", "JobStatusChange(pending)", "BlockJobCompleted",
+                             "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+        result = base if active else top
+        if not active:
+            assert backing_of(top) == "small/base.qcow2"
+        p = qemu_img("compare", "-U", "-F", "raw", result, os.path.join(bus.dir, "top.ref"), check=False)
+        assert p.returncode == 0, p.stdout
+    for f in (base, top, os.path.join(bus.root, "mid.qcow2")):
+        assert qemu_img("check", "-U", f, check=False).returncode in (0, 3)
+    # the guest's view through the old top is intact whatever happened
+    if policy == "report":
+        p = qemu_img("compare", "-U", "-F", "raw", top, os.path.join(bus.dir, "top.ref"), check=False)
+        assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.parametrize("policy", ["report", "stop"])
+def test_mirror_onto_a_full_target(bus, small_fs, policy):
+    base = os.path.join(bus.root, "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 0x6b 0 12M")
+    time.sleep(0.5)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", base))[0]
+    tgt = os.path.join(small_fs, "m.qcow2")
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", tgt, "3", "on-source-error", "s", "report",
+                        "on-target-error", "s", policy, "auto-dismiss", "b", "false"))[0]
+    if policy == "report":
+        wait_status(bus, job, "concluded")
+        assert "space" in prop(bus, job, "Job", "Error").lower()
+        bus.call(job, "Job", "Dismiss")
+        wait_gone(bus, job)
+        assert events(mon.stop()) == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                                      "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                                      "JobStatusChange(null)"]
+    else:
+        wait_status(bus, job, "paused")
+        assert prop(bus, job, "Job", "IoStatus") == "nospace"
+        sh("mount", "-o", "remount,size=64M", small_fs)
+        bus.call(job, "Job", "Resume")
+        wait_status(bus, job, "ready")
+        bus.call(job, "Job", "Complete")
+        wait_status(bus, job, "concluded")
+        bus.call(job, "Job", "Dismiss")
+        wait_gone(bus, job)
+        sigs = events(mon.stop())
+        assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                            "JobStatusChange(paused)"], sigs
+        assert sigs[-7:] == ["JobStatusChange(ready)", "BlockJobReady", "JobStatusChange(waiting)",
+                             "JobStatusChange(pending)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                             "JobStatusChange(null)"], sigs
+        assert qemu_img("compare", "-U", tgt, base, check=False).returncode == 0
+        assert "user.diskchain.superseded-by" in os.listxattr(base)
+    assert qemu_img("check", "-U", tgt, check=False).returncode in (0, 3)
+    assert qemu_img("check", "-U", base, check=False).returncode == 0
+
+
+def test_mirror_read_error_reports(bus):
+    top, chain = corrupt_compressed_base(bus)
+    mon = Monitor(bus)
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "cm.qcow2", "2", "on-source-error", "s", "report",
+                        "auto-dismiss", "b", "false"))[0]
+    wait_status(bus, job, "concluded")
+    assert "compressed" in prop(bus, job, "Job", "Error")
+    bus.call(job, "Job", "Dismiss")
+    wait_gone(bus, job)
+    assert events(mon.stop()) == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
+                                  "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
+                                  "JobStatusChange(null)"]
+    assert backing_of(top) == "cbase.qcow2"
