@@ -116,8 +116,17 @@ def main():
             time.sleep(0.5)  # let the daemon see the fresh files
             return json.loads(bus.call(M, "Manager", "GetChain", "s", "top.qcow2").stdout)["data"][0]
 
+        def prop(obj, name):
+            return json.loads(bus.busctl("--json=short", "get-property", "org.diskchain.DiskChain1", obj,
+                                         "org.diskchain.DiskChain1.Job", name, check=False).stdout or "{}").get("data")
+
         def dc_job(chain, method, *args):
             job = json.loads(bus.call(chain, "Chain", method, *args).stdout)["data"][0]
+            if method == "Mirror":
+                # in sync, then pivot: the time a user waits for the copy to take over
+                while prop(job, "Ready") is not True:
+                    time.sleep(0.01)
+                bus.call(job, "Job", "Complete")
             while job in json.loads(bus.call(M, "Manager", "ListJobs").stdout)["data"][0]:
                 time.sleep(0.01)
 
@@ -143,6 +152,9 @@ def main():
             ("backup full", lambda: sh("qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2",
                                        os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
              ("Backup", "sa{sv}", "copy.qcow2", "0"), "copy.qcow2"),
+            ("mirror full", lambda: sh("qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2",
+                                       os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
+             ("Mirror", "sa{sv}", "copy.qcow2", "0"), "copy.qcow2"),
             ("backup compressed", lambda: sh("qemu-img", "convert", "-c", "-O", "qcow2",
                                              os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
              ("Backup", "sa{sv}", "copy.qcow2", "1", "compress", "b", "true"), "copy.qcow2"),

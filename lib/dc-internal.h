@@ -176,6 +176,8 @@ int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size);
 int dc_qcow2_preallocate(dc_image *img, int mode);
 int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt);
 int dc_qcow2_compress_cluster(dc_image *img, const void *buf, size_t len, void *out, size_t *ret_clen);
+int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t off, uint64_t len,
+                                    uint8_t *const *out, const size_t *clen);
 int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size_t len, const void *out,
                               size_t clen);
 

@@ -40,7 +40,7 @@
 
 #include "dc-internal.h"
 
-#define CHUNK (4u << 20) /* bytes read and written per step: few syncs, bounded memory */
+#define CHUNK (8u << 20) /* bytes read and written per step: few syncs, bounded memory */
 
 struct event_node {
         struct dc_job_event ev;
@@ -92,6 +92,7 @@ struct dc_job {
         uint64_t *dirty, nbits, ndirty;
         uint8_t *buf;
         bool should_complete, actively_synced;
+        bool helper_stop;         /* mirror: the first pass's helper thread is to stop */
 };
 
 /* --- bitmaps (callers hold the job lock) --- */
@@ -549,11 +550,11 @@ static int write_compressed_run(dc_job *j, dc_image *dst, const uint8_t *buf, ui
                         if (tasks[w].r < 0)
                                 r = tasks[w].r;
         }
-        pthread_mutex_lock(&dst->lock);
-        for (uint64_t i = 0; i < n && r >= 0; i++)
-                r = dc_qcow2_store_compressed(dst, buf + i * cs, off + i * cs, (size_t) MIN(cs, len - i * cs), out[i],
-                                              clen[i]);
-        pthread_mutex_unlock(&dst->lock);
+        if (r >= 0) {
+                pthread_mutex_lock(&dst->lock);
+                r = dc_qcow2_store_compressed_batch(dst, buf, off, len, out, clen);
+                pthread_mutex_unlock(&dst->lock);
+        }
         for (uint64_t i = 0; i < n; i++)
                 free(out[i]);
         free(out);
@@ -642,6 +643,70 @@ static int copy_step(dc_job *j, uint8_t *buf, dc_image *src, dc_image *stop, dc_
         return 0;
 }
 
+struct copy_ctx {
+        dc_job *j;
+        dc_image *src, *stop, *dst;
+        bool skip_dst_allocated;
+        uint64_t chunk, size, next; /* next: the first offset no worker has claimed (job lock) */
+        int r;                      /* the first failure (job lock) */
+        char why[512];
+};
+
+/* Claim chunks and copy them until none is left or something failed. */
+static void *copy_worker(void *p) {
+        struct copy_ctx *c = p;
+        dc_job *j = c->j;
+        uint8_t *buf = malloc(c->chunk);
+        int r = buf ? 0 : dc_error(ENOMEM, "out of memory");
+
+        while (r >= 0) {
+                uint64_t off, end;
+
+                pthread_mutex_lock(&j->lock);
+                if (c->r < 0 || c->next >= c->size) {
+                        pthread_mutex_unlock(&j->lock);
+                        break;
+                }
+                off = c->next;
+                end = c->next = MIN(off + c->chunk, c->size);
+                pthread_mutex_unlock(&j->lock);
+                while (off < end) {
+                        struct dc_range_lock rl;
+                        struct step st = { 0 };
+                        bool ignored = false;
+
+                        r = pause_point(j, 0, 0);
+                        if (r < 0)
+                                break;
+                        dc_disk_range_lock(j->disk, &rl, off, end - off);
+                        r = copy_step(j, buf, c->src, c->stop, c->dst, c->skip_dst_allocated, off, end - off, &st);
+                        dc_disk_range_unlock(j->disk, &rl);
+                        if (r < 0) {
+                                r = handle_io_error(j, r, st.read_error, &ignored);
+                                if (r == 0)
+                                        continue; /* stopped, resumed: retry */
+                                if (r != 1)
+                                        break;
+                                st.copied = false; /* ignored: skip it */
+                        }
+                        r = pause_point(j, st.done, st.copied ? st.done : 0);
+                        if (r < 0)
+                                break;
+                        off += st.done;
+                }
+        }
+        if (r < 0) {
+                pthread_mutex_lock(&j->lock);
+                if (c->r >= 0) {
+                        c->r = r;
+                        snprintf(c->why, sizeof c->why, "%s", dc_get_error());
+                }
+                pthread_mutex_unlock(&j->lock);
+        }
+        free(buf);
+        return NULL;
+}
+
 /*
  * The copy loop of stream, intermediate commit and backup: every range of
  * the virtual size that is allocated from SRC down to (not including) STOP
@@ -649,44 +714,25 @@ static int copy_step(dc_job *j, uint8_t *buf, dc_image *src, dc_image *stop, dc_
  * ranges that read as zero become zero writes.  Sparse-aware: nothing else
  * is touched.  SKIP_DST_ALLOCATED skips ranges DST already holds itself
  * (stream).  Each step holds the disk's range lock, so guest writes to the
- * same clusters wait for it and it never copies over them.
+ * same clusters wait for it and it never copies over them.  Two workers
+ * (this thread and a helper) take chunks in turn, so that one reads while
+ * the other writes.
  */
 static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bool skip_dst_allocated) {
-        uint64_t chunk = j->chunk ? j->chunk : CHUNK;
-        uint8_t *buf = malloc(chunk);
-        uint64_t size = src->virtual_size, off = 0;
-        int r = 0;
+        struct copy_ctx c = { .j = j, .src = src, .stop = stop, .dst = dst, .skip_dst_allocated = skip_dst_allocated,
+                              .chunk = j->chunk ? j->chunk : CHUNK, .size = src->virtual_size };
+        pthread_t helper;
+        bool helped;
+        int r;
 
-        if (!buf)
-                return dc_error(ENOMEM, "out of memory");
-        while (off < size) {
-                uint64_t n = MIN(chunk, size - off);
-                struct dc_range_lock rl;
-                struct step st = { 0 };
-                bool ignored = false;
-
-                r = pause_point(j, 0, 0);
-                if (r < 0)
-                        break;
-                dc_disk_range_lock(j->disk, &rl, off, n);
-                r = copy_step(j, buf, src, stop, dst, skip_dst_allocated, off, n, &st);
-                dc_disk_range_unlock(j->disk, &rl);
-                if (r < 0) {
-                        r = handle_io_error(j, r, st.read_error, &ignored);
-                        if (r == 0)
-                                continue; /* stopped, resumed: retry */
-                        if (r != 1)
-                                break;
-                        st.copied = false; /* ignored: skip it */
-                }
-                r = pause_point(j, st.done, st.copied ? st.done : 0);
-                if (r < 0)
-                        break;
-                off += st.done;
-        }
-        free(buf);
-        if (r >= 0)
-                r = dc_image_flush(dst);
+        helped = c.size > c.chunk && pthread_create(&helper, NULL, copy_worker, &c) == 0;
+        copy_worker(&c);
+        if (helped)
+                pthread_join(helper, NULL);
+        r = c.r;
+        if (r < 0)
+                return dc_error(-r, "%s", c.why);
+        r = dc_image_flush(dst);
         if (r >= 0) {
                 pthread_mutex_lock(&j->lock);
                 if (j->error[0])
@@ -964,8 +1010,60 @@ static int mirror_setup(dc_job *j) {
         return r;
 }
 
+/*
+ * The first pass of a mirror has two copiers: the job's thread starts at the
+ * beginning, this helper in the middle.  A run either picks is copied under
+ * the range lock, so a run picked by both is merely copied twice.  The
+ * helper leaves on a failure (the run is dirty again and the job's thread
+ * meets it under the error policy), on a hard cancel, or when told.
+ */
+static void *mirror_helper(void *p) {
+        dc_job *j = p;
+        uint64_t cursor = j->nbits / 2, max = MAX(j->chunk / j->unit, 1);
+        uint8_t *buf = malloc(j->chunk);
+
+        while (buf) {
+                uint64_t i, n = 0;
+                bool set, read_err;
+
+                if (pause_point(j, 0, 0) < 0)
+                        break;
+                pthread_mutex_lock(&j->lock);
+                if (j->helper_stop) {
+                        pthread_mutex_unlock(&j->lock);
+                        break;
+                }
+                i = bits_next(j->dirty, j->nbits, cursor);
+                if (i < j->nbits)
+                        n = bits_run(j->dirty, i, MIN(max, j->nbits - i), &set);
+                pthread_mutex_unlock(&j->lock);
+                if (!n || mirror_copy(j, buf, i, n, &read_err) < 0)
+                        break;
+                cursor = i + n;
+                {
+                        uint64_t bytes = MIN((i + n) * j->unit, j->img->virtual_size) - i * j->unit;
+                        if (pause_point(j, bytes, bytes) < 0)
+                                break;
+                }
+        }
+        free(buf);
+        return NULL;
+}
+
+static void mirror_helper_stop(dc_job *j, pthread_t *helper, bool *helping) {
+        if (!*helping)
+                return;
+        pthread_mutex_lock(&j->lock);
+        j->helper_stop = true;
+        pthread_mutex_unlock(&j->lock);
+        pthread_join(*helper, NULL);
+        *helping = false;
+}
+
 static int mirror_run(dc_job *j) {
         uint64_t cursor = 0;
+        pthread_t helper;
+        bool helping;
         int r;
 
         if (j->active_commit) {
@@ -977,6 +1075,7 @@ static int mirror_run(dc_job *j) {
                 }
         } else if (j->tgt->virtual_size != j->img->virtual_size)
                 return dc_error(EINVAL, "Source and target image have different sizes");
+        helping = j->nbits > 1 && pthread_create(&helper, NULL, mirror_helper, j) == 0;
         for (;;) {
                 uint64_t i, n = 0;
                 bool ready, completing, set_bit, read_err = false, ignored = false;
@@ -1009,6 +1108,11 @@ static int mirror_run(dc_job *j) {
                         break;
                 }
                 if (n == 0) {
+                        if (!ready && helping) {
+                                /* the helper may still be copying what it picked */
+                                mirror_helper_stop(j, &helper, &helping);
+                                continue;
+                        }
                         if (!ready) {
                                 r = dc_image_flush(j->target);
                                 if (r < 0) {
@@ -1073,6 +1177,7 @@ static int mirror_run(dc_job *j) {
                                 break;
                 }
         }
+        mirror_helper_stop(j, &helper, &helping);
         return r;
 }
 
@@ -1191,7 +1296,7 @@ static void *job_thread(void *p) {
         ok = r >= 0 && !j->force_cancel;
         if (!ok) {
                 job_set_status(j, DC_JOB_ABORTING);
-                if (!(j->force_cancel && !j->error[0]) && !j->error[0])
+                if (!j->force_cancel && !j->error[0])
                         snprintf(j->error, sizeof j->error, "%s", dc_get_error()[0] ? dc_get_error() : strerror(-r));
         }
         pthread_mutex_unlock(&j->lock);

@@ -761,7 +761,7 @@ static int free_entries(dc_image *img, const uint64_t *old, uint64_t n) {
         return 0;
 }
 
-#define MAX_RUN_BYTES (4u << 20)
+#define MAX_RUN_BYTES (16u << 20) /* one sync per run: few syncs for jobs' large writes */
 
 static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
         struct qcow2 *s = QC(img);
@@ -819,24 +819,29 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 run++;
                         }
                         bytes = MIN(run * cs - in, len);
-                        nb = malloc(run * cs);
                         old = calloc(run, sizeof(uint64_t));
-                        if (!nb || !old)
+                        if (!old)
                                 return dc_error(ENOMEM, "out of memory");
-                        /* Head and tail that the write does not cover keep their content. */
-                        if (in)
-                                r = read_cluster(img, gidx, nb);
-                        else
-                                r = 0;
-                        if (r >= 0 && (in + bytes) % cs && (run > 1 || !in))
-                                r = read_cluster(img, gidx + run - 1, nb + (run - 1) * cs);
-                        if (r < 0)
-                                return r;
-                        memcpy(nb + in, p, bytes);
+                        if (in || bytes != run * cs) {
+                                /* Head and tail that the write does not cover keep their content. */
+                                nb = malloc(run * cs);
+                                if (!nb)
+                                        return dc_error(ENOMEM, "out of memory");
+                                if (in)
+                                        r = read_cluster(img, gidx, nb);
+                                else
+                                        r = 0;
+                                if (r >= 0 && (in + bytes) % cs && (run > 1 || !in))
+                                        r = read_cluster(img, gidx + run - 1, nb + (run - 1) * cs);
+                                if (r < 0)
+                                        return r;
+                                memcpy(nb + in, p, bytes);
+                        }
                         r = qcow2_alloc_clusters(img, run, &first_host);
                         if (r < 0)
                                 return r;
-                        r = dc_pwrite_full(img->fd, nb, run * cs, first_host * cs);
+                        /* whole clusters are written straight from the caller's buffer */
+                        r = dc_pwrite_full(img->fd, nb ? nb : p, run * cs, first_host * cs);
                         if (r >= 0)
                                 r = dc_fdatasync(img->fd);
                         if (r < 0)
@@ -1047,6 +1052,115 @@ int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size
         if (r < 0)
                 return r;
         return free_entries(img, &e, 1);
+}
+
+/*
+ * Store the clusters of [OFF, OFF+LEN) (whole clusters; the last may end at
+ * the end of the image), compressed where CLEN[i] says OUT[i] fits (0 =
+ * store plain).  The compressed ones are allocated and written, then one
+ * fdatasync() covers them all, then their L2 entries are written (rule 1
+ * of qcow2-refcount.c), then what they replaced is freed; runs of
+ * incompressible clusters go through the plain write path.  One sync per
+ * batch instead of one per cluster.
+ */
+int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t off, uint64_t len,
+                                    uint8_t *const *out, const size_t *clen) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, n = DIV_ROUND_UP(len, cs), gidx0 = off / cs;
+        unsigned shift = 62 - (s->cluster_bits - 8);
+        _cleanup_free_ uint64_t *ne = NULL;
+        bool any = false;
+        int r;
+
+        if (off % cs || (len % cs && off + len != img->virtual_size))
+                return dc_error(EINVAL, "'%s': compressed writes must cover whole clusters", img->path);
+        r = prepare_for_write(img);
+        if (r < 0)
+                return r;
+        ne = calloc(n, sizeof *ne);
+        if (!ne)
+                return dc_error(ENOMEM, "out of memory");
+        for (uint64_t i = 0; i < n; i++) {
+                uint64_t coff, start, field, l2off;
+                uint8_t *t;
+
+                if (clen[i] == 0 || clen[i] >= cs - 1)
+                        continue;
+                /* the L2 table first (it is synced before L1 points to it) */
+                r = l2_for_write(img, (gidx0 + i) / s->l2_entries, &t, &l2off);
+                if (r < 0)
+                        return r;
+                if (s->comp_free_off && s->comp_free_off % cs + clen[i] <= cs) {
+                        uint64_t v;
+                        r = qcow2_refcount_get(img, s->comp_free_off / cs, &v);
+                        if (r < 0)
+                                return r;
+                        if (s->refcount_bits < 64 && v >= (1ull << s->refcount_bits) - 1)
+                                s->comp_free_off = 0;
+                }
+                if (s->comp_free_off && s->comp_free_off % cs + clen[i] <= cs) {
+                        coff = s->comp_free_off;
+                        r = qcow2_ref_bytes(img, coff, clen[i]);
+                } else {
+                        r = qcow2_alloc_clusters(img, 1, &start);
+                        coff = start * cs;
+                }
+                if (r < 0)
+                        return r;
+                s->comp_free_off = (coff + clen[i]) % cs ? coff + clen[i] : 0;
+                r = dc_pwrite_full(img->fd, out[i], clen[i], coff);
+                if (r < 0)
+                        return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
+                field = ((coff + clen[i] - 1) >> 9) - (coff >> 9);
+                ne[i] = QCOW_OFLAG_COMPRESSED | (field << shift) | coff;
+                any = true;
+        }
+        if (any) {
+                r = dc_fdatasync(img->fd);
+                if (r < 0)
+                        return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
+        }
+        /* the references, a run per L2 table */
+        for (uint64_t i = 0; i < n;) {
+                uint64_t l1i = (gidx0 + i) / s->l2_entries, l2i = (gidx0 + i) % s->l2_entries, k = 0, l2off;
+                uint64_t old[64];
+                uint8_t *t;
+
+                if (!ne[i]) {
+                        i++;
+                        continue;
+                }
+                while (i + k < n && ne[i + k] && l2i + k < s->l2_entries && k < 64)
+                        k++;
+                r = l2_for_write(img, l1i, &t, &l2off);
+                if (r < 0)
+                        return r;
+                for (uint64_t j = 0; j < k; j++) {
+                        old[j] = be64(t + (l2i + j) * 8);
+                        put_be64(t + (l2i + j) * 8, ne[i + j]);
+                }
+                r = write_l2_entries(img, t, l2off, l2i, k);
+                if (r >= 0)
+                        r = free_entries(img, old, k);
+                if (r < 0)
+                        return r;
+                i += k;
+        }
+        /* incompressible clusters, stored plain in runs */
+        for (uint64_t i = 0; i < n;) {
+                uint64_t k = 0;
+                if (ne[i]) {
+                        i++;
+                        continue;
+                }
+                while (i + k < n && !ne[i + k])
+                        k++;
+                r = qcow2_write(img, raw + i * cs, off + i * cs, (size_t) (MIN((i + k) * cs, len) - i * cs));
+                if (r < 0)
+                        return r;
+                i += k;
+        }
+        return 0;
 }
 
 /* Compress one cluster into OUT (capacity cs - 1); 0 = does not fit. */
