@@ -364,6 +364,9 @@ int qcow2_check(dc_image *img, int repair, struct dc_check_result *ret) {
 
         if (repair != DC_REPAIR_NONE && !img->writable)
                 return dc_error(EROFS, "'%s': repair needs the image open read-write", img->path);
+        r = qcow2_l2_commit_pending(img); /* the check reads tables from the file */
+        if (r < 0)
+                return r;
         r = check_pass(img, repair, &first);
         if (r < 0)
                 return r;

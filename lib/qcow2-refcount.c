@@ -27,6 +27,12 @@
  *  4. Freeing goes the other way: the caller makes the metadata that dropped
  *     the reference durable (fdatasync) before qcow2_free_clusters() lowers
  *     the refcount.  A crash in between leaks the cluster.
+ *     Allocating writes of fresh clusters batch this: their L2 entries are
+ *     updated in the cache at once (reads see them) but written only after
+ *     the next fdatasync, which comes at a flush, before a cache slot with
+ *     such entries is reused, or after 64 MiB of such data.  A crash before
+ *     that leaks the clusters; a write that replaces an existing mapping
+ *     commits at once, since freeing the old one must wait for the new one.
  *  5. Every refcount is strict: we never use lazy refcounts (the compat bit
  *     may be set by the creator; we simply do not rely on it), so the dirty
  *     bit is never needed for our own writes.
@@ -57,6 +63,12 @@ int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool 
                 if (c->offset[i] == 0)
                         break;
         }
+        if (c->dirty_hi[victim] > c->dirty_lo[victim]) {
+                /* entries waiting for a sync live in this slot: sync and write them first */
+                r = qcow2_l2_commit_pending(img);
+                if (r < 0)
+                        return r;
+        }
         if (!c->buf[victim]) {
                 c->buf[victim] = malloc(s->cluster_size);
                 if (!c->buf[victim])
@@ -77,10 +89,13 @@ int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool 
         return 0;
 }
 
+/* Forget a table (it was freed: its entries waiting for a sync no longer matter). */
 void qcow2_cache_drop(struct qcow2_cache *c, uint64_t offset) {
         for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++)
-                if (c->offset[i] == offset)
+                if (c->offset[i] == offset) {
                         c->offset[i] = 0;
+                        c->dirty_lo[i] = c->dirty_hi[i] = 0;
+                }
 }
 
 void qcow2_cache_free(struct qcow2_cache *c) {
@@ -88,6 +103,7 @@ void qcow2_cache_free(struct qcow2_cache *c) {
                 free(c->buf[i]);
                 c->buf[i] = NULL;
                 c->offset[i] = 0;
+                c->dirty_lo[i] = c->dirty_hi[i] = 0;
         }
 }
 

@@ -350,11 +350,64 @@ static int qcow2_open(dc_image *img, bool writable) {
         return 0;
 }
 
+/*
+ * Make the data of deferred allocating writes durable, then write their L2
+ * entries (rule 1 of qcow2-refcount.c, batched).
+ */
+int qcow2_l2_commit_pending(dc_image *img) {
+        struct qcow2 *s = QC(img);
+        struct qcow2_cache *c = &s->l2_cache;
+        int r;
+
+        if (!s->l2_pending)
+                return 0;
+        r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
+        for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++) {
+                if (c->dirty_hi[i] <= c->dirty_lo[i])
+                        continue;
+                if (c->offset[i]) {
+                        r = dc_pwrite_full(img->fd, c->buf[i] + c->dirty_lo[i], c->dirty_hi[i] - c->dirty_lo[i],
+                                           c->offset[i] + c->dirty_lo[i]);
+                        if (r < 0)
+                                return dc_error(r, "'%s': cannot update an L2 table: %s", img->path, strerror(-r));
+                }
+                c->dirty_lo[i] = c->dirty_hi[i] = 0;
+        }
+        s->l2_pending = false;
+        s->unsynced_bytes = 0;
+        return 0;
+}
+
+/* Entries [first, first+n) of the cached L2 table at L2OFF wait for the next sync. */
+static void l2_defer(dc_image *img, uint64_t l2off, uint64_t first, uint64_t n) {
+        struct qcow2 *s = QC(img);
+        struct qcow2_cache *c = &s->l2_cache;
+
+        for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++)
+                if (c->offset[i] == l2off) {
+                        uint32_t lo = (uint32_t) (first * 8), hi = (uint32_t) ((first + n) * 8);
+                        if (c->dirty_hi[i] <= c->dirty_lo[i]) {
+                                c->dirty_lo[i] = lo;
+                                c->dirty_hi[i] = hi;
+                        } else {
+                                c->dirty_lo[i] = MIN(c->dirty_lo[i], lo);
+                                c->dirty_hi[i] = MAX(c->dirty_hi[i], hi);
+                        }
+                        s->l2_pending = true;
+                        return;
+                }
+}
+
+#define L2_DEFER_MAX (64u << 20) /* data written before its L2 entries must be committed */
+
 static void qcow2_close(dc_image *img) {
         struct qcow2 *s = QC(img);
 
         if (!s)
                 return;
+        (void) qcow2_l2_commit_pending(img);
         qcow2_cache_free(&s->l2_cache);
         qcow2_cache_free(&s->rb_cache);
         for (int t = 0; t < 3; t++)
@@ -733,8 +786,12 @@ static int free_entry(dc_image *img, uint64_t e) {
         return 0;
 }
 
+/* Write entries at once; deferred ones go first, so no entry reaches the disk before its sync. */
 static int write_l2_entries(dc_image *img, uint8_t *t, uint64_t l2off, uint64_t first, uint64_t n) {
-        int r = dc_pwrite_full(img->fd, t + first * 8, n * 8, l2off + first * 8);
+        int r = qcow2_l2_commit_pending(img);
+        if (r < 0)
+                return r;
+        r = dc_pwrite_full(img->fd, t + first * 8, n * 8, l2off + first * 8);
         if (r < 0)
                 return dc_error(r, "'%s': cannot update an L2 table: %s", img->path, strerror(-r));
         return 0;
@@ -842,24 +899,29 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 return r;
                         /* whole clusters are written straight from the caller's buffer */
                         r = dc_pwrite_full(img->fd, nb ? nb : p, run * cs, first_host * cs);
-                        if (r >= 0)
-                                r = dc_fdatasync(img->fd);
                         if (r < 0)
                                 return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
                         /* The L2 table may have been evicted by allocations: get it again. */
                         r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
                         if (r < 0)
                                 return r;
-                        for (uint64_t i = 0; i < run; i++) {
-                                old[i] = be64(t + (l2i + i) * 8);
-                                put_be64(t + (l2i + i) * 8, (first_host + i) * cs | QCOW_OFLAG_COPIED);
+                        {
+                                bool replaces = false;
+                                for (uint64_t i = 0; i < run; i++) {
+                                        old[i] = be64(t + (l2i + i) * 8);
+                                        replaces |= old[i] != 0;
+                                        put_be64(t + (l2i + i) * 8, (first_host + i) * cs | QCOW_OFLAG_COPIED);
+                                }
+                                /* the entries are written after the sync that makes the data durable */
+                                l2_defer(img, l2off, l2i, run);
+                                s->unsynced_bytes += run * cs;
+                                if (replaces || s->unsynced_bytes >= L2_DEFER_MAX)
+                                        r = qcow2_l2_commit_pending(img);
+                                if (r >= 0 && replaces)
+                                        r = free_entries(img, old, run);
+                                if (r < 0)
+                                        return r;
                         }
-                        r = write_l2_entries(img, t, l2off, l2i, run);
-                        if (r < 0)
-                                return r;
-                        r = free_entries(img, old, run);
-                        if (r < 0)
-                                return r;
                         p += bytes;
                         off += bytes;
                         len -= bytes;
@@ -1193,7 +1255,10 @@ static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, 
 }
 
 static int qcow2_flush(dc_image *img) {
-        int r = dc_fdatasync(img->fd);
+        int r = qcow2_l2_commit_pending(img);
+        if (r < 0)
+                return r;
+        r = dc_fdatasync(img->fd);
         if (r < 0)
                 return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
         return 0;

@@ -52,6 +52,7 @@ struct qcow2_cache {
         uint64_t offset[QCOW2_CACHE_SLOTS]; /* 0 = slot free */
         uint64_t used[QCOW2_CACHE_SLOTS];
         uint8_t *buf[QCOW2_CACHE_SLOTS];
+        uint32_t dirty_lo[QCOW2_CACHE_SLOTS], dirty_hi[QCOW2_CACHE_SLOTS]; /* bytes awaiting a sync, then a write */
         uint64_t clock;
 };
 
@@ -91,6 +92,8 @@ struct qcow2 {
         uint64_t free_hint;       /* no free cluster below this index */
         uint64_t comp_free_off;   /* next free byte for compressed data, 0 = none */
         bool prepared_for_write;  /* header fixed up before the first write */
+        bool l2_pending;          /* some L2 entries wait for the next sync (qcow2_l2_commit_pending) */
+        uint64_t unsynced_bytes;  /* data written for them since */
         int metadata_prealloc;    /* -1 unknown, 0, 1 */
 
         uint8_t *comp_cache;      /* last decompressed cluster */
@@ -112,6 +115,7 @@ void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint
 int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool fresh, uint8_t **ret);
 void qcow2_cache_drop(struct qcow2_cache *c, uint64_t offset);
 void qcow2_cache_free(struct qcow2_cache *c);
+int qcow2_l2_commit_pending(dc_image *img);
 
 int qcow2_refcount_get(dc_image *img, uint64_t cluster, uint64_t *ret);
 int qcow2_refcount_set(dc_image *img, uint64_t cluster, uint64_t value);
