@@ -448,6 +448,46 @@ static int target_setup(JobStart *s, Image *active, char *abs, int mode, int for
         return 0;
 }
 
+/* The start of a backup or mirror: the target checked, the job's options read, the target set up. */
+static int copy_job_start_new(Manager *mgr, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
+                              int type, int mode, int format, int sync, const char *const *syncs, JobStart **ret,
+                              sd_bus_error *error) {
+        _cleanup_free_ char *abs = NULL;
+        bool mirror = type == DC_JOB_TYPE_MIRROR;
+        JobStart *s;
+        int r;
+
+        r = target_check(mgr, active, layers, target, mode,
+                         mirror ? "Can't mirror node into itself" : "Source and target cannot be the same", !mirror,
+                         &abs, error);
+        if (r < 0)
+                return r;
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->type = type;
+        r = job_common_options(mgr, opts, dc_job_type_name(type), s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        if (r < 0)
+                return r;
+        *ret = s;
+        return 0;
+}
+
+/* A backup or mirror holds every layer of the chain and the target. */
+static int copy_job_finish(sd_bus_message *m, Image *active, GPtrArray *layers, JobStart *s, sd_bus_error *error) {
+        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+
+        for (guint i = 0; i < layers->len; i++)
+                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
+        g_ptr_array_add(paths, g_strdup(s->target));
+        return finish_start(m, active, s, paths, error);
+}
+
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
                                                "speed", "on-source-error", "on-target-error", "max-workers",
@@ -459,8 +499,6 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
-        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
-        _cleanup_free_ char *abs = NULL;
         const char *target;
         int sync = 0, mode = 0, format = 0, r;
         bool compress = false;
@@ -487,27 +525,12 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
-        r = target_check(mgr, active, layers, target, mode, "Source and target cannot be the same", true, &abs, error);
-        if (r < 0)
-                return r;
-        s = calloc(1, sizeof *s);
-        if (!s)
-                return -ENOMEM;
-        s->type = DC_JOB_TYPE_BACKUP;
-        r = job_common_options(mgr, opts, "backup", s, error);
-        if (r < 0) {
-                job_start_free(s);
-                return r;
-        }
-        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, syncs, &s, error);
         if (r < 0)
                 return r;
         s->bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
                                             .max_chunk = chunk };
-        for (guint i = 0; i < layers->len; i++)
-                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
-        g_ptr_array_add(paths, g_strdup(s->target));
-        return finish_start(m, active, s, paths, error);
+        return copy_job_finish(m, active, layers, s, error);
 }
 
 static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -522,8 +545,6 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
-        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
-        _cleanup_free_ char *abs = NULL;
         const char *target;
         int sync = 0, mode = 0, format = active->format == DC_FORMAT_RAW ? 1 : 0, copy_mode = 0, r;
         uint64_t granularity = 0, buf_size = 0;
@@ -550,29 +571,14 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
                                          "Granularity must be a power of 2 between 512 and 64 MiB");
         if (g_hash_table_contains(opts, "buf-size") && (buf_size == 0 || buf_size > (1ull << 30)))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Invalid parameter 'buf-size'");
-        r = target_check(mgr, active, layers, target, mode, "Can't mirror node into itself", false, &abs, error);
-        if (r < 0)
-                return r;
-        s = calloc(1, sizeof *s);
-        if (!s)
-                return -ENOMEM;
-        s->type = DC_JOB_TYPE_MIRROR;
-        r = job_common_options(mgr, opts, "mirror", s, error);
-        if (r < 0) {
-                job_start_free(s);
-                return r;
-        }
-        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_MIRROR, mode, format, sync, syncs, &s, error);
         if (r < 0)
                 return r;
         s->mo = (struct dc_mirror_options){ .sync = sync, .existing = mode == 1, .granularity = (uint32_t) granularity,
                                             .buf_size = buf_size, .unmap = unmap,
                                             .copy_mode = copy_mode ? DC_COPY_MODE_WRITE_BLOCKING
                                                                    : DC_COPY_MODE_BACKGROUND };
-        for (guint i = 0; i < layers->len; i++)
-                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
-        g_ptr_array_add(paths, g_strdup(s->target));
-        return finish_start(m, active, s, paths, error);
+        return copy_job_finish(m, active, layers, s, error);
 }
 
 /* --- Snapshot (blockdev-snapshot-sync) --------------------------------------- */

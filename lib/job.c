@@ -1602,14 +1602,13 @@ static int open_target(dc_job *j, const char *target, const struct dc_open_optio
         return 0;
 }
 
-DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
-                            const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+/* A backup or mirror job: source and target resolved and different, the
+ * source's chain (j->img its layer SOURCE_PATH) and the target open. */
+static int copy_job_new(int type, const char *source_path, const char *target_path, const struct dc_open_options *oo,
+                        const struct dc_job_options *jo, dc_job **ret) {
         _cleanup_free_ char *source = NULL, *target = NULL;
-        uint64_t cs;
         dc_job *j;
         int r;
-
-        oo = oo ? oo : &no_options;
 
         r = job_path(source_path, oo, &source);
         if (r >= 0)
@@ -1617,17 +1616,35 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         if (r < 0)
                 return r;
         if (strcmp(source, target) == 0)
-                return dc_error(EINVAL, "Source and target cannot be the same");
-        r = job_new(jo, DC_JOB_TYPE_BACKUP, &j);
+                return dc_error(EINVAL, type == DC_JOB_TYPE_MIRROR ? "Can't mirror node into itself"
+                                                                   : "Source and target cannot be the same");
+        r = job_new(jo, type, &j);
         if (r < 0)
                 return r;
         r = job_disk(j, source, oo, jo, NULL);
+        if (r >= 0) {
+                j->img = find_layer(dc_disk_chain(j->disk), source);
+                r = open_target(j, target, oo);
+        }
+        if (r < 0) {
+                dc_job_free(j);
+                return r;
+        }
+        *ret = j;
+        return 0;
+}
+
+DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
+                            const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        uint64_t cs;
+        dc_job *j;
+        int r;
+
+        oo = oo ? oo : &no_options;
+
+        r = copy_job_new(DC_JOB_TYPE_BACKUP, source_path, target_path, oo, jo, &j);
         if (r < 0)
-                goto fail;
-        j->img = find_layer(dc_disk_chain(j->disk), source);
-        r = open_target(j, target, oo);
-        if (r < 0)
-                goto fail;
+                return r;
         if (j->tgt->virtual_size != j->img->virtual_size) {
                 r = dc_error(EINVAL, "Source and target image have different sizes");
                 goto fail;
@@ -1672,7 +1689,6 @@ fail:
 
 DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, const struct dc_mirror_options *mo,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
-        _cleanup_free_ char *source = NULL, *target = NULL;
         uint32_t cs, gran;
         dc_image *chain;
         dc_job *j;
@@ -1685,28 +1701,14 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
                 return dc_error(EINVAL, "Granularity must be a power of 2 between 512 and 64 MiB");
         if (mo->sync != DC_SYNC_FULL && mo->sync != DC_SYNC_TOP && mo->sync != DC_SYNC_NONE)
                 return dc_error(EINVAL, "Sync mode not supported");
-        r = job_path(source_path, oo, &source);
-        if (r >= 0)
-                r = job_path(target_path, oo, &target);
+        r = copy_job_new(DC_JOB_TYPE_MIRROR, source_path, target_path, oo, jo, &j);
         if (r < 0)
                 return r;
-        if (strcmp(source, target) == 0)
-                return dc_error(EINVAL, "Can't mirror node into itself");
-        r = job_new(jo, DC_JOB_TYPE_MIRROR, &j);
-        if (r < 0)
-                return r;
-        r = job_disk(j, source, oo, jo, NULL);
-        if (r < 0)
-                goto fail;
         chain = dc_disk_chain(j->disk);
-        if (strcmp(chain->path, source) != 0) {
+        if (chain != j->img) {
                 r = dc_error(EINVAL, "'%s' is not the active layer of '%s'", source_path, chain->path);
                 goto fail;
         }
-        j->img = chain;
-        r = open_target(j, target, oo);
-        if (r < 0)
-                goto fail;
         j->target = j->tgt;
         j->sync = mo->sync;
         j->existing = mo->existing;

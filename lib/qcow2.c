@@ -1059,63 +1059,6 @@ static int qcow2_discard(dc_image *img, uint64_t off, uint64_t len) {
  * caller, possibly on another thread; CLEN 0 means "did not compress": the
  * cluster is stored plain.
  */
-int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size_t len, const void *out,
-                              size_t clen) {
-        struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, gidx = off / cs, l2off, coff, e, ne, field, start;
-        unsigned shift = 62 - (s->cluster_bits - 8);
-        uint8_t *t;
-        int r;
-
-        if (off % cs || (len != cs && off + len != img->virtual_size) || len > cs)
-                return dc_error(EINVAL, "'%s': compressed writes must cover whole clusters", img->path);
-        r = prepare_for_write(img);
-        if (r < 0)
-                return r;
-        if (clen == 0 || clen >= cs - 1)
-                return qcow2_write(img, raw, off, len); /* incompressible: store plain */
-
-        r = l2_for_write(img, gidx / s->l2_entries, &t, &l2off);
-        if (r < 0)
-                return r;
-        if (s->comp_free_off && s->comp_free_off % cs + clen <= cs) {
-                /* Share the tail of the last compressed cluster, unless its
-                 * refcount is at the maximum (1-bit refcounts, say). */
-                uint64_t v;
-                r = qcow2_refcount_get(img, s->comp_free_off / cs, &v);
-                if (r < 0)
-                        return r;
-                if (s->refcount_bits < 64 && v >= (1ull << s->refcount_bits) - 1)
-                        s->comp_free_off = 0;
-        }
-        if (s->comp_free_off && s->comp_free_off % cs + clen <= cs) {
-                coff = s->comp_free_off;
-                r = qcow2_ref_bytes(img, coff, clen);
-        } else {
-                r = qcow2_alloc_clusters(img, DIV_ROUND_UP(clen, cs), &start);
-                coff = start * cs;
-        }
-        if (r < 0)
-                return r;
-        s->comp_free_off = (coff + clen) % cs ? coff + clen : 0;
-        r = dc_pwrite_full(img->fd, out, clen, coff);
-        if (r >= 0)
-                r = dc_fdatasync(img->fd);
-        if (r < 0)
-                return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
-        field = ((coff + clen - 1) >> 9) - (coff >> 9);
-        ne = QCOW_OFLAG_COMPRESSED | (field << shift) | coff;
-        r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
-        if (r < 0)
-                return r;
-        e = be64(t + (gidx % s->l2_entries) * 8);
-        put_be64(t + (gidx % s->l2_entries) * 8, ne);
-        r = write_l2_entries(img, t, l2off, gidx % s->l2_entries, 1);
-        if (r < 0)
-                return r;
-        return free_entries(img, &e, 1);
-}
-
 /*
  * Store the clusters of [OFF, OFF+LEN) (whole clusters; the last may end at
  * the end of the image), compressed where CLEN[i] says OUT[i] fits (0 =
@@ -1223,6 +1166,16 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                 i += k;
         }
         return 0;
+}
+
+/* One cluster (a qcow2 write_compressed): the batch of one. */
+int dc_qcow2_store_compressed(dc_image *img, const void *raw, uint64_t off, size_t len, const void *out,
+                              size_t clen) {
+        uint8_t *o = (uint8_t *) out;
+        if (off % QC(img)->cluster_size || len > QC(img)->cluster_size ||
+            (len != QC(img)->cluster_size && off + len != img->virtual_size))
+                return dc_error(EINVAL, "'%s': compressed writes must cover whole clusters", img->path);
+        return dc_qcow2_store_compressed_batch(img, raw, off, len, &o, &clen);
 }
 
 /* Compress one cluster into OUT (capacity cs - 1); 0 = does not fit. */

@@ -70,20 +70,26 @@ def test_mirror_complete_pivots(bus, sync, expect):
     assert p.returncode != 0 and ("replaced by" in p.stderr or "not the active layer" in p.stderr), p.stderr
 
 
-@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
-def test_mirror_soft_cancel_leaves_a_copy(bus, copy_mode):
+@pytest.mark.parametrize("sync,copy_mode,expect", [
+    ("full", "background", ["E.qcow2"]),
+    ("full", "write-blocking", ["E.qcow2"]),
+    ("top", "background", ["E.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]),
+    ("none", "write-blocking", ["E.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"])])
+def test_mirror_soft_cancel_leaves_a_copy(bus, sync, copy_mode, expect):
     chain = make_seed_chain(bus)
     mon = Monitor(bus)
-    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "1", "copy-mode", "s", copy_mode))[0]
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "2", "sync", "s", sync, "copy-mode", "s",
+                        copy_mode))[0]
     wait_status(bus, job, "ready")
     assert prop(bus, job, "Job", "ActivelySynced") is (copy_mode == "write-blocking")
     bus.call(job, "Job", "Cancel", "b", "false")
     wait_gone(bus, job)
     assert mon.stop() == READY + DONE
     same(bus, "E.qcow2", "D.ref")
-    assert shape(bus, "E.qcow2") == ["E.qcow2"]
+    assert shape(bus, "E.qcow2") == expect
     assert_chain_intact(bus, ["D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"])
-    wait_chains(bus, ["D.qcow2", "E.qcow2"])  # the copy is a chain of its own now
+    # the copy is a chain of its own now (over D itself for sync none, which D then is no top of)
+    wait_chains(bus, ["E.qcow2"] if sync == "none" else ["D.qcow2", "E.qcow2"])
 
 
 def test_mirror_hard_cancel_and_cancel_before_ready(bus):
