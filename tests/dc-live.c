@@ -193,7 +193,7 @@ int main(int argc, char **argv) {
                 die("open");
         size = dc_disk_size(disk);
         model = malloc(size);
-        point = malloc(size);
+        point = calloc(1, size); /* saved in every mode, filled in some */
         back = malloc(size);
         if (dc_disk_read(disk, model, 0, size) < 0)
                 die("read");
