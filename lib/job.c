@@ -569,8 +569,12 @@ static int job_write(dc_job *j, dc_image *dst, const uint8_t *buf, uint64_t off,
         if (off + run > dst->virtual_size)
                 return dc_error(EINVAL, "'%s' is smaller than the data to copy", dst->path);
         if (all_zero(buf, (size_t) run)) {
+                struct dc_layer_status st = { 0 };
                 pthread_mutex_lock(&dst->lock);
-                r = dst->drv->write_zeroes(dst, off, run, zero_flags);
+                /* a target with nothing below reads as zeros where it holds nothing */
+                r = dst->backing_file ? 0 : dst->drv->block_status(dst, off, run, &st);
+                if (r < 0 || dst->backing_file || st.type != DC_LAYER_UNALLOCATED || st.length < run)
+                        r = dst->drv->write_zeroes(dst, off, run, zero_flags);
                 pthread_mutex_unlock(&dst->lock);
         } else if (j->compress && off % dc_image_cluster_size(dst) == 0 &&
                    ((off + run) % dc_image_cluster_size(dst) == 0 || off + run == dst->virtual_size)) {

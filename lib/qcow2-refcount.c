@@ -30,7 +30,7 @@
  *     Allocating writes of fresh clusters batch this: their L2 entries are
  *     updated in the cache at once (reads see them) but written only after
  *     the next fdatasync, which comes at a flush, before a cache slot with
- *     such entries is reused, or after 64 MiB of such data.  A crash before
+ *     such entries is reused, or after 1 GiB of such data.  A crash before
  *     that leaks the clusters; a write that replaces an existing mapping
  *     commits at once, since freeing the old one must wait for the new one.
  *  5. Every refcount is strict: we never use lazy refcounts (the compat bit

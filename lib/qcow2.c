@@ -400,7 +400,7 @@ static void l2_defer(dc_image *img, uint64_t l2off, uint64_t first, uint64_t n) 
                 }
 }
 
-#define L2_DEFER_MAX (64u << 20) /* data written before its L2 entries must be committed */
+#define L2_DEFER_MAX (1024u << 20) /* data written before its L2 entries must be committed */
 
 static void qcow2_close(dc_image *img) {
         struct qcow2 *s = QC(img);
@@ -786,9 +786,16 @@ static int free_entry(dc_image *img, uint64_t e) {
         return 0;
 }
 
-/* Write entries at once; deferred ones go first, so no entry reaches the disk before its sync. */
+/* Write entries at once.  Deferred ones among them go first (with their
+ * sync), so that no entry reaches the disk before its data. */
 static int write_l2_entries(dc_image *img, uint8_t *t, uint64_t l2off, uint64_t first, uint64_t n) {
-        int r = qcow2_l2_commit_pending(img);
+        struct qcow2_cache *c = &QC(img)->l2_cache;
+        int r = 0;
+
+        for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++)
+                if (c->offset[i] == l2off && c->dirty_hi[i] > c->dirty_lo[i] && first * 8 < c->dirty_hi[i] &&
+                    c->dirty_lo[i] < (first + n) * 8)
+                        r = qcow2_l2_commit_pending(img);
         if (r < 0)
                 return r;
         r = dc_pwrite_full(img->fd, t + first * 8, n * 8, l2off + first * 8);
