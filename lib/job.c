@@ -84,7 +84,7 @@ struct dc_job {
         uint64_t rate_start_ns, rate_bytes;
 
         /* backup: clusters still to copy (copy-before-write clears them too) */
-        uint64_t *todo, todo_unit, todo_bits;
+        uint64_t *uncopied, cbw_unit, cbw_bits;
         /* mirror and active commit */
         bool active_commit, existing, unmap;
         int copy_mode;
@@ -615,12 +615,12 @@ static int copy_step(dc_job *j, uint8_t *buf, dc_image *src, dc_image *stop, dc_
                 }
                 n = MIN(n, ls.length);
         }
-        if (j->todo) {
+        if (j->uncopied) {
                 /* backup: what is left to copy as of the job's start */
-                uint64_t u = j->todo_unit, first = off / u;
+                uint64_t u = j->cbw_unit, first = off / u;
                 bool set;
                 pthread_mutex_lock(&j->lock);
-                run = MIN(bits_run(j->todo, first, DIV_ROUND_UP(n, u), &set) * u, n);
+                run = MIN(bits_run(j->uncopied, first, DIV_ROUND_UP(n, u), &set) * u, n);
                 pthread_mutex_unlock(&j->lock);
                 copy = set;
         } else {
@@ -639,9 +639,9 @@ static int copy_step(dc_job *j, uint8_t *buf, dc_image *src, dc_image *stop, dc_
         r = job_write(j, dst, buf, off, run, 0);
         if (r < 0)
                 return r;
-        if (j->todo) {
+        if (j->uncopied) {
                 pthread_mutex_lock(&j->lock);
-                bits_assign(j->todo, off / j->todo_unit, DIV_ROUND_UP(run, j->todo_unit), false);
+                bits_assign(j->uncopied, off / j->cbw_unit, DIV_ROUND_UP(run, j->cbw_unit), false);
                 pthread_mutex_unlock(&j->lock);
         }
         return 0;
@@ -803,7 +803,7 @@ static void mark_file(dc_image *l, const char *name, const char *value) {
  */
 static int backup_cbw(void *data, uint64_t off, uint64_t len) {
         dc_job *j = data;
-        uint64_t u = j->todo_unit, i = off / u, end = MIN(DIV_ROUND_UP(off + len, u), j->todo_bits);
+        uint64_t u = j->cbw_unit, i = off / u, end = MIN(DIV_ROUND_UP(off + len, u), j->cbw_bits);
         uint8_t *buf = NULL;
         int r = 0;
 
@@ -812,7 +812,7 @@ static int backup_cbw(void *data, uint64_t off, uint64_t len) {
                 bool set;
 
                 pthread_mutex_lock(&j->lock);
-                n = bits_run(j->todo, i, MIN(end - i, MAX(CHUNK / u, 1)), &set);
+                n = bits_run(j->uncopied, i, MIN(end - i, MAX(CHUNK / u, 1)), &set);
                 pthread_mutex_unlock(&j->lock);
                 if (set) {
                         a = i * u;
@@ -825,7 +825,7 @@ static int backup_cbw(void *data, uint64_t off, uint64_t len) {
                                 r = job_write(j, j->tgt, buf, a, l, 0);
                         if (r >= 0) {
                                 pthread_mutex_lock(&j->lock);
-                                bits_assign(j->todo, i, n, false);
+                                bits_assign(j->uncopied, i, n, false);
                                 pthread_mutex_unlock(&j->lock);
                         }
                 }
@@ -849,12 +849,12 @@ static int backup_setup(dc_job *j) {
         int r;
 
         dc_disk_quiesce(j->disk);
-        r = dc_disk_attach(j->disk, &backup_hooks, j, j->todo_unit);
+        r = dc_disk_attach(j->disk, &backup_hooks, j, j->cbw_unit);
         if (r >= 0) {
                 if (j->sync == DC_SYNC_NONE)
-                        bits_assign(j->todo, 0, j->todo_bits, true);
+                        bits_assign(j->uncopied, 0, j->cbw_bits, true);
                 else
-                        r = mark_allocated(j, j->todo, j->todo_unit, j->img,
+                        r = mark_allocated(j, j->uncopied, j->cbw_unit, j->img,
                                            j->sync == DC_SYNC_TOP ? j->img->backing : NULL, &set);
         }
         dc_disk_unquiesce(j->disk);
@@ -1668,14 +1668,14 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         j->workers = bo->max_workers ? MIN(bo->max_workers, 16u) : 2;
         j->chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) CHUNK) : 0;
         /* copy-before-write works in whole target clusters (64 KiB for raw) */
-        j->todo_unit = cs ? cs : 65536;
-        if (j->chunk && j->chunk < j->todo_unit)
-                j->todo_unit = j->chunk;
+        j->cbw_unit = cs ? cs : 65536;
+        if (j->chunk && j->chunk < j->cbw_unit)
+                j->cbw_unit = j->chunk;
         if (j->chunk)
-                j->chunk = ALIGN_DOWN(j->chunk, j->todo_unit);
-        j->todo_bits = DIV_ROUND_UP(j->img->virtual_size, j->todo_unit);
-        j->todo = calloc(j->todo_bits / 64 + 1, sizeof *j->todo);
-        if (!j->todo) {
+                j->chunk = ALIGN_DOWN(j->chunk, j->cbw_unit);
+        j->cbw_bits = DIV_ROUND_UP(j->img->virtual_size, j->cbw_unit);
+        j->uncopied = calloc(j->cbw_bits / 64 + 1, sizeof *j->uncopied);
+        if (!j->uncopied) {
                 r = dc_error(ENOMEM, "out of memory");
                 goto fail;
         }
@@ -1762,7 +1762,7 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
         free(j->id);
         free(j->new_backing);
         free(j->new_backing_fmt);
-        free(j->todo);
+        free(j->uncopied);
         free(j->dirty);
         free(j->buf);
         free(j);
