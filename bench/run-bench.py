@@ -12,7 +12,7 @@ cache mode is 'unsafe' (its output may still be only in the page cache when
 it exits), while a diskchain job ends with its data on disk; so a second
 ratio adds an fsync of qemu-img's output file to its time.
 
-    sudo bench/run-bench.py [--size 4G] [--build build] [--repeat 3]
+    sudo bench/run-bench.py [--size 4G] [--build build] [--repeat 3] [--settle 15] [--only NAME]
 
 Each side runs --repeat times, alternating, and the median counts: the
 disk of a small VM is noisy.
@@ -95,6 +95,8 @@ def main():
     ap.add_argument("--size", default="4G")
     ap.add_argument("--build", default=os.path.join(HERE, "..", "build"))
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the median counts")
+    ap.add_argument("--settle", type=float, default=15, help="seconds of quiet disk before each timed run")
+    ap.add_argument("--only", action="append", help="run only this operation (repeatable)")
     a = ap.parse_args()
     BUILD = os.path.abspath(a.build)
     os.environ["DISKCHAIN_BUILD"] = BUILD
@@ -115,7 +117,7 @@ def main():
             # deleting and copying gigabytes leaves the disk busy (discards,
             # writeback) for a while: start each timed run on a quiet disk
             subprocess.run(["sync"])
-            time.sleep(3)
+            time.sleep(a.settle)
 
         def fresh(where):
             for n in ("base", "mid", "top"):
@@ -161,6 +163,8 @@ def main():
              ("backup", "top.qcow2", "copy.qcow2", "--compress"), "copy.qcow2"),
         ]
         for name, qemu, dc, out in cases:
+            if a.only and name not in a.only:
+                continue
             # this machine's disk is noisy: alternate the two sides and keep medians
             tqs_, tqss_, tds_ = [], [], []
             for _ in range(a.repeat):
