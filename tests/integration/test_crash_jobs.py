@@ -28,6 +28,17 @@ def build_pristine(d):
     qemu_img("convert", "-O", "raw", os.path.join(d, "D.qcow2"), os.path.join(d, "D.ref"))
 
 
+def kill_daemon(bus):
+    """kill -9 the daemon, if it runs, and wait until it is gone."""
+    pid = bus.daemon_pid()
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.02)
+
+
 @pytest.mark.parametrize("kind", ["stream", "commit", "backup"])
 def test_kill_during_job(bus, kind):
     pristine = os.path.join(bus.dir, "pristine")
@@ -51,13 +62,7 @@ def test_kill_during_job(bus, kind):
                     "speed", "t", str(8 << 20)]
         bus.call(chain, "Chain", *args)
         time.sleep(rng.uniform(0.0, 1.8))
-        pid = bus.daemon_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.02)
+        kill_daemon(bus)
         for n in "ABCD" + ("T" if kind == "backup" else ""):
             f = os.path.join(bus.root, "backup.qcow2" if n == "T" else f"{n}.qcow2")
             p = qemu_img("check", f, check=False)
@@ -107,13 +112,7 @@ def test_kill_during_job_with_pivot(bus, kind):
                 completed = True
                 deadline = time.monotonic() + rng.uniform(0.0, 0.3)
             time.sleep(0.05)
-        pid = bus.daemon_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if not os.path.exists(f"/proc/{pid}"):
-                    break
-                time.sleep(0.02)
+        kill_daemon(bus)
         files = [f for f in ("A", "B", "C", "D", "E") if os.path.exists(os.path.join(bus.root, f"{f}.qcow2"))]
         for n in files:
             p = qemu_img("check", os.path.join(bus.root, f"{n}.qcow2"), check=False)

@@ -53,6 +53,15 @@ def chain(tmp):
     return tmp
 
 
+def make_target(t, sync):
+    """T.qcow2 as drive-backup/drive-mirror create it for SYNC over the chain topped by C."""
+    if sync == "full":
+        qemu_img("create", "-q", "-f", "qcow2", t / "T.qcow2", "32M")
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "B.qcow2" if sync == "top" else "C.qcow2", "-F", "qcow2",
+                 t / "T.qcow2")
+
+
 def check_all(t):
     for f in t.glob("*.qcow2"):
         assert_clean(f)
@@ -61,11 +70,7 @@ def check_all(t):
 @pytest.mark.parametrize("sync", ["full", "top", "none"])
 def test_backup_is_the_disk_at_its_start(chain, sync):
     t = chain
-    if sync == "full":
-        qemu_img("create", "-q", "-f", "qcow2", t / "T.qcow2", "32M")
-    else:
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "B.qcow2" if sync == "top" else "C.qcow2", "-F", "qcow2",
-                 t / "T.qcow2")
+    make_target(t, sync)
     events, info = live(t, "backup", t / "C.qcow2", t / "T.qcow2", sync)
     if sync == "none":
         assert events[-4:] == ["status aborting", "cancelled", "status concluded", "status null"]
@@ -89,11 +94,7 @@ def test_backup_is_the_disk_at_its_start(chain, sync):
 @pytest.mark.parametrize("sync", ["full", "top", "none"])
 def test_mirror_complete_moves_the_writers(chain, sync, mode):
     t = chain
-    if sync == "full":
-        qemu_img("create", "-q", "-f", "qcow2", t / "T.qcow2", "32M")
-    else:
-        qemu_img("create", "-q", "-f", "qcow2", "-b", "B.qcow2" if sync == "top" else "C.qcow2", "-F", "qcow2",
-                 t / "T.qcow2")
+    make_target(t, sync)
     events, info = live(t, "mirror", t / "C.qcow2", t / "T.qcow2", sync, mode, "complete")
     assert events == ["status created", "status running", "status ready", "ready"] + DONE
     assert info["top"].endswith("T.qcow2")
