@@ -128,6 +128,9 @@ struct dc_image {
         const struct dc_driver *drv;
         pthread_mutex_t lock;
         int fd;
+        int dfd;               /* O_DIRECT twin of fd, opened by dc_image_set_direct, kept to the close */
+        bool direct;           /* data writes go through dfd when aligned */
+        uint32_t dio_mem_align, dio_off_align;
         char *path;            /* absolute */
         uint64_t virtual_size;
         bool writable;
@@ -170,6 +173,9 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable);
 
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
+void dc_image_set_direct(dc_image *img, bool on);
+int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off);
+void *dc_io_buffer(size_t len);
 
 int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, const char *backing_fmt);
 int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size);

@@ -258,8 +258,8 @@ enum { DC_SYNC_FULL, DC_SYNC_TOP, DC_SYNC_NONE };
 struct dc_backup_options {
         int sync;                   /* DC_SYNC_* */
         bool compress;              /* write compressed clusters (qcow2 target) */
-        unsigned max_workers;       /* threads compressing at once; 0 = 2 */
-        uint64_t max_chunk;         /* largest request; 0 = 512 KiB */
+        unsigned max_workers;       /* copy requests in flight (they compress side by side); 0 = 8, at most 16 */
+        uint64_t max_chunk;         /* largest request, at least the target's cluster size; 0 = 2 MiB, the most */
 };
 /*
  * drive-backup: a point-in-time copy of SOURCE_PATH's chain into the

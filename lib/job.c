@@ -40,7 +40,16 @@
 
 #include "dc-internal.h"
 
-#define CHUNK (8u << 20) /* bytes read and written per step: few syncs, bounded memory */
+/*
+ * A job copies with WORKERS requests in flight, each of at most CHUNK bytes:
+ * 16 MiB of buffers in all.  One request at a time leaves the disk idle
+ * while it reads and while it computes; direct writes from eight at once keep
+ * a disk busy (a 4 GiB chain's full backup: 2 MiB x 8 takes two thirds of the
+ * time 8 MiB x 2 takes).
+ */
+#define CHUNK (2u << 20)
+#define WORKERS 8u
+#define MAX_WORKERS 16u
 
 struct event_node {
         struct dc_job_event ev;
@@ -50,6 +59,7 @@ struct event_node {
 struct dc_job {
         pthread_mutex_t lock;
         pthread_cond_t cond;
+        pthread_mutex_t rate_gate; /* under a speed limit, one request at a time (rate_gate_enter) */
         pthread_t thread;
         bool thread_started;
         char *id;
@@ -92,7 +102,7 @@ struct dc_job {
         uint64_t *dirty, nbits, ndirty;
         uint8_t *buf;
         bool should_complete, actively_synced;
-        bool helper_stop;         /* mirror: the first pass's helper thread is to stop */
+        bool helper_stop;         /* mirror: the first pass's helper threads are to stop */
 };
 
 /* --- bitmaps (callers hold the job lock) --- */
@@ -431,6 +441,29 @@ static int pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
 }
 
 /*
+ * The speed limit counts a request's data after it: requests that started
+ * side by side would all pass it at once (eight of them, 16 MiB, before a
+ * limit of a few KiB/s took hold).  Under a limit the job's workers
+ * therefore take turns, each holding the gate from before its request to
+ * after the pause that pays for it.  Returns whether the gate is held.
+ */
+static bool rate_gate_enter(dc_job *j) {
+        bool limited;
+
+        pthread_mutex_lock(&j->lock);
+        limited = j->speed != 0;
+        pthread_mutex_unlock(&j->lock);
+        if (limited)
+                pthread_mutex_lock(&j->rate_gate);
+        return limited;
+}
+
+static void rate_gate_leave(dc_job *j, bool held) {
+        if (held)
+                pthread_mutex_unlock(&j->rate_gate);
+}
+
+/*
  * An I/O error during the work, under the job's on-error policy.  Returns 0
  * to retry the chunk (after a stop and resume), 1 to skip it (ignore), or
  * the error to fail with.
@@ -495,67 +528,27 @@ static bool all_zero(const uint8_t *b, size_t n) {
         return true;
 }
 
-/* Parallel compression of the whole clusters of one chunk (backup compress). */
-struct compress_task {
-        dc_image *dst;
-        const uint8_t *buf;
-        uint8_t **out;
-        size_t *clen;
-        uint64_t first, step, n, cs, len;
-        int r;
-};
-
-static void *compress_worker(void *p) {
-        struct compress_task *t = p;
-        for (uint64_t i = t->first; i < t->n && t->r >= 0; i += t->step) {
-                size_t l = (size_t) MIN(t->cs, t->len - i * t->cs);
-                t->r = dc_qcow2_compress_cluster(t->dst, t->buf + i * t->cs, l, t->out[i], &t->clen[i]);
-        }
-        return NULL;
-}
-
-static int write_compressed_run(dc_job *j, dc_image *dst, const uint8_t *buf, uint64_t off, uint64_t len) {
+/* Compress the whole clusters of one chunk and store them with one sync
+ * (backup compress).  The job's workers compress their chunks side by side. */
+static int write_compressed_run(dc_image *dst, const uint8_t *buf, uint64_t off, uint64_t len) {
         uint64_t cs = dc_image_cluster_size(dst), n = DIV_ROUND_UP(len, cs);
-        unsigned workers = (unsigned) MIN((uint64_t) j->workers, n);
-        struct compress_task tasks[16];
-        pthread_t th[16];
         uint8_t **out = calloc(n, sizeof *out);
         size_t *clen = calloc(n, sizeof *clen);
-        int r = 0;
+        int r = out && clen ? 0 : dc_error(ENOMEM, "out of memory");
 
-        if (!out || !clen) {
-                free(out);
-                free(clen);
-                return dc_error(ENOMEM, "out of memory");
-        }
-        for (uint64_t i = 0; i < n && r >= 0; i++)
+        for (uint64_t i = 0; i < n && r >= 0; i++) {
                 if (!(out[i] = malloc(cs)))
                         r = dc_error(ENOMEM, "out of memory");
-        /* workers-1 helper threads, and this one; a helper that cannot be
-         * started has its share done here */
-        {
-                bool started[16] = { false };
-                for (unsigned w = 0; r >= 0 && w < workers; w++) {
-                        tasks[w] = (struct compress_task){ dst, buf, out, clen, w, workers, n, cs, len, 0 };
-                        if (w > 0)
-                                started[w] = pthread_create(&th[w], NULL, compress_worker, &tasks[w]) == 0;
-                }
-                for (unsigned w = 0; r >= 0 && w < workers; w++)
-                        if (!started[w])
-                                compress_worker(&tasks[w]);
-                for (unsigned w = 1; w < workers; w++)
-                        if (started[w])
-                                pthread_join(th[w], NULL);
-                for (unsigned w = 0; r >= 0 && w < workers; w++)
-                        if (tasks[w].r < 0)
-                                r = tasks[w].r;
+                else
+                        r = dc_qcow2_compress_cluster(dst, buf + i * cs, (size_t) MIN(cs, len - i * cs), out[i],
+                                                      &clen[i]);
         }
         if (r >= 0) {
                 pthread_mutex_lock(&dst->lock);
                 r = dc_qcow2_store_compressed_batch(dst, buf, off, len, out, clen);
                 pthread_mutex_unlock(&dst->lock);
         }
-        for (uint64_t i = 0; i < n; i++)
+        for (uint64_t i = 0; out && i < n; i++)
                 free(out[i]);
         free(out);
         free(clen);
@@ -578,7 +571,7 @@ static int job_write(dc_job *j, dc_image *dst, const uint8_t *buf, uint64_t off,
                 pthread_mutex_unlock(&dst->lock);
         } else if (j->compress && off % dc_image_cluster_size(dst) == 0 &&
                    ((off + run) % dc_image_cluster_size(dst) == 0 || off + run == dst->virtual_size)) {
-                r = write_compressed_run(j, dst, buf, off, run);
+                r = write_compressed_run(dst, buf, off, run);
         } else {
                 pthread_mutex_lock(&dst->lock);
                 r = dst->drv->write(dst, buf, off, (size_t) run);
@@ -656,11 +649,40 @@ struct copy_ctx {
         char why[512];
 };
 
+/* One request of a worker at *OFF (at most up to END), under the range lock
+ * and the error policy; advances *OFF past what it handled. */
+static int copy_request(struct copy_ctx *c, uint8_t *buf, uint64_t *off, uint64_t end) {
+        dc_job *j = c->j;
+        struct dc_range_lock rl;
+        struct step st = { 0 };
+        bool ignored = false, gate = rate_gate_enter(j);
+        int r;
+
+        r = pause_point(j, 0, 0);
+        if (r < 0)
+                goto out;
+        dc_disk_range_lock(j->disk, &rl, *off, end - *off);
+        r = copy_step(j, buf, c->src, c->stop, c->dst, c->skip_dst_allocated, *off, end - *off, &st);
+        dc_disk_range_unlock(j->disk, &rl);
+        if (r < 0) {
+                r = handle_io_error(j, r, st.read_error, &ignored);
+                if (r != 1)
+                        goto out; /* 0: stopped and resumed, the request is tried again */
+                st.copied = false; /* ignored: skipped */
+        }
+        r = pause_point(j, st.done, st.copied ? st.done : 0);
+        if (r >= 0)
+                *off += st.done;
+out:
+        rate_gate_leave(j, gate);
+        return r;
+}
+
 /* Claim chunks and copy them until none is left or something failed. */
 static void *copy_worker(void *p) {
         struct copy_ctx *c = p;
         dc_job *j = c->j;
-        uint8_t *buf = malloc(c->chunk);
+        uint8_t *buf = dc_io_buffer(c->chunk);
         int r = buf ? 0 : dc_error(ENOMEM, "out of memory");
 
         while (r >= 0) {
@@ -674,30 +696,8 @@ static void *copy_worker(void *p) {
                 off = c->next;
                 end = c->next = MIN(off + c->chunk, c->size);
                 pthread_mutex_unlock(&j->lock);
-                while (off < end) {
-                        struct dc_range_lock rl;
-                        struct step st = { 0 };
-                        bool ignored = false;
-
-                        r = pause_point(j, 0, 0);
-                        if (r < 0)
-                                break;
-                        dc_disk_range_lock(j->disk, &rl, off, end - off);
-                        r = copy_step(j, buf, c->src, c->stop, c->dst, c->skip_dst_allocated, off, end - off, &st);
-                        dc_disk_range_unlock(j->disk, &rl);
-                        if (r < 0) {
-                                r = handle_io_error(j, r, st.read_error, &ignored);
-                                if (r == 0)
-                                        continue; /* stopped, resumed: retry */
-                                if (r != 1)
-                                        break;
-                                st.copied = false; /* ignored: skip it */
-                        }
-                        r = pause_point(j, st.done, st.copied ? st.done : 0);
-                        if (r < 0)
-                                break;
-                        off += st.done;
-                }
+                while (off < end && r >= 0)
+                        r = copy_request(c, buf, &off, end);
         }
         if (r < 0) {
                 pthread_mutex_lock(&j->lock);
@@ -718,21 +718,23 @@ static void *copy_worker(void *p) {
  * ranges that read as zero become zero writes.  Sparse-aware: nothing else
  * is touched.  SKIP_DST_ALLOCATED skips ranges DST already holds itself
  * (stream).  Each step holds the disk's range lock, so guest writes to the
- * same clusters wait for it and it never copies over them.  Two workers
- * (this thread and a helper) take chunks in turn, so that one reads while
- * the other writes.
+ * same clusters wait for it and it never copies over them.  The job's
+ * workers (this thread and helpers) take chunks in turn, so that some read
+ * while others write.
  */
 static int copy_loop(dc_job *j, dc_image *src, dc_image *stop, dc_image *dst, bool skip_dst_allocated) {
         struct copy_ctx c = { .j = j, .src = src, .stop = stop, .dst = dst, .skip_dst_allocated = skip_dst_allocated,
                               .chunk = j->chunk ? j->chunk : CHUNK, .size = src->virtual_size };
-        pthread_t helper;
-        bool helped;
+        pthread_t helper[MAX_WORKERS];
+        unsigned n = 0, workers = j->workers ? j->workers : WORKERS;
         int r;
 
-        helped = c.size > c.chunk && pthread_create(&helper, NULL, copy_worker, &c) == 0;
+        while (n + 1 < workers && (uint64_t) (n + 1) * c.chunk < c.size &&
+               pthread_create(&helper[n], NULL, copy_worker, &c) == 0)
+                n++;
         copy_worker(&c);
-        if (helped)
-                pthread_join(helper, NULL);
+        while (n > 0)
+                pthread_join(helper[--n], NULL);
         r = c.r;
         if (r < 0)
                 return dc_error(-r, "%s", c.why);
@@ -817,7 +819,7 @@ static int backup_cbw(void *data, uint64_t off, uint64_t len) {
                 if (set) {
                         a = i * u;
                         l = MIN(n * u, j->img->virtual_size - a);
-                        if (!buf && !(buf = malloc(MAX((uint64_t) CHUNK, u))))
+                        if (!buf && !(buf = dc_io_buffer(MAX((uint64_t) CHUNK, u))))
                                 r = dc_error(ENOMEM, "out of memory");
                         if (r >= 0)
                                 r = dc_chain_read(j->img, buf, a, (size_t) l);
@@ -936,7 +938,7 @@ static void mirror_after_write(void *data, uint64_t off, uint64_t len) {
         if (wb) {
                 /* the guest holds the range lock over these whole chunks */
                 uint64_t a = first * u, l = MIN(last * u, size) - a;
-                uint8_t *buf = malloc(l);
+                uint8_t *buf = dc_io_buffer(l);
                 int r = buf ? dc_chain_read(j->img, buf, a, (size_t) l) : -ENOMEM;
                 if (r >= 0)
                         r = job_write(j, j->target, buf, a, l, mirror_zero_flags(j));
@@ -992,7 +994,7 @@ static int mirror_setup(dc_job *j) {
         j->nbits = DIV_ROUND_UP(j->img->virtual_size, j->unit);
         j->dirty = calloc(j->nbits / 64 + 1, sizeof *j->dirty);
         j->chunk = MAX(j->unit, ALIGN_DOWN(MIN(j->buf_size, (uint64_t) CHUNK), j->unit));
-        j->buf = malloc(j->chunk);
+        j->buf = dc_io_buffer(j->chunk);
         if (!j->dirty || !j->buf)
                 return dc_error(ENOMEM, "out of memory");
         dc_disk_quiesce(j->disk);
@@ -1015,20 +1017,29 @@ static int mirror_setup(dc_job *j) {
 }
 
 /*
- * The first pass of a mirror has two copiers: the job's thread starts at the
- * beginning, this helper in the middle.  A run either picks is copied under
- * the range lock, so a run picked by both is merely copied twice.  The
- * helper leaves on a failure (the run is dirty again and the job's thread
- * meets it under the error policy), on a hard cancel, or when told.
+ * The first pass of a mirror has as many copiers as buf-size holds chunks
+ * (up to MAX_WORKERS): the job's thread starts at the beginning, helpers at
+ * even intervals after it.  A run either picks is copied under the range
+ * lock, so a run picked by two is merely copied twice.  A helper leaves at
+ * the end of the bitmap, on a failure (the run is dirty again and the job's
+ * thread meets it under the error policy), on a hard cancel, or when told.
  */
+struct mirror_helper {
+        dc_job *j;
+        uint64_t cursor;
+        pthread_t th;
+};
+
 static void *mirror_helper(void *p) {
-        dc_job *j = p;
-        uint64_t cursor = j->nbits / 2, max = MAX(j->chunk / j->unit, 1);
-        uint8_t *buf = malloc(j->chunk);
+        struct mirror_helper *h = p;
+        dc_job *j = h->j;
+        uint64_t cursor = h->cursor, max = MAX(j->chunk / j->unit, 1);
+        uint8_t *buf = dc_io_buffer(j->chunk);
 
         while (buf) {
                 uint64_t i, n = 0;
-                bool set, read_err;
+                bool set, read_err, gate;
+                int r;
 
                 if (pause_point(j, 0, 0) < 0)
                         break;
@@ -1041,33 +1052,52 @@ static void *mirror_helper(void *p) {
                 if (i < j->nbits)
                         n = bits_run(j->dirty, i, MIN(max, j->nbits - i), &set);
                 pthread_mutex_unlock(&j->lock);
-                if (!n || mirror_copy(j, buf, i, n, &read_err) < 0)
+                if (!n)
+                        break;
+                gate = rate_gate_enter(j);
+                r = mirror_copy(j, buf, i, n, &read_err);
+                if (r >= 0) {
+                        uint64_t bytes = MIN((i + n) * j->unit, j->img->virtual_size) - i * j->unit;
+                        r = pause_point(j, bytes, bytes);
+                }
+                rate_gate_leave(j, gate);
+                if (r < 0)
                         break;
                 cursor = i + n;
-                {
-                        uint64_t bytes = MIN((i + n) * j->unit, j->img->virtual_size) - i * j->unit;
-                        if (pause_point(j, bytes, bytes) < 0)
-                                break;
-                }
         }
         free(buf);
         return NULL;
 }
 
-static void mirror_helper_stop(dc_job *j, pthread_t *helper, bool *helping) {
-        if (!*helping)
+/* Start the first pass's helpers; returns how many run. */
+static unsigned mirror_helpers_start(dc_job *j, struct mirror_helper *h) {
+        uint64_t copiers = MIN(MAX(j->buf_size / j->chunk, 1), (uint64_t) MAX_WORKERS);
+        unsigned n = 0;
+
+        j->helper_stop = false;
+        for (uint64_t k = 1; k < copiers && k < j->nbits; k++) {
+                h[n] = (struct mirror_helper){ .j = j, .cursor = j->nbits * k / copiers };
+                if (pthread_create(&h[n].th, NULL, mirror_helper, &h[n]) != 0)
+                        break;
+                n++;
+        }
+        return n;
+}
+
+static void mirror_helpers_stop(dc_job *j, struct mirror_helper *h, unsigned *n) {
+        if (!*n)
                 return;
         pthread_mutex_lock(&j->lock);
         j->helper_stop = true;
         pthread_mutex_unlock(&j->lock);
-        pthread_join(*helper, NULL);
-        *helping = false;
+        while (*n > 0)
+                pthread_join(h[--*n].th, NULL);
 }
 
 static int mirror_run(dc_job *j) {
+        struct mirror_helper helper[MAX_WORKERS];
         uint64_t cursor = 0;
-        pthread_t helper;
-        bool helping;
+        unsigned helping;
         int r;
 
         if (j->active_commit) {
@@ -1079,10 +1109,10 @@ static int mirror_run(dc_job *j) {
                 }
         } else if (j->tgt->virtual_size != j->img->virtual_size)
                 return dc_error(EINVAL, "Source and target image have different sizes");
-        helping = j->nbits > 1 && pthread_create(&helper, NULL, mirror_helper, j) == 0;
+        helping = mirror_helpers_start(j, helper);
         for (;;) {
                 uint64_t i, n = 0;
-                bool ready, completing, set_bit, read_err = false, ignored = false;
+                bool ready, completing, set_bit, read_err = false, ignored = false, gate;
 
                 r = pause_point(j, 0, 0);
                 if (r < 0)
@@ -1113,8 +1143,8 @@ static int mirror_run(dc_job *j) {
                 }
                 if (n == 0) {
                         if (!ready && helping) {
-                                /* the helper may still be copying what it picked */
-                                mirror_helper_stop(j, &helper, &helping);
+                                /* helpers may still be copying what they picked */
+                                mirror_helpers_stop(j, helper, &helping);
                                 continue;
                         }
                         if (!ready) {
@@ -1157,9 +1187,11 @@ static int mirror_run(dc_job *j) {
                         pthread_mutex_unlock(&j->lock);
                         continue;
                 }
+                gate = rate_gate_enter(j);
                 r = mirror_copy(j, j->buf, i, n, &read_err);
                 cursor = i + n;
                 if (r < 0) {
+                        rate_gate_leave(j, gate);
                         r = handle_io_error(j, r, read_err, &ignored);
                         if (r == 0)
                                 continue;
@@ -1177,11 +1209,12 @@ static int mirror_run(dc_job *j) {
                 {
                         uint64_t bytes = MIN((i + n) * j->unit, j->img->virtual_size) - i * j->unit;
                         r = pause_point(j, bytes, bytes);
+                        rate_gate_leave(j, gate);
                         if (r < 0)
                                 break;
                 }
         }
-        mirror_helper_stop(j, &helper, &helping);
+        mirror_helpers_stop(j, helper, &helping);
         return r;
 }
 
@@ -1270,11 +1303,19 @@ static void disk_restore(dc_job *j) {
         j->disk_reopened = false;
 }
 
+/* The image the job's copy writes into. */
+static dc_image *written_layer(dc_job *j) {
+        return j->type == DC_JOB_TYPE_COMMIT ? j->base : j->target;
+}
+
 static void *job_thread(void *p) {
         dc_job *j = p;
         bool ok;
         int r;
 
+        /* the image the job writes takes its data around the page cache
+         * while the job runs (see dc_image_set_direct) */
+        dc_image_set_direct(written_layer(j), true);
         r = j->run(j);
         pthread_mutex_lock(&j->lock);
         j->busy = false;
@@ -1304,6 +1345,7 @@ static void *job_thread(void *p) {
                         snprintf(j->error, sizeof j->error, "%s", dc_get_error()[0] ? dc_get_error() : strerror(-r));
         }
         pthread_mutex_unlock(&j->lock);
+        dc_image_set_direct(written_layer(j), false); /* a layer the writers keep: cached again */
 
         /* unhooked and the images released before anyone hears of the end */
         if (j->clean)
@@ -1394,6 +1436,7 @@ static int job_new(const struct dc_job_options *jo, int type, dc_job **ret) {
                 return dc_error(ENOMEM, "out of memory");
         pthread_mutex_init(&j->lock, NULL);
         pthread_cond_init(&j->cond, NULL);
+        pthread_mutex_init(&j->rate_gate, NULL);
         j->type = type;
         j->id = strdup(jo->id);
         *ret = j;
@@ -1665,7 +1708,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         j->target = j->tgt;
         j->sync = bo->sync;
         j->compress = bo->compress;
-        j->workers = bo->max_workers ? MIN(bo->max_workers, 16u) : 2;
+        j->workers = bo->max_workers ? MIN(bo->max_workers, MAX_WORKERS) : WORKERS;
         j->chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) CHUNK) : 0;
         /* copy-before-write works in whole target clusters (64 KiB for raw) */
         j->cbw_unit = cs ? cs : 65536;
@@ -1759,6 +1802,7 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
         dc_image_close(j->tgt);
         pthread_mutex_destroy(&j->lock);
         pthread_cond_destroy(&j->cond);
+        pthread_mutex_destroy(&j->rate_gate);
         free(j->id);
         free(j->new_backing);
         free(j->new_backing_fmt);

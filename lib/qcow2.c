@@ -860,7 +860,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 l2i++;
                                 n += (size_t) MIN(len - n, cs);
                         }
-                        r = dc_pwrite_full(img->fd, p, n, host);
+                        r = dc_image_pwrite_data(img, p, n, host);
                         if (r < 0)
                                 return dc_error(r, "'%s': write error at host offset %llu: %s", img->path,
                                                 (unsigned long long) host, strerror(-r));
@@ -888,7 +888,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 return dc_error(ENOMEM, "out of memory");
                         if (in || bytes != run * cs) {
                                 /* Head and tail that the write does not cover keep their content. */
-                                nb = malloc(run * cs);
+                                nb = dc_io_buffer(run * cs);
                                 if (!nb)
                                         return dc_error(ENOMEM, "out of memory");
                                 if (in)
@@ -905,7 +905,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                         if (r < 0)
                                 return r;
                         /* whole clusters are written straight from the caller's buffer */
-                        r = dc_pwrite_full(img->fd, nb ? nb : p, run * cs, first_host * cs);
+                        r = dc_image_pwrite_data(img, nb ? nb : p, run * cs, first_host * cs);
                         if (r < 0)
                                 return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
                         /* The L2 table may have been evicted by allocations: get it again. */

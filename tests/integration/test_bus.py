@@ -782,6 +782,43 @@ def test_backup_sync_none_runs_until_cancelled(bus):
     assert shape(bus, "fleece.qcow2") == ["fleece.qcow2", "D.qcow2", "C.qcow2", "B.qcow2", "A.qcow2"]
 
 
+def open_files(pid):
+    """{path: [O_DIRECT?, ...]} of the files a process has open."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            path = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+        except (FileNotFoundError, IndexError):
+            continue
+        out.setdefault(path, []).append(bool(flags & os.O_DIRECT))
+    return out
+
+
+def test_job_data_goes_around_the_page_cache(bus):
+    """A backup writes its target's data with O_DIRECT (this file system has
+    direct I/O) beside the cached descriptor for metadata; the source is
+    read through the cache."""
+    create(bus, "src.qcow2", 32 << 20)
+    qemu_io(os.path.join(bus.root, "src.qcow2"), "write -P 7 0 32M")
+    time.sleep(0.4)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "src.qcow2"))[0]
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "bk.qcow2", "1", "speed", "t", str(8 << 20)))[0]
+    tgt, src = os.path.join(bus.root, "bk.qcow2"), os.path.join(bus.root, "src.qcow2")
+    seen = {}
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and sorted(seen.get(tgt, [])) != [False, True]:
+        seen = open_files(bus.daemon_pid())
+        time.sleep(0.05)
+    assert sorted(seen.get(tgt, [])) == [False, True], seen
+    assert seen.get(src) == [False], seen
+    bus.call(job, "Job", "SetSpeed", "t", "0")
+    wait_gone(bus, job)
+    assert tgt not in open_files(bus.daemon_pid())
+    assert qemu_img("compare", src, tgt, check=False).returncode == 0
+    assert qemu_img("check", tgt, check=False).returncode == 0
+
+
 def test_backup_refusals(bus):
     chain = make_seed_chain(bus)
     create(bus, "small.qcow2", 1 << 20)

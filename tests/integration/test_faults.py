@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Job faults under each on-error policy: a full target (a small tmpfs inside
+"""Job faults under each on-error policy: a full target (a small tmpfs, or a
+small ext4 on a loop device where job data goes around the page cache, inside
 the storage root) and a read error (a corrupted compressed cluster in a
 backing file).  Signals come in QEMU's order; stop/enospc pause the job with
 io-status, and Resume() after space is freed completes it with correct data."""
@@ -14,15 +15,40 @@ from bustest import qemu_img, qemu_io, sh
 from test_bus import M, Monitor, data, prop, wait_gone, wait_status
 
 
-@pytest.fixture
-def small_fs(bus):
+FILLER = ".filler"
+
+
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_fs(bus, request):
+    """About 3 MiB free.  tmpfs has no direct I/O, ext4 has: both write paths
+    of a job's target meet ENOSPC."""
     mnt = os.path.join(bus.root, "small")
     os.mkdir(mnt)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", mnt], capture_output=True, text=True)
+    if request.param == "tmpfs":
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", mnt], capture_output=True, text=True)
+    else:
+        img = os.path.join(bus.dir, "small.ext4")
+        sh("truncate", "-s", "64M", img)
+        sh("mkfs.ext4", "-q", "-m", "0", img)
+        p = subprocess.run(["mount", "-o", "loop", img, mnt], capture_output=True, text=True)
     if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        pytest.skip(f"cannot mount a {request.param} here: {p.stderr.strip()}")
+    if request.param == "ext4":
+        st = os.statvfs(mnt)
+        fd = os.open(os.path.join(mnt, FILLER), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.posix_fallocate(fd, 0, st.f_bfree * st.f_frsize - (3 << 20))
+        os.close(fd)
+        os.sync()
     yield mnt
     subprocess.run(["umount", "-l", mnt])
+
+
+def free_space(mnt):
+    if os.path.exists(os.path.join(mnt, FILLER)):
+        os.unlink(os.path.join(mnt, FILLER))
+        os.sync()
+    else:
+        sh("mount", "-o", "remount,size=64M", mnt)
 
 
 def full_target_chain(bus, mnt):
@@ -73,7 +99,7 @@ def test_full_target_stops_then_resumes(bus, small_fs, policy):
     wait_status(bus, job, "paused")
     assert prop(bus, job, "Job", "IoStatus") == "nospace"
     assert prop(bus, job, "Job", "Paused") is True
-    sh("mount", "-o", "remount,size=64M", small_fs)  # free space
+    free_space(small_fs)
     bus.call(job, "Job", "Resume")
     wait_gone(bus, job)
     sigs = events(mon.stop())
@@ -147,7 +173,7 @@ def test_backup_full_target_stops_then_resumes(bus, small_fs):
                         "on-source-error", "s", "report", "on-target-error", "s", "stop"))[0]
     wait_status(bus, job, "paused")
     assert prop(bus, job, "Job", "IoStatus") == "nospace"
-    sh("mount", "-o", "remount,size=64M", small_fs)
+    free_space(small_fs)
     bus.call(job, "Job", "Resume")
     wait_gone(bus, job)
     sigs = events(mon.stop())
@@ -202,7 +228,7 @@ def test_commit_into_a_full_base(bus, small_fs, policy, active):
     else:
         wait_status(bus, job, "paused")
         assert prop(bus, job, "Job", "IoStatus") == "nospace"
-        sh("mount", "-o", "remount,size=64M", small_fs)
+        free_space(small_fs)
         bus.call(job, "Job", "Resume")
         if active:
             wait_status(bus, job, "ready")
@@ -251,7 +277,7 @@ def test_mirror_onto_a_full_target(bus, small_fs, policy):
     else:
         wait_status(bus, job, "paused")
         assert prop(bus, job, "Job", "IoStatus") == "nospace"
-        sh("mount", "-o", "remount,size=64M", small_fs)
+        free_space(small_fs)
         bus.call(job, "Job", "Resume")
         wait_status(bus, job, "ready")
         bus.call(job, "Job", "Complete")
