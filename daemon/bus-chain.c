@@ -521,7 +521,7 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
                                          "incremental and bitmap backups need persistent dirty bitmaps, which this "
                                          "version does not have");
-        if (workers > 16)
+        if (g_hash_table_contains(opts, "max-workers") && (workers < 1 || workers > 16))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");

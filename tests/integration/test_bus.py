@@ -829,6 +829,8 @@ def test_backup_refusals(bus):
             ("x.raw", ["format", "s", "raw", "compress", "b", "true"], "Compression is not supported"),
             ("x.qcow2", ["sync", "s", "incremental"], "dirty bitmaps"),
             ("x.qcow2", ["bitmap", "s", "b0"], "dirty bitmaps"),
+            ("x.qcow2", ["max-workers", "u", "0"], "max-workers must be 1..16"),
+            ("x.qcow2", ["max-workers", "u", "17"], "max-workers must be 1..16"),
             ("../x.qcow2", [], "outside the storage roots")):
         p = bus.call(chain, "Chain", "Backup", "sa{sv}", target, str(len(opts) // 3), *opts, check=False)
         assert p.returncode != 0 and want in p.stderr, (target, opts, p.stderr)
