@@ -428,10 +428,12 @@ static int target_check(Manager *mgr, Image *active, GPtrArray *layers, const ch
         return 0;
 }
 
+/* Backup's and Mirror's sync values, indexed by DC_SYNC_* and beyond. */
+static const char *const copy_syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
+
 /* Fill in S's target: made for the job (absolute-paths) over the right backing for SYNC, or existing.
  * Frees S on error. */
-static int target_setup(JobStart *s, Image *active, char *abs, int mode, int format, int sync,
-                        const char *const *syncs, sd_bus_error *error) {
+static int target_setup(JobStart *s, Image *active, char *abs, int mode, int format, int sync, sd_bus_error *error) {
         s->top = strdup(active->path);
         s->target = abs;
         s->create_target = mode == 0;
@@ -443,15 +445,14 @@ static int target_setup(JobStart *s, Image *active, char *abs, int mode, int for
         if (s->target_backing && format == 1) {
                 job_start_free(s);
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                         "sync '%s' needs a target with a backing file: use format qcow2", syncs[sync]);
+                                         "sync '%s' needs a target with a backing file: use format qcow2", copy_syncs[sync]);
         }
         return 0;
 }
 
 /* The start of a backup or mirror: the target checked, the job's options read, the target set up. */
 static int copy_job_start_new(Manager *mgr, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
-                              int type, int mode, int format, int sync, const char *const *syncs, JobStart **ret,
-                              sd_bus_error *error) {
+                              int type, int mode, int format, int sync, JobStart **ret, sd_bus_error *error) {
         _cleanup_free_ char *abs = NULL;
         bool mirror = type == DC_JOB_TYPE_MIRROR;
         JobStart *s;
@@ -471,7 +472,7 @@ static int copy_job_start_new(Manager *mgr, Image *active, GPtrArray *layers, GH
                 job_start_free(s);
                 return r;
         }
-        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, syncs, error);
+        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, error);
         if (r < 0)
                 return r;
         *ret = s;
@@ -488,13 +489,30 @@ static int copy_job_finish(sd_bus_message *m, Image *active, GPtrArray *layers, 
         return finish_start(m, active, s, paths, error);
 }
 
+/* What Backup and Mirror read alike: the target, the options (ALLOWED
+ * only), sync (an index into copy_syncs), mode and format. */
+static int copy_job_options(sd_bus_message *m, const char *const *allowed, const char **target, GHashTable **opts,
+                            int *sync, int *mode, int *format, sd_bus_error *error) {
+        static const char *const modes[] = { "absolute-paths", "existing", NULL };
+        static const char *const formats[] = { "qcow2", "raw", NULL };
+        int r;
+
+        r = sd_bus_message_read(m, "s", target);
+        if (r < 0)
+                return r;
+        r = parse_options(m, allowed, opts, error);
+        if (r < 0)
+                return r;
+        if ((r = opt_enum(*opts, "sync", copy_syncs, sync, error)) < 0 ||
+            (r = opt_enum(*opts, "mode", modes, mode, error)) < 0)
+                return r;
+        return opt_enum(*opts, "format", formats, format, error);
+}
+
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
                                                "speed", "on-source-error", "on-target-error", "max-workers",
                                                "max-chunk", "auto-finalize", "auto-dismiss", NULL };
-        static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
-        static const char *const modes[] = { "absolute-paths", "existing", NULL };
-        static const char *const formats[] = { "qcow2", "raw", NULL };
         Image *active = ACTIVE;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
@@ -505,14 +523,7 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
         uint64_t workers = 0, chunk = 0;
         JobStart *s;
 
-        r = sd_bus_message_read(m, "s", &target);
-        if (r < 0)
-                return r;
-        r = parse_options(m, allowed, &opts, error);
-        if (r < 0)
-                return r;
-        if ((r = opt_enum(opts, "sync", syncs, &sync, error)) < 0 || (r = opt_enum(opts, "mode", modes, &mode, error)) < 0 ||
-            (r = opt_enum(opts, "format", formats, &format, error)) < 0 ||
+        if ((r = copy_job_options(m, allowed, &target, &opts, &sync, &mode, &format, error)) < 0 ||
             (r = opt_bool(opts, "compress", &compress, error)) < 0 ||
             (r = opt_uint(opts, "max-workers", &workers, error)) < 0 ||
             (r = opt_uint(opts, "max-chunk", &chunk, error)) < 0)
@@ -525,7 +536,7 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
-        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, syncs, &s, error);
+        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, &s, error);
         if (r < 0)
                 return r;
         s->bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
@@ -537,9 +548,6 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "granularity", "buf-size", "speed",
                                                "on-source-error", "on-target-error", "unmap", "copy-mode",
                                                "auto-finalize", "auto-dismiss", NULL };
-        static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
-        static const char *const modes[] = { "absolute-paths", "existing", NULL };
-        static const char *const formats[] = { "qcow2", "raw", NULL };
         static const char *const copy_modes[] = { "background", "write-blocking", NULL };
         Image *active = ACTIVE;
         Manager *mgr = active->mgr;
@@ -551,27 +559,20 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
         bool unmap = true;
         JobStart *s;
 
-        r = sd_bus_message_read(m, "s", &target);
-        if (r < 0)
-                return r;
-        r = parse_options(m, allowed, &opts, error);
-        if (r < 0)
-                return r;
-        if ((r = opt_enum(opts, "sync", syncs, &sync, error)) < 0 || (r = opt_enum(opts, "mode", modes, &mode, error)) < 0 ||
-            (r = opt_enum(opts, "format", formats, &format, error)) < 0 ||
+        if ((r = copy_job_options(m, allowed, &target, &opts, &sync, &mode, &format, error)) < 0 ||
             (r = opt_uint(opts, "granularity", &granularity, error)) < 0 ||
             (r = opt_uint(opts, "buf-size", &buf_size, error)) < 0 || (r = opt_bool(opts, "unmap", &unmap, error)) < 0 ||
             (r = opt_enum(opts, "copy-mode", copy_modes, &copy_mode, error)) < 0)
                 return r;
         if (sync >= 3)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Sync mode '%s' not supported", syncs[sync]);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Sync mode '%s' not supported", copy_syncs[sync]);
         if (g_hash_table_contains(opts, "granularity") &&
             (granularity < 512 || granularity > (64u << 20) || (granularity & (granularity - 1))))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "Granularity must be a power of 2 between 512 and 64 MiB");
         if (g_hash_table_contains(opts, "buf-size") && (buf_size == 0 || buf_size > (1ull << 30)))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Invalid parameter 'buf-size'");
-        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_MIRROR, mode, format, sync, syncs, &s, error);
+        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_MIRROR, mode, format, sync, &s, error);
         if (r < 0)
                 return r;
         s->mo = (struct dc_mirror_options){ .sync = sync, .existing = mode == 1, .granularity = (uint32_t) granularity,
