@@ -62,6 +62,14 @@ def full_target_chain(bus, mnt):
     return top, data(bus.call(M, "Manager", "GetChain", "s", top))[0]
 
 
+# QEMU's signal sequences around an I/O error
+FAILED = ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError", "JobStatusChange(aborting)",
+          "BlockJobCompleted", "JobStatusChange(concluded)", "JobStatusChange(null)"]
+PAUSED_ON_ERROR = ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError", "JobStatusChange(paused)"]
+COMPLETED = ["JobStatusChange(waiting)", "JobStatusChange(pending)", "BlockJobCompleted", "JobStatusChange(concluded)",
+             "JobStatusChange(null)"]
+
+
 def events(sigs):
     """Collapse repeated BlockJobError signals (one per failing chunk)."""
     out = []
@@ -82,9 +90,7 @@ def test_full_target_fails(bus, small_fs, policy):
     bus.call(job, "Job", "Dismiss")
     wait_gone(bus, job)
     sigs = events(mon.stop())
-    assert sigs == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                    "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
-                    "JobStatusChange(null)"], sigs
+    assert sigs == FAILED, sigs
     # the top keeps its backing and its data; leaks at worst
     assert json.loads(qemu_img("info", "--output=json", top).stdout)["backing-filename"] == "../base.qcow2"
     assert qemu_img("check", top, check=False).returncode in (0, 3)
@@ -103,10 +109,8 @@ def test_full_target_stops_then_resumes(bus, small_fs, policy):
     bus.call(job, "Job", "Resume")
     wait_gone(bus, job)
     sigs = events(mon.stop())
-    assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                        "JobStatusChange(paused)"], sigs
-    assert sigs[-5:] == ["JobStatusChange(waiting)", "JobStatusChange(pending)", "BlockJobCompleted",
-                         "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+    assert sigs[:4] == PAUSED_ON_ERROR, sigs
+    assert sigs[-5:] == COMPLETED, sigs
     assert "backing-filename" not in json.loads(qemu_img("info", "--output=json", top).stdout)
     assert qemu_img("check", top, check=False).returncode in (0, 3)
     assert qemu_img("compare", "-F", "raw", top, os.path.join(bus.dir, "top.ref"), check=False).returncode == 0
@@ -177,8 +181,7 @@ def test_backup_full_target_stops_then_resumes(bus, small_fs):
     bus.call(job, "Job", "Resume")
     wait_gone(bus, job)
     sigs = events(mon.stop())
-    assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                        "JobStatusChange(paused)"], sigs
+    assert sigs[:4] == PAUSED_ON_ERROR, sigs
     assert sigs[-3:] == ["BlockJobCompleted", "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
     bk = os.path.join(small_fs, "bk.qcow2")
     assert qemu_img("check", bk, check=False).returncode in (0, 3)
@@ -221,9 +224,7 @@ def test_commit_into_a_full_base(bus, small_fs, policy, active):
         bus.call(job, "Job", "Dismiss")
         wait_gone(bus, job)
         sigs = events(mon.stop())
-        assert sigs == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                        "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
-                        "JobStatusChange(null)"], sigs
+        assert sigs == FAILED, sigs
         assert backing_of(top) == "mid.qcow2"  # nothing moved
     else:
         wait_status(bus, job, "paused")
@@ -238,10 +239,8 @@ def test_commit_into_a_full_base(bus, small_fs, policy, active):
         bus.call(job, "Job", "Dismiss")
         wait_gone(bus, job)
         sigs = events(mon.stop())
-        assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                            "JobStatusChange(paused)"], sigs
-        assert sigs[-5:] == ["JobStatusChange(waiting)", "JobStatusChange(pending)", "BlockJobCompleted",
-                             "JobStatusChange(concluded)", "JobStatusChange(null)"], sigs
+        assert sigs[:4] == PAUSED_ON_ERROR, sigs
+        assert sigs[-5:] == COMPLETED, sigs
         result = base if active else top
         if not active:
             assert backing_of(top) == "small/base.qcow2"
@@ -271,9 +270,7 @@ def test_mirror_onto_a_full_target(bus, small_fs, policy):
         assert "space" in prop(bus, job, "Job", "Error").lower()
         bus.call(job, "Job", "Dismiss")
         wait_gone(bus, job)
-        assert events(mon.stop()) == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                                      "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
-                                      "JobStatusChange(null)"]
+        assert events(mon.stop()) == FAILED
     else:
         wait_status(bus, job, "paused")
         assert prop(bus, job, "Job", "IoStatus") == "nospace"
@@ -285,8 +282,7 @@ def test_mirror_onto_a_full_target(bus, small_fs, policy):
         bus.call(job, "Job", "Dismiss")
         wait_gone(bus, job)
         sigs = events(mon.stop())
-        assert sigs[:4] == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                            "JobStatusChange(paused)"], sigs
+        assert sigs[:4] == PAUSED_ON_ERROR, sigs
         assert sigs[-7:] == ["JobStatusChange(ready)", "BlockJobReady", "JobStatusChange(waiting)",
                              "JobStatusChange(pending)", "BlockJobCompleted", "JobStatusChange(concluded)",
                              "JobStatusChange(null)"], sigs
@@ -305,7 +301,5 @@ def test_mirror_read_error_reports(bus):
     assert "compressed" in prop(bus, job, "Job", "Error")
     bus.call(job, "Job", "Dismiss")
     wait_gone(bus, job)
-    assert events(mon.stop()) == ["JobStatusChange(created)", "JobStatusChange(running)", "BlockJobError",
-                                  "JobStatusChange(aborting)", "BlockJobCompleted", "JobStatusChange(concluded)",
-                                  "JobStatusChange(null)"]
+    assert events(mon.stop()) == FAILED
     assert backing_of(top) == "cbase.qcow2"
