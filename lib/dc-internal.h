@@ -174,7 +174,7 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable);
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
 void dc_image_set_direct(dc_image *img, bool on);
-int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off);
+int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked);
 void *dc_io_buffer(size_t len);
 
 int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, const char *backing_fmt);

@@ -350,23 +350,35 @@ void dc_image_set_direct(dc_image *img, bool on) {
                 img->dio_mem_align = sx.stx_dio_mem_align;
                 img->dio_off_align = sx.stx_dio_offset_align;
         }
-        /* the descriptor, once open, stays to the close */
+        /* the descriptor, once open, stays to the close: a write without
+         * the lock may be using it */
         img->direct = on && img->dfd >= 0;
         pthread_mutex_unlock(&img->lock);
 }
 
-/* Write LEN bytes of data at OFF (image lock held): directly when direct
- * writes are on and BUF, OFF and LEN suit the device, else through the cache. */
-int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off) {
-        if (img->direct && (uintptr_t) buf % img->dio_mem_align == 0 && off % img->dio_off_align == 0 &&
-            len % img->dio_off_align == 0) {
-                int r = dc_pwrite_full(img->dfd, buf, len, off);
-                if (r != -EINVAL)
-                        return r;
-                /* refused after all (a rule the statx did not tell): cached from now on */
-                img->direct = false;
-        }
-        return dc_pwrite_full(img->fd, buf, len, off);
+/*
+ * Write LEN bytes of data at OFF, the image lock held: directly when direct
+ * writes are on and BUF, OFF and LEN suit the device, else through the
+ * cache.  UNLOCKED releases the lock for the write itself (the caller made
+ * sure that nobody else touches those bytes meanwhile).
+ */
+int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked) {
+        bool direct = img->direct && (uintptr_t) buf % img->dio_mem_align == 0 && off % img->dio_off_align == 0 &&
+                      len % img->dio_off_align == 0;
+        int r;
+
+        if (unlocked)
+                pthread_mutex_unlock(&img->lock);
+        r = dc_pwrite_full(direct ? img->dfd : img->fd, buf, len, off);
+        if (r == -EINVAL && direct)
+                r = dc_pwrite_full(img->fd, buf, len, off);
+        else
+                direct = false;
+        if (unlocked)
+                pthread_mutex_lock(&img->lock);
+        if (direct && r >= 0)
+                img->direct = false; /* refused after all (a rule the statx did not tell): cached from now on */
+        return r;
 }
 
 /* A buffer for job data, aligned for direct I/O on any device. */

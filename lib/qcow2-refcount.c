@@ -20,7 +20,10 @@
  *     Data that a job writes with O_DIRECT (dc_image_set_direct) is no
  *     exception: the write has returned before the entry is written, and
  *     fdatasync() on the buffered descriptor flushes the whole file and the
- *     device's cache, whichever descriptor wrote.
+ *     device's cache, whichever descriptor wrote.  An allocating write sends
+ *     its data without the image lock (qcow2_write), but puts its L2 entries
+ *     into the cache only after the data write returned: a sync by another
+ *     thread in between never makes them durable ahead of their data.
  *  2. A new refblock is written in full and synced before the refcount-table
  *     entry that points to it, and it counts itself (it sits in the first
  *     cluster of the range it covers, which was uncovered, hence free).

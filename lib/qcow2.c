@@ -164,6 +164,7 @@ static int qcow2_open(dc_image *img, bool writable) {
                 return dc_error(ENOMEM, "out of memory");
         img->priv = s;
         s->metadata_prealloc = -1;
+        pthread_cond_init(&s->inflight_done, NULL);
 
         h = malloc(2u << 20);
         if (!h)
@@ -416,6 +417,7 @@ static void qcow2_close(dc_image *img) {
         free(s->l1);
         free(s->rt);
         free(s->comp_cache);
+        pthread_cond_destroy(&s->inflight_done);
         free(s);
         img->priv = NULL;
 }
@@ -827,6 +829,32 @@ static int free_entries(dc_image *img, const uint64_t *old, uint64_t n) {
 
 #define MAX_RUN_BYTES (16u << 20) /* one sync per run: few syncs for jobs' large writes */
 
+/* Wait (the image lock released meanwhile) until no allocating write of
+ * guest clusters [FIRST, FIRST+N) is in flight; N = 0: of any cluster. */
+static void inflight_wait(dc_image *img, uint64_t first, uint64_t n) {
+        struct qcow2 *s = QC(img);
+
+        for (;;) {
+                struct qcow2_inflight *f = s->inflight;
+                while (f && n && (f->first >= first + n || first >= f->first + f->n))
+                        f = f->next;
+                if (!f)
+                        return;
+                pthread_cond_wait(&s->inflight_done, &img->lock);
+        }
+}
+
+static void inflight_end(dc_image *img, struct qcow2_inflight *me) {
+        struct qcow2 *s = QC(img);
+
+        for (struct qcow2_inflight **p = &s->inflight; *p; p = &(*p)->next)
+                if (*p == me) {
+                        *p = me->next;
+                        break;
+                }
+        pthread_cond_broadcast(&s->inflight_done);
+}
+
 static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size;
@@ -842,6 +870,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                 uint8_t *t;
                 int type;
 
+                inflight_wait(img, gidx, DIV_ROUND_UP(off % cs + len, cs));
                 r = l2_for_write(img, l1i, &t, &l2off);
                 if (r < 0)
                         return r;
@@ -860,7 +889,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 l2i++;
                                 n += (size_t) MIN(len - n, cs);
                         }
-                        r = dc_image_pwrite_data(img, p, n, host);
+                        r = dc_image_pwrite_data(img, p, n, host, false);
                         if (r < 0)
                                 return dc_error(r, "'%s': write error at host offset %llu: %s", img->path,
                                                 (unsigned long long) host, strerror(-r));
@@ -875,6 +904,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                         uint64_t in = off % cs, bytes;
                         _cleanup_free_ uint8_t *nb = NULL;
                         _cleanup_free_ uint64_t *old = NULL;
+                        struct qcow2_inflight me;
 
                         while (run < max_run && l2i + run < s->l2_entries && run * cs < in + len) {
                                 uint64_t e2 = be64(t + (l2i + run) * 8);
@@ -904,14 +934,27 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                         r = qcow2_alloc_clusters(img, run, &first_host);
                         if (r < 0)
                                 return r;
-                        /* whole clusters are written straight from the caller's buffer */
-                        r = dc_image_pwrite_data(img, nb ? nb : p, run * cs, first_host * cs);
-                        if (r < 0)
+                        /*
+                         * Whole clusters are written straight from the caller's
+                         * buffer, and without the image lock: the new clusters are
+                         * nobody else's until their L2 entries exist, and a writer,
+                         * zeroer or discarder of the same guest clusters waits for
+                         * those entries (inflight_wait), so that other requests
+                         * can be prepared and written meanwhile.
+                         */
+                        me = (struct qcow2_inflight){ gidx, run, s->inflight };
+                        s->inflight = &me;
+                        r = dc_image_pwrite_data(img, nb ? nb : p, run * cs, first_host * cs, true);
+                        if (r < 0) {
+                                inflight_end(img, &me);
                                 return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
+                        }
                         /* The L2 table may have been evicted by allocations: get it again. */
                         r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
-                        if (r < 0)
+                        if (r < 0) {
+                                inflight_end(img, &me);
                                 return r;
+                        }
                         {
                                 bool replaces = false;
                                 for (uint64_t i = 0; i < run; i++) {
@@ -919,6 +962,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                         replaces |= old[i] != 0;
                                         put_be64(t + (l2i + i) * 8, (first_host + i) * cs | QCOW_OFLAG_COPIED);
                                 }
+                                inflight_end(img, &me);
                                 /* the entries are written after the sync that makes the data durable */
                                 l2_defer(img, l2off, l2i, run);
                                 s->unsynced_bytes += run * cs;
@@ -943,6 +987,8 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
  */
 static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flags, bool discard) {
         struct qcow2 *s = QC(img);
+
+        inflight_wait(img, gidx, n);
 
         while (n > 0) {
                 uint64_t l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries;
@@ -1086,6 +1132,7 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
 
         if (off % cs || (len % cs && off + len != img->virtual_size))
                 return dc_error(EINVAL, "'%s': compressed writes must cover whole clusters", img->path);
+        inflight_wait(img, gidx0, n);
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
@@ -1233,6 +1280,7 @@ static int qcow2_truncate(dc_image *img, uint64_t size) {
 
         if (size < img->virtual_size)
                 return dc_error(ENOTSUP, "'%s': shrinking is not supported", img->path);
+        inflight_wait(img, 0, 0);
         if (size % 512)
                 return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", img->path,
                                 (unsigned long long) size);

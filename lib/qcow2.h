@@ -98,6 +98,17 @@ struct qcow2 {
 
         uint8_t *comp_cache;      /* last decompressed cluster */
         uint64_t comp_cache_key;  /* its L2 entry, 0 = none */
+
+        /* Allocating writes whose data goes out without the image lock
+         * (qcow2_write): their guest clusters, not yet in the L2 tables.
+         * Whoever would read or change those entries waits (inflight_wait). */
+        struct qcow2_inflight *inflight;
+        pthread_cond_t inflight_done;
+};
+
+struct qcow2_inflight {
+        uint64_t first, n; /* guest clusters */
+        struct qcow2_inflight *next;
 };
 
 static inline struct qcow2 *QC(dc_image *img) {

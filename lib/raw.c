@@ -57,7 +57,7 @@ static int raw_read(dc_image *img, void *buf, uint64_t off, size_t len) {
 }
 
 static int raw_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
-        int r = dc_image_pwrite_data(img, buf, len, off);
+        int r = dc_image_pwrite_data(img, buf, len, off, false);
         if (r < 0)
                 return dc_error(r, "'%s': write error at offset %llu: %s", img->path, (unsigned long long) off,
                                 strerror(-r));
