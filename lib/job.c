@@ -87,8 +87,8 @@ struct dc_job {
         dc_image *tgt;            /* backup: the target, a separate chain */
         int sync;
         bool compress;
-        unsigned workers;
-        uint64_t chunk;
+        unsigned workers;         /* copy requests in flight (copy_loop); 0 = WORKERS */
+        uint64_t chunk;           /* largest request; 0 = CHUNK (a mirror: set by mirror_setup) */
         char *new_backing;        /* name recorded at the end */
         char *new_backing_fmt;
         uint64_t rate_start_ns, rate_bytes;
