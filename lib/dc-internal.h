@@ -50,6 +50,10 @@ static inline void closep(int *fd) {
 int dc_error(int err, const char *fmt, ...) _printf_(2, 3);
 void dc_error_clear(void);
 
+/* NULL-terminated string arrays (storage roots): a copy, and its release (NULL-safe). */
+char **dc_strv_copy(const char *const *v);
+void dc_strv_free(char **v);
+
 int dc_pread_full(int fd, void *buf, size_t len, uint64_t off);
 int dc_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 int dc_fdatasync(int fd);
@@ -132,6 +136,7 @@ struct dc_image {
         bool direct;           /* data writes go through dfd when aligned */
         uint32_t dio_mem_align, dio_off_align;
         char *path;            /* absolute */
+        char **roots;          /* the storage roots it was opened under (a copy; NULL = no confinement) */
         uint64_t virtual_size;
         bool writable;
         bool check_mode;

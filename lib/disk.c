@@ -45,30 +45,16 @@ struct dc_disk {
         uint64_t align;          /* range-lock granularity of guest writes */
 };
 
-static void roots_free(char **roots) {
-        for (size_t i = 0; roots && roots[i]; i++)
-                free(roots[i]);
-        free(roots);
-}
-
 DC_EXPORT int dc_disk_open(const char *path, const struct dc_open_options *opts, dc_disk **ret) {
         dc_disk *d = calloc(1, sizeof *d);
-        size_t n = 0;
         int r;
 
         if (!d)
                 return dc_error(ENOMEM, "out of memory");
         if (opts)
                 d->oo = *opts;
-        while (d->oo.roots && d->oo.roots[n])
-                n++;
         if (d->oo.roots) {
-                d->roots = calloc(n + 1, sizeof *d->roots);
-                for (size_t i = 0; d->roots && i < n; i++)
-                        if (!(d->roots[i] = strdup(d->oo.roots[i]))) {
-                                roots_free(d->roots);
-                                d->roots = NULL;
-                        }
+                d->roots = dc_strv_copy(d->oo.roots);
                 if (!d->roots) {
                         free(d);
                         return dc_error(ENOMEM, "out of memory");
@@ -80,7 +66,7 @@ DC_EXPORT int dc_disk_open(const char *path, const struct dc_open_options *opts,
         d->oo.writable_layers = NULL;
         r = dc_image_open(path, opts, &d->img);
         if (r < 0) {
-                roots_free(d->roots);
+                dc_strv_free(d->roots);
                 free(d);
                 return r;
         }
@@ -110,7 +96,7 @@ DC_EXPORT dc_disk *dc_disk_unref(dc_disk *d) {
         if (left)
                 return NULL;
         dc_image_close(d->img);
-        roots_free(d->roots);
+        dc_strv_free(d->roots);
         pthread_mutex_destroy(&d->lock);
         pthread_cond_destroy(&d->cond);
         free(d);

@@ -242,6 +242,7 @@ static dc_image *layer_free(dc_image *img) {
                 close(img->dfd);
         pthread_mutex_destroy(&img->lock);
         free(img->path);
+        dc_strv_free(img->roots);
         free(img->read_only_reason);
         free(img->backing_file);
         free(img->backing_format);
@@ -278,7 +279,8 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         img->dfd = -EBADF;
         img->check_mode = o->check_mode;
         img->path = strdup(abs);
-        if (!img->path) {
+        img->roots = dc_strv_copy(o->roots);
+        if (!img->path || (o->roots && !img->roots)) {
                 layer_free(img);
                 return dc_error(ENOMEM, "out of memory");
         }

@@ -39,6 +39,31 @@ DC_EXPORT int dc_get_errno(void) {
         return last_errno;
 }
 
+char **dc_strv_copy(const char *const *v) {
+        size_t n = 0;
+        char **c;
+
+        if (!v)
+                return NULL;
+        while (v[n])
+                n++;
+        c = calloc(n + 1, sizeof *c);
+        if (!c)
+                return NULL;
+        for (size_t i = 0; i < n; i++)
+                if (!(c[i] = strdup(v[i]))) {
+                        dc_strv_free(c);
+                        return NULL;
+                }
+        return c;
+}
+
+void dc_strv_free(char **v) {
+        for (size_t i = 0; v && v[i]; i++)
+                free(v[i]);
+        free(v);
+}
+
 int dc_pread_full(int fd, void *buf, size_t len, uint64_t off) {
         uint8_t *p = buf;
 

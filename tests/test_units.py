@@ -22,8 +22,17 @@ def unit(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
-def test_unit_verifies_and_is_hardened(unit):
-    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+def test_unit_verifies_and_is_hardened(unit, tmp_path):
+    # verify looks up the unit's Documentation= pages with man(1): let it
+    # find ours in the source tree, installed or not
+    man = tmp_path / "man"
+    for page in os.listdir(os.path.join(SRC, "man")):
+        if re.search(r"\.[1-8]$", page):
+            d = man / f"man{page[-1]}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / page).symlink_to(os.path.abspath(os.path.join(SRC, "man", page)))
+    env = {**os.environ, "MANPATH": f"{man}:"}
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     p = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=30", str(unit)],
                        capture_output=True, text=True)
