@@ -55,7 +55,7 @@ int dc_decompress(int type, const void *src, size_t srclen, void *dst, size_t ds
                 r = inflate(&s, Z_FINISH);
                 inflateEnd(&s);
                 if ((r != Z_STREAM_END && r != Z_BUF_ERROR) || s.avail_out != 0)
-                        return dc_error(EIO, "compressed cluster does not inflate to a full cluster");
+                        return dc_error(EUCLEAN, "the compressed cluster does not inflate to a full cluster");
                 return 0;
         }
         if (type == 1) {
@@ -69,11 +69,11 @@ int dc_decompress(int type, const void *src, size_t srclen, void *dst, size_t ds
                         size_t r = ZSTD_decompressStream(d, &out, &in);
                         if (ZSTD_isError(r)) {
                                 ZSTD_freeDCtx(d);
-                                return dc_error(EIO, "zstd cluster: %s", ZSTD_getErrorName(r));
+                                return dc_error(EUCLEAN, "the zstd cluster does not decompress: %s", ZSTD_getErrorName(r));
                         }
                         if (in.pos == in.size && out.pos < out.size) {
                                 ZSTD_freeDCtx(d);
-                                return dc_error(EIO, "zstd cluster is shorter than a cluster");
+                                return dc_error(EUCLEAN, "the zstd cluster decompresses to less than a cluster");
                         }
                 }
                 ZSTD_freeDCtx(d);

@@ -52,16 +52,26 @@ int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, co
                                         "nor zstd compression");
         if (o->compression_type < 0 || o->compression_type > 1)
                 return dc_error(EINVAL, "unknown compression type");
-        if (size % 512)
-                return dc_error(EINVAL, "size %llu is not a multiple of 512", (unsigned long long) size);
-        if (blen > 1023)
-                return dc_error(EINVAL, "backing file name is longer than 1023 bytes");
+        if (blen > QCOW2_MAX_BACKING_NAME)
+                return dc_error(EINVAL, "backing file name is longer than %u bytes", QCOW2_MAX_BACKING_NAME);
 
+        /*
+         * The sizes qemu-img create accepts (measured with qemu-img 7.2 for
+         * every cluster size): it rounds the size up to a multiple of 512
+         * and refuses with EFBIG what needs more than a 32 MiB L1 table,
+         * i.e. anything over cluster_size^2 * 2^19 bytes; qemu-img itself
+         * takes no size above INT64_MAX.
+         */
         l2_entries = cs / 8;
-        l1_entries = DIV_ROUND_UP(DIV_ROUND_UP(size, cs), l2_entries);
-        if (l1_entries * 8 > QCOW2_MAX_L1_BYTES)
-                return dc_error(EFBIG, "size %llu needs an L1 table over 32 MiB with %u-byte clusters",
-                                (unsigned long long) size, cs);
+        if (size > INT64_MAX)
+                return dc_error(EFBIG, "size %llu is over QEMU's limit of %lld bytes", (unsigned long long) size,
+                                (long long) INT64_MAX);
+        size = ALIGN_UP(size, 512);
+        if (size > qcow2_max_virtual_size(cluster_bits, l2_entries))
+                return dc_error(EFBIG, "size %llu is beyond QEMU's limit of %llu bytes for %u-byte clusters (an L1 "
+                                       "table of at most 32 MiB)", (unsigned long long) size,
+                                (unsigned long long) qcow2_max_virtual_size(cluster_bits, l2_entries), cs);
+        l1_entries = qcow2_size_to_l1(cluster_bits, l2_entries, size);
         l1c = DIV_ROUND_UP(l1_entries * 8, cs);
         per_block = (uint64_t) cs * 8 / rbits;
         for (;;) {
@@ -125,16 +135,8 @@ int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, co
                 return dc_error(ENOMEM, "out of memory");
         for (uint64_t i = 0; i < rbc; i++)
                 put_be64(buf + i * 8, (1 + rtc + i) * cs);
-        for (uint64_t c = 0; c < total; c++) {
-                uint8_t *rb = buf + (rtc + c / per_block) * cs;
-                uint64_t i = c % per_block;
-                if (rbits >= 8) {
-                        uint8_t *q = rb + i * (rbits / 8);
-                        memset(q, 0, rbits / 8);
-                        q[rbits / 8 - 1] = 1;
-                } else
-                        rb[i * rbits / 8] |= (uint8_t) (1u << (i * rbits % 8));
-        }
+        for (uint64_t c = 0; c < total; c++)
+                qcow2_rb_set_one(buf + (rtc + c / per_block) * cs, rbits, c % per_block);
         r = dc_pwrite_full(fd, buf, (rtc + rbc) * cs, cs);
         if (r < 0)
                 return dc_error(r, "cannot write the refcount table: %s", strerror(-r));

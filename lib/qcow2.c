@@ -8,9 +8,24 @@
  *   change patches the field it concerns in place (sizes, table pointers,
  *   feature words).  Unknown header extensions, unknown trailing header
  *   fields and the feature name table are therefore preserved byte for byte.
+ * - Nothing in the file is trusted.  At open every size and offset of the
+ *   header, its extensions, the snapshot table, the bitmap directory and
+ *   tables and the refcount table is checked against QEMU's limits (EFBIG),
+ *   against the specification and the file (EUCLEAN, naming the field), and
+ *   computed without overflow; check mode waives only "inside the file", so
+ *   that check can count such references as qemu-img check does.  L2 tables
+ *   are checked when they enter the cache, entries and compressed
+ *   descriptors when they are used.  Before any data is written in place or
+ *   into clusters just allocated, qcow2_overlap_check() makes sure it cannot
+ *   land on metadata, as QEMU's overlap check does: a corrupt or hostile
+ *   table gets EUCLEAN, never a damaged image.
  * - The active L1 table lives in memory; L2 tables and refcount blocks go
- *   through small write-through caches (qcow2-refcount.c), so the file is
- *   always up to date and a close never has anything to write back.
+ *   through small caches (qcow2-refcount.c).  Refcount blocks are written
+ *   through.  L2 entries of allocating writes into fresh clusters are not:
+ *   they stay in the cache, marked, until the next sync makes their data
+ *   durable (qcow2_l2_commit_pending: at a flush, before the slot is reused,
+ *   after 1 GiB of such data, or when an entry of theirs is written at once);
+ *   a close commits them, so a close can have entries to write back.
  * - Allocation order and the crash argument are in qcow2-refcount.c.  Here
  *   the rule is: new clusters get their refcount, their full contents and
  *   one fdatasync() before the L2 entry that makes them visible is written;
@@ -21,7 +36,8 @@
  *   are opened read-only or refused with the reason; write-opens clear
  *   unknown autoclear bits and mark persistent bitmaps in-use (we do not
  *   track them yet, so they must not be trusted after our writes), and a
- *   dirty image has its refcounts rebuilt first, as QEMU does.
+ *   dirty image has its refcounts rebuilt first, as QEMU does (refused as
+ *   corrupt when its refcount structure itself is broken).
  */
 
 #include <fcntl.h>
@@ -86,6 +102,50 @@ int qcow2_header_write(dc_image *img, uint64_t field_off, const void *buf, size_
         return 0;
 }
 
+/* The size of the image file now. */
+int qcow2_file_size(dc_image *img, uint64_t *ret) {
+        struct stat st;
+
+        if (fstat(img->fd, &st) < 0)
+                return dc_error(errno, "'%s': cannot stat: %m", img->path);
+        *ret = (uint64_t) st.st_size;
+        return 0;
+}
+
+/*
+ * A table that the header (or a table) points to, LEN bytes at OFF: cluster
+ * aligned, past the header cluster, below 2^56 and inside the file.  Only
+ * the last is waived in check mode, where qemu-img check counts a table past
+ * the end as a corruption instead of refusing the image.  FIELD names the
+ * field that holds OFF, so that the message says what is wrong where.
+ */
+static int check_table(dc_image *img, const char *what, const char *field, uint64_t off, uint64_t len,
+                       uint64_t fsize) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size;
+
+        if (len == 0)
+                return 0;
+        if (off & (cs - 1))
+                return dc_error(EUCLEAN, "'%s': %s %#llx (the %s) is not cluster aligned", img->path, field,
+                                (unsigned long long) off, what);
+        if (off < cs)
+                return dc_error(EUCLEAN, "'%s': %s %#llx puts the %s inside the header cluster", img->path, field,
+                                (unsigned long long) off, what);
+        if (off >= QCOW2_MAX_HOST_OFFSET || len > QCOW2_MAX_HOST_OFFSET - off)
+                return dc_error(EUCLEAN, "'%s': the %s (%s %#llx, %llu bytes) reaches past host offset 2^56",
+                                img->path, what, field, (unsigned long long) off, (unsigned long long) len);
+        if (!img->check_mode && off + len > fsize)
+                return dc_error(EUCLEAN, "'%s': the %s (%s %#llx, %llu bytes) extends beyond the end of the file (%llu bytes)",
+                                img->path, what, field, (unsigned long long) off, (unsigned long long) len,
+                                (unsigned long long) fsize);
+        return 0;
+}
+
+static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen) {
+        return alen && blen && a < b + blen && b < a + alen;
+}
+
 static int parse_extensions(dc_image *img, const uint8_t *h, uint64_t end) {
         struct qcow2 *s = QC(img);
         uint64_t p = s->header_length;
@@ -96,13 +156,17 @@ static int parse_extensions(dc_image *img, const uint8_t *h, uint64_t end) {
 
                 if (type == QCOW2_EXT_END)
                         return 0;
-                if (p + 8 + len > end)
-                        return dc_error(EINVAL, "'%s': header extension 0x%08x overruns the header area",
-                                        img->path, type);
+                if (len > end - p - 8)
+                        return dc_error(EUCLEAN, "'%s': header extension 0x%08x at offset %llu (length %u) overruns the "
+                                                 "header area (%llu bytes)", img->path, type, (unsigned long long) p, len,
+                                        (unsigned long long) end);
                 switch (type) {
                 case QCOW2_EXT_BACKING_FORMAT:
-                        if (len == 0 || len >= 16)
-                                return dc_error(EINVAL, "'%s': invalid backing format extension", img->path);
+                        if (len == 0)
+                                return dc_error(EUCLEAN, "'%s': the backing format extension is empty", img->path);
+                        if (len >= 16)
+                                return dc_error(EFBIG, "'%s': the backing format extension is %u bytes long; QEMU's "
+                                                       "limit is 15", img->path, len);
                         free(img->backing_format);
                         img->backing_format = strndup((const char *) d, len);
                         if (!img->backing_format)
@@ -117,22 +181,42 @@ static int parse_extensions(dc_image *img, const uint8_t *h, uint64_t end) {
                         }
                         break;
                 case QCOW2_EXT_BITMAPS:
+                        /* As QEMU: the extension means nothing unless autoclear
+                         * bit 0 says that it is consistent (v3 only). */
+                        if (!(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+                                break;
                         if (len != 24)
-                                return dc_error(EINVAL, "'%s': bitmaps extension has length %u, not 24", img->path,
+                                return dc_error(EUCLEAN, "'%s': the bitmaps extension has length %u, not 24", img->path,
                                                 len);
                         s->nb_bitmaps = be32(d);
                         s->bitmap_dir_size = be64(d + 8);
                         s->bitmap_dir_offset = be64(d + 16);
-                        if (be32(d + 4) != 0 || s->nb_bitmaps == 0 || s->nb_bitmaps > 65535 ||
-                            (s->bitmap_dir_offset & (s->cluster_size - 1)) || s->bitmap_dir_size > (64u << 20))
-                                return dc_error(EINVAL, "'%s': invalid bitmaps extension", img->path);
+                        if (be32(d + 4) != 0)
+                                return dc_error(EUCLEAN, "'%s': the bitmaps extension's reserved field is not zero",
+                                                img->path);
+                        if (s->nb_bitmaps == 0)
+                                return dc_error(EUCLEAN, "'%s': the bitmaps extension has nb_bitmaps 0", img->path);
+                        if (s->nb_bitmaps > QCOW2_MAX_BITMAPS)
+                                return dc_error(EFBIG, "'%s': nb_bitmaps %u is more than QEMU's limit of %u", img->path,
+                                                s->nb_bitmaps, QCOW2_MAX_BITMAPS);
+                        if (s->bitmap_dir_size > QCOW2_MAX_BITMAP_DIR_BYTES)
+                                return dc_error(EFBIG, "'%s': bitmap_directory_size %llu is over QEMU's limit of %llu",
+                                                img->path, (unsigned long long) s->bitmap_dir_size,
+                                                (unsigned long long) QCOW2_MAX_BITMAP_DIR_BYTES);
+                        if (s->bitmap_dir_size < (uint64_t) s->nb_bitmaps * 24)
+                                return dc_error(EUCLEAN, "'%s': bitmap_directory_size %llu is too small for %u bitmaps",
+                                                img->path, (unsigned long long) s->bitmap_dir_size, s->nb_bitmaps);
                         s->has_bitmaps = true;
                         break;
                 case QCOW2_EXT_FDE:
                         if (len != 16)
-                                return dc_error(EINVAL, "'%s': invalid encryption header extension", img->path);
+                                return dc_error(EUCLEAN, "'%s': the encryption header extension has length %u, not 16",
+                                                img->path, len);
                         s->fde_offset = be64(d);
                         s->fde_length = be64(d + 8);
+                        if (s->crypt_method != 2)
+                                return dc_error(EUCLEAN, "'%s': an encryption header extension without LUKS "
+                                                         "encryption (crypt_method %u)", img->path, s->crypt_method);
                         break;
                 default:
                         /* Unknown: skipped, and kept since we never rewrite cluster 0. */
@@ -151,12 +235,209 @@ int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size) {
         return 1;
 }
 
+/*
+ * The snapshot table, as far as we need it: within QEMU's limits and the
+ * file, and where each snapshot's L1 table lies, so that none of our writes
+ * can land on one (qcow2_overlap_check).  Not read in check mode, as QEMU
+ * does not: check walks it and counts what is wrong.
+ */
+static int read_snapshots(dc_image *img, uint64_t fsize) {
+        struct qcow2 *s = QC(img);
+        uint64_t p = s->snapshots_offset;
+        int r;
+
+        if (s->nb_snapshots == 0)
+                return 0;
+        r = check_table(img, "snapshot table", "snapshots_offset", p, (uint64_t) s->nb_snapshots * 40, fsize);
+        if (r < 0)
+                return r;
+        s->sn_l1 = calloc((size_t) s->nb_snapshots * 2, sizeof(uint64_t));
+        if (!s->sn_l1)
+                return dc_error(ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < s->nb_snapshots; i++) {
+                uint8_t e[40];
+                uint64_t l1off, esize;
+                uint32_t l1_size, extra;
+                uint16_t id_len, name_len;
+                char what[64];
+
+                if (p + sizeof e > fsize)
+                        return dc_error(EUCLEAN, "'%s': snapshot %u lies beyond the end of the file", img->path, i);
+                r = dc_pread_full(img->fd, e, sizeof e, p);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read the snapshot table: %s", img->path, strerror(-r));
+                l1off = be64(e);
+                l1_size = be32(e + 8);
+                id_len = be16(e + 12);
+                name_len = be16(e + 14);
+                extra = be32(e + 36);
+                if (extra > QCOW2_MAX_SNAPSHOT_EXTRA)
+                        return dc_error(EFBIG, "'%s': snapshot %u: extra_data_size %u is over QEMU's limit of %u",
+                                        img->path, i, extra, QCOW2_MAX_SNAPSHOT_EXTRA);
+                esize = ALIGN_UP(40 + (uint64_t) extra + id_len + name_len, 8);
+                if (p + esize - s->snapshots_offset > QCOW2_MAX_SNAPSHOTS_BYTES)
+                        return dc_error(EFBIG, "'%s': the snapshot table is larger than QEMU's limit of %llu bytes",
+                                        img->path, (unsigned long long) QCOW2_MAX_SNAPSHOTS_BYTES);
+                /* (the padding of the last entry need not be in the file) */
+                if (p + 40 + extra + id_len + name_len > fsize)
+                        return dc_error(EUCLEAN, "'%s': snapshot %u (id_str_size %u, name_size %u, extra_data_size %u) "
+                                                 "runs past the end of the file", img->path, i, id_len, name_len, extra);
+                if (l1_size > QCOW2_MAX_L1_ENTRIES)
+                        return dc_error(EFBIG, "'%s': snapshot %u: l1_size %u is over QEMU's limit of %u entries",
+                                        img->path, i, l1_size, QCOW2_MAX_L1_ENTRIES);
+                snprintf(what, sizeof what, "L1 table of snapshot %u", i);
+                r = check_table(img, what, "l1_table_offset", l1off, (uint64_t) l1_size * 8, fsize);
+                if (r < 0)
+                        return r;
+                s->sn_l1[2 * i] = l1off;
+                s->sn_l1[2 * i + 1] = (uint64_t) l1_size * 8;
+                p += esize;
+        }
+        s->snapshots_size = p - s->snapshots_offset;
+        return 0;
+}
+
+static int read_bitmap_dir(dc_image *img, uint8_t **ret) {
+        struct qcow2 *s = QC(img);
+        _cleanup_free_ uint8_t *dir = malloc(MAX(s->bitmap_dir_size, 1u));
+        int r;
+
+        if (!dir)
+                return dc_error(ENOMEM, "out of memory");
+        r = dc_pread_full(img->fd, dir, s->bitmap_dir_size, s->bitmap_dir_offset);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read the bitmap directory: %s", img->path, strerror(-r));
+        *ret = TAKE_PTR(dir);
+        return 0;
+}
+
+/*
+ * The bitmap directory and tables, checked as QEMU checks them when it
+ * loads the bitmaps (block/qcow2-bitmap.c): the rules of the spec give
+ * EUCLEAN, what the spec allows but QEMU refuses gives EFBIG or ENOTSUP.
+ */
+static int read_bitmaps(dc_image *img, uint64_t fsize) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, p = 0;
+        _cleanup_free_ uint8_t *dir = NULL;
+        int r;
+
+        r = check_table(img, "bitmap directory", "bitmap_directory_offset", s->bitmap_dir_offset, s->bitmap_dir_size,
+                        fsize);
+        if (r < 0)
+                return r;
+        r = read_bitmap_dir(img, &dir);
+        if (r < 0)
+                return r;
+        for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+                const uint8_t *d = dir + p;
+                uint64_t toff, esize;
+                uint32_t tsize, flags, extra;
+                uint16_t name_size;
+                uint8_t gran;
+                _cleanup_free_ uint8_t *t = NULL;
+
+                if (s->bitmap_dir_size - p < 24)
+                        return dc_error(EUCLEAN, "'%s': bitmap %u runs past bitmap_directory_size", img->path, i);
+                toff = be64(d);
+                tsize = be32(d + 8);
+                flags = be32(d + 12);
+                gran = d[17];
+                name_size = be16(d + 18);
+                extra = be32(d + 20);
+                esize = ALIGN_UP(24 + (uint64_t) extra + name_size, 8);
+                if (esize > s->bitmap_dir_size - p)
+                        return dc_error(EUCLEAN, "'%s': bitmap %u (name_size %u, extra_data_size %u) runs past "
+                                                 "bitmap_directory_size", img->path, i, name_size, extra);
+                if (flags & ~3u)
+                        return dc_error(EUCLEAN, "'%s': bitmap %u has reserved flags set (%#x)", img->path, i, flags);
+                if (d[16] != 1)
+                        return dc_error(ENOTSUP, "'%s': bitmap %u has the unknown type %u", img->path, i, d[16]);
+                if (gran < 9 || gran > 31)
+                        return dc_error(EFBIG, "'%s': bitmap %u: granularity_bits %u is outside QEMU's 9..31", img->path,
+                                        i, gran);
+                if (name_size == 0)
+                        return dc_error(EUCLEAN, "'%s': bitmap %u has name_size 0", img->path, i);
+                if (name_size > QCOW2_MAX_BITMAP_NAME)
+                        return dc_error(EFBIG, "'%s': bitmap %u: name_size %u is over QEMU's limit of %u", img->path, i,
+                                        name_size, QCOW2_MAX_BITMAP_NAME);
+                if (extra)
+                        return dc_error(ENOTSUP, "'%s': bitmap %u has extra data (extra_data_size %u), which QEMU does "
+                                                 "not support either", img->path, i, extra);
+                if (tsize == 0)
+                        return dc_error(EUCLEAN, "'%s': bitmap %u has bitmap_table_size 0", img->path, i);
+                if (tsize > QCOW2_MAX_BITMAP_TABLE || (uint64_t) tsize * cs > QCOW2_MAX_BITMAP_BYTES)
+                        return dc_error(EFBIG, "'%s': bitmap %u: bitmap_table_size %u is over QEMU's limit", img->path, i,
+                                        tsize);
+                if (!(flags & 1) && img->virtual_size > (((uint64_t) tsize * cs * 8) << gran))
+                        return dc_error(EUCLEAN, "'%s': bitmap %u: bitmap_table_size %u is too small for the virtual size",
+                                        img->path, i, tsize);
+                r = check_table(img, "bitmap table", "bitmap_table_offset", toff, (uint64_t) tsize * 8, fsize);
+                if (r < 0)
+                        return r;
+                t = malloc((size_t) tsize * 8);
+                if (!t)
+                        return dc_error(ENOMEM, "out of memory");
+                r = dc_pread_full(img->fd, t, (size_t) tsize * 8, toff);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read a bitmap table: %s", img->path, strerror(-r));
+                for (uint32_t j = 0; j < tsize; j++) {
+                        uint64_t e = be64(t + (size_t) j * 8), o = e & 0x00fffffffffffe00ull;
+                        if ((e & 0xff000000000001feull) || (o && (e & 1)))
+                                return dc_error(EUCLEAN, "'%s': bitmap %u: table entry %u is invalid (%#llx)", img->path,
+                                                i, j, (unsigned long long) e);
+                        r = check_table(img, "bitmap data cluster", "bitmap table entry", o, o ? cs : 0, fsize);
+                        if (r < 0)
+                                return r;
+                }
+                p += esize;
+        }
+        if (p != s->bitmap_dir_size)
+                return dc_error(EUCLEAN, "'%s': bitmap_directory_size %llu does not match its %u entries (%llu bytes)",
+                                img->path, (unsigned long long) s->bitmap_dir_size, s->nb_bitmaps,
+                                (unsigned long long) p);
+        return 0;
+}
+
+/*
+ * Every refcount block the table points to: reserved bits clear, a whole
+ * cluster inside the file and clear of the header, the L1 table and the
+ * refcount table, which refcount updates would otherwise overwrite.
+ */
+static int check_reftable(dc_image *img, uint64_t fsize) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size;
+
+        for (uint64_t i = 0; i < s->rt_entries; i++) {
+                uint64_t e = s->rt[i], off = e & REFT_OFFSET_MASK;
+                char what[64];
+                int r;
+
+                if (e & REFT_RESERVED_MASK)
+                        return dc_error(EUCLEAN, "'%s': refcount table entry %llu has reserved bits set (%#llx)",
+                                        img->path, (unsigned long long) i, (unsigned long long) e);
+                if (!off)
+                        continue;
+                snprintf(what, sizeof what, "refcount block %llu", (unsigned long long) i);
+                r = check_table(img, what, "refcount table entry", off, cs, fsize);
+                if (r < 0)
+                        return r;
+                if (overlaps(off, cs, s->l1_offset, (uint64_t) s->l1_size * 8) ||
+                    overlaps(off, cs, s->rt_offset, (uint64_t) s->rt_clusters * cs))
+                        return dc_error(EUCLEAN, "'%s': refcount table entry %llu points into the %s (%#llx)", img->path,
+                                        (unsigned long long) i,
+                                        overlaps(off, cs, s->rt_offset, (uint64_t) s->rt_clusters * cs)
+                                                ? "refcount table" : "L1 table",
+                                        (unsigned long long) off);
+        }
+        return 0;
+}
+
 static int qcow2_open(dc_image *img, bool writable) {
         _cleanup_free_ uint8_t *h = NULL;
         struct qcow2 *s;
-        uint64_t backing_off, end, need_l1, unknown;
+        uint64_t backing_off, end, need_l1, unknown, fsize = 0, max_size;
         uint32_t backing_len;
-        struct stat st;
         int r;
 
         s = calloc(1, sizeof *s);
@@ -169,20 +450,27 @@ static int qcow2_open(dc_image *img, bool writable) {
         h = malloc(2u << 20);
         if (!h)
                 return dc_error(ENOMEM, "out of memory");
+        r = qcow2_file_size(img, &fsize);
+        if (r < 0)
+                return r;
+        if (fsize < 72)
+                return dc_error(EUCLEAN, "'%s': the file is %llu bytes long, too short for a qcow2 header", img->path,
+                                (unsigned long long) fsize);
         r = dc_pread_full(img->fd, h, 4096, 0);
         if (r < 0)
                 return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
-        if (fstat(img->fd, &st) < 0)
-                return dc_error(errno, "'%s': cannot stat: %m", img->path);
-        if ((uint64_t) st.st_size < 72)
-                return dc_error(EINVAL, "'%s': qcow2 header is truncated", img->path);
+        if (be32(h) != QCOW2_MAGIC)
+                return dc_error(EMEDIUMTYPE, "'%s' is not a qcow2 image (bad magic)", img->path);
 
         s->version = be32(h + 4);
         if (s->version != 2 && s->version != 3)
                 return dc_error(ENOTSUP, "'%s': unsupported qcow2 version %u", img->path, s->version);
         s->cluster_bits = be32(h + 20);
-        if (s->cluster_bits < 9 || s->cluster_bits > 21)
-                return dc_error(EINVAL, "'%s': cluster size 2^%u is outside 512 B - 2 MiB", img->path,
+        if (s->cluster_bits < 9 || s->cluster_bits > 55)
+                return dc_error(EUCLEAN, "'%s': cluster_bits %u is outside the 9..55 of the specification", img->path,
+                                s->cluster_bits);
+        if (s->cluster_bits > 21)
+                return dc_error(EFBIG, "'%s': cluster_bits %u: clusters over 2 MiB are beyond QEMU's limit", img->path,
                                 s->cluster_bits);
         s->cluster_size = 1u << s->cluster_bits;
         s->l2_entries = s->cluster_size / 8;
@@ -203,29 +491,44 @@ static int qcow2_open(dc_image *img, bool writable) {
                 s->header_length = 72;
                 s->refcount_order = 4;
         } else {
-                if ((uint64_t) st.st_size < 104)
-                        return dc_error(EINVAL, "'%s': qcow2 v3 header is truncated", img->path);
+                if (fsize < 104)
+                        return dc_error(EUCLEAN, "'%s': the qcow2 v3 header is truncated (%llu bytes)", img->path,
+                                        (unsigned long long) fsize);
                 s->incompat = be64(h + 72);
                 s->compat = be64(h + 80);
                 s->autoclear = be64(h + 88);
                 s->refcount_order = be32(h + 96);
                 s->header_length = be32(h + 100);
                 if (s->header_length < 104 || s->header_length % 8 || s->header_length > s->cluster_size)
-                        return dc_error(EINVAL, "'%s': invalid header length %u", img->path, s->header_length);
+                        return dc_error(EUCLEAN, "'%s': header_length %u is not a multiple of 8 between 104 and the "
+                                                 "cluster size", img->path, s->header_length);
                 if (s->header_length > 104)
                         s->compression_type = h[104];
         }
         if (s->refcount_order > 6)
-                return dc_error(EINVAL, "'%s': refcount order %u is too large", img->path, s->refcount_order);
+                return dc_error(EUCLEAN, "'%s': refcount_order %u is above 6 (64-bit refcounts)", img->path,
+                                s->refcount_order);
+        if (s->crypt_method > 2)
+                return dc_error(ENOTSUP, "'%s': unknown crypt_method %u", img->path, s->crypt_method);
         s->refcount_bits = 1u << s->refcount_order;
         s->per_block = (uint64_t) s->cluster_size * 8 / s->refcount_bits;
 
         backing_off = be64(h + 8);
         backing_len = be32(h + 16);
         end = backing_off ? backing_off : s->cluster_size;
-        if (backing_off && (backing_off > s->cluster_size || backing_len > 1023 ||
-                            backing_off + backing_len > s->cluster_size || backing_off < s->header_length))
-                return dc_error(EINVAL, "'%s': backing file name is outside the header cluster", img->path);
+        if (backing_off > s->cluster_size)
+                return dc_error(EUCLEAN, "'%s': backing_file_offset %llu is outside the header cluster", img->path,
+                                (unsigned long long) backing_off);
+        if (backing_off && backing_off < s->header_length)
+                return dc_error(EUCLEAN, "'%s': backing_file_offset %llu overlaps the header (header_length %u)",
+                                img->path, (unsigned long long) backing_off, s->header_length);
+        if (backing_off && backing_len > QCOW2_MAX_BACKING_NAME)
+                return dc_error(EFBIG, "'%s': backing_file_size %u is over QEMU's limit of %u bytes", img->path,
+                                backing_len, QCOW2_MAX_BACKING_NAME);
+        if (backing_off && backing_len > s->cluster_size - backing_off)
+                return dc_error(EUCLEAN, "'%s': the backing file name (backing_file_offset %llu, backing_file_size %u) "
+                                         "runs past the header cluster", img->path, (unsigned long long) backing_off,
+                                backing_len);
         r = parse_extensions(img, h, end);
         if (r < 0)
                 return r;
@@ -234,7 +537,7 @@ static int qcow2_open(dc_image *img, bool writable) {
                 if (!img->backing_file)
                         return dc_error(ENOMEM, "out of memory");
                 if (strlen(img->backing_file) != backing_len)
-                        return dc_error(EINVAL, "'%s': backing file name contains a NUL byte", img->path);
+                        return dc_error(EUCLEAN, "'%s': the backing file name contains a NUL byte", img->path);
         }
 
         /* Incompatible features we do not know must stop us, named. */
@@ -258,31 +561,56 @@ static int qcow2_open(dc_image *img, bool writable) {
                 return dc_error(ENOTSUP, "'%s': unsupported qcow2 feature(s): %s", img->path, names);
         }
         if (!!(s->incompat & QCOW2_INCOMPAT_COMPRESSION) != (s->compression_type != 0))
-                return dc_error(EINVAL, "'%s': compression type field and incompatible bit disagree", img->path);
+                return dc_error(EUCLEAN, "'%s': compression_type %u and incompatible bit 3 disagree", img->path,
+                                s->compression_type);
         if (s->compression_type > 1)
-                return dc_error(ENOTSUP, "'%s': unknown compression type %u", img->path, s->compression_type);
-        if (img->virtual_size % 512)
-                return dc_error(EINVAL, "'%s': virtual size %llu is not a multiple of 512", img->path,
-                                (unsigned long long) img->virtual_size);
+                return dc_error(ENOTSUP, "'%s': unknown compression_type %u", img->path, s->compression_type);
 
-        /* Tables. */
-        need_l1 = DIV_ROUND_UP(DIV_ROUND_UP(img->virtual_size, s->cluster_size), s->l2_entries);
-        if ((uint64_t) s->l1_size * 8 > QCOW2_MAX_L1_BYTES)
-                return dc_error(EFBIG, "'%s': L1 table is too large", img->path);
+        /* The virtual size and the tables, against QEMU's limits and the file. */
+        if (img->virtual_size % 512)
+                return dc_error(EUCLEAN, "'%s': size %llu (the virtual size) is not a multiple of 512", img->path,
+                                (unsigned long long) img->virtual_size);
+        if (s->l1_size > QCOW2_MAX_L1_ENTRIES)
+                return dc_error(EFBIG, "'%s': l1_size %u is over QEMU's limit of %u entries (32 MiB)", img->path,
+                                s->l1_size, QCOW2_MAX_L1_ENTRIES);
+        max_size = qcow2_max_virtual_size(s->cluster_bits, s->l2_entries);
+        if (img->virtual_size > max_size)
+                return dc_error(EFBIG, "'%s': size %llu is beyond QEMU's limit of %llu bytes for %u-byte clusters",
+                                img->path, (unsigned long long) img->virtual_size, (unsigned long long) max_size,
+                                s->cluster_size);
+        need_l1 = qcow2_size_to_l1(s->cluster_bits, s->l2_entries, img->virtual_size);
         if (s->l1_size < need_l1)
-                return dc_error(EINVAL, "'%s': L1 table is too small for the virtual size", img->path);
-        if (s->l1_size && (s->l1_offset & (s->cluster_size - 1)))
-                return dc_error(EINVAL, "'%s': L1 table offset is not cluster aligned", img->path);
-        if (s->rt_offset & (s->cluster_size - 1))
-                return dc_error(EINVAL, "'%s': refcount table offset is not cluster aligned", img->path);
+                return dc_error(EUCLEAN, "'%s': l1_size %u is too small for size %llu (%llu entries needed)", img->path,
+                                s->l1_size, (unsigned long long) img->virtual_size, (unsigned long long) need_l1);
+        r = check_table(img, "L1 table", "l1_table_offset", s->l1_offset, (uint64_t) s->l1_size * 8, fsize);
+        if (r < 0)
+                return r;
         if ((uint64_t) s->rt_clusters * s->cluster_size > QCOW2_MAX_REFTABLE_BYTES)
-                return dc_error(EFBIG, "'%s': refcount table is too large", img->path);
+                return dc_error(EFBIG, "'%s': refcount_table_clusters %u is over QEMU's limit of %u MiB", img->path,
+                                s->rt_clusters, QCOW2_MAX_REFTABLE_BYTES >> 20);
         if (s->rt_clusters == 0 && !img->check_mode)
-                return dc_error(EINVAL, "'%s': image has no refcount table", img->path);
-        if (s->nb_snapshots > 65536)
-                return dc_error(EINVAL, "'%s': %u internal snapshots is more than 65536", img->path, s->nb_snapshots);
+                return dc_error(EUCLEAN, "'%s': refcount_table_clusters is 0: the image has no refcount table",
+                                img->path);
+        r = check_table(img, "refcount table", "refcount_table_offset", s->rt_offset,
+                        (uint64_t) s->rt_clusters * s->cluster_size, fsize);
+        if (r < 0)
+                return r;
+        if (!img->check_mode && overlaps(s->l1_offset, (uint64_t) s->l1_size * 8, s->rt_offset,
+                                         (uint64_t) s->rt_clusters * s->cluster_size))
+                return dc_error(EUCLEAN, "'%s': the L1 table (l1_table_offset %#llx) and the refcount table "
+                                         "(refcount_table_offset %#llx) overlap", img->path,
+                                (unsigned long long) s->l1_offset, (unsigned long long) s->rt_offset);
+        if (s->nb_snapshots > QCOW2_MAX_SNAPSHOTS)
+                return dc_error(EFBIG, "'%s': nb_snapshots %u is over QEMU's limit of %u", img->path, s->nb_snapshots,
+                                QCOW2_MAX_SNAPSHOTS);
         if (s->nb_snapshots && (s->snapshots_offset & (s->cluster_size - 1)))
-                return dc_error(EINVAL, "'%s': snapshot table offset is not cluster aligned", img->path);
+                return dc_error(EUCLEAN, "'%s': snapshots_offset %#llx is not cluster aligned", img->path,
+                                (unsigned long long) s->snapshots_offset);
+        if (!img->check_mode) {
+                r = read_snapshots(img, fsize);
+                if (r < 0)
+                        return r;
+        }
 
         s->l1 = calloc(MAX(s->l1_size, 1u), sizeof(uint64_t));
         if (!s->l1)
@@ -311,6 +639,19 @@ static int qcow2_open(dc_image *img, bool writable) {
                 for (uint64_t i = 0; i < s->rt_entries; i++)
                         s->rt[i] = be64(raw + i * 8);
         }
+        if (s->version == 2 && s->has_bitmaps)
+                s->has_bitmaps = false; /* v2 cannot carry consistent bitmaps */
+        if (!img->check_mode) {
+                /* In check mode, check counts all of this instead. */
+                r = check_reftable(img, fsize);
+                if (r >= 0 && s->has_bitmaps)
+                        r = read_bitmaps(img, fsize);
+                if (r >= 0 && s->fde_length)
+                        r = check_table(img, "encryption header", "the encryption header extension",
+                                        s->fde_offset, ALIGN_UP(s->fde_length, s->cluster_size), fsize);
+                if (r < 0)
+                        return r;
+        }
 
         /* Conditions that make the image read-only. */
         if (s->crypt_method) {
@@ -329,8 +670,6 @@ static int qcow2_open(dc_image *img, bool writable) {
                 if (r < 0)
                         return r;
         }
-        if (s->version == 2 && s->has_bitmaps)
-                s->has_bitmaps = false; /* v2 cannot carry consistent bitmaps */
 
         img->writable = writable;
         if (writable && (s->incompat & QCOW2_INCOMPAT_DIRTY) && !img->check_mode) {
@@ -340,13 +679,72 @@ static int qcow2_open(dc_image *img, bool writable) {
                 r = qcow2_check(img, DC_REPAIR_ALL, &res);
                 if (r < 0)
                         return r;
-                if (res.corruptions)
-                        return dc_error(EIO, "'%s': dirty image could not be repaired", img->path);
+                if (res.corruptions || res.check_errors)
+                        return dc_error(EUCLEAN, "'%s': the dirty bit is set and the refcounts could not be repaired "
+                                                 "(%llu corruptions left)", img->path,
+                                        (unsigned long long) (res.corruptions + res.check_errors));
                 s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
                 put_be64(w, s->incompat);
                 r = qcow2_header_write(img, 72, w, 8);
                 if (r < 0)
                         return r;
+        }
+        return 0;
+}
+
+/*
+ * QEMU's overlap check: a write of LEN bytes at host offset OFF must not
+ * land on metadata, whatever a table says (a corrupt or hostile L2 entry, or
+ * a refcount that let a metadata cluster be allocated again).  It is refused
+ * as corruption before anything is written, and the image is left as it
+ * was (QEMU also sets the corrupt bit; we leave the header alone so that
+ * qemu-img check sees the image exactly as before).  IGNORE names the kind
+ * of metadata the caller means to write.  Inactive L2 tables (snapshots')
+ * are not looked at, as in QEMU's default; the rest is in memory, so the
+ * cost is a pass over the L1 and refcount tables.
+ */
+int qcow2_overlap_check(dc_image *img, uint64_t off, uint64_t len, unsigned ignore, const char *what) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, first, n, at = 0;
+        const char *hit = NULL;
+
+        if (len == 0)
+                return 0;
+        if (off >= QCOW2_MAX_HOST_OFFSET || len > QCOW2_MAX_HOST_OFFSET - off)
+                return dc_error(EUCLEAN, "'%s': refusing to write %s at host offset %#llx: beyond 2^56", img->path, what,
+                                (unsigned long long) off);
+        first = ALIGN_DOWN(off, cs);
+        n = ALIGN_UP(off + len, cs) - first;
+        if (first < cs)
+                hit = "the header";
+        else if (overlaps(first, n, s->l1_offset, (uint64_t) s->l1_size * 8))
+                hit = "the active L1 table";
+        else if (overlaps(first, n, s->rt_offset, (uint64_t) s->rt_clusters * cs))
+                hit = "the refcount table";
+        else if (s->nb_snapshots && overlaps(first, n, s->snapshots_offset, MAX(s->snapshots_size, 1u)))
+                hit = "the snapshot table";
+        else if (s->has_bitmaps && overlaps(first, n, s->bitmap_dir_offset, s->bitmap_dir_size))
+                hit = "the bitmap directory";
+        for (uint64_t i = 0; !hit && !(ignore & QCOW2_OL_REFBLOCK) && i < s->rt_entries; i++) {
+                uint64_t o = s->rt[i] & REFT_OFFSET_MASK;
+                if (o && overlaps(first, n, ALIGN_DOWN(o, cs), cs))
+                        hit = "a refcount block", at = o;
+        }
+        for (uint64_t i = 0; !hit && !(ignore & QCOW2_OL_ACTIVE_L2) && i < s->l1_size; i++) {
+                uint64_t o = s->l1[i] & L1E_OFFSET_MASK;
+                if (o && overlaps(first, n, ALIGN_DOWN(o, cs), cs))
+                        hit = "an active L2 table", at = o;
+        }
+        for (uint32_t i = 0; !hit && s->sn_l1 && i < s->nb_snapshots; i++)
+                if (overlaps(first, n, s->sn_l1[2 * i], s->sn_l1[2 * i + 1]))
+                        hit = "a snapshot's L1 table", at = s->sn_l1[2 * i];
+        if (hit) {
+                char where[32] = "";
+                if (at)
+                        snprintf(where, sizeof where, " at %#llx", (unsigned long long) at);
+                return dc_error(EUCLEAN, "'%s': refusing to write %s at host offset %#llx (%llu bytes): it overlaps %s%s "
+                                         "(the metadata is corrupt)", img->path, what, (unsigned long long) off,
+                                (unsigned long long) len, hit, where);
         }
         return 0;
 }
@@ -416,47 +814,136 @@ static void qcow2_close(dc_image *img) {
                         free(s->feature_names[t][b]);
         free(s->l1);
         free(s->rt);
+        free(s->sn_l1);
         free(s->comp_cache);
         pthread_cond_destroy(&s->inflight_done);
         free(s);
         img->priv = NULL;
 }
 
-/* The L2 entry of guest cluster GIDX (0 when the L2 table is absent). */
-static int l2_entry(dc_image *img, uint64_t gidx, uint64_t *ret) {
+/*
+ * The L2 table at L2OFF, from L1 entry L1I, through the cache.  A table is
+ * checked when it comes into the cache (from then on it is ours): aligned,
+ * past the header, inside the file, and clear of the other metadata, which
+ * our entry updates would otherwise overwrite.
+ */
+static int l2_table_get(dc_image *img, uint64_t l1i, uint64_t l2off, uint8_t **ret) {
+        struct qcow2 *s = QC(img);
+        struct qcow2_cache *c = &s->l2_cache;
+        uint64_t cs = s->cluster_size, fsize = 0;
+        bool cached = false;
+        int r;
+
+        for (size_t i = 0; i < QCOW2_CACHE_SLOTS && !cached; i++)
+                cached = c->offset[i] == l2off;
+        if (!cached) {
+                if (l2off & (cs - 1) || l2off < cs)
+                        return dc_error(EUCLEAN, "'%s': L1 entry %llu: L2 table offset %#llx is %s", img->path,
+                                        (unsigned long long) l1i, (unsigned long long) l2off,
+                                        l2off < cs ? "inside the header cluster" : "not cluster aligned");
+                r = qcow2_file_size(img, &fsize);
+                if (r < 0)
+                        return r;
+                if (l2off > fsize || fsize - l2off < cs)
+                        return dc_error(EUCLEAN, "'%s': L1 entry %llu: the L2 table at %#llx lies beyond the end of the "
+                                                 "file (%llu bytes)", img->path, (unsigned long long) l1i,
+                                        (unsigned long long) l2off, (unsigned long long) fsize);
+                r = qcow2_overlap_check(img, l2off, cs, QCOW2_OL_ACTIVE_L2, "an L2 table");
+                if (r < 0)
+                        return r;
+        }
+        return qcow2_cache_get(img, c, l2off, false, ret);
+}
+
+/* What every user of the L2 entry E (of guest cluster GIDX) relies on: no
+ * reserved bits, an aligned offset, no COPIED flag on a compressed cluster. */
+static int l2e_check(dc_image *img, uint64_t gidx, uint64_t e) {
+        struct qcow2 *s = QC(img);
+
+        if (!(e & QCOW_OFLAG_COMPRESSED)) {
+                uint64_t reserved = L2E_RESERVED_MASK | (s->version < 3 ? QCOW_OFLAG_ZERO : 0);
+                if (e & reserved)
+                        return dc_error(EUCLEAN, "'%s': the L2 entry of guest cluster %llu has reserved bits set (%#llx)",
+                                        img->path, (unsigned long long) gidx, (unsigned long long) e);
+                if ((e & L2E_OFFSET_MASK) & (s->cluster_size - 1))
+                        return dc_error(EUCLEAN, "'%s': guest cluster %llu: data cluster offset %#llx is not cluster "
+                                                 "aligned", img->path, (unsigned long long) gidx,
+                                        (unsigned long long) (e & L2E_OFFSET_MASK));
+        } else if (e & QCOW_OFLAG_COPIED)
+                return dc_error(EUCLEAN, "'%s': compressed guest cluster %llu has the COPIED flag", img->path,
+                                (unsigned long long) gidx);
+        return 0;
+}
+
+/*
+ * The L2 entry of guest cluster GIDX (0 when the L2 table is absent, and
+ * then *RET_NO_TABLE, if given, is set), after the checks every user of an
+ * entry relies on: no reserved bits, aligned offsets, no COPIED flag on a
+ * compressed cluster.
+ */
+static int l2_entry_ex(dc_image *img, uint64_t gidx, uint64_t *ret, bool *ret_no_table) {
         struct qcow2 *s = QC(img);
         uint64_t l1i = gidx / s->l2_entries, l1e, l2off, e;
         uint8_t *t;
         int r;
 
+        if (ret_no_table)
+                *ret_no_table = false;
         if (l1i >= s->l1_size) {
+                if (ret_no_table)
+                        *ret_no_table = true;
                 *ret = 0;
                 return 0;
         }
         l1e = s->l1[l1i];
         if (l1e & L1E_RESERVED_MASK)
-                return dc_error(EIO, "'%s': L1 entry %llu has reserved bits set", img->path, (unsigned long long) l1i);
+                return dc_error(EUCLEAN, "'%s': L1 entry %llu has reserved bits set (%#llx)", img->path,
+                                (unsigned long long) l1i, (unsigned long long) l1e);
         l2off = l1e & L1E_OFFSET_MASK;
         if (l2off == 0) {
+                if (ret_no_table)
+                        *ret_no_table = true;
                 *ret = 0;
                 return 0;
         }
-        if (l2off & (s->cluster_size - 1))
-                return dc_error(EIO, "'%s': L2 table at %llu is not cluster aligned", img->path,
-                                (unsigned long long) l2off);
-        r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+        r = l2_table_get(img, l1i, l2off, &t);
         if (r < 0)
                 return r;
         e = be64(t + (gidx % s->l2_entries) * 8);
-        if (!(e & QCOW_OFLAG_COMPRESSED)) {
-                uint64_t reserved = L2E_RESERVED_MASK | (s->version < 3 ? QCOW_OFLAG_ZERO : 0);
-                if (e & reserved)
-                        return dc_error(EIO, "'%s': L2 entry of cluster %llu has reserved bits set", img->path,
-                                        (unsigned long long) gidx);
-        } else if (e & QCOW_OFLAG_COPIED)
-                return dc_error(EIO, "'%s': compressed cluster %llu has the COPIED flag", img->path,
-                                (unsigned long long) gidx);
+        r = l2e_check(img, gidx, e);
+        if (r < 0)
+                return r;
         *ret = e;
+        return 0;
+}
+
+static int l2_entry(dc_image *img, uint64_t gidx, uint64_t *ret) {
+        return l2_entry_ex(img, gidx, ret, NULL);
+}
+
+/*
+ * Where the data of the compressed cluster GIDX (entry E) lies, checked: a
+ * descriptor is only trusted below 2^56, past the header and with its last
+ * sector starting inside the file (the sector count may run past the end of
+ * the file by the padding of that last sector, as QEMU writes it).
+ */
+static int compressed_range(dc_image *img, uint64_t gidx, uint64_t e, uint64_t *ret_off, uint64_t *ret_len) {
+        struct qcow2 *s = QC(img);
+        uint64_t off, len, fsize = 0;
+        int r;
+
+        qcow2_compressed_range(s, e, &off, &len);
+        r = qcow2_file_size(img, &fsize);
+        if (r < 0)
+                return r;
+        if (off < s->cluster_size || off >= QCOW2_MAX_HOST_OFFSET || len > QCOW2_MAX_HOST_OFFSET - off ||
+            off + len > ALIGN_UP(fsize, 512))
+                return dc_error(EUCLEAN, "'%s': compressed guest cluster %llu: its data (host offset %#llx, %llu bytes) "
+                                         "is %s", img->path, (unsigned long long) gidx, (unsigned long long) off,
+                                (unsigned long long) len,
+                                off < s->cluster_size ? "inside the header cluster" : "outside the file");
+        *ret_off = off;
+        *ret_len = len;
         return 0;
 }
 
@@ -488,23 +975,22 @@ static bool detect_metadata_prealloc(dc_image *img) {
 static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size, gidx = off / cs, e, done, host = 0;
+        bool no_table;
         int type, t2, r;
 
         r = l2_entry(img, gidx, &e);
         if (r < 0)
                 return r;
         type = qcow2_cluster_type(s, e);
-        if (type == QC_NORMAL || type == QC_ZERO_ALLOC) {
+        if (type == QC_NORMAL || type == QC_ZERO_ALLOC)
                 host = (e & L2E_OFFSET_MASK) + off % cs;
-                if ((e & L2E_OFFSET_MASK) & (cs - 1))
-                        return dc_error(EIO, "'%s': data cluster %llu is not cluster aligned", img->path,
-                                        (unsigned long long) gidx);
-        }
         done = MIN(cs - off % cs, len);
-        /* Extend over following clusters of the same kind. */
-        for (uint64_t g = gidx + 1; done < len; g++) {
-                uint64_t e2;
-                r = l2_entry(img, g, &e2);
+        /* Extend over following clusters of the same kind; a missing L2
+         * table is a whole table's worth of unallocated clusters at once,
+         * so that a huge empty image is walked in L1 entries, not clusters. */
+        for (uint64_t g = gidx + 1; done < len;) {
+                uint64_t e2, step = 1;
+                r = l2_entry_ex(img, g, &e2, &no_table);
                 if (r < 0)
                         return r;
                 t2 = qcow2_cluster_type(s, e2);
@@ -513,7 +999,10 @@ static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct 
                 if ((type == QC_NORMAL || type == QC_ZERO_ALLOC) &&
                     (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + (g - gidx) * cs)
                         break;
-                done += MIN(cs, len - done);
+                if (no_table)
+                        step = s->l2_entries - g % s->l2_entries;
+                done += MIN(step * cs, len - done);
+                g += step;
         }
 
         ret->compressed = type == QC_COMPRESSED;
@@ -556,7 +1045,7 @@ static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct 
         return 0;
 }
 
-static int read_compressed(dc_image *img, uint64_t e, uint8_t *cluster) {
+static int read_compressed(dc_image *img, uint64_t gidx, uint64_t e, uint8_t *cluster) {
         struct qcow2 *s = QC(img);
         uint64_t coff, clen;
         _cleanup_free_ uint8_t *in = NULL;
@@ -568,7 +1057,9 @@ static int read_compressed(dc_image *img, uint64_t e, uint8_t *cluster) {
                         return dc_error(ENOMEM, "out of memory");
         }
         if (s->comp_cache_key != e) {
-                qcow2_compressed_range(s, e, &coff, &clen);
+                r = compressed_range(img, gidx, e, &coff, &clen);
+                if (r < 0)
+                        return r;
                 in = malloc(clen);
                 if (!in)
                         return dc_error(ENOMEM, "out of memory");
@@ -578,8 +1069,8 @@ static int read_compressed(dc_image *img, uint64_t e, uint8_t *cluster) {
                 s->comp_cache_key = 0;
                 r = dc_decompress(s->compression_type, in, clen, s->comp_cache, s->cluster_size);
                 if (r < 0)
-                        return dc_error(r, "'%s': compressed cluster at host offset %llu: %s", img->path,
-                                        (unsigned long long) coff, dc_get_error());
+                        return dc_error(r, "'%s': compressed guest cluster %llu (host offset %#llx): %s", img->path,
+                                        (unsigned long long) gidx, (unsigned long long) coff, dc_get_error());
                 s->comp_cache_key = e;
         }
         memcpy(cluster, s->comp_cache, s->cluster_size);
@@ -626,7 +1117,7 @@ static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
                         _cleanup_free_ uint8_t *c = malloc(cs);
                         if (!c)
                                 return dc_error(ENOMEM, "out of memory");
-                        r = read_compressed(img, e, c);
+                        r = read_compressed(img, gidx, e, c);
                         if (r < 0)
                                 return r;
                         memcpy(p, c + in, n);
@@ -650,16 +1141,13 @@ static int mark_bitmaps_in_use(dc_image *img) {
 
         if (!s->has_bitmaps || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
                 return 0;
-        dir = malloc(s->bitmap_dir_size);
-        if (!dir)
-                return dc_error(ENOMEM, "out of memory");
-        r = dc_pread_full(img->fd, dir, s->bitmap_dir_size, s->bitmap_dir_offset);
+        r = read_bitmap_dir(img, &dir);
         if (r < 0)
-                return dc_error(r, "'%s': cannot read the bitmap directory: %s", img->path, strerror(-r));
+                return r;
         for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
                 uint32_t flags, name_size, extra;
                 if (p + 24 > s->bitmap_dir_size)
-                        return dc_error(EINVAL, "'%s': bitmap directory is truncated", img->path);
+                        return dc_error(EUCLEAN, "'%s': the bitmap directory is truncated", img->path);
                 flags = be32(dir + p + 12);
                 name_size = be16(dir + p + 18);
                 extra = be32(dir + p + 20);
@@ -708,12 +1196,22 @@ static int prepare_for_write(dc_image *img) {
 /* Return a writable (COPIED) L2 table for L1 index L1I, allocating it. */
 static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *ret_off) {
         struct qcow2 *s = QC(img);
-        uint64_t l1e = s->l1[l1i], old = l1e & L1E_OFFSET_MASK, c;
+        uint64_t l1e, old, c;
         uint8_t *t, ent[8];
         int r;
 
+        /* Requests stay inside the virtual size, which the L1 table covers
+         * (checked at open and kept so by truncate): this is a last guard. */
+        if (l1i >= s->l1_size)
+                return dc_error(EUCLEAN, "'%s': L1 index %llu is beyond the L1 table (l1_size %u)", img->path,
+                                (unsigned long long) l1i, s->l1_size);
+        l1e = s->l1[l1i];
+        old = l1e & L1E_OFFSET_MASK;
+        if (l1e & L1E_RESERVED_MASK)
+                return dc_error(EUCLEAN, "'%s': L1 entry %llu has reserved bits set (%#llx)", img->path,
+                                (unsigned long long) l1i, (unsigned long long) l1e);
         if (old && (l1e & QCOW_OFLAG_COPIED)) {
-                r = qcow2_cache_get(img, &s->l2_cache, old, false, ret);
+                r = l2_table_get(img, l1i, old, ret);
                 if (r >= 0)
                         *ret_off = old;
                 return r;
@@ -721,9 +1219,12 @@ static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *re
         if (old)
                 /* Only internal snapshots share L2 tables, and those images
                  * are opened read-only: a writable one is inconsistent. */
-                return dc_error(EIO, "'%s': L2 table at %llu is shared (COPIED flag clear)", img->path,
-                                (unsigned long long) old);
+                return dc_error(EUCLEAN, "'%s': L1 entry %llu: the L2 table at %#llx is shared (COPIED flag clear)",
+                                img->path, (unsigned long long) l1i, (unsigned long long) old);
         r = qcow2_alloc_clusters(img, 1, &c);
+        if (r < 0)
+                return r;
+        r = qcow2_overlap_check(img, c * s->cluster_size, s->cluster_size, 0, "a new L2 table");
         if (r < 0)
                 return r;
         r = qcow2_cache_get(img, &s->l2_cache, c * s->cluster_size, true, &t);
@@ -762,7 +1263,7 @@ static int read_cluster(dc_image *img, uint64_t gidx, uint8_t *dst) {
                         return dc_error(r, "'%s': read error: %s", img->path, strerror(-r));
                 return 0;
         case QC_COMPRESSED:
-                return read_compressed(img, e, dst);
+                return read_compressed(img, gidx, e, dst);
         case QC_UNALLOCATED:
                 if (img->backing && off < img->backing->virtual_size)
                         return dc_chain_read(img->backing, dst, off,
@@ -773,14 +1274,17 @@ static int read_cluster(dc_image *img, uint64_t gidx, uint8_t *dst) {
         }
 }
 
-/* Free what an L2 entry referenced (after the replacing entry is durable). */
-static int free_entry(dc_image *img, uint64_t e) {
+/* Free what the L2 entry E of guest cluster GIDX referenced (after the
+ * replacing entry is durable). */
+static int free_entry(dc_image *img, uint64_t gidx, uint64_t e) {
         struct qcow2 *s = QC(img);
         int type = qcow2_cluster_type(s, e);
 
         if (type == QC_COMPRESSED) {
                 uint64_t coff, clen;
-                qcow2_compressed_range(s, e, &coff, &clen);
+                int r = compressed_range(img, gidx, e, &coff, &clen);
+                if (r < 0)
+                        return r;
                 return qcow2_free_bytes(img, coff, clen);
         }
         if (type == QC_NORMAL || type == QC_ZERO_ALLOC)
@@ -806,7 +1310,7 @@ static int write_l2_entries(dc_image *img, uint8_t *t, uint64_t l2off, uint64_t 
         return 0;
 }
 
-static int free_entries(dc_image *img, const uint64_t *old, uint64_t n) {
+static int free_entries(dc_image *img, const uint64_t *old, uint64_t n, uint64_t gidx) {
         bool any = false;
         int r;
 
@@ -820,10 +1324,32 @@ static int free_entries(dc_image *img, const uint64_t *old, uint64_t n) {
                 return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
         for (uint64_t i = 0; i < n; i++)
                 if (old[i]) {
-                        r = free_entry(img, old[i]);
+                        r = free_entry(img, gidx + i, old[i]);
                         if (r < 0)
                                 return r;
                 }
+        return 0;
+}
+
+/*
+ * An in-place write of LEN bytes at HOST into the data cluster(s) of guest
+ * cluster GIDX: what the L2 entry says must be inside the file and must not
+ * be metadata (QEMU's overlap check), or the write would damage the image.
+ */
+static int data_write_check(dc_image *img, uint64_t gidx, uint64_t host, uint64_t len) {
+        uint64_t fsize = 0;
+        int r;
+
+        r = qcow2_overlap_check(img, host, len, 0, "guest data");
+        if (r < 0)
+                return r;
+        r = qcow2_file_size(img, &fsize);
+        if (r < 0)
+                return r;
+        if (host > fsize || len > fsize - host)
+                return dc_error(EUCLEAN, "'%s': guest cluster %llu: its data cluster at %#llx lies beyond the end of the "
+                                         "file (%llu bytes)", img->path, (unsigned long long) gidx,
+                                (unsigned long long) host, (unsigned long long) fsize);
         return 0;
 }
 
@@ -875,6 +1401,9 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                 if (r < 0)
                         return r;
                 e = be64(t + l2i * 8);
+                r = l2e_check(img, gidx, e);
+                if (r < 0)
+                        return r;
                 type = qcow2_cluster_type(s, e);
                 if (type == QC_NORMAL && (e & QCOW_OFLAG_COPIED)) {
                         /* In place, merging contiguous clusters. */
@@ -883,12 +1412,15 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                         while (n < len && l2i + 1 < s->l2_entries) {
                                 uint64_t e2 = be64(t + (l2i + 1) * 8);
                                 if (qcow2_cluster_type(s, e2) != QC_NORMAL || !(e2 & QCOW_OFLAG_COPIED) ||
-                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs)
+                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs || l2e_check(img, gidx, e2) < 0)
                                         break;
                                 e = e2;
                                 l2i++;
                                 n += (size_t) MIN(len - n, cs);
                         }
+                        r = data_write_check(img, gidx, host, n);
+                        if (r < 0)
+                                return r;
                         r = dc_image_pwrite_data(img, p, n, host, false);
                         if (r < 0)
                                 return dc_error(r, "'%s': write error at host offset %llu: %s", img->path,
@@ -934,6 +1466,12 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                         r = qcow2_alloc_clusters(img, run, &first_host);
                         if (r < 0)
                                 return r;
+                        r = qcow2_overlap_check(img, first_host * cs, run * cs, 0, "new data clusters");
+                        if (r < 0) {
+                                /* broken refcounts handed out metadata: give it back untouched */
+                                (void) qcow2_free_clusters(img, first_host, run);
+                                return dc_error(EUCLEAN, "%s", dc_get_error());
+                        }
                         /*
                          * Whole clusters are written straight from the caller's
                          * buffer, and without the image lock: the new clusters are
@@ -969,7 +1507,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 if (replaces || s->unsynced_bytes >= L2_DEFER_MAX)
                                         r = qcow2_l2_commit_pending(img);
                                 if (r >= 0 && replaces)
-                                        r = free_entries(img, old, run);
+                                        r = free_entries(img, old, run, gidx);
                                 if (r < 0)
                                         return r;
                         }
@@ -997,6 +1535,9 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                 uint8_t *t;
                 int r;
 
+                if (l1i >= s->l1_size)
+                        return dc_error(EUCLEAN, "'%s': L1 index %llu is beyond the L1 table (l1_size %u)", img->path,
+                                        (unsigned long long) l1i, s->l1_size);
                 if ((s->l1[l1i] & L1E_OFFSET_MASK) == 0 && (!img->backing_file || (discard && s->version < 3))) {
                         /* No table and nothing below: already reads as zero. */
                         gidx += cnt;
@@ -1009,6 +1550,12 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                 old = calloc(cnt, sizeof(uint64_t));
                 if (!old)
                         return dc_error(ENOMEM, "out of memory");
+                /* all entries are judged before the cached table changes */
+                for (uint64_t i = 0; i < cnt; i++) {
+                        r = l2e_check(img, gidx + i, be64(t + (l2i + i) * 8));
+                        if (r < 0)
+                                return r;
+                }
                 for (uint64_t i = 0; i < cnt; i++) {
                         uint64_t e = be64(t + (l2i + i) * 8), ne;
                         int type = qcow2_cluster_type(s, e);
@@ -1035,7 +1582,7 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                         r = write_l2_entries(img, t, l2off, lo, hi - lo);
                         if (r < 0)
                                 return r;
-                        r = free_entries(img, old, cnt);
+                        r = free_entries(img, old, cnt, gidx);
                         if (r < 0)
                                 return r;
                 }
@@ -1167,6 +1714,12 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                 if (r < 0)
                         return r;
                 s->comp_free_off = (coff + clen[i]) % cs ? coff + clen[i] : 0;
+                if (coff + clen[i] > (1ull << shift))
+                        return dc_error(EFBIG, "'%s': compressed data cannot be stored beyond host offset 2^%u with "
+                                               "%u-byte clusters", img->path, shift, s->cluster_size);
+                r = qcow2_overlap_check(img, coff, clen[i], 0, "compressed data");
+                if (r < 0)
+                        return r;
                 r = dc_pwrite_full(img->fd, out[i], clen[i], coff);
                 if (r < 0)
                         return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
@@ -1195,12 +1748,17 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                 if (r < 0)
                         return r;
                 for (uint64_t j = 0; j < k; j++) {
+                        r = l2e_check(img, gidx0 + i + j, be64(t + (l2i + j) * 8));
+                        if (r < 0)
+                                return r;
+                }
+                for (uint64_t j = 0; j < k; j++) {
                         old[j] = be64(t + (l2i + j) * 8);
                         put_be64(t + (l2i + j) * 8, ne[i + j]);
                 }
                 r = write_l2_entries(img, t, l2off, l2i, k);
                 if (r >= 0)
-                        r = free_entries(img, old, k);
+                        r = free_entries(img, old, k, gidx0 + i);
                 if (r < 0)
                         return r;
                 i += k;
@@ -1271,63 +1829,182 @@ static int qcow2_flush(dc_image *img) {
         return 0;
 }
 
+/*
+ * Room for a new L1 table of N clusters when that is more than
+ * qcow2_alloc_clusters() can give in one run (each refcount range it opens
+ * starts with its own refblock, so its runs stay inside one range): the L1
+ * table of a large image with small clusters.  QEMU can grow such an image
+ * (its refblocks may live outside the ranges they cover), and so must we.
+ *
+ * The run goes past everything in use, at the start of a range that no
+ * refblock covers yet.  The refblocks for the ranges it spans go right in
+ * front of it, counting themselves and the run; when the refcount table has
+ * no entries for those ranges, a larger copy of the table goes between them
+ * and the run, and the header is switched to it (then the old table is
+ * freed).  Everything new is written and synced before anything points to
+ * it, so a crash leaves at worst leaked clusters.
+ */
+static int alloc_l1_run(dc_image *img, uint64_t n, uint64_t *ret_first) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, pb = s->per_block, t0 = 0, nrb = 0, ntc = 0, new_entries = 0, fsize, base;
+        uint64_t old_off = s->rt_offset, old_clusters = s->rt_clusters;
+        _cleanup_free_ uint8_t *rb = NULL, *tbl = NULL;
+        _cleanup_free_ uint64_t *new_rt = NULL;
+        int r;
+
+        if (n <= qcow2_max_run(s))
+                return qcow2_alloc_clusters(img, n, ret_first);
+        r = qcow2_file_size(img, &fsize);
+        if (r < 0)
+                return r;
+        for (uint64_t i = 0; i < s->rt_entries; i++)
+                if (s->rt[i] & REFT_OFFSET_MASK)
+                        t0 = i + 1;
+        t0 = MAX(t0, DIV_ROUND_UP(qcow2_size_to_clusters(s->cluster_bits, fsize), pb));
+        base = t0 * pb;
+        /* nrb refblocks, ntc clusters of a new refcount table (if it must
+         * grow), then the run: grow the counts until they cover themselves */
+        for (;;) {
+                uint64_t ranges = DIV_ROUND_UP(nrb + ntc + n, pb), tc = 0;
+                if (t0 + ranges > s->rt_entries) {
+                        new_entries = MAX(t0 + ranges, s->rt_entries * 2);
+                        tc = DIV_ROUND_UP(new_entries, cs / 8);
+                        new_entries = tc * (cs / 8);
+                }
+                if (ranges == nrb && tc == ntc)
+                        break;
+                nrb = ranges;
+                ntc = tc;
+        }
+        if (ntc * cs > QCOW2_MAX_REFTABLE_BYTES)
+                return dc_error(EFBIG, "'%s': the refcount table would exceed QEMU's limit of %u MiB", img->path,
+                                QCOW2_MAX_REFTABLE_BYTES >> 20);
+        if ((base + nrb + ntc + n) > (QCOW2_MAX_HOST_OFFSET >> s->cluster_bits))
+                return dc_error(EFBIG, "'%s': the image would exceed the largest host offset", img->path);
+
+        rb = calloc(1, cs);
+        if (!rb)
+                return dc_error(ENOMEM, "out of memory");
+        for (uint64_t j = 0; j < nrb; j++) {
+                uint64_t first = (t0 + j) * pb, end = base + nrb + ntc + n;
+                memset(rb, 0, cs);
+                for (uint64_t c = MAX(first, base); c < MIN(first + pb, end); c++)
+                        qcow2_rb_set_one(rb, s->refcount_bits, c - first);
+                qcow2_cache_drop(&s->rb_cache, (base + j) * cs);
+                qcow2_cache_drop(&s->l2_cache, (base + j) * cs);
+                r = dc_pwrite_full(img->fd, rb, cs, (base + j) * cs);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot write a refcount block: %s", img->path, strerror(-r));
+        }
+        if (ntc) {
+                new_rt = calloc(new_entries, sizeof(uint64_t));
+                tbl = calloc(ntc, cs);
+                if (!new_rt || !tbl)
+                        return dc_error(ENOMEM, "out of memory");
+                memcpy(new_rt, s->rt, s->rt_entries * sizeof(uint64_t));
+                for (uint64_t j = 0; j < nrb; j++)
+                        new_rt[t0 + j] = (base + j) * cs;
+                for (uint64_t i = 0; i < new_entries; i++)
+                        put_be64(tbl + i * 8, new_rt[i]);
+                r = dc_pwrite_full(img->fd, tbl, ntc * cs, (base + nrb) * cs);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot write the refcount table: %s", img->path, strerror(-r));
+        }
+        r = dc_fdatasync(img->fd);
+        if (r < 0)
+                return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
+        if (ntc) {
+                uint8_t hdr[12];
+                put_be64(hdr, (base + nrb) * cs);
+                put_be32(hdr + 8, (uint32_t) ntc);
+                r = qcow2_header_write(img, 48, hdr, sizeof hdr);
+                if (r < 0)
+                        return r;
+                free(s->rt);
+                s->rt = TAKE_PTR(new_rt);
+                s->rt_entries = new_entries;
+                s->rt_offset = (base + nrb) * cs;
+                s->rt_clusters = (uint32_t) ntc;
+                r = qcow2_free_clusters(img, old_off / cs, old_clusters);
+                if (r < 0)
+                        return r;
+        } else {
+                tbl = calloc(nrb, 8);
+                if (!tbl)
+                        return dc_error(ENOMEM, "out of memory");
+                for (uint64_t j = 0; j < nrb; j++)
+                        put_be64(tbl + j * 8, (base + j) * cs);
+                r = dc_pwrite_full(img->fd, tbl, nrb * 8, s->rt_offset + t0 * 8);
+                if (r >= 0)
+                        r = dc_fdatasync(img->fd);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot update the refcount table: %s", img->path, strerror(-r));
+                for (uint64_t j = 0; j < nrb; j++)
+                        s->rt[t0 + j] = (base + j) * cs;
+        }
+        *ret_first = base + nrb + ntc;
+        return 0;
+}
+
+/*
+ * Grow the virtual size.  The limits are QEMU's, so that we accept exactly
+ * the sizes `qemu-img resize` accepts: a multiple of 512, at most what a
+ * 32 MiB L1 table maps (EFBIG beyond, as QEMU's qcow2_grow_l1_table).
+ */
 static int qcow2_truncate(dc_image *img, uint64_t size) {
         struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, need = DIV_ROUND_UP(DIV_ROUND_UP(size, cs), s->l2_entries);
-        uint64_t have_clusters = DIV_ROUND_UP((uint64_t) s->l1_size * 8, cs);
+        uint64_t cs = s->cluster_size, need, have_clusters, max = qcow2_max_virtual_size(s->cluster_bits, s->l2_entries);
         uint8_t hdr[24];
         int r;
 
         if (size < img->virtual_size)
                 return dc_error(ENOTSUP, "'%s': shrinking is not supported", img->path);
-        inflight_wait(img, 0, 0);
         if (size % 512)
                 return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", img->path,
                                 (unsigned long long) size);
-        if (need * 8 > QCOW2_MAX_L1_BYTES)
-                return dc_error(EFBIG, "'%s': size %llu needs an L1 table over 32 MiB", img->path,
-                                (unsigned long long) size);
+        if (size > max)
+                return dc_error(EFBIG, "'%s': size %llu is beyond QEMU's limit of %llu bytes for %u-byte clusters (an "
+                                       "L1 table of at most 32 MiB)", img->path, (unsigned long long) size,
+                                (unsigned long long) max, s->cluster_size);
+        need = qcow2_size_to_l1(s->cluster_bits, s->l2_entries, size);
+        have_clusters = DIV_ROUND_UP((uint64_t) s->l1_size * 8, cs);
+        inflight_wait(img, 0, 0);
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
         if (need > s->l1_size) {
-                uint64_t *nl1 = calloc(need, sizeof(uint64_t));
-                _cleanup_free_ uint8_t *raw = calloc(DIV_ROUND_UP(need * 8, cs), cs);
-                uint64_t new_off = s->l1_offset, first;
+                uint64_t ncl = DIV_ROUND_UP(need * 8, cs), new_off = s->l1_offset, first;
+                _cleanup_free_ uint64_t *nl1 = calloc(need, sizeof(uint64_t));
+                _cleanup_free_ uint8_t *raw = calloc(ncl, cs);
 
-                if (!nl1 || !raw) {
-                        free(nl1);
+                if (!nl1 || !raw)
                         return dc_error(ENOMEM, "out of memory");
-                }
                 memcpy(nl1, s->l1, (size_t) s->l1_size * 8);
                 for (uint64_t i = 0; i < need; i++)
                         put_be64(raw + i * 8, nl1[i]);
-                if (DIV_ROUND_UP(need * 8, cs) > have_clusters || s->l1_size == 0) {
-                        r = qcow2_alloc_clusters(img, DIV_ROUND_UP(need * 8, cs), &first);
-                        if (r < 0) {
-                                free(nl1);
+                if (ncl > have_clusters || s->l1_size == 0) {
+                        r = alloc_l1_run(img, ncl, &first);
+                        if (r < 0)
                                 return r;
-                        }
                         new_off = first * cs;
+                        r = qcow2_overlap_check(img, new_off, ncl * cs, 0, "a new L1 table");
+                        if (r < 0)
+                                return r;
                 }
-                r = dc_pwrite_full(img->fd, raw, DIV_ROUND_UP(need * 8, cs) * cs, new_off);
+                r = dc_pwrite_full(img->fd, raw, ncl * cs, new_off);
                 if (r >= 0)
                         r = dc_fdatasync(img->fd);
-                if (r < 0) {
-                        free(nl1);
+                if (r < 0)
                         return dc_error(r, "'%s': cannot write the L1 table: %s", img->path, strerror(-r));
-                }
                 put_be64(hdr, size);
                 put_be32(hdr + 8, s->crypt_method);
                 put_be32(hdr + 12, (uint32_t) need);
                 put_be64(hdr + 16, new_off);
                 r = qcow2_header_write(img, 24, hdr, 24);
-                if (r < 0) {
-                        free(nl1);
+                if (r < 0)
                         return r;
-                }
                 free(s->l1);
-                s->l1 = nl1;
+                s->l1 = TAKE_PTR(nl1);
                 if (new_off != s->l1_offset && s->l1_size) {
                         uint64_t old_off = s->l1_offset;
                         s->l1_offset = new_off;

@@ -35,8 +35,22 @@
 #define QCOW_OFLAG_COMPRESSED (1ull << 62)
 #define QCOW_OFLAG_ZERO (1ull << 0)
 
+/* QEMU's limits (block/qcow2.h, block/qcow2-bitmap.c): images beyond them
+ * are refused with EFBIG, as QEMU refuses them. */
 #define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_L1_ENTRIES (QCOW2_MAX_L1_BYTES / 8)
 #define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536u
+#define QCOW2_MAX_SNAPSHOT_EXTRA 1024u
+#define QCOW2_MAX_SNAPSHOTS_BYTES (1024ull * QCOW2_MAX_SNAPSHOTS)
+#define QCOW2_MAX_BITMAPS 65535u
+#define QCOW2_MAX_BITMAP_DIR_BYTES (1024ull * QCOW2_MAX_BITMAPS)
+#define QCOW2_MAX_BITMAP_TABLE 0x8000000u  /* entries */
+#define QCOW2_MAX_BITMAP_BYTES 0x20000000u /* table entries times cluster size */
+#define QCOW2_MAX_BITMAP_NAME 1023u
+#define QCOW2_MAX_BACKING_NAME 1023u
+/* Offsets in tables have bits 9..55: nothing can live at or above this. */
+#define QCOW2_MAX_HOST_OFFSET (1ull << 56)
 
 enum {
         QC_UNALLOCATED,
@@ -78,6 +92,8 @@ struct qcow2 {
 
         uint32_t nb_snapshots;
         uint64_t snapshots_offset;
+        uint64_t snapshots_size;  /* bytes of the table (0 when not read: check mode) */
+        uint64_t *sn_l1;          /* each snapshot's L1 table: offset, bytes (pairs) */
 
         bool has_bitmaps;
         uint32_t nb_bitmaps;
@@ -115,6 +131,32 @@ static inline struct qcow2 *QC(dc_image *img) {
         return img->priv;
 }
 
+/* Clusters, and L1 entries, that SIZE bytes need; no overflow for any SIZE. */
+static inline uint64_t qcow2_size_to_clusters(unsigned cluster_bits, uint64_t size) {
+        return (size >> cluster_bits) + !!(size & ((1ull << cluster_bits) - 1));
+}
+static inline uint64_t qcow2_size_to_l1(unsigned cluster_bits, uint64_t l2_entries, uint64_t size) {
+        uint64_t c = qcow2_size_to_clusters(cluster_bits, size);
+        return c / l2_entries + !!(c % l2_entries);
+}
+/*
+ * The largest virtual size QEMU creates, opens or grows to: as many
+ * clusters as a 32 MiB L1 table maps (qemu-img create and resize refuse a
+ * byte more with EFBIG; measured with qemu-img 7.2 for every cluster size).
+ */
+static inline uint64_t qcow2_max_virtual_size(unsigned cluster_bits, uint64_t l2_entries) {
+        return ((uint64_t) QCOW2_MAX_L1_ENTRIES * l2_entries) << cluster_bits;
+}
+
+/* Refcount entry I of the refblock RB (BITS wide) becomes 1; RB was zeroed.
+ * Entries narrower than a byte are packed from its least significant bit. */
+static inline void qcow2_rb_set_one(uint8_t *rb, unsigned bits, uint64_t i) {
+        if (bits >= 8)
+                rb[(i + 1) * (bits / 8) - 1] = 1;
+        else
+                rb[i * bits / 8] |= (uint8_t) (1u << (i * bits % 8));
+}
+
 /* The longest run of clusters qcow2_alloc_clusters() can always satisfy. */
 static inline uint64_t qcow2_max_run(struct qcow2 *s) {
         return MAX(1u, s->per_block / 2);
@@ -136,4 +178,12 @@ int qcow2_free_bytes(dc_image *img, uint64_t off, uint64_t len);
 int qcow2_ref_bytes(dc_image *img, uint64_t off, uint64_t len);
 
 int qcow2_check(dc_image *img, int repair, struct dc_check_result *ret);
+int qcow2_overlap_check(dc_image *img, uint64_t off, uint64_t len, unsigned ignore, const char *what);
+int qcow2_file_size(dc_image *img, uint64_t *ret);
+
+/* What qcow2_overlap_check() may ignore: the kind of metadata being written. */
+enum {
+        QCOW2_OL_ACTIVE_L2 = 1u << 0,
+        QCOW2_OL_REFBLOCK = 1u << 1,
+};
 int qcow2_header_write(dc_image *img, uint64_t field_off, const void *buf, size_t len);
