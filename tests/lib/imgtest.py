@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Fixtures for the library tests: dc-tool (our side) and qemu-img (the oracle)."""
+import hashlib
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -62,3 +64,46 @@ def assert_same_content(img, ref, fmt="qcow2", ref_fmt="raw"):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+_PROBE = None
+
+
+def _probe_binary():
+    """Build tests/lib/dc-probe.c against this build's libdiskchain.a (once per
+    library build: the binary is named after the library's hash)."""
+    global _PROBE
+    if _PROBE:
+        return _PROBE
+    here = os.path.dirname(os.path.abspath(__file__))
+    lib = os.path.join(BUILD, "lib", "libdiskchain.a")
+    src = os.path.join(here, "dc-probe.c")
+    h = hashlib.sha256(open(lib, "rb").read() + open(src, "rb").read()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"dc-probe-{h}")
+    if not os.path.exists(out):
+        flags = []
+        try:
+            opts = json.load(open(os.path.join(BUILD, "meson-info", "intro-buildoptions.json")))
+            san = next((o["value"] for o in opts if o["name"] == "b_sanitize"), "none")
+            if san and san != "none":
+                flags.append(f"-fsanitize={san}")
+        except OSError:
+            pass
+        tmp = out + f".{os.getpid()}"
+        run(os.environ.get("CC", "cc"), "-O1", "-g", "-D_GNU_SOURCE", *flags, "-I", os.path.join(here, "..", "..", "lib"),
+            src, lib, "-lz", "-lzstd", "-lpthread", "-o", tmp)
+        os.replace(tmp, out)
+    _PROBE = out
+    return out
+
+
+def probe(*args, **kw):
+    """One library call through dc-probe: (errno name or "OK", message)."""
+    p = run(_probe_binary(), *args, check=False, **kw)
+    assert p.returncode in (0, 1), f"dc-probe {args} crashed ({p.returncode}):\n{p.stdout}{p.stderr}"
+    line = p.stdout.splitlines()[-1] if p.stdout else ""
+    if line == "OK":
+        return "OK", ""
+    assert line.startswith("ERR "), f"dc-probe {args}: {p.stdout}{p.stderr}"
+    name, _, msg = line[4:].partition(": ")
+    return {"EOPNOTSUPP": "ENOTSUP"}.get(name, name), msg
