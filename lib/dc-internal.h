@@ -59,6 +59,25 @@ int dc_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 int dc_fdatasync(int fd);
 extern long dc_fault_writes_left;
 
+/* Test hook for power-loss tests (util.c): when DC_TRACE_FD >= 0, completed
+ * writes, syncs and the program's marks are appended to it as records in
+ * one order, each a struct dc_trace_record (native byte order) followed by
+ * LENGTH bytes for writes and marks. */
+enum {
+        DC_TRACE_WRITE = 'W',      /* LENGTH bytes at OFFSET reached the file; they follow */
+        DC_TRACE_SYNC_BEGIN = 'B', /* fdatasync() number OFFSET of the file is asked for */
+        DC_TRACE_SYNC_END = 'E',   /* ... and returned RESULT (0 or -errno) */
+        DC_TRACE_MARK = 'M',       /* LENGTH bytes of the program's text follow */
+};
+struct dc_trace_record {
+        uint32_t type;
+        int32_t result;
+        uint64_t dev, ino; /* the file (st_dev, st_ino); 0 for marks */
+        uint64_t offset, length;
+};
+extern int dc_trace_fd;
+void dc_trace_mark(const char *fmt, ...) _printf_(1, 2);
+
 static inline uint16_t be16(const void *p) {
         const uint8_t *b = p;
         return (uint16_t) (b[0] << 8 | b[1]);
