@@ -24,6 +24,12 @@
  *     its data without the image lock (qcow2_write), but puts its L2 entries
  *     into the cache only after the data write returned: a sync by another
  *     thread in between never makes them durable ahead of their data.
+ *     Allocating writes of fresh clusters batch the sync: their L2 entries
+ *     are updated in the cache at once (reads see them) but written only
+ *     after the next fdatasync (qcow2_l2_commit_pending), which comes at a
+ *     flush, before a cache slot with such entries is reused, before one of
+ *     those entries is written at once, before a check, at a close, or after
+ *     1 GiB of such data.  A crash before that leaks the clusters.
  *  2. A new refblock is written in full and synced before the refcount-table
  *     entry that points to it, and it counts itself (it sits in the first
  *     cluster of the range it covers, which was uncovered, hence free).
@@ -33,24 +39,28 @@
  *     and only then is the old table freed.
  *  4. Freeing goes the other way: the caller makes the metadata that dropped
  *     the reference durable (fdatasync) before qcow2_free_clusters() lowers
- *     the refcount.  A crash in between leaks the cluster.
- *     Allocating writes of fresh clusters batch this: their L2 entries are
- *     updated in the cache at once (reads see them) but written only after
- *     the next fdatasync, which comes at a flush, before a cache slot with
- *     such entries is reused, or after 1 GiB of such data.  A crash before
- *     that leaks the clusters; a write that replaces an existing mapping
- *     commits at once, since freeing the old one must wait for the new one.
+ *     the refcount.  A crash in between leaks the cluster.  So an
+ *     allocating write that replaces an existing mapping does not wait for
+ *     the batch of rule 1: it commits at once, since freeing the old
+ *     cluster must wait for the new entry to be durable.
  *  5. Every refcount is strict: we never use lazy refcounts (the compat bit
  *     may be set by the creator; we simply do not rely on it), so the dirty
  *     bit is never needed for our own writes.
  *
- * tests/test-crash.c cuts the write stream after every metadata write and
- * has qemu-img check judge what is left.
+ * Two tests hold the library to this, with qemu-img check as the judge.
+ * tests/lib/test_crash.py kills the process before each of its writes: that
+ * proves the order of the writes, but the page cache survives a killed
+ * process, so it cannot tell whether the syncs are where they must be.
+ * tests/lib/test_powerloss.py models power loss: from an I/O trace of
+ * writes and syncs (dc_trace_fd, lib/util.c) it rebuilds the file as it may
+ * be found after a cut, with only what a completed sync covered plus any
+ * part of the rest, and also requires every flushed guest write to read
+ * back.
  */
 
 #include "qcow2.h"
 
-/* --- metadata cache: whole clusters, write-through ----------------------- */
+/* --- metadata cache: whole clusters; refblocks written through, L2 entries may wait (rule 1) --- */
 
 int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool fresh, uint8_t **ret) {
         struct qcow2 *s = QC(img);
