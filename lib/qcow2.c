@@ -641,6 +641,19 @@ static int qcow2_open(dc_image *img, bool writable) {
         }
         if (s->version == 2 && s->has_bitmaps)
                 s->has_bitmaps = false; /* v2 cannot carry consistent bitmaps */
+        {
+                uint64_t ranges = DIV_ROUND_UP(qcow2_size_to_clusters(s->cluster_bits, fsize), s->per_block);
+                for (uint64_t t = 0; t < ranges && !s->alloc_unsafe; t++)
+                        if (t >= s->rt_entries || !(s->rt[t] & REFT_OFFSET_MASK)) {
+                                s->alloc_unsafe = true;
+                                s->alloc_unsafe_entry = t;
+                        }
+                if (img->check_mode && check_reftable(img, fsize) < 0) {
+                        /* refcount blocks that check counts as corrupt must not be written */
+                        s->alloc_unsafe = true;
+                        dc_error_clear();
+                }
+        }
         if (!img->check_mode) {
                 /* In check mode, check counts all of this instead. */
                 r = check_reftable(img, fsize);
@@ -1193,6 +1206,25 @@ static int prepare_for_write(dc_image *img) {
         return 0;
 }
 
+/*
+ * Allocation, guarded.  qcow2-refcount.c puts the refblock of a range it
+ * opens at the start of that range, and a larger refcount table at the
+ * first cluster the old one does not cover: both assume that whatever the
+ * refcount table does not cover is free.  That holds for every image QEMU
+ * or we write (the table covers the whole file), not for a hostile one, so
+ * open notes whether it holds (alloc_unsafe) and allocation is refused as
+ * corruption when it does not, before anything could be overwritten.
+ */
+static int alloc_clusters(dc_image *img, uint64_t n, uint64_t *ret_first) {
+        struct qcow2 *s = QC(img);
+
+        if (s->alloc_unsafe)
+                return dc_error(EUCLEAN, "'%s': the refcount table does not cover the whole file (refcount table entry "
+                                         "%llu is missing): new refcount blocks could overwrite data", img->path,
+                                (unsigned long long) s->alloc_unsafe_entry);
+        return qcow2_alloc_clusters(img, n, ret_first);
+}
+
 /* Return a writable (COPIED) L2 table for L1 index L1I, allocating it. */
 static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *ret_off) {
         struct qcow2 *s = QC(img);
@@ -1221,7 +1253,7 @@ static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *re
                  * are opened read-only: a writable one is inconsistent. */
                 return dc_error(EUCLEAN, "'%s': L1 entry %llu: the L2 table at %#llx is shared (COPIED flag clear)",
                                 img->path, (unsigned long long) l1i, (unsigned long long) old);
-        r = qcow2_alloc_clusters(img, 1, &c);
+        r = alloc_clusters(img, 1, &c);
         if (r < 0)
                 return r;
         r = qcow2_overlap_check(img, c * s->cluster_size, s->cluster_size, 0, "a new L2 table");
@@ -1463,7 +1495,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                         return r;
                                 memcpy(nb + in, p, bytes);
                         }
-                        r = qcow2_alloc_clusters(img, run, &first_host);
+                        r = alloc_clusters(img, run, &first_host);
                         if (r < 0)
                                 return r;
                         r = qcow2_overlap_check(img, first_host * cs, run * cs, 0, "new data clusters");
@@ -1708,7 +1740,7 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                         coff = s->comp_free_off;
                         r = qcow2_ref_bytes(img, coff, clen[i]);
                 } else {
-                        r = qcow2_alloc_clusters(img, 1, &start);
+                        r = alloc_clusters(img, 1, &start);
                         coff = start * cs;
                 }
                 if (r < 0)
@@ -1853,7 +1885,7 @@ static int alloc_l1_run(dc_image *img, uint64_t n, uint64_t *ret_first) {
         int r;
 
         if (n <= qcow2_max_run(s))
-                return qcow2_alloc_clusters(img, n, ret_first);
+                return alloc_clusters(img, n, ret_first);
         r = qcow2_file_size(img, &fsize);
         if (r < 0)
                 return r;
@@ -2063,7 +2095,7 @@ int dc_qcow2_preallocate(dc_image *img, int mode) {
                 r = l2_for_write(img, g / s->l2_entries, &t, &l2off);
                 if (r < 0)
                         return r;
-                r = qcow2_alloc_clusters(img, cnt, &first);
+                r = alloc_clusters(img, cnt, &first);
                 if (r < 0)
                         return r;
                 if (mode == DC_PREALLOC_FULL) {

@@ -106,6 +106,8 @@ struct qcow2 {
         struct qcow2_cache l2_cache, rb_cache;
 
         uint64_t free_hint;       /* no free cluster below this index */
+        bool alloc_unsafe;        /* the refcount table does not cover the file (alloc_clusters) */
+        uint64_t alloc_unsafe_entry;
         uint64_t comp_free_off;   /* next free byte for compressed data, 0 = none */
         bool prepared_for_write;  /* header fixed up before the first write */
         bool l2_pending;          /* some L2 entries wait for the next sync (qcow2_l2_commit_pending) */

@@ -362,3 +362,13 @@ def test_dirty_bit_with_broken_refcounts(base):
     refused(base, "EUCLEAN", "refcount", "open", "rw")
     assert digest(base) == before
     assert probe("open", base)[0] == "OK"  # read-only opens do not repair
+
+
+def test_allocation_with_uncovered_range_refused(base):
+    """A refcount table that does not cover the whole file (here: no refblock
+    for the range of the header) would make a new refblock land on what is
+    stored there (the header itself): allocations are refused instead."""
+    put(base, u(base, 48, ">Q"), ">Q", 0)
+    before = digest(base)
+    refused(base, "EUCLEAN", "does not cover", "write", str(2 << 20), "4096")
+    assert digest(base) == before
