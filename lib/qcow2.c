@@ -447,7 +447,7 @@ static int qcow2_open(dc_image *img, bool writable) {
         s->metadata_prealloc = -1;
         pthread_cond_init(&s->inflight_done, NULL);
 
-        h = malloc(2u << 20);
+        h = malloc(4096); /* grown to the cluster size below: cluster 0 holds the header area */
         if (!h)
                 return dc_error(ENOMEM, "out of memory");
         r = qcow2_file_size(img, &fsize);
@@ -475,6 +475,10 @@ static int qcow2_open(dc_image *img, bool writable) {
         s->cluster_size = 1u << s->cluster_bits;
         s->l2_entries = s->cluster_size / 8;
         if (s->cluster_size > 4096) {
+                uint8_t *bigger = realloc(h, s->cluster_size);
+                if (!bigger)
+                        return dc_error(ENOMEM, "out of memory");
+                h = bigger;
                 r = dc_pread_full(img->fd, h, s->cluster_size, 0);
                 if (r < 0)
                         return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
