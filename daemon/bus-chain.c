@@ -2,7 +2,10 @@
 /* org.diskchain.DiskChain1.Chain: a top image and its backing files, and the block jobs on them. */
 
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "daemon.h"
@@ -64,25 +67,61 @@ static int property_get_none(sd_bus *bus, const char *path, const char *iface, c
 }
 
 
-/* --- block jobs: Stream, Commit -------------------------------------------- */
+/* --- block jobs -------------------------------------------------------------------- */
 
+/*
+ * Starting a job, in order: the options are read and checked, the model is
+ * made current for every file the job names (model_freshen), polkit is
+ * asked with every image the job reads or writes in its details, and then,
+ * all on the loop without a pause in between, the job id is reserved (so a
+ * second call with the same id, or the MaxJobs+1st, is refused), the
+ * images are claimed busy and a target is set aside.  A worker opens the
+ * chain, checks that it is still the chain polkit was asked about (ESTALE
+ * otherwise), creates the target if the job makes one, and starts the job.
+ * Back on the loop the Job is published, or everything reserved is
+ * released; a target made for a job that did not start is removed (only if
+ * it is still the file we made).
+ */
 typedef struct JobStart {
+        Manager *mgr;
         int type;
         char *id, *chain_object, *overlay, *top, *base, *backing_file;
-        /* backup */
         char *target, *target_backing;
-        bool create_target;
+        bool create_target, target_made;
+        struct stat target_st;
         struct dc_create_options co;
         struct dc_backup_options bo;
         struct dc_mirror_options mo;
-        char **roots, **paths;
+        char **roots;
+        char **paths;         /* claimed busy */
+        char **expect;        /* the chain as authorized, active layer first */
         unsigned max_depth;
+        uid_t uid;
+        bool reserved;
         struct dc_job_options jo;
         dc_job *job;
+        char *d_images, *d_writes, *d_roots; /* polkit details */
 } JobStart;
+
+static void job_start_release(JobStart *s) {
+        Manager *mgr = s->mgr;
+
+        if (!s->reserved)
+                return;
+        for (char **p = s->paths; p && *p; p++)
+                g_hash_table_remove(mgr->busy, *p);
+        if (s->target && g_hash_table_remove(mgr->targets, s->target))
+                model_changed(mgr, (char *[]){ s->target, NULL });
+        g_hash_table_remove(mgr->job_ids, s->id);
+        s->reserved = false;
+}
 
 static void job_start_free(void *p) {
         JobStart *s = p;
+        if (!s)
+                return;
+        job_start_release(s);
+        job_free_later(s->mgr, TAKE_PTR(s->job));
         free(s->id);
         free(s->chain_object);
         free(s->overlay);
@@ -93,77 +132,89 @@ static void job_start_free(void *p) {
         free(s->target_backing);
         g_strfreev(s->roots);
         g_strfreev(s->paths);
-        dc_job_free(s->job); /* only set when the start failed after creating it */
+        g_strfreev(s->expect);
+        g_free(s->d_images);
+        g_free(s->d_writes);
+        g_free(s->d_roots);
         free(s);
 }
 
 static void job_start_run(Work *w) {
         JobStart *s = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) s->roots, .max_depth = s->max_depth };
-        int r;
+        struct dc_open_options o = { .roots = (const char *const *) s->roots, .oracle = &w->mgr->oracle,
+                                     .max_depth = s->max_depth };
+        int r = 0;
 
         s->jo.id = s->id;
-        if (s->type == DC_JOB_TYPE_STREAM)
-                r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
-        else if (s->type == DC_JOB_TYPE_COMMIT)
-                r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
-        else {
-                /* drive-backup and drive-mirror with mode absolute-paths create the target first */
-                r = 0;
-                if (s->create_target) {
-                        dc_image *src = NULL;
-                        struct dc_open_options so = o;
-                        so.no_lock = true;
-                        r = dc_image_open(s->top, &so, &src);
-                        if (r >= 0) {
-                                s->co.backing = s->target_backing;
-                                s->co.backing_format = -1;
-                                r = dc_image_create(s->target, dc_image_virtual_size(src), &s->co, (const char *const *) s->roots);
-                                dc_image_close(src);
-                        }
+        s->jo.expect_chain = (const char *const *) s->expect;
+        if (s->create_target) {
+                /* drive-backup and drive-mirror with mode absolute-paths make the target */
+                dc_image *src = NULL;
+                struct dc_open_options so = o;
+                so.no_lock = true;
+                r = dc_image_open(s->top, &so, &src);
+                if (r >= 0) {
+                        s->co.oracle = &w->mgr->oracle;
+                        s->co.backing = s->target_backing;
+                        s->co.backing_format = -1;
+                        r = dc_image_create(s->target, dc_image_virtual_size(src), &s->co,
+                                            (const char *const *) s->roots);
+                        dc_image_close(src);
                 }
                 if (r >= 0) {
-                        if (s->type == DC_JOB_TYPE_MIRROR)
-                                r = dc_job_mirror(s->top, s->target, &s->mo, &o, &s->jo, &s->job);
-                        else
-                                r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
-                        if (r < 0 && s->create_target) {
-                                char msg[1024];
-                                snprintf(msg, sizeof msg, "%s", dc_get_error());
-                                (void) unlink(s->target); /* we made it for this job only */
-                                work_capture_error(w, r);
-                                free(w->error);
-                                w->error = strdup(msg);
-                                return;
-                        }
+                        int fd = dc_path_open(s->target, (const char *const *) s->roots, O_PATH, 0);
+                        s->target_made = fd >= 0 && fstat(fd, &s->target_st) == 0;
+                        if (fd >= 0)
+                                close(fd);
                 }
-                w->rescan = s->create_target;
+        }
+        if (r >= 0) {
+                if (s->type == DC_JOB_TYPE_STREAM)
+                        r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
+                else if (s->type == DC_JOB_TYPE_COMMIT)
+                        r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
+                else if (s->type == DC_JOB_TYPE_MIRROR)
+                        r = dc_job_mirror(s->top, s->target, &s->mo, &o, &s->jo, &s->job);
+                else
+                        r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
         }
         work_capture_error(w, r);
+        if (r < 0 && s->target_made) {
+                /* made for this job only: removed relative to its directory, and only if still ours */
+                (void) dc_path_unlink(s->target, (const char *const *) s->roots, &s->target_st);
+                s->target_made = false;
+        }
 }
 
 static void job_start_done(Work *w) {
         JobStart *s = w->data;
+        Manager *mgr = w->mgr;
+        const char *target = s->type == DC_JOB_TYPE_STREAM ? s->top : s->target ? s->target : s->base;
         Job *j;
         int r;
 
         if (w->r < 0) {
-                for (char **p = s->paths; p && *p; p++)
-                        g_hash_table_remove(w->mgr->busy, *p);
-                (void) reply_error_errno(w->m, w->r, w->error, NULL);
-                return;
+                int e = -w->r;
+                log_fields(e == EINVAL || e == ESTALE || e == EBUSY ? LOG_DEBUG : LOG_WARNING,
+                           (const char *const[]){ "DISKCHAIN_JOB", s->id, "DISKCHAIN_IMAGE", s->top, NULL },
+                           "job '%s' did not start: %s", s->id, w->error ? w->error : strerror(e));
+                (void) reply_error_errno(w->m, w->r, w->error);
+                return; /* job_start_free releases what was reserved */
         }
-        r = job_register(w->mgr, s->job, w->m, s->chain_object, s->top, s->base,
-                         s->type == DC_JOB_TYPE_STREAM ? s->top
-                         : s->target                   ? s->target
-                                                       : s->base,
-                         s->paths, &j);
+        r = job_register(mgr, s->job, s->uid, s->chain_object, s->top, s->base, target, s->paths, &j);
         if (r < 0) {
                 (void) dc_job_cancel(s->job, true);
                 (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot publish the job: %s", strerror(-r));
                 return;
         }
-        s->job = NULL; /* owned by the Job object now */
+        /* the Job owns the job, the id, the claims and the target's place now */
+        s->job = NULL;
+        s->reserved = false;
+        log_fields(LOG_INFO,
+                   (const char *const[]){ "DISKCHAIN_JOB", s->id, "DISKCHAIN_JOB_TYPE", dc_job_type_name(s->type),
+                                          "DISKCHAIN_IMAGE", s->top, "DISKCHAIN_TARGET", target, NULL },
+                   "job '%s' started: %s of '%s'%s%s", s->id, dc_job_type_name(s->type), s->top,
+                   target && strcmp(target, s->top) ? " into " : "", target && strcmp(target, s->top) ? target : "");
         (void) sd_bus_reply_method_return(w->m, "o", j->object);
 }
 
@@ -192,14 +243,36 @@ static int find_layer_opt(Manager *mgr, GPtrArray *layers, const char *v, const 
                                  abs);
 }
 
-static int job_common_options(Manager *mgr, GHashTable *opts, const char *type, JobStart *s, sd_bus_error *error) {
+static JobStart *job_start_new(Manager *mgr, int type, Image *active, GPtrArray *layers) {
+        JobStart *s = calloc(1, sizeof *s);
+        GPtrArray *e;
+
+        if (!s)
+                return NULL;
+        s->mgr = mgr;
+        s->type = type;
+        e = g_ptr_array_new();
+        for (guint i = 0; i < layers->len; i++)
+                g_ptr_array_add(e, g_strdup(((Image *) layers->pdata[i])->path));
+        g_ptr_array_add(e, NULL);
+        s->expect = (char **) g_ptr_array_free(e, FALSE);
+        s->chain_object = chain_object_path(active->path);
+        return s;
+}
+
+/* A pivot of the job's is recorded in the registry: that record is its commit point. */
+static int job_pivoted(void *userdata, const char *new_top, const char *const *dropped) {
+        Manager *mgr = userdata;
+        return registry_pivoted(mgr->registry, new_top, dropped);
+}
+
+static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bus_error *error) {
         static const char *const on_errors[] = { "report", "ignore", "stop", "enospc", NULL };
         const char *id = NULL;
         uint64_t speed = 0;
         bool af = true, ad = true;
-        int on_error = 0, r;
+        int on_error = 0, on_target = -1, r;
 
-        int on_target = -1;
         if ((r = opt_string(opts, "job-id", &id, error)) < 0 || (r = opt_uint(opts, "speed", &speed, error)) < 0 ||
             (r = opt_enum(opts, "on-error", on_errors, &on_error, error)) < 0 ||
             (r = opt_enum(opts, "on-source-error", on_errors, &on_error, error)) < 0 ||
@@ -207,82 +280,142 @@ static int job_common_options(Manager *mgr, GHashTable *opts, const char *type, 
             (r = opt_bool(opts, "auto-finalize", &af, error)) < 0 ||
             (r = opt_bool(opts, "auto-dismiss", &ad, error)) < 0)
                 return r;
-        if (id && g_hash_table_contains(mgr->jobs, id))
+        if (id && g_hash_table_contains(mgr->job_ids, id))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", id);
-        s->id = id ? strdup(id) : job_new_id(mgr, type);
+        s->id = id ? strdup(id) : job_new_id(mgr, dc_job_type_name(s->type));
         s->jo = (struct dc_job_options){ .speed = speed, .on_error = on_error, .has_target_error = on_target >= 0,
                                          .on_target_error = on_target, .auto_finalize = af, .auto_dismiss = ad,
-                                         .notify = job_notify, .userdata = mgr };
+                                         .notify = job_notify, .userdata = mgr, .pivoted = job_pivoted };
         return 0;
 }
 
-/* Mark PATHS busy for the new job, or say which job holds one of them. */
-static int claim(Manager *mgr, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
-        for (guint i = 0; i < paths->len; i++) {
-                const char *holder = busy_job(mgr, paths->pdata[i]);
-                if (holder)
-                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'",
-                                                 (char *) paths->pdata[i], holder);
-        }
-        g_ptr_array_add(paths, NULL);
-        s->paths = g_strdupv((char **) paths->pdata);
-        for (char **p = s->paths; *p; p++)
-                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(s->id));
-        return 0;
-}
-
-/* Authorize, claim the images and start the job off the loop.  Returns 1
- * when S now belongs to the work, 0 while polkit is asked, < 0 on error;
- * in the last two cases the caller still owns S. */
-static int start_job(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
+/*
+ * Authorize (DETAILS name every image: IMAGES all it reads or writes, WRITES
+ * those it writes), reserve, claim PATHS and start S off the loop.  Returns
+ * 1 when S belongs to the work now (the call is answered later), 0 while
+ * polkit is asked, < 0 on error; in the last two cases the caller frees S.
+ */
+static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                     sd_bus_error *error) {
         Manager *mgr = active->mgr;
-        const char *d[12] = { "path", active->path, "root", root_of(mgr, active->path), "operation",
-                              dc_job_type_name(s->type), "job-id", s->id, NULL };
+        const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
+                                                                                            : "org.diskchain.modify";
+        Work *w;
         int r;
 
-        if (s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR) {
-                d[8] = "target", d[9] = s->target, d[10] = NULL;
-                r = polkit_verify(mgr, m, "org.diskchain.copy", d, error);
-        } else
-                r = polkit_verify(mgr, m, "org.diskchain.modify", d, error);
+        s->d_images = paths_joined(images);
+        s->d_writes = paths_joined(writes);
+        s->d_roots = roots_joined(mgr, images);
+        r = polkit_verify(mgr, m, action,
+                          (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path), "operation",
+                                                 dc_job_type_name(s->type), "job-id", s->id, "top", s->top, "base",
+                                                 s->base, "target", s->target, "images", s->d_images, "writes",
+                                                 s->d_writes, "roots", s->d_roots, NULL },
+                          error);
         if (r <= 0)
                 return r;
-        if (g_hash_table_size(mgr->jobs) >= mgr->config.max_jobs)
-                return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded", "%u jobs are running already (MaxJobs)",
-                                         g_hash_table_size(mgr->jobs));
-        r = claim(mgr, s, paths, error);
-        if (r < 0)
-                return r;
-        s->chain_object = chain_object_path(active->path);
+
+        /* from here to the work's queue, nothing waits: no second call can slip in between */
+        if (g_hash_table_contains(mgr->job_ids, s->id))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", s->id);
+        if (g_hash_table_size(mgr->job_ids) >= mgr->config.max_jobs)
+                return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded",
+                                         "%u jobs are running or starting already (MaxJobs)",
+                                         g_hash_table_size(mgr->job_ids));
+        for (char **p = paths; *p; p++) {
+                const char *holder = busy_job(mgr, *p);
+                if (holder)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", *p, holder);
+        }
+        if (s->target && g_hash_table_contains(mgr->targets, s->target))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the target of job '%s'", s->target,
+                                         (char *) g_hash_table_lookup(mgr->targets, s->target));
+        w = work_new(mgr, job_start_run, job_start_done, s, NULL);
+        if (!w)
+                return -ENOMEM;
+        w->free_data = job_start_free;
+        (void) caller_uid(m, &s->uid);
+        g_hash_table_add(mgr->job_ids, g_strdup(s->id));
+        s->paths = g_strdupv(paths);
+        for (char **p = s->paths; *p; p++)
+                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(s->id));
+        if (s->target) {
+                g_hash_table_replace(mgr->targets, g_strdup(s->target), g_strdup(s->id));
+                model_changed(mgr, (char *[]){ s->target, NULL });
+        }
+        s->reserved = true;
         s->roots = g_strdupv(mgr->config.roots);
         s->max_depth = mgr->config.max_depth;
-        r = work_start(mgr, m, job_start_run, job_start_done, s, job_start_free, false);
-        if (r < 0) {
-                /* work_start freed S; the claimed paths are still in PATHS */
-                for (guint i = 0; i < paths->len && paths->pdata[i]; i++)
-                        g_hash_table_remove(mgr->busy, paths->pdata[i]);
-                sd_bus_error_set_errnof(error, -r, "cannot start the job: %s", strerror(-r));
-                return 1;
-        }
-        return 1;
+        if (s->create_target)
+                w->refresh = g_strdupv((char *[]){ s->target, NULL });
+        r = work_submit(w, m);
+        return r < 0 ? r : 1;
 }
 
-static int finish_start(sd_bus_message *m, Image *active, JobStart *s, GPtrArray *paths, sd_bus_error *error) {
-        int r = start_job(m, active, s, paths, error);
+static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                        sd_bus_error *error) {
+        int r = start_job(m, active, s, images, writes, paths, error);
         if (r <= 0)
                 job_start_free(s);
+        if (r < 0 && !sd_bus_error_is_set(error))
+                return r;
         if (sd_bus_error_is_set(error))
                 return -EINVAL;
         return 1;
+}
+
+/* Every layer of LAYERS from FIRST to LAST (inclusive; LAST < 0: to the end), as paths. */
+static char **layer_paths(GPtrArray *layers, int first, int last, const char *extra, const char *extra2) {
+        GPtrArray *a = g_ptr_array_new();
+        for (int i = first; i < (int) layers->len && (last < 0 || i <= last); i++)
+                g_ptr_array_add(a, g_strdup(((Image *) layers->pdata[i])->path));
+        if (extra)
+                g_ptr_array_add(a, g_strdup(extra));
+        if (extra2)
+                g_ptr_array_add(a, g_strdup(extra2));
+        g_ptr_array_add(a, NULL);
+        return (char **) g_ptr_array_free(a, FALSE);
+}
+
+/* Make the model current for the chain of ACTIVE (and EXTRA): 1, or 0 while it waits. */
+static int freshen_chain(sd_bus_message *m, Image *active, GPtrArray *layers, const char *extra,
+                         sd_bus_error *error) {
+        g_auto(GStrv) paths = layer_paths(layers, 0, -1, extra, NULL);
+        return model_freshen(active->mgr, m, paths, error);
+}
+
+/*
+ * The backing-file option of Stream and Commit: the name recorded in the
+ * header of the image at OWNER, which must lead (as QEMU would resolve it)
+ * to BASE, inside the roots, with no protocol prefix.
+ */
+static int check_backing_file(Manager *mgr, const char *owner, const char *bf, Image *base, sd_bus_error *error) {
+        _cleanup_free_ char *babs = NULL, *inside = NULL;
+        int r;
+
+        if (!*bf || strlen(bf) > 1023)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "backing-file must be 1..1023 bytes");
+        r = dc_backing_resolve(owner, bf, &babs);
+        if (r < 0)
+                return bus_error_from_errno(error, r, dc_get_error());
+        if (dc_path_resolve(babs, (const char *const *) mgr->config.roots, &inside, NULL) < 0)
+                return sd_bus_error_setf(error, ERROR_PREFIX "PathNotAllowed",
+                                         "'%s': backing file '%s' is outside the storage roots", owner, bf);
+        if (!base || strcmp(babs, base->path) != 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "backing-file '%s' (seen from '%s', that is '%s') is not the base '%s'", bf,
+                                         owner, babs, base ? base->path : "");
+        return 0;
 }
 
 static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "top", "base", "bottom", "backing-file", "speed", "on-error",
                                                "auto-finalize", "auto-dismiss", NULL };
         Image *active = ACTIVE, *top = ACTIVE, *base = NULL, *bottom = NULL;
+        Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
-        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
-        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_auto(GStrv) images = NULL, writes = NULL, paths = NULL;
         const char *v = NULL, *bf = NULL;
         JobStart *s;
         int ti = 0, bi = -1, r;
@@ -290,16 +423,19 @@ static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error)
         r = parse_options(m, allowed, &opts, error);
         if (r < 0)
                 return r;
-        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(active->mgr, layers, v, "top", &top, error)) < 0)
+        r = freshen_chain(m, active, layers, NULL, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(mgr, layers, v, "top", &top, error)) < 0)
                 return ti;
         if (opt_string(opts, "base", &v, error) > 0) {
                 if (g_hash_table_contains(opts, "bottom"))
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'base' and 'bottom' are mutually exclusive");
-                if ((bi = find_layer_opt(active->mgr, layers, v, "base", &base, error)) < 0)
+                if ((bi = find_layer_opt(mgr, layers, v, "base", &base, error)) < 0)
                         return bi;
         }
         if (opt_string(opts, "bottom", &v, error) > 0) {
-                int bo = find_layer_opt(active->mgr, layers, v, "bottom", &bottom, error);
+                int bo = find_layer_opt(mgr, layers, v, "bottom", &bottom, error);
                 if (bo < 0)
                         return bo;
                 if (bo < ti)
@@ -311,20 +447,20 @@ static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (base && bi <= ti)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Node '%s' is not a backing image of '%s'",
                                          base->path, top->path);
-        (void) opt_string(opts, "backing-file", &bf, error);
+        if ((r = opt_string(opts, "backing-file", &bf, error)) < 0)
+                return r;
         if (bf && !base)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "backing file specified, but streaming the entire chain");
+        if (bf && (r = check_backing_file(mgr, top->path, bf, base, error)) < 0)
+                return r;
         if (top->format != DC_FORMAT_QCOW2)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': only qcow2 images can receive streamed data",
                                          top->path);
-        if (sd_bus_error_is_set(error))
-                return -EINVAL;
-        s = calloc(1, sizeof *s);
+        s = job_start_new(mgr, DC_JOB_TYPE_STREAM, active, layers);
         if (!s)
                 return -ENOMEM;
-        s->type = DC_JOB_TYPE_STREAM;
-        r = job_common_options(active->mgr, opts, "stream", s, error);
+        r = job_common_options(mgr, opts, s, error);
         if (r < 0) {
                 job_start_free(s);
                 return r;
@@ -332,18 +468,21 @@ static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error)
         s->top = strdup(top->path);
         s->base = base ? strdup(base->path) : NULL;
         s->backing_file = bf ? strdup(bf) : NULL;
-        for (int i = ti; i < (int) layers->len && (bi < 0 || i <= bi); i++)
-                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
-        return finish_start(m, active, s, paths, error);
+        /* reads top and every layer down to base; writes top (data and its header) */
+        images = layer_paths(layers, ti, bi, NULL, NULL);
+        writes = layer_paths(layers, ti, ti, NULL, NULL);
+        paths = layer_paths(layers, ti, bi, NULL, NULL);
+        return finish_start(m, active, s, images, writes, paths, error);
 }
 
 static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "top", "base", "backing-file", "speed", "on-error",
                                                "auto-finalize", "auto-dismiss", "force-shared-base", NULL };
         Image *active = ACTIVE, *top = ACTIVE, *base;
+        Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
-        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
-        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_auto(GStrv) images = NULL, writes = NULL, paths = NULL;
         const char *v = NULL, *bf = NULL;
         bool force_shared = false;
         JobStart *s;
@@ -352,16 +491,18 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
         r = parse_options(m, allowed, &opts, error);
         if (r < 0)
                 return r;
-        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(active->mgr, layers, v, "top", &top, error)) < 0)
+        r = freshen_chain(m, active, layers, NULL, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (opt_string(opts, "top", &v, error) > 0 && (ti = find_layer_opt(mgr, layers, v, "top", &top, error)) < 0)
                 return ti;
         bi = (int) layers->len - 1;
         base = layers->pdata[bi];
-        if (opt_string(opts, "base", &v, error) > 0 && (bi = find_layer_opt(active->mgr, layers, v, "base", &base, error)) < 0)
+        if (opt_string(opts, "base", &v, error) > 0 && (bi = find_layer_opt(mgr, layers, v, "base", &base, error)) < 0)
                 return bi;
-        (void) opt_string(opts, "backing-file", &bf, error);
-        (void) opt_bool(opts, "force-shared-base", &force_shared, error);
-        if (sd_bus_error_is_set(error))
-                return -EINVAL;
+        if ((r = opt_string(opts, "backing-file", &bf, error)) < 0 ||
+            (r = opt_bool(opts, "force-shared-base", &force_shared, error)) < 0)
+                return r;
         if (bi == ti)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "cannot commit an image into itself");
         if (bi < ti)
@@ -370,19 +511,20 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if (ti == 0 && bf)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "'backing-file' specified, but 'top' is the active layer");
+        if (bf && (r = check_backing_file(mgr, ((Image *) layers->pdata[ti - 1])->path, bf, base, error)) < 0)
+                return r;
         if (!force_shared) {
-                g_auto(GStrv) users = image_chains(active->mgr, base);
+                g_auto(GStrv) users = image_chains(mgr, base);
                 if (g_strv_length(users) > 1)
                         return sd_bus_error_setf(error, ERROR_PREFIX "Busy",
                                                  "'%s' is also the base of %u other chain(s); set force-shared-base to "
                                                  "commit into it anyway",
                                                  base->path, g_strv_length(users) - 1);
         }
-        s = calloc(1, sizeof *s);
+        s = job_start_new(mgr, DC_JOB_TYPE_COMMIT, active, layers);
         if (!s)
                 return -ENOMEM;
-        s->type = DC_JOB_TYPE_COMMIT;
-        r = job_common_options(active->mgr, opts, "commit", s, error);
+        r = job_common_options(mgr, opts, s, error);
         if (r < 0) {
                 job_start_free(s);
                 return r;
@@ -392,25 +534,25 @@ static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error)
         s->top = strdup(top->path);
         s->base = strdup(base->path);
         s->backing_file = bf ? strdup(bf) : NULL;
-        for (int i = ti > 0 ? ti - 1 : 0; i <= bi; i++)
-                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
-        return finish_start(m, active, s, paths, error);
+        /* reads top down to base; writes base (the data) and top's overlay (its header) */
+        images = layer_paths(layers, ti > 0 ? ti - 1 : 0, bi, NULL, NULL);
+        writes = layer_paths(layers, bi, bi, s->overlay, NULL);
+        paths = layer_paths(layers, ti > 0 ? ti - 1 : 0, bi, NULL, NULL);
+        return finish_start(m, active, s, images, writes, paths, error);
 }
+
 /*
  * The target of a backup or mirror: a path in the roots, not a layer of
- * the chain, new (absolute-paths) or an image that exists (existing).
- * SIZE_CHECK: refuse another size now (backup); a mirror fails at run time.
+ * the chain; new (absolute-paths), or an image that exists (existing) of
+ * the source's size, that is no chain's backing file and not in use.
  */
-static int target_check(Manager *mgr, Image *active, GPtrArray *layers, const char *target, int mode,
-                        const char *same_msg, bool size_check, char **ret_abs, sd_bus_error *error) {
-        _cleanup_free_ char *abs = NULL;
-        Image *tgt;
-        int r = manager_resolve_path(mgr, target, &abs, error);
-        if (r < 0)
-                return r;
+static int target_check(Manager *mgr, Image *active, GPtrArray *layers, const char *abs, int mode,
+                        const char *same_msg, Image **ret_tgt, sd_bus_error *error) {
+        Image *tgt = g_hash_table_lookup(mgr->images, abs);
+
+        *ret_tgt = NULL;
         if (strcmp(abs, active->path) == 0)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "%s", same_msg);
-        tgt = g_hash_table_lookup(mgr->images, abs);
         if (mode == 0 && tgt)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists (use mode 'existing')", abs);
         for (guint i = 1; i < layers->len; i++)
@@ -418,75 +560,47 @@ static int target_check(Manager *mgr, Image *active, GPtrArray *layers, const ch
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                                  "'%s' is in the source's backing chain", abs);
         if (mode == 1) {
-                if (!tgt || tgt->error)
+                _cleanup_free_ char *use = NULL;
+                const char *in_use;
+                if (!tgt)
                         return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
-                if (size_check && tgt->virtual_size != active->virtual_size)
+                if (tgt->error)
+                        return bus_error_from_errno(error, tgt->error_errno, tgt->error);
+                if (tgt->virtual_size != active->virtual_size)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                 "Source and target image have different sizes");
+                                                 "Source and target image have different sizes ('%s' has %" PRIu64
+                                                 " bytes, '%s' %" PRIu64 ")",
+                                                 active->path, active->virtual_size, abs, tgt->virtual_size);
+                if (image_in_any_chain(mgr, tgt))
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy",
+                                                 "'%s' is the backing file of another image: it cannot be a target",
+                                                 abs);
+                in_use = image_in_use(mgr, tgt, &use);
+                if (*in_use)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use (%s)", abs, in_use);
+                *ret_tgt = tgt;
         }
-        *ret_abs = TAKE_PTR(abs);
         return 0;
 }
 
 /* Backup's and Mirror's sync values, indexed by DC_SYNC_* and beyond. */
 static const char *const copy_syncs[] = { "full", "top", "none", "incremental", "bitmap", NULL };
 
-/* Fill in S's target: made for the job (absolute-paths) over the right backing for SYNC, or existing.
- * Frees S on error. */
-static int target_setup(JobStart *s, Image *active, char *abs, int mode, int format, int sync, sd_bus_error *error) {
+/* Fill in S's target: made for the job (absolute-paths) over the right backing for SYNC, or existing. */
+static int target_setup(JobStart *s, Image *active, const char *abs, int mode, int format, int sync,
+                        sd_bus_error *error) {
         s->top = strdup(active->path);
-        s->target = abs;
+        s->target = strdup(abs);
         s->create_target = mode == 0;
         s->co.format = format == 1 ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
         if (mode == 0 && sync == DC_SYNC_TOP && active->backing_abs)
                 s->target_backing = strdup(active->backing_abs); /* top: valid over the same backing */
         else if (mode == 0 && sync == DC_SYNC_NONE)
                 s->target_backing = strdup(active->path);         /* none: over the source itself */
-        if (s->target_backing && format == 1) {
-                job_start_free(s);
+        if (s->target_backing && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "sync '%s' needs a target with a backing file: use format qcow2", copy_syncs[sync]);
-        }
         return 0;
-}
-
-/* The start of a backup or mirror: the target checked, the job's options read, the target set up. */
-static int copy_job_start_new(Manager *mgr, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
-                              int type, int mode, int format, int sync, JobStart **ret, sd_bus_error *error) {
-        _cleanup_free_ char *abs = NULL;
-        bool mirror = type == DC_JOB_TYPE_MIRROR;
-        JobStart *s;
-        int r;
-
-        r = target_check(mgr, active, layers, target, mode,
-                         mirror ? "Can't mirror node into itself" : "Source and target cannot be the same", !mirror,
-                         &abs, error);
-        if (r < 0)
-                return r;
-        s = calloc(1, sizeof *s);
-        if (!s)
-                return -ENOMEM;
-        s->type = type;
-        r = job_common_options(mgr, opts, dc_job_type_name(type), s, error);
-        if (r < 0) {
-                job_start_free(s);
-                return r;
-        }
-        r = target_setup(s, active, TAKE_PTR(abs), mode, format, sync, error);
-        if (r < 0)
-                return r;
-        *ret = s;
-        return 0;
-}
-
-/* A backup or mirror holds every layer of the chain and the target. */
-static int copy_job_finish(sd_bus_message *m, Image *active, GPtrArray *layers, JobStart *s, sd_bus_error *error) {
-        g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
-
-        for (guint i = 0; i < layers->len; i++)
-                g_ptr_array_add(paths, g_strdup(((Image *) layers->pdata[i])->path));
-        g_ptr_array_add(paths, g_strdup(s->target));
-        return finish_start(m, active, s, paths, error);
 }
 
 /* What Backup and Mirror read alike: the target, the options (ALLOWED
@@ -509,19 +623,64 @@ static int copy_job_options(sd_bus_message *m, const char *const *allowed, const
         return opt_enum(*opts, "format", formats, format, error);
 }
 
+/*
+ * The start of a backup or mirror, after its own options: the model made
+ * current for the chain and the target, the target checked, the common
+ * options read, the target set up, polkit asked, the job started.
+ */
+static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
+                          int type, int mode, int format, int sync, const struct dc_backup_options *bo,
+                          const struct dc_mirror_options *mo, sd_bus_error *error) {
+        Manager *mgr = active->mgr;
+        bool mirror = type == DC_JOB_TYPE_MIRROR;
+        _cleanup_free_ char *abs = NULL;
+        g_auto(GStrv) images = NULL, paths = NULL;
+        Image *tgt = NULL;
+        JobStart *s;
+        int r;
+
+        r = manager_resolve_path(mgr, target, &abs, error);
+        if (r < 0)
+                return r;
+        r = freshen_chain(m, active, layers, abs, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        r = target_check(mgr, active, layers, abs, mode,
+                         mirror ? "Can't mirror node into itself" : "Source and target cannot be the same", &tgt, error);
+        if (r < 0)
+                return r;
+        s = job_start_new(mgr, type, active, layers);
+        if (!s)
+                return -ENOMEM;
+        r = job_common_options(mgr, opts, s, error);
+        if (r >= 0)
+                r = target_setup(s, active, abs, mode, format, sync, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        if (bo)
+                s->bo = *bo;
+        if (mo)
+                s->mo = *mo;
+        /* reads every layer (and, at a mirror's pivot, the existing target's backing); writes the target */
+        images = layer_paths(layers, 0, -1, abs, tgt && tgt->backing_abs ? tgt->backing_abs : NULL);
+        paths = layer_paths(layers, 0, -1, abs, NULL);
+        return finish_start(m, active, s, images, (char *[]){ abs, NULL }, paths, error);
+}
+
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
                                                "speed", "on-source-error", "on-target-error", "max-workers",
                                                "max-chunk", "auto-finalize", "auto-dismiss", NULL };
         Image *active = ACTIVE;
-        Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
-        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
         const char *target;
         int sync = 0, mode = 0, format = 0, r;
         bool compress = false;
         uint64_t workers = 0, chunk = 0;
-        JobStart *s;
+        struct dc_backup_options bo;
 
         if ((r = copy_job_options(m, allowed, &target, &opts, &sync, &mode, &format, error)) < 0 ||
             (r = opt_bool(opts, "compress", &compress, error)) < 0 ||
@@ -536,12 +695,10 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
-        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, &s, error);
-        if (r < 0)
-                return r;
-        s->bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
-                                            .max_chunk = chunk };
-        return copy_job_finish(m, active, layers, s, error);
+        bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
+                                         .max_chunk = chunk };
+        return copy_job_start(m, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, &bo, NULL,
+                              error);
 }
 
 static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -550,14 +707,13 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
                                                "auto-finalize", "auto-dismiss", NULL };
         static const char *const copy_modes[] = { "background", "write-blocking", NULL };
         Image *active = ACTIVE;
-        Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
-        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
         const char *target;
         int sync = 0, mode = 0, format = active->format == DC_FORMAT_RAW ? 1 : 0, copy_mode = 0, r;
         uint64_t granularity = 0, buf_size = 0;
         bool unmap = true;
-        JobStart *s;
+        struct dc_mirror_options mo;
 
         if ((r = copy_job_options(m, allowed, &target, &opts, &sync, &mode, &format, error)) < 0 ||
             (r = opt_uint(opts, "granularity", &granularity, error)) < 0 ||
@@ -572,20 +728,19 @@ static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error)
                                          "Granularity must be a power of 2 between 512 and 64 MiB");
         if (g_hash_table_contains(opts, "buf-size") && (buf_size == 0 || buf_size > (1ull << 30)))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Invalid parameter 'buf-size'");
-        r = copy_job_start_new(mgr, active, layers, opts, target, DC_JOB_TYPE_MIRROR, mode, format, sync, &s, error);
-        if (r < 0)
-                return r;
-        s->mo = (struct dc_mirror_options){ .sync = sync, .existing = mode == 1, .granularity = (uint32_t) granularity,
-                                            .buf_size = buf_size, .unmap = unmap,
-                                            .copy_mode = copy_mode ? DC_COPY_MODE_WRITE_BLOCKING
-                                                                   : DC_COPY_MODE_BACKGROUND };
-        return copy_job_finish(m, active, layers, s, error);
+        mo = (struct dc_mirror_options){ .sync = sync, .existing = mode == 1, .granularity = (uint32_t) granularity,
+                                         .buf_size = buf_size, .unmap = unmap,
+                                         .copy_mode = copy_mode ? DC_COPY_MODE_WRITE_BLOCKING : DC_COPY_MODE_BACKGROUND };
+        return copy_job_start(m, active, layers, opts, target, DC_JOB_TYPE_MIRROR, mode, format, sync, NULL, &mo,
+                              error);
 }
 
 /* --- Snapshot (blockdev-snapshot-sync) --------------------------------------- */
 
 typedef struct SnapshotOp {
         char *overlay, *backing, **roots;
+        const struct dc_format_oracle *oracle;
+        uint64_t size;
         bool existing;
 } SnapshotOp;
 
@@ -599,32 +754,34 @@ static void snapshot_op_free(void *p) {
 
 static void snapshot_run(Work *w) {
         SnapshotOp *op = w->data;
-        struct dc_create_options o = { .backing = op->backing, .backing_format = -1 };
+        struct dc_create_options o = { .backing = op->backing, .backing_format = -1, .oracle = op->oracle };
         int r;
 
         if (!op->existing)
                 r = dc_image_create(op->overlay, 0, &o, (const char *const *) op->roots);
         else {
                 /* an existing overlay of the right size, with no backing yet */
-                struct dc_open_options oo = { .roots = (const char *const *) op->roots, .writable = true,
-                                              .no_backing = true };
+                struct dc_open_options oo = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
+                                              .writable = true, .no_backing = true };
                 dc_image *img = NULL;
                 r = dc_image_open(op->overlay, &oo, &img);
-                if (r >= 0 && *dc_image_backing_file(img)) {
-                        r = -EEXIST;
-                        w->error = g_strdup_printf("'%s' already has a backing file", op->overlay);
-                }
+                if (r >= 0 && *dc_image_backing_file(img))
+                        r = dc_set_error(EEXIST, "'%s' already has a backing file", op->overlay);
+                else if (r >= 0 && dc_image_virtual_size(img) != op->size)
+                        r = dc_set_error(EINVAL, "'%s' has %" PRIu64 " bytes, the active layer %" PRIu64, op->overlay,
+                                         dc_image_virtual_size(img), op->size);
                 if (r >= 0)
                         r = dc_image_set_backing(img, op->backing, "qcow2");
                 dc_image_close(img);
         }
-        if (r < 0 && !w->error)
-                work_capture_error(w, r);
-        w->r = r;
+        work_capture_error(w, r);
 }
 
 static void snapshot_done(Work *w) {
         SnapshotOp *op = w->data;
+        if (w->r >= 0)
+                log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_IMAGE", op->overlay, NULL },
+                           "snapshot: '%s' is the new active layer over '%s'", op->overlay, op->backing);
         reply_new_image(w, op->overlay);
 }
 
@@ -636,9 +793,12 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
         _cleanup_free_ char *abs = NULL;
-        const char *overlay, *d[8], *job;
+        g_autofree char *images = NULL;
+        const char *overlay, *job;
         int fmt = 0, mode = 0, r;
         SnapshotOp *op;
+        Image *ov;
+        Work *w;
 
         r = sd_bus_message_read(m, "s", &overlay);
         if (r < 0)
@@ -651,14 +811,45 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
         r = manager_resolve_path(mgr, overlay, &abs, error);
         if (r < 0)
                 return r;
-        if (mode == 0 && g_hash_table_lookup(mgr->images, abs))
+        r = model_freshen(mgr, m, (char *[]){ active->path, abs, NULL }, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        ov = g_hash_table_lookup(mgr->images, abs);
+        if (mode == 0 && ov)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists", abs);
+        if (mode == 1) {
+                _cleanup_free_ char *use = NULL;
+                const char *in_use;
+                if (!ov)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s': no such image", abs);
+                if (ov->error)
+                        return bus_error_from_errno(error, ov->error_errno, ov->error);
+                if (ov->format != DC_FORMAT_QCOW2)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                                 "'%s': only a qcow2 image can be an overlay", abs);
+                if (ov->backing_abs)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already has a backing file", abs);
+                if (image_in_any_chain(mgr, ov))
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy",
+                                                 "'%s' is the backing file of another image: it cannot be an overlay",
+                                                 abs);
+                if (ov->virtual_size != active->virtual_size)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "'%s' has %" PRIu64 " bytes, the active layer '%s' %" PRIu64, abs,
+                                                 ov->virtual_size, active->path, active->virtual_size);
+                in_use = image_in_use(mgr, ov, &use);
+                if (*in_use)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use (%s)", abs, in_use);
+        }
         job = busy_job(mgr, active->path);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", active->path, job);
-        d[0] = "path", d[1] = abs, d[2] = "root", d[3] = root_of(mgr, abs), d[4] = "operation", d[5] = "snapshot";
-        d[6] = NULL;
-        r = polkit_verify(mgr, m, "org.diskchain.create", d, error);
+        images = paths_joined((char *[]){ active->path, abs, NULL });
+        /* a new overlay is a creation; rewriting an existing image's backing is a change to it */
+        r = polkit_verify(mgr, m, mode == 1 ? "org.diskchain.modify" : "org.diskchain.create",
+                          (const char *const[]){ "path", abs, "root", root_of(mgr, abs), "operation", "snapshot",
+                                                 "backing", active->path, "images", images, "writes", abs, NULL },
+                          error);
         if (r <= 0)
                 return r < 0 ? r : 1;
         op = calloc(1, sizeof *op);
@@ -666,6 +857,8 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
                 return -ENOMEM;
         op->overlay = TAKE_PTR(abs);
         op->existing = mode == 1;
+        op->size = active->virtual_size;
+        op->oracle = &mgr->oracle;
         {
                 /* relative to the overlay's directory when the active image is below it */
                 g_autofree char *dir = g_path_get_dirname(op->overlay);
@@ -675,7 +868,13 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
                                       : strdup(active->path);
         }
         op->roots = g_strdupv(mgr->config.roots);
-        r = work_start(mgr, m, snapshot_run, snapshot_done, op, snapshot_op_free, true);
+        w = work_new(mgr, snapshot_run, snapshot_done, op, snapshot_op_free);
+        if (!w)
+                return -ENOMEM;
+        w->refresh = g_strdupv((char *[]){ op->overlay, active->path, NULL });
+        if (op->existing)
+                w->holds = g_strdupv((char *[]){ op->overlay, NULL });
+        r = work_submit(w, m);
         return r < 0 ? r : 1;
 }
 

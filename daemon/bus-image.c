@@ -5,6 +5,7 @@
 #include <inttypes.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -43,16 +44,10 @@ static int property_get_string(sd_bus *bus, const char *path, const char *iface,
         else if (strcmp(prop, "BackingFormat") == 0)
                 v = IMG->backing_format;
         else if (strcmp(prop, "InUse") == 0) {
-                /* Asked live: QEMU can take its lock without touching the
-                 * directory, so no scan would notice. */
-                const char *job = busy_job(IMG->mgr, IMG->path);
-                if (job) {
-                        g_autofree char *holder = g_strdup_printf("job:%s", job);
-                        return sd_bus_message_append(reply, "s", holder);
-                }
-                v = dc_path_locked_by_writer(IMG->path, (const char *const *) IMG->mgr->config.roots) > 0
-                            ? "external"
-                            : "";
+                /* from the model: the jobs' table, and the last look at the locks (no file is touched here) */
+                _cleanup_free_ char *f = NULL;
+                v = image_in_use(IMG->mgr, IMG, &f);
+                return sd_bus_message_append(reply, "s", v);
         }
         return sd_bus_message_append(reply, "s", v ? v : "");
 }
@@ -95,8 +90,9 @@ typedef struct ImageOp {
         char *path;
         char **roots;
         unsigned max_depth;
+        const struct dc_format_oracle *oracle;
         int repair;
-        uint64_t a, b;
+        uint64_t a, b, max_extents;
         struct dc_check_result check;
         GArray *extents;
 } ImageOp;
@@ -117,7 +113,23 @@ static ImageOp *image_op_new(Image *img) {
         op->path = strdup(img->path);
         op->roots = g_strdupv(img->mgr->config.roots);
         op->max_depth = img->mgr->config.max_depth;
+        op->oracle = &img->mgr->oracle;
         return op;
+}
+
+/* Queue OP's work for call M; WRITES: the image is opened read-write (held, read again after). */
+static int image_op_start(Image *img, sd_bus_message *m, ImageOp *op, work_fn run, work_fn done, bool writes) {
+        Work *w = work_new(img->mgr, run, done, op, image_op_free);
+        int r;
+
+        if (!w)
+                return -ENOMEM;
+        if (writes) {
+                w->refresh = g_strdupv((char *[]){ op->path, NULL });
+                w->holds = g_strdupv((char *[]){ op->path, NULL });
+        }
+        r = work_submit(w, m);
+        return r < 0 ? r : 1;
 }
 
 static int refuse_busy(Image *img, sd_bus_error *error) {
@@ -127,8 +139,8 @@ static int refuse_busy(Image *img, sd_bus_error *error) {
         return 0;
 }
 
-static void reply_failed(Work *w, const char *einval_name) {
-        (void) reply_error_errno(w->m, w->r, w->error, einval_name);
+static void reply_failed(Work *w) {
+        (void) reply_error_errno(w->m, w->r, w->error);
 }
 
 /* Send REPLY, built with result R so far; on failure answer with an error. */
@@ -140,23 +152,25 @@ static void send_reply(Work *w, sd_bus_message *reply, int r) {
         sd_bus_message_unref(reply);
 }
 
-static const char *details(const char **d, Image *img, const char *operation) {
-        d[0] = "path";
-        d[1] = img->path;
-        d[2] = "root";
-        d[3] = root_of(img->mgr, img->path);
-        d[4] = "operation";
-        d[5] = operation;
-        d[6] = NULL;
-        return d[0];
+/* Make the model current for IMG (1), or wait for it (0). */
+static int freshen(Image *img, sd_bus_message *m, sd_bus_error *error) {
+        return model_freshen(img->mgr, m, (char *[]){ img->path, NULL }, error);
+}
+
+static int authorize(Image *img, sd_bus_message *m, const char *action, const char *operation,
+                     sd_bus_error *error) {
+        return polkit_verify(img->mgr, m, action,
+                             (const char *const[]){ "path", img->path, "root", root_of(img->mgr, img->path),
+                                                    "operation", operation, "images", img->path, NULL },
+                             error);
 }
 
 /* Check */
 
 static void check_run(Work *w) {
         ImageOp *op = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) op->roots, .no_backing = true,
-                                     .check_mode = true, .writable = op->repair != DC_REPAIR_NONE };
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
+                                     .no_backing = true, .check_mode = true, .writable = op->repair != DC_REPAIR_NONE };
         dc_image *img = NULL;
         int r = dc_image_open(op->path, &o, &img);
         if (r >= 0)
@@ -171,7 +185,11 @@ static void check_done(Work *w) {
         int r;
 
         if (w->r < 0)
-                return reply_failed(w, ERROR_PREFIX "Corrupt");
+                return reply_failed(w);
+        if (op->repair && (op->check.corruptions_fixed || op->check.leaks_fixed))
+                log_fields(LOG_NOTICE, (const char *const[]){ "DISKCHAIN_IMAGE", op->path, NULL },
+                           "repaired '%s': %" PRIu64 " corruption(s) and %" PRIu64 " leak(s) fixed", op->path,
+                           op->check.corruptions_fixed, op->check.leaks_fixed);
         r = sd_bus_message_new_method_return(w->m, &reply);
         if (r >= 0)
                 r = sd_bus_message_append(
@@ -188,7 +206,6 @@ static int method_check(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         static const char *const allowed[] = { "repair", NULL };
         static const char *const repairs[] = { "none", "leaks", "all", NULL };
         g_autoptr(GHashTable) opts = NULL;
-        const char *d[8];
         ImageOp *op;
         int repair = 0, r;
 
@@ -198,41 +215,50 @@ static int method_check(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         r = opt_enum(opts, "repair", repairs, &repair, error);
         if (r < 0)
                 return r;
+        r = freshen(IMG, m, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         if (IMG->format != DC_FORMAT_QCOW2)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': %s images have no metadata to check",
                                          IMG->path, dc_format_name(IMG->format));
         if (repair && (r = refuse_busy(IMG, error)) < 0)
                 return r;
-        details(d, IMG, repair ? "repair" : "check");
-        r = polkit_verify(IMG->mgr, m, repair ? "org.diskchain.modify" : "org.diskchain.inspect", d, error);
+        r = authorize(IMG, m, repair ? "org.diskchain.modify" : "org.diskchain.inspect", repair ? "repair" : "check",
+                      error);
         if (r <= 0)
                 return r < 0 ? r : 1;
         op = image_op_new(IMG);
         if (!op)
                 return -ENOMEM;
         op->repair = repair;
-        r = work_start(IMG->mgr, m, check_run, check_done, op, image_op_free, repair != 0);
-        return r < 0 ? r : 1;
+        return image_op_start(IMG, m, op, check_run, check_done, repair != 0);
 }
 
 /* Map */
 
+#define MAP_EXTENTS_DEFAULT 4096
+#define MAP_EXTENTS_MAX 65536
+
 static int map_collect(const struct dc_extent *e, void *userdata) {
-        g_array_append_val((GArray *) userdata, *e);
-        return 0;
+        ImageOp *op = userdata;
+        g_array_append_val(op->extents, *e);
+        /* enough for one reply: the caller asks again from where this ends */
+        return op->extents->len >= op->max_extents ? -ECANCELED : 0;
 }
 
 static void map_run(Work *w) {
         ImageOp *op = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) op->roots, .max_depth = op->max_depth,
-                                     .no_lock = true };
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
+                                     .max_depth = op->max_depth, .no_lock = true };
         dc_image *img = NULL;
         int r = dc_image_open(op->path, &o, &img);
 
         op->extents = g_array_new(FALSE, FALSE, sizeof(struct dc_extent));
         if (r >= 0) {
                 uint64_t size = dc_image_virtual_size(img), len = op->b ? op->b : size - MIN(op->a, size);
-                r = dc_image_map(img, op->a, len, map_collect, op->extents);
+                r = dc_image_map(img, op->a, len, map_collect, op);
+                if (r == -ECANCELED)
+                        r = 0;
         }
         work_capture_error(w, r);
         dc_image_close(img);
@@ -244,7 +270,7 @@ static void map_done(Work *w) {
         int r;
 
         if (w->r < 0)
-                return reply_failed(w, NULL);
+                return reply_failed(w);
         r = sd_bus_message_new_method_return(w->m, &reply);
         if (r >= 0)
                 r = sd_bus_message_open_container(reply, 'a', "(ttubbbbx)");
@@ -259,24 +285,32 @@ static void map_done(Work *w) {
 }
 
 static int method_map(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        static const char *const allowed[] = { "max-extents", NULL };
         g_autoptr(GHashTable) opts = NULL;
-        uint64_t offset, length;
-        const char *d[8];
+        uint64_t offset, length, max = MAP_EXTENTS_DEFAULT;
         ImageOp *op;
         int r;
 
         r = sd_bus_message_read(m, "tt", &offset, &length);
         if (r < 0)
                 return r;
-        r = parse_options(m, NULL, &opts, error);
+        r = parse_options(m, allowed, &opts, error);
         if (r < 0)
                 return r;
+        r = opt_uint(opts, "max-extents", &max, error);
+        if (r < 0)
+                return r;
+        if (max < 1 || max > MAP_EXTENTS_MAX)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-extents must be 1..%u",
+                                         MAP_EXTENTS_MAX);
+        r = freshen(IMG, m, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         if (offset > IMG->virtual_size || (length && length > IMG->virtual_size - offset))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "'%s': range %" PRIu64 "+%" PRIu64 " is beyond the virtual size %" PRIu64,
                                          IMG->path, offset, length, IMG->virtual_size);
-        details(d, IMG, "map");
-        r = polkit_verify(IMG->mgr, m, "org.diskchain.inspect", d, error);
+        r = authorize(IMG, m, "org.diskchain.inspect", "map", error);
         if (r <= 0)
                 return r < 0 ? r : 1;
         op = image_op_new(IMG);
@@ -284,15 +318,16 @@ static int method_map(sd_bus_message *m, void *userdata, sd_bus_error *error) {
                 return -ENOMEM;
         op->a = offset;
         op->b = length;
-        r = work_start(IMG->mgr, m, map_run, map_done, op, image_op_free, false);
-        return r < 0 ? r : 1;
+        op->max_extents = max;
+        return image_op_start(IMG, m, op, map_run, map_done, false);
 }
 
 /* Resize */
 
 static void resize_run(Work *w) {
         ImageOp *op = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) op->roots, .no_backing = true, .writable = true };
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
+                                     .no_backing = true, .writable = true };
         dc_image *img = NULL;
         int r = dc_image_open(op->path, &o, &img);
         if (r >= 0)
@@ -305,13 +340,12 @@ static void resize_run(Work *w) {
 
 static void reply_empty_done(Work *w) {
         if (w->r < 0)
-                return reply_failed(w, NULL);
+                return reply_failed(w);
         (void) sd_bus_reply_method_return(w->m, NULL);
 }
 
 static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         g_autoptr(GHashTable) opts = NULL;
-        const char *d[8];
         uint64_t size;
         ImageOp *op;
         int r;
@@ -322,6 +356,9 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
         r = parse_options(m, NULL, &opts, error);
         if (r < 0)
                 return r;
+        r = freshen(IMG, m, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         if (size < IMG->virtual_size)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
                                          "'%s': shrinking from %" PRIu64 " to %" PRIu64 " bytes is not supported",
@@ -332,58 +369,56 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
         r = refuse_busy(IMG, error);
         if (r < 0)
                 return r;
-        details(d, IMG, "resize");
-        r = polkit_verify(IMG->mgr, m, "org.diskchain.modify", d, error);
+        r = authorize(IMG, m, "org.diskchain.modify", "resize", error);
         if (r <= 0)
                 return r < 0 ? r : 1;
         op = image_op_new(IMG);
         if (!op)
                 return -ENOMEM;
         op->a = size;
-        r = work_start(IMG->mgr, m, resize_run, reply_empty_done, op, image_op_free, true);
-        return r < 0 ? r : 1;
+        return image_op_start(IMG, m, op, resize_run, reply_empty_done, true);
 }
 
 /* Delete */
 
 static void delete_run(Work *w) {
         ImageOp *op = w->data;
-        g_autofree char *dir = g_path_get_dirname(op->path), *base = g_path_get_basename(op->path);
-        int dfd, r = 0;
+        int fd = dc_path_open(op->path, (const char *const *) op->roots, O_RDONLY, 0);
+        struct stat st;
+        int r = fd;
 
-        /* The parent may be the root itself, which dc_path_open refuses to open
-         * as "inside" the root: open it directly then. */
-        dfd = dc_path_open(dir, (const char *const *) op->roots, O_PATH | O_DIRECTORY, 0);
-        if (dfd == -EPERM) {
-                for (char **rt = op->roots; *rt; rt++)
-                        if (strcmp(*rt, dir) == 0)
-                                dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-        }
-        if (dfd < 0)
-                r = dfd < -1 ? dfd : -errno;
-        else if (dc_path_locked_by_writer(op->path, (const char *const *) op->roots) > 0)
-                r = -EBUSY;
-        else if (unlinkat(dfd, base, 0) < 0)
-                r = -errno;
-        if (dfd >= 0)
-                close(dfd);
-        if (r == -EBUSY)
-                w->error = g_strdup_printf("'%s' is in use by another process", op->path);
-        else if (r < 0 && !w->error)
-                w->error = g_strdup_printf("'%s': cannot delete: %s", op->path, strerror(-r));
-        w->r = r;
+        /* the file as it is now: not in QEMU's hands, and the very file removed */
+        if (fd >= 0 && fstat(fd, &st) < 0)
+                r = dc_set_error(errno, "'%s': cannot stat: %m", op->path);
+        else if (fd >= 0 && dc_fd_locked_by_writer(fd) > 0)
+                r = dc_set_error(EBUSY, "'%s' is in use by another process", op->path);
+        else if (fd >= 0)
+                r = dc_path_unlink(op->path, (const char *const *) op->roots, &st);
+        if (fd >= 0)
+                close(fd);
+        work_capture_error(w, r);
+}
+
+static void delete_done(Work *w) {
+        ImageOp *op = w->data;
+        if (w->r >= 0)
+                log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_IMAGE", op->path, NULL }, "deleted '%s'",
+                           op->path);
+        reply_empty_done(w);
 }
 
 static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         g_autoptr(GHashTable) opts = NULL;
         g_auto(GStrv) overlays = NULL;
-        const char *d[8];
         ImageOp *op;
         int r;
 
         r = parse_options(m, NULL, &opts, error);
         if (r < 0)
                 return r;
+        r = freshen(IMG, m, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         overlays = image_overlays(IMG->mgr, IMG);
         if (overlays[0])
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the backing file of %u other image(s)",
@@ -391,15 +426,13 @@ static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error)
         r = refuse_busy(IMG, error);
         if (r < 0)
                 return r;
-        details(d, IMG, "delete");
-        r = polkit_verify(IMG->mgr, m, "org.diskchain.delete", d, error);
+        r = authorize(IMG, m, "org.diskchain.delete", "delete", error);
         if (r <= 0)
                 return r < 0 ? r : 1;
         op = image_op_new(IMG);
         if (!op)
                 return -ENOMEM;
-        r = work_start(IMG->mgr, m, delete_run, reply_empty_done, op, image_op_free, true);
-        return r < 0 ? r : 1;
+        return image_op_start(IMG, m, op, delete_run, delete_done, true);
 }
 
 #define PROP(name, sig, getter) \
@@ -423,7 +456,7 @@ const sd_bus_vtable image_vtable[] = {
         PROP("Corrupt", "b", property_get_bool),
         PROP("Encrypted", "b", property_get_bool),
         PROP("ReadOnly", "b", property_get_bool),
-        SD_BUS_PROPERTY("InUse", "s", property_get_string, 0, 0),
+        PROP("InUse", "s", property_get_string),
         SD_BUS_METHOD_WITH_ARGS("Check", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("a{sv}", result),
                                 method_check, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Map", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options),

@@ -12,6 +12,7 @@
  */
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -25,14 +26,48 @@ static uint64_t now_usec(clockid_t c) {
         return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
 }
 
+static void free_job_run(Work *w) {
+        dc_job_free(w->data);
+}
+
+void job_free_later(Manager *mgr, dc_job *dj) {
+        Work *w;
+        if (!dj)
+                return;
+        w = work_new(mgr, free_job_run, NULL, dj, NULL);
+        if (w)
+                (void) work_submit(w, NULL);
+}
+
+/* Give back the images the job held and the target's place; announce what that changes. */
+static void job_release(Job *j) {
+        Manager *mgr = j->mgr;
+        g_autoptr(GPtrArray) changed = g_ptr_array_new();
+
+        for (char **p = j->paths; p && *p; p++) {
+                g_hash_table_remove(mgr->busy, *p);
+                g_ptr_array_add(changed, *p);
+        }
+        if (*j->target && g_strcmp0(g_hash_table_lookup(mgr->targets, j->target), j->id) == 0) {
+                g_hash_table_remove(mgr->targets, j->target);
+                g_ptr_array_add(changed, j->target);
+        }
+        g_ptr_array_add(changed, NULL);
+        if (mgr->bus && changed->len > 1) {
+                model_changed(mgr, (char **) changed->pdata);
+                /* what the job wrote is read again */
+                model_refresh(mgr, (char **) changed->pdata);
+        }
+        g_strfreev(j->paths);
+        j->paths = NULL;
+}
+
 static void job_free(Job *j) {
         if (!j)
                 return;
-        if (j->paths)
-                for (char **p = j->paths; *p; p++)
-                        g_hash_table_remove(j->mgr->busy, *p);
-        dc_job_free(j->dj);
-        g_strfreev(j->paths);
+        job_release(j);
+        g_hash_table_remove(j->mgr->job_ids, j->id);
+        job_free_later(j->mgr, TAKE_PTR(j->dj));
         free(j->id);
         free(j->object);
         free(j->chain_object);
@@ -80,7 +115,7 @@ const char *busy_job(Manager *mgr, const char *path) {
 char *job_new_id(Manager *mgr, const char *type) {
         for (;;) {
                 char *id = g_strdup_printf("%s%u", type, mgr->job_counter++);
-                if (!g_hash_table_contains(mgr->jobs, id))
+                if (!g_hash_table_contains(mgr->job_ids, id))
                         return id;
                 g_free(id);
         }
@@ -138,6 +173,19 @@ static void job_emit(Job *j, const struct dc_job_event *ev) {
         }
 }
 
+static void log_outcome(Job *j, const struct dc_job_event *ev) {
+        g_autofree char *bytes = g_strdup_printf("%" PRIu64, ev->offset);
+        g_autofree char *secs = g_strdup_printf("%.1f", (now_usec(CLOCK_MONOTONIC) - j->start_mono) / 1e6);
+        const char *result = ev->kind == DC_EV_CANCELLED ? "cancelled" : ev->error[0] ? "failed" : "completed";
+
+        log_fields(ev->kind == DC_EV_COMPLETED && ev->error[0] ? LOG_WARNING : LOG_INFO,
+                   (const char *const[]){ "DISKCHAIN_JOB", j->id, "DISKCHAIN_JOB_TYPE", dc_job_type_name(j->type),
+                                          "DISKCHAIN_RESULT", result, "DISKCHAIN_BYTES", bytes, "DISKCHAIN_SECONDS",
+                                          secs, "DISKCHAIN_ERROR", ev->error[0] ? ev->error : NULL, NULL },
+                   "job '%s' %s after %s s, %s of %" PRIu64 " bytes done%s%s", j->id, result, secs, bytes, ev->len,
+                   ev->error[0] ? ": " : "", ev->error);
+}
+
 static void job_drain(Job *j) {
         struct dc_job_event ev;
         Manager *mgr = j->mgr;
@@ -145,14 +193,14 @@ static void job_drain(Job *j) {
         while (dc_job_next_event(j->dj, &ev) > 0) {
                 dc_job_get_info(j->dj, &j->last);
                 job_emit(j, &ev);
-                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_CONCLUDED) {
-                        /* the images are closed: free them for others, rescan the shape */
-                        for (char **p = j->paths; p && *p; p++)
-                                g_hash_table_remove(mgr->busy, *p);
-                        g_strfreev(j->paths);
-                        j->paths = NULL;
-                        (void) model_request_rescan(mgr);
-                }
+                if (ev.kind == DC_EV_COMPLETED || ev.kind == DC_EV_CANCELLED)
+                        log_outcome(j, &ev);
+                if (ev.kind == DC_EV_ERROR)
+                        log_fields(LOG_WARNING, (const char *const[]){ "DISKCHAIN_JOB", j->id, NULL },
+                                   "job '%s': I/O error on %s, action %s: %s", j->id, ev.operation, ev.action,
+                                   j->last.error);
+                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_CONCLUDED)
+                        job_release(j); /* the images are closed: free them for others, read them again */
                 if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_NULL) {
                         (void) sd_bus_emit_object_removed(mgr->bus, j->object);
                         (void) sd_bus_emit_properties_changed(mgr->bus, j->chain_object, IFACE_CHAIN, "Jobs", NULL);
@@ -220,7 +268,9 @@ int jobs_setup(Manager *mgr) {
         int r;
 
         mgr->jobs = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free_void);
+        mgr->job_ids = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         mgr->busy = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        mgr->targets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         mgr->job_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (mgr->job_fd < 0)
                 return -errno;
@@ -238,23 +288,29 @@ void jobs_free(Manager *mgr) {
         Job *j;
 
         if (mgr->jobs) {
-                /* shutting down: cancel what runs, then wait for each thread */
+                /* shutting down: cancel what runs, then wait for each thread here (no workers any more) */
                 g_hash_table_iter_init(&it, mgr->jobs);
-                while (g_hash_table_iter_next(&it, NULL, (void **) &j))
+                while (g_hash_table_iter_next(&it, NULL, (void **) &j)) {
                         (void) dc_job_cancel(j->dj, true);
+                        j->dj = dc_job_free(j->dj);
+                }
                 g_hash_table_destroy(mgr->jobs);
         }
+        if (mgr->job_ids)
+                g_hash_table_destroy(mgr->job_ids);
         if (mgr->busy)
                 g_hash_table_destroy(mgr->busy);
+        if (mgr->targets)
+                g_hash_table_destroy(mgr->targets);
         sd_event_source_disable_unref(mgr->job_source);
         sd_event_source_disable_unref(mgr->progress_timer);
-        if (mgr->job_fd > 0)
+        if (mgr->job_fd >= 0)
                 close(mgr->job_fd);
 }
 
-/* The options every job start passes to the library. */
-int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_object, const char *top,
-                 const char *base, const char *target, char **paths, Job **ret) {
+/* Publish a started job: the id, the claims on PATHS and the target's place are the caller's reservations, now the Job's. */
+int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, const char *top, const char *base,
+                 const char *target, char **paths, Job **ret) {
         Job *j = calloc(1, sizeof *j);
         int r;
 
@@ -271,16 +327,22 @@ int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_
         j->paths = g_strdupv(paths);
         j->type = dc_job_type(dj);
         j->status = DC_JOB_CREATED;
+        j->uid = uid;
         j->start_time = now_usec(CLOCK_REALTIME);
-        j->rate_t0 = now_usec(CLOCK_MONOTONIC);
-        (void) caller_uid(m, &j->uid);
+        j->start_mono = j->rate_t0 = now_usec(CLOCK_MONOTONIC);
         dc_job_get_info(dj, &j->last);
         if (r < 0) {
-                job_free(j);
+                /* not published: the reservations stay the caller's, the job too */
+                g_strfreev(j->paths);
+                free(j->id);
+                free(j->object);
+                free(j->chain_object);
+                free(j->top);
+                free(j->base);
+                free(j->target);
+                free(j);
                 return r;
         }
-        for (char **p = paths; p && *p; p++)
-                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(j->id));
         g_hash_table_insert(mgr->jobs, j->id, j);
         if (g_hash_table_size(mgr->jobs) == 1) {
                 (void) sd_event_source_set_time_relative(mgr->progress_timer, 250000);
@@ -288,6 +350,7 @@ int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_
         }
         (void) sd_bus_emit_object_added(mgr->bus, j->object);
         (void) sd_bus_emit_properties_changed(mgr->bus, chain_object, IFACE_CHAIN, "Jobs", NULL);
+        model_changed(mgr, paths); /* InUse of the images */
         job_notify(mgr);
         *ret = j;
         return 0;
@@ -411,7 +474,7 @@ static int property_get_uid(sd_bus *bus, const char *path, const char *iface, co
 /* --- verbs ---------------------------------------------------------------- */
 
 static int verb_authorize(sd_bus_message *m, Job *j, const char *verb, sd_bus_error *error) {
-        const char *d[] = { "path", j->top, "job-id", j->id, "operation", verb, NULL };
+        const char *const d[] = { "path", j->top, "job-id", j->id, "operation", verb, NULL };
         uid_t uid = 0;
         int r = caller_uid(m, &uid);
         if (r < 0)
@@ -423,8 +486,7 @@ static int verb_authorize(sd_bus_message *m, Job *j, const char *verb, sd_bus_er
 
 static int verb_result(sd_bus_message *m, int r, sd_bus_error *error) {
         if (r < 0)
-                return sd_bus_error_set(error, r == -EPERM ? ERROR_PREFIX "InvalidJobState" : ERROR_PREFIX "IOError",
-                                        dc_get_error());
+                return bus_error_from_errno(error, r, dc_get_error());
         return sd_bus_reply_method_return(m, NULL);
 }
 

@@ -7,17 +7,38 @@
 #include "config.h"
 #include "daemon.h"
 
-int config_load(Config *c, const char *file, char **cli_roots) {
+static unsigned get_uint(GKeyFile *kf, const char *group, const char *key, unsigned def, unsigned min,
+                         unsigned max) {
+        g_autoptr(GError) err = NULL;
+        guint64 v;
+
+        if (!kf || !g_key_file_has_key(kf, group, key, NULL))
+                return def;
+        v = g_key_file_get_uint64(kf, group, key, &err);
+        if (err || v < min || v > max) {
+                log_warning("[%s] %s= must be %u..%u; using %u", group, key, min, max, def);
+                return def;
+        }
+        return (unsigned) v;
+}
+
+static bool inside(const char *path, const char *dir) {
+        size_t l = strlen(dir);
+        while (l > 1 && dir[l - 1] == '/')
+                l--;
+        return strncmp(path, dir, l) == 0 && (path[l] == '/' || path[l] == 0);
+}
+
+int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir) {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autoptr(GError) err = NULL;
+        g_autofree char *state = NULL;
         GPtrArray *roots = g_ptr_array_new();
         bool have_file;
 
-        c->max_jobs = 4;
-        c->max_depth = 64;
         have_file = g_key_file_load_from_file(kf, file, G_KEY_FILE_NONE, &err);
         if (!have_file && !g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-                fprintf(stderr, "diskchaind: %s: %s\n", file, err->message);
+                log_error("%s: %s", file, err->message);
                 g_ptr_array_free(roots, TRUE);
                 return -EINVAL;
         }
@@ -34,25 +55,42 @@ int config_load(Config *c, const char *file, char **cli_roots) {
                 g_ptr_array_add(roots, g_strdup(DEFAULT_STORAGE_ROOT));
         for (guint i = 0; i < roots->len; i++)
                 if (((char *) roots->pdata[i])[0] != '/') {
-                        fprintf(stderr, "diskchaind: storage root '%s' is not an absolute path\n",
-                                (char *) roots->pdata[i]);
+                        log_error("storage root '%s' is not an absolute path", (char *) roots->pdata[i]);
                         g_ptr_array_free(roots, TRUE);
                         return -EINVAL;
                 }
         g_ptr_array_add(roots, NULL);
         c->roots = (char **) g_ptr_array_free(roots, FALSE);
-        if (have_file) {
-                if (g_key_file_has_key(kf, "Limits", "MaxJobs", NULL))
-                        c->max_jobs = (unsigned) g_key_file_get_uint64(kf, "Limits", "MaxJobs", NULL);
-                if (g_key_file_has_key(kf, "Limits", "MaxChainDepth", NULL))
-                        c->max_depth = (unsigned) g_key_file_get_uint64(kf, "Limits", "MaxChainDepth", NULL);
+
+        if (cli_state_dir)
+                state = g_strdup(cli_state_dir);
+        else if (have_file && g_key_file_has_key(kf, "Storage", "StateDirectory", NULL))
+                state = g_strstrip(g_key_file_get_string(kf, "Storage", "StateDirectory", NULL));
+        else
+                state = g_strdup(DEFAULT_STATE_DIR);
+        if (state[0] != '/') {
+                log_error("state directory '%s' is not an absolute path", state);
+                return -EINVAL;
         }
-        if (c->max_depth == 0 || c->max_depth > 255)
-                c->max_depth = 64;
+        /* The records decide what every file is: nobody who can write a
+         * storage root may be able to write them. */
+        for (char **r = c->roots; *r; r++)
+                if (inside(state, *r)) {
+                        log_error("state directory '%s' is inside the storage root '%s'", state, *r);
+                        return -EINVAL;
+                }
+        c->state_dir = g_canonicalize_filename(state, "/");
+
+        c->max_jobs = get_uint(have_file ? kf : NULL, "Limits", "MaxJobs", 4, 1, 64);
+        c->max_depth = get_uint(have_file ? kf : NULL, "Limits", "MaxChainDepth", 64, 1, 255);
+        c->workers = get_uint(have_file ? kf : NULL, "Limits", "Workers", 4, 1, 64);
+        c->max_operations = get_uint(have_file ? kf : NULL, "Limits", "MaxOperations", 64, 1, 4096);
         return 0;
 }
 
 void config_done(Config *c) {
         g_strfreev(c->roots);
         c->roots = NULL;
+        g_free(c->state_dir);
+        c->state_dir = NULL;
 }

@@ -4,6 +4,8 @@
 #include <glib.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
+#include <syslog.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
@@ -17,9 +19,12 @@
 #define IFACE_MANAGER BUS_NAME ".Manager"
 #define IFACE_IMAGE BUS_NAME ".Image"
 #define IFACE_CHAIN BUS_NAME ".Chain"
+#define IFACE_JOB BUS_NAME ".Job"
 #define ERROR_PREFIX BUS_NAME ".Error."
 
 #define _cleanup_(f) __attribute__((cleanup(f)))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+#define _fallthrough_ __attribute__((fallthrough))
 static inline void freep(void *p) {
         free(*(void **) p);
 }
@@ -31,9 +36,18 @@ static inline void freep(void *p) {
                 _tp_;                     \
         })
 
-typedef struct Manager Manager;
+/*
+ * Lock order of the daemon (the library's is in lib/dc-internal.h): the
+ * event loop thread owns every structure below except the Registry (its own
+ * mutex, taken by worker and job threads through the format oracle and the
+ * pivot record) and the Pool's queue (its own mutex).  Neither is held while
+ * taking the other.
+ */
 
-/* What the storage roots hold, as last scanned. */
+typedef struct Manager Manager;
+typedef struct Registry Registry;
+
+/* One file in the storage roots, as last read (by a worker thread). */
 typedef struct Image {
         Manager *mgr;
         char *path;           /* absolute */
@@ -44,16 +58,21 @@ typedef struct Image {
         char *compat, *compression_type, *backing_file, *backing_format;
         char *backing_abs;    /* resolved backing path, or NULL */
         bool dirty, corrupt, encrypted, read_only;
-        char *superseded_by;  /* a pivot replaced this layer with that active layer ("" = no) */
-        char *job_target;     /* the job whose target this is while it runs ("" = none) */
-        char *error;          /* set when the file could not be parsed: not exported */
+        char *superseded_by;  /* a pivot replaced this layer with that active layer (NULL = no) */
+        dev_t dev;
+        ino_t ino;
+        bool external;        /* another process holds QEMU's write lock on it (last look) */
+        char *error;          /* set when the file is no usable image: not exported */
         int error_errno;
 } Image;
 
 typedef struct Config {
         char **roots;         /* NULL-terminated */
+        char *state_dir;
         unsigned max_jobs;
         unsigned max_depth;
+        unsigned workers;     /* threads for image work */
+        unsigned max_operations; /* client operations queued or running at once */
         uint64_t idle_timeout_usec;
 } Config;
 
@@ -61,17 +80,41 @@ struct Manager {
         sd_event *event;
         sd_bus *bus;
         Config config;
-        GHashTable *images;   /* path -> Image* (including unparsable files) */
-        GHashTable *polkit;   /* sd_bus_message* -> PolkitQuery* */
-        unsigned work_in_flight;
-        bool scan_running, scan_again;
+        Registry *registry;
+        struct dc_format_oracle oracle;
+
+        /* the model (model.c) */
+        GHashTable *images;   /* path -> Image* (including files that are no usable image) */
+        GHashTable *overlays; /* backing path -> GPtrArray of Image* naming it */
+        GHashTable *active;   /* path -> Image*: active layers of chains, as last announced */
+        GHashTable *held;     /* path -> count: images our own work has open read-write */
+        int inotify_fd;
+        sd_event_source *inotify_source, *refresh_timer, *locks_timer;
+        GMutex watch_lock;    /* the two tables below: workers add watches */
+        GHashTable *watches;  /* wd -> directory path */
+        GHashTable *watched;  /* directory path -> wd */
+        GHashTable *dirty;    /* paths to read again */
+        bool rescan_all;      /* the inotify queue overflowed: read everything again */
+        bool refresh_running, locks_running;
+        GPtrArray *waiters_now, *waiters_next; /* calls to dispatch again after a refresh */
+        GHashTable *freshened; /* sd_bus_message* -> expiry (µs): calls already made fresh */
+
+        /* work (worker.c) */
+        struct Pool *pool;
+        uint64_t last_call;   /* CLOCK_MONOTONIC µs of the last call, for the idle exit */
+        unsigned operations;  /* client operations queued or running */
         int notify_fd;
-        sd_event_source *notify_source, *rescan_timer;
-        GHashTable *watches;  /* directory -> inotify sd_event_source */
-        GMutex done_lock;
-        GQueue *done;         /* finished Work items waiting for the loop */
+        sd_event_source *notify_source;
+
+        /* polkit (polkit.c) */
+        GHashTable *polkit;   /* sd_bus_message* -> PolkitQuery* */
+        sd_bus_slot *name_owner_slot;
+
+        /* jobs (bus-job.c) */
         GHashTable *jobs;     /* id -> Job* */
+        GHashTable *job_ids;  /* id -> NULL: reserved from the start of a call until the job is gone */
         GHashTable *busy;     /* image path -> job id, for images a job uses */
+        GHashTable *targets;  /* image path -> job id, for the targets of running jobs */
         int job_fd;           /* eventfd: some job has events */
         sd_event_source *job_source, *progress_timer;
         unsigned job_counter;
@@ -85,26 +128,54 @@ typedef struct Job {
         char **paths;         /* images held busy */
         uid_t uid;
         uint64_t start_time;  /* µs since the epoch */
+        uint64_t start_mono;
         int type, status;
         uint64_t last_offset, last_len, rate, rate_t0, rate_off0;
         struct dc_job_info last;
 } Job;
 
+/* log.c — the journal with structured fields, or stderr lines without one */
+extern int log_max_level;
+void log_setup(void);
+/* FIELDS: NULL-terminated pairs of journal field name and value (NULL for none). */
+void log_fields(int level, const char *const *fields, const char *fmt, ...) _printf_(3, 4);
+#define log_error(...) log_fields(LOG_ERR, NULL, __VA_ARGS__)
+#define log_warning(...) log_fields(LOG_WARNING, NULL, __VA_ARGS__)
+#define log_notice(...) log_fields(LOG_NOTICE, NULL, __VA_ARGS__)
+#define log_info(...) log_fields(LOG_INFO, NULL, __VA_ARGS__)
+#define log_debug(...) log_fields(LOG_DEBUG, NULL, __VA_ARGS__)
+
 /* config.c */
-int config_load(Config *c, const char *file, char **cli_roots);
+int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir);
 void config_done(Config *c);
 
-/* errors.c */
-int bus_error_from_errno(sd_bus_error *e, int err, const char *message, const char *einval_name);
-int reply_error_errno(sd_bus_message *m, int err, const char *message, const char *einval_name);
+/* errors.c — the one table from errno to D-Bus errors */
+const char *bus_error_name(int err);
+int bus_error_from_errno(sd_bus_error *e, int err, const char *message);
+int reply_error_errno(sd_bus_message *m, int err, const char *message);
+
+/* registry.c — the daemon's own records: each image's format, and pivots */
+int registry_open(const char *state_dir, char **roots, Registry **ret);
+Registry *registry_free(Registry *r);
+int registry_format(void *userdata, const char *abs, int fd, int hint, int *ret_format);
+int registry_created(void *userdata, const char *abs, int fd, int format);
+int registry_pivoted(void *userdata, const char *new_top, const char *const *dropped);
+int registry_classify(Registry *r, const char *abs, int fd, int format);
+/* The active layer a pivot replaced the file ABS (identity ST) with, or NULL; free() it. */
+char *registry_superseded_by(Registry *r, const char *abs, const struct stat *st);
+/* ABS no longer exists: forget it. */
+void registry_forget(Registry *r, const char *abs);
+unsigned registry_size(Registry *r);
+/* Make the records written without a sync durable (at the end of each worker's item). */
+void registry_sync(Registry *r);
 
 /* polkit.c */
-int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const char **details, sd_bus_error *error);
-void polkit_registry_free(Manager *mgr);
-GHashTable *polkit_registry_new(void);
-#define _fallthrough_ __attribute__((fallthrough))
+int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const char *const *details,
+                  sd_bus_error *error);
+int polkit_setup(Manager *mgr);
+void polkit_free(Manager *mgr);
 
-/* worker.c — run image I/O off the event loop */
+/* worker.c — a bounded pool of threads for everything that touches files */
 typedef struct Work Work;
 typedef void (*work_fn)(Work *w);
 struct Work {
@@ -116,12 +187,23 @@ struct Work {
         void (*free_data)(void *data);
         int r;                /* result of run(): >= 0 or -errno */
         char *error;          /* dc_get_error() captured on the worker thread */
-        GPtrArray *scan;      /* images rescanned after a change, or NULL */
-        bool rescan;          /* rescan the roots after run() */
+        char **refresh;       /* paths to read again after run(), on the worker thread */
+        GPtrArray *scan;      /* what reading them found, applied before done() */
+        bool operation;       /* a client's operation: counted against MaxOperations */
+        char **holds;         /* paths our work has open read-write meanwhile */
 };
-int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void *data, void (*free_data)(void *),
-               bool rescan);
-int worker_setup(Manager *mgr);
+/* A new item (NULL when out of memory; FREE_DATA has run then). */
+Work *work_new(Manager *mgr, work_fn run, work_fn done, void *data, void (*free_data)(void *));
+/*
+ * Queue W.  With M, W is that call's operation: counted against
+ * MaxOperations, and beyond it M is answered with LimitsExceeded and W
+ * dropped.  Without M, W is internal work and never refused.
+ */
+int work_submit(Work *w, sd_bus_message *m);
+/* work_new() and work_submit() in one. */
+int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void *data, void (*free_data)(void *));
+int workers_setup(Manager *mgr);
+void workers_free(Manager *mgr);
 void work_capture_error(Work *w, int r);
 /* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
 void reply_new_image(Work *w, const char *path);
@@ -129,9 +211,24 @@ void reply_new_image(Work *w, const char *path);
 /* model.c — images, chains and their bus objects */
 Image *image_free(Image *img);
 void image_free_void(void *p);
-GPtrArray *scan_roots(Manager *mgr);
-void model_apply_scan(Manager *mgr, GPtrArray *scan);
-int model_request_rescan(Manager *mgr);
+Image *scan_one(Manager *mgr, const char *abs);
+/* On a worker: read PATHS (files or directories; NULL = every root) as they are now, for model_apply(). */
+GPtrArray *model_read_paths(Manager *mgr, char **paths);
+int model_setup(Manager *mgr);
+void model_free(Manager *mgr);
+int model_scan_initial(Manager *mgr);
+/* Apply what a worker read (Image entries; an entry with error ENOENT means the file is gone). */
+void model_apply(Manager *mgr, GPtrArray *scan);
+/* Set-aside status of PATHS changed (a job took or released them): announce what follows. */
+void model_changed(Manager *mgr, char **paths);
+/* Read PATHS again soon. */
+void model_refresh(Manager *mgr, char **paths);
+/*
+ * Make the model current for a call naming PATHS: 1 when it is, 0 when a
+ * refresh was started and M will be dispatched again afterwards.
+ */
+int model_freshen(Manager *mgr, sd_bus_message *m, char **paths, sd_bus_error *error);
+void model_hold(Manager *mgr, char **paths, int delta);
 Image *model_find(Manager *mgr, const char *abs);
 char *image_object_path(const char *abs);
 char *chain_object_path(const char *abs);
@@ -141,13 +238,16 @@ Image *chain_active_from_object(Manager *mgr, const char *object);
 char **image_overlays(Manager *mgr, Image *img);
 char **image_chains(Manager *mgr, Image *img);
 char **chain_layers(Manager *mgr, Image *active);
+GPtrArray *chain_layer_images(Manager *mgr, Image *active);
 bool image_is_active(Manager *mgr, Image *img);
-int model_watch_dir(Manager *mgr, const char *dir);
+bool image_in_any_chain(Manager *mgr, Image *img);
+const char *image_in_use(Manager *mgr, Image *img, char **ret_free);
 
 /* bus-*.c — the vtables */
 extern const sd_bus_vtable manager_vtable[];
 extern const sd_bus_vtable image_vtable[];
 extern const sd_bus_vtable chain_vtable[];
+extern const sd_bus_vtable job_vtable[];
 int bus_register(Manager *mgr);
 int append_objects(sd_bus_message *m, char **paths);
 int image_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
@@ -156,20 +256,19 @@ int chain_object_find(sd_bus *bus, const char *path, const char *iface, void *us
                       sd_bus_error *error);
 
 /* bus-job.c */
-#define IFACE_JOB BUS_NAME ".Job"
-extern const sd_bus_vtable job_vtable[];
 int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
                     sd_bus_error *error);
 int jobs_setup(Manager *mgr);
 void jobs_free(Manager *mgr);
-int job_register(Manager *mgr, dc_job *dj, sd_bus_message *m, const char *chain_object, const char *top,
+int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, const char *top,
                  const char *base, const char *target, char **paths, Job **ret);
 char **model_job_paths(Manager *mgr);
 const char *busy_job(Manager *mgr, const char *path);
 int append_job_infos(Manager *mgr, sd_bus_message *reply);
 char *job_new_id(Manager *mgr, const char *type);
+/* Free DJ (joining its thread) on a worker, never on the loop. */
+void job_free_later(Manager *mgr, dc_job *dj);
 void job_notify(void *userdata);
-GPtrArray *chain_layer_images(Manager *mgr, Image *active);
 int caller_uid(sd_bus_message *m, uid_t *ret);
 
 /* manager.c */
@@ -190,3 +289,6 @@ int opt_uint(GHashTable *o, const char *key, uint64_t *ret, sd_bus_error *error)
 int opt_bool(GHashTable *o, const char *key, bool *ret, sd_bus_error *error);
 int opt_enum(GHashTable *o, const char *key, const char *const *values, int *ret, sd_bus_error *error);
 const char *root_of(Manager *mgr, const char *abs);
+/* polkit details: "images" (every image, one per line), "roots" (their roots, one per line). */
+char *paths_joined(char **paths);
+char *roots_joined(Manager *mgr, char **paths);

@@ -13,11 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "config.h"
 #include "daemon.h"
-
-static int log_level = 6;
 
 static void help(void) {
         printf("diskchaind [OPTIONS...]\n\n"
@@ -26,9 +25,10 @@ static void help(void) {
                "     --version           Show the version\n"
                "     --config FILE       Configuration file (default: %s)\n"
                "     --root DIR          Storage root (repeatable; overrides the configuration)\n"
+               "     --state-dir DIR     Where the daemon keeps its records (default: %s)\n"
                "     --idle-timeout SEC  Exit after SEC seconds without work (default 30, 0 = never)\n"
                "     --log-level LEVEL   err, warning, notice, info or debug\n",
-               DEFAULT_CONFIG_FILE);
+               DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR);
 }
 
 static int parse_level(const char *s) {
@@ -39,29 +39,44 @@ static int parse_level(const char *s) {
         return -1;
 }
 
+static uint64_t now_usec(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000000u + (uint64_t) ts.tv_nsec / 1000u;
+}
+
+/* Every call that reaches us is activity. */
+static int on_call(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        Manager *mgr = userdata;
+        if (sd_bus_message_get_type(m, NULL) == 0 || sd_bus_message_is_method_call(m, NULL, NULL))
+                mgr->last_call = now_usec();
+        return 0;
+}
+
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
 int main(int argc, char **argv) {
-        enum { ARG_VERSION = 0x100, ARG_CONFIG, ARG_ROOT, ARG_IDLE, ARG_LOG };
+        enum { ARG_VERSION = 0x100, ARG_CONFIG, ARG_ROOT, ARG_STATE, ARG_IDLE, ARG_LOG };
         static const struct option options[] = {
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, ARG_VERSION },
                 { "config", required_argument, NULL, ARG_CONFIG },
                 { "root", required_argument, NULL, ARG_ROOT },
+                { "state-dir", required_argument, NULL, ARG_STATE },
                 { "idle-timeout", required_argument, NULL, ARG_IDLE },
                 { "log-level", required_argument, NULL, ARG_LOG },
                 {},
         };
-        const char *config_file = DEFAULT_CONFIG_FILE;
+        const char *config_file = DEFAULT_CONFIG_FILE, *state_dir = NULL;
         g_autoptr(GPtrArray) roots = g_ptr_array_new_with_free_func(g_free);
         uint64_t idle_usec = 30ULL * 1000000ULL;
         Manager *mgr = NULL;
         Config config = { 0 };
-        GPtrArray *scan;
         int c, r;
 
+        log_setup();
         while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
                 switch (c) {
                 case 'h':
@@ -73,10 +88,11 @@ int main(int argc, char **argv) {
                 case ARG_CONFIG:
                         config_file = optarg;
                         break;
+                case ARG_STATE:
+                        state_dir = optarg;
+                        break;
                 case ARG_ROOT: {
-                        char *end;
                         g_autofree char *canon = NULL;
-                        (void) end;
                         if (optarg[0] != '/') {
                                 fprintf(stderr, "diskchaind: --root needs an absolute path\n");
                                 return 1;
@@ -96,8 +112,8 @@ int main(int argc, char **argv) {
                         break;
                 }
                 case ARG_LOG:
-                        log_level = parse_level(optarg);
-                        if (log_level < 0) {
+                        log_max_level = parse_level(optarg);
+                        if (log_max_level < 0) {
                                 fprintf(stderr, "diskchaind: unknown log level '%s'\n", optarg);
                                 return 1;
                         }
@@ -106,17 +122,17 @@ int main(int argc, char **argv) {
                         return 1;
                 }
         g_ptr_array_add(roots, NULL);
-        r = config_load(&config, config_file, (char **) roots->pdata);
+        r = config_load(&config, config_file, (char **) roots->pdata, state_dir);
         if (r < 0)
                 return 1;
         config.idle_timeout_usec = idle_usec;
         for (char **rt = config.roots; *rt; rt++)
                 if (g_mkdir_with_parents(*rt, 0700) < 0)
-                        fprintf(stderr, "diskchaind: cannot create storage root '%s': %m\n", *rt);
+                        log_error("cannot create storage root '%s': %m", *rt);
 
         r = manager_new(&mgr, &config);
         if (r < 0) {
-                fprintf(stderr, "diskchaind: cannot set up: %s\n", strerror(-r));
+                log_error("cannot set up: %s", strerror(-r));
                 return 1;
         }
         sigset_t ss;
@@ -129,40 +145,39 @@ int main(int argc, char **argv) {
 
         r = sd_bus_open_system(&mgr->bus);
         if (r < 0) {
-                fprintf(stderr, "diskchaind: cannot connect to the system bus: %s\n", strerror(-r));
+                log_error("cannot connect to the system bus: %s", strerror(-r));
                 manager_free(mgr);
                 return 1;
         }
-        /* Nobody can call us before the name is taken: scan synchronously. */
-        scan = scan_roots(mgr);
-        model_apply_scan(mgr, scan);
-        r = bus_register(mgr);
+        /* Nobody can call us before the name is taken: read the roots now. */
+        (void) model_scan_initial(mgr);
+        r = polkit_setup(mgr);
+        if (r >= 0)
+                r = bus_register(mgr);
         if (r >= 0)
                 r = sd_bus_attach_event(mgr->bus, mgr->event, 0);
         if (r >= 0)
                 r = sd_bus_request_name(mgr->bus, BUS_NAME, 0);
         if (r < 0) {
-                fprintf(stderr, "diskchaind: cannot own %s: %s\n", BUS_NAME, strerror(-r));
+                log_error("cannot own %s: %s", BUS_NAME, strerror(-r));
                 manager_free(mgr);
                 return 1;
         }
-        if (log_level >= 6)
-                fprintf(stderr, "diskchaind %s: serving %u image(s) in %s%s\n", PACKAGE_VERSION,
-                        g_hash_table_size(mgr->images), config.roots[0], config.roots[1] ? " and more" : "");
+        log_info("diskchaind %s: serving %u image(s) in %s%s (records in %s)", PACKAGE_VERSION,
+                 g_hash_table_size(mgr->images),
+                 config.roots[0], config.roots[1] ? " and more" : "", config.state_dir);
 
+        /* Idle means: no work, no job, and no call for --idle-timeout.  Timers of our
+         * own (the look at the locks) do not count, only calls do (on_call). */
+        mgr->last_call = now_usec();
+        (void) sd_bus_add_filter(mgr->bus, NULL, on_call, mgr);
         for (;;) {
                 bool idle = manager_is_idle(mgr) && mgr->config.idle_timeout_usec > 0;
-                r = sd_event_run(mgr->event, idle ? mgr->config.idle_timeout_usec : UINT64_MAX);
-                if (r < 0) {
-                        fprintf(stderr, "diskchaind: event loop failed: %s\n", strerror(-r));
-                        break;
-                }
-                if (sd_event_get_state(mgr->event) == SD_EVENT_FINISHED) {
-                        if (log_level >= 6)
-                                fprintf(stderr, "diskchaind: terminated, exiting\n");
-                        break;
-                }
-                if (r == 0 && idle && manager_is_idle(mgr)) {
+                uint64_t now = now_usec(), deadline = mgr->last_call + mgr->config.idle_timeout_usec;
+
+                if (!manager_is_idle(mgr))
+                        mgr->last_call = now;
+                if (idle && now >= deadline) {
                         /* Give the name back, answer whatever was already
                          * queued for us, then go. */
                         (void) sd_bus_release_name(mgr->bus, BUS_NAME);
@@ -172,8 +187,16 @@ int main(int argc, char **argv) {
                                 (void) sd_bus_request_name(mgr->bus, BUS_NAME, 0);
                                 continue;
                         }
-                        if (log_level >= 6)
-                                fprintf(stderr, "diskchaind: idle, exiting\n");
+                        log_info("idle, exiting");
+                        break;
+                }
+                r = sd_event_run(mgr->event, idle ? deadline - now : UINT64_MAX);
+                if (r < 0) {
+                        log_error("event loop failed: %s", strerror(-r));
+                        break;
+                }
+                if (sd_event_get_state(mgr->event) == SD_EVENT_FINISHED) {
+                        log_info("terminated, exiting");
                         break;
                 }
         }

@@ -6,10 +6,6 @@
 
 #include "daemon.h"
 
-static void source_free_void(void *p) {
-        sd_event_source_disable_unref(p);
-}
-
 int manager_new(Manager **ret, const Config *config) {
         Manager *mgr = calloc(1, sizeof *mgr);
         int r;
@@ -18,13 +14,20 @@ int manager_new(Manager **ret, const Config *config) {
                 return -ENOMEM;
         mgr->config = *config;
         mgr->notify_fd = -1;
-        mgr->images = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, image_free_void);
-        mgr->polkit = polkit_registry_new();
-        mgr->watches = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
-                                             source_free_void);
+        mgr->inotify_fd = -1;
+        mgr->job_fd = -1;
+        r = registry_open(config->state_dir, config->roots, &mgr->registry);
+        if (r < 0) {
+                free(mgr);
+                return r;
+        }
+        mgr->oracle = (struct dc_format_oracle){ .format = registry_format, .created = registry_created,
+                                                 .userdata = mgr->registry };
         r = sd_event_default(&mgr->event);
         if (r >= 0)
-                r = worker_setup(mgr);
+                r = model_setup(mgr);
+        if (r >= 0)
+                r = workers_setup(mgr);
         if (r >= 0)
                 r = jobs_setup(mgr);
         if (r < 0) {
@@ -39,17 +42,10 @@ Manager *manager_free(Manager *mgr) {
         if (!mgr)
                 return NULL;
         jobs_free(mgr);
-        polkit_registry_free(mgr);
-        if (mgr->watches)
-                g_hash_table_destroy(mgr->watches);
-        if (mgr->images)
-                g_hash_table_destroy(mgr->images);
-        sd_event_source_disable_unref(mgr->rescan_timer);
-        sd_event_source_disable_unref(mgr->notify_source);
-        if (mgr->notify_fd >= 0)
-                close(mgr->notify_fd);
-        if (mgr->done)
-                g_queue_free(mgr->done);
+        workers_free(mgr);
+        polkit_free(mgr);
+        model_free(mgr);
+        registry_free(mgr->registry);
         sd_bus_flush_close_unref(mgr->bus);
         sd_event_unref(mgr->event);
         config_done(&mgr->config);
@@ -59,7 +55,8 @@ Manager *manager_free(Manager *mgr) {
 
 bool manager_is_idle(Manager *mgr) {
         /* a job keeps us up while it runs, and until dismissed when concluded */
-        return mgr->work_in_flight == 0 && g_hash_table_size(mgr->polkit) == 0 && g_hash_table_size(mgr->jobs) == 0;
+        return mgr->operations == 0 && g_hash_table_size(mgr->polkit) == 0 && g_hash_table_size(mgr->job_ids) == 0 &&
+               !mgr->refresh_running && mgr->waiters_now->len == 0 && mgr->waiters_next->len == 0;
 }
 
 const char *root_of(Manager *mgr, const char *abs) {
@@ -74,8 +71,26 @@ const char *root_of(Manager *mgr, const char *abs) {
 int manager_resolve_path(Manager *mgr, const char *path, char **ret_abs, sd_bus_error *error) {
         int r = dc_path_resolve(path, (const char *const *) mgr->config.roots, ret_abs, NULL);
         if (r < 0)
-                return bus_error_from_errno(error, r, dc_get_error(), NULL);
+                return bus_error_from_errno(error, r, dc_get_error());
         return 0;
+}
+
+char *paths_joined(char **paths) {
+        return g_strjoinv("\n", paths);
+}
+
+char *roots_joined(Manager *mgr, char **paths) {
+        g_autoptr(GPtrArray) a = g_ptr_array_new();
+        for (char **p = paths; p && *p; p++) {
+                const char *r = root_of(mgr, *p);
+                bool have = false;
+                for (guint i = 0; i < a->len; i++)
+                        have |= strcmp(a->pdata[i], r) == 0;
+                if (!have)
+                        g_ptr_array_add(a, (char *) r);
+        }
+        g_ptr_array_add(a, NULL);
+        return g_strjoinv("\n", (char **) a->pdata);
 }
 
 /* --- a{sv} options ----------------------------------------------------------- */

@@ -54,6 +54,9 @@ void dc_error_clear(void);
 char **dc_strv_copy(const char *const *v);
 void dc_strv_free(char **v);
 
+/* Take QEMU's OFD image locks on FD (a reader, or a WRITABLE user); -EBUSY when another holds a conflicting one. */
+int dc_lock_fd(int fd, const char *path, bool writable);
+
 int dc_pread_full(int fd, void *buf, size_t len, uint64_t off);
 int dc_pwrite_full(int fd, const void *buf, size_t len, uint64_t off);
 int dc_fdatasync(int fd);
@@ -189,11 +192,6 @@ int dc_disk_attach(dc_disk *d, const struct dc_disk_hooks *hooks, void *data, ui
 void dc_disk_detach(dc_disk *d, void *data);
 dc_image *dc_disk_swap_chain(dc_disk *d, dc_image *img);
 int dc_disk_reopen(dc_disk *d, const char *const *writable);
-
-/* The extended attribute a pivot leaves on the layers it dropped. */
-#define DC_XATTR_SUPERSEDED "user.diskchain.superseded-by"
-/* ... and the one a backup or mirror target carries while its job runs. */
-#define DC_XATTR_JOB_TARGET "user.diskchain.job-target"
 
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);

@@ -26,7 +26,6 @@
 
 #include <fcntl.h>
 #include <stdio.h>
-#include <sys/xattr.h>
 
 #include "dc-internal.h"
 
@@ -338,36 +337,5 @@ DC_EXPORT int dc_disk_flush(dc_disk *d) {
         enter(d);
         r = d->img ? dc_image_flush(d->img) : dc_error(EIO, "the disk's chain could not be reopened");
         leave(d);
-        return r;
-}
-
-/* --- what a pivot leaves behind ------------------------------------------------- */
-
-static int read_mark(int fd, const char *abs, const char *name, char **ret) {
-        char buf[4096];
-        ssize_t n = fgetxattr(fd, name, buf, sizeof buf - 1);
-
-        if (n < 0) {
-                if (errno != ENODATA && errno != ENOTSUP)
-                        return dc_error(errno, "'%s': cannot read its attributes: %m", abs);
-                n = 0;
-        }
-        buf[n] = 0;
-        *ret = strdup(buf);
-        return *ret ? 0 : dc_error(ENOMEM, "out of memory");
-}
-
-DC_EXPORT int dc_path_marks(const char *abs, const char *const *roots, char **ret_superseded_by, char **ret_job) {
-        _cleanup_close_ int fd = dc_path_open(abs, roots, O_RDONLY, 0);
-        _cleanup_free_ char *sup = NULL;
-        int r;
-
-        if (fd < 0)
-                return fd;
-        r = read_mark(fd, abs, DC_XATTR_SUPERSEDED, &sup);
-        if (r >= 0)
-                r = read_mark(fd, abs, DC_XATTR_JOB_TARGET, ret_job);
-        if (r >= 0)
-                *ret_superseded_by = TAKE_PTR(sup);
         return r;
 }

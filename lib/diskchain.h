@@ -11,7 +11,22 @@
  * thread and stays valid until the next failing call on that thread.
  *
  * Conventions:
- *   - functions return >= 0 on success and -errno on failure;
+ *   - functions return >= 0 on success and -errno on failure; the errno
+ *     says what kind of failure it is, so that a service can map it:
+ *       EXDEV        a path leaves the storage roots (or goes through a symlink)
+ *       EUCLEAN      an image's metadata is invalid or corrupt
+ *       EMEDIUMTYPE  not an image, or not of the format it is recorded as
+ *       ELOOP        a backing chain loops
+ *       EFBIG        beyond a limit (sizes, chain depth, table sizes)
+ *       EOVERFLOW    a refcount would overflow
+ *       ENOTSUP      a feature that is not supported
+ *       EMLINK       writing an image with more than one hard link (refused)
+ *       EILSEQ       a write would put an image header into a raw image's first sector (refused)
+ *       EBUSY        another process (such as QEMU) holds a conflicting lock
+ *       ESTALE       a chain is no longer what the caller expected
+ *       EPERM        a job verb the job's status does not allow (QMP's message)
+ *       EINVAL       a caller's argument is wrong
+ *     and the errno of the system call otherwise (EIO, ENOSPC, ENOENT, ...);
  *   - ret_* out-parameters are written only on success;
  *   - strings returned by getters live as long as the image handle;
  *   - an image handle may be used from several threads: every entry
@@ -23,6 +38,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+struct stat;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -33,14 +50,43 @@ typedef struct dc_image dc_image;
 const char *dc_get_error(void);
 /* The errno of the last failure on this thread (0 when none). */
 int dc_get_errno(void);
+/* Record a failure for this thread, as the library does (for callbacks such as
+ * a format oracle); returns -ERR. */
+int dc_set_error(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Forget the failure recorded for this thread. */
+void dc_error_clear(void);
 
 enum {
         DC_FORMAT_QCOW2 = 0, /* the default when options are zeroed */
         DC_FORMAT_RAW = 1,
 };
 
+/*
+ * Who decides each layer's format.  Bytes a guest can write must never
+ * decide it: a raw disk whose guest wrote a qcow2 header into its first
+ * sector would otherwise name any file as its backing file (the
+ * CVE-2008-2004 class of bug).  A service passes an oracle that answers
+ * from its own records; without one the library trusts the overlay's
+ * backing-format field and otherwise probes the content, which is only
+ * right for tools run on files their user made.
+ */
+struct dc_format_oracle {
+        /*
+         * The format of the file ABS, open as FD, for a layer being opened.
+         * HINT is what the overlay's backing-format field names for it
+         * (-1 for the top layer or when the field is absent).  Returns 0
+         * and the format, or a negative errno (with dc_error's message)
+         * that fails the open.  Called on the opener's thread.
+         */
+        int (*format)(void *userdata, const char *abs, int fd, int hint, int *ret_format);
+        /* A file was just created as FORMAT (dc_image_create): record it. */
+        int (*created)(void *userdata, const char *abs, int fd, int format);
+        void *userdata;
+};
+
 struct dc_open_options {
         const char *const *roots; /* NULL-terminated storage roots; NULL = no confinement */
+        const struct dc_format_oracle *oracle; /* NULL: the overlay's backing-format field, else probing */
         unsigned max_depth;       /* longest chain accepted; 0 = default (64) */
         bool writable;            /* open the top layer read-write */
         bool no_backing;          /* open only this layer, not its backing chain */
@@ -51,9 +97,20 @@ struct dc_open_options {
 };
 
 /* -EBUSY from dc_image_open() means another process (such as QEMU) holds a
- * conflicting QEMU-compatible lock on one of the files. */
-/* True when another open file description holds QEMU's write lock on PATH. */
-int dc_path_locked_by_writer(const char *abs, const char *const *roots);
+ * conflicting QEMU-compatible lock on one of the files.  With roots, a
+ * writable open of a file with more than one hard link fails with -EMLINK:
+ * a link inside a root to a file elsewhere must not become a way to write
+ * that file. */
+/* True when another open file description holds QEMU's write lock on the open file FD. */
+int dc_fd_locked_by_writer(int fd);
+
+/*
+ * The name of the image format whose magic the first sector BUF (LEN bytes)
+ * carries ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels",
+ * "bochs", "cloop", "dmg"), or NULL when none: what QEMU's probing would
+ * take the file for.
+ */
+const char *dc_probe_magic(const uint8_t *buf, size_t len);
 
 /* Open PATH (absolute, or relative to roots[0]) and its backing chain. */
 int dc_image_open(const char *path, const struct dc_open_options *opts, dc_image **ret);
@@ -62,6 +119,7 @@ dc_image *dc_image_close(dc_image *img);
 
 struct dc_create_options {
         int format;                 /* DC_FORMAT_QCOW2 (default) or DC_FORMAT_RAW */
+        const struct dc_format_oracle *oracle; /* told of the new file (created), asked for the backing file */
         const char *backing;        /* backing file name as it will be stored, or NULL */
         int backing_format;         /* -1 = probe the backing file */
         uint32_t cluster_size;      /* 0 = 65536 */
@@ -133,6 +191,8 @@ int dc_image_check(dc_image *img, int repair, struct dc_check_result *ret);
 
 /* Properties of one layer. */
 const char *dc_image_path(dc_image *img);
+/* The layer's open file (valid while the image is open; do not close it). */
+int dc_image_fd(dc_image *img);
 int dc_image_format(dc_image *img);
 const char *dc_format_name(int format);
 uint64_t dc_image_virtual_size(dc_image *img);
@@ -158,8 +218,18 @@ bool dc_image_lazy_refcounts(dc_image *img);
  * reason) for paths that leave the roots.
  */
 int dc_path_resolve(const char *path, const char *const *roots, char **ret_abs, size_t *ret_root_index);
-/* Open ABS (already resolved) beneath its root without following symlinks out of it. */
+/*
+ * Open ABS (already resolved) beneath its root, relative to the root's
+ * directory, following no symlink at all (RESOLVE_NO_SYMLINKS) and, for a
+ * file, not blocking on a FIFO (O_NONBLOCK, cleared again for regular files).
+ */
 int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mode);
+/*
+ * Remove ABS relative to its directory opened beneath the root; when
+ * EXPECT is given, only if ABS is still that file (st_dev, st_ino), so a
+ * file swapped in meanwhile is left alone (-ESTALE).
+ */
+int dc_path_unlink(const char *abs, const char *const *roots, const struct stat *expect);
 
 /* Resolve a backing name stored in OVERLAY_ABS to an absolute normalised path. */
 int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_abs);
@@ -189,12 +259,6 @@ int dc_disk_flush(dc_disk *d);
 uint64_t dc_disk_size(dc_disk *d);
 /* The path of the current active layer (changes at a pivot); free() it. */
 char *dc_disk_top_path(dc_disk *d);
-/*
- * What jobs leave on files (extended attributes): the new active layer a
- * pivot replaced ABS with, and the job whose target ABS is while it runs;
- * "" when none.  free() both.
- */
-int dc_path_marks(const char *abs, const char *const *roots, char **ret_superseded_by, char **ret_job);
 
 /*
  * Block jobs, with QEMU's job model (qapi/job.json, job.c): the statuses,
@@ -233,6 +297,21 @@ struct dc_job_options {
         void (*notify)(void *userdata);
         void *userdata;
         dc_disk *disk;              /* the chain's write path when it has writers; NULL = the job opens its own */
+        /*
+         * The chain as the caller authorized it (absolute paths, active
+         * layer first, NULL-terminated), or NULL: the job fails with
+         * -ESTALE when the chain it opens is another one.
+         */
+        const char *const *expect_chain;
+        /*
+         * A pivot (mirror or active commit complete) makes NEW_TOP the
+         * active layer and drops DROPPED (NULL-terminated, bottom first, the
+         * old active layer last).  Called on the job's thread after the new
+         * top is flushed and before the writers move: the caller records it
+         * durably (that is the pivot's commit point) or fails it.  NULL = no
+         * record.
+         */
+        int (*pivoted)(void *userdata, const char *new_top, const char *const *dropped);
 };
 
 /*

@@ -75,7 +75,7 @@ static int find_root(const char *abs, const char *const *roots, size_t *ret_idx,
                         return 0;
                 }
         }
-        return -EPERM;
+        return -EXDEV;
 }
 
 DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char **ret_abs, size_t *ret_root_index) {
@@ -87,6 +87,12 @@ DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char *
                 return dc_error(EINVAL, "empty path");
         if (strlen(path) >= 4096)
                 return dc_error(ENAMETOOLONG, "path is too long");
+        /* Paths travel in polkit details, logs and lists one per line:
+         * a control character in one is refused rather than escaped. */
+        for (const char *c = path; *c; c++)
+                if ((unsigned char) *c < 0x20 || *c == 0x7f)
+                        return dc_error(EINVAL, "path '%.*s...' contains a control character", (int) (c - path),
+                                        path);
         if (path[0] != '/') {
                 char cwd[4096];
                 const char *base = roots && roots[0] ? roots[0] : getcwd(cwd, sizeof cwd);
@@ -100,9 +106,9 @@ DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char *
         if (!abs)
                 return dc_error(ENOMEM, "out of memory");
         if (roots && find_root(abs, roots, &idx, &l) < 0) {
-                dc_error(EPERM, "'%s' is outside the storage roots", abs);
+                dc_error(EXDEV, "'%s' is outside the storage roots", abs);
                 free(abs);
-                return -EPERM;
+                return -EXDEV;
         }
         *ret_abs = abs;
         if (ret_root_index)
@@ -110,48 +116,124 @@ DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char *
         return 0;
 }
 
-DC_EXPORT int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mode) {
-        _cleanup_close_ int dfd = -EBADF;
-        struct open_how how = { 0 };
-        size_t idx, l;
+/* The directory of ABS's storage root, opened by its configured path (which we trust). */
+static int open_root(const char *abs, const char *const *roots, char **ret_root, size_t *ret_len) {
         _cleanup_free_ char *root = NULL;
-        int fd;
+        size_t idx, l;
+        int dfd;
 
-        if (!roots) {
-                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY, mode);
-                if (fd < 0)
-                        return dc_error(errno, "'%s': %m", abs);
-                return fd;
-        }
         if (find_root(abs, roots, &idx, &l) < 0)
-                return dc_error(EPERM, "'%s' is outside the storage roots", abs);
+                return dc_error(EXDEV, "'%s' is outside the storage roots", abs);
         root = strndup(abs, l);
         if (!root)
                 return dc_error(ENOMEM, "out of memory");
         dfd = open(l ? root : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (dfd < 0)
                 return dc_error(errno, "storage root '%s': %m", l ? root : "/");
-        how.flags = (uint64_t) (flags | O_CLOEXEC | O_NOCTTY);
+        *ret_root = TAKE_PTR(root);
+        *ret_len = l;
+        return dfd;
+}
+
+/* openat2() beneath DFD (the root) with no symlink anywhere in REL. */
+static int open_beneath(int dfd, const char *abs, const char *rel, const char *root, int flags, mode_t mode) {
+        struct open_how how = { 0 };
+        int fd;
+
+        /* openat2() takes no flag besides O_DIRECTORY, O_NOFOLLOW and O_CLOEXEC with O_PATH */
+        how.flags = (uint64_t) (flags | O_CLOEXEC | ((flags & O_PATH) ? 0 : O_NOCTTY));
         how.mode = (flags & O_CREAT) ? mode : 0;
-        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-        fd = (int) syscall(SYS_openat2, dfd, abs + l + 1, &how, sizeof how);
+        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+        fd = (int) syscall(SYS_openat2, dfd, rel, &how, sizeof how);
         if (fd < 0 && errno == ENOSYS) {
-                /* Old kernel: refuse any symlink in the path instead. */
-                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
+                /* Old kernel: the last component at least is no symlink, and
+                 * the whole path must be what it says. */
+                fd = openat(dfd, rel, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
                 if (fd >= 0) {
                         char real[4096];
                         if (!realpath(abs, real) || strcmp(real, abs) != 0) {
                                 close(fd);
-                                return dc_error(EPERM, "'%s': path goes through a symlink", abs);
+                                return dc_error(EXDEV, "'%s': the path goes through a symlink", abs);
                         }
                 }
         }
         if (fd < 0) {
-                if (errno == EXDEV || errno == ELOOP)
-                        return dc_error(EPERM, "'%s': a symlink leads outside the storage root '%s'", abs, root);
+                if (errno == EXDEV)
+                        return dc_error(EXDEV, "'%s' leads outside the storage root '%s'", abs, root);
+                if (errno == ELOOP)
+                        return dc_error(EXDEV, "'%s': the path goes through a symlink, and symlinks inside the "
+                                               "storage roots are not followed", abs);
                 return dc_error(errno, "'%s': %m", abs);
         }
         return fd;
+}
+
+DC_EXPORT int dc_path_open(const char *abs, const char *const *roots, int flags, mode_t mode) {
+        _cleanup_close_ int dfd = -EBADF;
+        _cleanup_free_ char *root = NULL;
+        bool file = !(flags & (O_PATH | O_DIRECTORY));
+        struct stat st;
+        size_t l;
+        int fd;
+
+        /* Opening a FIFO for reading would block until a writer comes: never wait. */
+        if (file)
+                flags |= O_NONBLOCK;
+        if (!roots) {
+                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
+                if (fd < 0)
+                        return dc_error(errno == ELOOP ? EXDEV : errno, "'%s': %m", abs);
+        } else {
+                dfd = open_root(abs, roots, &root, &l);
+                if (dfd < 0)
+                        return dfd;
+                fd = open_beneath(dfd, abs, abs + l + 1, root, flags, mode);
+                if (fd < 0)
+                        return fd;
+        }
+        if (file && fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+                (void) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+        return fd;
+}
+
+/* The directory holding ABS, opened beneath the root (the root itself when ABS is directly in it). */
+static int open_parent(const char *abs, const char *const *roots, const char **ret_name) {
+        _cleanup_free_ char *root = NULL, *dir = NULL;
+        _cleanup_close_ int dfd = -EBADF;
+        const char *slash = strrchr(abs, '/');
+        size_t l;
+
+        if (!roots || !slash)
+                return dc_error(EXDEV, "'%s': no storage root to resolve it beneath", abs);
+        dfd = open_root(abs, roots, &root, &l);
+        if (dfd < 0)
+                return dfd;
+        *ret_name = slash + 1;
+        if ((size_t) (slash - abs) == l)
+                return TAKE_FD(dfd);
+        dir = strndup(abs, (size_t) (slash - abs));
+        if (!dir)
+                return dc_error(ENOMEM, "out of memory");
+        return open_beneath(dfd, dir, dir + l + 1, root, O_PATH | O_DIRECTORY, 0);
+}
+
+DC_EXPORT int dc_path_unlink(const char *abs, const char *const *roots, const struct stat *expect) {
+        _cleanup_close_ int dfd = -EBADF;
+        const char *name = NULL;
+        struct stat st;
+
+        dfd = open_parent(abs, roots, &name);
+        if (dfd < 0)
+                return dfd;
+        if (expect) {
+                if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                        return dc_error(errno, "'%s': %m", abs);
+                if (st.st_dev != expect->st_dev || st.st_ino != expect->st_ino)
+                        return dc_error(ESTALE, "'%s' was replaced by another file: not removed", abs);
+        }
+        if (unlinkat(dfd, name, 0) < 0)
+                return dc_error(errno, "'%s': cannot remove: %m", abs);
+        return 0;
 }
 
 DC_EXPORT int dc_backing_resolve(const char *overlay_abs, const char *backing, char **ret_abs) {
@@ -159,7 +241,7 @@ DC_EXPORT int dc_backing_resolve(const char *overlay_abs, const char *backing, c
         char *abs;
 
         if (strstr(backing, "://") || strncmp(backing, "json:", 5) == 0 || strncmp(backing, "nbd:", 4) == 0)
-                return dc_error(EPERM, "'%s': backing file '%s' is a protocol name, not a file", overlay_abs,
+                return dc_error(EXDEV, "'%s': backing file '%s' is a protocol name, not a file", overlay_abs,
                                 backing);
         if (backing[0] == '/')
                 abs = normalize(backing);
@@ -198,35 +280,85 @@ static int lock_take(int fd, off_t byte) {
         return 0;
 }
 
-static int image_lock(dc_image *img, bool writable) {
+int dc_lock_fd(int fd, const char *path, bool writable) {
         int r;
 
         /* A writer needs nobody else writing and nobody refusing writers;
          * a reader needs nobody writing (it refuses writers, as QEMU's
          * backing files and read-only opens do). */
-        r = lock_test(img->fd, LOCK_PERM_BASE + PERM_WRITE);
+        r = lock_test(fd, LOCK_PERM_BASE + PERM_WRITE);
         if (r == 0 && writable)
-                r = lock_test(img->fd, LOCK_SHARED_BASE + PERM_WRITE);
+                r = lock_test(fd, LOCK_SHARED_BASE + PERM_WRITE);
         if (r > 0)
-                return dc_error(EBUSY, "'%s' is in use by another process that holds a conflicting lock",
-                                img->path);
+                return dc_error(EBUSY, "'%s' is in use by another process that holds a conflicting lock", path);
         if (r < 0)
                 return 0; /* no OFD locks on this file system: nothing to respect */
-        (void) lock_take(img->fd, LOCK_PERM_BASE + PERM_CONSISTENT_READ);
+        (void) lock_take(fd, LOCK_PERM_BASE + PERM_CONSISTENT_READ);
         if (writable)
-                (void) lock_take(img->fd, LOCK_PERM_BASE + PERM_WRITE);
-        (void) lock_take(img->fd, LOCK_SHARED_BASE + PERM_WRITE);
+                (void) lock_take(fd, LOCK_PERM_BASE + PERM_WRITE);
+        (void) lock_take(fd, LOCK_SHARED_BASE + PERM_WRITE);
         return 0;
 }
 
-DC_EXPORT int dc_path_locked_by_writer(const char *abs, const char *const *roots) {
-        _cleanup_close_ int fd = dc_path_open(abs, roots, O_RDONLY, 0);
+DC_EXPORT int dc_fd_locked_by_writer(int fd) {
+        int r = lock_test(fd, LOCK_PERM_BASE + PERM_WRITE);
+        return r < 0 ? 0 : r;
+}
+
+/* --- formats -------------------------------------------------------------------- */
+
+DC_EXPORT const char *dc_probe_magic(const uint8_t *b, size_t len) {
+        static const struct {
+                const char *name;
+                size_t off;
+                const char *magic;
+                size_t len;
+        } magics[] = {
+                /* the first bytes QEMU's probe functions look for */
+                { "qcow2", 0, "QFI\xfb", 4 },
+                { "qed", 0, "QED\0", 4 },
+                { "vmdk", 0, "KDMV", 4 },
+                { "vmdk", 0, "COWD", 4 },
+                { "vmdk", 0, "# Disk DescriptorFile", 21 },
+                { "vdi", 0x40, "\x7f\x10\xda\xbe", 4 },
+                { "vhdx", 0, "vhdxfile", 8 },
+                { "vpc", 0, "conectix", 8 },
+                { "luks", 0, "LUKS\xba\xbe", 6 },
+                { "parallels", 0, "WithoutFreeSpace", 16 },
+                { "parallels", 0, "WithouFreSpacExt", 16 },
+                { "bochs", 0, "Bochs Virtual HD Image", 22 },
+                { "cloop", 0, "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0", 45 },
+        };
+        for (size_t i = 0; i < sizeof magics / sizeof *magics; i++)
+                if (len >= magics[i].off + magics[i].len && memcmp(b + magics[i].off, magics[i].magic, magics[i].len) == 0)
+                        return magics[i].name;
+        return NULL;
+}
+
+static int format_from_name(const char *abs, const char *name) {
+        if (!name)
+                return -1;
+        if (strcmp(name, "qcow2") == 0)
+                return DC_FORMAT_QCOW2;
+        if (strcmp(name, "raw") == 0)
+                return DC_FORMAT_RAW;
+        return dc_error(ENOTSUP, "'%s': backing format '%s' is not supported", abs, name);
+}
+
+/* Without an oracle: the overlay's word, else the content (tools on their user's own files). */
+static int format_probe(const char *abs, int fd, int hint, int *ret) {
+        uint8_t magic[4] = { 0 };
         int r;
 
-        if (fd < 0)
-                return fd;
-        r = lock_test(fd, LOCK_PERM_BASE + PERM_WRITE);
-        return r < 0 ? 0 : r;
+        if (hint >= 0) {
+                *ret = hint;
+                return 0;
+        }
+        r = dc_pread_full(fd, magic, sizeof magic, 0);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read: %s", abs, strerror(-r));
+        *ret = be32(magic) == 0x514649fbu ? DC_FORMAT_QCOW2 : DC_FORMAT_RAW;
+        return 0;
 }
 
 /* --- open / close --------------------------------------------------------- */
@@ -263,13 +395,11 @@ static void dc_image_closep(dc_image **p) {
         dc_image_close(*p);
 }
 
-/* Open one layer.  FORMAT is -1 to recognise it by its magic. */
-static int layer_open(const char *abs, const struct dc_open_options *o, bool writable, int format,
-                      dc_image **ret) {
+/* Open one layer.  HINT is the format the overlay's backing-format field names (-1: none). */
+static int layer_open(const char *abs, const struct dc_open_options *o, bool writable, int hint, dc_image **ret) {
         dc_image *img;
-        uint8_t magic[72] = { 0 };
         struct stat st;
-        int r;
+        int format, r;
 
         img = calloc(1, sizeof *img);
         if (!img)
@@ -296,22 +426,37 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         img->fd = r;
         if (fstat(img->fd, &st) < 0 || !S_ISREG(st.st_mode)) {
                 layer_free(img);
-                return dc_error(EINVAL, "'%s' is not a regular file", abs);
+                return dc_error(EMEDIUMTYPE, "'%s' is not a regular file", abs);
         }
-        r = dc_pread_full(img->fd, magic, sizeof magic, 0);
+        if (writable && o->roots && st.st_nlink > 1) {
+                layer_free(img);
+                return dc_error(EMLINK, "'%s' has %ju hard links; diskchain writes only images with one link, so that "
+                                        "a link in a storage root cannot be used to write a file elsewhere",
+                                abs, (uintmax_t) st.st_nlink);
+        }
+        if (o->oracle)
+                r = o->oracle->format(o->oracle->userdata, abs, img->fd, hint, &format);
+        else
+                r = format_probe(abs, img->fd, hint, &format);
         if (r < 0) {
                 layer_free(img);
-                return dc_error(r, "'%s': cannot read: %s", abs, strerror(-r));
-        }
-        if (format < 0)
-                format = dc_qcow2_probe_header(magic, sizeof magic, NULL) ? DC_FORMAT_QCOW2 : DC_FORMAT_RAW;
-        else if (format == DC_FORMAT_QCOW2 && !dc_qcow2_probe_header(magic, sizeof magic, NULL)) {
-                layer_free(img);
-                return dc_error(EINVAL, "'%s' is not a qcow2 image (bad magic)", abs);
+                return r;
         }
         img->drv = format == DC_FORMAT_QCOW2 ? &dc_qcow2_driver : &dc_raw_driver;
+        if (format == DC_FORMAT_QCOW2) {
+                uint8_t magic[4] = { 0 };
+                r = dc_pread_full(img->fd, magic, sizeof magic, 0);
+                if (r >= 0 && be32(magic) != 0x514649fbu)
+                        r = dc_error(EMEDIUMTYPE, "'%s' is not a qcow2 image (no qcow2 header)", abs);
+                else if (r < 0)
+                        r = dc_error(r, "'%s': cannot read: %s", abs, strerror(-r));
+                if (r < 0) {
+                        layer_free(img);
+                        return r;
+                }
+        }
         if (!o->no_lock) {
-                r = image_lock(img, writable);
+                r = dc_lock_fd(img->fd, img->path, writable);
                 if (r < 0) {
                         layer_free(img);
                         return r;
@@ -399,16 +544,6 @@ static bool wants_writable(const struct dc_open_options *o, const char *abs) {
         return false;
 }
 
-static int format_from_name(const char *abs, const char *name) {
-        if (!name)
-                return -1;
-        if (strcmp(name, "qcow2") == 0)
-                return DC_FORMAT_QCOW2;
-        if (strcmp(name, "raw") == 0)
-                return DC_FORMAT_RAW;
-        return dc_error(ENOTSUP, "'%s': backing format '%s' is not supported", abs, name);
-}
-
 DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts, dc_image **ret) {
         static const struct dc_open_options defaults = { 0 };
         const struct dc_open_options *o = opts ? opts : &defaults;
@@ -449,14 +584,14 @@ DC_EXPORT int dc_image_open(const char *path, const struct dc_open_options *opts
                 if (!cur->backing_file || o->no_backing)
                         break;
                 if (depth >= max_depth)
-                        return dc_error(ELOOP, "'%s': backing chain is deeper than %u", abs, max_depth);
+                        return dc_error(EFBIG, "'%s': backing chain is deeper than %u", abs, max_depth);
                 r = dc_backing_resolve(cur->path, cur->backing_file, &babs);
                 if (r < 0)
                         return r;
                 if (o->roots) {
                         size_t idx, l;
                         if (find_root(babs, o->roots, &idx, &l) < 0)
-                                return dc_error(EPERM, "'%s': backing file '%s' is outside the storage roots",
+                                return dc_error(EXDEV, "'%s': backing file '%s' is outside the storage roots",
                                                 cur->path, cur->backing_file);
                 }
                 fmt = format_from_name(cur->path, cur->backing_format);
@@ -689,6 +824,7 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
         _cleanup_free_ char *abs = NULL;
         _cleanup_close_ int fd = -EBADF;
         const char *bfmt = NULL;
+        struct stat st;
         int r;
 
         dc_error_clear();
@@ -702,14 +838,14 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                                 abs);
         if (o->backing) {
                 _cleanup_free_ char *babs = NULL;
-                struct dc_open_options bo = { .roots = roots };
+                struct dc_open_options bo = { .roots = roots, .oracle = o->oracle };
                 r = dc_backing_resolve(abs, o->backing, &babs);
                 if (r < 0)
                         return r;
                 if (roots) {
                         size_t idx, l;
                         if (find_root(babs, roots, &idx, &l) < 0)
-                                return dc_error(EPERM, "'%s': backing file '%s' is outside the storage roots", abs,
+                                return dc_error(EXDEV, "'%s': backing file '%s' is outside the storage roots", abs,
                                                 o->backing);
                 }
                 if (strcmp(babs, abs) == 0)
@@ -733,6 +869,9 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                         return dc_error(EEXIST, "'%s' already exists", abs);
                 return fd;
         }
+        if (fstat(fd, &st) < 0)
+                return dc_error(errno, "'%s': cannot stat: %m", abs);
+        r = 0;
         if (o->format == DC_FORMAT_RAW) {
                 if (ftruncate(fd, (off_t) size) < 0)
                         r = dc_error(errno, "'%s': cannot size the image: %m", abs);
@@ -747,13 +886,19 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                 }
                 if (r >= 0 && (r = dc_fdatasync(fd)) < 0)
                         r = dc_error(r, "'%s': sync failed: %s", abs, strerror(-r));
+                /* the format is recorded as soon as the file is what it will be */
+                if (r >= 0 && o->oracle && o->oracle->created)
+                        r = o->oracle->created(o->oracle->userdata, abs, fd, o->format);
         } else {
                 r = dc_qcow2_create(fd, size, o, bfmt);
                 if (r < 0)
                         r = dc_error(r, "'%s': %s", abs, dc_get_error());
+                if (r >= 0 && o->oracle && o->oracle->created)
+                        r = o->oracle->created(o->oracle->userdata, abs, fd, o->format);
                 if (r >= 0 && o->preallocation != DC_PREALLOC_OFF) {
                         _cleanup_(dc_image_closep) dc_image *img = NULL;
-                        struct dc_open_options no = { .roots = roots, .writable = true, .no_backing = true };
+                        struct dc_open_options no = { .roots = roots, .oracle = o->oracle, .writable = true,
+                                                      .no_backing = true };
                         r = dc_image_open(abs, &no, &img);
                         if (r >= 0)
                                 r = dc_qcow2_preallocate(img, o->preallocation);
@@ -763,7 +908,11 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                 int saved = dc_get_errno();
                 char msg[1024];
                 snprintf(msg, sizeof msg, "%s", dc_get_error());
-                (void) unlink(abs);
+                /* only the file we made: relative to its directory, and only if it is still ours */
+                if (roots)
+                        (void) dc_path_unlink(abs, roots, &st);
+                else
+                        (void) unlink(abs);
                 return dc_error(saved, "%s", msg);
         }
         return 0;
@@ -786,6 +935,9 @@ DC_EXPORT const char *dc_format_name(int format) {
 
 DC_EXPORT const char *dc_image_path(dc_image *img) {
         return img->path;
+}
+DC_EXPORT int dc_image_fd(dc_image *img) {
+        return img->fd;
 }
 DC_EXPORT int dc_image_format(dc_image *img) {
         return img->drv->format;

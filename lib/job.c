@@ -35,7 +35,6 @@
  */
 
 #include <stdio.h>
-#include <sys/xattr.h>
 #include <time.h>
 
 #include "dc-internal.h"
@@ -72,6 +71,7 @@ struct dc_job {
         char error[512];
         struct event_node *head, *tail;
         void (*notify)(void *);
+        int (*pivoted)(void *, const char *, const char *const *);
         void *userdata;
 
         /* the work */
@@ -787,14 +787,6 @@ static int mark_allocated(dc_job *j, uint64_t *bm, uint64_t unit, dc_image *from
         return 0;
 }
 
-/* Mark (or, with VALUE NULL, unmark) a layer's file for the daemon's model. */
-static void mark_file(dc_image *l, const char *name, const char *value) {
-        if (value)
-                (void) fsetxattr(l->fd, name, value, strlen(value), 0);
-        else
-                (void) fremovexattr(l->fd, name);
-}
-
 /* --- backup: copy-before-write ----------------------------------------------- */
 
 /*
@@ -881,8 +873,6 @@ static int backup_run(dc_job *j) {
 
 static void backup_clean(dc_job *j) {
         dc_disk_detach(j->disk, j);
-        if (j->tgt)
-                mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
 }
 
 /* --- mirror and active commit ------------------------------------------------- */
@@ -1221,14 +1211,16 @@ static int mirror_run(dc_job *j) {
 /*
  * The pivot: the target (mirror) or base (active commit) becomes the active
  * layer of the disk.  The target keeps its own backing: a layer of the old
- * chain (top, none) or a chain opened now (existing).  The dropped layers
- * are marked superseded bottom first, the old top last — the moment the
- * pivot is done on disk; the target was flushed before.
+ * chain (top, none) or a chain opened now (existing).  The owner records
+ * the layers dropped (bottom first, the old top last) through pivoted():
+ * that record, made after the target was flushed, is the moment the pivot
+ * is done on disk — before it the old chain is the disk, after it the new.
  */
 static int pivot(dc_job *j) {
         dc_image *old = dc_disk_chain(j->disk), *top = j->active_commit ? j->base : j->tgt;
         dc_image *keep = j->active_commit ? j->base : NULL, *extra = NULL, *above = NULL;
         dc_image *dropped[256];
+        const char *names[257];
         size_t n = 0;
         int r;
 
@@ -1251,10 +1243,26 @@ static int pivot(dc_job *j) {
                 if (l->backing == keep)
                         above = l;
         }
-        while (n-- > 0)
-                mark_file(dropped[n], DC_XATTR_SUPERSEDED, top->path);
+        for (size_t i = 0; i < n; i++) {
+                /* nothing of ours changes them after the record (their ctime is part of it) */
+                r = dc_image_flush(dropped[i]);
+                if (r < 0) {
+                        dc_image_close(extra);
+                        return r;
+                }
+                names[i] = dropped[n - 1 - i]->path;
+        }
+        names[n] = NULL;
+        if (j->pivoted) {
+                r = j->pivoted(j->userdata, top->path, names);
+                if (r < 0) {
+                        char why[512];
+                        snprintf(why, sizeof why, "%s", dc_get_error());
+                        dc_image_close(extra);
+                        return dc_error(-r, "cannot record the pivot to '%s': %s", top->path, why);
+                }
+        }
         if (!j->active_commit) {
-                mark_file(top, DC_XATTR_JOB_TARGET, NULL);
                 top->backing = keep ? keep : extra;
                 j->tgt = NULL; /* the disk's now */
         }
@@ -1284,8 +1292,6 @@ static int mirror_prepare(dc_job *j) {
 
 static void mirror_clean(dc_job *j) {
         dc_disk_detach(j->disk, j);
-        if (j->tgt)
-                mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
 }
 
 static int set_backing_prepare(dc_job *j) {
@@ -1407,6 +1413,7 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
         j->auto_finalize = jo->auto_finalize;
         j->auto_dismiss = jo->auto_dismiss;
         j->notify = jo->notify;
+        j->pivoted = jo->pivoted;
         j->userdata = jo->userdata;
         if (!j->len && !j->dirty)
                 j->len = j->img->virtual_size;
@@ -1444,6 +1451,32 @@ static int job_new(const struct dc_job_options *jo, int type, dc_job **ret) {
 }
 
 /*
+ * Is CHAIN (from its active layer down) the one the caller authorized?
+ * Between the caller's look at the files and our open, a header may have
+ * been rewritten to name other backing files.
+ */
+static int chain_expected(dc_image *chain, const char *const *expect) {
+        size_t i = 0;
+
+        if (!expect)
+                return 0;
+        /* the job may work from a layer below the active one: compare from there */
+        while (expect[i] && strcmp(expect[i], chain->path) != 0)
+                i++;
+        if (!expect[i])
+                return dc_error(ESTALE, "'%s' is no longer in the backing chain that was authorized; try again",
+                                chain->path);
+        for (dc_image *l = chain; l; l = l->backing, i++)
+                if (!expect[i] || strcmp(expect[i], l->path) != 0)
+                        return dc_error(ESTALE, "the backing chain of '%s' changed after the job was authorized "
+                                                "('%s' is not what was checked); try again", chain->path, l->path);
+        if (expect[i])
+                return dc_error(ESTALE, "the backing chain of '%s' changed after the job was authorized "
+                                        "('%s' is no longer in it); try again", chain->path, expect[i]);
+        return 0;
+}
+
+/*
  * The chain a job works on, with TOP_ABS in it and the layers in WRITABLE
  * (NULL-terminated absolute paths) read-write: the caller's disk (reopened
  * when one of them is read-only in it), or a disk of the job's own.
@@ -1464,6 +1497,9 @@ static int job_disk(dc_job *j, const char *top_abs, const struct dc_open_options
                                 return dc_error(EINVAL, "'%s' is not in the chain of '%s'", writable[i], chain->path);
                         reopen |= !l->writable;
                 }
+                r = chain_expected(chain, jo->expect_chain);
+                if (r < 0)
+                        return r;
                 j->disk = dc_disk_ref(jo->disk);
                 if (reopen) {
                         dc_disk_quiesce(j->disk);
@@ -1479,7 +1515,10 @@ static int job_disk(dc_job *j, const char *top_abs, const struct dc_open_options
         o.writable_layer = NULL;
         o.no_backing = false;
         o.writable_layers = writable;
-        return dc_disk_open(top_abs, &o, &j->disk);
+        r = dc_disk_open(top_abs, &o, &j->disk);
+        if (r < 0)
+                return r;
+        return chain_expected(dc_disk_chain(j->disk), jo->expect_chain);
 }
 
 static const struct dc_open_options no_options;
@@ -1642,11 +1681,7 @@ static int open_target(dc_job *j, const char *target, const struct dc_open_optio
         r = dc_image_open(target, &o, &j->tgt);
         if (r < 0)
                 return r;
-        r = writable_check(j->tgt);
-        if (r < 0)
-                return r;
-        mark_file(j->tgt, DC_XATTR_JOB_TARGET, j->id);
-        return 0;
+        return writable_check(j->tgt);
 }
 
 /* A backup or mirror job: source and target resolved and different, the
@@ -1792,8 +1827,6 @@ DC_EXPORT dc_job *dc_job_free(dc_job *j) {
                 /* never started: undo what the constructor did */
                 if (j->clean)
                         j->clean(j);
-                else if (j->tgt)
-                        mark_file(j->tgt, DC_XATTR_JOB_TARGET, NULL);
                 disk_restore(j);
         }
         while (dc_job_next_event(j, &ev) > 0)

@@ -56,8 +56,41 @@ static int raw_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         return 0;
 }
 
+/*
+ * QEMU refuses writes that would make a probed raw image start with another
+ * format's header: the next program to probe the file would take a guest's
+ * bytes for metadata (a backing file of its choice, say).  diskchain never
+ * probes a recorded raw image, but others may, so no write of ours (a job's
+ * copy, an export's client) puts such a header into the first sector.
+ * BUF NULL: zeroes.
+ */
+static int guard_first_sector(dc_image *img, const void *buf, uint64_t off, uint64_t len) {
+        uint8_t sector[512] = { 0 };
+        const char *fmt;
+        int r;
+
+        if (off >= sizeof sector)
+                return 0;
+        r = dc_pread_full(img->fd, sector, sizeof sector, 0);
+        if (r < 0)
+                return dc_error(r, "'%s': read error at offset 0: %s", img->path, strerror(-r));
+        if (buf)
+                memcpy(sector + off, buf, (size_t) MIN(len, sizeof sector - off));
+        else
+                memset(sector + off, 0, (size_t) MIN(len, sizeof sector - off));
+        fmt = dc_probe_magic(sector, sizeof sector);
+        if (fmt)
+                return dc_error(EILSEQ, "'%s': refusing to write a %s header into the first sector of a raw image "
+                                        "(whoever probes the file would take it for a %s image)",
+                                img->path, fmt, fmt);
+        return 0;
+}
+
 static int raw_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
-        int r = dc_image_pwrite_data(img, buf, len, off, false);
+        int r = guard_first_sector(img, buf, off, len);
+        if (r < 0)
+                return r;
+        r = dc_image_pwrite_data(img, buf, len, off, false);
         if (r < 0)
                 return dc_error(r, "'%s': write error at offset %llu: %s", img->path, (unsigned long long) off,
                                 strerror(-r));
@@ -67,12 +100,15 @@ static int raw_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
 static int raw_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned flags) {
         int mode = (flags & DC_ZERO_MAY_UNMAP) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE;
         static const uint8_t zeros[65536];
+        int r = guard_first_sector(img, NULL, off, len);
 
+        if (r < 0)
+                return r;
         if (fallocate(img->fd, mode, (off_t) off, (off_t) len) == 0)
                 return 0;
         while (len > 0) {
                 size_t n = (size_t) MIN(len, sizeof zeros);
-                int r = raw_write(img, zeros, off, n);
+                r = raw_write(img, zeros, off, n);
                 if (r < 0)
                         return r;
                 off += n;
@@ -82,7 +118,10 @@ static int raw_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned 
 }
 
 static int raw_discard(dc_image *img, uint64_t off, uint64_t len) {
-        /* A hint: failure to punch is not an error. */
+        /* A hint: failure to punch is not an error, nor is a discard
+         * skipped because the first sector would turn into a header. */
+        if (guard_first_sector(img, NULL, off, len) < 0)
+                return 0;
         (void) fallocate(img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t) off, (off_t) len);
         return 0;
 }

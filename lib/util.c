@@ -27,7 +27,17 @@ int dc_error(int err, const char *fmt, ...) {
         return -err;
 }
 
-void dc_error_clear(void) {
+DC_EXPORT int dc_set_error(int err, const char *fmt, ...) {
+        char msg[sizeof last_error];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        return dc_error(err, "%s", msg);
+}
+
+DC_EXPORT void dc_error_clear(void) {
         last_error[0] = 0;
         last_errno = 0;
 }

@@ -165,6 +165,16 @@ static int wait_event(dc_job *j, int kind) {
         }
 }
 
+/* The library tells its owner of a pivot: dc-live prints it ("pivot NEW dropped..."). */
+static int pivoted(void *userdata, const char *new_top, const char *const *dropped) {
+        printf("pivot %s", new_top);
+        for (size_t i = 0; dropped[i]; i++)
+                printf(" %s", dropped[i]);
+        printf("\n");
+        fflush(stdout);
+        return 0;
+}
+
 static int sync_mode(const char *s) {
         return !strcmp(s, "top") ? DC_SYNC_TOP : !strcmp(s, "none") ? DC_SYNC_NONE : DC_SYNC_FULL;
 }
@@ -177,7 +187,7 @@ static void sleep_ms(long ms) {
 int main(int argc, char **argv) {
         struct dc_open_options oo = { .writable = true };
         struct dc_job_options jo = { .id = "live0", .auto_finalize = true, .auto_dismiss = true, .notify = notify,
-                                     .speed = 16u << 20 };
+                                     .speed = 16u << 20, .pivoted = pivoted };
         const char *op;
         pthread_t th;
         dc_job *j = NULL;

@@ -60,8 +60,19 @@ def set_group_member(member):
         sh("gpasswd", "-d", TEST_USER, "diskchain", check=False)
 
 
+def kill_daemon(bus):
+    """kill -9 the daemon, if it runs, and wait until it is gone."""
+    pid = bus.daemon_pid()
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.02)
+
+
 class Bus:
-    def __init__(self, idle_timeout=30, polkit=True):
+    def __init__(self, idle_timeout=30, polkit=True, config=None):
         self.dir = tempfile.mkdtemp(prefix="diskchain-test-")
         os.chmod(self.dir, 0o755)
         self.root = os.path.join(self.dir, "images")
@@ -72,6 +83,10 @@ class Bus:
         self.address = f"unix:path={self.socket}"
         services = os.path.join(self.dir, "services")
         os.mkdir(services)
+        self.state = os.path.join(self.dir, "state")
+        self.config = os.path.join(self.dir, "diskchain.conf")
+        with open(self.config, "w") as f:
+            f.write(config or "")
         self.idle_timeout = idle_timeout
         wrap = ""
         if os.environ.get("DISKCHAIN_VALGRIND"):
@@ -79,7 +94,8 @@ class Bus:
             wrap = "valgrind -q --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite "
         with open(os.path.join(services, "org.diskchain.DiskChain1.service"), "w") as f:
             f.write("[D-BUS Service]\nName=org.diskchain.DiskChain1\n"
-                    f"Exec=/bin/sh -c 'exec {wrap}{DAEMON} --config /nonexistent --root {self.root} "
+                    f"Exec=/bin/sh -c 'exec {wrap}{DAEMON} --config {self.config} --root {self.root} "
+                    f"--state-dir {self.state} "
                     f"--idle-timeout {idle_timeout} --log-level debug >>{self.log} 2>&1'\nUser=root\n")
         conf = os.path.join(self.dir, "bus.conf")
         with open(conf, "w") as f:
