@@ -6,7 +6,7 @@ pkgs=(meson ninja-build pkg-config gcc
       libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev libdbus-1-dev libpolkit-gobject-1-dev
       dbus polkitd
       qemu-utils
-      python3-pytest libglib2.0-bin man-db groff-base util-linux passwd
+      python3-pytest python3-gi libglib2.0-bin man-db groff-base util-linux passwd strace
       systemd)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -342,34 +342,61 @@ static int cmd_check(const char *path) {
 }
 
 static int cmd_map(const char *path) {
-        sd_bus_error e = SD_BUS_ERROR_NULL;
-        sd_bus_message *reply = NULL;
-        uint64_t start, length;
-        uint32_t depth;
-        int present, zero, data, compressed, first = 1;
-        int64_t off;
+        uint64_t pos = 0, size = 0;
+        int first = 1;
         char *o;
-        int r;
 
         if (get_image(path, &o) < 0)
                 return 1;
-        r = call(o, IFACE("Image"), "Map", &reply, &e, "tta{sv}", 0, 0, 0);
-        free(o);
-        if (r < 0)
-                return fail("Map", &e, r);
-        sd_bus_message_enter_container(reply, 'a', "(ttubbbbx)");
-        while (sd_bus_message_read(reply, "(ttubbbbx)", &start, &length, &depth, &present, &zero, &data, &compressed,
-                                   &off) > 0) {
-                printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u, \"present\": %s, \"zero\": %s, "
-                       "\"data\": %s, \"compressed\": %s",
-                       first ? "[" : ",\n", start, length, depth, present ? "true" : "false", zero ? "true" : "false",
-                       data ? "true" : "false", compressed ? "true" : "false");
-                if (off >= 0)
-                        printf(", \"offset\": %" PRId64, off);
-                printf("}");
-                first = 0;
+        if (get_prop(o, IFACE("Image"), "VirtualSize", 't', &size) < 0) {
+                free(o);
+                return fail("VirtualSize", NULL, -EIO);
         }
+        /* the daemon answers a bounded number of extents per call: ask on from where each reply ends */
+        while (pos < size) {
+                sd_bus_error e = SD_BUS_ERROR_NULL;
+                sd_bus_message *reply = NULL;
+                uint64_t start, length, end = pos;
+                uint32_t depth;
+                int present, zero, data, compressed;
+                int64_t off;
+                int r = call(o, IFACE("Image"), "Map", &reply, &e, "tta{sv}", pos, (uint64_t) 0, 0);
+                if (r < 0) {
+                        free(o);
+                        return fail("Map", &e, r);
+                }
+                sd_bus_message_enter_container(reply, 'a', "(ttubbbbx)");
+                while (sd_bus_message_read(reply, "(ttubbbbx)", &start, &length, &depth, &present, &zero, &data,
+                                           &compressed, &off) > 0) {
+                        printf("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u, \"present\": %s, "
+                               "\"zero\": %s, \"data\": %s, \"compressed\": %s",
+                               first ? "[" : ",\n", start, length, depth, present ? "true" : "false",
+                               zero ? "true" : "false", data ? "true" : "false", compressed ? "true" : "false");
+                        if (off >= 0)
+                                printf(", \"offset\": %" PRId64, off);
+                        printf("}");
+                        first = 0;
+                        end = start + length;
+                }
+                sd_bus_message_unref(reply);
+                if (end <= pos)
+                        break; /* nothing more (the image shrank meanwhile?) */
+                pos = end;
+        }
+        free(o);
         printf(first ? "[]\n" : "]\n");
+        return 0;
+}
+
+static int cmd_classify(const char *path, const char *format) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        const char *o;
+        int r = call(MANAGER_PATH, IFACE("Manager"), "ClassifyImage", &reply, &e, "ssa{sv}", path, format, 0);
+        if (r < 0)
+                return fail("ClassifyImage", &e, r);
+        if (sd_bus_message_read(reply, "o", &o) >= 0)
+                printf("%s\n", o);
         sd_bus_message_unref(reply);
         return 0;
 }
@@ -834,6 +861,7 @@ static void help(void) {
                "                               --preallocation, --lazy-refcounts, --refcount-bits)\n"
                "  check PATH [--repair leaks|all]\n"
                "  map PATH                     Show allocation, as qemu-img map --output=json\n"
+               "  classify PATH qcow2|raw      Record the format of an image file (polkit: classify)\n"
                "  stream CHAIN [--top P] [--base P|--bottom P] [--backing-file S] [--speed N]\n"
                "  commit CHAIN [--top P] [--base P] [--backing-file S] [--force-shared-base] [--speed N]\n"
                "                               Start a job on the chain whose active layer is CHAIN and\n"
@@ -905,6 +933,8 @@ int main(int argc, char **argv) {
                 r = cmd_check(argv[1]);
         else if (strcmp(argv[0], "map") == 0 && argc >= 2)
                 r = cmd_map(argv[1]);
+        else if (strcmp(argv[0], "classify") == 0 && argc >= 3)
+                r = cmd_classify(argv[1], argv[2]);
         else if (strcmp(argv[0], "stream") == 0)
                 r = cmd_job_start("Stream", argc, argv);
         else if (strcmp(argv[0], "commit") == 0)
