@@ -72,7 +72,7 @@ def kill_daemon(bus):
 
 
 class Bus:
-    def __init__(self, idle_timeout=30, polkit=True, config=None):
+    def __init__(self, idle_timeout=30, polkit=True, config=None, prefix=""):
         self.dir = tempfile.mkdtemp(prefix="diskchain-test-")
         os.chmod(self.dir, 0o755)
         self.root = os.path.join(self.dir, "images")
@@ -94,7 +94,7 @@ class Bus:
             wrap = "valgrind -q --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite "
         with open(os.path.join(services, "org.diskchain.DiskChain1.service"), "w") as f:
             f.write("[D-BUS Service]\nName=org.diskchain.DiskChain1\n"
-                    f"Exec=/bin/sh -c 'exec {wrap}{DAEMON} --config {self.config} --root {self.root} "
+                    f"Exec=/bin/sh -c '{prefix}exec {wrap}{DAEMON} --config {self.config} --root {self.root} "
                     f"--state-dir {self.state} "
                     f"--idle-timeout {idle_timeout} --log-level debug >>{self.log} 2>&1'\nUser=root\n")
         conf = os.path.join(self.dir, "bus.conf")

@@ -617,3 +617,104 @@ def test_calls_see_the_files_as_they_are(bus):
         chain = data(bus.call(M, "Manager", "GetChain", "s", "C.qcow2"))[0]
         layers = prop(bus, chain, "Chain", "Layers")
         assert layers == [image(bus, "C.qcow2"), image(bus, f"B{i}.qcow2"), image(bus, "A.qcow2")], i
+
+
+def unit_limits():
+    text = open(os.path.join(os.path.dirname(DAEMON), "..", "units", "diskchaind.service")).read()
+    def value(key):
+        v = text.split(f"\n{key}=", 1)[1].split("\n", 1)[0].strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1], 1)
+        return int(v.rstrip("KMG")) * scale
+    return value("TasksMax"), value("MemoryHigh"), value("MemoryMax")
+
+
+def test_unit_limits_are_enough(tmp_path):
+    """The daemon in a control group with the unit's TasksMax= and MemoryMax=
+    (cgroup v1 here: pids.max and memory.limit_in_bytes), under MaxJobs jobs,
+    ten thousand images and calls in parallel: nothing fails, the threads stay
+    under TasksMax and the memory the daemon itself uses under MemoryHigh."""
+    from bustest import Bus
+    tasks_max, mem_high, mem_max = unit_limits()
+    name = f"diskchain-test-{os.getpid()}"
+    mem, pids = f"/sys/fs/cgroup/memory/{name}", f"/sys/fs/cgroup/pids/{name}"
+    if not (os.access("/sys/fs/cgroup/memory", os.W_OK) and os.access("/sys/fs/cgroup/pids", os.W_OK)):
+        pytest.skip("no writable cgroup v1 memory and pids controllers")
+    os.mkdir(mem)
+    os.mkdir(pids)
+    b = None
+    try:
+        open(f"{mem}/memory.limit_in_bytes", "w").write(str(mem_max))
+        open(f"{pids}/pids.max", "w").write(str(tasks_max))
+        b = Bus(prefix=f"echo $$ >{mem}/cgroup.procs; echo $$ >{pids}/cgroup.procs; ")
+        make_many(b.root, 5000, 1000, 5)
+        for n in range(4):
+            path = os.path.join(b.root, f"src{n}.qcow2")
+            qemu_img("create", "-q", "-f", "qcow2", path, "256M")
+            qemu_io(path, "write -P 0x1%d 0 192M" % n)
+            qemu_img("create", "-q", "-f", "qcow2", "-b", f"src{n}.qcow2", "-F", "qcow2",
+                     os.path.join(b.root, f"top{n}.qcow2"))
+            qemu_io(os.path.join(b.root, f"top{n}.qcow2"), "write -P 0x2%d 64M 64M" % n)
+        assert len(data(b.call(M, "Manager", "ListImages", timeout=300))[0]) == 10008
+        pid = b.daemon_pid()
+        chains = [data(b.call(M, "Manager", "GetChain", "s", f"top{n}.qcow2"))[0] for n in range(4)]
+        jobs = [data(b.call(chains[0], "Chain", "Backup", "sa{sv}", "copy0.qcow2", "1", "auto-dismiss", "b",
+                            "false"))[0],
+                data(b.call(chains[1], "Chain", "Mirror", "sa{sv}", "copy1.qcow2", "1", "auto-dismiss", "b",
+                            "false"))[0],
+                data(b.call(chains[2], "Chain", "Stream", "a{sv}", "1", "auto-dismiss", "b", "false"))[0],
+                data(b.call(chains[3], "Chain", "Commit", "a{sv}", "1", "auto-dismiss", "b", "false"))[0]]
+        peak = {"threads": 0}
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                try:
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("Threads:"):
+                            peak["threads"] = max(peak["threads"], int(line.split()[1]))
+                except FileNotFoundError:
+                    return
+                time.sleep(0.05)
+        t = threading.Thread(target=sample)
+        t.start()
+        code = """
+from gi.repository import Gio
+c = Gio.bus_get_sync(Gio.BusType.SYSTEM)
+for i in range(3):
+    c.call_sync("org.diskchain.DiskChain1", "/org/diskchain/DiskChain1", "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects", None, None, 0, 120000, None)
+"""
+        callers = [subprocess.Popen(["/usr/bin/python3", "-c", code], env={**os.environ, **b.env}) for _ in range(6)]
+        for job in jobs:
+            for _ in range(1200):
+                st = prop(b, job, "Job", "Status")
+                if st == "ready":
+                    b.call(job, "Job", "Complete")
+                if st == "concluded":
+                    break
+                time.sleep(0.1)
+            assert prop(b, job, "Job", "Error") == "", job
+            b.call(job, "Job", "Dismiss")
+        for c in callers:
+            assert c.wait(300) == 0
+        stop.set()
+        t.join()
+        hwm = int([line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:")][0]) * 1024
+        events = open(f"{pids}/pids.events").read()
+        oom = open(f"{mem}/memory.oom_control").read()
+        assert "max 0" in events, events
+        assert "oom_kill 0" in oom, oom
+        assert peak["threads"] < tasks_max, peak
+        assert hwm < mem_high, (hwm, mem_high)
+        print(f"threads {peak['threads']} (TasksMax {tasks_max}), peak RSS {hwm >> 20} MiB "
+              f"(MemoryHigh {mem_high >> 20} MiB), cgroup peak {int(open(f'{mem}/memory.max_usage_in_bytes').read()) >> 20} MiB")
+    finally:
+        if b:
+            b.stop()
+        for d in (mem, pids):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except OSError:
+                    time.sleep(0.1)
