@@ -718,3 +718,38 @@ for i in range(3):
                     break
                 except OSError:
                     time.sleep(0.1)
+
+
+# --- 8. what the daemon tells an operator, and what a client sees ---------------------------
+
+def test_errors_by_kind_and_the_log(bus):
+    r = bus.root
+    create(bus, "img.qcow2", 4 << 20)
+    qemu_io(os.path.join(r, "img.qcow2"), "write -P 0x42 0 64k")
+    # corrupt metadata reaches the client as Corrupt, not IOError: a reserved bit in the first L2 entry
+    with open(os.path.join(r, "img.qcow2"), "r+b") as f:
+        f.seek(0x40000)
+        e = bytearray(f.read(8))
+        e[7] |= 0x02
+        f.seek(0x40000)
+        f.write(e)
+    time.sleep(0.3)
+    p = gdbus_call(bus, image(bus, "img.qcow2"), "Image.Map", "0", "0", "{}")
+    assert error_name(p) == "Corrupt" and "img.qcow2" in p.stderr, p.stderr
+    # a job verb in the wrong state, and only that, is InvalidJobState; a path outside the roots is PathNotAllowed
+    create(bus, "ok.qcow2", 4 << 20)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "ok.qcow2"))[0]
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "ok-copy.qcow2", "2", "auto-dismiss", "b", "false",
+                        "job-id", "s", "logged"))[0]
+    wait_status(bus, job, "concluded")
+    assert error_name(gdbus_call(bus, job, "Job.Pause")) == "InvalidJobState"
+    bus.call(job, "Job", "Dismiss")
+    assert error_name(gdbus_call(bus, M, "Manager.GetImage", "/etc/passwd")) == "PathNotAllowed"
+    # an unprivileged caller refused by polkit
+    assert gdbus_call(bus, M, "Manager.CreateImage", "u.qcow2", "1048576", "{}", user=TEST_USER).returncode != 0
+    # the log: structured fields on each line that matters
+    log = bus.daemon_log()
+    for want in ("job 'logged' completed", "DISKCHAIN_JOB=logged", "DISKCHAIN_RESULT=completed",
+                 "DISKCHAIN_BYTES=4194304", "polkit refused org.diskchain.create", "DISKCHAIN_ACTION=org.diskchain.create",
+                 "recorded '%s/ok.qcow2' as qcow2 (created)" % r, "job 'logged' started: backup"):
+        assert want in log, (want, log)
