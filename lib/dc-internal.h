@@ -10,6 +10,31 @@
 
 #include "diskchain.h"
 
+/*
+ * Lock order of the library.  Locks are taken in this order and never the
+ * other way round; the last two are leaves.
+ *
+ *   1. a job's rate gate (dc_job.rate_gate): under a speed limit, held by one
+ *      copy request from before it starts to after the pause that pays for it;
+ *   2. a disk's door and range locks (dc_disk_quiesce, dc_disk_range_lock):
+ *      not mutexes held across I/O but admissions, taken by guest requests and
+ *      by a job's chunk before any image lock; the hooks of an attached job
+ *      (copy-before-write, the mirror's write-through) run with the range
+ *      held;
+ *   3. image locks (dc_image.lock), a layer before its backing file
+ *      (dc_chain_read holds each layer while it reads the one below), and
+ *      the layers of a chain before a job's separate target; an allocating
+ *      qcow2 write releases its image lock while its data goes out and
+ *      while it waits for another's in-flight clusters (inflight_wait waits
+ *      on the image lock's condition, holding nothing else);
+ *   4. a job's state lock (dc_job.lock): taken alone or under the above,
+ *      never held while taking another;
+ *   5. a disk's own mutex (dc_disk.lock), which only guards its counters and
+ *      lists and is released before anything waits.
+ *
+ * A job's thread joins its copy workers holding none of them.
+ */
+
 #define DC_DEFAULT_MAX_DEPTH 64
 #define DC_EXPORT __attribute__((visibility("default")))
 
