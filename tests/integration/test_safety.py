@@ -452,6 +452,29 @@ def test_map_replies_are_bounded(bus):
     assert [(e[0], e[1], e[5]) for e in ext] == [(q["start"], q["length"], q["data"]) for q in qmap]
 
 
+def test_refused_callers_leave_nothing_pending(bus_idle):
+    """Many calls refused by polkit, some from callers that hang up at once:
+    nothing stays pending (the daemon still goes idle and exits)."""
+    bus = bus_idle
+    assert bus.call(M, "Manager", "ListImages").returncode == 0
+    pid = bus.daemon_pid()
+    calls = [subprocess.Popen(["setpriv", "--reuid", TEST_USER, "--regid", TEST_USER, "--init-groups", "--",
+                               "busctl", "--system", "call", "org.diskchain.DiskChain1", M,
+                               "org.diskchain.DiskChain1.Manager", "CreateImage", "sta{sv}", f"u{i}.qcow2", "1048576",
+                               "0"], env={**os.environ, **bus.env}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for i in range(40)]
+    for i, c in enumerate(calls):
+        if i % 2:
+            c.kill()  # the caller leaves before its answer
+        c.wait(30)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "the daemon did not go idle: something stayed pending"
+    assert not any(os.path.exists(os.path.join(bus.root, f"u{i}.qcow2")) for i in range(40))
+
+
 def test_operations_are_capped(tmp_path):
     from bustest import Bus, finish  # a daemon with a small cap
     b = Bus(config="[Limits]\nMaxOperations=2\nWorkers=2\n")
