@@ -13,13 +13,7 @@
 
 int image_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
                       sd_bus_error *error) {
-        Manager *mgr = userdata;
-        _cleanup_free_ char *abs = NULL;
-        Image *img;
-
-        if (sd_bus_path_decode(path, IMAGE_PREFIX, &abs) <= 0)
-                return 0;
-        img = model_find(mgr, abs);
+        Image *img = image_from_object(userdata, path);
         if (!img)
                 return 0;
         *found = img;

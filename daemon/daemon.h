@@ -86,7 +86,9 @@ struct Manager {
         /* the model (model.c) */
         GHashTable *images;   /* path -> Image* (including files that are no usable image) */
         GHashTable *overlays; /* backing path -> GPtrArray of Image* naming it */
-        GHashTable *active;   /* path -> Image*: active layers of chains, as last announced */
+        GHashTable *active;   /* path -> chain object path: active layers of chains, as last announced */
+        GHashTable *image_objects; /* object path -> Image* (exported images), for the object lookups */
+        GHashTable *chain_objects; /* chain object path -> active path (both owned by active) */
         GHashTable *held;     /* path -> count: images our own work has open read-write */
         int inotify_fd;
         sd_event_source *inotify_source, *refresh_timer, *locks_timer;
@@ -235,6 +237,7 @@ char *chain_object_path(const char *abs);
 char **model_image_paths(Manager *mgr);
 char **model_chain_paths(Manager *mgr);
 Image *chain_active_from_object(Manager *mgr, const char *object);
+Image *image_from_object(Manager *mgr, const char *object);
 char **image_overlays(Manager *mgr, Image *img);
 char **image_chains(Manager *mgr, Image *img);
 char **chain_layers(Manager *mgr, Image *active);

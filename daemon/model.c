@@ -307,6 +307,8 @@ GPtrArray *model_read_paths(Manager *mgr, char **paths) {
 static void overlay_link(Manager *mgr, Image *img) {
         GPtrArray *a;
 
+        if (!img->error && img->object)
+                g_hash_table_insert(mgr->image_objects, img->object, img);
         if (img->error || !img->backing_abs)
                 return;
         a = g_hash_table_lookup(mgr->overlays, img->backing_abs);
@@ -320,6 +322,8 @@ static void overlay_link(Manager *mgr, Image *img) {
 static void overlay_unlink(Manager *mgr, Image *img) {
         GPtrArray *a;
 
+        if (img->object && g_hash_table_lookup(mgr->image_objects, img->object) == img)
+                g_hash_table_remove(mgr->image_objects, img->object);
         if (img->error || !img->backing_abs)
                 return;
         a = g_hash_table_lookup(mgr->overlays, img->backing_abs);
@@ -559,8 +563,13 @@ static void apply(Manager *mgr, GPtrArray *found, bool full, char **touched_path
 
         {
                 GHashTable *old_active = mgr->active;
+                const char *obj;
                 mgr->active = TAKE_PTR(new_active);
                 new_active = old_active; /* freed on return; now the old set */
+                g_hash_table_remove_all(mgr->chain_objects);
+                g_hash_table_iter_init(&it, mgr->active);
+                while (g_hash_table_iter_next(&it, (void **) &path, (void **) &obj))
+                        g_hash_table_insert(mgr->chain_objects, (char *) obj, (char *) path);
         }
 
         /* additions, then changes */
@@ -798,7 +807,7 @@ void model_hold(Manager *mgr, char **paths, int delta) {
 /* --- who holds QEMU's write lock --------------------------------------------------- */
 
 typedef struct LockLook {
-        GHashTable *locked; /* "major:minor:ino" -> NULL */
+        GHashTable *locked; /* inode number -> device (major << 32 | minor), of files with QEMU's write lock */
 } LockLook;
 
 static void lock_look_free(void *p) {
@@ -814,7 +823,7 @@ static void locks_run(Work *w) {
         g_autofree char *text = NULL;
         g_auto(GStrv) lines = NULL;
 
-        l->locked = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        l->locked = g_hash_table_new_full(g_int64_hash, g_int64_equal, g_free, g_free);
         if (!g_file_get_contents("/proc/locks", &text, NULL, NULL))
                 return;
         lines = g_strsplit(text, "\n", -1);
@@ -832,7 +841,8 @@ static void locks_run(Work *w) {
                 if (strcmp(type, "POSIX") != 0 && strcmp(type, "OFDLCK") != 0)
                         continue; /* flock() and leases are not QEMU's */
                 if (strtoull(start, NULL, 10) <= 101 && (strcmp(end, "EOF") == 0 || strtoull(end, NULL, 10) >= 101))
-                        g_hash_table_add(l->locked, g_strdup_printf("%u:%u:%llu", maj, min, ino));
+                        g_hash_table_insert(l->locked, g_memdup2(&(gint64){ (gint64) ino }, sizeof(gint64)),
+                                            g_memdup2(&(guint64){ (guint64) maj << 32 | min }, sizeof(guint64)));
         }
 }
 
@@ -845,12 +855,13 @@ static void locks_done(Work *w) {
         mgr->locks_running = false;
         g_hash_table_iter_init(&it, mgr->images);
         while (g_hash_table_iter_next(&it, NULL, (void **) &img)) {
-                g_autofree char *k = NULL;
+                gint64 ino = (gint64) img->ino;
+                const guint64 *dev;
                 bool ext;
                 if (img->error)
                         continue;
-                k = g_strdup_printf("%u:%u:%llu", major(img->dev), minor(img->dev), (unsigned long long) img->ino);
-                ext = g_hash_table_contains(l->locked, k);
+                dev = g_hash_table_lookup(l->locked, &ino);
+                ext = dev && *dev == ((guint64) major(img->dev) << 32 | minor(img->dev));
                 if (ext != img->external) {
                         img->external = ext;
                         if (!g_hash_table_contains(mgr->held, img->path) && !busy_job(mgr, img->path))
@@ -888,6 +899,8 @@ int model_setup(Manager *mgr) {
         mgr->images = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, image_free_void);
         mgr->overlays = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify) g_ptr_array_unref);
         mgr->active = active_set();
+        mgr->image_objects = g_hash_table_new(g_str_hash, g_str_equal);
+        mgr->chain_objects = g_hash_table_new(g_str_hash, g_str_equal);
         mgr->held = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         mgr->dirty = path_set();
         mgr->watches = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
@@ -923,6 +936,10 @@ void model_free(Manager *mgr) {
                 g_ptr_array_unref(mgr->waiters_next);
         if (mgr->overlays)
                 g_hash_table_destroy(mgr->overlays);
+        if (mgr->image_objects)
+                g_hash_table_destroy(mgr->image_objects);
+        if (mgr->chain_objects)
+                g_hash_table_destroy(mgr->chain_objects);
         if (mgr->active)
                 g_hash_table_destroy(mgr->active);
         if (mgr->images)
@@ -974,13 +991,12 @@ char **model_chain_paths(Manager *mgr) {
 }
 
 Image *chain_active_from_object(Manager *mgr, const char *object) {
-        _cleanup_free_ char *abs = NULL;
+        const char *abs = g_hash_table_lookup(mgr->chain_objects, object);
+        return abs ? model_find(mgr, abs) : NULL;
+}
 
-        if (sd_bus_path_decode(object, CHAIN_PREFIX, &abs) <= 0)
-                return NULL;
-        if (!g_hash_table_contains(mgr->active, abs))
-                return NULL;
-        return model_find(mgr, abs);
+Image *image_from_object(Manager *mgr, const char *object) {
+        return g_hash_table_lookup(mgr->image_objects, object);
 }
 
 char **image_overlays(Manager *mgr, Image *img) {
@@ -1019,15 +1035,32 @@ char **chain_layers(Manager *mgr, Image *active) {
 }
 
 char **image_chains(Manager *mgr, Image *img) {
-        g_autoptr(GHashTable) tops = path_set(), seen = path_set();
         GPtrArray *a = g_ptr_array_new();
-        GHashTableIter it;
-        const char *path;
+        const char *path = img->path;
+        GPtrArray *ov;
 
-        tops_above(mgr, img->path, tops, seen);
-        g_hash_table_iter_init(&it, tops);
-        while (g_hash_table_iter_next(&it, (void **) &path, NULL))
-                g_ptr_array_add(a, strdup(g_hash_table_lookup(mgr->active, path)));
+        /* most images have one overlay above another up to the top: walk that
+         * straight; a fan-out (or a loop) takes the general walk */
+        for (unsigned depth = 0; depth <= mgr->config.max_depth; depth++) {
+                const char *obj = g_hash_table_lookup(mgr->active, path);
+                ov = g_hash_table_lookup(mgr->overlays, path);
+                if (obj && !ov) {
+                        g_ptr_array_add(a, strdup(obj));
+                        break;
+                }
+                if (!ov || ov->len != 1 || obj) {
+                        g_autoptr(GHashTable) tops = path_set(), seen = path_set();
+                        GHashTableIter it;
+                        const char *top;
+                        g_ptr_array_set_size(a, 0);
+                        tops_above(mgr, img->path, tops, seen);
+                        g_hash_table_iter_init(&it, tops);
+                        while (g_hash_table_iter_next(&it, (void **) &top, NULL))
+                                g_ptr_array_add(a, strdup(g_hash_table_lookup(mgr->active, top)));
+                        break;
+                }
+                path = ((Image *) ov->pdata[0])->path;
+        }
         g_ptr_array_add(a, NULL);
         return (char **) g_ptr_array_free(a, FALSE);
 }
