@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bustest import DAEMON, TEST_USER, kill_daemon, qemu_img, qemu_io, set_group_member, sh
+from bustest import DAEMON, TEST_USER, instrumented, kill_daemon, qemu_img, qemu_io, set_group_member, sh
 from test_bus import M, create, data, image, prop, wait_status
 
 RULES = "/etc/polkit-1/rules.d/49-diskchain-test.rules"
@@ -586,6 +586,7 @@ def timed(fn):
 
 def test_ten_thousand_images(bus):
     make_many(bus.root, 5000, 1000, 5)
+    timing = not instrumented()
     # the first call starts the daemon, which reads everything once
     n = len(data(bus.call(M, "Manager", "ListImages", timeout=300))[0])
     assert n == 10000
@@ -606,7 +607,7 @@ for iface, m in (("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     p = sh("/usr/bin/python3", "-c", code, env=bus.env)
     got = {line.split()[0]: (int(line.split()[1]), float(line.split()[2])) for line in p.stdout.splitlines()}
     assert got["GetManagedObjects"][0] == 16000 and got["ListChains"][0] == 6000, got
-    assert got["GetManagedObjects"][1] < 1.0 and got["ListChains"][1] < 0.2, got
+    assert not timing or (got["GetManagedObjects"][1] < 1.0 and got["ListChains"][1] < 0.2), got
     # one chain's layer list and a shared base's chains, also quick
     top = data(bus.call(M, "Manager", "GetChain", "s", "d07/c000007-04.qcow2"))[0]
     assert len(prop(bus, top, "Chain", "Layers")) == 5
@@ -728,7 +729,7 @@ for i in range(3):
         assert "max 0" in events, events
         assert "oom_kill 0" in oom, oom
         assert peak["threads"] < tasks_max, peak
-        assert hwm < mem_high, (hwm, mem_high)
+        assert instrumented() or hwm < mem_high, (hwm, mem_high)  # ASan's shadow memory is not ours
         print(f"threads {peak['threads']} (TasksMax {tasks_max}), peak RSS {hwm >> 20} MiB "
               f"(MemoryHigh {mem_high >> 20} MiB), cgroup peak {int(open(f'{mem}/memory.max_usage_in_bytes').read()) >> 20} MiB")
     finally:
