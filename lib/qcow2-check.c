@@ -89,7 +89,9 @@ static int read_table(struct check *c, uint64_t off, uint64_t len, uint8_t **ret
 }
 
 /* The L2 table at L2OFF, referenced MULT times; ACTIVE: from the active L1
- * (walked in order, once, for the allocation statistics). */
+ * (walked in order, once, for the allocation statistics).  With extended L2
+ * entries the bitmaps are judged as QEMU's check_refcounts_l2 judges them;
+ * with a data file, data clusters are not in this file and not counted. */
 static void walk_l2(struct check *c, uint64_t l2off, bool active, uint64_t mult) {
         struct qcow2 *s = c->s;
         _cleanup_free_ uint8_t *t = NULL;
@@ -97,13 +99,18 @@ static void walk_l2(struct check *c, uint64_t l2off, bool active, uint64_t mult)
         if (read_table(c, l2off, s->cluster_size, &t) < 0)
                 return;
         for (uint64_t i = 0; i < s->l2_entries; i++) {
-                uint64_t e = be64(t + i * 8), off, len;
+                uint64_t e = qcow2_l2_get(s, t, i), bm = qcow2_l2_bitmap(s, t, i), off, len;
                 int type = qcow2_cluster_type(s, e);
 
                 switch (type) {
                 case QC_COMPRESSED:
                         if (e & QCOW_OFLAG_COPIED)
                                 c->res.corruptions += mult;
+                        if (s->has_data_file || bm) {
+                                /* not allowed: counted, and its data is not */
+                                c->res.corruptions += mult;
+                                break;
+                        }
                         qcow2_compressed_range(s, e, &off, &len);
                         inc_range(c, off, len, mult);
                         if (active) {
@@ -114,6 +121,8 @@ static void walk_l2(struct check *c, uint64_t l2off, bool active, uint64_t mult)
                         break;
                 case QC_NORMAL:
                 case QC_ZERO_ALLOC:
+                        if (s->extl2 && ((bm >> 32) & bm))
+                                c->res.corruptions += mult; /* corrupted subcluster allocation bitmap */
                         if (e & (L2E_RESERVED_MASK | (s->version < 3 ? QCOW_OFLAG_ZERO : 0))) {
                                 c->res.corruptions += mult;
                                 break;
@@ -123,7 +132,8 @@ static void walk_l2(struct check *c, uint64_t l2off, bool active, uint64_t mult)
                                 c->res.corruptions += mult;
                                 break;
                         }
-                        inc_range(c, off, s->cluster_size, mult);
+                        if (!s->has_data_file)
+                                inc_range(c, off, s->cluster_size, mult);
                         if (active) {
                                 c->res.allocated_clusters++;
                                 if (c->next_contiguous && off != c->next_contiguous)
@@ -134,6 +144,8 @@ static void walk_l2(struct check *c, uint64_t l2off, bool active, uint64_t mult)
                 default:
                         if (e & L2E_RESERVED_MASK)
                                 c->res.corruptions += mult;
+                        if (s->extl2 && (bm & QCOW2_BM_ALL_ALLOC))
+                                c->res.corruptions += mult; /* unallocated cluster with allocation bits */
                         break;
                 }
         }
@@ -365,12 +377,15 @@ static int fix_copied(struct check *c, int repair) {
                 if (read_table(c, l2, cs, &t) < 0)
                         continue;
                 for (uint64_t j = 0; j < s->l2_entries; j++) {
-                        uint64_t le = be64(t + j * 8), d = le & L2E_OFFSET_MASK;
+                        uint64_t le = qcow2_l2_get(s, t, j), d = le & L2E_OFFSET_MASK;
                         int type = qcow2_cluster_type(s, le);
                         if ((type != QC_NORMAL && type != QC_ZERO_ALLOC) || (le & L2E_RESERVED_MASK) ||
-                            (d & (cs - 1)) || d / cs >= c->nb)
+                            (d & (cs - 1)) || (!s->has_data_file && d / cs >= c->nb))
                                 continue;
-                        if (qcow2_refcount_get(img, d / cs, &rc) < 0) {
+                        /* data in a data file is not refcounted: as if always 1 */
+                        if (s->has_data_file)
+                                rc = 1;
+                        else if (qcow2_refcount_get(img, d / cs, &rc) < 0) {
                                 c->res.check_errors++;
                                 continue;
                         }
@@ -378,7 +393,7 @@ static int fix_copied(struct check *c, int repair) {
                                 c->res.corruptions++;
                                 if (repair == DC_REPAIR_ALL) {
                                         le = rc == 1 ? le | QCOW_OFLAG_COPIED : le & ~QCOW_OFLAG_COPIED;
-                                        put_be64(t + j * 8, le);
+                                        qcow2_l2_set(s, t, j, le, qcow2_l2_bitmap(s, t, j));
                                         nfix++;
                                 }
                         }

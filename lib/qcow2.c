@@ -32,6 +32,29 @@
  *   old clusters are freed only after that entry is synced.
  * - A new L2 table is allocated, written in full (zeroes, or a copy of the
  *   shared table it replaces) and synced before its L1 entry is written.
+ * - Extended L2 entries (incompatible bit 4, formats.md A.7): entries are
+ *   16 bytes, the second word a bitmap of 32 subclusters (allocated / reads
+ *   as zeros).  Status and reads go by subcluster: an unallocated subcluster
+ *   falls through to the backing file, even in an allocated cluster.
+ *   Writes follow QEMU: a write into an unallocated cluster allocates it and
+ *   writes only the subclusters it touches (a partly touched one completed
+ *   from what it showed), setting their allocation bits; a write into an
+ *   allocated cluster writes in place and sets the bits it needs (after the
+ *   next sync, like any entry that points at new data); a cluster whose old
+ *   content cannot be kept per subcluster (compressed) is copied whole.  Zero
+ *   writes and discards set and clear the bitmaps as QEMU's zero_in_l2_slice,
+ *   zero_l2_subclusters and discard_in_l2_slice do; compressed clusters
+ *   keep an empty bitmap.
+ * - An external data file (incompatible bit 2) holds the guest data at host
+ *   offset = guest offset, unrefcounted; every entry there has COPIED, so
+ *   offset 0 with COPIED is allocated.  No compressed clusters, no internal
+ *   snapshots.  Its name is resolved and confined like a backing file name
+ *   (against the image's directory: QEMU takes its working directory), it is
+ *   opened beneath its storage root and locked as the image is, and a sync
+ *   makes it durable before the image file, so that data is durable before
+ *   the entry that references it.  With data_file_raw (autoclear bit 1) the
+ *   data file stays a valid raw image: whatever reads as zeros on the disk
+ *   is zeroed there first, and writes copy whole clusters.
  * - Images with internal snapshots, encryption or an unsupported feature
  *   are opened read-only or refused with the reason; write-opens clear
  *   unknown autoclear bits and mark persistent bitmaps in-use (we do not
@@ -49,11 +72,36 @@
 int qcow2_cluster_type(struct qcow2 *s, uint64_t e) {
         if (e & QCOW_OFLAG_COMPRESSED)
                 return QC_COMPRESSED;
-        if ((e & QCOW_OFLAG_ZERO) && s->version >= 3)
+        /* with extended L2 entries the bitmap says what reads as zero */
+        if ((e & QCOW_OFLAG_ZERO) && s->version >= 3 && !s->extl2)
                 return (e & L2E_OFFSET_MASK) ? QC_ZERO_ALLOC : QC_ZERO_PLAIN;
         if ((e & L2E_OFFSET_MASK) == 0)
-                return QC_UNALLOCATED;
+                /* offset 0 is a valid place in a data file; the COPIED flag,
+                 * which every entry there carries, tells them apart */
+                return s->has_data_file && (e & QCOW_OFLAG_COPIED) ? QC_NORMAL : QC_UNALLOCATED;
         return QC_NORMAL;
+}
+
+/* The type of subcluster SC of the cluster whose entry is E (and bitmap BM). */
+int qcow2_subcluster_type(struct qcow2 *s, uint64_t e, uint64_t bm, unsigned sc) {
+        int type = qcow2_cluster_type(s, e);
+
+        if (!s->extl2)
+                return type;
+        switch (type) {
+        case QC_COMPRESSED:
+                return QC_COMPRESSED;
+        case QC_NORMAL:
+                if ((bm >> 32) & bm)
+                        return QC_INVALID;
+                if (bm & QCOW2_BM_ZERO(sc, sc + 1))
+                        return QC_ZERO_ALLOC;
+                return bm & QCOW2_BM_ALLOC(sc, sc + 1) ? QC_NORMAL : QC_UNALLOC_ALLOC;
+        default:
+                if (bm & QCOW2_BM_ALL_ALLOC)
+                        return QC_INVALID;
+                return bm & QCOW2_BM_ZERO(sc, sc + 1) ? QC_ZERO_PLAIN : QC_UNALLOCATED;
+        }
 }
 
 void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint64_t *ret_len) {
@@ -217,6 +265,19 @@ static int parse_extensions(dc_image *img, const uint8_t *h, uint64_t end) {
                         if (s->crypt_method != 2)
                                 return dc_error(EUCLEAN, "'%s': an encryption header extension without LUKS "
                                                          "encryption (crypt_method %u)", img->path, s->crypt_method);
+                        break;
+                case QCOW2_EXT_DATA_FILE:
+                        if (len == 0)
+                                return dc_error(EUCLEAN, "'%s': the data file name extension is empty", img->path);
+                        if (len > 4095)
+                                return dc_error(EFBIG, "'%s': the data file name is %u bytes long, over 4095", img->path,
+                                                len);
+                        if (memchr(d, 0, len))
+                                return dc_error(EUCLEAN, "'%s': the data file name contains a NUL byte", img->path);
+                        free(s->data_file);
+                        s->data_file = strndup((const char *) d, len);
+                        if (!s->data_file)
+                                return dc_error(ENOMEM, "out of memory");
                         break;
                 default:
                         /* Unknown: skipped, and kept since we never rewrite cluster 0. */
@@ -433,6 +494,97 @@ static int check_reftable(dc_image *img, uint64_t fsize) {
         return 0;
 }
 
+/*
+ * QEMU's OFD locks (image.c, file-posix): bytes 100+n "I use permission n",
+ * 200+n "nobody else may have permission n"; n = 0 consistent read, 1 write.
+ * The data file is locked as the image is.
+ */
+static int lock_data_file(dc_image *img, int fd, bool writable) {
+        struct flock test = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_len = 1 };
+        int r;
+
+        test.l_start = 101;
+        r = fcntl(fd, F_OFD_GETLK, &test);
+        if (r == 0 && test.l_type == F_UNLCK && writable) {
+                test = (struct flock){ .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 201, .l_len = 1 };
+                r = fcntl(fd, F_OFD_GETLK, &test);
+        }
+        if (r < 0)
+                return 0; /* no OFD locks on this file system: nothing to respect */
+        if (test.l_type != F_UNLCK)
+                return dc_error(EBUSY, "'%s': the data file '%s' is in use by another process that holds a conflicting "
+                                       "lock", img->path, QC(img)->data_file_abs);
+        for (int i = 0; i < 3; i++) {
+                struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_len = 1 };
+                fl.l_start = i == 0 ? 100 : i == 1 ? 201 : 101;
+                if (i < 2 || writable)
+                        (void) fcntl(fd, F_OFD_SETLK, &fl);
+        }
+        return 0;
+}
+
+/*
+ * Whether the image itself was locked (image.c skips it for opens with
+ * no_lock, which a process uses for a second open of a file it already has
+ * open: its own locks would conflict).  The driver is not told, so it asks
+ * the kernel whether the image's open file description holds a lock.
+ */
+static bool image_is_locked(dc_image *img) {
+        char p[64], line[256];
+        bool locked = false;
+        FILE *f;
+
+        snprintf(p, sizeof p, "/proc/self/fdinfo/%d", img->fd);
+        f = fopen(p, "re");
+        if (!f)
+                return true;
+        while (!locked && fgets(line, sizeof line, f))
+                locked = strncmp(line, "lock:", 5) == 0;
+        fclose(f);
+        return locked;
+}
+
+/*
+ * The external data file: its name is resolved as a backing file name is
+ * (relative to the image's directory, where QEMU takes its working
+ * directory; protocol names refused), must lie inside the storage roots,
+ * and is opened beneath its root so that a symlink out of it fails in the
+ * kernel.  Read-write when the image is.
+ */
+static int open_data_file(dc_image *img, bool writable) {
+        struct qcow2 *s = QC(img);
+        _cleanup_free_ char *abs = NULL;
+        struct stat st;
+        int r, fd;
+
+        r = dc_backing_resolve(img->path, s->data_file, &abs);
+        if (r < 0)
+                return dc_error(r, "'%s': data file '%s': %s", img->path, s->data_file, dc_get_error());
+        r = dc_path_resolve(abs, (const char *const *) img->roots, &s->data_file_abs, NULL);
+        if (r < 0)
+                return dc_error(r, "'%s': data file '%s': %s", img->path, s->data_file, dc_get_error());
+        fd = dc_path_open(s->data_file_abs, (const char *const *) img->roots, writable ? O_RDWR : O_RDONLY, 0);
+        if (fd < 0)
+                return dc_error(fd, "'%s': cannot open its data file '%s': %s", img->path, s->data_file,
+                                dc_get_error());
+        s->data_fd = fd;
+        if (fstat(fd, &st) < 0)
+                return dc_error(errno, "'%s': cannot stat its data file: %m", img->path);
+        if (!S_ISREG(st.st_mode))
+                return dc_error(EMEDIUMTYPE, "'%s': its data file '%s' is not a regular file", img->path, s->data_file);
+        {
+                /* guest data written into the image file itself would land on
+                 * its metadata (no overlap check guards a data file) */
+                struct stat ist;
+                if (fstat(img->fd, &ist) == 0 && ist.st_dev == st.st_dev && ist.st_ino == st.st_ino)
+                        return dc_error(EUCLEAN, "'%s': the data file '%s' is the image file itself", img->path,
+                                        s->data_file);
+        }
+        if (image_is_locked(img))
+                return lock_data_file(img, fd, writable);
+        return 0;
+}
+
 static int qcow2_open(dc_image *img, bool writable) {
         _cleanup_free_ uint8_t *h = NULL;
         struct qcow2 *s;
@@ -444,6 +596,7 @@ static int qcow2_open(dc_image *img, bool writable) {
         if (!s)
                 return dc_error(ENOMEM, "out of memory");
         img->priv = s;
+        s->data_fd = -EBADF;
         s->metadata_prealloc = -1;
         pthread_cond_init(&s->inflight_done, NULL);
 
@@ -545,7 +698,7 @@ static int qcow2_open(dc_image *img, bool writable) {
         }
 
         /* Incompatible features we do not know must stop us, named. */
-        unknown = s->incompat & ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_COMPRESSION);
+        unknown = s->incompat & ~QCOW2_INCOMPAT_KNOWN;
         if (unknown) {
                 char names[512] = "";
                 size_t n = 0;
@@ -569,6 +722,22 @@ static int qcow2_open(dc_image *img, bool writable) {
                                 s->compression_type);
         if (s->compression_type > 1)
                 return dc_error(ENOTSUP, "'%s': unknown compression_type %u", img->path, s->compression_type);
+
+        s->extl2 = s->incompat & QCOW2_INCOMPAT_EXTL2;
+        s->l2e_size = s->extl2 ? 16 : 8;
+        s->l2_entries = s->cluster_size / s->l2e_size;
+        s->sc_size = s->extl2 ? s->cluster_size / QCOW2_SUBCLUSTERS : s->cluster_size;
+        if (s->sc_size < 512)
+                return dc_error(ENOTSUP, "'%s': extended L2 entries with %u-byte clusters: subclusters under 512 bytes "
+                                         "are not supported (nor by QEMU)", img->path, s->cluster_size);
+        s->has_data_file = s->incompat & QCOW2_INCOMPAT_DATA_FILE;
+        s->data_raw = s->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+        if (s->has_data_file && !s->data_file)
+                return dc_error(EUCLEAN, "'%s': the external data file bit is set but the header names no data file",
+                                img->path);
+        if (s->data_raw && !s->has_data_file)
+                return dc_error(EUCLEAN, "'%s': autoclear bit 1 (raw external data) is set without an external data "
+                                         "file", img->path);
 
         /* The virtual size and the tables, against QEMU's limits and the file. */
         if (img->virtual_size % 512)
@@ -670,6 +839,12 @@ static int qcow2_open(dc_image *img, bool writable) {
                         return r;
         }
 
+        if (s->has_data_file) {
+                r = open_data_file(img, writable);
+                if (r < 0)
+                        return r;
+        }
+
         /* Conditions that make the image read-only. */
         if (s->crypt_method) {
                 r = set_read_only(img, writable, s->crypt_method == 1 ? "image is encrypted (AES)"
@@ -766,9 +941,12 @@ int qcow2_overlap_check(dc_image *img, uint64_t off, uint64_t len, unsigned igno
         return 0;
 }
 
+static int data_sync(dc_image *img);
+
 /*
- * Make the data of deferred allocating writes durable, then write their L2
- * entries (rule 1 of qcow2-refcount.c, batched).
+ * Make the data of deferred writes durable (the data file's first: it is
+ * where their data went), then write their L2 entries (rule 1 of
+ * qcow2-refcount.c, batched).
  */
 int qcow2_l2_commit_pending(dc_image *img) {
         struct qcow2 *s = QC(img);
@@ -777,7 +955,9 @@ int qcow2_l2_commit_pending(dc_image *img) {
 
         if (!s->l2_pending)
                 return 0;
-        r = dc_fdatasync(img->fd);
+        r = data_sync(img);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
         if (r < 0)
                 return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
         for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++) {
@@ -803,7 +983,7 @@ static void l2_defer(dc_image *img, uint64_t l2off, uint64_t first, uint64_t n) 
 
         for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++)
                 if (c->offset[i] == l2off) {
-                        uint32_t lo = (uint32_t) (first * 8), hi = (uint32_t) ((first + n) * 8);
+                        uint32_t lo = (uint32_t) (first * s->l2e_size), hi = (uint32_t) ((first + n) * s->l2e_size);
                         if (c->dirty_hi[i] <= c->dirty_lo[i]) {
                                 c->dirty_lo[i] = lo;
                                 c->dirty_hi[i] = hi;
@@ -833,9 +1013,84 @@ static void qcow2_close(dc_image *img) {
         free(s->rt);
         free(s->sn_l1);
         free(s->comp_cache);
+        free(s->data_file);
+        free(s->data_file_abs);
+        if (s->data_fd >= 0)
+                close(s->data_fd);
         pthread_cond_destroy(&s->inflight_done);
         free(s);
         img->priv = NULL;
+}
+
+/* --- guest data: in the image file, or in the external data file ------------ */
+
+static int data_pread(dc_image *img, void *buf, size_t len, uint64_t host) {
+        struct qcow2 *s = QC(img);
+        int r = dc_pread_full(s->data_fd >= 0 ? s->data_fd : img->fd, buf, len, host);
+
+        if (r < 0)
+                return dc_error(r, "'%s': read error at %shost offset %llu: %s", img->path,
+                                s->data_fd >= 0 ? "data file " : "", (unsigned long long) host, strerror(-r));
+        return 0;
+}
+
+/* UNLOCKED: the image lock is released for the write (see qcow2_write). */
+static int data_pwrite(dc_image *img, const void *buf, size_t len, uint64_t host, bool unlocked) {
+        struct qcow2 *s = QC(img);
+        int r;
+
+        if (s->data_fd < 0)
+                r = dc_image_pwrite_data(img, buf, len, host, unlocked);
+        else {
+                if (unlocked)
+                        pthread_mutex_unlock(&img->lock);
+                r = dc_pwrite_full(s->data_fd, buf, len, host);
+                if (unlocked)
+                        pthread_mutex_lock(&img->lock);
+        }
+        if (r < 0)
+                return dc_error(r, "'%s': write error at %shost offset %llu: %s", img->path,
+                                s->data_fd >= 0 ? "data file " : "", (unsigned long long) host, strerror(-r));
+        return 0;
+}
+
+/* The data file's part of a sync: before the image file's, so that data is
+ * durable before the entries that point to it. */
+static int data_sync(dc_image *img) {
+        struct qcow2 *s = QC(img);
+        return s->data_fd >= 0 ? dc_fdatasync(s->data_fd) : 0;
+}
+
+/*
+ * A raw data file must read as the disk does: where the disk now reads as
+ * zeros (zero writes, discards), so must the file, durably before the
+ * entries that say so.  A hole is punched where the file system can.
+ */
+static int data_zero(dc_image *img, uint64_t off, uint64_t len) {
+        struct qcow2 *s = QC(img);
+        int r = 0;
+
+        if (!s->data_raw || s->data_fd < 0 || len == 0)
+                return 0;
+        len = MIN(len, img->virtual_size - MIN(off, img->virtual_size));
+        if (len && fallocate(s->data_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t) off, (off_t) len) < 0) {
+                _cleanup_free_ uint8_t *z = calloc(1, (size_t) MIN(len, (uint64_t) (1u << 20)));
+                if (!z)
+                        return dc_error(ENOMEM, "out of memory");
+                for (uint64_t p = 0; p < len && r >= 0; p += 1u << 20)
+                        r = dc_pwrite_full(s->data_fd, z, (size_t) MIN(len - p, (uint64_t) (1u << 20)), off + p);
+        }
+        if (r >= 0)
+                r = dc_fdatasync(s->data_fd);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot zero its raw data file: %s", img->path, strerror(-r));
+        return 0;
+}
+
+/* Whether the storage of entry E is freed when the entry goes (refcounted). */
+static bool entry_owns_clusters(struct qcow2 *s, uint64_t e) {
+        int type = qcow2_cluster_type(s, e);
+        return type == QC_COMPRESSED || ((type == QC_NORMAL || type == QC_ZERO_ALLOC) && !s->has_data_file);
 }
 
 /*
@@ -872,12 +1127,17 @@ static int l2_table_get(dc_image *img, uint64_t l1i, uint64_t l2off, uint8_t **r
         return qcow2_cache_get(img, c, l2off, false, ret);
 }
 
-/* What every user of the L2 entry E (of guest cluster GIDX) relies on: no
- * reserved bits, an aligned offset, no COPIED flag on a compressed cluster. */
-static int l2e_check(dc_image *img, uint64_t gidx, uint64_t e) {
+/*
+ * What every user of the L2 entry E (bitmap BM) of guest cluster GIDX relies
+ * on: no reserved bits, an aligned offset, no COPIED flag on a compressed
+ * cluster, no compressed cluster with a data file, and a subcluster bitmap
+ * that does not contradict itself or the entry (formats.md A.7).
+ */
+static int l2e_check(dc_image *img, uint64_t gidx, uint64_t e, uint64_t bm) {
         struct qcow2 *s = QC(img);
+        int type = qcow2_cluster_type(s, e);
 
-        if (!(e & QCOW_OFLAG_COMPRESSED)) {
+        if (type != QC_COMPRESSED) {
                 uint64_t reserved = L2E_RESERVED_MASK | (s->version < 3 ? QCOW_OFLAG_ZERO : 0);
                 if (e & reserved)
                         return dc_error(EUCLEAN, "'%s': the L2 entry of guest cluster %llu has reserved bits set (%#llx)",
@@ -886,30 +1146,40 @@ static int l2e_check(dc_image *img, uint64_t gidx, uint64_t e) {
                         return dc_error(EUCLEAN, "'%s': guest cluster %llu: data cluster offset %#llx is not cluster "
                                                  "aligned", img->path, (unsigned long long) gidx,
                                         (unsigned long long) (e & L2E_OFFSET_MASK));
+                if (s->extl2 && type == QC_NORMAL && ((bm >> 32) & bm))
+                        return dc_error(EUCLEAN, "'%s': guest cluster %llu: corrupted subcluster allocation bitmap "
+                                                 "(%#llx: subclusters both allocated and zero)", img->path,
+                                        (unsigned long long) gidx, (unsigned long long) bm);
+                if (s->extl2 && type == QC_UNALLOCATED && (bm & QCOW2_BM_ALL_ALLOC))
+                        return dc_error(EUCLEAN, "'%s': guest cluster %llu: unallocated cluster with a non-zero "
+                                                 "subcluster allocation bitmap (%#llx)", img->path,
+                                        (unsigned long long) gidx, (unsigned long long) bm);
         } else if (e & QCOW_OFLAG_COPIED)
                 return dc_error(EUCLEAN, "'%s': compressed guest cluster %llu has the COPIED flag", img->path,
                                 (unsigned long long) gidx);
+        else if (s->has_data_file)
+                return dc_error(EUCLEAN, "'%s': guest cluster %llu is compressed, which an image with an external data "
+                                         "file cannot be", img->path, (unsigned long long) gidx);
         return 0;
 }
 
 /*
- * The L2 entry of guest cluster GIDX (0 when the L2 table is absent, and
- * then *RET_NO_TABLE, if given, is set), after the checks every user of an
- * entry relies on: no reserved bits, aligned offsets, no COPIED flag on a
- * compressed cluster.
+ * The L2 entry (and subcluster bitmap) of guest cluster GIDX, checked by
+ * l2e_check(); 0 when the L2 table is absent, and then *RET_NO_TABLE, if
+ * given, is set.
  */
-static int l2_entry_ex(dc_image *img, uint64_t gidx, uint64_t *ret, bool *ret_no_table) {
+static int l2_entry_ex(dc_image *img, uint64_t gidx, uint64_t *ret, uint64_t *ret_bm, bool *ret_no_table) {
         struct qcow2 *s = QC(img);
-        uint64_t l1i = gidx / s->l2_entries, l1e, l2off, e;
+        uint64_t l1i = gidx / s->l2_entries, l1e, l2off, e, bm;
         uint8_t *t;
         int r;
 
         if (ret_no_table)
                 *ret_no_table = false;
+        *ret = *ret_bm = 0;
         if (l1i >= s->l1_size) {
                 if (ret_no_table)
                         *ret_no_table = true;
-                *ret = 0;
                 return 0;
         }
         l1e = s->l1[l1i];
@@ -920,22 +1190,19 @@ static int l2_entry_ex(dc_image *img, uint64_t gidx, uint64_t *ret, bool *ret_no
         if (l2off == 0) {
                 if (ret_no_table)
                         *ret_no_table = true;
-                *ret = 0;
                 return 0;
         }
         r = l2_table_get(img, l1i, l2off, &t);
         if (r < 0)
                 return r;
-        e = be64(t + (gidx % s->l2_entries) * 8);
-        r = l2e_check(img, gidx, e);
+        e = qcow2_l2_get(s, t, gidx % s->l2_entries);
+        bm = qcow2_l2_bitmap(s, t, gidx % s->l2_entries);
+        r = l2e_check(img, gidx, e, bm);
         if (r < 0)
                 return r;
         *ret = e;
+        *ret_bm = bm;
         return 0;
-}
-
-static int l2_entry(dc_image *img, uint64_t gidx, uint64_t *ret) {
-        return l2_entry_ex(img, gidx, ret, NULL);
 }
 
 /*
@@ -989,61 +1256,96 @@ static bool detect_metadata_prealloc(dc_image *img) {
         return s->metadata_prealloc;
 }
 
-static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret) {
-        struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, gidx = off / cs, e, done, host = 0;
-        bool no_table;
-        int type, t2, r;
+static bool has_host(int type) {
+        return type == QC_NORMAL || type == QC_ZERO_ALLOC || type == QC_UNALLOC_ALLOC;
+}
 
-        r = l2_entry(img, gidx, &e);
+/*
+ * The (sub)cluster type at guest offset OFF and how far from OFF, within
+ * LEN, the same type goes on (with contiguous host offsets, where there are
+ * any), the host offset of OFF (0 when none) and the entry of OFF's cluster.
+ * Granularity is the subcluster; a missing L2 table counts as a whole
+ * table's worth of unallocated clusters at once, so that a huge empty image
+ * is walked in L1 entries, not clusters.
+ */
+static int status_at(dc_image *img, uint64_t off, uint64_t len, int *ret_type, uint64_t *ret_host,
+                     uint64_t *ret_len, uint64_t *ret_entry) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, scs = s->sc_size, gidx = off / cs, e, bm, host = 0, done, cur, ce, cbm;
+        bool no_table;
+        int type, r;
+
+        r = l2_entry_ex(img, gidx, &e, &bm, &no_table);
         if (r < 0)
                 return r;
-        type = qcow2_cluster_type(s, e);
-        if (type == QC_NORMAL || type == QC_ZERO_ALLOC)
+        type = qcow2_subcluster_type(s, e, bm, (unsigned) (off % cs / scs));
+        if (type == QC_INVALID)
+                return dc_error(EUCLEAN, "'%s': guest cluster %llu: invalid subcluster bitmap %#llx", img->path,
+                                (unsigned long long) gidx, (unsigned long long) bm);
+        if (has_host(type))
                 host = (e & L2E_OFFSET_MASK) + off % cs;
-        done = MIN(cs - off % cs, len);
-        /* Extend over following clusters of the same kind; a missing L2
-         * table is a whole table's worth of unallocated clusters at once,
-         * so that a huge empty image is walked in L1 entries, not clusters. */
-        for (uint64_t g = gidx + 1; done < len;) {
-                uint64_t e2, step = 1;
-                r = l2_entry_ex(img, g, &e2, &no_table);
-                if (r < 0)
-                        return r;
-                t2 = qcow2_cluster_type(s, e2);
+        done = MIN(scs - off % scs, len);
+        if (no_table)
+                done = MIN((s->l2_entries - gidx % s->l2_entries) * cs - off % cs, len);
+        cur = gidx;
+        ce = e;
+        cbm = bm;
+        while (done < len) {
+                uint64_t p = off + done, g = p / cs, step = scs;
+                int t2;
+                if (g != cur) {
+                        r = l2_entry_ex(img, g, &ce, &cbm, &no_table);
+                        if (r < 0)
+                                return r;
+                        cur = g;
+                        if (no_table)
+                                step = (s->l2_entries - g % s->l2_entries) * cs;
+                }
+                t2 = qcow2_subcluster_type(s, ce, cbm, (unsigned) (p % cs / scs));
                 if (t2 != type)
                         break;
-                if ((type == QC_NORMAL || type == QC_ZERO_ALLOC) &&
-                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + (g - gidx) * cs)
+                if (has_host(type) && (ce & L2E_OFFSET_MASK) + p % cs != host + done)
                         break;
-                if (no_table)
-                        step = s->l2_entries - g % s->l2_entries;
-                done += MIN(step * cs, len - done);
-                g += step;
+                done += MIN(step, len - done);
         }
+        *ret_type = type;
+        *ret_host = host;
+        *ret_len = done;
+        if (ret_entry)
+                *ret_entry = e;
+        return 0;
+}
 
+static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret) {
+        struct qcow2 *s = QC(img);
+        uint64_t host, n;
+        int type, r;
+
+        r = status_at(img, off, len, &type, &host, &n, NULL);
+        if (r < 0)
+                return r;
         ret->compressed = type == QC_COMPRESSED;
-        ret->host_offset = -1;
+        ret->host_offset = has_host(type) ? (int64_t) host : -1;
         ret->host_hole = false;
-        ret->length = done;
+        ret->length = n;
         switch (type) {
         case QC_UNALLOCATED:
+        case QC_UNALLOC_ALLOC:
+                /* (an allocated cluster's unallocated subcluster keeps its host
+                 * offset: qemu-img map shows it where nothing lies below) */
                 ret->type = DC_LAYER_UNALLOCATED;
                 break;
         case QC_ZERO_PLAIN:
-                ret->type = DC_LAYER_ZERO;
-                break;
         case QC_ZERO_ALLOC:
                 ret->type = DC_LAYER_ZERO;
-                ret->host_offset = (int64_t) host;
                 break;
         case QC_COMPRESSED:
                 ret->type = DC_LAYER_DATA;
                 break;
         default:
                 ret->type = DC_LAYER_DATA;
-                ret->host_offset = (int64_t) host;
-                if (!s->crypt_method && detect_metadata_prealloc(img)) {
+                /* (QEMU does not look for holes in a data file) */
+                if (!s->crypt_method && !s->has_data_file && detect_metadata_prealloc(img)) {
                         off_t d = lseek(img->fd, (off_t) host, SEEK_DATA);
                         if (d < 0 || (uint64_t) d > host) {
                                 uint64_t hole_end = d < 0 ? UINT64_MAX : (uint64_t) d;
@@ -1062,7 +1364,9 @@ static int qcow2_block_status(dc_image *img, uint64_t off, uint64_t len, struct 
         return 0;
 }
 
-static int read_compressed(dc_image *img, uint64_t gidx, uint64_t e, uint8_t *cluster) {
+/* Decompress the cluster of entry E (guest cluster GIDX) into s->comp_cache,
+ * unless it is there already. */
+static int decompress_cluster(dc_image *img, uint64_t gidx, uint64_t e) {
         struct qcow2 *s = QC(img);
         uint64_t coff, clen;
         _cleanup_free_ uint8_t *in = NULL;
@@ -1073,78 +1377,80 @@ static int read_compressed(dc_image *img, uint64_t gidx, uint64_t e, uint8_t *cl
                 if (!s->comp_cache)
                         return dc_error(ENOMEM, "out of memory");
         }
-        if (s->comp_cache_key != e) {
-                r = compressed_range(img, gidx, e, &coff, &clen);
-                if (r < 0)
-                        return r;
-                in = malloc(clen);
-                if (!in)
-                        return dc_error(ENOMEM, "out of memory");
-                r = dc_pread_full(img->fd, in, clen, coff);
-                if (r < 0)
-                        return dc_error(r, "'%s': cannot read compressed data: %s", img->path, strerror(-r));
-                s->comp_cache_key = 0;
-                r = dc_decompress(s->compression_type, in, clen, s->comp_cache, s->cluster_size);
-                if (r < 0)
-                        return dc_error(r, "'%s': compressed guest cluster %llu (host offset %#llx): %s", img->path,
-                                        (unsigned long long) gidx, (unsigned long long) coff, dc_get_error());
-                s->comp_cache_key = e;
-        }
-        memcpy(cluster, s->comp_cache, s->cluster_size);
+        if (s->comp_cache_key == e)
+                return 0;
+        r = compressed_range(img, gidx, e, &coff, &clen);
+        if (r < 0)
+                return r;
+        in = malloc(clen);
+        if (!in)
+                return dc_error(ENOMEM, "out of memory");
+        r = dc_pread_full(img->fd, in, clen, coff);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read compressed data: %s", img->path, strerror(-r));
+        s->comp_cache_key = 0;
+        r = dc_decompress(s->compression_type, in, clen, s->comp_cache, s->cluster_size);
+        if (r < 0)
+                return dc_error(r, "'%s': compressed guest cluster %llu (host offset %#llx): %s", img->path,
+                                (unsigned long long) gidx, (unsigned long long) coff, dc_get_error());
+        s->comp_cache_key = e;
         return 0;
 }
 
-static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+/*
+ * [off, off+len) as this layer shows it: data, zeros, or (where nothing is
+ * allocated here) the backing chain (WITH_BACKING), zeros past its end or
+ * without it (the chain read asks this layer for its DATA pieces only).
+ */
+static int read_layer(dc_image *img, uint8_t *p, uint64_t off, size_t len, bool with_backing) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size;
-        uint8_t *p = buf;
         int r;
 
         if (s->crypt_method)
                 return dc_error(ENOTSUP, "'%s': reading encrypted images is not supported", img->path);
         while (len > 0) {
-                uint64_t gidx = off / cs, in = off % cs, e;
-                size_t n = (size_t) MIN(len, cs - in);
+                uint64_t host, n, e;
                 int type;
 
-                r = l2_entry(img, gidx, &e);
+                r = status_at(img, off, len, &type, &host, &n, &e);
                 if (r < 0)
                         return r;
-                type = qcow2_cluster_type(s, e);
-                if (type == QC_NORMAL) {
-                        /* Merge physically contiguous clusters into one read. */
-                        uint64_t host = (e & L2E_OFFSET_MASK) + in;
-                        while (n < len) {
-                                uint64_t e2;
-                                r = l2_entry(img, gidx + 1, &e2);
-                                if (r < 0)
-                                        return r;
-                                if (qcow2_cluster_type(s, e2) != QC_NORMAL ||
-                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs)
-                                        break;
-                                e = e2;
-                                gidx++;
-                                n += (size_t) MIN(len - n, cs);
-                        }
-                        r = dc_pread_full(img->fd, p, n, host);
-                        if (r < 0)
-                                return dc_error(r, "'%s': read error at host offset %llu: %s", img->path,
-                                                (unsigned long long) host, strerror(-r));
-                } else if (type == QC_COMPRESSED) {
-                        _cleanup_free_ uint8_t *c = malloc(cs);
-                        if (!c)
-                                return dc_error(ENOMEM, "out of memory");
-                        r = read_compressed(img, gidx, e, c);
-                        if (r < 0)
-                                return r;
-                        memcpy(p, c + in, n);
+                if (type == QC_COMPRESSED) {
+                        /* one cluster at a time, through the decompressed copy */
+                        n = MIN(n, cs - off % cs);
+                        r = decompress_cluster(img, off / cs, e);
+                        if (r >= 0)
+                                memcpy(p, s->comp_cache + off % cs, (size_t) n);
+                } else if (type == QC_NORMAL)
+                        r = data_pread(img, p, (size_t) n, host);
+                else if ((type == QC_UNALLOCATED || type == QC_UNALLOC_ALLOC) && with_backing && img->backing &&
+                         off < img->backing->virtual_size) {
+                        uint64_t b = MIN(n, img->backing->virtual_size - off);
+                        r = dc_chain_read(img->backing, p, off, (size_t) b);
+                        memset(p + b, 0, (size_t) (n - b));
                 } else
-                        memset(p, 0, n); /* zero clusters (callers only ask for DATA) */
+                        memset(p, 0, (size_t) n);
+                if (r < 0)
+                        return r;
                 p += n;
                 off += n;
-                len -= n;
+                len -= (size_t) n;
         }
         return 0;
+}
+
+static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+        return read_layer(img, buf, off, len, false);
+}
+
+/* The current guest content of [off, off+len), clipped to the virtual size
+ * (zeros past it): what a copy-on-write keeps. */
+static int read_guest(dc_image *img, uint8_t *dst, uint64_t off, uint64_t len) {
+        uint64_t n = off < img->virtual_size ? MIN(len, img->virtual_size - off) : 0;
+
+        memset(dst + n, 0, (size_t) (len - n));
+        return n ? read_layer(img, dst, off, (size_t) n, true) : 0;
 }
 
 /* --- writing ------------------------------------------------------------- */
@@ -1281,41 +1587,14 @@ static int l2_for_write(dc_image *img, uint64_t l1i, uint8_t **ret, uint64_t *re
         return 0;
 }
 
-/* The current guest content of cluster GIDX, from this layer or below. */
-static int read_cluster(dc_image *img, uint64_t gidx, uint8_t *dst) {
-        struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, e, off = gidx * cs;
-        size_t n = (size_t) MIN(cs, img->virtual_size - off);
-        int r;
-
-        memset(dst, 0, cs);
-        r = l2_entry(img, gidx, &e);
-        if (r < 0)
-                return r;
-        switch (qcow2_cluster_type(s, e)) {
-        case QC_NORMAL:
-                r = dc_pread_full(img->fd, dst, n, e & L2E_OFFSET_MASK);
-                if (r < 0)
-                        return dc_error(r, "'%s': read error: %s", img->path, strerror(-r));
-                return 0;
-        case QC_COMPRESSED:
-                return read_compressed(img, gidx, e, dst);
-        case QC_UNALLOCATED:
-                if (img->backing && off < img->backing->virtual_size)
-                        return dc_chain_read(img->backing, dst, off,
-                                             (size_t) MIN((uint64_t) n, img->backing->virtual_size - off));
-                return 0;
-        default:
-                return 0;
-        }
-}
-
 /* Free what the L2 entry E of guest cluster GIDX referenced (after the
  * replacing entry is durable). */
 static int free_entry(dc_image *img, uint64_t gidx, uint64_t e) {
         struct qcow2 *s = QC(img);
         int type = qcow2_cluster_type(s, e);
 
+        if (!entry_owns_clusters(s, e))
+                return 0;
         if (type == QC_COMPRESSED) {
                 uint64_t coff, clen;
                 int r = compressed_range(img, gidx, e, &coff, &clen);
@@ -1323,29 +1602,31 @@ static int free_entry(dc_image *img, uint64_t gidx, uint64_t e) {
                         return r;
                 return qcow2_free_bytes(img, coff, clen);
         }
-        if (type == QC_NORMAL || type == QC_ZERO_ALLOC)
-                return qcow2_free_clusters(img, (e & L2E_OFFSET_MASK) / s->cluster_size, 1);
-        return 0;
+        return qcow2_free_clusters(img, (e & L2E_OFFSET_MASK) / s->cluster_size, 1);
 }
 
 /* Write entries at once.  Deferred ones among them go first (with their
  * sync), so that no entry reaches the disk before its data. */
 static int write_l2_entries(dc_image *img, uint8_t *t, uint64_t l2off, uint64_t first, uint64_t n) {
-        struct qcow2_cache *c = &QC(img)->l2_cache;
+        struct qcow2 *s = QC(img);
+        struct qcow2_cache *c = &s->l2_cache;
+        uint64_t lo = first * s->l2e_size, hi = (first + n) * s->l2e_size;
         int r = 0;
 
         for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++)
-                if (c->offset[i] == l2off && c->dirty_hi[i] > c->dirty_lo[i] && first * 8 < c->dirty_hi[i] &&
-                    c->dirty_lo[i] < (first + n) * 8)
+                if (c->offset[i] == l2off && c->dirty_hi[i] > c->dirty_lo[i] && lo < c->dirty_hi[i] &&
+                    c->dirty_lo[i] < hi)
                         r = qcow2_l2_commit_pending(img);
         if (r < 0)
                 return r;
-        r = dc_pwrite_full(img->fd, t + first * 8, n * 8, l2off + first * 8);
+        r = dc_pwrite_full(img->fd, t + lo, hi - lo, l2off + lo);
         if (r < 0)
                 return dc_error(r, "'%s': cannot update an L2 table: %s", img->path, strerror(-r));
         return 0;
 }
 
+/* Free the entries OLD[i] (0 = nothing) of guest clusters GIDX+i, once the
+ * entries that replaced them are durable. */
 static int free_entries(dc_image *img, const uint64_t *old, uint64_t n, uint64_t gidx) {
         bool any = false;
         int r;
@@ -1368,25 +1649,45 @@ static int free_entries(dc_image *img, const uint64_t *old, uint64_t n, uint64_t
 }
 
 /*
- * An in-place write of LEN bytes at HOST into the data cluster(s) of guest
- * cluster GIDX: what the L2 entry says must be inside the file and must not
- * be metadata (QEMU's overlap check), or the write would damage the image.
+ * An in-place write of LEN bytes at HOST into the data cluster(s) from guest
+ * cluster GIDX on.  In the image file, what the L2 entry says must start
+ * inside the file and must not be metadata (QEMU's overlap check), or the write
+ * would damage the image; in a data file, host offset is guest offset, so
+ * it must stay within the disk.
  */
 static int data_write_check(dc_image *img, uint64_t gidx, uint64_t host, uint64_t len) {
+        struct qcow2 *s = QC(img);
         uint64_t fsize = 0;
         int r;
 
+        if (s->has_data_file) {
+                if (host > ALIGN_UP(img->virtual_size, s->cluster_size) ||
+                    len > ALIGN_UP(img->virtual_size, s->cluster_size) - host)
+                        return dc_error(EUCLEAN, "'%s': guest cluster %llu: its data at %#llx in the data file lies "
+                                                 "beyond the disk", img->path, (unsigned long long) gidx,
+                                        (unsigned long long) host);
+                return 0;
+        }
         r = qcow2_overlap_check(img, host, len, 0, "guest data");
         if (r < 0)
                 return r;
         r = qcow2_file_size(img, &fsize);
         if (r < 0)
                 return r;
-        if (host > fsize || len > fsize - host)
+        /* (the end of the last cluster need not be in the file yet: with
+         * extended L2 entries only the subclusters written so far are) */
+        if (ALIGN_DOWN(host, s->cluster_size) >= fsize)
                 return dc_error(EUCLEAN, "'%s': guest cluster %llu: its data cluster at %#llx lies beyond the end of the "
                                          "file (%llu bytes)", img->path, (unsigned long long) gidx,
                                 (unsigned long long) host, (unsigned long long) fsize);
         return 0;
+}
+
+/* The subcluster bitmap of a cluster after [from, to) of it (bytes,
+ * subcluster aligned) was written with data: allocated, not zero. */
+static uint64_t bitmap_written(struct qcow2 *s, uint64_t bm, uint64_t from, uint64_t to) {
+        unsigned a = (unsigned) (from / s->sc_size), b = (unsigned) DIV_ROUND_UP(to, s->sc_size);
+        return (bm | QCOW2_BM_ALLOC(a, b)) & ~QCOW2_BM_ZERO(a, b);
 }
 
 #define MAX_RUN_BYTES (16u << 20) /* one sync per run: few syncs for jobs' large writes */
@@ -1417,6 +1718,89 @@ static void inflight_end(dc_image *img, struct qcow2_inflight *me) {
         pthread_cond_broadcast(&s->inflight_done);
 }
 
+/*
+ * Write [off, off+n) in place into clusters allocated here (COPIED, host
+ * clusters contiguous from HOST, the host offset of OFF); L2I is the index
+ * of OFF's cluster in the L2 table at L2OFF.  With extended L2 entries the
+ * subclusters written become allocated: a partly written one that was not
+ * is completed from what it showed (zeros, or the backing file), and the
+ * bitmaps change in the cache at once (reads see them) but reach the file
+ * after the next sync, like the entries of an allocating write: until then
+ * the new data is not referenced, so a crash loses the write, not the image.
+ */
+static int write_in_place(dc_image *img, uint64_t l2off, uint64_t l2i, const uint8_t *p, uint64_t off, uint64_t n,
+                          uint64_t host) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, scs = s->sc_size, gidx = off / cs, wfrom = off, wto = off + n;
+        _cleanup_free_ uint8_t *nb = NULL;
+        const uint8_t *src = p;
+        uint8_t *t;
+        int r;
+
+        if (s->extl2) {
+                r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+                if (r < 0)
+                        return r;
+                if (off % scs && qcow2_subcluster_type(s, qcow2_l2_get(s, t, l2i), qcow2_l2_bitmap(s, t, l2i),
+                                                       (unsigned) (off % cs / scs)) != QC_NORMAL)
+                        wfrom = ALIGN_DOWN(off, scs);
+                if ((off + n) % scs) {
+                        uint64_t last = off + n - 1, li = l2i + (last / cs - gidx);
+                        if (qcow2_subcluster_type(s, qcow2_l2_get(s, t, li), qcow2_l2_bitmap(s, t, li),
+                                                  (unsigned) (last % cs / scs)) != QC_NORMAL)
+                                wto = ALIGN_UP(off + n, scs);
+                }
+                if (wfrom != off || wto != off + n) {
+                        nb = malloc(wto - wfrom);
+                        if (!nb)
+                                return dc_error(ENOMEM, "out of memory");
+                        r = read_guest(img, nb, wfrom, off - wfrom);
+                        if (r >= 0)
+                                r = read_guest(img, nb + (off + n - wfrom), off + n, wto - off - n);
+                        if (r < 0)
+                                return r;
+                        memcpy(nb + (off - wfrom), p, n);
+                        src = nb;
+                }
+        }
+        host -= off - wfrom;
+        r = data_write_check(img, gidx, host, wto - wfrom);
+        if (r < 0)
+                return r;
+        r = data_pwrite(img, src, wto - wfrom, host, false);
+        if (r < 0)
+                return r;
+        if (s->extl2) {
+                uint64_t lo = UINT64_MAX, hi = 0;
+                r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
+                if (r < 0)
+                        return r;
+                for (uint64_t g = wfrom / cs; g <= (wto - 1) / cs; g++) {
+                        uint64_t i = l2i + (g - gidx), e = qcow2_l2_get(s, t, i), bm = qcow2_l2_bitmap(s, t, i);
+                        uint64_t nbm = bitmap_written(s, bm, MAX(wfrom, g * cs) - g * cs, MIN(wto, (g + 1) * cs) - g * cs);
+                        if (nbm == bm)
+                                continue;
+                        qcow2_l2_set(s, t, i, e, nbm);
+                        lo = MIN(lo, i);
+                        hi = MAX(hi, i + 1);
+                }
+                if (hi) {
+                        l2_defer(img, l2off, lo, hi - lo);
+                        s->unsynced_bytes += wto - wfrom;
+                        if (s->unsynced_bytes >= L2_DEFER_MAX)
+                                return qcow2_l2_commit_pending(img);
+                }
+        }
+        return 0;
+}
+
+/* Whether an allocating write must copy the whole cluster of entry E (its
+ * content cannot be kept subcluster by subcluster). */
+static bool cow_whole_cluster(struct qcow2 *s, uint64_t e) {
+        int type = qcow2_cluster_type(s, e);
+        return !s->extl2 || s->data_raw || type == QC_COMPRESSED || type == QC_NORMAL || type == QC_ZERO_ALLOC;
+}
+
 static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size;
@@ -1436,31 +1820,28 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                 r = l2_for_write(img, l1i, &t, &l2off);
                 if (r < 0)
                         return r;
-                e = be64(t + l2i * 8);
-                r = l2e_check(img, gidx, e);
+                e = qcow2_l2_get(s, t, l2i);
+                r = l2e_check(img, gidx, e, qcow2_l2_bitmap(s, t, l2i));
                 if (r < 0)
                         return r;
                 type = qcow2_cluster_type(s, e);
                 if (type == QC_NORMAL && (e & QCOW_OFLAG_COPIED)) {
                         /* In place, merging contiguous clusters. */
-                        uint64_t host = (e & L2E_OFFSET_MASK) + off % cs;
+                        uint64_t host = (e & L2E_OFFSET_MASK) + off % cs, i = l2i;
                         size_t n = (size_t) MIN(len, cs - off % cs);
-                        while (n < len && l2i + 1 < s->l2_entries) {
-                                uint64_t e2 = be64(t + (l2i + 1) * 8);
+                        while (n < len && i + 1 < s->l2_entries) {
+                                uint64_t e2 = qcow2_l2_get(s, t, i + 1);
                                 if (qcow2_cluster_type(s, e2) != QC_NORMAL || !(e2 & QCOW_OFLAG_COPIED) ||
-                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs || l2e_check(img, gidx, e2) < 0)
+                                    (e2 & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) + cs ||
+                                    l2e_check(img, gidx + (i + 1 - l2i), e2, qcow2_l2_bitmap(s, t, i + 1)) < 0)
                                         break;
                                 e = e2;
-                                l2i++;
+                                i++;
                                 n += (size_t) MIN(len - n, cs);
                         }
-                        r = data_write_check(img, gidx, host, n);
+                        r = write_in_place(img, l2off, l2i, p, off, n, host);
                         if (r < 0)
                                 return r;
-                        r = dc_image_pwrite_data(img, p, n, host, false);
-                        if (r < 0)
-                                return dc_error(r, "'%s': write error at host offset %llu: %s", img->path,
-                                                (unsigned long long) host, strerror(-r));
                         p += n;
                         off += n;
                         len -= n;
@@ -1469,59 +1850,79 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
 
                 /* Allocating write: gather a run of clusters needing new space. */
                 {
-                        uint64_t in = off % cs, bytes;
+                        uint64_t in = off % cs, bytes, wfrom, wto, g = s->sc_size;
                         _cleanup_free_ uint8_t *nb = NULL;
-                        _cleanup_free_ uint64_t *old = NULL;
+                        _cleanup_free_ uint64_t *old = NULL, *oldbm = NULL;
                         struct qcow2_inflight me;
+                        bool replaces = false;
 
                         while (run < max_run && l2i + run < s->l2_entries && run * cs < in + len) {
-                                uint64_t e2 = be64(t + (l2i + run) * 8);
+                                uint64_t e2 = qcow2_l2_get(s, t, l2i + run);
                                 if (run > 0 && qcow2_cluster_type(s, e2) == QC_NORMAL && (e2 & QCOW_OFLAG_COPIED))
                                         break;
+                                r = l2e_check(img, gidx + run, e2, qcow2_l2_bitmap(s, t, l2i + run));
+                                if (r < 0)
+                                        return r;
                                 run++;
                         }
                         bytes = MIN(run * cs - in, len);
                         old = calloc(run, sizeof(uint64_t));
-                        if (!old)
+                        oldbm = calloc(run, sizeof(uint64_t));
+                        if (!old || !oldbm)
                                 return dc_error(ENOMEM, "out of memory");
-                        if (in || bytes != run * cs) {
-                                /* Head and tail that the write does not cover keep their content. */
-                                nb = dc_io_buffer(run * cs);
-                                if (!nb)
-                                        return dc_error(ENOMEM, "out of memory");
-                                if (in)
-                                        r = read_cluster(img, gidx, nb);
-                                else
-                                        r = 0;
-                                if (r >= 0 && (in + bytes) % cs && (run > 1 || !in))
-                                        r = read_cluster(img, gidx + run - 1, nb + (run - 1) * cs);
-                                if (r < 0)
-                                        return r;
-                                memcpy(nb + in, p, bytes);
-                        }
-                        r = alloc_clusters(img, run, &first_host);
-                        if (r < 0)
-                                return r;
-                        r = qcow2_overlap_check(img, first_host * cs, run * cs, 0, "new data clusters");
-                        if (r < 0) {
-                                /* broken refcounts handed out metadata: give it back untouched */
-                                (void) qcow2_free_clusters(img, first_host, run);
-                                return dc_error(EUCLEAN, "%s", dc_get_error());
+                        for (uint64_t i = 0; i < run; i++) {
+                                old[i] = qcow2_l2_get(s, t, l2i + i);
+                                oldbm[i] = qcow2_l2_bitmap(s, t, l2i + i);
                         }
                         /*
-                         * Whole clusters are written straight from the caller's
-                         * buffer, and without the image lock: the new clusters are
-                         * nobody else's until their L2 entries exist, and a writer,
-                         * zeroer or discarder of the same guest clusters waits for
-                         * those entries (inflight_wait), so that other requests
-                         * can be prepared and written meanwhile.
+                         * What is written: whole subclusters (whole clusters
+                         * without extended L2 entries, or where the old content
+                         * cannot be kept per subcluster, or in a raw data file,
+                         * which must hold the whole disk), the parts the request
+                         * does not cover copied from what the clusters show.
+                         */
+                        wfrom = cow_whole_cluster(s, old[0]) ? 0 : ALIGN_DOWN(in, g);
+                        wto = cow_whole_cluster(s, old[run - 1]) ? run * cs : ALIGN_UP(in + bytes, g);
+                        if (wfrom < in || wto > in + bytes) {
+                                nb = dc_io_buffer(wto - wfrom);
+                                if (!nb)
+                                        return dc_error(ENOMEM, "out of memory");
+                                r = read_guest(img, nb, gidx * cs + wfrom, in - wfrom);
+                                if (r >= 0)
+                                        r = read_guest(img, nb + (in + bytes - wfrom), gidx * cs + in + bytes,
+                                                       wto - in - bytes);
+                                if (r < 0)
+                                        return r;
+                                memcpy(nb + (in - wfrom), p, bytes);
+                        }
+                        if (s->has_data_file)
+                                first_host = gidx; /* host offset = guest offset */
+                        else {
+                                r = alloc_clusters(img, run, &first_host);
+                                if (r < 0)
+                                        return r;
+                                r = qcow2_overlap_check(img, first_host * cs, run * cs, 0, "new data clusters");
+                                if (r < 0) {
+                                        /* broken refcounts handed out metadata: give it back untouched */
+                                        (void) qcow2_free_clusters(img, first_host, run);
+                                        return dc_error(EUCLEAN, "%s", dc_get_error());
+                                }
+                        }
+                        /*
+                         * The data is written straight from the caller's buffer
+                         * when it covers it all, and without the image lock: the
+                         * new clusters are nobody else's until their L2 entries
+                         * exist, and a writer, zeroer or discarder of the same
+                         * guest clusters waits for those entries (inflight_wait),
+                         * so that other requests can be prepared and written
+                         * meanwhile.
                          */
                         me = (struct qcow2_inflight){ gidx, run, s->inflight };
                         s->inflight = &me;
-                        r = dc_image_pwrite_data(img, nb ? nb : p, run * cs, first_host * cs, true);
+                        r = data_pwrite(img, nb ? nb : p, wto - wfrom, first_host * cs + wfrom, true);
                         if (r < 0) {
                                 inflight_end(img, &me);
-                                return dc_error(r, "'%s': write error: %s", img->path, strerror(-r));
+                                return r;
                         }
                         /* The L2 table may have been evicted by allocations: get it again. */
                         r = qcow2_cache_get(img, &s->l2_cache, l2off, false, &t);
@@ -1529,24 +1930,25 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                                 inflight_end(img, &me);
                                 return r;
                         }
-                        {
-                                bool replaces = false;
-                                for (uint64_t i = 0; i < run; i++) {
-                                        old[i] = be64(t + (l2i + i) * 8);
-                                        replaces |= old[i] != 0;
-                                        put_be64(t + (l2i + i) * 8, (first_host + i) * cs | QCOW_OFLAG_COPIED);
-                                }
-                                inflight_end(img, &me);
-                                /* the entries are written after the sync that makes the data durable */
-                                l2_defer(img, l2off, l2i, run);
-                                s->unsynced_bytes += run * cs;
-                                if (replaces || s->unsynced_bytes >= L2_DEFER_MAX)
-                                        r = qcow2_l2_commit_pending(img);
-                                if (r >= 0 && replaces)
-                                        r = free_entries(img, old, run, gidx);
-                                if (r < 0)
-                                        return r;
+                        for (uint64_t i = 0; i < run; i++) {
+                                uint64_t a = MAX(wfrom, i * cs) - i * cs, b = MIN(wto, (i + 1) * cs) - i * cs;
+                                qcow2_l2_set(s, t, l2i + i, (first_host + i) * cs | QCOW_OFLAG_COPIED,
+                                             bitmap_written(s, oldbm[i], a, b));
+                                if (entry_owns_clusters(s, old[i]))
+                                        replaces = true;
+                                else
+                                        old[i] = 0;
                         }
+                        inflight_end(img, &me);
+                        /* the entries are written after the sync that makes the data durable */
+                        l2_defer(img, l2off, l2i, run);
+                        s->unsynced_bytes += wto - wfrom;
+                        if (replaces || s->unsynced_bytes >= L2_DEFER_MAX)
+                                r = qcow2_l2_commit_pending(img);
+                        if (r >= 0 && replaces)
+                                r = free_entries(img, old, run, gidx);
+                        if (r < 0)
+                                return r;
                         p += bytes;
                         off += bytes;
                         len -= bytes;
@@ -1556,8 +1958,11 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
 }
 
 /*
- * Whole clusters [gidx, gidx+n): make them read as zeros (ZERO flag, v3),
- * or deallocate them (v2 without backing, or a discard on v2).
+ * Whole clusters [gidx, gidx+n): make them read as zeros, or deallocate
+ * them (DISCARD), with the entries QEMU writes (zero_in_l2_slice and
+ * discard_in_l2_slice): v3 has the ZERO flag, or with extended L2 entries
+ * an all-zero bitmap; v2 can only deallocate.  A raw data file is zeroed
+ * first, so that it keeps reading as the disk does.
  */
 static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flags, bool discard) {
         struct qcow2 *s = QC(img);
@@ -1588,34 +1993,47 @@ static int zero_clusters(dc_image *img, uint64_t gidx, uint64_t n, unsigned flag
                         return dc_error(ENOMEM, "out of memory");
                 /* all entries are judged before the cached table changes */
                 for (uint64_t i = 0; i < cnt; i++) {
-                        r = l2e_check(img, gidx + i, be64(t + (l2i + i) * 8));
+                        r = l2e_check(img, gidx + i, qcow2_l2_get(s, t, l2i + i), qcow2_l2_bitmap(s, t, l2i + i));
                         if (r < 0)
                                 return r;
                 }
                 for (uint64_t i = 0; i < cnt; i++) {
-                        uint64_t e = be64(t + (l2i + i) * 8), ne;
+                        uint64_t e = qcow2_l2_get(s, t, l2i + i), bm = qcow2_l2_bitmap(s, t, l2i + i), ne, nbm = 0;
                         int type = qcow2_cluster_type(s, e);
+                        bool allocated = type == QC_NORMAL || type == QC_COMPRESSED || type == QC_ZERO_ALLOC;
 
                         if (s->version < 3)
                                 ne = 0;
-                        else if (!(flags & DC_ZERO_MAY_UNMAP) && !discard &&
-                                 (type == QC_NORMAL || type == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED))
+                        else if (s->extl2 && discard) {
+                                ne = img->backing_file || allocated ? 0 : e;
+                                nbm = img->backing_file || allocated ? QCOW2_BM_ALL_ZERO : bm;
+                        } else if (s->extl2) {
+                                bool unmap = type == QC_COMPRESSED || ((flags & DC_ZERO_MAY_UNMAP) && allocated);
+                                ne = unmap ? 0 : e;
+                                nbm = QCOW2_BM_ALL_ZERO;
+                        } else if (!(flags & DC_ZERO_MAY_UNMAP) && !discard &&
+                                   (type == QC_NORMAL || type == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED))
                                 ne = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO;
                         else if (discard && !img->backing_file && type == QC_UNALLOCATED)
                                 ne = 0;
                         else
                                 ne = QCOW_OFLAG_ZERO;
-                        if (ne == e)
+                        if (ne == e && nbm == bm)
                                 continue;
-                        if ((ne & L2E_OFFSET_MASK) == 0)
+                        /* the storage goes unless the new entry keeps it */
+                        if (entry_owns_clusters(s, e) &&
+                            (type == QC_COMPRESSED || (ne & L2E_OFFSET_MASK) != (e & L2E_OFFSET_MASK) ||
+                             qcow2_cluster_type(s, ne) == QC_UNALLOCATED))
                                 old[i] = e;
-                        put_be64(t + (l2i + i) * 8, ne);
+                        qcow2_l2_set(s, t, l2i + i, ne, nbm);
                         changed++;
                         lo = MIN(lo, l2i + i);
                         hi = MAX(hi, l2i + i + 1);
                 }
                 if (changed) {
-                        r = write_l2_entries(img, t, l2off, lo, hi - lo);
+                        r = data_zero(img, (gidx + lo - l2i) * s->cluster_size, (hi - lo) * s->cluster_size);
+                        if (r >= 0)
+                                r = write_l2_entries(img, t, l2off, lo, hi - lo);
                         if (r < 0)
                                 return r;
                         r = free_entries(img, old, cnt, gidx);
@@ -1643,9 +2061,43 @@ static int write_zero_bytes(dc_image *img, uint64_t off, uint64_t len) {
         return 0;
 }
 
+/*
+ * Subclusters [off, off+len) of one cluster (extended L2 entries) read as
+ * zeros: their zero bits set and allocation bits cleared, as QEMU's
+ * zero_l2_subclusters does.  A compressed cluster has no bitmap to say it:
+ * zeros are written instead, as QEMU falls back to.
+ */
+static int zero_subclusters(dc_image *img, uint64_t off, uint64_t len) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, gidx = off / cs, l2i = gidx % s->l2_entries, l2off, e, bm, nbm;
+        unsigned a = (unsigned) (off % cs / s->sc_size), b = a + (unsigned) (len / s->sc_size);
+        uint8_t *t;
+        int r;
+
+        inflight_wait(img, gidx, 1);
+        r = l2_for_write(img, gidx / s->l2_entries, &t, &l2off);
+        if (r < 0)
+                return r;
+        e = qcow2_l2_get(s, t, l2i);
+        bm = qcow2_l2_bitmap(s, t, l2i);
+        r = l2e_check(img, gidx, e, bm);
+        if (r < 0)
+                return r;
+        if (qcow2_cluster_type(s, e) == QC_COMPRESSED)
+                return write_zero_bytes(img, off, len);
+        nbm = (bm | QCOW2_BM_ZERO(a, b)) & ~QCOW2_BM_ALLOC(a, b);
+        if (nbm == bm)
+                return 0;
+        r = data_zero(img, off, len);
+        if (r < 0)
+                return r;
+        qcow2_l2_set(s, t, l2i, e, nbm);
+        return write_l2_entries(img, t, l2off, l2i, 1);
+}
+
 static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned flags) {
         struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, head, tail, first, last;
+        uint64_t g = s->sc_size, cs = s->cluster_size, first, last;
         int r;
 
         r = prepare_for_write(img);
@@ -1654,24 +2106,35 @@ static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigne
         /* v2 with a backing file has no way to say "zero": write zeroes. */
         if (s->version < 3 && img->backing_file)
                 return write_zero_bytes(img, off, len);
-        first = DIV_ROUND_UP(off, cs);
-        last = (off + len) / cs;
+        /* [first, last): what the metadata can say, in subclusters (in
+         * clusters without extended L2 entries); the rest is written */
+        first = DIV_ROUND_UP(off, g) * g;
+        last = (off + len) / g * g;
         if (off + len == img->virtual_size)
-                last = DIV_ROUND_UP(img->virtual_size, cs);
+                last = ALIGN_UP(img->virtual_size, g);
         if (first >= last)
                 return write_zero_bytes(img, off, len);
-        head = first * cs - off;
-        tail = off + len > last * cs ? off + len - last * cs : 0;
-        if (head) {
-                r = write_zero_bytes(img, off, head);
+        if (first > off) {
+                r = write_zero_bytes(img, off, first - off);
                 if (r < 0)
                         return r;
         }
-        r = zero_clusters(img, first, last - first, flags, false);
-        if (r < 0)
-                return r;
-        if (tail)
-                return write_zero_bytes(img, last * cs, tail);
+        while (first < last) {
+                uint64_t whole = MIN(last, ALIGN_DOWN(last, cs)) > ALIGN_UP(first, cs)
+                                         ? ALIGN_DOWN(last, cs) - ALIGN_UP(first, cs) : 0;
+                if (first % cs || !whole) {
+                        uint64_t n = MIN(last, ALIGN_DOWN(first, cs) + cs) - first;
+                        r = zero_subclusters(img, first, n);
+                        first += n;
+                } else {
+                        r = zero_clusters(img, first / cs, whole / cs, flags, false);
+                        first += whole;
+                }
+                if (r < 0)
+                        return r;
+        }
+        if (off + len > last)
+                return write_zero_bytes(img, last, off + len - last);
         return 0;
 }
 
@@ -1726,7 +2189,8 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                 uint64_t coff, start, field, l2off;
                 uint8_t *t;
 
-                if (clen[i] == 0 || clen[i] >= cs - 1)
+                /* (a data file holds no compressed clusters: all go plain) */
+                if (clen[i] == 0 || clen[i] >= cs - 1 || s->has_data_file)
                         continue;
                 /* the L2 table first (it is synced before L1 points to it) */
                 r = l2_for_write(img, (gidx0 + i) / s->l2_entries, &t, &l2off);
@@ -1784,13 +2248,16 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
                 if (r < 0)
                         return r;
                 for (uint64_t j = 0; j < k; j++) {
-                        r = l2e_check(img, gidx0 + i + j, be64(t + (l2i + j) * 8));
+                        r = l2e_check(img, gidx0 + i + j, qcow2_l2_get(s, t, l2i + j), qcow2_l2_bitmap(s, t, l2i + j));
                         if (r < 0)
                                 return r;
                 }
                 for (uint64_t j = 0; j < k; j++) {
-                        old[j] = be64(t + (l2i + j) * 8);
-                        put_be64(t + (l2i + j) * 8, ne[i + j]);
+                        old[j] = qcow2_l2_get(s, t, l2i + j);
+                        if (!entry_owns_clusters(s, old[j]))
+                                old[j] = 0;
+                        /* (a compressed cluster has an empty subcluster bitmap) */
+                        qcow2_l2_set(s, t, l2i + j, ne[i + j], 0);
                 }
                 r = write_l2_entries(img, t, l2off, l2i, k);
                 if (r >= 0)
@@ -1834,8 +2301,10 @@ int dc_qcow2_compress_cluster(dc_image *img, const void *buf, size_t len, void *
 
         if (!in)
                 return dc_error(ENOMEM, "out of memory");
-        memcpy(in, buf, len);
         *ret_clen = 0;
+        if (s->has_data_file)
+                return 0; /* stored plain: a data file holds no compressed clusters */
+        memcpy(in, buf, len);
         r = dc_compress(s->compression_type, in, s->cluster_size, out, s->cluster_size - 1, ret_clen);
         if (r == 0)
                 *ret_clen = 0;
@@ -1847,6 +2316,9 @@ static int qcow2_write_compressed(dc_image *img, const void *buf, uint64_t off, 
         size_t clen = 0;
         int r;
 
+        if (QC(img)->has_data_file)
+                return dc_error(ENOTSUP, "'%s': an image with an external data file cannot hold compressed clusters",
+                                img->path);
         if (!out)
                 return dc_error(ENOMEM, "out of memory");
         r = dc_qcow2_compress_cluster(img, buf, len, out, &clen);
@@ -1859,7 +2331,9 @@ static int qcow2_flush(dc_image *img) {
         int r = qcow2_l2_commit_pending(img);
         if (r < 0)
                 return r;
-        r = dc_fdatasync(img->fd);
+        r = data_sync(img);
+        if (r >= 0)
+                r = dc_fdatasync(img->fd);
         if (r < 0)
                 return dc_error(r, "'%s': flush failed: %s", img->path, strerror(-r));
         return 0;
@@ -2057,6 +2531,13 @@ static int qcow2_truncate(dc_image *img, uint64_t size) {
                 if (r < 0)
                         return r;
         }
+        /* the data file grows with the disk, as QEMU resizes it */
+        if (s->data_fd >= 0) {
+                struct stat st;
+                if (fstat(s->data_fd, &st) < 0 ||
+                    ((uint64_t) st.st_size < size && ftruncate(s->data_fd, (off_t) size) < 0))
+                        return dc_error(errno, "'%s': cannot resize its data file: %m", img->path);
+        }
         img->virtual_size = size;
         return 0;
 }
@@ -2125,7 +2606,7 @@ int dc_qcow2_preallocate(dc_image *img, int mode) {
                 if (r < 0)
                         return r;
                 for (uint64_t i = 0; i < cnt; i++)
-                        put_be64(t + (l2i + i) * 8, (first + i) * cs | QCOW_OFLAG_COPIED);
+                        qcow2_l2_set(s, t, l2i + i, (first + i) * cs | QCOW_OFLAG_COPIED, QCOW2_BM_ALL_ALLOC);
                 r = write_l2_entries(img, t, l2off, l2i, cnt);
                 if (r < 0)
                         return r;
@@ -2171,6 +2652,14 @@ DC_EXPORT unsigned dc_image_refcount_bits(dc_image *img) {
 DC_EXPORT bool dc_image_lazy_refcounts(dc_image *img) {
         struct qcow2 *s = qcow2_of(img);
         return s && (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+}
+DC_EXPORT const char *dc_image_data_file(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && s->data_file ? s->data_file : "";
+}
+DC_EXPORT const char *dc_image_data_file_path(dc_image *img) {
+        struct qcow2 *s = qcow2_of(img);
+        return s && s->data_file_abs ? s->data_file_abs : "";
 }
 
 /*

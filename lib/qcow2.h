@@ -16,7 +16,7 @@
 #define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
 #define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
-#define QCOW2_AUTOCLEAR_KNOWN 0x1ull /* bit 1 needs an external data file, which we refuse */
+#define QCOW2_AUTOCLEAR_KNOWN 0x3ull
 
 #define QCOW2_EXT_END 0x00000000u
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
@@ -52,13 +52,25 @@
 /* Offsets in tables have bits 9..55: nothing can live at or above this. */
 #define QCOW2_MAX_HOST_OFFSET (1ull << 56)
 
+/* Cluster types, and with extended L2 entries subcluster types (QEMU's
+ * QCow2SubclusterType): UNALLOC_ALLOC is an unallocated subcluster of an
+ * allocated cluster, INVALID a bitmap that contradicts itself. */
 enum {
         QC_UNALLOCATED,
         QC_ZERO_PLAIN,
         QC_ZERO_ALLOC,
         QC_NORMAL,
         QC_COMPRESSED,
+        QC_UNALLOC_ALLOC,
+        QC_INVALID,
 };
+
+/* Extended L2 entries: a 64-bit subcluster bitmap after each entry. */
+#define QCOW2_SUBCLUSTERS 32u
+#define QCOW2_BM_ALLOC(from, to) ((1ull << (to)) - (1ull << (from))) /* subclusters [from, to) allocated */
+#define QCOW2_BM_ZERO(from, to) (QCOW2_BM_ALLOC(from, to) << 32)      /* ... read as zeros */
+#define QCOW2_BM_ALL_ALLOC QCOW2_BM_ALLOC(0, 32)
+#define QCOW2_BM_ALL_ZERO QCOW2_BM_ZERO(0, 32)
 
 #define QCOW2_CACHE_SLOTS 32
 
@@ -74,6 +86,9 @@ struct qcow2 {
         uint32_t version;
         uint32_t cluster_bits, cluster_size;
         uint32_t header_length;
+        bool extl2;               /* extended L2 entries (incompatible bit 4): 16 bytes, 32 subclusters */
+        uint32_t l2e_size;        /* bytes per L2 entry: 8, or 16 with extl2 */
+        uint32_t sc_size;         /* subcluster size (the cluster size without extl2) */
         uint64_t incompat, compat, autoclear;
         uint32_t crypt_method;
         uint8_t compression_type;
@@ -100,6 +115,14 @@ struct qcow2 {
         uint64_t bitmap_dir_offset, bitmap_dir_size;
 
         uint64_t fde_offset, fde_length;
+
+        /* External data file (incompatible bit 2): guest data at host offset
+         * = guest offset in another file; raw (autoclear bit 1): that file
+         * is kept a valid raw image of the disk. */
+        bool has_data_file, data_raw;
+        char *data_file;          /* as stored in the header extension */
+        char *data_file_abs;      /* resolved and confined */
+        int data_fd;              /* -1 when none */
 
         char *feature_names[3][64]; /* from the feature name table, for messages */
 
@@ -165,6 +188,19 @@ static inline uint64_t qcow2_max_run(struct qcow2 *s) {
 }
 
 int qcow2_cluster_type(struct qcow2 *s, uint64_t e);
+int qcow2_subcluster_type(struct qcow2 *s, uint64_t e, uint64_t bm, unsigned sc);
+
+static inline uint64_t qcow2_l2_get(const struct qcow2 *s, const uint8_t *t, uint64_t i) {
+        return be64(t + i * s->l2e_size);
+}
+static inline uint64_t qcow2_l2_bitmap(const struct qcow2 *s, const uint8_t *t, uint64_t i) {
+        return s->extl2 ? be64(t + i * 16 + 8) : 0;
+}
+static inline void qcow2_l2_set(const struct qcow2 *s, uint8_t *t, uint64_t i, uint64_t e, uint64_t bm) {
+        put_be64(t + i * s->l2e_size, e);
+        if (s->extl2)
+                put_be64(t + i * 16 + 8, bm);
+}
 void qcow2_compressed_range(struct qcow2 *s, uint64_t e, uint64_t *ret_off, uint64_t *ret_len);
 
 int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool fresh, uint8_t **ret);
@@ -182,6 +218,12 @@ int qcow2_ref_bytes(dc_image *img, uint64_t off, uint64_t len);
 int qcow2_check(dc_image *img, int repair, struct dc_check_result *ret);
 int qcow2_overlap_check(dc_image *img, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 int qcow2_file_size(dc_image *img, uint64_t *ret);
+
+/* The external data file's name as stored ("" when none), and as resolved
+ * inside the storage roots ("" when none).  For the daemon; to move to
+ * diskchain.h. */
+const char *dc_image_data_file(dc_image *img);
+const char *dc_image_data_file_path(dc_image *img);
 
 /* What qcow2_overlap_check() may ignore: the kind of metadata being written. */
 enum {

@@ -207,7 +207,7 @@ static void *writer(void *arg) {
                         off = rnd(&st) % (span / cs) * cs;
                         len = (rnd(&st) % 4 + 1) * cs;
                 } else if (pick < 45) {
-                        /* a piece of one cluster: copy-on-write or an in-place rewrite */
+                        /* a few sectors: copy-on-write, or a rewrite in place */
                         off = rnd(&st) % sectors * 512;
                         len = (rnd(&st) % MIN(16, cs / 512) + 1) * 512;
                 } else if (pick < 70) {

@@ -35,29 +35,29 @@ def qemu_img(*args, **kw):
     return run("qemu-img", *args, **kw)
 
 
-def qemu_io(img, *cmds, fmt="qcow2"):
+def qemu_io(img, *cmds, fmt="qcow2", **kw):
     args = ["qemu-io", "-f", fmt]
     for c in cmds:
         args += ["-c", c]
-    return run(*args, img)
+    return run(*args, img, **kw)
 
 
-def qemu_map(img):
-    return json.loads(qemu_img("map", "--output=json", img).stdout)
+def qemu_map(img, **kw):
+    return json.loads(qemu_img("map", "--output=json", img, **kw).stdout)
 
 
 def dc_map(img):
     return json.loads(dc("map", img).stdout)
 
 
-def assert_clean(img):
+def assert_clean(img, **kw):
     """qemu-img check must find no corruption and no leak."""
-    p = qemu_img("check", "--output=json", img, check=False)
+    p = qemu_img("check", "--output=json", img, check=False, **kw)
     assert p.returncode == 0, f"qemu-img check {img}: exit {p.returncode}\n{p.stdout}{p.stderr}"
 
 
-def assert_same_content(img, ref, fmt="qcow2", ref_fmt="raw"):
-    p = qemu_img("compare", "-f", fmt, "-F", ref_fmt, img, ref, check=False)
+def assert_same_content(img, ref, fmt="qcow2", ref_fmt="raw", **kw):
+    p = qemu_img("compare", "-f", fmt, "-F", ref_fmt, img, ref, check=False, **kw)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

@@ -40,9 +40,11 @@ REC = struct.Struct("=IiQQQQ")
 SECTOR = 512
 BASE_ID = 0xBA5E
 INIT_ID = 0x1417
-# rebuilds per variant: cut points times subsets of the unsynced writes
-CUTS = int(os.environ.get("DC_POWERLOSS_CUTS", "90"))
+# rebuilds per variant: cut points times subsets of the unsynced writes;
+# more cuts and other seeds for a longer hunt
+CUTS = int(os.environ.get("DC_POWERLOSS_CUTS", "75"))
 SUBSETS = 3
+SEED = int(os.environ.get("DC_POWERLOSS_SEED", "0"))
 
 
 def sector_data(ident, s):
@@ -269,7 +271,7 @@ def pick_cuts(trace, guest, name):
     acknowledgements, the rest among the points inside and right after syncs
     and evenly spread ones, a seeded sample."""
     n = len(trace.events)
-    rng = random.Random(name)
+    rng = random.Random(f"{name}/{SEED}")
     acks = [a + 1 for a, _ in guest.acks]
     others = set(range(0, n + 1, max(1, n // CUTS)))
     for i, e in enumerate(trace.events):
@@ -313,7 +315,7 @@ def run_variant(tmp, top, args, name):
         took = []
         for k in range(SUBSETS):
             # subset 0: nothing unsynced made it; the others: a seeded pick, torn or not
-            r = random.Random(f"{name}/{cut}/{k}")
+            r = random.Random(f"{name}/{SEED}/{cut}/{k}")
             took.append(f.rebuild(k, cut, r, 0.0 if k == 0 else r.choice([0.3, 0.6, 0.9]), k % 2 == 0))
         rebuilds += len(paths)
 
@@ -363,7 +365,7 @@ def test_eight_writers_over_a_backing_file(tmp):
     top = tmp / "top.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
     qemu_io(top, "write -P 0x5a 1M 192k", "write -z 5M 128k", "write -P 0x6b 7M 64k")
-    trace, guest, rebuilds = run_variant(tmp, top, ["threads=8", "ops=40", "seed=7", "api=disk",
+    trace, guest, rebuilds = run_variant(tmp, top, ["threads=8", "ops=40", f"seed={7 + SEED}", "api=disk",
                                                          "direct=on"], "backing")
     ops = guest.by_start
     assert any(a.start < b.start < a.done for a, b in zip(ops, ops[1:]) if a.done), "no two requests overlapped"
@@ -379,7 +381,7 @@ def test_eight_writers_small_clusters(tmp):
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=2048", raw, top)
     with open(top, "rb") as fh:
         l1_size, l1_off = struct.unpack(">IQ", fh.read(48)[36:48])
-    trace, guest, rebuilds = run_variant(tmp, top, ["threads=8", "ops=50", "seed=11", "api=image",
+    trace, guest, rebuilds = run_variant(tmp, top, ["threads=8", "ops=50", f"seed={11 + SEED}", "api=image",
                                                          "max-len=65536"], "small")
     l1_writes = [e for e in trace.events if e[0] == "W" and l1_off <= e[2] < l1_off + 8 * l1_size]
     assert len(l1_writes) > 3, "too few L2 tables were allocated"
@@ -394,7 +396,7 @@ def test_one_writer_growing_tables(tmp):
     make_raw(raw, 4 << 20, INIT_ID, holes={1, 3})
     top = tmp / "top.qcow2"
     qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512,refcount_bits=64", raw, top)
-    args = ["threads=1", "ops=250", "seed=3", "api=image", f"resize={8 << 20}", f"max-len={128 << 10}",
+    args = ["threads=1", "ops=250", f"seed={3 + SEED}", "api=image", f"resize={8 << 20}", f"max-len={128 << 10}",
             f"hot={8 << 20}", "flush=6"]
     trace, guest, rebuilds = run_variant(tmp, top, args, "growth")
     header = [(e[2], e[3]) for e in trace.events if e[0] == "W" and e[2] < 512]

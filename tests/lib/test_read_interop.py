@@ -38,7 +38,7 @@ def fill(img, cs, v3):
 def compare_read(img, tmp):
     ref = tmp / "ref.raw"
     out = tmp / "out.raw"
-    qemu_img("convert", "-O", "raw", img, ref)
+    qemu_img("convert", "-O", "raw", img, ref, cwd=img.parent)
     dc("read", img, out)
     assert filecmp.cmp(ref, out, shallow=False), f"{img}: guest data differs from qemu-img convert"
 
@@ -122,3 +122,69 @@ def test_bitmaps_preserved(tmp):
     assert '"in-use"' in info and '"bm0"' in info
     p = qemu_img("check", img, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# Extended L2 entries (subclusters) and external data files: images made by
+# qemu-img/qemu-io with data, zero clusters, writes and zero writes of parts
+# of clusters (subclusters), a discard, and a backing file below where the
+# format allows one.
+NEW_VARIANTS = [
+    # options, backing file below
+    ("extended_l2=on,cluster_size=16384", False),
+    ("extended_l2=on,cluster_size=65536", True),
+    ("extended_l2=on,cluster_size=2097152", True),
+    ("extended_l2=on,cluster_size=65536,compat=1.1,refcount_bits=1", False),
+    ("data_file=data.raw", False),
+    ("data_file=data.raw", True),
+    ("data_file=data.raw,cluster_size=4096", True),
+    ("data_file=data.raw,data_file_raw=on", False),
+    ("data_file=data.raw,extended_l2=on", True),
+    ("data_file=data.raw,data_file_raw=on,extended_l2=on,cluster_size=32768", False),
+]
+
+
+def fill_subclusters(img, **kw):
+    qemu_io(img,
+            "write -P 0x11 0 3k",             # part of the first subcluster(s)
+            "write -P 0x12 70000 5000",       # unaligned, across subclusters
+            "write -P 0x13 1M 64k",
+            "write -P 0x14 2M 300k",
+            "write -z 2M 8k",                 # zero subclusters of an allocated cluster
+            "write -z -u 2200k 64k",
+            "write -z 5M 2k",                 # zero subclusters of an unallocated cluster
+            "discard 1M 64k",
+            "write -P 0x15 12M 1M",
+            "write -P 0x16 15M 1000",         # a partial write over the backing file
+            "write -z 12M 256k", **kw)
+
+
+@pytest.mark.parametrize("opts,backing", NEW_VARIANTS,
+                         ids=[f"{o}{',backing' if b else ''}" for o, b in NEW_VARIANTS])
+def test_extended_l2_and_data_file(tmp, opts, backing):
+    img = tmp / "v.qcow2"
+    args = ["create", "-q", "-f", "qcow2", "-o", opts]
+    if backing:
+        base = tmp / "base.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", base, "32M")
+        qemu_io(base, "write -P 0xb1 0 32M")
+        args += ["-b", "base.qcow2", "-F", "qcow2"]
+    # QEMU opens a relative data file name from its working directory (we
+    # from the image's directory): run it where the image is
+    qemu_img(*args, img, "32M", cwd=tmp)
+    fill_subclusters(img, cwd=tmp)
+    compare_read(img, tmp)
+    assert dc_map(img) == qemu_map(img, cwd=tmp)
+    assert dc("check", img).returncode == 0
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_extended_l2(tmp, ctype):
+    src = tmp / "src.qcow2"
+    img = tmp / "c.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, "8M")
+    qemu_io(src, "write -P 0xab 0 2M", "write -P 0x12 3M 100k")
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype},extended_l2=on", src, img)
+    qemu_io(img, "write -P 0x77 4k 4k")  # an allocating write over a compressed cluster
+    compare_read(img, tmp)
+    assert dc_map(img) == qemu_map(img)
+    assert dc("check", img).returncode == 0
