@@ -364,11 +364,15 @@ static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **im
         return 1;
 }
 
-/* Every layer of LAYERS from FIRST to LAST (inclusive; LAST < 0: to the end), as paths. */
+/* Every layer of LAYERS from FIRST to LAST (inclusive; LAST < 0: to the end), with their data files, as paths. */
 static char **layer_paths(GPtrArray *layers, int first, int last, const char *extra, const char *extra2) {
         GPtrArray *a = g_ptr_array_new();
-        for (int i = first; i < (int) layers->len && (last < 0 || i <= last); i++)
-                g_ptr_array_add(a, g_strdup(((Image *) layers->pdata[i])->path));
+        for (int i = first; i < (int) layers->len && (last < 0 || i <= last); i++) {
+                Image *l = layers->pdata[i];
+                g_ptr_array_add(a, g_strdup(l->path));
+                if (l->data_file_abs)
+                        g_ptr_array_add(a, g_strdup(l->data_file_abs));
+        }
         if (extra)
                 g_ptr_array_add(a, g_strdup(extra));
         if (extra2)

@@ -37,6 +37,8 @@ static int property_get_string(sd_bus *bus, const char *path, const char *iface,
                 v = IMG->backing_file;
         else if (strcmp(prop, "BackingFormat") == 0)
                 v = IMG->backing_format;
+        else if (strcmp(prop, "DataFile") == 0)
+                v = IMG->data_file;
         else if (strcmp(prop, "InUse") == 0) {
                 /* from the model: the jobs' table, and the last look at the locks (no file is touched here) */
                 _cleanup_free_ char *f = NULL;
@@ -128,8 +130,12 @@ static int image_op_start(Image *img, sd_bus_message *m, ImageOp *op, work_fn ru
 
 static int refuse_busy(Image *img, sd_bus_error *error) {
         const char *job = busy_job(img->mgr, img->path);
+        Image *of = image_data_file_of(img->mgr, img);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", img->path, job);
+        if (of)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the data file of '%s'", img->path,
+                                         of->path);
         return 0;
 }
 
@@ -153,9 +159,11 @@ static int freshen(Image *img, sd_bus_message *m, sd_bus_error *error) {
 
 static int authorize(Image *img, sd_bus_message *m, const char *action, const char *operation,
                      sd_bus_error *error) {
+        /* the image, and its data file, which holds its guest data */
+        g_autofree char *images = paths_joined((char *[]){ img->path, img->data_file_abs, NULL });
         return polkit_verify(img->mgr, m, action,
                              (const char *const[]){ "path", img->path, "root", root_of(img->mgr, img->path),
-                                                    "operation", operation, "images", img->path, NULL },
+                                                    "operation", operation, "images", images, NULL },
                              error);
 }
 
@@ -443,6 +451,7 @@ const sd_bus_vtable image_vtable[] = {
         PROP("CompressionType", "s", property_get_string),
         PROP("BackingFile", "s", property_get_string),
         PROP("BackingFormat", "s", property_get_string),
+        PROP("DataFile", "s", property_get_string),
         PROP("Backing", "o", property_get_backing),
         PROP("Overlays", "ao", property_get_objects),
         PROP("Chains", "ao", property_get_objects),

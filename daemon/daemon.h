@@ -57,6 +57,7 @@ typedef struct Image {
         uint32_t cluster_size;
         char *compat, *compression_type, *backing_file, *backing_format;
         char *backing_abs;    /* resolved backing path, or NULL */
+        char *data_file, *data_file_abs; /* external data file: as stored, and resolved (NULL: none) */
         bool dirty, corrupt, encrypted, read_only;
         char *superseded_by;  /* a pivot replaced this layer with that active layer (NULL = no) */
         dev_t dev;
@@ -86,6 +87,7 @@ struct Manager {
         /* the model (model.c) */
         GHashTable *images;   /* path -> Image* (including files that are no usable image) */
         GHashTable *overlays; /* backing path -> GPtrArray of Image* naming it */
+        GHashTable *data_files; /* data file path -> Image* whose guest data it holds */
         GHashTable *active;   /* path -> chain object path: active layers of chains, as last announced */
         GHashTable *image_objects; /* object path -> Image* (exported images), for the object lookups */
         GHashTable *chain_objects; /* chain object path -> active path (both owned by active) */
@@ -245,6 +247,8 @@ GPtrArray *chain_layer_images(Manager *mgr, Image *active);
 bool image_is_active(Manager *mgr, Image *img);
 bool image_in_any_chain(Manager *mgr, Image *img);
 const char *image_in_use(Manager *mgr, Image *img, char **ret_free);
+/* The image whose external data file IMG is, or NULL. */
+Image *image_data_file_of(Manager *mgr, Image *img);
 
 /* bus-*.c — the vtables */
 extern const sd_bus_vtable manager_vtable[];

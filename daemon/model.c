@@ -66,6 +66,8 @@ Image *image_free(Image *img) {
         free(img->backing_file);
         free(img->backing_format);
         free(img->backing_abs);
+        free(img->data_file);
+        free(img->data_file_abs);
         free(img->superseded_by);
         free(img->error);
         free(img);
@@ -131,8 +133,13 @@ Image *scan_one(Manager *mgr, const char *abs) {
         int r;
 
         r = dc_image_open(abs, &o, &d);
-        if (r == -ENOENT)
-                return found_new(abs, FOUND_GONE);
+        if (r == -ENOENT) {
+                /* the file itself, or something it names (its data file)? */
+                int fd = dc_path_open(abs, o.roots, O_PATH, 0);
+                if (fd < 0)
+                        return found_new(abs, FOUND_GONE);
+                close(fd);
+        }
         img = found_new(abs, FOUND_IMAGE);
         if (!img) {
                 dc_image_close(d);
@@ -167,6 +174,10 @@ Image *scan_one(Manager *mgr, const char *abs) {
         img->external = dc_fd_locked_by_writer(dc_image_fd(d)) > 0;
         if (*img->backing_file && dc_backing_resolve(abs, img->backing_file, &img->backing_abs) < 0)
                 img->backing_abs = NULL;
+        if (*dc_image_data_file(d)) {
+                img->data_file = strdup(dc_image_data_file(d));
+                img->data_file_abs = strdup(dc_image_data_file_path(d));
+        }
         dc_image_close(d);
         return img;
 }
@@ -309,6 +320,8 @@ static void overlay_link(Manager *mgr, Image *img) {
 
         if (!img->error && img->object)
                 g_hash_table_insert(mgr->image_objects, img->object, img);
+        if (!img->error && img->data_file_abs)
+                g_hash_table_insert(mgr->data_files, img->data_file_abs, img);
         if (img->error || !img->backing_abs)
                 return;
         a = g_hash_table_lookup(mgr->overlays, img->backing_abs);
@@ -324,6 +337,8 @@ static void overlay_unlink(Manager *mgr, Image *img) {
 
         if (img->object && g_hash_table_lookup(mgr->image_objects, img->object) == img)
                 g_hash_table_remove(mgr->image_objects, img->object);
+        if (img->data_file_abs && g_hash_table_lookup(mgr->data_files, img->data_file_abs) == img)
+                g_hash_table_remove(mgr->data_files, img->data_file_abs);
         if (img->error || !img->backing_abs)
                 return;
         a = g_hash_table_lookup(mgr->overlays, img->backing_abs);
@@ -339,9 +354,14 @@ Image *model_find(Manager *mgr, const char *abs) {
         return img && !img->error ? img : NULL;
 }
 
-/* Dropped by a pivot, or the target of a job that runs now. */
+/* Dropped by a pivot, the target of a job that runs now, or another image's data file. */
 static bool set_aside(Manager *mgr, Image *img) {
-        return img->superseded_by || g_hash_table_contains(mgr->targets, img->path);
+        return img->superseded_by || g_hash_table_contains(mgr->targets, img->path) ||
+               g_hash_table_contains(mgr->data_files, img->path);
+}
+
+Image *image_data_file_of(Manager *mgr, Image *img) {
+        return g_hash_table_lookup(mgr->data_files, img->path);
 }
 
 static bool compute_active(Manager *mgr, Image *img) {
@@ -371,9 +391,12 @@ bool image_in_any_chain(Manager *mgr, Image *img) {
 
 const char *image_in_use(Manager *mgr, Image *img, char **ret_free) {
         const char *job = busy_job(mgr, img->path);
+        Image *of = image_data_file_of(mgr, img);
         *ret_free = NULL;
         if (job)
                 return *ret_free = g_strdup_printf("job:%s", job);
+        if (of)
+                return *ret_free = g_strdup_printf("data-file:%s", of->path);
         return img->external && !g_hash_table_contains(mgr->held, img->path) ? "external" : "";
 }
 
@@ -393,7 +416,8 @@ static bool image_equal(const Image *a, const Image *b) {
                str_eq(a->compression_type, b->compression_type) && str_eq(a->backing_file, b->backing_file) &&
                str_eq(a->backing_format, b->backing_format) && str_eq(a->backing_abs, b->backing_abs) &&
                a->dirty == b->dirty && a->corrupt == b->corrupt && a->encrypted == b->encrypted &&
-               a->read_only == b->read_only && str_eq(a->superseded_by, b->superseded_by) && a->dev == b->dev &&
+               a->read_only == b->read_only && str_eq(a->superseded_by, b->superseded_by) &&
+               str_eq(a->data_file_abs, b->data_file_abs) && a->dev == b->dev &&
                a->ino == b->ino && a->external == b->external;
 }
 
@@ -454,6 +478,8 @@ static void unlink_image(Manager *mgr, Image *img, GHashTable *touched, GHashTab
         }
         if (!img->error && img->backing_abs)
                 add_below(mgr, img->backing_abs, below);
+        if (!img->error && img->data_file_abs)
+                g_hash_table_add(below, g_strdup(img->data_file_abs));
         overlay_unlink(mgr, img);
         g_hash_table_steal(mgr->images, img->path);
         g_ptr_array_add(gone, img);
@@ -516,6 +542,8 @@ static void apply(Manager *mgr, GPtrArray *found, bool full, char **touched_path
                 overlay_link(mgr, n);
                 if (!n->error && n->backing_abs)
                         add_below(mgr, n->backing_abs, below);
+                if (!n->error && n->data_file_abs)
+                        g_hash_table_add(below, g_strdup(n->data_file_abs));
         }
         if (present) {
                 /* a full read: what it did not find is gone */
@@ -900,6 +928,7 @@ int model_setup(Manager *mgr) {
         mgr->overlays = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify) g_ptr_array_unref);
         mgr->active = active_set();
         mgr->image_objects = g_hash_table_new(g_str_hash, g_str_equal);
+        mgr->data_files = g_hash_table_new(g_str_hash, g_str_equal);
         mgr->chain_objects = g_hash_table_new(g_str_hash, g_str_equal);
         mgr->held = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         mgr->dirty = path_set();
@@ -938,6 +967,8 @@ void model_free(Manager *mgr) {
                 g_hash_table_destroy(mgr->overlays);
         if (mgr->image_objects)
                 g_hash_table_destroy(mgr->image_objects);
+        if (mgr->data_files)
+                g_hash_table_destroy(mgr->data_files);
         if (mgr->chain_objects)
                 g_hash_table_destroy(mgr->chain_objects);
         if (mgr->active)

@@ -187,6 +187,7 @@ struct dc_image {
         uint64_t virtual_size;
         bool writable;
         bool check_mode;
+        bool no_lock;          /* opened without QEMU's image locks: files the driver opens too */
         char *read_only_reason;
         char *backing_file;    /* as stored */
         char *backing_format;  /* from the extension */

@@ -193,6 +193,10 @@ int dc_image_check(dc_image *img, int repair, struct dc_check_result *ret);
 const char *dc_image_path(dc_image *img);
 /* The layer's open file (valid while the image is open; do not close it). */
 int dc_image_fd(dc_image *img);
+/* A qcow2 layer's external data file: the name as stored, and as resolved
+ * (absolute, inside the roots); "" when none. */
+const char *dc_image_data_file(dc_image *img);
+const char *dc_image_data_file_path(dc_image *img);
 int dc_image_format(dc_image *img);
 const char *dc_format_name(int format);
 uint64_t dc_image_virtual_size(dc_image *img);

@@ -408,6 +408,7 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         img->fd = -EBADF;
         img->dfd = -EBADF;
         img->check_mode = o->check_mode;
+        img->no_lock = o->no_lock;
         img->path = strdup(abs);
         img->roots = dc_strv_copy(o->roots);
         if (!img->path || (o->roots && !img->roots)) {

@@ -495,56 +495,6 @@ static int check_reftable(dc_image *img, uint64_t fsize) {
 }
 
 /*
- * QEMU's OFD locks (image.c, file-posix): bytes 100+n "I use permission n",
- * 200+n "nobody else may have permission n"; n = 0 consistent read, 1 write.
- * The data file is locked as the image is.
- */
-static int lock_data_file(dc_image *img, int fd, bool writable) {
-        struct flock test = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_len = 1 };
-        int r;
-
-        test.l_start = 101;
-        r = fcntl(fd, F_OFD_GETLK, &test);
-        if (r == 0 && test.l_type == F_UNLCK && writable) {
-                test = (struct flock){ .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 201, .l_len = 1 };
-                r = fcntl(fd, F_OFD_GETLK, &test);
-        }
-        if (r < 0)
-                return 0; /* no OFD locks on this file system: nothing to respect */
-        if (test.l_type != F_UNLCK)
-                return dc_error(EBUSY, "'%s': the data file '%s' is in use by another process that holds a conflicting "
-                                       "lock", img->path, QC(img)->data_file_abs);
-        for (int i = 0; i < 3; i++) {
-                struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_len = 1 };
-                fl.l_start = i == 0 ? 100 : i == 1 ? 201 : 101;
-                if (i < 2 || writable)
-                        (void) fcntl(fd, F_OFD_SETLK, &fl);
-        }
-        return 0;
-}
-
-/*
- * Whether the image itself was locked (image.c skips it for opens with
- * no_lock, which a process uses for a second open of a file it already has
- * open: its own locks would conflict).  The driver is not told, so it asks
- * the kernel whether the image's open file description holds a lock.
- */
-static bool image_is_locked(dc_image *img) {
-        char p[64], line[256];
-        bool locked = false;
-        FILE *f;
-
-        snprintf(p, sizeof p, "/proc/self/fdinfo/%d", img->fd);
-        f = fopen(p, "re");
-        if (!f)
-                return true;
-        while (!locked && fgets(line, sizeof line, f))
-                locked = strncmp(line, "lock:", 5) == 0;
-        fclose(f);
-        return locked;
-}
-
-/*
  * The external data file: its name is resolved as a backing file name is
  * (relative to the image's directory, where QEMU takes its working
  * directory; protocol names refused), must lie inside the storage roots,
@@ -580,9 +530,11 @@ static int open_data_file(dc_image *img, bool writable) {
                         return dc_error(EUCLEAN, "'%s': the data file '%s' is the image file itself", img->path,
                                         s->data_file);
         }
-        if (image_is_locked(img))
-                return lock_data_file(img, fd, writable);
-        return 0;
+        if (writable && st.st_nlink > 1 && img->roots)
+                return dc_error(EMLINK, "'%s': its data file '%s' has %ju hard links; diskchain writes only files "
+                                        "with one link", img->path, s->data_file, (uintmax_t) st.st_nlink);
+        /* locked as the image is (QEMU locks both) */
+        return img->no_lock ? 0 : dc_lock_fd(fd, s->data_file_abs, writable);
 }
 
 static int qcow2_open(dc_image *img, bool writable) {

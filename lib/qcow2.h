@@ -222,8 +222,7 @@ int qcow2_file_size(dc_image *img, uint64_t *ret);
 /* The external data file's name as stored ("" when none), and as resolved
  * inside the storage roots ("" when none).  For the daemon; to move to
  * diskchain.h. */
-const char *dc_image_data_file(dc_image *img);
-const char *dc_image_data_file_path(dc_image *img);
+
 
 /* What qcow2_overlap_check() may ignore: the kind of metadata being written. */
 enum {

@@ -777,3 +777,51 @@ def test_errors_by_kind_and_the_log(bus):
                  "DISKCHAIN_BYTES=4194304", "polkit refused org.diskchain.create", "DISKCHAIN_ACTION=org.diskchain.create",
                  "recorded '%s/ok.qcow2' as qcow2 (created)" % r, "job 'logged' started: backup"):
         assert want in log, (want, log)
+
+
+# --- 7. everything qemu-img writes, through the bus ------------------------------------------
+
+def test_extended_l2_and_data_files_over_the_bus(bus):
+    r = bus.root
+    # extended L2 entries: a chain, written in parts of clusters, streamed and committed
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", os.path.join(r, "xa.qcow2"), "8M")
+    qemu_io(os.path.join(r, "xa.qcow2"), "write -P 0x11 0 8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "xa.qcow2", "-F", "qcow2",
+             os.path.join(r, "xb.qcow2"))
+    qemu_io(os.path.join(r, "xb.qcow2"), "write -P 0x22 4k 4k", "write -P 0x33 1M 6k", "write -z 2M 2k")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "xb.qcow2", "-F", "qcow2",
+             os.path.join(r, "xc.qcow2"))
+    qemu_io(os.path.join(r, "xc.qcow2"), "write -P 0x44 8k 2k")
+    ref = os.path.join(bus.dir, "x.ref")
+    qemu_img("convert", "-O", "raw", os.path.join(r, "xc.qcow2"), ref)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "xc.qcow2"))[0]
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "base", "s", "xa.qcow2", "auto-dismiss", "b",
+                        "false"))[0]
+    wait_status(bus, job, "concluded")
+    assert prop(bus, job, "Job", "Error") == ""
+    bus.call(job, "Job", "Dismiss")
+    for n in ("xa", "xb", "xc"):
+        assert qemu_img("check", os.path.join(r, f"{n}.qcow2")).returncode == 0
+    assert qemu_img("compare", "-F", "raw", os.path.join(r, "xc.qcow2"), ref).returncode == 0
+
+    # an external data file: the image is published with it, the data file is set aside and held
+    # (qemu-img takes the data file's name relative to its working directory: work in the root)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=xd.raw,data_file_raw=on", "xd.qcow2", "8M", cwd=r)
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 1M", "xd.qcow2", cwd=r)
+    time.sleep(0.3)
+    img = image(bus, "xd.qcow2")
+    assert prop(bus, img, "Image", "DataFile") == "xd.raw"
+    raw = image(bus, "xd.raw")
+    assert prop(bus, raw, "Image", "InUse") == "data-file:" + os.path.join(r, "xd.qcow2")
+    p = gdbus_call(bus, M, "Manager.GetChain", "xd.raw")
+    assert error_name(p) == "NotFound", p.stderr
+    p = gdbus_call(bus, raw, "Image.Delete", "{}")
+    assert error_name(p) == "Busy" and "data file" in p.stderr, p.stderr
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "xd.qcow2"))[0]
+    assert backup_and_wait(bus, chain, "xd-copy.qcow2") == ""
+    assert sh("qemu-img", "compare", "xd.qcow2", "xd-copy.qcow2", cwd=r).returncode == 0
+    # a data file outside the roots is refused, named
+    outside = os.path.join(bus.dir, "outside.raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={outside}", os.path.join(r, "xe.qcow2"), "1M")
+    p = gdbus_call(bus, M, "Manager.GetImage", "xe.qcow2")
+    assert error_name(p) == "PathNotAllowed" and "data file" in p.stderr, p.stderr
