@@ -534,7 +534,10 @@ static int open_data_file(dc_image *img, bool writable) {
                 return dc_error(EMLINK, "'%s': its data file '%s' has %ju hard links; diskchain writes only files "
                                         "with one link", img->path, s->data_file, (uintmax_t) st.st_nlink);
         /* locked as the image is (QEMU locks both) */
-        return img->no_lock ? 0 : dc_lock_fd(fd, s->data_file_abs, writable);
+        if (!img->no_lock && dc_lock_fd(fd, s->data_file_abs, writable) < 0)
+                return dc_error(EBUSY, "'%s': its data file '%s' is in use by another process that holds a "
+                                       "conflicting lock", img->path, s->data_file);
+        return 0;
 }
 
 static int qcow2_open(dc_image *img, bool writable) {
