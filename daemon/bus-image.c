@@ -365,7 +365,7 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
                                          "'%s': shrinking from %" PRIu64 " to %" PRIu64 " bytes is not supported",
                                          IMG->path, IMG->virtual_size, size);
-        if (size % 512)
+        if (size % 512 && IMG->format != DC_FORMAT_RAW)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "'%s': size %" PRIu64 " is not a multiple of 512", IMG->path, size);
         r = refuse_busy(IMG, error);

@@ -203,9 +203,6 @@ static int method_create_image(sd_bus_message *m, void *userdata, sd_bus_error *
                         return sd_bus_error_setf(error, ERROR_PREFIX "PathNotAllowed",
                                                  "'%s': backing file '%s' is outside the storage roots", abs, backing);
         }
-        if (size % 512)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                         "'%s': size %" PRIu64 " is not a multiple of 512", abs, size);
         r = model_freshen(mgr, m, (char *[]){ abs, babs, NULL }, error);
         if (r <= 0)
                 return r < 0 ? r : 1;

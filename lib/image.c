@@ -727,7 +727,11 @@ DC_EXPORT int dc_image_truncate(dc_image *img, uint64_t size) {
         if (size < img->virtual_size)
                 return dc_error(ENOTSUP, "'%s': shrinking from %llu to %llu bytes is not supported", img->path,
                                 (unsigned long long) img->virtual_size, (unsigned long long) size);
-        if (size % 512)
+        if (size > INT64_MAX)
+                return dc_error(EFBIG, "'%s': size %llu is beyond the largest size, 2^63 - 1 bytes (qemu-img's limit too)",
+                                img->path, (unsigned long long) size);
+        /* qemu-img resize takes any size for raw, whole sectors for qcow2 */
+        if (size % 512 && img->drv != &dc_raw_driver)
                 return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", img->path,
                                 (unsigned long long) size);
         return LOCKED(img, img->drv->truncate(img, size));
@@ -861,8 +865,11 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                 if (size == 0)
                         size = backing->virtual_size;
         }
-        if (size % 512)
-                return dc_error(EINVAL, "'%s': size %llu is not a multiple of 512", abs, (unsigned long long) size);
+        /* as qemu-img create: up to 2^63 - 1 bytes, rounded up to whole sectors */
+        if (size > INT64_MAX)
+                return dc_error(EFBIG, "'%s': size %llu is beyond the largest size, 2^63 - 1 bytes (qemu-img's limit "
+                                       "too)", abs, (unsigned long long) size);
+        size = ALIGN_UP(size, 512);
 
         fd = dc_path_open(abs, roots, O_RDWR | O_CREAT | O_EXCL, 0600);
         if (fd < 0) {

@@ -204,6 +204,40 @@ def test_state_directory_inside_a_root_is_refused(tmp_path):
     assert p.returncode != 0 and "inside the storage root" in p.stderr, p.stderr
 
 
+# --- 2. sizes: exactly what qemu-img accepts ----------------------------------------------
+
+def test_create_and_resize_accept_what_qemu_img_accepts(bus):
+    """The sizes near 2^64 that used to wrap a cluster count to zero, the
+    largest qcow2 for a cluster size, raw sizes that are no multiple of 512:
+    the daemon decides as qemu-img decides (asked here, in the same run)."""
+    r = bus.root
+    cs = 512
+    top = (1 << 22) * (cs // 8) * cs  # an L1 table of 32 MiB, QEMU's limit
+    for size, cluster in (((1 << 64) - 512, cs), ((1 << 63) - 512, cs), (top + 512, cs), (top, cs),
+                          (1000, 65536)):
+        q = os.path.join(bus.dir, "q.qcow2")
+        ok = qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", q, str(size),
+                      check=False).returncode == 0
+        if os.path.exists(q):
+            os.unlink(q)
+        p = gdbus_call(bus, M, "Manager.CreateImage", f"s{size}.qcow2", str(size),
+                       f"{{'cluster-size': <uint32 {cluster}>}}")
+        assert (p.returncode == 0) == ok, (size, p.stderr)
+        if not ok:
+            assert error_name(p) == "LimitsExceeded", (size, p.stderr)
+        else:
+            assert qemu_img("check", os.path.join(r, f"s{size}.qcow2")).returncode == 0
+            gdbus_call(bus, image(bus, f"s{size}.qcow2"), "Image.Delete", "{}")
+    # raw: any size; a resize to a size that is no multiple of 512 too (qemu-img resize -f raw does it)
+    create(bus, "odd.raw", 1000, "format", "s", "raw")
+    assert os.path.getsize(os.path.join(r, "odd.raw")) == 1024
+    assert gdbus_call(bus, image(bus, "odd.raw"), "Image.Resize", str((1 << 20) + 1), "{}").returncode == 0
+    assert os.path.getsize(os.path.join(r, "odd.raw")) == (1 << 20) + 1
+    create(bus, "even.qcow2", 1 << 20)
+    p = gdbus_call(bus, image(bus, "even.qcow2"), "Image.Resize", str((2 << 20) + 1), "{}")
+    assert error_name(p) == "InvalidArgs", p.stderr
+
+
 # --- 3. authorization covers every image an operation touches ----------------------------
 
 MINE_RULE = """

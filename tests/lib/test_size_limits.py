@@ -57,8 +57,6 @@ def test_create_boundary(tmp, cs):
     assert qemu_creates(tmp / "q.qcow2", top, cs) and not qemu_creates(tmp / "q.qcow2", top + 512, cs)
 
 
-@pytest.mark.xfail(strict=True, reason="lib/image.c refuses sizes that are not a multiple of 512; "
-                                       "qemu-img create rounds them up (dc_qcow2_create would too)")
 def test_create_rounds_up_like_qemu(tmp):
     assert qemu_creates(tmp / "q.qcow2", 1000, 65536)
     assert probe("create", tmp / "d.qcow2", "1000")[0] == "OK"
