@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Crash safety: the write stream is cut before every single write the library
-makes (DC_FAULT_WRITES=N kills the process right there), and what is left must
-pass `qemu-img check` with exit 0 or 3 (leaks at worst, never corruption),
-while data that was on the disk before the cut reads back unchanged."""
+"""Crash safety of a killed process: the write stream is cut before every single
+write the library makes (DC_FAULT_WRITES=N kills the process right there), and
+what is left must pass `qemu-img check` with exit 0 or 3 (leaks at worst, never
+corruption), while data written before the cut reads back unchanged.  The page
+cache outlives a killed process, so this proves the order of the writes, not
+that they were synced: test_powerloss.py models losing the power."""
 import shutil
 
 import pytest
