@@ -176,20 +176,37 @@ DC_EXPORT int dc_path_open(const char *abs, const char *const *roots, int flags,
         size_t l;
         int fd;
 
-        /* Opening a FIFO for reading would block until a writer comes: never wait. */
+        /* Opening a FIFO for reading would block until a writer comes: never wait.
+         * Reading an image leaves its access time alone (a scan would otherwise
+         * change what it watches); without the right to, the open goes on without. */
         if (file)
                 flags |= O_NONBLOCK;
-        if (!roots) {
-                fd = open(abs, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
-                if (fd < 0)
-                        return dc_error(errno == ELOOP ? EXDEV : errno, "'%s': %m", abs);
-        } else {
-                dfd = open_root(abs, roots, &root, &l);
-                if (dfd < 0)
-                        return dfd;
-                fd = open_beneath(dfd, abs, abs + l + 1, root, flags, mode);
-                if (fd < 0)
-                        return fd;
+        if (file && (flags & O_ACCMODE) == O_RDONLY && !(flags & O_CREAT))
+                flags |= O_NOATIME;
+        for (;;) {
+                if (!roots) {
+                        fd = open(abs, flags | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW, mode);
+                        if (fd < 0 && errno == EPERM && (flags & O_NOATIME)) {
+                                flags &= ~O_NOATIME;
+                                continue;
+                        }
+                        if (fd < 0)
+                                return dc_error(errno == ELOOP ? EXDEV : errno, "'%s': %m", abs);
+                } else {
+                        if (dfd < 0) {
+                                dfd = open_root(abs, roots, &root, &l);
+                                if (dfd < 0)
+                                        return dfd;
+                        }
+                        fd = open_beneath(dfd, abs, abs + l + 1, root, flags, mode);
+                        if (fd == -EPERM && (flags & O_NOATIME)) {
+                                flags &= ~O_NOATIME;
+                                continue;
+                        }
+                        if (fd < 0)
+                                return fd;
+                }
+                break;
         }
         if (file && fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
                 (void) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
