@@ -6,7 +6,7 @@
  * (tests/fuzz/corpus-qcow2) as an ordinary test.
  *
  * Each input goes through, in a private directory that is the only storage
- * root:
+ * root (with a data file d.raw, for the images that name one):
  *   1. a read-only open: block status over the image, map, reads, check;
  *   2. a writable open of a copy (which rebuilds the refcounts first when
  *      the dirty bit is set: the last byte of the input sets that bit on the
@@ -188,8 +188,19 @@ static void job_pass(const char *path, const char *target) {
         unlink(target);
 }
 
+static void remove_dir(void) {
+        static const char *const names[] = { "a.qcow2", "b.qcow2", "c.qcow2", "d.raw", "target.qcow2" };
+        char p[96];
+
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+                snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+                unlink(p);
+        }
+        rmdir(dir);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        char a[96], b[96], c[96], t[96];
+        char a[96], b[96], c[96], d[96], t[96];
 
         if (!dir[0]) {
                 /* tmpfs when there is one: the library syncs a lot, and a
@@ -198,6 +209,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (!mkdtemp(dir))
                         abort();
                 roots[0] = dir;
+                atexit(remove_dir);
+        }
+        /* a fresh data file for images that name one (the seeds say "d.raw") */
+        snprintf(d, sizeof d, "%s/d.raw", dir);
+        {
+                int fd = open(d, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+                if (fd >= 0) {
+                        (void) !ftruncate(fd, 1u << 20);
+                        close(fd);
+                }
         }
         snprintf(a, sizeof a, "%s/a.qcow2", dir);
         snprintf(b, sizeof b, "%s/b.qcow2", dir);
@@ -252,8 +273,6 @@ int main(int argc, char **argv) {
                 free(buf);
                 n++;
         }
-        if (dir[0])
-                rmdir(dir);
         printf("fuzz-qcow2: replayed %d inputs\n", n);
         return 0;
 }
