@@ -249,31 +249,67 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 }
 
 #ifndef FUZZING_ENGINE
+#include <dirent.h>
+#include <sys/stat.h>
+
+static int replay_file(const char *path) {
+        FILE *f = fopen(path, "rb");
+        uint8_t *buf;
+        long len;
+
+        if (!f) {
+                perror(path);
+                return -1;
+        }
+        fseek(f, 0, SEEK_END);
+        len = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        buf = malloc(len > 0 ? (size_t) len : 1);
+        if (!buf || fread(buf, 1, (size_t) len, f) != (size_t) len) {
+                fclose(f);
+                free(buf);
+                return -1;
+        }
+        fclose(f);
+        LLVMFuzzerTestOneInput(buf, (size_t) len);
+        free(buf);
+        return 0;
+}
+
+/* Replay files, or every file of directories (the corpus: meson passes its
+ * directory, so that a new corpus entry needs no reconfiguration). */
 int main(int argc, char **argv) {
         int n = 0;
+
         for (int i = 1; i < argc; i++) {
-                FILE *f = fopen(argv[i], "rb");
-                uint8_t *buf;
-                long len;
-                if (!f) {
+                struct dirent **list;
+                struct stat st;
+                int k;
+
+                if (stat(argv[i], &st) < 0 || !S_ISDIR(st.st_mode)) {
+                        if (replay_file(argv[i]) < 0)
+                                return 1;
+                        n++;
+                        continue;
+                }
+                k = scandir(argv[i], &list, NULL, alphasort);
+                if (k < 0) {
                         perror(argv[i]);
                         return 1;
                 }
-                fseek(f, 0, SEEK_END);
-                len = ftell(f);
-                fseek(f, 0, SEEK_SET);
-                buf = malloc(len > 0 ? (size_t) len : 1);
-                if (fread(buf, 1, (size_t) len, f) != (size_t) len) {
-                        fclose(f);
-                        free(buf);
-                        return 1;
+                for (int j = 0; j < k; j++) {
+                        char p[4096];
+                        snprintf(p, sizeof p, "%s/%s", argv[i], list[j]->d_name);
+                        if (list[j]->d_name[0] != '.' && stat(p, &st) == 0 && S_ISREG(st.st_mode)) {
+                                if (replay_file(p) < 0)
+                                        return 1;
+                                n++;
+                        }
+                        free(list[j]);
                 }
-                fclose(f);
-                LLVMFuzzerTestOneInput(buf, (size_t) len);
-                free(buf);
-                n++;
+                free(list);
         }
         printf("fuzz-qcow2: replayed %d inputs\n", n);
-        return 0;
+        return n > 0 ? 0 : 1;
 }
 #endif
