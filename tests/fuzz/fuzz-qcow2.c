@@ -6,7 +6,7 @@
  * (tests/fuzz/corpus-qcow2) as an ordinary test.
  *
  * Each input goes through, in a private directory that is the only storage
- * root:
+ * root (with a data file d.raw, for the images that name one):
  *   1. a read-only open: block status over the image, map, reads, check;
  *   2. a writable open of a copy (which rebuilds the refcounts first when
  *      the dirty bit is set: the last byte of the input sets that bit on the
@@ -188,8 +188,19 @@ static void job_pass(const char *path, const char *target) {
         unlink(target);
 }
 
+static void remove_dir(void) {
+        static const char *const names[] = { "a.qcow2", "b.qcow2", "c.qcow2", "d.raw", "target.qcow2" };
+        char p[96];
+
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+                snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+                unlink(p);
+        }
+        rmdir(dir);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        char a[96], b[96], c[96], t[96];
+        char a[96], b[96], c[96], d[96], t[96];
 
         if (!dir[0]) {
                 /* tmpfs when there is one: the library syncs a lot, and a
@@ -198,6 +209,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 if (!mkdtemp(dir))
                         abort();
                 roots[0] = dir;
+                atexit(remove_dir);
+        }
+        /* a fresh data file for images that name one (the seeds say "d.raw") */
+        snprintf(d, sizeof d, "%s/d.raw", dir);
+        {
+                int fd = open(d, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+                if (fd >= 0) {
+                        (void) !ftruncate(fd, 1u << 20);
+                        close(fd);
+                }
         }
         snprintf(a, sizeof a, "%s/a.qcow2", dir);
         snprintf(b, sizeof b, "%s/b.qcow2", dir);
@@ -228,33 +249,67 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 }
 
 #ifndef FUZZING_ENGINE
+#include <dirent.h>
+#include <sys/stat.h>
+
+static int replay_file(const char *path) {
+        FILE *f = fopen(path, "rb");
+        uint8_t *buf;
+        long len;
+
+        if (!f) {
+                perror(path);
+                return -1;
+        }
+        fseek(f, 0, SEEK_END);
+        len = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        buf = malloc(len > 0 ? (size_t) len : 1);
+        if (!buf || fread(buf, 1, (size_t) len, f) != (size_t) len) {
+                fclose(f);
+                free(buf);
+                return -1;
+        }
+        fclose(f);
+        LLVMFuzzerTestOneInput(buf, (size_t) len);
+        free(buf);
+        return 0;
+}
+
+/* Replay files, or every file of directories (the corpus: meson passes its
+ * directory, so that a new corpus entry needs no reconfiguration). */
 int main(int argc, char **argv) {
         int n = 0;
+
         for (int i = 1; i < argc; i++) {
-                FILE *f = fopen(argv[i], "rb");
-                uint8_t *buf;
-                long len;
-                if (!f) {
+                struct dirent **list;
+                struct stat st;
+                int k;
+
+                if (stat(argv[i], &st) < 0 || !S_ISDIR(st.st_mode)) {
+                        if (replay_file(argv[i]) < 0)
+                                return 1;
+                        n++;
+                        continue;
+                }
+                k = scandir(argv[i], &list, NULL, alphasort);
+                if (k < 0) {
                         perror(argv[i]);
                         return 1;
                 }
-                fseek(f, 0, SEEK_END);
-                len = ftell(f);
-                fseek(f, 0, SEEK_SET);
-                buf = malloc(len > 0 ? (size_t) len : 1);
-                if (fread(buf, 1, (size_t) len, f) != (size_t) len) {
-                        fclose(f);
-                        free(buf);
-                        return 1;
+                for (int j = 0; j < k; j++) {
+                        char p[4096];
+                        snprintf(p, sizeof p, "%s/%s", argv[i], list[j]->d_name);
+                        if (list[j]->d_name[0] != '.' && stat(p, &st) == 0 && S_ISREG(st.st_mode)) {
+                                if (replay_file(p) < 0)
+                                        return 1;
+                                n++;
+                        }
+                        free(list[j]);
                 }
-                fclose(f);
-                LLVMFuzzerTestOneInput(buf, (size_t) len);
-                free(buf);
-                n++;
+                free(list);
         }
-        if (dir[0])
-                rmdir(dir);
         printf("fuzz-qcow2: replayed %d inputs\n", n);
-        return 0;
+        return n > 0 ? 0 : 1;
 }
 #endif

@@ -24,6 +24,7 @@ Not modelled: ftruncate() and fallocate() (the workload's paths make none),
 reordering inside one sector (a write of up to 512 aligned bytes is atomic),
 and a lying disk (a completed fdatasync is trusted).
 """
+import bisect
 import mmap
 import os
 import random
@@ -44,6 +45,7 @@ INIT_ID = 0x1417
 # more cuts and other seeds for a longer hunt
 CUTS = int(os.environ.get("DC_POWERLOSS_CUTS", "75"))
 SUBSETS = 3
+MUST_ROUNDS = 6
 SEED = int(os.environ.get("DC_POWERLOSS_SEED", "0"))
 
 
@@ -267,20 +269,27 @@ class Guest:
 
 
 def pick_cuts(trace, guest, name):
-    """CUTS points to lose power at (before that event): a third right after
-    acknowledgements, the rest among the points inside and right after syncs
-    and evenly spread ones, a seeded sample."""
+    """About CUTS points to lose power at (before that event), a seeded
+    choice, each with how many rounds of SUBSETS rebuilds it gets.  Most lie
+    inside syncs, where every write since the last one is still unsynced;
+    then come points right after acknowledgements, right after syncs, and
+    evenly spread.  A header write (the switch to a new refcount table or L1
+    table: rare, and where a missing sync does the most harm) always has the
+    sync after it cut, with MUST_ROUNDS rounds."""
     n = len(trace.events)
     rng = random.Random(f"{name}/{SEED}")
-    acks = [a + 1 for a, _ in guest.acks]
-    others = set(range(0, n + 1, max(1, n // CUTS)))
+    ends = [i for i, e in enumerate(trace.events) if e[0] == "E"]
+    must = set()
     for i, e in enumerate(trace.events):
-        if e[0] == "E":
-            others |= {i, i + 1}
-    others -= set(acks)
-    picked = rng.sample(acks, min(len(acks), CUTS // 3))
-    picked += rng.sample(sorted(others), min(len(others), CUTS - len(picked)))
-    return sorted(set(picked))
+        if e[0] == "W" and e[2] < SECTOR:
+            must.update(j for j in ends[bisect.bisect(ends, i):][:1])
+    acks = sorted({a + 1 for a, _ in guest.acks} - must)
+    inside = sorted(set(ends) - must)
+    rest = sorted(({j + 1 for j in ends} | set(range(0, n + 1, max(1, n // CUTS)))) - must - set(acks) - set(inside))
+    picked = rng.sample(acks, min(len(acks), CUTS // 4))
+    picked += rng.sample(inside, min(len(inside), CUTS // 2))
+    picked += rng.sample(rest, max(0, min(len(rest), CUTS - len(picked))))
+    return sorted([(c, 1) for c in picked] + [(c, MUST_ROUNDS) for c in must])
 
 
 def run_variant(tmp, top, args, name):
@@ -308,26 +317,18 @@ def run_variant(tmp, top, args, name):
 
     n = len(trace.events)
     out = tmp / "guests.raw"
-    rebuilds = 0
-    for cut in pick_cuts(trace, guest, name):
-        f.advance(cut)
-        guest.advance(cut)
-        took = []
-        for k in range(SUBSETS):
-            # subset 0: nothing unsynced made it; the others: a seeded pick, torn or not
-            r = random.Random(f"{name}/{SEED}/{cut}/{k}")
-            took.append(f.rebuild(k, cut, r, 0.0 if k == 0 else r.choice([0.3, 0.6, 0.9]), k % 2 == 0))
-        rebuilds += len(paths)
 
+    def judge(cut, subset, took):
+        """Check the rebuilt copies side by side, and read all their disks
+        with one qemu-img, one after the other."""
         def failed(k, problem):
-            kept = tmp / f"failed-{cut}-{k}.qcow2"
+            kept = tmp / f"failed-{cut}-{subset + k}.qcow2"
             shutil.copy(paths[k], kept)
             recent = "\n".join(trace.describe(i) for i in range(max(0, cut - 15), cut))
-            pytest.fail(f"{name}: power lost before trace event {cut} of {n}, subset {k} (image kept as {kept}):\n"
-                        f"{problem}\nunsynced writes that made it:\n" + "\n".join(took[k][:40]) +
-                        f"\nthe last events:\n{recent}")
+            pytest.fail(f"{name}: power lost before trace event {cut} of {n}, subset {subset + k} "
+                        f"(image kept as {kept}):\n{problem}\nunsynced writes that made it:\n" +
+                        "\n".join(took[k][:40]) + f"\nthe last events:\n{recent}")
 
-        # the checks side by side, and one qemu-img reading all the disks one after the other
         if out.exists():
             out.unlink()
         procs = [subprocess.Popen(["qemu-img", "check", "--output=json", p], stdout=subprocess.PIPE,
@@ -348,8 +349,22 @@ def run_variant(tmp, top, args, name):
                     failed(k, problem)
                 pos += size
             assert pos == len(got)
-        for k in range(SUBSETS):
-            f.restore(k)
+
+    rebuilds = 0
+    for cut, rounds in pick_cuts(trace, guest, name):
+        f.advance(cut)
+        guest.advance(cut)
+        for subset in range(0, rounds * SUBSETS, SUBSETS):
+            took = []
+            for k in range(SUBSETS):
+                # subset 0: nothing unsynced made it; the others: a seeded pick, torn or not
+                r = random.Random(f"{name}/{SEED}/{cut}/{subset + k}")
+                keep = 0.0 if subset + k == 0 else r.choice([0.3, 0.6, 0.9])
+                took.append(f.rebuild(k, cut, r, keep, k % 2 == 0))
+            rebuilds += SUBSETS
+            judge(cut, subset, took)
+            for k in range(SUBSETS):
+                f.restore(k)
     return trace, guest, rebuilds
 
 
