@@ -196,7 +196,7 @@ int qcow2_refcount_get(dc_image *img, uint64_t cluster, uint64_t *ret) {
                 return 0;
         }
         if (off & (s->cluster_size - 1))
-                return dc_error(EIO, "'%s': refcount block at %llu is not cluster aligned", img->path,
+                return dc_error(EUCLEAN, "'%s': refcount block at %llu is not cluster aligned", img->path,
                                 (unsigned long long) off);
         r = qcow2_cache_get(img, &s->rb_cache, off, false, &rb);
         if (r < 0)
@@ -247,6 +247,11 @@ static int grow_reftable(dc_image *img, uint64_t need) {
         memcpy(new_rt, s->rt, s->rt_entries * sizeof(uint64_t));
 
         /* Refblocks at start .. start+nrb-1, the table right after them. */
+        r = qcow2_overlap_check(img, start * cs, (nrb + ntc) * cs, 0, "a new refcount table");
+        if (r < 0) {
+                free(new_rt);
+                return r;
+        }
         for (uint64_t j = 0; j < nrb; j++) {
                 uint64_t first = start + j * s->per_block, b;
                 unsigned l;
@@ -307,6 +312,10 @@ static int ensure_refblock(dc_image *img, uint64_t cluster) {
                 return 0;
 
         off = t * s->per_block * s->cluster_size;
+        /* the first cluster of a range nothing covered yet: metadata there means the tables lie */
+        r = qcow2_overlap_check(img, off, s->cluster_size, 0, "a new refcount block");
+        if (r < 0)
+                return r;
         r = qcow2_cache_get(img, &s->rb_cache, off, true, &rb);
         if (r < 0)
                 return r;
@@ -334,7 +343,7 @@ int qcow2_refcount_set(dc_image *img, uint64_t cluster, uint64_t value) {
         int r;
 
         if (value > refcount_max(s))
-                return dc_error(EMLINK, "'%s': refcount of cluster %llu would overflow", img->path,
+                return dc_error(EOVERFLOW, "'%s': refcount of cluster %llu would overflow", img->path,
                                 (unsigned long long) cluster);
         r = ensure_refblock(img, cluster);
         if (r < 0)
@@ -383,7 +392,7 @@ static int refcount_inc_run(dc_image *img, uint64_t first, uint64_t n) {
                         uint64_t idx = (first + i) % s->per_block;
                         uint64_t v = rb_entry_get(s, rb, idx);
                         if (v >= refcount_max(s))
-                                return dc_error(EMLINK, "'%s': refcount overflow", img->path);
+                                return dc_error(EOVERFLOW, "'%s': refcount overflow", img->path);
                         rb_entry_set(s, rb, idx, v + 1, &b, &l);
                         lo = MIN(lo, b);
                         hi = MAX(hi, b + l);
@@ -450,7 +459,7 @@ int qcow2_free_clusters(dc_image *img, uint64_t first, uint64_t n) {
                 if (r < 0)
                         return r;
                 if (v == 0)
-                        return dc_error(EIO, "'%s': freeing cluster %llu whose refcount is already 0", img->path,
+                        return dc_error(EUCLEAN, "'%s': freeing cluster %llu whose refcount is already 0", img->path,
                                         (unsigned long long) c);
                 r = qcow2_refcount_set(img, c, v - 1);
                 if (r < 0)

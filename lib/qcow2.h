@@ -219,11 +219,6 @@ int qcow2_check(dc_image *img, int repair, struct dc_check_result *ret);
 int qcow2_overlap_check(dc_image *img, uint64_t off, uint64_t len, unsigned ignore, const char *what);
 int qcow2_file_size(dc_image *img, uint64_t *ret);
 
-/* The external data file's name as stored ("" when none), and as resolved
- * inside the storage roots ("" when none).  For the daemon; to move to
- * diskchain.h. */
-
-
 /* What qcow2_overlap_check() may ignore: the kind of metadata being written. */
 enum {
         QCOW2_OL_ACTIVE_L2 = 1u << 0,

@@ -4,6 +4,7 @@ file can do, tried through the real doors (private bus, real polkitd, an
 unprivileged user, qemu-img as the judge)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -650,7 +651,7 @@ for iface, m in (("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     create(bus, "d07/c000007-05.qcow2", 0, "backing", "s", "c000007-04.qcow2")
     new = bus.daemon_log()[len(before):]
     assert "every root" not in new and "read what changed" in new, new
-    counts = [int(line.split(": ")[1].split(" path")[0]) for line in new.splitlines() if "read what changed" in line]
+    counts = [int(m) for m in re.findall(r"read what changed again: (\d+) path", new)]
     assert counts and max(counts) < 10, new
     assert len(data(bus.call(M, "Manager", "ListChains"))[0]) == 6000
     assert data(bus.call(M, "Manager", "GetChain", "s", "d07/c000007-05.qcow2"))[0]
