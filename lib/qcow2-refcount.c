@@ -62,12 +62,21 @@
 
 /* --- metadata cache: whole clusters; refblocks written through, L2 entries may wait (rule 1) --- */
 
+/*
+ * A cache holds at most 4 MiB of tables (and at least two): 32 tables of
+ * 64 KiB clusters, two of 2 MiB.  A chain of 64 layers of 2 MiB clusters
+ * would otherwise hold 8 GiB of tables while a job reads it.
+ */
+static size_t cache_slots(const struct qcow2 *s) {
+        return MIN((size_t) QCOW2_CACHE_SLOTS, MAX((size_t) 2, (size_t) ((4u << 20) / s->cluster_size)));
+}
+
 int qcow2_cache_get(dc_image *img, struct qcow2_cache *c, uint64_t offset, bool fresh, uint8_t **ret) {
         struct qcow2 *s = QC(img);
-        size_t victim = 0;
+        size_t victim = 0, n = cache_slots(s);
         int r;
 
-        for (size_t i = 0; i < QCOW2_CACHE_SLOTS; i++) {
+        for (size_t i = 0; i < n; i++) {
                 if (c->offset[i] == offset) {
                         c->used[i] = ++c->clock;
                         if (fresh)
