@@ -62,12 +62,9 @@ static void job_release(Job *j) {
         j->paths = NULL;
 }
 
-static void job_free(Job *j) {
-        if (!j)
-                return;
-        job_release(j);
-        g_hash_table_remove(j->mgr->job_ids, j->id);
-        job_free_later(j->mgr, TAKE_PTR(j->dj));
+/* The Job's own memory (not the job, the id's reservation or the claims). */
+static void job_struct_free(Job *j) {
+        g_strfreev(j->paths);
         free(j->id);
         free(j->object);
         free(j->chain_object);
@@ -75,6 +72,15 @@ static void job_free(Job *j) {
         free(j->base);
         free(j->target);
         free(j);
+}
+
+static void job_free(Job *j) {
+        if (!j)
+                return;
+        job_release(j);
+        g_hash_table_remove(j->mgr->job_ids, j->id);
+        job_free_later(j->mgr, TAKE_PTR(j->dj));
+        job_struct_free(j);
 }
 
 static void job_free_void(void *p) {
@@ -333,14 +339,7 @@ int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, 
         dc_job_get_info(dj, &j->last);
         if (r < 0) {
                 /* not published: the reservations stay the caller's, the job too */
-                g_strfreev(j->paths);
-                free(j->id);
-                free(j->object);
-                free(j->chain_object);
-                free(j->top);
-                free(j->base);
-                free(j->target);
-                free(j);
+                job_struct_free(j);
                 return r;
         }
         g_hash_table_insert(mgr->jobs, j->id, j);

@@ -332,32 +332,6 @@ static int classify(const char *abs, const char *magic, int hint, int *ret_forma
         return 0;
 }
 
-/* The record for ABS with this identity: its own, or one it had under another name (moved or linked). */
-static Record *find_record(Registry *r, const char *abs, uint64_t dev, uint64_t ino, uint64_t btime) {
-        Record *rec = g_hash_table_lookup(r->by_path, abs), *other;
-        g_autofree char *k = NULL;
-
-        if (rec && same_file(rec, dev, ino, btime) && rec->format >= 0)
-                return rec;
-        k = id_key(dev, ino);
-        other = g_hash_table_lookup(r->by_id, k);
-        if (!other || !same_file(other, dev, ino, btime) || other->format < 0)
-                return NULL;
-        /* the same file under a new name: it keeps what it is */
-        rec = calloc(1, sizeof *rec);
-        if (!rec)
-                return NULL;
-        rec->path = strdup(abs);
-        rec->dev = dev;
-        rec->ino = ino;
-        rec->btime = btime;
-        rec->format = other->format;
-        rec->source = g_strdup_printf("moved-from:%s", other->path);
-        rec->superseded_by = other->superseded_by ? strdup(other->superseded_by) : NULL;
-        index_add(r, rec);
-        return rec;
-}
-
 static Record *record_new(Registry *r, const char *abs, uint64_t dev, uint64_t ino, uint64_t btime, int format,
                           const char *source) {
         Record *rec = calloc(1, sizeof *rec);
@@ -372,6 +346,30 @@ static Record *record_new(Registry *r, const char *abs, uint64_t dev, uint64_t i
         index_add(r, rec);
         return rec;
 }
+
+/* The record for ABS with this identity: its own, or one it had under another name (moved or linked). */
+static Record *find_record(Registry *r, const char *abs, uint64_t dev, uint64_t ino, uint64_t btime) {
+        Record *rec = g_hash_table_lookup(r->by_path, abs), *other;
+        g_autofree char *k = NULL;
+
+        if (rec && same_file(rec, dev, ino, btime) && rec->format >= 0)
+                return rec;
+        k = id_key(dev, ino);
+        other = g_hash_table_lookup(r->by_id, k);
+        if (!other || !same_file(other, dev, ino, btime) || other->format < 0)
+                return NULL;
+        /* the same file under a new name: it keeps what it is */
+        {
+                g_autofree char *src = g_strdup_printf("moved-from:%s", other->path);
+                rec = record_new(r, abs, dev, ino, btime, other->format, src);
+        }
+        if (rec && other->superseded_by) {
+                rec->superseded_by = strdup(other->superseded_by);
+                rec->mark_ctime = other->mark_ctime;
+        }
+        return rec;
+}
+
 
 int registry_format(void *userdata, const char *abs, int fd, int hint, int *ret_format) {
         Registry *r = userdata;

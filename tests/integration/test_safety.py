@@ -100,6 +100,23 @@ def test_guest_written_header_does_not_make_a_raw_image_qcow2(bus):
     assert data(bus.call(M, "Manager", "GetChain", "s", "victim.qcow2"))[0] == victim_chain
 
 
+def test_a_renamed_file_keeps_its_record(bus):
+    """Renaming a raw disk whose guest planted a qcow2 header to a name the
+    first look would read as qcow2 (.img) changes nothing: the record follows
+    the file (also when the daemon did not see the rename happen)."""
+    r = bus.root
+    create(bus, "victim.qcow2", 8 << 20)
+    create(bus, "guest.raw", 8 << 20, "format", "s", "raw")
+    with open(os.path.join(r, "guest.raw"), "r+b") as f:
+        f.write(qcow2_header_naming(bus.dir, "victim.qcow2")[:4096])
+    os.rename(os.path.join(r, "guest.raw"), os.path.join(r, "guest.img"))
+    assert prop(bus, image(bus, "guest.img"), "Image", "Format") == "raw"
+    kill_daemon(bus)
+    os.rename(os.path.join(r, "guest.img"), os.path.join(r, "guest2.img"))
+    assert prop(bus, image(bus, "guest2.img"), "Image", "Format") == "raw"
+    assert prop(bus, image(bus, "guest2.img"), "Image", "BackingFile") == ""
+
+
 def test_first_look_goes_by_the_name(bus):
     """A file the daemon has never seen: ".raw" is raw whatever it holds,
     ".img" is qcow2 only with a qcow2 header, other names are no image until
