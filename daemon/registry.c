@@ -25,7 +25,10 @@
  *   of the file).
  * - A record belongs to a path and a file: (st_dev, st_ino, birth time).  A
  *   file replaced at the same path is a new file and is looked at anew; a
- *   file renamed keeps its record (found by its identity).  A layer a pivot
+ *   file renamed keeps its record (found by its identity).  The daemon may
+ *   notice the old name gone before it looks at the new one, so the record
+ *   of a name that disappeared stays findable by its identity for a while
+ *   (ORPHAN_TTL_US) before it is dropped.  A layer a pivot
  *   dropped stays superseded only as long as nobody changes it (its ctime
  *   then): a file written in place afterwards is somebody's image again.
  * - The file is a log of lines, each the whole new state of one record
@@ -61,8 +64,12 @@ typedef struct Record {
         char *source;             /* how the format was decided */
         char *superseded_by;      /* NULL: none */
         uint64_t mark_ctime;      /* the file's ctime (ns) when the pivot dropped it; 0: not checked */
+        int64_t orphaned_at;      /* monotonic µs when its name disappeared; 0: it has one */
         bool magic_logged;
 } Record;
+
+/* How long the record of a name that disappeared waits for its file to turn up under another name. */
+#define ORPHAN_TTL_US (60 * G_USEC_PER_SEC)
 
 struct Registry {
         GMutex lock;
@@ -70,7 +77,8 @@ struct Registry {
         int fd;
         char **roots;
         GHashTable *by_path; /* path -> Record* (owned) */
-        GHashTable *by_id;   /* "dev:ino" -> Record* */
+        GHashTable *by_id;   /* "dev:ino" -> Record* (also an orphan's) */
+        GQueue orphans;      /* Records whose name disappeared (owned), oldest first */
         unsigned lines;
         bool unsynced;       /* lines written since the last fdatasync() */
 };
@@ -110,6 +118,41 @@ static void index_remove(Registry *r, const char *path) {
                         g_hash_table_remove(r->by_id, k);
         }
         g_hash_table_remove(r->by_path, path);
+}
+
+/* Drop the orphans that waited long enough (NOW 0: all of them). */
+static void orphans_purge(Registry *r, int64_t now) {
+        Record *rec;
+
+        while ((rec = g_queue_peek_head(&r->orphans)) && (!now || now - rec->orphaned_at > ORPHAN_TTL_US)) {
+                g_autofree char *k = id_key(rec->dev, rec->ino);
+                g_queue_pop_head(&r->orphans);
+                if (g_hash_table_lookup(r->by_id, k) == rec)
+                        g_hash_table_remove(r->by_id, k);
+                record_free(rec);
+        }
+}
+
+/* PATH's name is gone; its record stays findable by identity until orphans_purge() drops it. */
+static void index_orphan(Registry *r, const char *path) {
+        Record *rec = g_hash_table_lookup(r->by_path, path);
+        g_autofree char *k = NULL;
+        int64_t now = g_get_monotonic_time();
+
+        if (!rec)
+                return;
+        g_hash_table_steal(r->by_path, path);
+        k = id_key(rec->dev, rec->ino);
+        /* without a birth time a reused inode number would look like the same file */
+        if (!rec->btime || g_hash_table_lookup(r->by_id, k) != rec) {
+                if (g_hash_table_lookup(r->by_id, k) == rec)
+                        g_hash_table_remove(r->by_id, k);
+                record_free(rec);
+                return;
+        }
+        rec->orphaned_at = now ? now : 1;
+        g_queue_push_tail(&r->orphans, rec);
+        orphans_purge(r, now);
 }
 
 static void append_line(GString *s, const Record *rec) {
@@ -170,7 +213,8 @@ static void parse_line(Registry *r, char *line) {
         guint n = g_strv_length(f);
 
         if (n == 2 && strcmp(f[0], "-") == 0) {
-                index_remove(r, f[1]);
+                /* the file may have been renamed: its new name can still find it (until compaction or the TTL) */
+                index_orphan(r, f[1]);
                 return;
         }
         if (n == 9 && strcmp(f[0], "R") == 0 && f[1][0] == '/') {
@@ -242,6 +286,7 @@ int registry_open(const char *state_dir, char **roots, Registry **ret) {
         r->roots = g_strdupv(roots);
         r->by_path = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, record_free);
         r->by_id = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        g_queue_init(&r->orphans);
         r->fd = -1;
         if (g_file_get_contents(r->file, &text, &len, &err)) {
                 for (p = text; (nl = memchr(p, '\n', len - (size_t) (p - text))); p = nl + 1) {
@@ -275,6 +320,7 @@ Registry *registry_free(Registry *r) {
                 return NULL;
         if (r->fd >= 0)
                 close(r->fd);
+        orphans_purge(r, 0);
         g_hash_table_destroy(r->by_id);
         g_hash_table_destroy(r->by_path);
         g_strfreev(r->roots);
@@ -355,6 +401,7 @@ static Record *find_record(Registry *r, const char *abs, uint64_t dev, uint64_t 
         if (rec && same_file(rec, dev, ino, btime) && rec->format >= 0)
                 return rec;
         k = id_key(dev, ino);
+        orphans_purge(r, g_get_monotonic_time());
         other = g_hash_table_lookup(r->by_id, k);
         if (!other || !same_file(other, dev, ino, btime) || other->format < 0)
                 return NULL;
@@ -555,7 +602,7 @@ void registry_forget(Registry *r, const char *abs) {
                 /* no sync: a lost removal leaves a record no file matches */
                 (void) log_append(r, s, false);
                 g_string_free(s, TRUE);
-                index_remove(r, abs);
+                index_orphan(r, abs);
         }
         g_mutex_unlock(&r->lock);
 }

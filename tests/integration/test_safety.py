@@ -103,13 +103,17 @@ def test_guest_written_header_does_not_make_a_raw_image_qcow2(bus):
 def test_a_renamed_file_keeps_its_record(bus):
     """Renaming a raw disk whose guest planted a qcow2 header to a name the
     first look would read as qcow2 (.img) changes nothing: the record follows
-    the file (also when the daemon did not see the rename happen)."""
+    the file, also when the daemon notices the old name gone before it looks
+    at the new one, and when it did not see the rename happen."""
     r = bus.root
     create(bus, "victim.qcow2", 8 << 20)
     create(bus, "guest.raw", 8 << 20, "format", "s", "raw")
     with open(os.path.join(r, "guest.raw"), "r+b") as f:
         f.write(qcow2_header_naming(bus.dir, "victim.qcow2")[:4096])
-    os.rename(os.path.join(r, "guest.raw"), os.path.join(r, "guest.img"))
+    # out of the root and seen gone, then back under a name read as qcow2 at a first look
+    os.rename(os.path.join(r, "guest.raw"), os.path.join(bus.dir, "guest.raw"))
+    assert error_name(gdbus_call(bus, M, "Manager.GetImage", "guest.raw")) == "NotFound"
+    os.rename(os.path.join(bus.dir, "guest.raw"), os.path.join(r, "guest.img"))
     assert prop(bus, image(bus, "guest.img"), "Image", "Format") == "raw"
     kill_daemon(bus)
     os.rename(os.path.join(r, "guest.img"), os.path.join(r, "guest2.img"))
