@@ -1,213 +1,337 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""diskchain benchmark, run by hand (never part of the test suite).
+"""diskchain benchmark, run by hand as root (never part of the test suite).
 
-Builds a chain like real VM disks: a base about half allocated with a mix of
-random, compressible and zero data in scattered extents, and two overlays each
-rewriting about a tenth.  Then runs, in one run, each diskchain job through
-the bus against the qemu-img command a user would otherwise run, on fresh
-copies, and prints the ratio qemu-img time / diskchain time (>= 1.0 means we
-are at least as fast) and the daemon's peak memory.  qemu-img's default
-cache mode is 'unsafe' (its output may still be only in the page cache when
-it exits), while a diskchain job ends with its data on disk; so a second
-ratio adds an fsync of qemu-img's output file to its time.  Our jobs write
-their data around the page cache (O_DIRECT); one more row compares the full
-backup with qemu-img doing the same (-t none), which no goal names but which
-says where the speed comes from.
+The chain is the realistic one of ../shared/bench/make-chain.sh: a 4 GiB
+base half filled with unique random data in scattered 1 MiB extents, and
+two overlays each rewriting about a tenth of the clusters with unique data
+(aligned runs and partial-cluster writes, as guests write).  Repeated blocks
+or one-byte fills would flatter every copy path; this data does not.
 
-    sudo bench/run-bench.py [--size 4G] [--build build] [--repeat 3] [--settle 15] [--only NAME]
+For each job, in one run, diskchain (through the bus and diskchainctl, as a
+user drives it) is timed against the fastest ways QEMU offers to do the same:
 
-Each side runs --repeat times, alternating, and the median counts: the
-disk of a small VM is noisy.
+  qemu-img            its default cache, plus an fdatasync of what it wrote
+                      (qemu-img leaves its output in the page cache; a
+                      diskchain job ends with its result on disk)
+  qemu-img -t none    around the page cache on both sides (-t none -T none)
+  qsd                 qemu-storage-daemon running the same block job over
+                      QMP, default cache (cache.direct=off), plus an
+                      fdatasync of its output after it quit
+  qsd direct          the same with cache.direct=on on every node
+
+Every timed run starts from fresh copies, after sync and a drop of the page
+cache (every input byte comes from the disk), and ends when the result is
+durable.  The sides alternate and each row is the median of --repeat runs.
+Each side's first result is checked with `qemu-img compare` against the
+chain it copied (and diskchain's with `qemu-img check`).  The disk's own
+write speed (fio, direct, 1 MiB sequential, in the same run) gives each
+job's throughput as a fraction of what the disk can take.  The daemon's
+peak memory (VmHWM, reset before each job) is printed per job.
+
+    bench/run-bench.py [--chain-dir DIR] [--repeat 3] [--only JOB] [--build build]
 """
 import argparse
 import json
 import os
-import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "integration"))
+SRC = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(SRC, "tests", "integration"))
+M = "/org/diskchain/DiskChain1"
+CHAIN = ("base.qcow2", "overlay1.qcow2", "overlay2.qcow2")
+MiB = 1 << 20
 
 
 def sh(*a, **kw):
     return subprocess.run([str(x) for x in a], check=True, capture_output=True, text=True, **kw)
 
 
-def build_chain(d, size, seed=7):
-    rng = random.Random(seed)
-    ext = 4 << 20
-    n = size // ext
-    base = os.path.join(d, "base.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", base, size)
-    rnd = os.path.join(d, "rnd.bin")
-    with open(rnd, "wb") as f:
-        f.write(os.urandom(ext))
-    cmds = []
-    for i in rng.sample(range(n), n // 2):               # about half allocated
-        kind = rng.choice(["random", "compressible", "zero"])
-        off = i * ext
-        if kind == "compressible":
-            cmds.append(f"write -P {rng.randrange(1, 255)} {off} {ext}")
-        elif kind == "zero":
-            cmds.append(f"write -z {off} {ext}")
-        else:
-            cmds.append(("rnd", off))
-    # random extents: write the random file at those offsets with qemu-io's file-less way: convert pieces
-    plain = [c for c in cmds if isinstance(c, str)]
-    for i in range(0, len(plain), 200):
-        args = ["qemu-io", "-f", "qcow2"]
-        for c in plain[i:i + 200]:
-            args += ["-c", c]
-        sh(*args, base)
-    raws = [c[1] for c in cmds if not isinstance(c, str)]
-    if raws:
-        # qemu-io cannot write a file's bytes; use qemu-img dd-free path: nbd-less raw splice via dc-tool
-        tool = os.path.join(BUILD, "tests", "dc-tool")
-        args = [tool, "io", base]
-        for off in raws:
-            args += ["writefile", rnd, str(off)]
-        sh(*args)
-    prev = "base.qcow2"
-    for name in ("mid.qcow2", "top.qcow2"):
-        p = os.path.join(d, name)
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", prev, "-F", "qcow2", p)
-        cmds = [f"write -P {rng.randrange(1, 255)} {i * ext} {ext}" for i in rng.sample(range(n), n // 10)]
-        for i in range(0, len(cmds), 200):
-            args = ["qemu-io", "-f", "qcow2"]
-            for c in cmds[i:i + 200]:
-                args += ["-c", c]
-            sh(*args, p)
-        prev = name
-    os.unlink(rnd)
+def fdatasync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
-def timed(fn):
-    t0 = time.monotonic()
-    fn()
-    return time.monotonic() - t0
+def cold():
+    """Nothing dirty, nothing cached: the next run reads every byte from the disk."""
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    time.sleep(2)
+
+
+def copy_chain(src, dst, names=CHAIN):
+    for n in names:
+        p = os.path.join(dst, n)
+        if os.path.exists(p):
+            os.unlink(p)
+        shutil.copyfile(os.path.join(src, n), p)
+
+
+def clear(d, keep=()):
+    for n in os.listdir(d):
+        if n not in keep:
+            os.unlink(os.path.join(d, n))
+
+
+def disk_write_speed(d):
+    """MiB/s the disk takes for a large sequential direct write, made durable."""
+    p = os.path.join(d, "fio.bin")
+    out = sh("fio", "--name=write", f"--filename={p}", "--size=2G", "--bs=1M", "--rw=write", "--direct=1",
+             "--ioengine=libaio", "--iodepth=8", "--end_fsync=1", "--output-format=json").stdout
+    os.unlink(p)
+    job = json.loads(out)["jobs"][0]["write"]
+    return job["bw_bytes"] / MiB
+
+
+class Qmp:
+    """qemu-storage-daemon with a QMP monitor on a unix socket."""
+
+    def __init__(self, d, blockdevs):
+        self.sock_path = os.path.join(d, "qmp.sock")
+        args = ["qemu-storage-daemon", "--chardev", f"socket,path={self.sock_path},server=on,wait=off,id=m",
+                "--monitor", "chardev=m"]
+        for b in blockdevs:
+            args += ["--blockdev", json.dumps(b)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(500):
+            if os.path.exists(self.sock_path):
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError("qemu-storage-daemon: " + self.proc.stderr.read().decode())
+            time.sleep(0.01)
+        self.s = socket.socket(socket.AF_UNIX)
+        for _ in range(500):
+            try:
+                self.s.connect(self.sock_path)
+                break
+            except OSError:
+                time.sleep(0.01)
+        self.f = self.s.makefile("rw")
+        self.events = []
+        json.loads(self.f.readline())  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        self.f.flush()
+        while True:
+            msg = json.loads(self.f.readline())
+            if "event" in msg:
+                self.events.append(msg)
+            elif "error" in msg:
+                raise RuntimeError(f"{name}: {msg['error']['desc']}")
+            else:
+                return msg["return"]
+
+    def wait_event(self, *names):
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] in names:
+                    del self.events[i]
+                    return e
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError("qemu-storage-daemon went away: " + self.proc.stderr.read().decode())
+            self.events.append(json.loads(line))
+
+    def quit(self):
+        try:
+            self.cmd("quit")
+        except (RuntimeError, ValueError, OSError):
+            pass
+        self.proc.wait(60)
+        self.s.close()
+
+
+def qsd_node(name, path, direct, backing=None, read_only=False):
+    node = {"driver": "qcow2", "node-name": name, "read-only": read_only, "cache": {"direct": direct},
+            "file": {"driver": "file", "filename": path, "cache": {"direct": direct}}}
+    node["backing"] = backing  # None: no backing (JSON null), as the chain is spelt out node by node
+    return node
+
+
+def qsd_job(d, job, direct, compress=False):
+    """Run JOB in qemu-storage-daemon on the chain in D; returns when its result is durable."""
+    nodes = [qsd_node("base", os.path.join(d, "base.qcow2"), direct),
+             qsd_node("ov1", os.path.join(d, "overlay1.qcow2"), direct, "base"),
+             qsd_node("top", os.path.join(d, "overlay2.qcow2"), direct, "ov1")]
+    out = os.path.join(d, "copy.qcow2")
+    if job in ("mirror", "backup"):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", out, "4G")
+        nodes.append(qsd_node("tgt", out, direct))
+    q = Qmp(d, nodes)
+    try:
+        if job == "mirror":
+            q.cmd("blockdev-mirror", **{"job-id": "j", "device": "top", "target": "tgt", "sync": "full"})
+            q.wait_event("BLOCK_JOB_READY")
+            q.cmd("job-complete", id="j")
+        elif job == "backup":
+            q.cmd("blockdev-backup", **{"job-id": "j", "device": "top", "target": "tgt", "sync": "full",
+                                        "compress": compress})
+        elif job == "stream":
+            q.cmd("block-stream", **{"job-id": "j", "device": "top"})
+        elif job == "commit":
+            q.cmd("block-commit", **{"job-id": "j", "device": "top", "base-node": "base"})
+            q.wait_event("BLOCK_JOB_READY")
+            q.cmd("job-complete", id="j")
+        e = q.wait_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+        if e["event"] != "BLOCK_JOB_COMPLETED" or "error" in e["data"]:
+            raise RuntimeError(f"qemu-storage-daemon {job}: {e}")
+    finally:
+        q.quit()
+
+
+def qemu_img_job(d, job, nocache, compress=False):
+    t = ["-t", "none", "-T", "none"] if nocache else []
+    top, base, out = (os.path.join(d, n) for n in ("overlay2.qcow2", "base.qcow2", "copy.qcow2"))
+    if job in ("mirror", "backup"):
+        # the fastest qemu-img copy: 16 parallel requests, out-of-order writes
+        sh("qemu-img", "convert", *t, *(["-c"] if compress else ["-m", "16", "-W"]), "-O", "qcow2",
+           "-o", "cluster_size=65536", top, out)
+    elif job == "stream":
+        sh("qemu-img", "rebase", *t, "-q", "-b", "", top)
+    elif job == "commit":
+        sh("qemu-img", "commit", *t, "-q", "-b", base, top)
+
+
+# What each job writes (made durable, then compared with the pristine chain's top), and whether
+# its inputs change (then every run starts from a fresh copy).
+JOBS = {
+    "mirror": dict(out="copy.qcow2", changes_inputs=False, label="mirror full + complete",
+                   ctl=("mirror", "overlay2.qcow2", "copy.qcow2", "--complete")),
+    "backup": dict(out="copy.qcow2", changes_inputs=False, label="backup full",
+                   ctl=("backup", "overlay2.qcow2", "copy.qcow2")),
+    "stream": dict(out="overlay2.qcow2", changes_inputs=True, label="stream (flatten)",
+                   ctl=("stream", "overlay2.qcow2")),
+    "commit": dict(out="base.qcow2", changes_inputs=True, label="commit chain into base (active, complete)",
+                   ctl=("commit", "overlay2.qcow2", "--base", "base.qcow2", "--complete")),
+    "backup-compressed": dict(out="copy.qcow2", changes_inputs=False, label="backup, zlib compressed",
+                              ctl=("backup", "overlay2.qcow2", "copy.qcow2", "--compress")),
+}
 
 
 def main():
-    global BUILD
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="4G")
-    ap.add_argument("--build", default=os.path.join(HERE, "..", "build"))
+    ap.add_argument("--build", default=os.path.join(SRC, "build"))
+    ap.add_argument("--chain-dir", default="/var/tmp/diskchain-bench-chain",
+                    help="where the pristine chain is kept between runs (built when missing)")
+    ap.add_argument("--make-chain", default=os.path.join(SRC, "..", "shared", "bench", "make-chain.sh"))
+    ap.add_argument("--seed", default="seed1")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the median counts")
-    ap.add_argument("--settle", type=float, default=15, help="seconds of quiet disk before each timed run")
-    ap.add_argument("--only", action="append", help="run only this operation (repeatable)")
+    ap.add_argument("--only", action="append", choices=sorted(JOBS), help="run only this job (repeatable)")
+    ap.add_argument("--sides", default="diskchain,qemu-img,qemu-img -t none,qsd,qsd direct",
+                    help="comma-separated sides to run")
+    ap.add_argument("--dc-arg", action="append", default=[],
+                    help="one more argument for each diskchainctl job command (to try an option; repeatable)")
     a = ap.parse_args()
-    BUILD = os.path.abspath(a.build)
-    os.environ["DISKCHAIN_BUILD"] = BUILD
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark drops the page cache and runs the daemon")
+    build = os.path.abspath(a.build)
+    os.environ["DISKCHAIN_BUILD"] = build
     import bustest
-    bustest.DAEMON = os.path.join(BUILD, "daemon", "diskchaind")
-    size = int(a.size[:-1]) << {"G": 30, "M": 20}[a.size[-1]]
+    bustest.DAEMON = os.path.join(build, "daemon", "diskchaind")
+    bustest.CTL = os.path.join(build, "tools", "diskchainctl")
 
-    bus = bustest.Bus(idle_timeout=600)
-    work = tempfile.mkdtemp(prefix="diskchain-bench-", dir="/var/tmp")
-    pristine = os.path.join(work, "pristine")
-    os.mkdir(pristine)
+    pristine = a.chain_dir
+    if not all(os.path.exists(os.path.join(pristine, n)) for n in CHAIN):
+        print(f"building the chain in {pristine} ({a.make_chain}) ...", flush=True)
+        subprocess.run(["bash", a.make_chain, pristine, a.seed], check=True, stdout=subprocess.DEVNULL)
+    alloc = json.load(open(os.path.join(pristine, "alloc.json")))
+    # bytes each job has to move, from qemu-img map of the chain
+    moved = {"mirror": alloc["chain_union"], "backup": alloc["chain_union"],
+             "backup-compressed": alloc["chain_union"], "stream": alloc["backing_into_top"],
+             "commit": alloc["ov1_or_ov2"]}
+
+    bus = bustest.Bus(idle_timeout=3600)
+    work = tempfile.mkdtemp(prefix="diskchain-bench-", dir=os.path.dirname(pristine.rstrip("/")))
+    qdir = os.path.join(work, "q")
+    os.mkdir(qdir)
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    results = {}
+    peaks = {}
     try:
-        print(f"building a {a.size} chain ...", flush=True)
-        build_chain(pristine, size)
-        M = "/org/diskchain/DiskChain1"
-
-        def settle():
-            # deleting and copying gigabytes leaves the disk busy (discards,
-            # writeback) for a while: start each timed run on a quiet disk
-            subprocess.run(["sync"])
-            time.sleep(a.settle)
-
-        def fresh(where):
-            for n in ("base", "mid", "top"):
-                shutil.copy(os.path.join(pristine, f"{n}.qcow2"), os.path.join(where, f"{n}.qcow2"))
-            subprocess.run(["sync"])
-
-        def dc_chain():
-            time.sleep(0.5)  # let the daemon see the fresh files
-            return json.loads(bus.call(M, "Manager", "GetChain", "s", "top.qcow2").stdout)["data"][0]
-
-        def dc_job(args):
-            # diskchainctl waits on the job's signals (a mirror: until ready, then
-            # completes it): no polling competes with the job for the two cores
-            bus.ctl(*args)
-
-        def daemon_peak_kib():
-            st = open(f"/proc/{bus.daemon_pid()}/status").read()
-            return int([l for l in st.splitlines() if l.startswith("VmHWM")][0].split()[1])
-
-        qdir = os.path.join(work, "q")
-        os.mkdir(qdir)
-        rows = []
-        peak = 0
-        def fsync(path):
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-
-        cases = [
-            ("commit", lambda: sh("qemu-img", "commit", "-q", "-b", os.path.join(qdir, "base.qcow2"),
-                                  os.path.join(qdir, "mid.qcow2")),
-             ("commit", "top.qcow2", "--top", "mid.qcow2", "--base", "base.qcow2"), "base.qcow2"),
-            ("stream/flatten", lambda: sh("qemu-img", "rebase", "-q", "-b", "", os.path.join(qdir, "top.qcow2")),
-             ("stream", "top.qcow2"), "top.qcow2"),
-            ("backup full", lambda: sh("qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2",
-                                       os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
-             ("backup", "top.qcow2", "copy.qcow2"), "copy.qcow2"),
-            ("mirror full", lambda: sh("qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2",
-                                       os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
-             ("mirror", "top.qcow2", "copy.qcow2", "--complete"), "copy.qcow2"),
-            # not the default a user runs, but the fair comparison: qemu-img
-            # with its output around the page cache too, as ours is
-            ("backup full vs -t none", lambda: sh("qemu-img", "convert", "-t", "none", "-m", "8", "-W", "-O",
-                                                  "qcow2", os.path.join(qdir, "top.qcow2"),
-                                                  os.path.join(qdir, "copy.qcow2")),
-             ("backup", "top.qcow2", "copy.qcow2"), "copy.qcow2"),
-            ("backup compressed", lambda: sh("qemu-img", "convert", "-c", "-O", "qcow2",
-                                             os.path.join(qdir, "top.qcow2"), os.path.join(qdir, "copy.qcow2")),
-             ("backup", "top.qcow2", "copy.qcow2", "--compress"), "copy.qcow2"),
-        ]
-        for name, qemu, dc, out in cases:
-            if a.only and name not in a.only:
+        cold()
+        wspeed = disk_write_speed(work)
+        print(f"disk: {wspeed:.0f} MiB/s sequential direct write (fio, 1 MiB, depth 8)", flush=True)
+        for job, spec in JOBS.items():
+            if a.only and job not in a.only:
                 continue
-            # this machine's disk is noisy: alternate the two sides and keep medians
-            tqs_, tqss_, tds_ = [], [], []
-            for _ in range(a.repeat):
-                fresh(qdir)
-                settle()
-                tq = timed(qemu)
-                # qemu-img's default cache mode is 'unsafe': nothing reaches the
-                # disk.  Our jobs end durable; this is the cost of making it so.
-                tqs = tq + timed(lambda: fsync(os.path.join(qdir, out)))
-                for f in os.listdir(bus.root):
-                    os.unlink(os.path.join(bus.root, f))
-                fresh(bus.root)
-                dc_chain()
-                settle()
-                td = timed(lambda: dc_job(dc))
-                peak = max(peak, daemon_peak_kib())
-                tqs_.append(tq)
-                tqss_.append(tqs)
-                tds_.append(td)
-                for f in ("copy.qcow2",):
-                    for d in (qdir, bus.root):
-                        if os.path.exists(os.path.join(d, f)):
-                            os.unlink(os.path.join(d, f))
-            tq, tqs, td = (sorted(x)[len(x) // 2] for x in (tqs_, tqss_, tds_))
-            rows.append((name, tq, tqs, td))
-            print(f"{name:20s} qemu-img {tq:7.2f}s (+fsync {tqs:7.2f}s)  diskchain {td:7.2f}s  "
-                  f"ratio {tq / td:5.2f} ({tqs / td:5.2f} durable)   runs: qemu-img+fsync "
-                  f"{' '.join(f'{x:.2f}' for x in tqss_)}, diskchain {' '.join(f'{x:.2f}' for x in tds_)}",
-                  flush=True)
-        print("\n| operation | qemu-img (s) | qemu-img + fsync (s) | diskchain (s) | ratio | ratio, durable |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, tq, tqs, td in rows:
-            print(f"| {name} | {tq:.2f} | {tqs:.2f} | {td:.2f} | {tq / td:.2f} | {tqs / td:.2f} |")
-        print(f"\ndaemon peak memory (VmHWM): {peak / 1024:.1f} MiB")
+            compress = job == "backup-compressed"
+            kind = "backup" if compress else job
+            times = {s: [] for s in sides}
+            for rep in range(a.repeat):
+                order = sides[rep % len(sides):] + sides[:rep % len(sides)]
+                for side in order:
+                    d = bus.root if side == "diskchain" else qdir
+                    # inputs fresh where the job changes them; a diskchain mirror also retires its source chain
+                    if spec["changes_inputs"] or side == "diskchain" or rep == 0:
+                        clear(d)
+                        copy_chain(pristine, d)
+                    else:
+                        clear(d, keep=CHAIN)
+                    if side == "diskchain":
+                        time.sleep(0.3)
+                        bus.call(M, "Manager", "GetChain", "s", "overlay2.qcow2")
+                        pid = bus.daemon_pid()
+                        with open(f"/proc/{pid}/clear_refs", "w") as f:
+                            f.write("5\n")  # resets VmHWM
+                    cold()
+                    t0 = time.monotonic()
+                    if side == "diskchain":
+                        bus.ctl(*spec["ctl"], *a.dc_arg)
+                    elif side.startswith("qemu-img"):
+                        qemu_img_job(d, kind, side.endswith("none"), compress)
+                        fdatasync(os.path.join(d, spec["out"]))
+                    else:
+                        qsd_job(d, kind, side.endswith("direct"), compress)
+                        fdatasync(os.path.join(d, spec["out"]))
+                    t = time.monotonic() - t0
+                    times[side].append(t)
+                    if side == "diskchain":
+                        st = open(f"/proc/{pid}/status").read()
+                        hwm = int([l for l in st.splitlines() if l.startswith("VmHWM")][0].split()[1]) / 1024
+                        peaks[job] = max(peaks.get(job, 0), hwm)
+                    if rep == 0:
+                        out = os.path.join(d, spec["out"])
+                        r = subprocess.run(["qemu-img", "compare", "-q", out,
+                                            os.path.join(pristine, "overlay2.qcow2")])
+                        if r.returncode != 0:
+                            sys.exit(f"{side} {job}: the result differs from the chain it copied")
+                        if side == "diskchain":
+                            sh("qemu-img", "check", "-q", out)
+                    print(f"  {job:18s} {side:16s} {t:7.2f} s", flush=True)
+            med = {s: sorted(v)[len(v) // 2] for s, v in times.items()}
+            results[job] = (med, times)
+        label_w = max(len(JOBS[j]["label"]) for j in results) if results else 10
+        anchors = [s for s in sides if s != "diskchain"]
+        print(f"\nMedians of {a.repeat} cold-cache runs, alternating, each until its result is durable; "
+              f"disk write speed {wspeed:.0f} MiB/s.\n")
+        head = "| job | " + " | ".join(f"{s} (s)" for s in anchors) + " | diskchain (s) | ratio to fastest anchor "
+        head += "| diskchain MiB/s | of disk write speed | daemon peak (MiB) |"
+        print(head)
+        print("|---|" + "---:|" * (len(anchors) + 5))
+        for job, (med, _) in results.items():
+            fastest = min(med[s] for s in anchors) if anchors else float("nan")
+            dc = med.get("diskchain")
+            row = f"| {JOBS[job]['label']} | " + " | ".join(f"{med[s]:.2f}" for s in anchors)
+            if dc:
+                rate = moved[job] / MiB / dc
+                row += f" | {dc:.2f} | {fastest / dc:.2f} | {rate:.0f} | {rate / wspeed:.0%} | {peaks.get(job, 0):.0f} |"
+            else:
+                row += " | - | - | - | - | - |"
+            print(row)
+        print(f"\n{time.strftime('%Y-%m-%d')}, {os.uname().nodename}, {os.cpu_count()} cores, "
+              f"{sh('uname', '-r').stdout.strip()}")
     finally:
         bus.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -268,12 +268,14 @@ static int job_pivoted(void *userdata, const char *new_top, const char *const *d
 
 static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bus_error *error) {
         static const char *const on_errors[] = { "report", "ignore", "stop", "enospc", NULL };
+        static const char *const caches[] = { "writeback", "none", NULL }; /* DC_CACHE_* order */
         const char *id = NULL;
         uint64_t speed = 0;
         bool af = true, ad = true;
-        int on_error = 0, on_target = -1, r;
+        int on_error = 0, on_target = -1, cache = DC_CACHE_WRITEBACK, r;
 
         if ((r = opt_string(opts, "job-id", &id, error)) < 0 || (r = opt_uint(opts, "speed", &speed, error)) < 0 ||
+            (r = opt_enum(opts, "cache", caches, &cache, error)) < 0 ||
             (r = opt_enum(opts, "on-error", on_errors, &on_error, error)) < 0 ||
             (r = opt_enum(opts, "on-source-error", on_errors, &on_error, error)) < 0 ||
             (r = opt_enum(opts, "on-target-error", on_errors, &on_target, error)) < 0 ||
@@ -283,7 +285,8 @@ static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bu
         if (id && g_hash_table_contains(mgr->job_ids, id))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", id);
         s->id = id ? strdup(id) : job_new_id(mgr, dc_job_type_name(s->type));
-        s->jo = (struct dc_job_options){ .speed = speed, .on_error = on_error, .has_target_error = on_target >= 0,
+        s->jo = (struct dc_job_options){ .speed = speed, .cache = cache, .on_error = on_error,
+                                         .has_target_error = on_target >= 0,
                                          .on_target_error = on_target, .auto_finalize = af, .auto_dismiss = ad,
                                          .notify = job_notify, .userdata = mgr, .pivoted = job_pivoted };
         return 0;
@@ -414,7 +417,7 @@ static int check_backing_file(Manager *mgr, const char *owner, const char *bf, I
 
 static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "top", "base", "bottom", "backing-file", "speed", "on-error",
-                                               "auto-finalize", "auto-dismiss", NULL };
+                                               "cache", "auto-finalize", "auto-dismiss", NULL };
         Image *active = ACTIVE, *top = ACTIVE, *base = NULL, *bottom = NULL;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
@@ -481,7 +484,7 @@ static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error)
 
 static int method_commit(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "top", "base", "backing-file", "speed", "on-error",
-                                               "auto-finalize", "auto-dismiss", "force-shared-base", NULL };
+                                               "cache", "auto-finalize", "auto-dismiss", "force-shared-base", NULL };
         Image *active = ACTIVE, *top = ACTIVE, *base;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
@@ -675,7 +678,7 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
 
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
-                                               "speed", "on-source-error", "on-target-error", "max-workers",
+                                               "speed", "cache", "on-source-error", "on-target-error", "max-workers",
                                                "max-chunk", "auto-finalize", "auto-dismiss", NULL };
         Image *active = ACTIVE;
         g_autoptr(GHashTable) opts = NULL;
@@ -707,7 +710,7 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
 
 static int method_mirror(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "granularity", "buf-size", "speed",
-                                               "on-source-error", "on-target-error", "unmap", "copy-mode",
+                                               "cache", "on-source-error", "on-target-error", "unmap", "copy-mode",
                                                "auto-finalize", "auto-dismiss", NULL };
         static const char *const copy_modes[] = { "background", "write-blocking", NULL };
         Image *active = ACTIVE;

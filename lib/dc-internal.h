@@ -179,8 +179,10 @@ struct dc_image {
         const struct dc_driver *drv;
         pthread_mutex_t lock;
         int fd;
-        int dfd;               /* O_DIRECT twin of fd, opened by dc_image_set_direct, kept to the close */
-        bool direct;           /* data writes go through dfd when aligned */
+        int dfd;               /* O_DIRECT twin of fd, opened by dc_image_job_cache, kept to the close */
+        bool direct;           /* data writes go through dfd when aligned (a job's cache=none) */
+        bool writeback;        /* a job's cache=writeback: kick writeback as data piles up */
+        uint64_t wb_bytes;     /* buffered job data written (atomic) */
         uint32_t dio_mem_align, dio_off_align;
         char *path;            /* absolute */
         char **roots;          /* the storage roots it was opened under (a copy; NULL = no confinement) */
@@ -221,7 +223,7 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable);
 
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
-void dc_image_set_direct(dc_image *img, bool on);
+void dc_image_job_cache(dc_image *img, int mode, bool on);
 int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked);
 void *dc_io_buffer(size_t len);
 

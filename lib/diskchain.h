@@ -291,8 +291,12 @@ struct dc_job_event {
         const char *action;         /* DC_EV_ERROR: "report", "ignore" or "stop" */
 };
 
+/* How a job writes its data (QEMU's cache modes): through the page cache, or around it (O_DIRECT). */
+enum { DC_CACHE_WRITEBACK, DC_CACHE_NONE };
+
 struct dc_job_options {
         const char *id;
+        int cache;                  /* DC_CACHE_*, for the layer the job writes; the end is durable either way */
         uint64_t speed;             /* bytes per second, 0 = unlimited */
         int on_error;               /* reads, and writes unless on_target_error is set */
         bool has_target_error;

@@ -68,6 +68,7 @@ struct dc_job {
         bool user_paused, paused_now, cancelled, force_cancel, finalize_requested;
         bool auto_finalize, auto_dismiss, busy;
         int on_error, on_error_write, io_status;
+        int cache;                 /* DC_CACHE_*: how the written layer takes the data */
         char error[512];
         struct event_node *head, *tail;
         void (*notify)(void *);
@@ -1319,9 +1320,8 @@ static void *job_thread(void *p) {
         bool ok;
         int r;
 
-        /* the image the job writes takes its data around the page cache
-         * while the job runs (see dc_image_set_direct) */
-        dc_image_set_direct(written_layer(j), true);
+        /* the image the job writes takes its data as the cache option says (see dc_image_job_cache) */
+        dc_image_job_cache(written_layer(j), j->cache, true);
         r = j->run(j);
         pthread_mutex_lock(&j->lock);
         j->busy = false;
@@ -1351,7 +1351,7 @@ static void *job_thread(void *p) {
                         snprintf(j->error, sizeof j->error, "%s", dc_get_error()[0] ? dc_get_error() : strerror(-r));
         }
         pthread_mutex_unlock(&j->lock);
-        dc_image_set_direct(written_layer(j), false); /* a layer the writers keep: cached again */
+        dc_image_job_cache(written_layer(j), j->cache, false); /* a layer the writers keep: as before */
 
         /* unhooked and the images released before anyone hears of the end */
         if (j->clean)
@@ -1408,6 +1408,7 @@ static int job_start(dc_job *j, const struct dc_job_options *jo, dc_job **ret) {
         int r;
 
         j->speed = jo->speed;
+        j->cache = jo->cache;
         j->on_error = jo->on_error;
         j->on_error_write = jo->has_target_error ? jo->on_target_error : jo->on_error;
         j->auto_finalize = jo->auto_finalize;
@@ -1438,6 +1439,8 @@ static int job_new(const struct dc_job_options *jo, int type, dc_job **ret) {
 
         if (!id_wellformed(jo->id))
                 return dc_error(EINVAL, "Invalid job ID '%s'", jo->id ? jo->id : "");
+        if (jo->cache != DC_CACHE_WRITEBACK && jo->cache != DC_CACHE_NONE)
+                return dc_error(EINVAL, "Invalid cache mode %d", jo->cache);
         j = calloc(1, sizeof *j);
         if (!j)
                 return dc_error(ENOMEM, "out of memory");

@@ -17,7 +17,7 @@
  *     covers both the refblock update and the data, so the reference never
  *     points at a cluster that is free or past the end of the file, and the
  *     guest never sees a cluster whose data did not reach the disk.
- *     Data that a job writes with O_DIRECT (dc_image_set_direct) is no
+ *     Data that a job writes with O_DIRECT (dc_image_job_cache, cache=none) is no
  *     exception: the write has returned before the entry is written, and
  *     fdatasync() on the buffered descriptor flushes the whole file and the
  *     device's cache, whichever descriptor wrote.  An allocating write sends

@@ -119,7 +119,7 @@ long dc_fault_writes_left;
  * markers (dc_trace_mark) to say, for instance, that a flush was acknowledged.
  *
  * Files are named by (st_dev, st_ino), so a second descriptor on the same
- * file (the O_DIRECT twin of dc_image_set_direct) is the same file here, as
+ * file (the O_DIRECT twin of dc_image_job_cache) is the same file here, as
  * it is for the sync.  Only writes and syncs made through dc_pwrite_full()
  * and dc_fdatasync() are seen: ftruncate() and fallocate() are not.
  *

@@ -307,7 +307,7 @@ int main(int argc, char **argv) {
         } else if (dc_image_open(argv[2], &o, &img) < 0)
                 die("open");
         if (direct)
-                dc_image_set_direct(img, true);
+                dc_image_job_cache(img, DC_CACHE_NONE, true);
         size = dc_image_virtual_size(img);
         cs = dc_image_cluster_size(img);
         if (cs < 512 || size % cs)

@@ -207,7 +207,7 @@ static void test_concurrent_writers(const char *dir) {
                 free(b);
                 return;
         }
-        dc_image_set_direct(img, true); /* as during a job: whole clusters go around the cache */
+        dc_image_job_cache(img, DC_CACHE_NONE, true); /* as during a job: whole clusters go around the cache */
         for (unsigned t = 0; t < SW_THREADS; t++) {
                 w[t] = (struct slice_writer){ img, t, 0 };
                 CHECK(pthread_create(&th[t], NULL, slice_writer, &w[t]) == 0);

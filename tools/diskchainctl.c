@@ -561,7 +561,8 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 { "max-chunk", required_argument, NULL, 'k' }, { "granularity", required_argument, NULL, 'g' },
                 { "buf-size", required_argument, NULL, 'z' }, { "no-unmap", no_argument, NULL, 'U' },
                 { "copy-mode", required_argument, NULL, 'M' }, { "complete", no_argument, NULL, 'C' },
-                { "copy", no_argument, NULL, 'P' },             {},
+                { "copy", no_argument, NULL, 'P' },           { "cache", required_argument, NULL, 'H' },
+                {},
         };
         bool backup = strcmp(method, "Backup") == 0 || strcmp(method, "Mirror") == 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -605,6 +606,7 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 case 'c': sd_bus_message_append(m, "{sv}", "compress", "b", 1); break;
                 case 'U': sd_bus_message_append(m, "{sv}", "unmap", "b", 0); break;
                 case 'M': sd_bus_message_append(m, "{sv}", "copy-mode", "s", optarg); break;
+                case 'H': sd_bus_message_append(m, "{sv}", "cache", "s", optarg); break;
                 case 'C': w.on_ready = READY_COMPLETE; break;
                 case 'P': w.on_ready = READY_COPY; break;
                 case 'g':
@@ -867,7 +869,8 @@ static void help(void) {
                "                               Start a job on the chain whose active layer is CHAIN and\n"
                "                               wait for it (progress on a terminal); also --job-id ID,\n"
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
-               "                               --no-auto-dismiss, --no-wait (print the job and return)\n"
+               "                               --no-auto-dismiss, --no-wait (print the job and return),\n"
+               "                               --cache writeback|none (how the written image takes data)\n"
                "  backup CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
                "                               [--compress] [--max-workers N] [--max-chunk N]\n"
                "  mirror CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"

@@ -811,28 +811,55 @@ def open_files(pid):
     return out
 
 
-def test_job_data_goes_around_the_page_cache(bus):
-    """A backup writes its target's data with O_DIRECT (this file system has
-    direct I/O) beside the cached descriptor for metadata; the source is
-    read through the cache."""
-    create(bus, "src.qcow2", 32 << 20)
-    qemu_io(os.path.join(bus.root, "src.qcow2"), "write -P 7 0 32M")
+def cached_bytes(path):
+    """How much of PATH the page cache holds (util-linux fincore)."""
+    out = sh("fincore", "--bytes", "--noheadings", "--output", "RES", path).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.parametrize("cache", [None, "writeback", "none"])
+def test_job_cache_modes(bus, cache):
+    """A job writes its data through the page cache by default (cache
+    writeback): no O_DIRECT descriptor, writeback started as data piles up,
+    and what it wrote is not left in the cache when it ends.  With cache
+    none the target's data goes around the cache (O_DIRECT, this file system
+    has direct I/O) beside the cached descriptor for metadata.  The source is
+    read through the cache either way; both end with the same bytes."""
+    size = 160 << 20
+    create(bus, "src.qcow2", size)
+    qemu_io(os.path.join(bus.root, "src.qcow2"), f"write -P 7 0 {size}")
     time.sleep(0.4)
     chain = data(bus.call(M, "Manager", "GetChain", "s", "src.qcow2"))[0]
-    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "bk.qcow2", "1", "speed", "t", str(8 << 20)))[0]
+    opts = ["speed", "t", str(32 << 20)] + (["cache", "s", cache] if cache else [])
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "bk.qcow2", str(len(opts) // 3), *opts))[0]
     tgt, src = os.path.join(bus.root, "bk.qcow2"), os.path.join(bus.root, "src.qcow2")
+    want = [False, True] if cache == "none" else [False]
     seen = {}
     deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and sorted(seen.get(tgt, [])) != [False, True]:
+    while time.monotonic() < deadline and sorted(seen.get(tgt, [])) != want:
         seen = open_files(bus.daemon_pid())
         time.sleep(0.05)
-    assert sorted(seen.get(tgt, [])) == [False, True], seen
+    time.sleep(0.3)
+    seen = open_files(bus.daemon_pid())
+    assert sorted(seen.get(tgt, [])) == want, seen
     assert seen.get(src) == [False], seen
     bus.call(job, "Job", "SetSpeed", "t", "0")
     wait_gone(bus, job)
     assert tgt not in open_files(bus.daemon_pid())
+    if cache != "none":
+        # without the drops, all 160 MiB would stay cached
+        assert cached_bytes(tgt) < size // 10, cached_bytes(tgt)
     assert qemu_img("compare", src, tgt, check=False).returncode == 0
     assert qemu_img("check", tgt, check=False).returncode == 0
+
+
+def test_job_cache_option_is_checked(bus):
+    create(bus, "src.qcow2", 1 << 20)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "src.qcow2"))[0]
+    p = bus.call(chain, "Chain", "Backup", "sa{sv}", "bk.qcow2", "1", "cache", "s", "unsafe", check=False)
+    assert p.returncode != 0 and "option 'cache': 'unsafe' is not one of 'writeback', 'none'" in p.stderr, p.stderr
+    p = bus.call(chain, "Chain", "Stream", "a{sv}", "1", "cache", "b", "true", check=False)
+    assert p.returncode != 0 and "option 'cache'" in p.stderr, p.stderr
 
 
 def test_backup_refusals(bus):
