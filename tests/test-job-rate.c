@@ -6,20 +6,9 @@
  */
 
 #include <stdint.h>
-#include <stdio.h>
 
+#include "check.h"
 #include "job-rate.h"
-
-static int failures, checks;
-
-#define CHECK(cond)                                                                            \
-        do {                                                                                   \
-                checks++;                                                                      \
-                if (!(cond)) {                                                                 \
-                        failures++;                                                            \
-                        fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-                }                                                                              \
-        } while (0)
 
 #define MS 1000u
 #define SEC 1000000u
@@ -166,6 +155,5 @@ int main(void) {
         test_pause_and_stall();
         test_backwards();
         test_end_average();
-        printf("test-job-rate: %d checks, %d failed\n", checks, failures);
-        return failures ? 1 : 0;
+        return check_report("test-job-rate");
 }
