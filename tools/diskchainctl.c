@@ -147,10 +147,14 @@ static void strv_free(char **v) {
         free(v);
 }
 
-static int print_image(const char *obj, bool long_form) {
+enum { IMAGE_ROW, IMAGE_LONG, IMAGE_CREATED };
+
+static int print_image(const char *obj, int form) {
         char *path = get_string(obj, IFACE("Image"), "Path"), *fmt = get_string(obj, IFACE("Image"), "Format");
         char *bf = get_string(obj, IFACE("Image"), "BackingFile");
+        char *bfmt = get_string(obj, IFACE("Image"), "BackingFormat");
         char *compat = get_string(obj, IFACE("Image"), "Compat");
+        char h1[HUMAN_MAX], h2[HUMAN_MAX], h3[HUMAN_MAX];
         uint64_t vs = 0, as = 0;
         uint32_t cs = 0;
         int dirty = 0, corrupt = 0, ro = 0;
@@ -167,17 +171,27 @@ static int print_image(const char *obj, bool long_form) {
                        "\"corrupt\": %s, \"read-only\": %s, \"object\": \"%s\"}\n",
                        path, fmt, vs, as, cs, compat, bf, dirty ? "true" : "false", corrupt ? "true" : "false",
                        ro ? "true" : "false", obj);
-        else if (long_form)
-                printf("image: %s\nformat: %s\nvirtual size: %" PRIu64 " bytes\ndisk size: %" PRIu64
-                       " bytes\ncluster size: %u\ncompat: %s\nbacking file: %s\ndirty: %s\ncorrupt: %s\nread-only: %s\n"
-                       "object: %s\n",
-                       path, fmt, vs, as, cs, compat, *bf ? bf : "(none)", dirty ? "yes" : "no", corrupt ? "yes" : "no",
-                       ro ? "yes" : "no", obj);
-        else
-                printf("%-6s %14" PRIu64 "  %s%s%s\n", fmt, vs, path, *bf ? "  <- " : "", bf);
+        else if (form == IMAGE_LONG)
+                printf("image: %s\nformat: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s (%" PRIu64
+                       " bytes)\ncluster size: %s\ncompat: %s\nbacking file: %s\ndirty: %s\ncorrupt: %s\n"
+                       "read-only: %s\nobject: %s\n",
+                       path, fmt, format_bytes(h1, vs), vs, format_bytes(h2, as), as,
+                       cs ? format_bytes(h3, cs) : "(none)", compat, *bf ? bf : "(none)",
+                       dirty ? "yes" : "no", corrupt ? "yes" : "no", ro ? "yes" : "no", obj);
+        else if (form == IMAGE_CREATED) {
+                /* what CreateImage made, in the words of the options that made it */
+                printf("created %s: %s, %s (%" PRIu64 " bytes)", path, fmt, format_bytes(h1, vs), vs);
+                if (cs)
+                        printf(", cluster size %s", format_bytes(h2, cs));
+                if (*bf)
+                        printf(", backing file %s%s%s%s", bf, *bfmt ? " (" : "", bfmt, *bfmt ? ")" : "");
+                printf("\n");
+        } else
+                printf("%-6s %12s  %s%s%s\n", fmt, format_bytes(h1, vs), path, *bf ? "  <- " : "", bf);
         free(path);
         free(fmt);
         free(bf);
+        free(bfmt);
         free(compat);
         return 0;
 }
@@ -191,9 +205,9 @@ static int cmd_images(void) {
                 return fail("ListImages", &e, r);
         read_paths(reply, &v);
         if (!arg_json)
-                printf("FORMAT   VIRTUAL-SIZE  PATH\n");
+                printf("%-6s %12s  %s\n", "FORMAT", "VIRTUAL-SIZE", "PATH");
         for (char **p = v; *p; p++)
-                print_image(*p, false);
+                print_image(*p, IMAGE_ROW);
         strv_free(v);
         sd_bus_message_unref(reply);
         return 0;
@@ -267,7 +281,7 @@ static int cmd_info(const char *path) {
         char *o;
         if (get_image(path, &o) < 0)
                 return 1;
-        print_image(o, true);
+        print_image(o, IMAGE_LONG);
         free(o);
         return 0;
 }
@@ -349,8 +363,8 @@ static int cmd_create(int argc, char **argv) {
         sd_bus_message_unref(m);
         if (r < 0)
                 return fail("CreateImage", &e, r);
-        sd_bus_message_read(reply, "o", &o);
-        printf("%s\n", o);
+        if (sd_bus_message_read(reply, "o", &o) >= 0)
+                print_image(o, arg_json ? IMAGE_LONG : IMAGE_CREATED);
         sd_bus_message_unref(reply);
         return 0;
 }
@@ -1059,7 +1073,7 @@ static void help(void) {
                "  monitor                      Print every job signal as a QMP event in JSON\n\n"
                "Options:\n"
                "  -h --help      Show this help\n"
-               "     --json      JSON output for images, chains, info and check\n"
+               "     --json      JSON output for images, chains, info, create, check and job info\n"
                "     --no-ask-password  Do not ask for a password (no interactive authorization)\n");
 }
 
