@@ -98,6 +98,7 @@ typedef struct JobStart {
         unsigned max_depth;
         uid_t uid;
         bool reserved;
+        uint64_t started;     /* job_rate_now() as the job was started */
         struct dc_job_options jo;
         dc_job *job;
         char *d_images, *d_writes, *d_roots; /* polkit details */
@@ -169,6 +170,7 @@ static void job_start_run(Work *w) {
                 }
         }
         if (r >= 0) {
+                s->started = job_rate_now();
                 if (s->type == DC_JOB_TYPE_STREAM)
                         r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
                 else if (s->type == DC_JOB_TYPE_COMMIT)
@@ -201,7 +203,8 @@ static void job_start_done(Work *w) {
                 (void) reply_error_errno(w->m, w->r, w->error);
                 return; /* job_start_free releases what was reserved */
         }
-        r = job_register(mgr, s->job, s->uid, s->chain_object, s->top, s->base, target, s->paths, &j);
+        r = job_register(mgr, s->job, s->started, s->uid, s->chain_object, s->top, s->base, target, s->paths,
+                         &j);
         if (r < 0) {
                 (void) dc_job_cancel(s->job, true);
                 (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot publish the job: %s", strerror(-r));

@@ -6,13 +6,18 @@
  * The job runs on its own thread (lib/job.c) and queues events; it wakes the
  * loop through an eventfd, and here, on the loop, each event becomes its
  * signal in the order the job produced it.  Status changes also refresh the
- * properties; progress is announced by a 250 ms timer, only when it moved.
+ * properties.  A 250 ms timer samples the progress, measures Rate and
+ * ExpectedEndTime from it (job-rate.c) and announces whichever changed; when
+ * the job ends, Rate becomes its average and ExpectedEndTime when it ended,
+ * announced before BlockJobCompleted or BlockJobCancelled, so a client that
+ * follows the signals has the final numbers when it learns the outcome.
  * A job whose status reaches null leaves the bus (InterfacesRemoved), and
  * the chain model is rescanned since its shape may have changed.
  */
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -181,7 +186,7 @@ static void job_emit(Job *j, const struct dc_job_event *ev) {
 
 static void log_outcome(Job *j, const struct dc_job_event *ev) {
         g_autofree char *bytes = g_strdup_printf("%" PRIu64, ev->offset);
-        g_autofree char *secs = g_strdup_printf("%.1f", (now_usec(CLOCK_MONOTONIC) - j->start_mono) / 1e6);
+        g_autofree char *secs = g_strdup_printf("%.1f", (j->rate.end - j->rate.start) / 1e6);
         const char *result = ev->kind == DC_EV_CANCELLED ? "cancelled" : ev->error[0] ? "failed" : "completed";
 
         log_fields(ev->kind == DC_EV_COMPLETED && ev->error[0] ? LOG_WARNING : LOG_INFO,
@@ -192,12 +197,56 @@ static void log_outcome(Job *j, const struct dc_job_event *ev) {
                    ev->error[0] ? ": " : "", ev->error);
 }
 
+/* ExpectedEndTime for a measurement at T: while the job runs, when it gets to its length
+ * at the rate; once it ended, when it did.  From StartTime, so the two agree. */
+static uint64_t job_expected_end(Job *j, uint64_t t) {
+        uint64_t left;
+
+        if (j->rate.end)
+                return j->start_time + (j->rate.end - j->rate.start);
+        if (j->last.status != DC_JOB_RUNNING || j->last.paused)
+                return 0;
+        left = job_rate_remaining(&j->rate, j->last.offset, j->last.len);
+        return left == UINT64_MAX ? 0 : j->start_time + (t - j->rate.start) + left;
+}
+
+/* Measure at T from j->last; announce the progress properties that changed. */
+static void job_measure(Job *j, uint64_t t) {
+        const char *changed[5];
+        uint64_t rate = j->rate.rate, end = j->expected_end;
+        size_t n = 0;
+
+        if (j->last.paused)
+                job_rate_pause(&j->rate);
+        else
+                job_rate_sample(&j->rate, t, j->last.offset);
+        j->expected_end = job_expected_end(j, t);
+        if (j->last.offset != j->last_offset)
+                changed[n++] = "CurrentProgress";
+        if (j->last.len != j->last_len)
+                changed[n++] = "TotalProgress";
+        if (j->rate.rate != rate)
+                changed[n++] = "Rate";
+        if (j->expected_end != end)
+                changed[n++] = "ExpectedEndTime";
+        changed[n] = NULL;
+        j->last_offset = j->last.offset;
+        j->last_len = j->last.len;
+        if (n > 0)
+                (void) sd_bus_emit_properties_changed_strv(j->mgr->bus, j->object, IFACE_JOB,
+                                                           (char **) changed);
+}
+
 static void job_drain(Job *j) {
         struct dc_job_event ev;
         Manager *mgr = j->mgr;
 
         while (dc_job_next_event(j->dj, &ev) > 0) {
+                uint64_t t = job_rate_now();
                 dc_job_get_info(j->dj, &j->last);
+                if (ev.kind == DC_EV_COMPLETED || ev.kind == DC_EV_CANCELLED)
+                        job_rate_end(&j->rate, t, ev.offset);
+                job_measure(j, t);
                 job_emit(j, &ev);
                 if (ev.kind == DC_EV_COMPLETED || ev.kind == DC_EV_CANCELLED)
                         log_outcome(j, &ev);
@@ -234,27 +283,17 @@ static int on_job_events(sd_event_source *s, int fd, uint32_t revents, void *use
 
 static int on_progress(sd_event_source *s, uint64_t usec, void *userdata) {
         Manager *mgr = userdata;
+        uint64_t t = job_rate_now();
         GHashTableIter it;
         Job *j;
 
         g_hash_table_iter_init(&it, mgr->jobs);
         while (g_hash_table_iter_next(&it, NULL, (void **) &j)) {
-                uint64_t t = now_usec(CLOCK_MONOTONIC);
                 bool synced = j->last.actively_synced;
                 dc_job_get_info(j->dj, &j->last);
                 if (synced != j->last.actively_synced)
                         (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "ActivelySynced", NULL);
-                if (j->last.offset == j->last_offset && j->last.len == j->last_len)
-                        continue;
-                j->last_len = j->last.len;
-                if (t > j->rate_t0 + 1000000) {
-                        j->rate = (j->last.offset - j->rate_off0) * 1000000 / (t - j->rate_t0);
-                        j->rate_t0 = t;
-                        j->rate_off0 = j->last.offset;
-                }
-                j->last_offset = j->last.offset;
-                (void) sd_bus_emit_properties_changed(mgr->bus, j->object, IFACE_JOB, "CurrentProgress",
-                                                      "TotalProgress", "Rate", "ExpectedEndTime", NULL);
+                job_measure(j, t);
         }
         /* tick only while there are jobs, so an idle daemon can time out */
         if (g_hash_table_size(mgr->jobs) > 0) {
@@ -315,8 +354,8 @@ void jobs_free(Manager *mgr) {
 }
 
 /* Publish a started job: the id, the claims on PATHS and the target's place are the caller's reservations, now the Job's. */
-int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, const char *top, const char *base,
-                 const char *target, char **paths, Job **ret) {
+int job_register(Manager *mgr, dc_job *dj, uint64_t started, uid_t uid, const char *chain_object,
+                 const char *top, const char *base, const char *target, char **paths, Job **ret) {
         Job *j = calloc(1, sizeof *j);
         int r;
 
@@ -334,8 +373,8 @@ int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, 
         j->type = dc_job_type(dj);
         j->status = DC_JOB_CREATED;
         j->uid = uid;
-        j->start_time = now_usec(CLOCK_REALTIME);
-        j->start_mono = j->rate_t0 = now_usec(CLOCK_MONOTONIC);
+        j->start_time = now_usec(CLOCK_REALTIME) - (job_rate_now() - started);
+        job_rate_start(&j->rate, started);
         dc_job_get_info(dj, &j->last);
         if (r < 0) {
                 /* not published: the reservations stay the caller's, the job too */
@@ -428,14 +467,6 @@ static int property_get_u64(sd_bus *bus, const char *path, const char *iface, co
                 v = i.len;
         else if (strcmp(prop, "Speed") == 0)
                 v = i.speed;
-        else if (strcmp(prop, "StartTime") == 0)
-                v = JOB->start_time;
-        else if (strcmp(prop, "Rate") == 0)
-                v = JOB->rate;
-        else if (strcmp(prop, "ExpectedEndTime") == 0)
-                v = JOB->rate && i.len > i.offset && i.status == DC_JOB_RUNNING
-                            ? now_usec(CLOCK_REALTIME) + (i.len - i.offset) * 1000000 / JOB->rate
-                            : 0;
         return sd_bus_message_append(reply, "t", v);
 }
 
@@ -578,9 +609,10 @@ const sd_bus_vtable job_vtable[] = {
         SD_BUS_PROPERTY("AutoDismiss", "b", property_get_bool, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         JPROP("ActivelySynced", "b", property_get_bool),
         SD_BUS_PROPERTY("StartedByUID", "u", property_get_uid, 0, SD_BUS_VTABLE_PROPERTY_CONST),
-        SD_BUS_PROPERTY("StartTime", "t", property_get_u64, 0, SD_BUS_VTABLE_PROPERTY_CONST),
-        JPROP("Rate", "t", property_get_u64),
-        JPROP("ExpectedEndTime", "t", property_get_u64),
+        SD_BUS_PROPERTY("StartTime", "t", NULL, offsetof(Job, start_time), SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Rate", "t", NULL, offsetof(Job, rate.rate), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("ExpectedEndTime", "t", NULL, offsetof(Job, expected_end),
+                        SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD("Pause", NULL, NULL, method_pause, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD("Resume", NULL, NULL, method_resume, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("SetSpeed", SD_BUS_ARGS("t", speed), SD_BUS_NO_RESULT, method_set_speed,

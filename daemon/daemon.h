@@ -10,6 +10,7 @@
 #include <systemd/sd-event.h>
 
 #include "diskchain.h"
+#include "job-rate.h"
 
 #define BUS_NAME "org.diskchain.DiskChain1"
 #define MANAGER_PATH "/org/diskchain/DiskChain1"
@@ -131,10 +132,11 @@ typedef struct Job {
         char *top, *base, *target;
         char **paths;         /* images held busy */
         uid_t uid;
-        uint64_t start_time;  /* µs since the epoch */
-        uint64_t start_mono;
+        uint64_t start_time;  /* µs since the epoch (StartTime) */
         int type, status;
-        uint64_t last_offset, last_len, rate, rate_t0, rate_off0;
+        uint64_t last_offset, last_len; /* as last announced */
+        JobRate rate;         /* Rate, and when the job started and ended */
+        uint64_t expected_end; /* ExpectedEndTime: µs since the epoch, 0 when unknown */
         struct dc_job_info last;
 } Job;
 
@@ -267,8 +269,9 @@ int job_object_find(sd_bus *bus, const char *path, const char *iface, void *user
                     sd_bus_error *error);
 int jobs_setup(Manager *mgr);
 void jobs_free(Manager *mgr);
-int job_register(Manager *mgr, dc_job *dj, uid_t uid, const char *chain_object, const char *top,
-                 const char *base, const char *target, char **paths, Job **ret);
+/* STARTED: job_rate_now() when the job was started (on a worker, before the loop got to it). */
+int job_register(Manager *mgr, dc_job *dj, uint64_t started, uid_t uid, const char *chain_object,
+                 const char *top, const char *base, const char *target, char **paths, Job **ret);
 char **model_job_paths(Manager *mgr);
 const char *busy_job(Manager *mgr, const char *path);
 int append_job_infos(Manager *mgr, sd_bus_message *reply);

@@ -17,17 +17,8 @@
 
 #include "dc-internal.h"
 
-static int failures, checks;
-
-#define CHECK(cond)                                                                  \
-        do {                                                                         \
-                checks++;                                                            \
-                if (!(cond)) {                                                       \
-                        failures++;                                                  \
-                        fprintf(stderr, "%s:%d: CHECK(%s) failed (last error: %s)\n", \
-                                __FILE__, __LINE__, #cond, dc_get_error());          \
-                }                                                                    \
-        } while (0)
+#define CHECK_DETAIL() dc_get_error()
+#include "check.h"
 
 static void test_path_resolve(void) {
         const char *const roots[] = { "/srv/images", "/data/vm/", NULL };
@@ -241,6 +232,5 @@ int main(void) {
         test_api_bounds(dir);
         test_concurrent_writers(dir);
         rmdir(dir);
-        printf("test-lib: %d checks, %d failed\n", checks, failures);
-        return failures ? 1 : 0;
+        return check_report("test-lib");
 }

@@ -9,6 +9,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +67,62 @@ static char *get_string(const char *path, const char *iface, const char *prop) {
         return s ? s : strdup("");
 }
 
+/* --- human units ------------------------------------------------------------ */
+
+#define HUMAN_MAX 32
+
+/* Sizes as qemu-img prints them: three significant digits, binary units ("8 MiB", "1.5 GiB", "512 B"). */
+static const char *format_bytes(char buf[static HUMAN_MAX], uint64_t v) {
+        static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+        double d = (double) v;
+        unsigned i = 0;
+
+        /* 999.5 and more would round to four digits: the next unit then */
+        while (d >= 999.5 && i < sizeof units / sizeof units[0] - 1) {
+                d /= 1024.0;
+                i++;
+        }
+        snprintf(buf, HUMAN_MAX, "%.3g %s", d, units[i]);
+        return buf;
+}
+
+/* A duration: "0.4s", "42s", "1m 20s", "2h 05m", "3d 04h". */
+static const char *format_duration(char buf[static HUMAN_MAX], uint64_t usec) {
+        uint64_t s = (usec + 500000) / 1000000;
+
+        if (usec < 9950000)
+                snprintf(buf, HUMAN_MAX, "%.1fs", (double) usec / 1e6);
+        else if (s < 60)
+                snprintf(buf, HUMAN_MAX, "%" PRIu64 "s", s);
+        else if (s < 3600)
+                snprintf(buf, HUMAN_MAX, "%" PRIu64 "m %02" PRIu64 "s", s / 60, s % 60);
+        else if (s < 86400)
+                snprintf(buf, HUMAN_MAX, "%" PRIu64 "h %02" PRIu64 "m", s / 3600, s % 3600 / 60);
+        else
+                snprintf(buf, HUMAN_MAX, "%" PRIu64 "d %02" PRIu64 "h", s / 86400, s % 86400 / 3600);
+        return buf;
+}
+
+/* A Job's Rate: "3.81 MiB/s", "--" while it is unknown (0). */
+static const char *format_rate(char buf[static HUMAN_MAX], uint64_t rate) {
+        if (!rate)
+                return strcpy(buf, "--");
+        format_bytes(buf, rate); /* ten characters at most, "0.977 KiB" */
+        return strcat(buf, "/s");
+}
+
+/* The time until a Job's ExpectedEndTime (µs since the epoch): "1m 20s", "--" when unknown (0). */
+static const char *format_left(char buf[static HUMAN_MAX], uint64_t end) {
+        struct timeval tv;
+        uint64_t now;
+
+        if (!end)
+                return strcpy(buf, "--");
+        gettimeofday(&tv, NULL);
+        now = (uint64_t) tv.tv_sec * 1000000u + (uint64_t) tv.tv_usec;
+        return format_duration(buf, end > now ? end - now : 0);
+}
+
 static int read_paths(sd_bus_message *reply, char ***ret) {
         char **v = NULL;
         size_t n = 0;
@@ -90,10 +147,14 @@ static void strv_free(char **v) {
         free(v);
 }
 
-static int print_image(const char *obj, bool long_form) {
+enum { IMAGE_ROW, IMAGE_LONG, IMAGE_CREATED };
+
+static int print_image(const char *obj, int form) {
         char *path = get_string(obj, IFACE("Image"), "Path"), *fmt = get_string(obj, IFACE("Image"), "Format");
         char *bf = get_string(obj, IFACE("Image"), "BackingFile");
+        char *bfmt = get_string(obj, IFACE("Image"), "BackingFormat");
         char *compat = get_string(obj, IFACE("Image"), "Compat");
+        char h1[HUMAN_MAX], h2[HUMAN_MAX], h3[HUMAN_MAX];
         uint64_t vs = 0, as = 0;
         uint32_t cs = 0;
         int dirty = 0, corrupt = 0, ro = 0;
@@ -110,17 +171,27 @@ static int print_image(const char *obj, bool long_form) {
                        "\"corrupt\": %s, \"read-only\": %s, \"object\": \"%s\"}\n",
                        path, fmt, vs, as, cs, compat, bf, dirty ? "true" : "false", corrupt ? "true" : "false",
                        ro ? "true" : "false", obj);
-        else if (long_form)
-                printf("image: %s\nformat: %s\nvirtual size: %" PRIu64 " bytes\ndisk size: %" PRIu64
-                       " bytes\ncluster size: %u\ncompat: %s\nbacking file: %s\ndirty: %s\ncorrupt: %s\nread-only: %s\n"
-                       "object: %s\n",
-                       path, fmt, vs, as, cs, compat, *bf ? bf : "(none)", dirty ? "yes" : "no", corrupt ? "yes" : "no",
-                       ro ? "yes" : "no", obj);
-        else
-                printf("%-6s %14" PRIu64 "  %s%s%s\n", fmt, vs, path, *bf ? "  <- " : "", bf);
+        else if (form == IMAGE_LONG)
+                printf("image: %s\nformat: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s (%" PRIu64
+                       " bytes)\ncluster size: %s\ncompat: %s\nbacking file: %s\ndirty: %s\ncorrupt: %s\n"
+                       "read-only: %s\nobject: %s\n",
+                       path, fmt, format_bytes(h1, vs), vs, format_bytes(h2, as), as,
+                       cs ? format_bytes(h3, cs) : "(none)", compat, *bf ? bf : "(none)",
+                       dirty ? "yes" : "no", corrupt ? "yes" : "no", ro ? "yes" : "no", obj);
+        else if (form == IMAGE_CREATED) {
+                /* what CreateImage made, in the words of the options that made it */
+                printf("created %s: %s, %s (%" PRIu64 " bytes)", path, fmt, format_bytes(h1, vs), vs);
+                if (cs)
+                        printf(", cluster size %s", format_bytes(h2, cs));
+                if (*bf)
+                        printf(", backing file %s%s%s%s", bf, *bfmt ? " (" : "", bfmt, *bfmt ? ")" : "");
+                printf("\n");
+        } else
+                printf("%-6s %12s  %s%s%s\n", fmt, format_bytes(h1, vs), path, *bf ? "  <- " : "", bf);
         free(path);
         free(fmt);
         free(bf);
+        free(bfmt);
         free(compat);
         return 0;
 }
@@ -134,9 +205,9 @@ static int cmd_images(void) {
                 return fail("ListImages", &e, r);
         read_paths(reply, &v);
         if (!arg_json)
-                printf("FORMAT   VIRTUAL-SIZE  PATH\n");
+                printf("%-6s %12s  %s\n", "FORMAT", "VIRTUAL-SIZE", "PATH");
         for (char **p = v; *p; p++)
-                print_image(*p, false);
+                print_image(*p, IMAGE_ROW);
         strv_free(v);
         sd_bus_message_unref(reply);
         return 0;
@@ -210,7 +281,7 @@ static int cmd_info(const char *path) {
         char *o;
         if (get_image(path, &o) < 0)
                 return 1;
-        print_image(o, true);
+        print_image(o, IMAGE_LONG);
         free(o);
         return 0;
 }
@@ -292,8 +363,8 @@ static int cmd_create(int argc, char **argv) {
         sd_bus_message_unref(m);
         if (r < 0)
                 return fail("CreateImage", &e, r);
-        sd_bus_message_read(reply, "o", &o);
-        printf("%s\n", o);
+        if (sd_bus_message_read(reply, "o", &o) >= 0)
+                print_image(o, arg_json ? IMAGE_LONG : IMAGE_CREATED);
         sd_bus_message_unref(reply);
         return 0;
 }
@@ -405,12 +476,88 @@ static int cmd_classify(const char *path, const char *format) {
 
 enum { READY_STOP, READY_COMPLETE, READY_COPY };
 
+/* A job's progress as its properties hold it: one GetAll, then their PropertiesChanged. */
+struct job_view {
+        char status[32];
+        uint64_t cur, total, speed, rate, start, end; /* end: ExpectedEndTime */
+};
+
 struct waiter {
         const char *job;      /* object path followed */
+        char *id;
+        sd_bus_slot *slots[2];
         bool done, ok, concluded_kept, ready, acted;
         int on_ready;         /* READY_*: what to do when a mirror or active commit is ready */
+        struct job_view view; /* the daemon announces the final numbers before the outcome */
         char error[512];
 };
+
+/* The Job properties a view holds, from an a{sv}; the others are skipped. */
+static int read_job_view(sd_bus_message *m, struct job_view *v) {
+        static const struct {
+                const char *name;
+                size_t offset;
+        } numbers[] = {
+                { "CurrentProgress", offsetof(struct job_view, cur) },
+                { "TotalProgress", offsetof(struct job_view, total) },
+                { "Speed", offsetof(struct job_view, speed) },
+                { "Rate", offsetof(struct job_view, rate) },
+                { "StartTime", offsetof(struct job_view, start) },
+                { "ExpectedEndTime", offsetof(struct job_view, end) },
+        };
+        int r = sd_bus_message_enter_container(m, 'a', "{sv}");
+
+        while (r >= 0 && (r = sd_bus_message_enter_container(m, 'e', "sv")) > 0) {
+                const char *name, *status;
+                bool known = false;
+
+                r = sd_bus_message_read(m, "s", &name);
+                if (r >= 0 && strcmp(name, "Status") == 0) {
+                        known = true;
+                        r = sd_bus_message_read(m, "v", "s", &status);
+                        if (r >= 0)
+                                snprintf(v->status, sizeof v->status, "%s", status);
+                }
+                for (size_t i = 0; r >= 0 && !known && i < sizeof numbers / sizeof numbers[0]; i++)
+                        if (strcmp(name, numbers[i].name) == 0) {
+                                known = true;
+                                r = sd_bus_message_read(m, "v", "t",
+                                                        (uint64_t *) ((char *) v + numbers[i].offset));
+                        }
+                if (r >= 0 && !known)
+                        r = sd_bus_message_skip(m, "v");
+                if (r >= 0)
+                        r = sd_bus_message_exit_container(m);
+        }
+        if (r >= 0)
+                r = sd_bus_message_exit_container(m);
+        return r;
+}
+
+static int get_job_view(const char *job, struct job_view *v) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        int r = sd_bus_call_method(bus, BUS_NAME, job, "org.freedesktop.DBus.Properties", "GetAll", &e,
+                                   &reply, "s", IFACE("Job"));
+        if (r >= 0)
+                r = read_job_view(reply, v);
+        sd_bus_message_unref(reply);
+        sd_bus_error_free(&e);
+        return r;
+}
+
+/* "8 MiB in 2.1s (3.81 MiB/s)" from an ended job's properties: Rate is then its
+ * average, ExpectedEndTime when it ended; empty when they are not known. */
+static const char *job_summary(char buf[static 128], const struct job_view *v) {
+        char b[HUMAN_MAX], t[HUMAN_MAX], r[HUMAN_MAX];
+
+        if (v->start && v->end >= v->start)
+                snprintf(buf, 128, "%s in %s (%s/s)", format_bytes(b, v->cur),
+                         format_duration(t, v->end - v->start), format_bytes(r, v->rate));
+        else
+                snprintf(buf, 128, "%s", format_bytes(b, v->cur));
+        return buf;
+}
 
 static int on_job_signal(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
         struct waiter *w = userdata;
@@ -442,38 +589,68 @@ static int on_job_signal(sd_bus_message *m, void *userdata, sd_bus_error *ret_er
         return 0;
 }
 
-static int add_job_match(struct waiter *w, sd_bus_slot **slot) {
-        return sd_bus_add_match(bus, slot, "type='signal',interface='" IFACE("Job") "'",
-                                on_job_signal, w);
+static int on_job_properties(sd_bus_message *m, void *userdata, sd_bus_error *ret_error) {
+        struct waiter *w = userdata;
+        const char *iface;
+
+        if (!w->job || strcmp(sd_bus_message_get_path(m), w->job) != 0)
+                return 0;
+        if (sd_bus_message_read(m, "s", &iface) >= 0)
+                (void) read_job_view(m, &w->view);
+        return 0;
 }
 
-static void show_progress(const char *job) {
-        uint64_t cur = 0, total = 0, rate = 0, end = 0;
-        char *status = get_string(job, IFACE("Job"), "Status");
-        get_prop(job, IFACE("Job"), "CurrentProgress", 't', &cur);
-        get_prop(job, IFACE("Job"), "TotalProgress", 't', &total);
-        get_prop(job, IFACE("Job"), "Rate", 't', &rate);
-        get_prop(job, IFACE("Job"), "ExpectedEndTime", 't', &end);
-        if (total) {
-                int pct = (int) (cur * 100 / total), width = 30;
-                char bar[64];
-                struct timeval now;
-                long left = -1;
-                gettimeofday(&now, NULL);
-                if (end)
-                        left = (long) ((int64_t) end / 1000000 - now.tv_sec);
-                for (int i = 0; i < width; i++)
-                        bar[i] = i < pct * width / 100 ? '#' : '.';
-                bar[width] = 0;
-                fprintf(stderr, "\r%-9s [%s] %3d%%  %6.1f MiB/s  %s%lds left  ", status, bar, pct,
-                        (double) rate / 1048576.0, left < 0 ? "?" : "", left < 0 ? 0 : left);
-        }
-        free(status);
+/* Before the job is started or looked up, so that none of its signals is missed. */
+static int waiter_subscribe(struct waiter *w) {
+        int r = sd_bus_add_match(bus, &w->slots[0], "type='signal',interface='" IFACE("Job") "'",
+                                 on_job_signal, w);
+        if (r >= 0)
+                r = sd_bus_add_match(bus, &w->slots[1],
+                                     "type='signal',interface='org.freedesktop.DBus.Properties',"
+                                     "member='PropertiesChanged',arg0='" IFACE("Job") "'",
+                                     on_job_properties, w);
+        return r;
+}
+
+static void waiter_follow(struct waiter *w, const char *job) {
+        w->job = job;
+        if (sd_bus_path_decode(job, MANAGER_PATH "/job", &w->id) <= 0)
+                w->id = strdup(job);
+        (void) get_job_view(job, &w->view);
+}
+
+static void waiter_done(struct waiter *w) {
+        sd_bus_slot_unref(w->slots[0]);
+        sd_bus_slot_unref(w->slots[1]);
+        free(w->id);
+}
+
+static void clear_line(void) {
+        fprintf(stderr, "\r%-79s\r", "");
+}
+
+/* The progress line: the job's own Rate and ExpectedEndTime, "--" while they are unknown. */
+static void show_progress(const struct waiter *w) {
+        const struct job_view *v = &w->view;
+        char bar[31], rate[HUMAN_MAX], left[HUMAN_MAX], line[128];
+        int pct, width = 30;
+
+        if (!v->total)
+                return;
+        pct = v->cur >= v->total ? 100 : (int) (v->cur * 100 / v->total);
+        for (int i = 0; i < width; i++)
+                bar[i] = i < pct * width / 100 ? '#' : '.';
+        bar[width] = 0;
+        snprintf(line, sizeof line, "%-9s [%s] %3d%%  %10s  %s left", v->status, bar, pct,
+                 format_rate(rate, v->rate), format_left(left, v->end));
+        fprintf(stderr, "\r%-79s", line);
 }
 
 /* Follow JOB until it ends; print the outcome.  Exit status 0 only on success. */
 static int wait_job(struct waiter *w) {
         bool tty = isatty(STDERR_FILENO);
+        char summary[128];
+
         for (;;) {
                 int r = sd_bus_process(bus, NULL);
                 if (r < 0)
@@ -492,11 +669,12 @@ static int wait_job(struct waiter *w) {
                         sd_bus_error e = SD_BUS_ERROR_NULL;
                         w->acted = true;
                         if (tty)
-                                fprintf(stderr, "\r%-70s\r", "");
+                                clear_line();
                         if (w->on_ready == READY_STOP) {
-                                printf("%s: ready (in sync); 'diskchainctl job complete ID' pivots to the new "
-                                       "active layer, 'diskchainctl job cancel ID' keeps a point-in-time copy\n",
-                                       w->job);
+                                printf("%s: ready (in sync); 'diskchainctl job complete %s' pivots to the "
+                                       "new active layer, 'diskchainctl job cancel %s' keeps a point-in-time "
+                                       "copy\n",
+                                       w->id, w->id, w->id);
                                 return 0;
                         }
                         r = w->on_ready == READY_COMPLETE ? call(w->job, IFACE("Job"), "Complete", NULL, &e, NULL)
@@ -506,7 +684,7 @@ static int wait_job(struct waiter *w) {
                         continue;
                 }
                 if (tty)
-                        show_progress(w->job);
+                        show_progress(w);
                 /* the job may have ended before we subscribed: a concluded
                  * job tells its outcome through its Error property */
                 if (!w->done) {
@@ -518,6 +696,7 @@ static int wait_job(struct waiter *w) {
                                 w->ok = !*err;
                                 snprintf(w->error, sizeof w->error, "%s", err);
                                 free(err);
+                                (void) get_job_view(w->job, &w->view);
                                 break;
                         }
                         if (gone && !w->ok && !w->error[0]) {
@@ -537,12 +716,12 @@ static int wait_job(struct waiter *w) {
                 sd_bus_wait(bus, 500000);
         }
         if (tty)
-                fprintf(stderr, "\r%-70s\r", "");
+                clear_line();
         if (w->ok) {
-                printf("%s: completed\n", w->job);
+                printf("%s: completed, %s\n", w->id, job_summary(summary, &w->view));
                 return 0;
         }
-        fprintf(stderr, "diskchainctl: %s: %s\n", w->job, w->error);
+        fprintf(stderr, "diskchainctl: %s: %s, after %s\n", w->id, w->error, job_summary(summary, &w->view));
         return 1;
 }
 
@@ -567,7 +746,6 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
         bool backup = strcmp(method, "Backup") == 0 || strcmp(method, "Mirror") == 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *m = NULL, *reply = NULL;
-        sd_bus_slot *slot = NULL;
         struct waiter w = { 0 };
         bool no_wait = false, ok;
         char *chain = NULL;
@@ -643,7 +821,7 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 }
         }
         sd_bus_message_close_container(m);
-        if (!no_wait && (r = add_job_match(&w, &slot)) < 0)
+        if (!no_wait && (r = waiter_subscribe(&w)) < 0)
                 return fail("subscribe", NULL, r);
         r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
         sd_bus_message_unref(m);
@@ -655,9 +833,9 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 sd_bus_message_unref(reply);
                 return 0;
         }
-        w.job = job;
+        waiter_follow(&w, job);
         r = wait_job(&w);
-        sd_bus_slot_unref(slot);
+        waiter_done(&w);
         sd_bus_message_unref(reply);
         return r;
 }
@@ -692,21 +870,28 @@ static void print_job(const char *o, bool long_form) {
         char *status = get_string(o, IFACE("Job"), "Status"), *err = get_string(o, IFACE("Job"), "Error");
         char *top = get_string(o, IFACE("Job"), "Top"), *base = get_string(o, IFACE("Job"), "Base");
         char *io = get_string(o, IFACE("Job"), "IoStatus");
-        uint64_t cur = 0, total = 0, speed = 0;
+        char h1[HUMAN_MAX], h2[HUMAN_MAX], h3[HUMAN_MAX], summary[128];
+        struct job_view v = { 0 };
+        uint64_t cur, total, speed;
 
-        get_prop(o, IFACE("Job"), "CurrentProgress", 't', &cur);
-        get_prop(o, IFACE("Job"), "TotalProgress", 't', &total);
-        get_prop(o, IFACE("Job"), "Speed", 't', &speed);
+        (void) get_job_view(o, &v);
+        cur = v.cur, total = v.total, speed = v.speed;
         if (arg_json)
                 printf("{\"id\": \"%s\", \"type\": \"%s\", \"status\": \"%s\", \"offset\": %" PRIu64
                        ", \"len\": %" PRIu64 ", \"speed\": %" PRIu64 ", \"io-status\": \"%s\", \"top\": \"%s\", "
                        "\"base\": \"%s\", \"error\": \"%s\"}\n",
                        id, type, status, cur, total, speed, io, top, base, err);
-        else if (long_form)
-                printf("id: %s\ntype: %s\nstatus: %s\nprogress: %" PRIu64 "/%" PRIu64 "\nspeed: %" PRIu64
-                       "\nio-status: %s\ntop: %s\nbase: %s\nerror: %s\nobject: %s\n",
-                       id, type, status, cur, total, speed, io, top, *base ? base : "(none)", err, o);
-        else
+        else if (long_form) {
+                printf("id: %s\ntype: %s\nstatus: %s\nprogress: %s of %s (%d%%)\nspeed limit: %s\n", id, type,
+                       status, format_bytes(h1, cur), format_bytes(h2, total),
+                       total ? (int) (cur * 100 / total) : 0, speed ? format_rate(h3, speed) : "none");
+                if (strcmp(status, "concluded") == 0)
+                        printf("done: %s\n", job_summary(summary, &v));
+                else
+                        printf("rate: %s\ntime left: %s\n", format_rate(h1, v.rate), format_left(h2, v.end));
+                printf("io-status: %s\ntop: %s\nbase: %s\nerror: %s\nobject: %s\n", io, top,
+                       *base ? base : "(none)", err, o);
+        } else
                 printf("%-12s %-7s %-10s %3d%%  %s\n", id, type, status, total ? (int) (cur * 100 / total) : 0, top);
         free(id), free(type), free(status), free(err), free(top), free(base), free(io);
 }
@@ -786,17 +971,18 @@ static int cmd_job(int argc, char **argv) {
 
 static int cmd_wait(const char *id) {
         struct waiter w = { 0 };
-        sd_bus_slot *slot = NULL;
         char *o = NULL;
-        int r = add_job_match(&w, &slot);
+        int r = waiter_subscribe(&w);
 
         if (r < 0)
                 return fail("subscribe", NULL, r);
-        if (get_job(id, &o) < 0)
+        if (get_job(id, &o) < 0) {
+                waiter_done(&w);
                 return 1;
-        w.job = o;
+        }
+        waiter_follow(&w, o);
         r = wait_job(&w);
-        sd_bus_slot_unref(slot);
+        waiter_done(&w);
         free(o);
         return r;
 }
@@ -867,7 +1053,8 @@ static void help(void) {
                "  stream CHAIN [--top P] [--base P|--bottom P] [--backing-file S] [--speed N]\n"
                "  commit CHAIN [--top P] [--base P] [--backing-file S] [--force-shared-base] [--speed N]\n"
                "                               Start a job on the chain whose active layer is CHAIN and\n"
-               "                               wait for it (progress on a terminal); also --job-id ID,\n"
+               "                               follow it: rate and time left on a terminal, what it did\n"
+               "                               (bytes, time, average rate) at the end; also --job-id ID,\n"
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
                "                               --no-auto-dismiss, --no-wait (print the job and return),\n"
                "                               --cache writeback|none (how the written image takes data)\n"
@@ -886,7 +1073,7 @@ static void help(void) {
                "  monitor                      Print every job signal as a QMP event in JSON\n\n"
                "Options:\n"
                "  -h --help      Show this help\n"
-               "     --json      JSON output for images, chains, info and check\n"
+               "     --json      JSON output for images, chains, info, create, check and job info\n"
                "     --no-ask-password  Do not ask for a password (no interactive authorization)\n");
 }
 

@@ -151,12 +151,32 @@ def test_check_repair_through_bus(bus):
 
 
 def test_diskchainctl(bus):
-    assert "/image/" in bus.ctl("create", "c1.qcow2", "8M").stdout
-    bus.ctl("create", "c2.qcow2", "0", "--backing", "c1.qcow2", "--cluster-size", "4096")
-    assert "c2.qcow2" in bus.ctl("images").stdout
+    # create says what it made, with sizes as qemu-img says them
+    c1, c2 = os.path.join(bus.root, "c1.qcow2"), os.path.join(bus.root, "c2.qcow2")
+    p = bus.ctl("create", "c1.qcow2", "8M")
+    assert p.stdout == f"created {c1}: qcow2, 8 MiB (8388608 bytes), cluster size 64 KiB\n", p.stdout
+    p = bus.ctl("create", "c2.qcow2", "0", "--backing", "c1.qcow2", "--cluster-size", "4096")
+    assert p.stdout == (f"created {c2}: qcow2, 8 MiB (8388608 bytes), cluster size 4 KiB, "
+                        "backing file c1.qcow2 (qcow2)\n"), p.stdout
+    p = bus.ctl("create", "big.raw", "2G", "--format", "raw")
+    assert p.stdout == f"created {os.path.join(bus.root, 'big.raw')}: raw, 2 GiB (2147483648 bytes)\n", p.stdout
+    j = json.loads(bus.ctl("--json", "create", "odd.qcow2", "1536K").stdout)  # --json: as info --json
+    assert j["virtual-size"] == 1536 << 10 and j["format"] == "qcow2" and j["object"].startswith(M + "/image/")
+    images = bus.ctl("images").stdout.splitlines()
+    assert re.fullmatch(r"FORMAT +VIRTUAL-SIZE +PATH", images[0]), images
+    assert f"qcow2         8 MiB  {c2}  <- c1.qcow2" in images and f"raw           2 GiB  {bus.root}/big.raw" in images
+    assert f"qcow2       1.5 MiB  {bus.root}/odd.qcow2" in images, images
     assert "c2.qcow2 <- " in bus.ctl("chains").stdout
+    info = bus.ctl("info", "c2.qcow2").stdout
+    for line in (f"image: {c2}", "format: qcow2", "virtual size: 8 MiB (8388608 bytes)", "cluster size: 4 KiB",
+                 "backing file: c1.qcow2"):
+        assert line in info.splitlines(), info
+    disk = int(re.search(r"^disk size: [0-9.]+ (?:B|KiB|MiB) \((\d+) bytes\)$", info, re.M).group(1))
+    assert disk == os.stat(c2).st_blocks * 512
+    assert "cluster size: (none)" in bus.ctl("info", "big.raw").stdout
     j = json.loads(bus.ctl("--json", "info", "c2.qcow2").stdout)
     assert j["backing-filename"] == "c1.qcow2" and j["cluster-size"] == 4096 and j["virtual-size"] == 8 << 20
+    assert j["actual-size"] == disk
     assert json.loads(bus.ctl("--json", "check", "c2.qcow2").stdout)["corruptions"] == 0
     m = json.loads(bus.ctl("map", "c2.qcow2").stdout)
     assert m[0]["start"] == 0 and m[-1]["start"] + m[-1]["length"] == 8 << 20
@@ -638,7 +658,7 @@ def test_diskchainctl_jobs_and_monitor(bus):
     time.sleep(0.4)
     # stream waits by default and reports the outcome
     p = bus.ctl("stream", "D.qcow2", "--base", "B.qcow2", "--job-id", "ctl1")
-    assert "job/ctl1: completed" in p.stdout
+    assert re.fullmatch(r"ctl1: completed, 8 MiB in [0-9.]+s \([0-9.]+ [KMG]iB/s\)\n", p.stdout), p.stdout
     assert shape(bus, "D.qcow2") == ["D.qcow2", "B.qcow2", "A.qcow2"]
     # --no-wait, then the job verbs
     p = bus.ctl("stream", "D.qcow2", "--job-id", "ctl2", "--speed", "64K", "--no-auto-dismiss", "--no-wait")
@@ -656,7 +676,7 @@ def test_diskchainctl_jobs_and_monitor(bus):
     bus.ctl("job", "dismiss", "ctl2")
     # a compressed full backup, waited for
     p = bus.ctl("backup", "D.qcow2", "bk.qcow2", "--compress", "--max-workers", "2", "--job-id", "ctl3")
-    assert "job/ctl3: completed" in p.stdout
+    assert p.stdout.startswith("ctl3: completed, 8 MiB in "), p.stdout
     assert qemu_img("compare", os.path.join(bus.root, "bk.qcow2"), os.path.join(bus.root, "D.qcow2")).returncode == 0
     # a fleecing backup never ends by itself; cancelling it makes the client fail
     p = bus.ctl("backup", "D.qcow2", "fl.qcow2", "--sync", "none", "--job-id", "ctl4", "--no-wait")

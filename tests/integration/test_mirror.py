@@ -234,7 +234,7 @@ def test_diskchainctl_mirror_and_active_commit(bus):
     make_seed_chain(bus)
     # by default the client returns once the job is ready, and says what next
     p = bus.ctl("mirror", "D.qcow2", "E.qcow2", "--sync", "top", "--job-id", "cm1")
-    assert "job/cm1: ready" in p.stdout and "job complete" in p.stdout
+    assert p.stdout.startswith("cm1: ready") and "diskchainctl job complete cm1" in p.stdout
     assert prop(bus, "/org/diskchain/DiskChain1/job/cm1", "Job", "Status") in ("ready", "standby")
     bus.ctl("job", "change", "cm1", "--copy-mode", "write-blocking")
     bus.ctl("job", "complete", "cm1")
