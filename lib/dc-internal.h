@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -12,15 +13,16 @@
 
 /*
  * Lock order of the library.  Locks are taken in this order and never the
- * other way round; the last two are leaves.
+ * other way round; the last three are leaves.
  *
- *   1. a job's rate gate (dc_job.rate_gate): under a speed limit, held by one
- *      copy request from before it starts to after the pause that pays for it;
+ *   1. a job's rate gate (dc_job.rate_gate, job.h): under a speed limit,
+ *      held by one copy request from before it starts to after the pause
+ *      that pays for it;
  *   2. a disk's door and range locks (dc_disk_quiesce, dc_disk_range_lock):
  *      not mutexes held across I/O but admissions, taken by guest requests and
- *      by a job's chunk before any image lock; the hooks of an attached job
- *      (copy-before-write, the mirror's write-through) run with the range
- *      held;
+ *      by a job's request before any image lock; the filters on the write
+ *      path (copy-before-write, the mirror's write-through) run with the
+ *      writer's range held;
  *   3. image locks (dc_image.lock), a layer before its backing file
  *      (dc_chain_read holds each layer while it reads the one below), and
  *      the layers of a chain before a job's separate target; an allocating
@@ -28,11 +30,14 @@
  *      while it waits for another's in-flight clusters (inflight_wait waits
  *      on the image lock's condition, holding nothing else);
  *   4. a job's state lock (dc_job.lock): taken alone or under the above,
- *      never held while taking another;
- *   5. a disk's own mutex (dc_disk.lock), which only guards its counters and
- *      lists and is released before anything waits.
+ *      never held while taking another but the leaves below;
+ *   5. a copy engine's bitmap lock (block-copy.c): taken alone, never across
+ *      I/O (its count is read without it);
+ *   6. a disk's own mutex (dc_disk.lock), which only guards its counters and
+ *      lists (filters, ranges) and is released before anything waits.
  *
- * A job's thread joins its copy workers holding none of them.
+ * A job's thread joins its copy workers holding none of them, and takes a
+ * filter off a disk (waiting for the writes inside it) holding none.
  */
 
 #define DC_DEFAULT_MAX_DEPTH 64
@@ -64,6 +69,8 @@ static inline void closep(int *fd) {
                 (fd) = -EBADF;               \
                 _tfd_;                       \
         })
+
+#define container_of(ptr, type, member) ((type *) (void *) ((char *) (ptr) - offsetof(type, member)))
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -183,6 +190,7 @@ struct dc_image {
         bool direct;           /* data writes go through dfd when aligned (a job's cache=none) */
         bool writeback;        /* a job's cache=writeback: kick writeback as data piles up */
         uint64_t wb_bytes;     /* buffered job data written (atomic) */
+        uint64_t wb_kick;      /* writeback is started every this many bytes of them (dc_image_job_cache) */
         uint32_t dio_mem_align, dio_off_align;
         char *path;            /* absolute */
         char **roots;          /* the storage roots it was opened under (a copy; NULL = no confinement) */
@@ -205,24 +213,47 @@ struct dc_range {
 struct dc_range_lock {
         struct dc_range r;
 };
-/* What the attached job hooks into guest writes; called with the range lock held. */
-struct dc_disk_hooks {
-        int (*before_write)(void *data, uint64_t off, uint64_t len); /* copy-before-write; < 0 fails the write */
-        void (*after_write)(void *data, uint64_t off, uint64_t len); /* mirror: dirty or write-through */
-};
 void dc_disk_quiesce(dc_disk *d);
 void dc_disk_unquiesce(dc_disk *d);
 void dc_disk_range_lock(dc_disk *d, struct dc_range_lock *rl, uint64_t off, uint64_t len);
 void dc_disk_range_unlock(dc_disk *d, struct dc_range_lock *rl);
 dc_image *dc_disk_chain(dc_disk *d);
 const struct dc_open_options *dc_disk_open_options(dc_disk *d);
-int dc_disk_attach(dc_disk *d, const struct dc_disk_hooks *hooks, void *data, uint64_t align);
-void dc_disk_detach(dc_disk *d, void *data);
+int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret);
+
+/*
+ * A filter on a disk's write path (see the notes in disk.c): embedded in its
+ * owner's state, which finds itself again with container_of().  Both hooks
+ * run on the writer's thread with the write's range lock held, over the
+ * guest's own range (OFF, LEN), for writes, zero writes and discards.
+ */
+struct dc_disk_filter;
+struct dc_disk_filter_ops {
+        const char *name;
+        /* Before the write reaches the filters below and the chain; < 0 fails the write. */
+        int (*before_write)(struct dc_disk_filter *f, uint64_t off, uint64_t len);
+        /* After the write succeeded. */
+        void (*after_write)(struct dc_disk_filter *f, uint64_t off, uint64_t len);
+};
+struct dc_disk_filter {
+        const struct dc_disk_filter_ops *ops;
+        uint64_t align;               /* a write's range lock covers whole units of this size (0 = 1) */
+        /* the disk's, under its mutex */
+        dc_disk *disk;                /* attached to, or NULL */
+        struct dc_disk_filter *next;  /* the one below */
+        unsigned users;               /* writes that may run its hooks */
+};
+#define DC_DISK_MAX_FILTERS 8
+/* Put F on top of D's stack (no drain: writes already inside do not run it).  -EBUSY when attached or full. */
+int dc_disk_attach_filter(dc_disk *d, struct dc_disk_filter *f);
+/* Take F off D's stack; returns once no write runs its hooks.  Not from a hook or under a range lock. */
+void dc_disk_detach_filter(dc_disk *d, struct dc_disk_filter *f);
 dc_image *dc_disk_swap_chain(dc_disk *d, dc_image *img);
 int dc_disk_reopen(dc_disk *d, const char *const *writable);
 
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
+/* How IMG takes a job's data while ON (DC_CACHE_*), and back to normal after (block-copy.c). */
 void dc_image_job_cache(dc_image *img, int mode, bool on);
 int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked);
 void *dc_io_buffer(size_t len);

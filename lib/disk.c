@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * The write path of one open chain: what QEMU calls the BlockBackend, with
- * room for the one filter a block job inserts above it (copy-before-write
- * for backup, mirror_top for mirror and active commit).
+ * an ordered stack of filters above the chain (QEMU's filter nodes:
+ * copy-before-write for backup, mirror_top for mirror and active commit,
+ * later dirty bitmaps and whatever an NBD export needs).
  *
  * Design notes
  * ------------
@@ -12,16 +13,31 @@
  *   under them at a pivot.
  * - Every guest request is counted in flight; dc_disk_quiesce() stops new
  *   requests at the door and waits for the ones inside (QEMU's drain).  A
- *   pivot, a reopen and attaching/detaching a job happen quiesced.
- * - Guest writes take a range lock over their range, widened to the job's
- *   alignment (its cluster size), for the time of the hook and the write.
- *   Jobs take the same lock over each chunk they read and write, so a
- *   chunk of a job and a guest write to the same clusters never interleave:
+ *   pivot and a reopen happen quiesced, and so does whatever must see the
+ *   disk at one point in time (a backup attaching its filter and measuring
+ *   what it will copy).
+ * - Filters form a stack, the last attached on top.  A write passes down
+ *   through every filter's before_write (top first), reaches the chain, and
+ *   passes back up through every after_write (bottom first), as a request
+ *   passes a stack of QEMU filter nodes.  A before_write that fails fails
+ *   the write: the filters below it and the chain never see it, and no
+ *   after_write runs.  after_write runs only for writes that succeeded.
+ * - Attach and detach do not drain the disk: writers keep running.  Each
+ *   write takes a snapshot of the stack when it enters and counts itself a
+ *   user of every filter in it; a write that entered before an attach does
+ *   not run the new filter (who needs it to, quiesces around the attach),
+ *   and dc_disk_detach_filter() returns only when no write is running the
+ *   filter's hooks any more, so its owner may free it then.  Detach must
+ *   not be called from a hook, nor while holding a range lock.
+ * - Guest writes take a range lock over their range, widened to whole units
+ *   of every filter in their snapshot (the filter's align: a backup's
+ *   cluster, a mirror's granularity), for the time of the hooks and the
+ *   write.  Jobs take the same lock over each chunk they read and write, so
+ *   a chunk of a job and a guest write to the same units never interleave:
  *   copy-before-write sees the old data of whole clusters, a stream never
  *   copies backing data over a newer guest write, and a mirror's background
  *   copy never lands after a synchronous (write-blocking) copy of newer data.
- * - One job at a time is attached (the daemon refuses overlapping jobs as
- *   Busy); its hooks run on the writer's thread with the range lock held.
+ *   Hooks run on the writer's thread with that range lock held.
  */
 
 #include <fcntl.h>
@@ -39,22 +55,24 @@ struct dc_disk {
         unsigned in_flight;      /* guest requests inside */
         unsigned quiesced;       /* > 0: new guest requests wait at the door */
         struct dc_range *ranges; /* held range locks */
-        const struct dc_disk_hooks *hooks;
-        void *hook_data;
-        uint64_t align;          /* range-lock granularity of guest writes */
+        struct dc_disk_filter *filters; /* the stack, top first */
+        unsigned nfilters;
 };
 
-DC_EXPORT int dc_disk_open(const char *path, const struct dc_open_options *opts, dc_disk **ret) {
+/* A disk over CHAIN (its top the active layer), which it owns from now on, also on failure. */
+int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret) {
         dc_disk *d = calloc(1, sizeof *d);
-        int r;
 
-        if (!d)
+        if (!d) {
+                dc_image_close(chain);
                 return dc_error(ENOMEM, "out of memory");
+        }
         if (opts)
                 d->oo = *opts;
         if (d->oo.roots) {
                 d->roots = dc_strv_copy(d->oo.roots);
                 if (!d->roots) {
+                        dc_image_close(chain);
                         free(d);
                         return dc_error(ENOMEM, "out of memory");
                 }
@@ -63,18 +81,22 @@ DC_EXPORT int dc_disk_open(const char *path, const struct dc_open_options *opts,
         /* only the layer list of the first open is the caller's; later reopens choose their own */
         d->oo.writable_layer = NULL;
         d->oo.writable_layers = NULL;
-        r = dc_image_open(path, opts, &d->img);
-        if (r < 0) {
-                dc_strv_free(d->roots);
-                free(d);
-                return r;
-        }
+        d->img = chain;
         pthread_mutex_init(&d->lock, NULL);
         pthread_cond_init(&d->cond, NULL);
         d->refs = 1;
-        d->align = 1;
         *ret = d;
         return 0;
+}
+
+DC_EXPORT int dc_disk_open(const char *path, const struct dc_open_options *opts, dc_disk **ret) {
+        dc_image *img = NULL;
+        int r;
+
+        r = dc_image_open(path, opts, &img);
+        if (r < 0)
+                return r;
+        return dc_disk_new(img, opts, ret);
 }
 
 DC_EXPORT dc_disk *dc_disk_ref(dc_disk *d) {
@@ -195,33 +217,44 @@ const struct dc_open_options *dc_disk_open_options(dc_disk *d) {
         return &d->oo;
 }
 
-int dc_disk_attach(dc_disk *d, const struct dc_disk_hooks *hooks, void *data, uint64_t align) {
+/* --- filters --------------------------------------------------------------------- */
+
+int dc_disk_attach_filter(dc_disk *d, struct dc_disk_filter *f) {
         int r = 0;
 
-        dc_disk_quiesce(d);
         pthread_mutex_lock(&d->lock);
-        if (d->hooks)
-                r = dc_error(EBUSY, "'%s' already has a job attached", d->img->path);
+        if (f->disk)
+                r = dc_error(EBUSY, "the filter '%s' is attached already", f->ops->name);
+        else if (d->nfilters >= DC_DISK_MAX_FILTERS)
+                r = dc_error(EBUSY, "'%s' has %u filters attached already", d->img ? d->img->path : "",
+                             d->nfilters);
         else {
-                d->hooks = hooks;
-                d->hook_data = data;
-                d->align = align ? align : 1;
+                f->disk = d;
+                f->users = 0;
+                f->next = d->filters;
+                d->filters = f;
+                d->nfilters++;
         }
         pthread_mutex_unlock(&d->lock);
-        dc_disk_unquiesce(d);
         return r;
 }
 
-void dc_disk_detach(dc_disk *d, void *data) {
-        dc_disk_quiesce(d);
+void dc_disk_detach_filter(dc_disk *d, struct dc_disk_filter *f) {
         pthread_mutex_lock(&d->lock);
-        if (d->hook_data == data) {
-                d->hooks = NULL;
-                d->hook_data = NULL;
-                d->align = 1;
+        if (f->disk == d) {
+                for (struct dc_disk_filter **p = &d->filters; *p; p = &(*p)->next)
+                        if (*p == f) {
+                                *p = f->next;
+                                break;
+                        }
+                d->nfilters--;
+                /* the writes that took it in their snapshot finish with it first */
+                while (f->users)
+                        pthread_cond_wait(&d->cond, &d->lock);
+                f->disk = NULL;
+                f->next = NULL;
         }
         pthread_mutex_unlock(&d->lock);
-        dc_disk_unquiesce(d);
 }
 
 /* Replace the chain (quiesced by the caller).  The old chain is the caller's. */
@@ -275,28 +308,53 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable) {
 
 enum { OP_WRITE, OP_ZERO, OP_DISCARD };
 
+/* The filters a write runs, in stack order, each counted as in use until filters_put(). */
+static unsigned filters_get(dc_disk *d, struct dc_disk_filter **v) {
+        unsigned n = 0;
+
+        pthread_mutex_lock(&d->lock);
+        for (struct dc_disk_filter *f = d->filters; f; f = f->next) {
+                f->users++;
+                v[n++] = f;
+        }
+        pthread_mutex_unlock(&d->lock);
+        return n;
+}
+
+static void filters_put(dc_disk *d, struct dc_disk_filter **v, unsigned n) {
+        if (!n)
+                return;
+        pthread_mutex_lock(&d->lock);
+        for (unsigned i = 0; i < n; i++)
+                v[i]->users--;
+        pthread_cond_broadcast(&d->cond);
+        pthread_mutex_unlock(&d->lock);
+}
+
 static int guest_modify(dc_disk *d, int op, const void *buf, uint64_t off, uint64_t len, unsigned flags) {
+        struct dc_disk_filter *f[DC_DISK_MAX_FILTERS];
         struct dc_range_lock rl;
-        const struct dc_disk_hooks *h;
-        void *hd;
-        uint64_t a, lo, hi;
+        uint64_t lo = off, hi = off + len;
+        unsigned n;
         int r = 0;
 
         enter(d);
-        pthread_mutex_lock(&d->lock);
-        h = d->hooks;
-        hd = d->hook_data;
-        a = d->align;
-        pthread_mutex_unlock(&d->lock);
         if (!d->img) {
                 leave(d);
                 return dc_error(EIO, "the disk's chain could not be reopened");
         }
-        lo = ALIGN_DOWN(off, a);
-        hi = MIN(ALIGN_UP(off + len, a), MAX(d->img->virtual_size, off + len));
+        n = filters_get(d, f);
+        /* whole units of every filter: each sees whole clusters of its own, and no copy of a job in between */
+        for (unsigned i = 0; i < n; i++) {
+                uint64_t a = f[i]->align ? f[i]->align : 1;
+                lo = MIN(lo, ALIGN_DOWN(off, a));
+                hi = MAX(hi, ALIGN_UP(off + len, a));
+        }
+        hi = MIN(hi, MAX(d->img->virtual_size, off + len));
         dc_disk_range_lock(d, &rl, lo, hi - lo);
-        if (h && h->before_write)
-                r = h->before_write(hd, off, len);
+        for (unsigned i = 0; i < n && r >= 0; i++)
+                if (f[i]->ops->before_write)
+                        r = f[i]->ops->before_write(f[i], off, len);
         if (r >= 0) {
                 if (op == OP_WRITE)
                         r = dc_image_write(d->img, buf, off, (size_t) len);
@@ -305,9 +363,11 @@ static int guest_modify(dc_disk *d, int op, const void *buf, uint64_t off, uint6
                 else
                         r = dc_image_discard(d->img, off, len);
         }
-        if (r >= 0 && h && h->after_write)
-                h->after_write(hd, off, len);
+        for (unsigned i = n; r >= 0 && i-- > 0;)
+                if (f[i]->ops->after_write)
+                        f[i]->ops->after_write(f[i], off, len);
         dc_disk_range_unlock(d, &rl);
+        filters_put(d, f, n);
         leave(d);
         return r;
 }

@@ -490,63 +490,12 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         return 0;
 }
 
-/*
- * How a job's written layer (a mirror's or backup's target, the layer a
- * stream or commit fills) takes gigabytes of data, the job option "cache"
- * in QEMU's words:
- *
- * - writeback (the default): through the page cache, as qemu-img and
- *   qemu-storage-daemon write by default, with the end made durable by the
- *   job's flush.  Measured on the realistic chain (bench/), buffered writes
- *   take half the time of direct ones: the kernel merges the scattered
- *   cluster writes into large requests and the copy never waits for the
- *   disk.  So that gigabytes of dirty pages neither pile up for the final
- *   flush nor push the machine's other pages out, every WRITEBACK_KICK
- *   bytes the job starts writeback of the file (sync_file_range, which does
- *   not wait) and drops the pages an earlier kick has written (they are
- *   clean by then; POSIX_FADV_DONTNEED leaves dirty ones alone).
- * - none: whole, aligned data writes go around the page cache (O_DIRECT)
- *   through a second descriptor on the same open file (through
- *   /proc/self/fd, so no path is resolved again); metadata and unaligned
- *   pieces stay on the buffered one, and the kernel keeps the two coherent.
- *   Where the file system has no direct I/O (tmpfs), this is writeback.
- *
- * Off (the job ended, its data flushed): the pages a writeback job left in
- * the cache are dropped, and writes are plain buffered ones again, for the
- * writers that keep the layer.
- */
-#define WRITEBACK_KICK (32ull << 20)
-
-void dc_image_job_cache(dc_image *img, int mode, bool on) {
-        struct statx sx;
-        char p[64];
-
-        if (!img)
-                return;
-        pthread_mutex_lock(&img->lock);
-        if (on && mode == DC_CACHE_NONE && img->dfd < 0 && img->writable &&
-            statx(img->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
-            sx.stx_dio_offset_align && sx.stx_dio_mem_align) {
-                snprintf(p, sizeof p, "/proc/self/fd/%d", img->fd);
-                img->dfd = open(p, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOCTTY);
-                img->dio_mem_align = sx.stx_dio_mem_align;
-                img->dio_off_align = sx.stx_dio_offset_align;
-        }
-        /* the descriptor, once open, stays to the close: a write without
-         * the lock may be using it */
-        if (!on && img->writeback)
-                /* what the job wrote is on disk now (its flush) and nobody reads it back soon */
-                (void) posix_fadvise(img->fd, 0, 0, POSIX_FADV_DONTNEED);
-        img->direct = on && mode == DC_CACHE_NONE && img->dfd >= 0;
-        img->writeback = on && !img->direct;
-        pthread_mutex_unlock(&img->lock);
-}
-
 /* After LEN more bytes of buffered job data: start writing them, drop what is written. */
 static void writeback_account(dc_image *img, size_t len) {
         uint64_t before = __atomic_fetch_add(&img->wb_bytes, len, __ATOMIC_RELAXED);
 
-        if (before / WRITEBACK_KICK == (before + len) / WRITEBACK_KICK)
+        /* the kick's size and why it is there: dc_image_job_cache (block-copy.c) */
+        if (!img->wb_kick || before / img->wb_kick == (before + len) / img->wb_kick)
                 return;
         /* errors are the final flush's to report: this only starts the work early */
         (void) posix_fadvise(img->fd, 0, 0, POSIX_FADV_DONTNEED);

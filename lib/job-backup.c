@@ -1,0 +1,155 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * drive-backup (QEMU's block/backup.c): a point-in-time copy of a chain
+ * into a separate, existing target of the same size.
+ *
+ * Design notes
+ * ------------
+ * - The point in time is the moment the constructor returns: with the disk
+ *   quiesced, the copy-before-write filter (copy-before-write.c) goes onto
+ *   the disk and the engine marks what is to be copied: everything
+ *   allocated in the chain (full), in the top layer (top), or every unit
+ *   (none: nothing in the background, only what guests are about to
+ *   overwrite).  The unit is the target's cluster (64 KiB for raw), or
+ *   max-chunk when that is smaller, so a copy-before-write writes whole
+ *   target clusters.
+ * - From then on two things copy through the same engine: the filter,
+ *   before a guest write, the marked units it touches; and the job's
+ *   background pass, everything still marked.  Each clears what it copied,
+ *   the range lock keeps them apart, so every unit is copied once and
+ *   before any guest write reaches it.
+ * - sync=none never ends by itself: its run waits at a pause point until
+ *   cancelled (QEMU's fleecing backup).
+ * - max-workers and max-chunk size the background pass (QEMU's x-perf);
+ *   compress writes whole target clusters compressed, on the requests'
+ *   threads side by side.
+ * - clean takes the filter off (waiting for the writes inside it) before
+ *   the engine and the target go.
+ * - Locking: the job's own fields are set before the job's thread starts
+ *   and read only by it afterwards; the filter runs on writers' threads
+ *   and touches only the engine.
+ */
+
+#include <time.h>
+
+#include "job.h"
+
+struct backup {
+        dc_job job;
+        dc_image *source;       /* the layer copied, read through its chain */
+        dc_image *tgt;          /* the target, a chain of its own (its top only) */
+        int sync;
+        dc_block_copy *copy;
+        dc_cbw *cbw;
+};
+
+static int backup_run(dc_job *j) {
+        struct backup *s = container_of(j, struct backup, job);
+
+        if (s->sync == DC_SYNC_NONE) {
+                /* nothing to copy in the background: copy-before-write until cancelled */
+                for (;;) {
+                        struct timespec ts = { 0, 100000000 };
+                        int r = dc_job_pause_point(j, 0, 0);
+                        if (r < 0)
+                                return r;
+                        nanosleep(&ts, NULL);
+                }
+        }
+        return dc_job_copy_run(j, s->copy);
+}
+
+static void backup_clean(dc_job *j) {
+        struct backup *s = container_of(j, struct backup, job);
+        s->cbw = dc_cbw_detach(s->cbw);
+        s->copy = dc_block_copy_free(s->copy);
+        s->tgt = dc_image_close(s->tgt);
+}
+
+static const struct dc_job_driver backup_driver = {
+        .type = DC_JOB_TYPE_BACKUP,
+        .instance_size = sizeof(struct backup),
+        .run = backup_run,
+        .clean = backup_clean,
+};
+
+/* Quiesced: the filter on, and what is to be copied marked, at one point in time. */
+static int backup_setup(struct backup *s, uint64_t unit) {
+        dc_job *j = &s->job;
+        int r;
+
+        dc_disk_quiesce(j->disk);
+        r = dc_cbw_attach(j->disk, s->copy, unit, j->id, &s->cbw);
+        if (r >= 0) {
+                if (s->sync == DC_SYNC_NONE)
+                        dc_block_copy_mark_all(s->copy);
+                else
+                        r = dc_block_copy_mark_allocated(s->copy, s->source,
+                                                         s->sync == DC_SYNC_TOP ? s->source->backing : NULL);
+        }
+        dc_disk_unquiesce(j->disk);
+        return r;
+}
+
+DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
+                            const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        struct backup *s;
+        dc_image *source, *tgt;
+        uint64_t cs, unit, chunk;
+        dc_job *j;
+        int r;
+
+        oo = oo ? oo : &dc_job_no_options;
+
+        r = dc_job_new_copy(&backup_driver, source_path, target_path, oo, jo, "Source and target cannot be the same",
+                            &j, &source, &tgt);
+        if (r < 0)
+                return r;
+        s = container_of(j, struct backup, job);
+        s->source = source;
+        s->tgt = tgt;
+        s->sync = bo->sync;
+        if (s->tgt->virtual_size != s->source->virtual_size) {
+                r = dc_error(EINVAL, "Source and target image have different sizes");
+                goto fail;
+        }
+        if (bo->compress && !s->tgt->drv->write_compressed) {
+                r = dc_error(ENOTSUP, "Compression is not supported for this drive");
+                goto fail;
+        }
+        cs = dc_image_cluster_size(s->tgt);
+        if (bo->max_chunk && bo->max_chunk < MAX(cs, 512u)) {
+                r = dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
+                goto fail;
+        }
+        chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) DC_COPY_CHUNK) : 0;
+        /* copy-before-write works in whole target clusters (64 KiB for raw) */
+        unit = cs ? cs : 65536;
+        if (chunk && chunk < unit)
+                unit = chunk;
+        if (chunk)
+                chunk = ALIGN_DOWN(chunk, unit);
+        r = dc_block_copy_new(&(struct dc_block_copy_params){ .disk = j->disk,
+                                                              .source = s->source,
+                                                              .target = s->tgt,
+                                                              .unit = unit,
+                                                              .chunk = chunk,
+                                                              .workers = bo->max_workers,
+                                                              .compress = bo->compress,
+                                                              .cache = j->cache,
+                                                              .hooks = &dc_job_copy_hooks,
+                                                              .opaque = j },
+                              &s->copy);
+        if (r < 0)
+                goto fail;
+        r = backup_setup(s, unit);
+        if (r < 0)
+                goto fail;
+        j->len = s->source->virtual_size;
+        r = dc_job_start(j, ret);
+        if (r >= 0)
+                return 0;
+fail:
+        dc_job_free(j);
+        return r;
+}

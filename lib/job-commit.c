@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * block-commit (QEMU's block/commit.c): copy what top and the layers below
+ * it hold above base into base, then point top's overlay at base.  Active
+ * commit (top is the active layer) is a mirror into base and lives in
+ * job-mirror.c, as QEMU's commit_active_start lives in mirror.c.
+ *
+ * Design notes
+ * ------------
+ * - The copy is the engine's (block-copy.c) from top's view down to, not
+ *   including, base, into base: everything marked, unit = chunk, per
+ *   request only what is allocated (skip_unallocated).  Guest writes go to
+ *   the active layer above top and never reach these layers, but the
+ *   requests take the disk's range lock all the same.
+ * - Base grows to top's size first when it is smaller, never shrinks.
+ * - The overlay and base are open read-write for the job (the caller's
+ *   disk is reopened so, and back at the end: job-chain.c).
+ * - A cancelled or failed commit leaves base changed: the layers between
+ *   overlay and base no longer form a point in time (as in QEMU), but the
+ *   overlay still reads what it read, through top.
+ * - prepare records base as the overlay's backing file (BACKING_FILE as
+ *   given, or base's name relative to the overlay's directory).
+ * - Locking: the job's own fields are set before the job's thread starts
+ *   and read only by it afterwards; nothing here takes the job lock.
+ */
+
+#include "job.h"
+
+struct commit {
+        dc_job job;
+        dc_image *overlay;      /* whose backing file changes */
+        dc_image *top;          /* the overlay's backing file: where the copy reads from */
+        dc_image *base;         /* written */
+        char *backing, *backing_fmt;
+        dc_block_copy *copy;
+};
+
+static int commit_run(dc_job *j) {
+        struct commit *s = container_of(j, struct commit, job);
+
+        /* base grows when smaller than top, never shrinks */
+        if (s->base->virtual_size < s->top->virtual_size) {
+                int r = dc_image_truncate(s->base, s->top->virtual_size);
+                if (r < 0)
+                        return r;
+        }
+        return dc_job_copy_run(j, s->copy);
+}
+
+static int commit_prepare(dc_job *j) {
+        struct commit *s = container_of(j, struct commit, job);
+        return dc_image_set_backing(s->overlay, s->backing, s->backing_fmt);
+}
+
+static void commit_clean(dc_job *j) {
+        struct commit *s = container_of(j, struct commit, job);
+        s->copy = dc_block_copy_free(s->copy);
+        free(s->backing);
+        free(s->backing_fmt);
+        s->backing = s->backing_fmt = NULL;
+}
+
+static const struct dc_job_driver commit_driver = {
+        .type = DC_JOB_TYPE_COMMIT,
+        .instance_size = sizeof(struct commit),
+        .run = commit_run,
+        .prepare = commit_prepare,
+        .clean = commit_clean,
+};
+
+DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
+                            const char *backing_file, const struct dc_open_options *oo,
+                            const struct dc_job_options *jo, dc_job **ret) {
+        _cleanup_free_ char *overlay = NULL, *top = NULL, *base = NULL;
+        struct commit *s;
+        dc_job *j;
+        int r;
+
+        oo = oo ? oo : &dc_job_no_options;
+
+        r = dc_job_path(top_path, oo, &top);
+        if (r >= 0)
+                r = dc_job_path(base_path, oo, &base);
+        if (r >= 0 && overlay_path)
+                r = dc_job_path(overlay_path, oo, &overlay);
+        if (r < 0)
+                return r;
+        if (strcmp(top, base) == 0)
+                return dc_error(EINVAL, "cannot commit an image into itself");
+        if (!overlay && backing_file)
+                return dc_error(EINVAL, "'backing-file' specified, but 'top' is the active layer");
+        if (!overlay)
+                return dc_job_commit_active(top, base, top_path, base_path, oo, jo, ret);
+
+        r = dc_job_new(&commit_driver, jo, &j);
+        if (r < 0)
+                return r;
+        s = container_of(j, struct commit, job);
+        /* the overlay read-write for its new backing pointer, base to receive the data */
+        r = dc_job_open_chain(j, overlay, oo, jo, (const char *const[]){ overlay, base, NULL });
+        if (r < 0)
+                goto fail;
+        s->overlay = dc_job_find_layer(dc_disk_chain(j->disk), overlay);
+        s->top = dc_job_find_layer(s->overlay->backing, top);
+        if (!s->top || s->overlay->backing != s->top) {
+                r = dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
+                goto fail;
+        }
+        s->base = dc_job_find_layer(s->top->backing, base);
+        if (!s->base) {
+                r = dc_error(EINVAL, "'%s' is not in the backing chain of '%s'", base_path, top_path);
+                goto fail;
+        }
+        r = dc_job_writable_check(s->base);
+        if (r < 0)
+                goto fail;
+        s->backing = backing_file ? strdup(backing_file) : dc_job_backing_name(s->overlay, s->base);
+        s->backing_fmt = strdup(dc_format_name(dc_image_format(s->base)));
+        r = dc_block_copy_new(&(struct dc_block_copy_params){ .disk = j->disk,
+                                                              .source = s->top,
+                                                              .target = s->base,
+                                                              .skip_unallocated = true,
+                                                              .stop = s->base,
+                                                              .cache = j->cache,
+                                                              .hooks = &dc_job_copy_hooks,
+                                                              .opaque = j },
+                              &s->copy);
+        if (r < 0)
+                goto fail;
+        dc_block_copy_mark_all(s->copy);
+        j->len = s->top->virtual_size;
+        r = dc_job_start(j, ret);
+        if (r >= 0)
+                return 0;
+fail:
+        dc_job_free(j);
+        return r;
+}
