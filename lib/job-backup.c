@@ -82,10 +82,9 @@ static int backup_setup(struct backup *s, uint64_t unit) {
         r = dc_cbw_attach(j->disk, s->copy, unit, j->id, &s->cbw);
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
-                        dc_block_copy_mark_all(s->copy);
+                        dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
                 else
-                        r = dc_block_copy_mark_allocated(s->copy, s->source,
-                                                         s->sync == DC_SYNC_TOP ? s->source->backing : NULL);
+                        r = dc_job_mark_sync(s->copy, s->source, s->sync);
         }
         dc_disk_unquiesce(j->disk);
         return r;
@@ -93,10 +92,10 @@ static int backup_setup(struct backup *s, uint64_t unit) {
 
 DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct backup *s;
         dc_image *source, *tgt;
         uint64_t cs, unit, chunk;
-        dc_job *j;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -109,19 +108,13 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         s->source = source;
         s->tgt = tgt;
         s->sync = bo->sync;
-        if (s->tgt->virtual_size != s->source->virtual_size) {
-                r = dc_error(EINVAL, "Source and target image have different sizes");
-                goto fail;
-        }
-        if (bo->compress && !s->tgt->drv->write_compressed) {
-                r = dc_error(ENOTSUP, "Compression is not supported for this drive");
-                goto fail;
-        }
+        if (s->tgt->virtual_size != s->source->virtual_size)
+                return dc_error(EINVAL, "Source and target image have different sizes");
+        if (bo->compress && !s->tgt->drv->write_compressed)
+                return dc_error(ENOTSUP, "Compression is not supported for this drive");
         cs = dc_image_cluster_size(s->tgt);
-        if (bo->max_chunk && bo->max_chunk < MAX(cs, 512u)) {
-                r = dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
-                goto fail;
-        }
+        if (bo->max_chunk && bo->max_chunk < MAX(cs, 512u))
+                return dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
         chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) DC_COPY_CHUNK) : 0;
         /* copy-before-write works in whole target clusters (64 KiB for raw) */
         unit = cs ? cs : 65536;
@@ -129,27 +122,18 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                 unit = chunk;
         if (chunk)
                 chunk = ALIGN_DOWN(chunk, unit);
-        r = dc_block_copy_new(&(struct dc_block_copy_params){ .disk = j->disk,
-                                                              .source = s->source,
-                                                              .target = s->tgt,
-                                                              .unit = unit,
-                                                              .chunk = chunk,
-                                                              .workers = bo->max_workers,
-                                                              .compress = bo->compress,
-                                                              .cache = j->cache,
-                                                              .hooks = &dc_job_copy_hooks,
-                                                              .opaque = j },
-                              &s->copy);
-        if (r < 0)
-                goto fail;
-        r = backup_setup(s, unit);
-        if (r < 0)
-                goto fail;
-        j->len = s->source->virtual_size;
-        r = dc_job_start(j, ret);
+        r = dc_job_copy_new(j,
+                            (struct dc_block_copy_params){ .source = s->source,
+                                                           .target = s->tgt,
+                                                           .unit = unit,
+                                                           .chunk = chunk,
+                                                           .workers = bo->max_workers,
+                                                           .compress = bo->compress },
+                            &s->copy);
         if (r >= 0)
-                return 0;
-fail:
-        dc_job_free(j);
-        return r;
+                r = backup_setup(s, unit);
+        if (r < 0)
+                return r;
+        j->len = s->source->virtual_size;
+        return dc_job_start(TAKE_PTR(j), ret);
 }

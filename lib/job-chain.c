@@ -42,6 +42,44 @@ int dc_job_writable_check(dc_image *l) {
         return 0;
 }
 
+int dc_job_find_base(dc_image *top, const char *base_abs, const char *base_path, const char *top_path, dc_image **ret) {
+        dc_image *base = dc_job_find_layer(top->backing, base_abs);
+        int r;
+
+        if (!base)
+                return dc_error(EINVAL, "'%s' is not in the backing chain of '%s'", base_path, top_path);
+        r = dc_job_writable_check(base);
+        if (r < 0)
+                return r;
+        *ret = base;
+        return 0;
+}
+
+int dc_job_mark_sync(dc_block_copy *bc, dc_image *source, int sync) {
+        if (sync == DC_SYNC_NONE)
+                return 0;
+        return dc_block_copy_mark_allocated(bc, source, sync == DC_SYNC_TOP ? source->backing : NULL);
+}
+
+int dc_job_rebase_init(struct dc_job_rebase *rb, dc_image *layer, dc_image *base, const char *backing_file) {
+        rb->layer = layer;
+        if (!base)
+                return 0; /* none */
+        rb->backing = backing_file ? strdup(backing_file) : dc_job_backing_name(layer, base);
+        rb->backing_fmt = strdup(dc_format_name(dc_image_format(base)));
+        return rb->backing && rb->backing_fmt ? 0 : dc_error(ENOMEM, "out of memory");
+}
+
+int dc_job_rebase_apply(struct dc_job_rebase *rb) {
+        return dc_image_set_backing(rb->layer, rb->backing, rb->backing_fmt);
+}
+
+void dc_job_rebase_release(struct dc_job_rebase *rb) {
+        free(rb->backing);
+        free(rb->backing_fmt);
+        *rb = (struct dc_job_rebase){ 0 };
+}
+
 /*
  * Is CHAIN (from its active layer down) the one the caller authorized?
  * Between the caller's look at the files and our open, a header may have

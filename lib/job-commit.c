@@ -31,7 +31,7 @@ struct commit {
         dc_image *overlay;      /* whose backing file changes */
         dc_image *top;          /* the overlay's backing file: where the copy reads from */
         dc_image *base;         /* written */
-        char *backing, *backing_fmt;
+        struct dc_job_rebase rebase; /* what the overlay's header names at the end */
         dc_block_copy *copy;
 };
 
@@ -48,16 +48,13 @@ static int commit_run(dc_job *j) {
 }
 
 static int commit_prepare(dc_job *j) {
-        struct commit *s = container_of(j, struct commit, job);
-        return dc_image_set_backing(s->overlay, s->backing, s->backing_fmt);
+        return dc_job_rebase_apply(&container_of(j, struct commit, job)->rebase);
 }
 
 static void commit_clean(dc_job *j) {
         struct commit *s = container_of(j, struct commit, job);
         s->copy = dc_block_copy_free(s->copy);
-        free(s->backing);
-        free(s->backing_fmt);
-        s->backing = s->backing_fmt = NULL;
+        dc_job_rebase_release(&s->rebase);
 }
 
 static const struct dc_job_driver commit_driver = {
@@ -72,8 +69,8 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
                             const char *backing_file, const struct dc_open_options *oo,
                             const struct dc_job_options *jo, dc_job **ret) {
         _cleanup_free_ char *overlay = NULL, *top = NULL, *base = NULL;
+        _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct commit *s;
-        dc_job *j;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -99,40 +96,24 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
         /* the overlay read-write for its new backing pointer, base to receive the data */
         r = dc_job_open_chain(j, overlay, oo, jo, (const char *const[]){ overlay, base, NULL });
         if (r < 0)
-                goto fail;
+                return r;
         s->overlay = dc_job_find_layer(dc_disk_chain(j->disk), overlay);
         s->top = dc_job_find_layer(s->overlay->backing, top);
-        if (!s->top || s->overlay->backing != s->top) {
-                r = dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
-                goto fail;
-        }
-        s->base = dc_job_find_layer(s->top->backing, base);
-        if (!s->base) {
-                r = dc_error(EINVAL, "'%s' is not in the backing chain of '%s'", base_path, top_path);
-                goto fail;
-        }
-        r = dc_job_writable_check(s->base);
+        if (!s->top || s->overlay->backing != s->top)
+                return dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
+        r = dc_job_find_base(s->top, base, base_path, top_path, &s->base);
+        if (r >= 0)
+                r = dc_job_rebase_init(&s->rebase, s->overlay, s->base, backing_file);
+        if (r >= 0)
+                r = dc_job_copy_new(j,
+                                    (struct dc_block_copy_params){ .source = s->top,
+                                                                   .target = s->base,
+                                                                   .skip_unallocated = true,
+                                                                   .stop = s->base },
+                                    &s->copy);
         if (r < 0)
-                goto fail;
-        s->backing = backing_file ? strdup(backing_file) : dc_job_backing_name(s->overlay, s->base);
-        s->backing_fmt = strdup(dc_format_name(dc_image_format(s->base)));
-        r = dc_block_copy_new(&(struct dc_block_copy_params){ .disk = j->disk,
-                                                              .source = s->top,
-                                                              .target = s->base,
-                                                              .skip_unallocated = true,
-                                                              .stop = s->base,
-                                                              .cache = j->cache,
-                                                              .hooks = &dc_job_copy_hooks,
-                                                              .opaque = j },
-                              &s->copy);
-        if (r < 0)
-                goto fail;
+                return r;
         dc_block_copy_mark_all(s->copy);
         j->len = s->top->virtual_size;
-        r = dc_job_start(j, ret);
-        if (r >= 0)
-                return 0;
-fail:
-        dc_job_free(j);
-        return r;
+        return dc_job_start(TAKE_PTR(j), ret);
 }

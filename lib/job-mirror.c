@@ -348,30 +348,20 @@ static void mirror_query(dc_job *j, struct dc_job_info *ret) {
         ret->actively_synced = mirror_of(j)->actively_synced;
 }
 
+/* Mirror and active commit: one driver but for the type and copy-mode changes. */
+#define MIRROR_OPERATIONS                                                                                          \
+        .instance_size = sizeof(struct mirror), .run = mirror_run, .prepare = mirror_prepare, .abort = mirror_abort, \
+        .clean = mirror_clean, .complete = mirror_complete, .cancel = mirror_cancel, .query = mirror_query
+
 static const struct dc_job_driver mirror_driver = {
         .type = DC_JOB_TYPE_MIRROR,
-        .instance_size = sizeof(struct mirror),
-        .run = mirror_run,
-        .prepare = mirror_prepare,
-        .abort = mirror_abort,
-        .clean = mirror_clean,
-        .complete = mirror_complete,
-        .cancel = mirror_cancel,
         .change = mirror_change,
-        .query = mirror_query,
+        MIRROR_OPERATIONS,
 };
 
-/* Active commit: a mirror into base that cannot change its copy mode, and says it is a commit. */
 static const struct dc_job_driver commit_active_driver = {
         .type = DC_JOB_TYPE_COMMIT,
-        .instance_size = sizeof(struct mirror),
-        .run = mirror_run,
-        .prepare = mirror_prepare,
-        .abort = mirror_abort,
-        .clean = mirror_clean,
-        .complete = mirror_complete,
-        .cancel = mirror_cancel,
-        .query = mirror_query,
+        MIRROR_OPERATIONS,
 };
 
 /* --- creation -------------------------------------------------------------------------- */
@@ -387,9 +377,9 @@ static int mirror_setup(struct mirror *s) {
 
         s->hooks = dc_job_copy_hooks;
         s->hooks.pause = mirror_pause;
-        r = dc_block_copy_new(
-                &(struct dc_block_copy_params){
-                        .disk = j->disk,
+        r = dc_job_copy_new(
+                j,
+                (struct dc_block_copy_params){
                         .source = s->source,
                         .target = s->target,
                         .unit = s->unit,
@@ -397,7 +387,6 @@ static int mirror_setup(struct mirror *s) {
                         /* as many requests in flight as buf-size holds chunks */
                         .workers = (unsigned) MIN(MAX(s->buf_size / chunk, 1), (uint64_t) DC_COPY_MAX_WORKERS),
                         .zero_flags = s->unmap ? DC_ZERO_MAY_UNMAP : 0,
-                        .cache = j->cache,
                         .hooks = &s->hooks,
                         .opaque = j,
                 },
@@ -412,9 +401,8 @@ static int mirror_setup(struct mirror *s) {
                         dc_block_copy_mark_all(s->copy); /* it may not read as zeros */
                 else if (s->active_commit)
                         r = dc_block_copy_mark_allocated(s->copy, s->source, s->base);
-                else if (s->sync != DC_SYNC_NONE)
-                        r = dc_block_copy_mark_allocated(s->copy, s->source,
-                                                         s->sync == DC_SYNC_TOP ? s->source->backing : NULL);
+                else
+                        r = dc_job_mark_sync(s->copy, s->source, s->sync);
         }
         pthread_mutex_lock(&j->lock);
         mirror_progress(s);
@@ -425,10 +413,10 @@ static int mirror_setup(struct mirror *s) {
 
 DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, const struct dc_mirror_options *mo,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct mirror *s;
         dc_image *source, *tgt;
         uint32_t cs, gran;
-        dc_job *j;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -445,10 +433,8 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         s = mirror_of(j);
         s->source = source;
         s->target = s->tgt = tgt;
-        if (dc_disk_chain(j->disk) != s->source) {
-                r = dc_error(EINVAL, "'%s' is not the active layer of '%s'", source_path, dc_disk_chain(j->disk)->path);
-                goto fail;
-        }
+        if (dc_disk_chain(j->disk) != s->source)
+                return dc_error(EINVAL, "'%s' is not the active layer of '%s'", source_path, dc_disk_chain(j->disk)->path);
         s->sync = mo->sync;
         s->existing = mo->existing;
         s->unmap = mo->unmap;
@@ -461,21 +447,17 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         s->unit = MAX(gran, cs);
         s->buf_size = mo->buf_size ? mo->buf_size : DC_COPY_MIRROR_BUF;
         r = mirror_setup(s);
-        if (r >= 0)
-                r = dc_job_start(j, ret);
-        if (r >= 0)
-                return 0;
-fail:
-        dc_job_free(j);
-        return r;
+        if (r < 0)
+                return r;
+        return dc_job_start(TAKE_PTR(j), ret);
 }
 
 int dc_job_commit_active(const char *top, const char *base, const char *top_path, const char *base_path,
                          const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
+        _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct mirror *s;
         dc_image *chain;
         uint32_t cs;
-        dc_job *j;
         int r;
 
         r = dc_job_new(&commit_active_driver, jo, &j);
@@ -484,21 +466,14 @@ int dc_job_commit_active(const char *top, const char *base, const char *top_path
         s = mirror_of(j);
         r = dc_job_open_chain(j, top, oo, jo, (const char *const[]){ base, NULL });
         if (r < 0)
-                goto fail;
+                return r;
         chain = dc_disk_chain(j->disk);
-        if (strcmp(chain->path, top) != 0) {
-                r = dc_error(EINVAL, "'%s' is not the active layer of '%s'", top_path, chain->path);
-                goto fail;
-        }
+        if (strcmp(chain->path, top) != 0)
+                return dc_error(EINVAL, "'%s' is not the active layer of '%s'", top_path, chain->path);
         s->source = chain;
-        s->base = dc_job_find_layer(chain->backing, base);
-        if (!s->base) {
-                r = dc_error(EINVAL, "'%s' is not in the backing chain of '%s'", base_path, top_path);
-                goto fail;
-        }
-        r = dc_job_writable_check(s->base);
+        r = dc_job_find_base(chain, base, base_path, top_path, &s->base);
         if (r < 0)
-                goto fail;
+                return r;
         s->active_commit = true;
         s->target = s->base;
         cs = dc_image_cluster_size(s->base);
@@ -506,11 +481,7 @@ int dc_job_commit_active(const char *top, const char *base, const char *top_path
         s->buf_size = DC_COPY_MIRROR_BUF;
         s->copy_mode = DC_COPY_MODE_BACKGROUND;
         r = mirror_setup(s);
-        if (r >= 0)
-                r = dc_job_start(j, ret);
-        if (r >= 0)
-                return 0;
-fail:
-        dc_job_free(j);
-        return r;
+        if (r < 0)
+                return r;
+        return dc_job_start(TAKE_PTR(j), ret);
 }

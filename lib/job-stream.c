@@ -30,7 +30,7 @@ struct stream {
         dc_job job;
         dc_image *top;          /* the layer filled, in the job's chain */
         dc_image *base;         /* where the copy stops; NULL: flatten */
-        char *backing, *backing_fmt; /* what top's header names at the end */
+        struct dc_job_rebase rebase; /* what top's header names at the end */
         dc_block_copy *copy;
 };
 
@@ -40,16 +40,13 @@ static int stream_run(dc_job *j) {
 }
 
 static int stream_prepare(dc_job *j) {
-        struct stream *s = container_of(j, struct stream, job);
-        return dc_image_set_backing(s->top, s->backing, s->backing_fmt);
+        return dc_job_rebase_apply(&container_of(j, struct stream, job)->rebase);
 }
 
 static void stream_clean(dc_job *j) {
         struct stream *s = container_of(j, struct stream, job);
         s->copy = dc_block_copy_free(s->copy);
-        free(s->backing);
-        free(s->backing_fmt);
-        s->backing = s->backing_fmt = NULL;
+        dc_job_rebase_release(&s->rebase);
 }
 
 static const struct dc_job_driver stream_driver = {
@@ -63,8 +60,8 @@ static const struct dc_job_driver stream_driver = {
 DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const char *backing_file,
                             const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret) {
         _cleanup_free_ char *top = NULL, *base = NULL;
+        _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct stream *s;
-        dc_job *j;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -82,42 +79,28 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
         s = container_of(j, struct stream, job);
         r = dc_job_open_chain(j, top, oo, jo, (const char *const[]){ top, NULL });
         if (r < 0)
-                goto fail;
+                return r;
         s->top = dc_job_find_layer(dc_disk_chain(j->disk), top);
-        if (base) {
-                s->base = dc_job_find_layer(s->top->backing, base);
-                if (!s->base) {
-                        r = dc_error(EINVAL, "'%s' is not a backing image of '%s'", base_path, top_path);
-                        goto fail;
-                }
-                s->backing = backing_file ? strdup(backing_file) : dc_job_backing_name(s->top, s->base);
-                s->backing_fmt = strdup(dc_format_name(dc_image_format(s->base)));
-        }
-        if (s->top->drv != &dc_qcow2_driver) {
-                r = dc_error(ENOTSUP, "'%s': only qcow2 images can receive streamed data", top_path);
-                goto fail;
-        }
+        if (base && !(s->base = dc_job_find_layer(s->top->backing, base)))
+                return dc_error(EINVAL, "'%s' is not a backing image of '%s'", base_path, top_path);
+        r = dc_job_rebase_init(&s->rebase, s->top, s->base, backing_file);
+        if (r < 0)
+                return r;
+        if (s->top->drv != &dc_qcow2_driver)
+                return dc_error(ENOTSUP, "'%s': only qcow2 images can receive streamed data", top_path);
         r = dc_job_writable_check(s->top);
         if (r < 0)
-                goto fail;
-        r = dc_block_copy_new(&(struct dc_block_copy_params){ .disk = j->disk,
-                                                              .source = s->top,
-                                                              .target = s->top,
-                                                              .skip_unallocated = true,
-                                                              .stop = s->base,
-                                                              .skip_target_allocated = true,
-                                                              .cache = j->cache,
-                                                              .hooks = &dc_job_copy_hooks,
-                                                              .opaque = j },
-                              &s->copy);
+                return r;
+        r = dc_job_copy_new(j,
+                            (struct dc_block_copy_params){ .source = s->top,
+                                                           .target = s->top,
+                                                           .skip_unallocated = true,
+                                                           .stop = s->base,
+                                                           .skip_target_allocated = true },
+                            &s->copy);
         if (r < 0)
-                goto fail;
+                return r;
         dc_block_copy_mark_all(s->copy);
         j->len = s->top->virtual_size;
-        r = dc_job_start(j, ret);
-        if (r >= 0)
-                return 0;
-fail:
-        dc_job_free(j);
-        return r;
+        return dc_job_start(TAKE_PTR(j), ret);
 }

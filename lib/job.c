@@ -431,6 +431,16 @@ const struct dc_block_copy_hooks dc_job_copy_hooks = {
         .error = hook_error,
 };
 
+int dc_job_copy_new(dc_job *j, struct dc_block_copy_params p, dc_block_copy **ret) {
+        p.disk = j->disk;
+        p.cache = j->cache;
+        if (!p.hooks) {
+                p.hooks = &dc_job_copy_hooks;
+                p.opaque = j;
+        }
+        return dc_block_copy_new(&p, ret);
+}
+
 int dc_job_copy_run(dc_job *j, dc_block_copy *bc) {
         int r = dc_block_copy_pass(bc);
 
@@ -556,8 +566,11 @@ int dc_job_start(dc_job *j, dc_job **ret) {
         dc_job_set_status(j, DC_JOB_RUNNING);
         j->busy = true;
         r = pthread_create(&j->thread, NULL, job_thread, j);
-        if (r != 0)
-                return dc_error(r, "cannot start a thread for job '%s'", j->id);
+        if (r != 0) {
+                r = dc_error(r, "cannot start a thread for job '%s'", j->id);
+                dc_job_free(j);
+                return r;
+        }
         j->thread_started = true;
         *ret = j;
         return 0;

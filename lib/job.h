@@ -76,8 +76,11 @@ bool dc_job_verb_allowed(int verb, int status);
 
 /* A job of DRV with a well-formed id (QMP's rule) and JO's options, not started.  Free with dc_job_free(). */
 int dc_job_new(const struct dc_job_driver *drv, const struct dc_job_options *jo, dc_job **ret);
-/* Start the job's thread (created -> running); the caller's *RET from then on. */
+/* Start the job's thread (created -> running): the caller's *RET from then on.  On failure J is freed. */
 int dc_job_start(dc_job *j, dc_job **ret);
+static inline void dc_job_freep(dc_job **j) {
+        dc_job_free(*j);
+}
 
 /* Change the status (the job lock held); asserts the transition table, queues the event. */
 void dc_job_set_status(dc_job *j, int status);
@@ -100,6 +103,8 @@ bool dc_job_turn_take(dc_job *j);
 void dc_job_turn_give(dc_job *j, bool taken);
 /* The copy engine's hooks for a job (opaque: the dc_job). */
 extern const struct dc_block_copy_hooks dc_job_copy_hooks;
+/* The job's copy engine: P with the job's disk, cache mode and (unless P has its own) dc_job_copy_hooks. */
+int dc_job_copy_new(dc_job *j, struct dc_block_copy_params p, dc_block_copy **ret);
 /* The work of a one-pass copy job (stream, commit, backup): a pass, the target flushed, and a failure
  * if on-error=ignore skipped something. */
 int dc_job_copy_run(dc_job *j, dc_block_copy *bc);
@@ -135,6 +140,23 @@ void dc_job_restore_chain(dc_job *j);
 int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, const char *target_path,
                     const struct dc_open_options *oo, const struct dc_job_options *jo, const char *same,
                     dc_job **ret, dc_image **ret_source, dc_image **ret_target);
+
+/* Mark in BC what sync mode SYNC copies of SOURCE's chain: its allocation (full), its top layer's (top),
+ * nothing (none). */
+int dc_job_mark_sync(dc_block_copy *bc, dc_image *source, int sync);
+/* BASE_ABS below TOP in the chain, writable: *RET; else the error naming BASE_PATH and TOP_PATH. */
+int dc_job_find_base(dc_image *top, const char *base_abs, const char *base_path, const char *top_path, dc_image **ret);
+
+/* What a stream or commit records at its end: LAYER's new backing file, BASE. */
+struct dc_job_rebase {
+        dc_image *layer;
+        char *backing, *backing_fmt;
+};
+/* BACKING_FILE as given, or BASE's name relative to LAYER's directory, and BASE's format; BASE NULL: none. */
+int dc_job_rebase_init(struct dc_job_rebase *rb, dc_image *layer, dc_image *base, const char *backing_file);
+/* Record it (a driver's prepare). */
+int dc_job_rebase_apply(struct dc_job_rebase *rb);
+void dc_job_rebase_release(struct dc_job_rebase *rb);
 
 /* --- drivers (job-*.c) --- */
 
