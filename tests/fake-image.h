@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dc-internal.h"
 
@@ -29,6 +30,7 @@ struct fake {
         long fail_write_in;      /* > 0: the Nth write from now fails with fail_errno */
         long fail_read_in;       /* > 0: the Nth read from now fails with fail_errno */
         int fail_errno;
+        unsigned read_delay_us;  /* each read takes this long: lets helpers start before the caller is done */
 };
 
 static inline struct fake *fake_of(dc_image *img) {
@@ -62,6 +64,8 @@ static int fake_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         if (r < 0)
                 return r;
         f->reads++;
+        if (f->read_delay_us)
+                usleep(f->read_delay_us);
         memcpy(buf, f->data + off, len);
         return 0;
 }
