@@ -147,7 +147,8 @@ static void strv_free(char **v) {
         free(v);
 }
 
-enum { IMAGE_ROW, IMAGE_LONG, IMAGE_CREATED };
+/* IMAGE_CREATED, _SNAPSHOT, _CLASSIFIED: a line saying what a call made of the image */
+enum { IMAGE_ROW, IMAGE_LONG, IMAGE_CREATED, IMAGE_SNAPSHOT, IMAGE_CLASSIFIED };
 
 static int print_image(const char *obj, int form) {
         char *path = get_string(obj, IFACE("Image"), "Path"), *fmt = get_string(obj, IFACE("Image"), "Format");
@@ -178,9 +179,11 @@ static int print_image(const char *obj, int form) {
                        path, fmt, format_bytes(h1, vs), vs, format_bytes(h2, as), as,
                        cs ? format_bytes(h3, cs) : "(none)", compat, *bf ? bf : "(none)",
                        dirty ? "yes" : "no", corrupt ? "yes" : "no", ro ? "yes" : "no", obj);
-        else if (form == IMAGE_CREATED) {
-                /* what CreateImage made, in the words of the options that made it */
-                printf("created %s: %s, %s (%" PRIu64 " bytes)", path, fmt, format_bytes(h1, vs), vs);
+        else if (form >= IMAGE_CREATED) {
+                /* what the call made, in the words of the options that made it */
+                printf("%s %s: %s, %s (%" PRIu64 " bytes)",
+                       form == IMAGE_SNAPSHOT ? "new active layer" : form == IMAGE_CLASSIFIED ? "recorded" : "created",
+                       path, fmt, format_bytes(h1, vs), vs);
                 if (cs)
                         printf(", cluster size %s", format_bytes(h2, cs));
                 if (*bf)
@@ -467,7 +470,7 @@ static int cmd_classify(const char *path, const char *format) {
         if (r < 0)
                 return fail("ClassifyImage", &e, r);
         if (sd_bus_message_read(reply, "o", &o) >= 0)
-                printf("%s\n", o);
+                print_image(o, arg_json ? IMAGE_LONG : IMAGE_CLASSIFIED);
         sd_bus_message_unref(reply);
         return 0;
 }
@@ -858,8 +861,8 @@ static int cmd_snapshot(int argc, char **argv) {
         free(chain);
         if (r < 0)
                 return fail("Snapshot", &e, r);
-        sd_bus_message_read(reply, "o", &o);
-        printf("%s\n", o);
+        if (sd_bus_message_read(reply, "o", &o) >= 0)
+                print_image(o, arg_json ? IMAGE_LONG : IMAGE_SNAPSHOT);
         sd_bus_message_unref(reply);
         return 0;
 }

@@ -167,6 +167,15 @@ def test_diskchainctl(bus):
     assert f"qcow2         8 MiB  {c2}  <- c1.qcow2" in images and f"raw           2 GiB  {bus.root}/big.raw" in images
     assert f"qcow2       1.5 MiB  {bus.root}/odd.qcow2" in images, images
     assert "c2.qcow2 <- " in bus.ctl("chains").stdout
+    # snapshot and classify say what they made too, not an object path
+    c3 = os.path.join(bus.root, "c3.qcow2")
+    p = bus.ctl("snapshot", "c2.qcow2", "c3.qcow2")
+    assert p.stdout == (f"new active layer {c3}: qcow2, 8 MiB (8388608 bytes), cluster size 64 KiB, "
+                        "backing file c2.qcow2 (qcow2)\n"), p.stdout
+    with open(os.path.join(bus.root, "disk.bin"), "wb") as f:
+        f.write(b"\1" * (1 << 20))
+    p = bus.ctl("classify", "disk.bin", "raw")
+    assert p.stdout == f"recorded {os.path.join(bus.root, 'disk.bin')}: raw, 1 MiB (1048576 bytes)\n", p.stdout
     info = bus.ctl("info", "c2.qcow2").stdout
     for line in (f"image: {c2}", "format: qcow2", "virtual size: 8 MiB (8388608 bytes)", "cluster size: 4 KiB",
                  "backing file: c1.qcow2"):
