@@ -80,6 +80,20 @@ void dc_job_rebase_release(struct dc_job_rebase *rb) {
         *rb = (struct dc_job_rebase){ 0 };
 }
 
+int dc_rebase_job_run(dc_job *j) {
+        return dc_job_copy_run(j, container_of(j, struct dc_rebase_job, job)->copy);
+}
+
+int dc_rebase_job_prepare(dc_job *j) {
+        return dc_job_rebase_apply(&container_of(j, struct dc_rebase_job, job)->rebase);
+}
+
+void dc_rebase_job_clean(dc_job *j) {
+        struct dc_rebase_job *s = container_of(j, struct dc_rebase_job, job);
+        s->copy = dc_block_copy_free(s->copy);
+        dc_job_rebase_release(&s->rebase);
+}
+
 /*
  * Is CHAIN (from its active layer down) the one the caller authorized?
  * Between the caller's look at the files and our open, a header may have

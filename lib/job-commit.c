@@ -27,16 +27,14 @@
 #include "job.h"
 
 struct commit {
-        dc_job job;
+        struct dc_rebase_job rj; /* the copy, and what the overlay's header names at the end */
         dc_image *overlay;      /* whose backing file changes */
         dc_image *top;          /* the overlay's backing file: where the copy reads from */
         dc_image *base;         /* written */
-        struct dc_job_rebase rebase; /* what the overlay's header names at the end */
-        dc_block_copy *copy;
 };
 
 static int commit_run(dc_job *j) {
-        struct commit *s = container_of(j, struct commit, job);
+        struct commit *s = container_of(j, struct commit, rj.job);
 
         /* base grows when smaller than top, never shrinks */
         if (s->base->virtual_size < s->top->virtual_size) {
@@ -44,25 +42,15 @@ static int commit_run(dc_job *j) {
                 if (r < 0)
                         return r;
         }
-        return dc_job_copy_run(j, s->copy);
-}
-
-static int commit_prepare(dc_job *j) {
-        return dc_job_rebase_apply(&container_of(j, struct commit, job)->rebase);
-}
-
-static void commit_clean(dc_job *j) {
-        struct commit *s = container_of(j, struct commit, job);
-        s->copy = dc_block_copy_free(s->copy);
-        dc_job_rebase_release(&s->rebase);
+        return dc_rebase_job_run(j);
 }
 
 static const struct dc_job_driver commit_driver = {
         .type = DC_JOB_TYPE_COMMIT,
         .instance_size = sizeof(struct commit),
         .run = commit_run,
-        .prepare = commit_prepare,
-        .clean = commit_clean,
+        .prepare = dc_rebase_job_prepare,
+        .clean = dc_rebase_job_clean,
 };
 
 DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, const char *base_path,
@@ -92,7 +80,7 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
         r = dc_job_new(&commit_driver, jo, &j);
         if (r < 0)
                 return r;
-        s = container_of(j, struct commit, job);
+        s = container_of(j, struct commit, rj.job);
         /* the overlay read-write for its new backing pointer, base to receive the data */
         r = dc_job_open_chain(j, overlay, oo, jo, (const char *const[]){ overlay, base, NULL });
         if (r < 0)
@@ -103,17 +91,17 @@ DC_EXPORT int dc_job_commit(const char *overlay_path, const char *top_path, cons
                 return dc_error(EINVAL, "'%s' is not the backing file of '%s'", top_path, overlay_path);
         r = dc_job_find_base(s->top, base, base_path, top_path, &s->base);
         if (r >= 0)
-                r = dc_job_rebase_init(&s->rebase, s->overlay, s->base, backing_file);
+                r = dc_job_rebase_init(&s->rj.rebase, s->overlay, s->base, backing_file);
         if (r >= 0)
                 r = dc_job_copy_new(j,
                                     (struct dc_block_copy_params){ .source = s->top,
                                                                    .target = s->base,
                                                                    .skip_unallocated = true,
                                                                    .stop = s->base },
-                                    &s->copy);
+                                    &s->rj.copy);
         if (r < 0)
                 return r;
-        dc_block_copy_mark_all(s->copy);
+        dc_block_copy_mark_all(s->rj.copy);
         j->len = s->top->virtual_size;
         return dc_job_start(TAKE_PTR(j), ret);
 }

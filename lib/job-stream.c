@@ -27,34 +27,17 @@
 #include "job.h"
 
 struct stream {
-        dc_job job;
+        struct dc_rebase_job rj; /* the copy, and what top's header names at the end */
         dc_image *top;          /* the layer filled, in the job's chain */
         dc_image *base;         /* where the copy stops; NULL: flatten */
-        struct dc_job_rebase rebase; /* what top's header names at the end */
-        dc_block_copy *copy;
 };
-
-static int stream_run(dc_job *j) {
-        struct stream *s = container_of(j, struct stream, job);
-        return dc_job_copy_run(j, s->copy);
-}
-
-static int stream_prepare(dc_job *j) {
-        return dc_job_rebase_apply(&container_of(j, struct stream, job)->rebase);
-}
-
-static void stream_clean(dc_job *j) {
-        struct stream *s = container_of(j, struct stream, job);
-        s->copy = dc_block_copy_free(s->copy);
-        dc_job_rebase_release(&s->rebase);
-}
 
 static const struct dc_job_driver stream_driver = {
         .type = DC_JOB_TYPE_STREAM,
         .instance_size = sizeof(struct stream),
-        .run = stream_run,
-        .prepare = stream_prepare,
-        .clean = stream_clean,
+        .run = dc_rebase_job_run,
+        .prepare = dc_rebase_job_prepare,
+        .clean = dc_rebase_job_clean,
 };
 
 DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const char *backing_file,
@@ -76,14 +59,14 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
         r = dc_job_new(&stream_driver, jo, &j);
         if (r < 0)
                 return r;
-        s = container_of(j, struct stream, job);
+        s = container_of(j, struct stream, rj.job);
         r = dc_job_open_chain(j, top, oo, jo, (const char *const[]){ top, NULL });
         if (r < 0)
                 return r;
         s->top = dc_job_find_layer(dc_disk_chain(j->disk), top);
         if (base && !(s->base = dc_job_find_layer(s->top->backing, base)))
                 return dc_error(EINVAL, "'%s' is not a backing image of '%s'", base_path, top_path);
-        r = dc_job_rebase_init(&s->rebase, s->top, s->base, backing_file);
+        r = dc_job_rebase_init(&s->rj.rebase, s->top, s->base, backing_file);
         if (r < 0)
                 return r;
         if (s->top->drv != &dc_qcow2_driver)
@@ -97,10 +80,10 @@ DC_EXPORT int dc_job_stream(const char *top_path, const char *base_path, const c
                                                            .skip_unallocated = true,
                                                            .stop = s->base,
                                                            .skip_target_allocated = true },
-                            &s->copy);
+                            &s->rj.copy);
         if (r < 0)
                 return r;
-        dc_block_copy_mark_all(s->copy);
+        dc_block_copy_mark_all(s->rj.copy);
         j->len = s->top->virtual_size;
         return dc_job_start(TAKE_PTR(j), ret);
 }

@@ -158,6 +158,16 @@ int dc_job_rebase_init(struct dc_job_rebase *rb, dc_image *layer, dc_image *base
 int dc_job_rebase_apply(struct dc_job_rebase *rb);
 void dc_job_rebase_release(struct dc_job_rebase *rb);
 
+/* Stream and commit: the engine's one pass, then a new backing file recorded.  Their state starts with it. */
+struct dc_rebase_job {
+        dc_job job;
+        dc_block_copy *copy;
+        struct dc_job_rebase rebase;
+};
+int dc_rebase_job_run(dc_job *j);       /* the pass (dc_job_copy_run) */
+int dc_rebase_job_prepare(dc_job *j);   /* the record */
+void dc_rebase_job_clean(dc_job *j);
+
 /* --- drivers (job-*.c) --- */
 
 /* Active commit: a mirror into base (job-mirror.c); paths resolved, TOP the active layer. */
