@@ -23,9 +23,11 @@
  *      by a job's request before any image lock; the filters on the write
  *      path (copy-before-write, the mirror's write-through) run with the
  *      writer's range held;
- *   3. image locks (dc_image.lock), a layer before its backing file
- *      (dc_chain_read holds each layer while it reads the one below), and
- *      the layers of a chain before a job's separate target; an allocating
+ *   3. image locks (dc_image.lock), a layer before its backing file, and
+ *      the layers of a chain before a job's separate target; dc_chain_read
+ *      holds a layer's lock only to look up where data lies (and to read
+ *      what a driver cannot read by host offset), not while it reads the
+ *      data or the layer below; an allocating
  *      qcow2 write releases its image lock while its data goes out and
  *      while it waits for another's in-flight clusters (inflight_wait waits
  *      on the image lock's condition, holding nothing else);
@@ -170,6 +172,13 @@ struct dc_driver {
         int (*block_status)(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret);
         /* Read a range whose status is DATA. */
         int (*read)(dc_image *img, void *buf, uint64_t off, size_t len);
+        /*
+         * Read LEN bytes of guest data stored at HOST (a DATA range's
+         * host_offset, not compressed) without the image lock: the
+         * descriptors it reads are the image's for its whole life.  NULL:
+         * reads go through read() under the lock.
+         */
+        int (*read_host)(dc_image *img, void *buf, uint64_t host, size_t len);
         int (*write)(dc_image *img, const void *buf, uint64_t off, size_t len);
         int (*write_zeroes)(dc_image *img, uint64_t off, uint64_t len, unsigned flags);
         int (*write_compressed)(dc_image *img, const void *buf, uint64_t off, size_t len);

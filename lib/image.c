@@ -629,36 +629,55 @@ static int check_writable(dc_image *img) {
         return 0;
 }
 
+/*
+ * The layer's lock is held to find where each piece lies, and released
+ * while the data is read (by host offset, where the driver can) and while
+ * the layer below is read: copies of a job run side by side on one chain
+ * and would otherwise wait for each other's reads, one request on the disk
+ * at a time.  What makes that safe is the same as in QEMU's qcow2 reads,
+ * which drop the image lock for the data too: a host cluster read here
+ * changes hands only when the guest range it holds is written, zeroed or
+ * discarded, and every write of a job or guest takes the disk's range lock
+ * over its range, as a job's copy does over what it reads (a guest read
+ * racing its own write of the same range sees old or new data, as on any
+ * disk; one racing a discard and a reallocation in between may see what the
+ * cluster holds next, as in QEMU).  The backing pointers change only with
+ * the disk quiesced, and never under a job's own copy.
+ */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         uint8_t *p = buf;
         int r = 0;
 
-        pthread_mutex_lock(&img->lock);
         while (len > 0) {
                 struct dc_layer_status st;
+                dc_image *below;
 
+                pthread_mutex_lock(&img->lock);
                 r = img->drv->block_status(img, off, len, &st);
-                if (r < 0)
-                        break;
-                if (st.length == 0 || st.length > len)
+                if (r >= 0 && (st.length == 0 || st.length > len))
                         st.length = len;
-                if (st.type == DC_LAYER_DATA)
+                below = img->backing;
+                if (r >= 0 && st.type == DC_LAYER_DATA && (st.compressed || st.host_offset < 0 || !img->drv->read_host))
                         r = img->drv->read(img, p, off, (size_t) st.length);
-                else if (st.type == DC_LAYER_UNALLOCATED && img->backing && off < img->backing->virtual_size) {
-                        uint64_t n = MIN(st.length, img->backing->virtual_size - off);
-                        r = dc_chain_read(img->backing, p, off, (size_t) n);
+                pthread_mutex_unlock(&img->lock);
+                if (r < 0)
+                        return r;
+                if (st.type == DC_LAYER_DATA && !st.compressed && st.host_offset >= 0 && img->drv->read_host)
+                        r = img->drv->read_host(img, p, (uint64_t) st.host_offset, (size_t) st.length);
+                else if (st.type == DC_LAYER_UNALLOCATED && below && off < below->virtual_size) {
+                        uint64_t n = MIN(st.length, below->virtual_size - off);
+                        r = dc_chain_read(below, p, off, (size_t) n);
                         if (n < st.length)
                                 memset(p + n, 0, (size_t) (st.length - n));
-                } else
+                } else if (st.type != DC_LAYER_DATA)
                         memset(p, 0, (size_t) st.length);
                 if (r < 0)
-                        break;
+                        return r;
                 p += st.length;
                 off += st.length;
                 len -= (size_t) st.length;
         }
-        pthread_mutex_unlock(&img->lock);
-        return r;
+        return 0;
 }
 
 DC_EXPORT int dc_image_read(dc_image *img, void *buf, uint64_t off, size_t len) {

@@ -1399,6 +1399,13 @@ static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         return read_layer(img, buf, off, len, false);
 }
 
+/* Without the image lock (dc_driver.read_host): the image file's and the data file's descriptors are fixed. */
+static int qcow2_read_host(dc_image *img, void *buf, uint64_t host, size_t len) {
+        if (QC(img)->crypt_method)
+                return dc_error(ENOTSUP, "'%s': reading encrypted images is not supported", img->path);
+        return data_pread(img, buf, len, host);
+}
+
 /* The current guest content of [off, off+len), clipped to the virtual size
  * (zeros past it): what a copy-on-write keeps. */
 static int read_guest(dc_image *img, uint8_t *dst, uint64_t off, uint64_t len) {
@@ -2504,6 +2511,7 @@ const struct dc_driver dc_qcow2_driver = {
         .close = qcow2_close,
         .block_status = qcow2_block_status,
         .read = qcow2_read,
+        .read_host = qcow2_read_host,
         .write = qcow2_write,
         .write_zeroes = qcow2_write_zeroes,
         .write_compressed = qcow2_write_compressed,

@@ -147,6 +147,7 @@ const struct dc_driver dc_raw_driver = {
         .close = raw_close,
         .block_status = raw_block_status,
         .read = raw_read,
+        .read_host = raw_read, /* host offset = guest offset */
         .write = raw_write,
         .write_zeroes = raw_write_zeroes,
         .discard = raw_discard,
