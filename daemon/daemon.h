@@ -11,6 +11,7 @@
 
 #include "diskchain.h"
 #include "job-rate.h"
+#include "pool.h"
 
 #define BUS_NAME "org.diskchain.DiskChain1"
 #define MANAGER_PATH "/org/diskchain/DiskChain1"
@@ -41,8 +42,8 @@ static inline void freep(void *p) {
  * Lock order of the daemon (the library's is in lib/dc-internal.h): the
  * event loop thread owns every structure below except the Registry (its own
  * mutex, taken by worker and job threads through the format oracle and the
- * pivot record) and the Pool's queue (its own mutex).  Neither is held while
- * taking the other.
+ * pivot record) and the Pool's queues (its own mutex, pool.c).  Neither is
+ * held while taking the other.
  */
 
 typedef struct Manager Manager;
@@ -104,12 +105,10 @@ struct Manager {
         GPtrArray *waiters_now, *waiters_next; /* calls to dispatch again after a refresh */
         GHashTable *freshened; /* sd_bus_message* -> expiry (µs): calls already made fresh */
 
-        /* work (worker.c) */
-        struct Pool *pool;
+        /* work (work.c) */
+        Pool *pool;
         uint64_t last_call;   /* CLOCK_MONOTONIC µs of the last call, for the idle exit */
         unsigned operations;  /* client operations queued or running */
-        int notify_fd;
-        sd_event_source *notify_source;
 
         /* polkit (polkit.c) */
         GHashTable *polkit;   /* sd_bus_message* -> PolkitQuery* */
@@ -181,10 +180,11 @@ int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const cha
 int polkit_setup(Manager *mgr);
 void polkit_free(Manager *mgr);
 
-/* worker.c — a bounded pool of threads for everything that touches files */
+/* work.c — everything that touches files, on the pool's threads (pool.c) */
 typedef struct Work Work;
 typedef void (*work_fn)(Work *w);
 struct Work {
+        PoolItem item;
         Manager *mgr;
         sd_bus_message *m;    /* the call to answer, or NULL */
         work_fn run;          /* on a worker thread */

@@ -13,7 +13,6 @@ int manager_new(Manager **ret, const Config *config) {
         if (!mgr)
                 return -ENOMEM;
         mgr->config = *config;
-        mgr->notify_fd = -1;
         mgr->inotify_fd = -1;
         mgr->job_fd = -1;
         r = registry_open(config->state_dir, config->roots, &mgr->registry);
