@@ -109,9 +109,7 @@ static void job_start_release(JobStart *s) {
 
         if (!s->reserved)
                 return;
-        for (char **p = s->paths; p && *p; p++)
-                g_hash_table_remove(mgr->busy, *p);
-        if (s->target && g_hash_table_remove(mgr->targets, s->target))
+        if (claims_release(mgr->claims, s->id, s->paths, s->target))
                 model_changed(mgr, (char *[]){ s->target, NULL });
         g_hash_table_remove(mgr->job_ids, s->id);
         s->reserved = false;
@@ -306,6 +304,7 @@ static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **image
         Manager *mgr = active->mgr;
         const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
                                                                                             : "org.diskchain.modify";
+        g_autofree char *busy = NULL;
         Work *w;
         int r;
 
@@ -328,27 +327,20 @@ static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **image
                 return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded",
                                          "%u jobs are running or starting already (MaxJobs)",
                                          g_hash_table_size(mgr->job_ids));
-        for (char **p = paths; *p; p++) {
-                const char *holder = busy_job(mgr, *p);
-                if (holder)
-                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", *p, holder);
-        }
-        if (s->target && g_hash_table_contains(mgr->targets, s->target))
-                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the target of job '%s'", s->target,
-                                         (char *) g_hash_table_lookup(mgr->targets, s->target));
+        r = claims_take(mgr->claims, s->id, paths, s->target, &busy);
+        if (r < 0)
+                return sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
         w = work_new(mgr, job_start_run, job_start_done, s, NULL);
-        if (!w)
+        if (!w) {
+                (void) claims_release(mgr->claims, s->id, paths, s->target);
                 return -ENOMEM;
+        }
         w->free_data = job_start_free;
         (void) caller_uid(m, &s->uid);
         g_hash_table_add(mgr->job_ids, g_strdup(s->id));
         s->paths = g_strdupv(paths);
-        for (char **p = s->paths; *p; p++)
-                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(s->id));
-        if (s->target) {
-                g_hash_table_replace(mgr->targets, g_strdup(s->target), g_strdup(s->id));
+        if (s->target)
                 model_changed(mgr, (char *[]){ s->target, NULL });
-        }
         s->reserved = true;
         s->roots = g_strdupv(mgr->config.roots);
         s->max_depth = mgr->config.max_depth;
@@ -851,7 +843,7 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
                 if (*in_use)
                         return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use (%s)", abs, in_use);
         }
-        job = busy_job(mgr, active->path);
+        job = claims_holder(mgr->claims, active->path);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", active->path, job);
         images = paths_joined((char *[]){ active->path, abs, NULL });

@@ -49,14 +49,10 @@ static void job_release(Job *j) {
         Manager *mgr = j->mgr;
         g_autoptr(GPtrArray) changed = g_ptr_array_new();
 
-        for (char **p = j->paths; p && *p; p++) {
-                g_hash_table_remove(mgr->busy, *p);
+        for (char **p = j->paths; p && *p; p++)
                 g_ptr_array_add(changed, *p);
-        }
-        if (*j->target && g_strcmp0(g_hash_table_lookup(mgr->targets, j->target), j->id) == 0) {
-                g_hash_table_remove(mgr->targets, j->target);
+        if (claims_release(mgr->claims, j->id, j->paths, *j->target ? j->target : NULL))
                 g_ptr_array_add(changed, j->target);
-        }
         g_ptr_array_add(changed, NULL);
         if (mgr->bus && changed->len > 1) {
                 model_changed(mgr, (char **) changed->pdata);
@@ -117,10 +113,6 @@ char **model_job_paths(Manager *mgr) {
                 g_ptr_array_add(a, strdup(j->object));
         g_ptr_array_add(a, NULL);
         return (char **) g_ptr_array_free(a, FALSE);
-}
-
-const char *busy_job(Manager *mgr, const char *path) {
-        return g_hash_table_lookup(mgr->busy, path);
 }
 
 char *job_new_id(Manager *mgr, const char *type) {
@@ -314,8 +306,6 @@ int jobs_setup(Manager *mgr) {
 
         mgr->jobs = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free_void);
         mgr->job_ids = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
-        mgr->busy = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
-        mgr->targets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         mgr->job_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         if (mgr->job_fd < 0)
                 return -errno;
@@ -343,10 +333,6 @@ void jobs_free(Manager *mgr) {
         }
         if (mgr->job_ids)
                 g_hash_table_destroy(mgr->job_ids);
-        if (mgr->busy)
-                g_hash_table_destroy(mgr->busy);
-        if (mgr->targets)
-                g_hash_table_destroy(mgr->targets);
         sd_event_source_disable_unref(mgr->job_source);
         sd_event_source_disable_unref(mgr->progress_timer);
         if (mgr->job_fd >= 0)

@@ -9,6 +9,7 @@
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
+#include "claims.h"
 #include "diskchain.h"
 #include "job-rate.h"
 #include "pool.h"
@@ -85,6 +86,7 @@ struct Manager {
         Config config;
         Registry *registry;
         struct dc_format_oracle oracle;
+        Claims *claims;       /* which job uses which image, what our work holds (claims.c) */
 
         /* the model (model.c) */
         GHashTable *images;   /* path -> Image* (including files that are no usable image) */
@@ -93,7 +95,6 @@ struct Manager {
         GHashTable *active;   /* path -> chain object path: active layers of chains, as last announced */
         GHashTable *image_objects; /* object path -> Image* (exported images), for the object lookups */
         GHashTable *chain_objects; /* chain object path -> active path (both owned by active) */
-        GHashTable *held;     /* path -> count: images our own work has open read-write */
         int inotify_fd;
         sd_event_source *inotify_source, *refresh_timer, *locks_timer;
         GMutex watch_lock;    /* the two tables below: workers add watches */
@@ -117,8 +118,6 @@ struct Manager {
         /* jobs (bus-job.c) */
         GHashTable *jobs;     /* id -> Job* */
         GHashTable *job_ids;  /* id -> NULL: reserved from the start of a call until the job is gone */
-        GHashTable *busy;     /* image path -> job id, for images a job uses */
-        GHashTable *targets;  /* image path -> job id, for the targets of running jobs */
         int job_fd;           /* eventfd: some job has events */
         sd_event_source *job_source, *progress_timer;
         unsigned job_counter;
@@ -234,7 +233,6 @@ void model_refresh(Manager *mgr, char **paths);
  * refresh was started and M will be dispatched again afterwards.
  */
 int model_freshen(Manager *mgr, sd_bus_message *m, char **paths, sd_bus_error *error);
-void model_hold(Manager *mgr, char **paths, int delta);
 Image *model_find(Manager *mgr, const char *abs);
 char *image_object_path(const char *abs);
 char *chain_object_path(const char *abs);
@@ -273,7 +271,6 @@ void jobs_free(Manager *mgr);
 int job_register(Manager *mgr, dc_job *dj, uint64_t started, uid_t uid, const char *chain_object,
                  const char *top, const char *base, const char *target, char **paths, Job **ret);
 char **model_job_paths(Manager *mgr);
-const char *busy_job(Manager *mgr, const char *path);
 int append_job_infos(Manager *mgr, sd_bus_message *reply);
 char *job_new_id(Manager *mgr, const char *type);
 /* Free DJ (joining its thread) on a worker, never on the loop. */

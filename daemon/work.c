@@ -26,7 +26,7 @@
  *   stops counting.  So done sees the model as the work left it.
  * - Paths held (holds) are images our own work opens read-write: held from
  *   submission to done, they do not show as InUse "external" meanwhile
- *   (model_hold counts them).
+ *   (claims.c counts them).
  * - At exit the pool drops what waits: no done runs, the calls are not
  *   answered (the bus goes away with us).
  */
@@ -75,7 +75,7 @@ static void work_done(PoolItem *it) {
         Manager *mgr = w->mgr;
 
         if (w->holds)
-                model_hold(mgr, w->holds, -1);
+                claims_hold(mgr->claims, w->holds, -1);
         if (w->scan)
                 model_apply(mgr, w->scan);
         if (w->done)
@@ -132,7 +132,7 @@ int work_submit(Work *w, sd_bus_message *m) {
                 mgr->operations++;
         }
         if (w->holds)
-                model_hold(mgr, w->holds, +1);
+                claims_hold(mgr->claims, w->holds, +1);
         pool_submit(mgr->pool, &w->item, !w->operation);
         return 0;
 }
