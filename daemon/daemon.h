@@ -4,6 +4,7 @@
 #include <glib.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <syslog.h>
 #include <systemd/sd-bus.h>
@@ -115,7 +116,7 @@ struct Manager {
         GHashTable *polkit;   /* sd_bus_message* -> PolkitQuery* */
         sd_bus_slot *name_owner_slot;
 
-        /* jobs (bus-job.c) */
+        /* jobs (job.c) */
         GHashTable *jobs;     /* id -> Job* */
         GHashTable *job_ids;  /* id -> NULL: reserved from the start of a call until the job is gone */
         int job_fd;           /* eventfd: some job has events */
@@ -262,21 +263,50 @@ int image_object_find(sd_bus *bus, const char *path, const char *iface, void *us
 int chain_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
                       sd_bus_error *error);
 
-/* bus-job.c */
-int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
-                    sd_bus_error *error);
+/* job.c — the Job model: lifecycle, events, progress, reservations, starting */
+/* What a call that starts a job asked for, and what the start reserved (filled by bus-chain.c). */
+typedef struct JobStart {
+        Manager *mgr;
+        int type;
+        char *id, *chain_object, *overlay, *top, *base, *backing_file;
+        char *target, *target_backing;
+        bool create_target, target_made;
+        struct stat target_st;
+        struct dc_create_options co;
+        struct dc_backup_options bo;
+        struct dc_mirror_options mo;
+        char **roots;
+        char **paths;         /* claimed busy */
+        char **expect;        /* the chain as authorized, active layer first */
+        unsigned max_depth;
+        uid_t uid;
+        bool reserved;
+        uint64_t started;     /* job_rate_now() as the job was started */
+        struct dc_job_options jo;
+        dc_job *job;
+        char *d_images, *d_writes, *d_roots; /* polkit details */
+} JobStart;
+
 int jobs_setup(Manager *mgr);
 void jobs_free(Manager *mgr);
-/* STARTED: job_rate_now() when the job was started (on a worker, before the loop got to it). */
-int job_register(Manager *mgr, dc_job *dj, uint64_t started, uid_t uid, const char *chain_object,
-                 const char *top, const char *base, const char *target, char **paths, Job **ret);
 char **model_job_paths(Manager *mgr);
-int append_job_infos(Manager *mgr, sd_bus_message *reply);
+bool job_id_in_use(Manager *mgr, const char *id);
 char *job_new_id(Manager *mgr, const char *type);
-/* Free DJ (joining its thread) on a worker, never on the loop. */
-void job_free_later(Manager *mgr, dc_job *dj);
-void job_notify(void *userdata);
+JobStart *job_start_new(Manager *mgr, int type, Image *active, GPtrArray *layers);
+void job_start_free(void *p);
+int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus_error *error);
+
+/* bus-job.c — the Job's bus glue; the model announces through the job_send_* calls */
+int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                    sd_bus_error *error);
+int append_job_infos(Manager *mgr, sd_bus_message *reply);
 int caller_uid(sd_bus_message *m, uid_t *ret);
+/* The signal for EV (and the properties a status change or an error refreshes). */
+void job_send_event(Job *j, const struct dc_job_event *ev);
+void job_send_changed(Job *j, char **props);
+/* J appeared on the bus / left it: the object, and its chain's Jobs. */
+void job_send_added(Job *j);
+void job_send_removed(Job *j);
 
 /* manager.c */
 int manager_new(Manager **ret, const Config *config);
