@@ -50,6 +50,7 @@ static inline void freep(void *p) {
 
 typedef struct Manager Manager;
 typedef struct Registry Registry;
+typedef struct Work Work;
 
 /* One file in the storage roots, as last read (by a worker thread). */
 typedef struct Image {
@@ -158,6 +159,8 @@ void config_done(Config *c);
 const char *bus_error_name(int err);
 int bus_error_from_errno(sd_bus_error *e, int err, const char *message);
 int reply_error_errno(sd_bus_message *m, int err, const char *message);
+/* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
+void reply_new_image(Work *w, const char *path);
 
 /* registry.c — the daemon's own records: each image's format, and pivots */
 int registry_open(const char *state_dir, char **roots, Registry **ret);
@@ -181,7 +184,6 @@ int polkit_setup(Manager *mgr);
 void polkit_free(Manager *mgr);
 
 /* work.c — everything that touches files, on the pool's threads (pool.c) */
-typedef struct Work Work;
 typedef void (*work_fn)(Work *w);
 struct Work {
         PoolItem item;
@@ -211,8 +213,6 @@ int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void 
 int workers_setup(Manager *mgr);
 void workers_free(Manager *mgr);
 void work_capture_error(Work *w, int r);
-/* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
-void reply_new_image(Work *w, const char *path);
 
 /* model.c — images, chains and their bus objects */
 Image *image_free(Image *img);
