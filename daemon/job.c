@@ -35,7 +35,7 @@
  *   job that did not start is removed (only if it is still the file we
  *   made).
  * - The library's job is freed (its thread joined) on a worker, never on
- *   the loop; at exit, after the workers, on the loop.
+ *   the loop; only at exit is it cancelled and freed on the loop.
  */
 
 #include <errno.h>
