@@ -72,154 +72,12 @@ static int property_get_none(sd_bus *bus, const char *path, const char *iface, c
 /*
  * Starting a job, in order: the options are read and checked, the model is
  * made current for every file the job names (model_freshen), polkit is
- * asked with every image the job reads or writes in its details, and then,
- * all on the loop without a pause in between, the job id is reserved (so a
- * second call with the same id, or the MaxJobs+1st, is refused), the
- * images are claimed busy and a target is set aside.  A worker opens the
- * chain, checks that it is still the chain polkit was asked about (ESTALE
- * otherwise), creates the target if the job makes one, and starts the job.
- * Back on the loop the Job is published, or everything reserved is
- * released; a target made for a job that did not start is removed (only if
- * it is still the file we made).
+ * asked with every image the job reads or writes in its details, and then
+ * job_start (job.c), all on the loop without a pause in between, reserves
+ * the job id (so a second call with the same id, or the MaxJobs+1st, is
+ * refused), claims the images busy and sets a target aside, and hands the
+ * rest to a worker.
  */
-typedef struct JobStart {
-        Manager *mgr;
-        int type;
-        char *id, *chain_object, *overlay, *top, *base, *backing_file;
-        char *target, *target_backing;
-        bool create_target, target_made;
-        struct stat target_st;
-        struct dc_create_options co;
-        struct dc_backup_options bo;
-        struct dc_mirror_options mo;
-        char **roots;
-        char **paths;         /* claimed busy */
-        char **expect;        /* the chain as authorized, active layer first */
-        unsigned max_depth;
-        uid_t uid;
-        bool reserved;
-        uint64_t started;     /* job_rate_now() as the job was started */
-        struct dc_job_options jo;
-        dc_job *job;
-        char *d_images, *d_writes, *d_roots; /* polkit details */
-} JobStart;
-
-static void job_start_release(JobStart *s) {
-        Manager *mgr = s->mgr;
-
-        if (!s->reserved)
-                return;
-        for (char **p = s->paths; p && *p; p++)
-                g_hash_table_remove(mgr->busy, *p);
-        if (s->target && g_hash_table_remove(mgr->targets, s->target))
-                model_changed(mgr, (char *[]){ s->target, NULL });
-        g_hash_table_remove(mgr->job_ids, s->id);
-        s->reserved = false;
-}
-
-static void job_start_free(void *p) {
-        JobStart *s = p;
-        if (!s)
-                return;
-        job_start_release(s);
-        job_free_later(s->mgr, TAKE_PTR(s->job));
-        free(s->id);
-        free(s->chain_object);
-        free(s->overlay);
-        free(s->top);
-        free(s->base);
-        free(s->backing_file);
-        free(s->target);
-        free(s->target_backing);
-        g_strfreev(s->roots);
-        g_strfreev(s->paths);
-        g_strfreev(s->expect);
-        g_free(s->d_images);
-        g_free(s->d_writes);
-        g_free(s->d_roots);
-        free(s);
-}
-
-static void job_start_run(Work *w) {
-        JobStart *s = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) s->roots, .oracle = &w->mgr->oracle,
-                                     .max_depth = s->max_depth };
-        int r = 0;
-
-        s->jo.id = s->id;
-        s->jo.expect_chain = (const char *const *) s->expect;
-        if (s->create_target) {
-                /* drive-backup and drive-mirror with mode absolute-paths make the target */
-                dc_image *src = NULL;
-                struct dc_open_options so = o;
-                so.no_lock = true;
-                r = dc_image_open(s->top, &so, &src);
-                if (r >= 0) {
-                        s->co.oracle = &w->mgr->oracle;
-                        s->co.backing = s->target_backing;
-                        s->co.backing_format = -1;
-                        r = dc_image_create(s->target, dc_image_virtual_size(src), &s->co,
-                                            (const char *const *) s->roots);
-                        dc_image_close(src);
-                }
-                if (r >= 0) {
-                        int fd = dc_path_open(s->target, (const char *const *) s->roots, O_PATH, 0);
-                        s->target_made = fd >= 0 && fstat(fd, &s->target_st) == 0;
-                        if (fd >= 0)
-                                close(fd);
-                }
-        }
-        if (r >= 0) {
-                s->started = job_rate_now();
-                if (s->type == DC_JOB_TYPE_STREAM)
-                        r = dc_job_stream(s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
-                else if (s->type == DC_JOB_TYPE_COMMIT)
-                        r = dc_job_commit(s->overlay, s->top, s->base, s->backing_file, &o, &s->jo, &s->job);
-                else if (s->type == DC_JOB_TYPE_MIRROR)
-                        r = dc_job_mirror(s->top, s->target, &s->mo, &o, &s->jo, &s->job);
-                else
-                        r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
-        }
-        work_capture_error(w, r);
-        if (r < 0 && s->target_made) {
-                /* made for this job only: removed relative to its directory, and only if still ours */
-                (void) dc_path_unlink(s->target, (const char *const *) s->roots, &s->target_st);
-                s->target_made = false;
-        }
-}
-
-static void job_start_done(Work *w) {
-        JobStart *s = w->data;
-        Manager *mgr = w->mgr;
-        const char *target = s->type == DC_JOB_TYPE_STREAM ? s->top : s->target ? s->target : s->base;
-        Job *j;
-        int r;
-
-        if (w->r < 0) {
-                int e = -w->r;
-                log_fields(e == EINVAL || e == ESTALE || e == EBUSY ? LOG_DEBUG : LOG_WARNING,
-                           (const char *const[]){ "DISKCHAIN_JOB", s->id, "DISKCHAIN_IMAGE", s->top, NULL },
-                           "job '%s' did not start: %s", s->id, w->error ? w->error : strerror(e));
-                (void) reply_error_errno(w->m, w->r, w->error);
-                return; /* job_start_free releases what was reserved */
-        }
-        r = job_register(mgr, s->job, s->started, s->uid, s->chain_object, s->top, s->base, target, s->paths,
-                         &j);
-        if (r < 0) {
-                (void) dc_job_cancel(s->job, true);
-                (void) sd_bus_reply_method_errorf(w->m, SD_BUS_ERROR_FAILED, "cannot publish the job: %s", strerror(-r));
-                return;
-        }
-        /* the Job owns the job, the id, the claims and the target's place now */
-        s->job = NULL;
-        s->reserved = false;
-        log_fields(LOG_INFO,
-                   (const char *const[]){ "DISKCHAIN_JOB", s->id, "DISKCHAIN_JOB_TYPE", dc_job_type_name(s->type),
-                                          "DISKCHAIN_IMAGE", s->top, "DISKCHAIN_TARGET", target, NULL },
-                   "job '%s' started: %s of '%s'%s%s", s->id, dc_job_type_name(s->type), s->top,
-                   target && strcmp(target, s->top) ? " into " : "", target && strcmp(target, s->top) ? target : "");
-        (void) sd_bus_reply_method_return(w->m, "o", j->object);
-}
 
 /* An image named by path or object path, which must be a layer of the chain. */
 static int find_layer_opt(Manager *mgr, GPtrArray *layers, const char *v, const char *what, Image **ret,
@@ -246,29 +104,6 @@ static int find_layer_opt(Manager *mgr, GPtrArray *layers, const char *v, const 
                                  abs);
 }
 
-static JobStart *job_start_new(Manager *mgr, int type, Image *active, GPtrArray *layers) {
-        JobStart *s = calloc(1, sizeof *s);
-        GPtrArray *e;
-
-        if (!s)
-                return NULL;
-        s->mgr = mgr;
-        s->type = type;
-        e = g_ptr_array_new();
-        for (guint i = 0; i < layers->len; i++)
-                g_ptr_array_add(e, g_strdup(((Image *) layers->pdata[i])->path));
-        g_ptr_array_add(e, NULL);
-        s->expect = (char **) g_ptr_array_free(e, FALSE);
-        s->chain_object = chain_object_path(active->path);
-        return s;
-}
-
-/* A pivot of the job's is recorded in the registry: that record is its commit point. */
-static int job_pivoted(void *userdata, const char *new_top, const char *const *dropped) {
-        Manager *mgr = userdata;
-        return registry_pivoted(mgr->registry, new_top, dropped);
-}
-
 static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bus_error *error) {
         static const char *const on_errors[] = { "report", "ignore", "stop", "enospc", NULL };
         static const char *const caches[] = { "writeback", "none", NULL }; /* DC_CACHE_* order */
@@ -285,13 +120,12 @@ static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bu
             (r = opt_bool(opts, "auto-finalize", &af, error)) < 0 ||
             (r = opt_bool(opts, "auto-dismiss", &ad, error)) < 0)
                 return r;
-        if (id && g_hash_table_contains(mgr->job_ids, id))
+        if (id && job_id_in_use(mgr, id))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", id);
         s->id = id ? strdup(id) : job_new_id(mgr, dc_job_type_name(s->type));
         s->jo = (struct dc_job_options){ .speed = speed, .cache = cache, .on_error = on_error,
                                          .has_target_error = on_target >= 0,
-                                         .on_target_error = on_target, .auto_finalize = af, .auto_dismiss = ad,
-                                         .notify = job_notify, .userdata = mgr, .pivoted = job_pivoted };
+                                         .on_target_error = on_target, .auto_finalize = af, .auto_dismiss = ad };
         return 0;
 }
 
@@ -306,7 +140,6 @@ static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **image
         Manager *mgr = active->mgr;
         const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
                                                                                             : "org.diskchain.modify";
-        Work *w;
         int r;
 
         s->d_images = paths_joined(images);
@@ -320,42 +153,7 @@ static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **image
                           error);
         if (r <= 0)
                 return r;
-
-        /* from here to the work's queue, nothing waits: no second call can slip in between */
-        if (g_hash_table_contains(mgr->job_ids, s->id))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Job ID '%s' already in use", s->id);
-        if (g_hash_table_size(mgr->job_ids) >= mgr->config.max_jobs)
-                return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded",
-                                         "%u jobs are running or starting already (MaxJobs)",
-                                         g_hash_table_size(mgr->job_ids));
-        for (char **p = paths; *p; p++) {
-                const char *holder = busy_job(mgr, *p);
-                if (holder)
-                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", *p, holder);
-        }
-        if (s->target && g_hash_table_contains(mgr->targets, s->target))
-                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the target of job '%s'", s->target,
-                                         (char *) g_hash_table_lookup(mgr->targets, s->target));
-        w = work_new(mgr, job_start_run, job_start_done, s, NULL);
-        if (!w)
-                return -ENOMEM;
-        w->free_data = job_start_free;
-        (void) caller_uid(m, &s->uid);
-        g_hash_table_add(mgr->job_ids, g_strdup(s->id));
-        s->paths = g_strdupv(paths);
-        for (char **p = s->paths; *p; p++)
-                g_hash_table_replace(mgr->busy, g_strdup(*p), g_strdup(s->id));
-        if (s->target) {
-                g_hash_table_replace(mgr->targets, g_strdup(s->target), g_strdup(s->id));
-                model_changed(mgr, (char *[]){ s->target, NULL });
-        }
-        s->reserved = true;
-        s->roots = g_strdupv(mgr->config.roots);
-        s->max_depth = mgr->config.max_depth;
-        if (s->create_target)
-                w->refresh = g_strdupv((char *[]){ s->target, NULL });
-        r = work_submit(w, m);
-        return r < 0 ? r : 1;
+        return job_start(mgr, m, s, paths, error);
 }
 
 static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
@@ -851,7 +649,7 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
                 if (*in_use)
                         return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use (%s)", abs, in_use);
         }
-        job = busy_job(mgr, active->path);
+        job = claims_holder(mgr->claims, active->path);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", active->path, job);
         images = paths_joined((char *[]){ active->path, abs, NULL });

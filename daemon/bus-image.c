@@ -129,7 +129,7 @@ static int image_op_start(Image *img, sd_bus_message *m, ImageOp *op, work_fn ru
 }
 
 static int refuse_busy(Image *img, sd_bus_error *error) {
-        const char *job = busy_job(img->mgr, img->path);
+        const char *job = claims_holder(img->mgr->claims, img->path);
         Image *of = image_data_file_of(img->mgr, img);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", img->path, job);

@@ -301,7 +301,7 @@ static int method_classify_image(sd_bus_message *m, void *userdata, sd_bus_error
         r = model_freshen(mgr, m, (char *[]){ abs, NULL }, error);
         if (r <= 0)
                 return r < 0 ? r : 1;
-        job = busy_job(mgr, abs);
+        job = claims_holder(mgr->claims, abs);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", abs, job);
         r = polkit_verify(mgr, m, "org.diskchain.classify",

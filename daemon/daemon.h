@@ -4,13 +4,16 @@
 #include <glib.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <syslog.h>
 #include <systemd/sd-bus.h>
 #include <systemd/sd-event.h>
 
+#include "claims.h"
 #include "diskchain.h"
 #include "job-rate.h"
+#include "pool.h"
 
 #define BUS_NAME "org.diskchain.DiskChain1"
 #define MANAGER_PATH "/org/diskchain/DiskChain1"
@@ -41,12 +44,13 @@ static inline void freep(void *p) {
  * Lock order of the daemon (the library's is in lib/dc-internal.h): the
  * event loop thread owns every structure below except the Registry (its own
  * mutex, taken by worker and job threads through the format oracle and the
- * pivot record) and the Pool's queue (its own mutex).  Neither is held while
- * taking the other.
+ * pivot record) and the Pool's queues (its own mutex, pool.c).  Neither is
+ * held while taking the other.
  */
 
 typedef struct Manager Manager;
 typedef struct Registry Registry;
+typedef struct Work Work;
 
 /* One file in the storage roots, as last read (by a worker thread). */
 typedef struct Image {
@@ -84,6 +88,7 @@ struct Manager {
         Config config;
         Registry *registry;
         struct dc_format_oracle oracle;
+        Claims *claims;       /* which job uses which image, what our work holds (claims.c) */
 
         /* the model (model.c) */
         GHashTable *images;   /* path -> Image* (including files that are no usable image) */
@@ -92,7 +97,6 @@ struct Manager {
         GHashTable *active;   /* path -> chain object path: active layers of chains, as last announced */
         GHashTable *image_objects; /* object path -> Image* (exported images), for the object lookups */
         GHashTable *chain_objects; /* chain object path -> active path (both owned by active) */
-        GHashTable *held;     /* path -> count: images our own work has open read-write */
         int inotify_fd;
         sd_event_source *inotify_source, *refresh_timer, *locks_timer;
         GMutex watch_lock;    /* the two tables below: workers add watches */
@@ -104,22 +108,18 @@ struct Manager {
         GPtrArray *waiters_now, *waiters_next; /* calls to dispatch again after a refresh */
         GHashTable *freshened; /* sd_bus_message* -> expiry (µs): calls already made fresh */
 
-        /* work (worker.c) */
-        struct Pool *pool;
+        /* work (work.c) */
+        Pool *pool;
         uint64_t last_call;   /* CLOCK_MONOTONIC µs of the last call, for the idle exit */
         unsigned operations;  /* client operations queued or running */
-        int notify_fd;
-        sd_event_source *notify_source;
 
         /* polkit (polkit.c) */
         GHashTable *polkit;   /* sd_bus_message* -> PolkitQuery* */
         sd_bus_slot *name_owner_slot;
 
-        /* jobs (bus-job.c) */
+        /* jobs (job.c) */
         GHashTable *jobs;     /* id -> Job* */
         GHashTable *job_ids;  /* id -> NULL: reserved from the start of a call until the job is gone */
-        GHashTable *busy;     /* image path -> job id, for images a job uses */
-        GHashTable *targets;  /* image path -> job id, for the targets of running jobs */
         int job_fd;           /* eventfd: some job has events */
         sd_event_source *job_source, *progress_timer;
         unsigned job_counter;
@@ -159,6 +159,8 @@ void config_done(Config *c);
 const char *bus_error_name(int err);
 int bus_error_from_errno(sd_bus_error *e, int err, const char *message);
 int reply_error_errno(sd_bus_message *m, int err, const char *message);
+/* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
+void reply_new_image(Work *w, const char *path);
 
 /* registry.c — the daemon's own records: each image's format, and pivots */
 int registry_open(const char *state_dir, char **roots, Registry **ret);
@@ -181,10 +183,10 @@ int polkit_verify(Manager *mgr, sd_bus_message *m, const char *action, const cha
 int polkit_setup(Manager *mgr);
 void polkit_free(Manager *mgr);
 
-/* worker.c — a bounded pool of threads for everything that touches files */
-typedef struct Work Work;
+/* work.c — everything that touches files, on the pool's threads (pool.c) */
 typedef void (*work_fn)(Work *w);
 struct Work {
+        PoolItem item;
         Manager *mgr;
         sd_bus_message *m;    /* the call to answer, or NULL */
         work_fn run;          /* on a worker thread */
@@ -211,8 +213,6 @@ int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void 
 int workers_setup(Manager *mgr);
 void workers_free(Manager *mgr);
 void work_capture_error(Work *w, int r);
-/* Answer W's call with the object of the image at PATH, made by W's work (or W's error). */
-void reply_new_image(Work *w, const char *path);
 
 /* model.c — images, chains and their bus objects */
 Image *image_free(Image *img);
@@ -234,7 +234,6 @@ void model_refresh(Manager *mgr, char **paths);
  * refresh was started and M will be dispatched again afterwards.
  */
 int model_freshen(Manager *mgr, sd_bus_message *m, char **paths, sd_bus_error *error);
-void model_hold(Manager *mgr, char **paths, int delta);
 Image *model_find(Manager *mgr, const char *abs);
 char *image_object_path(const char *abs);
 char *chain_object_path(const char *abs);
@@ -264,22 +263,50 @@ int image_object_find(sd_bus *bus, const char *path, const char *iface, void *us
 int chain_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
                       sd_bus_error *error);
 
-/* bus-job.c */
-int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
-                    sd_bus_error *error);
+/* job.c — the Job model: lifecycle, events, progress, reservations, starting */
+/* What a call that starts a job asked for, and what the start reserved (filled by bus-chain.c). */
+typedef struct JobStart {
+        Manager *mgr;
+        int type;
+        char *id, *chain_object, *overlay, *top, *base, *backing_file;
+        char *target, *target_backing;
+        bool create_target, target_made;
+        struct stat target_st;
+        struct dc_create_options co;
+        struct dc_backup_options bo;
+        struct dc_mirror_options mo;
+        char **roots;
+        char **paths;         /* claimed busy */
+        char **expect;        /* the chain as authorized, active layer first */
+        unsigned max_depth;
+        uid_t uid;
+        bool reserved;
+        uint64_t started;     /* job_rate_now() as the job was started */
+        struct dc_job_options jo;
+        dc_job *job;
+        char *d_images, *d_writes, *d_roots; /* polkit details */
+} JobStart;
+
 int jobs_setup(Manager *mgr);
 void jobs_free(Manager *mgr);
-/* STARTED: job_rate_now() when the job was started (on a worker, before the loop got to it). */
-int job_register(Manager *mgr, dc_job *dj, uint64_t started, uid_t uid, const char *chain_object,
-                 const char *top, const char *base, const char *target, char **paths, Job **ret);
 char **model_job_paths(Manager *mgr);
-const char *busy_job(Manager *mgr, const char *path);
-int append_job_infos(Manager *mgr, sd_bus_message *reply);
+bool job_id_in_use(Manager *mgr, const char *id);
 char *job_new_id(Manager *mgr, const char *type);
-/* Free DJ (joining its thread) on a worker, never on the loop. */
-void job_free_later(Manager *mgr, dc_job *dj);
-void job_notify(void *userdata);
+JobStart *job_start_new(Manager *mgr, int type, Image *active, GPtrArray *layers);
+void job_start_free(void *p);
+int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus_error *error);
+
+/* bus-job.c — the Job's bus glue; the model announces through the job_send_* calls */
+int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                    sd_bus_error *error);
+int append_job_infos(Manager *mgr, sd_bus_message *reply);
 int caller_uid(sd_bus_message *m, uid_t *ret);
+/* The signal for EV (and the properties a status change or an error refreshes). */
+void job_send_event(Job *j, const struct dc_job_event *ev);
+void job_send_changed(Job *j, char **props);
+/* J appeared on the bus / left it: the object, and its chain's Jobs. */
+void job_send_added(Job *j);
+void job_send_removed(Job *j);
 
 /* manager.c */
 int manager_new(Manager **ret, const Config *config);

@@ -13,7 +13,7 @@ int manager_new(Manager **ret, const Config *config) {
         if (!mgr)
                 return -ENOMEM;
         mgr->config = *config;
-        mgr->notify_fd = -1;
+        mgr->claims = claims_new();
         mgr->inotify_fd = -1;
         mgr->job_fd = -1;
         r = registry_open(config->state_dir, config->roots, &mgr->registry);
@@ -46,6 +46,7 @@ Manager *manager_free(Manager *mgr) {
         polkit_free(mgr);
         model_free(mgr);
         registry_free(mgr->registry);
+        claims_free(mgr->claims);
         sd_bus_flush_close_unref(mgr->bus);
         sd_event_unref(mgr->event);
         config_done(&mgr->config);

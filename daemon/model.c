@@ -356,7 +356,7 @@ Image *model_find(Manager *mgr, const char *abs) {
 
 /* Dropped by a pivot, the target of a job that runs now, or another image's data file. */
 static bool set_aside(Manager *mgr, Image *img) {
-        return img->superseded_by || g_hash_table_contains(mgr->targets, img->path) ||
+        return img->superseded_by || claims_target_of(mgr->claims, img->path) ||
                g_hash_table_contains(mgr->data_files, img->path);
 }
 
@@ -390,14 +390,14 @@ bool image_in_any_chain(Manager *mgr, Image *img) {
 }
 
 const char *image_in_use(Manager *mgr, Image *img, char **ret_free) {
-        const char *job = busy_job(mgr, img->path);
+        const char *job = claims_holder(mgr->claims, img->path);
         Image *of = image_data_file_of(mgr, img);
         *ret_free = NULL;
         if (job)
                 return *ret_free = g_strdup_printf("job:%s", job);
         if (of)
                 return *ret_free = g_strdup_printf("data-file:%s", of->path);
-        return img->external && !g_hash_table_contains(mgr->held, img->path) ? "external" : "";
+        return img->external && !claims_held(mgr->claims, img->path) ? "external" : "";
 }
 
 /* --- applying what was read ------------------------------------------------------ */
@@ -820,18 +820,6 @@ int model_freshen(Manager *mgr, sd_bus_message *m, char **paths, sd_bus_error *e
         return 0;
 }
 
-void model_hold(Manager *mgr, char **paths, int delta) {
-        for (char **p = paths; p && *p; p++) {
-                unsigned n = GPOINTER_TO_UINT(g_hash_table_lookup(mgr->held, *p));
-                if (delta > 0)
-                        g_hash_table_replace(mgr->held, g_strdup(*p), GUINT_TO_POINTER(n + 1));
-                else if (n <= 1)
-                        g_hash_table_remove(mgr->held, *p);
-                else
-                        g_hash_table_replace(mgr->held, g_strdup(*p), GUINT_TO_POINTER(n - 1));
-        }
-}
-
 /* --- who holds QEMU's write lock --------------------------------------------------- */
 
 typedef struct LockLook {
@@ -892,7 +880,7 @@ static void locks_done(Work *w) {
                 ext = dev && *dev == ((guint64) major(img->dev) << 32 | minor(img->dev));
                 if (ext != img->external) {
                         img->external = ext;
-                        if (!g_hash_table_contains(mgr->held, img->path) && !busy_job(mgr, img->path))
+                        if (!claims_held(mgr->claims, img->path) && !claims_holder(mgr->claims, img->path))
                                 (void) sd_bus_emit_properties_changed(mgr->bus, img->object, IFACE_IMAGE, "InUse",
                                                                       NULL);
                 }
@@ -930,7 +918,6 @@ int model_setup(Manager *mgr) {
         mgr->image_objects = g_hash_table_new(g_str_hash, g_str_equal);
         mgr->data_files = g_hash_table_new(g_str_hash, g_str_equal);
         mgr->chain_objects = g_hash_table_new(g_str_hash, g_str_equal);
-        mgr->held = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         mgr->dirty = path_set();
         mgr->watches = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
         mgr->watched = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
@@ -975,8 +962,6 @@ void model_free(Manager *mgr) {
                 g_hash_table_destroy(mgr->active);
         if (mgr->images)
                 g_hash_table_destroy(mgr->images);
-        if (mgr->held)
-                g_hash_table_destroy(mgr->held);
         if (mgr->dirty)
                 g_hash_table_destroy(mgr->dirty);
         if (mgr->watches)
