@@ -31,6 +31,7 @@ struct fake {
         long fail_read_in;       /* > 0: the Nth read from now fails with fail_errno */
         int fail_errno;
         unsigned read_delay_us;  /* each read takes this long: lets helpers start before the caller is done */
+        unsigned in_read, max_in_read; /* reads by host offset running now, and at most at once (atomic) */
 };
 
 static inline struct fake *fake_of(dc_image *img) {
@@ -47,13 +48,13 @@ static int fake_block_status(dc_image *img, uint64_t off, uint64_t len, struct d
         *ret = (struct dc_layer_status){
                 .type = st == FAKE_DATA ? DC_LAYER_DATA : st == FAKE_ZERO ? DC_LAYER_ZERO : DC_LAYER_UNALLOCATED,
                 .length = MIN(n, len),
-                .host_offset = -1,
+                .host_offset = st == FAKE_DATA ? (int64_t) off : -1,
         };
         return 0;
 }
 
 static int fake_fault(long *in, int err, const char *what) {
-        if (*in > 0 && --*in == 0)
+        if (__atomic_load_n(in, __ATOMIC_SEQ_CST) > 0 && __atomic_sub_fetch(in, 1, __ATOMIC_SEQ_CST) == 0)
                 return dc_error(err, "fake %s failure", what);
         return 0;
 }
@@ -63,11 +64,25 @@ static int fake_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         int r = fake_fault(&f->fail_read_in, f->fail_errno, "read");
         if (r < 0)
                 return r;
-        f->reads++;
+        __atomic_add_fetch(&f->reads, 1, __ATOMIC_SEQ_CST);
         if (f->read_delay_us)
                 usleep(f->read_delay_us);
         memcpy(buf, f->data + off, len);
         return 0;
+}
+
+/* Data lies at its guest offset ("host" = guest), read without the image lock as a real driver's is. */
+static int fake_read_host(dc_image *img, void *buf, uint64_t host, size_t len) {
+        struct fake *f = fake_of(img);
+        unsigned now = __atomic_add_fetch(&f->in_read, 1, __ATOMIC_SEQ_CST), max = __atomic_load_n(&f->max_in_read, __ATOMIC_SEQ_CST);
+        int r;
+
+        while (now > max && !__atomic_compare_exchange_n(&f->max_in_read, &max, now, false, __ATOMIC_SEQ_CST,
+                                                         __ATOMIC_SEQ_CST))
+                ;
+        r = fake_read(img, buf, host, len);
+        __atomic_sub_fetch(&f->in_read, 1, __ATOMIC_SEQ_CST);
+        return r;
 }
 
 static void fake_mark(struct fake *f, uint64_t off, uint64_t len, uint8_t st) {
@@ -121,6 +136,7 @@ static const struct dc_driver fake_driver = {
         .format = -1,
         .block_status = fake_block_status,
         .read = fake_read,
+        .read_host = fake_read_host,
         .write = fake_write,
         .write_zeroes = fake_write_zeroes,
         .discard = fake_discard,

@@ -148,6 +148,7 @@ static void test_chain_into_target(void) {
         CHECK(o.done == size);           /* every byte of the disk handled once */
         CHECK(o.copied == 8 * MiB + 128 * KiB + 1 * MiB + 64 * KiB);
         CHECK(o.nthreads >= 2);          /* helpers ran beside the caller */
+        CHECK(fake_of(top->backing->backing)->max_in_read >= 2); /* their reads of the chain too, not one at a time */
         CHECK(o.errors == 0);
         /* zeros read are not written where the target reads zeros anyway: mid's zero data after base's */
         CHECK(bytes_in(tgt, FAKE_ZERO) == 0);
