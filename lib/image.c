@@ -490,12 +490,13 @@ static int layer_open(const char *abs, const struct dc_open_options *o, bool wri
         return 0;
 }
 
-/* After LEN more bytes of buffered job data: start writing them, drop what is written. */
-static void writeback_account(dc_image *img, size_t len) {
+/* After LEN more bytes of buffered job data: every KICK bytes (read under the image lock), start writing
+ * them and drop what is written. */
+static void writeback_account(dc_image *img, size_t len, uint64_t kick) {
         uint64_t before = __atomic_fetch_add(&img->wb_bytes, len, __ATOMIC_RELAXED);
 
         /* the kick's size and why it is there: dc_image_job_cache (block-copy.c) */
-        if (!img->wb_kick || before / img->wb_kick == (before + len) / img->wb_kick)
+        if (!kick || before / kick == (before + len) / kick)
                 return;
         /* errors are the final flush's to report: this only starts the work early */
         (void) posix_fadvise(img->fd, 0, 0, POSIX_FADV_DONTNEED);
@@ -512,6 +513,7 @@ int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t of
         bool direct = img->direct && (uintptr_t) buf % img->dio_mem_align == 0 && off % img->dio_off_align == 0 &&
                       len % img->dio_off_align == 0;
         bool writeback = img->writeback;
+        uint64_t kick = img->wb_kick; /* the job may end (dc_image_job_cache) while the lock is released */
         int r;
 
         if (unlocked)
@@ -522,7 +524,7 @@ int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t of
         else
                 direct = false;
         if (r >= 0 && writeback)
-                writeback_account(img, len);
+                writeback_account(img, len, kick);
         if (unlocked)
                 pthread_mutex_lock(&img->lock);
         if (direct && r >= 0)
