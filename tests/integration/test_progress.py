@@ -9,11 +9,18 @@ import re
 import subprocess
 import time
 
-from bustest import CTL, qemu_io
+from bustest import CTL, instrumented, qemu_io
 from test_bus import M, create, data, prop, wait_gone, wait_status
 
 MIB = 1 << 20
 SPEED = 2 * MIB
+
+
+def near_speed(rate):
+    """A rate measured under the speed limit: never above it, and near it unless valgrind or ASan slow the daemon."""
+    return (instrumented() or SPEED / 2 <= rate) and rate <= 2 * SPEED
+
+
 SIZE = 8 * MIB
 
 
@@ -50,7 +57,7 @@ def human(v):
 
 def assert_running_numbers(n, t):
     """Rate near the speed limit; ExpectedEndTime is when the rest takes at that rate, and plausible."""
-    assert SPEED // 2 <= n["Rate"] <= 2 * SPEED, n
+    assert near_speed(n["Rate"]), n
     left = (n["TotalProgress"] - n["CurrentProgress"]) / n["Rate"]
     assert n["ExpectedEndTime"] > t, n
     # measured on the last 250 ms tick, read since: within a second of the rest at that rate
@@ -91,7 +98,7 @@ def test_rate_and_expected_end_of_a_rate_limited_job(bus):
     time.sleep(0.8)
     t = now_us()
     n = numbers(bus, job)
-    assert n["Status"] == "running" and SPEED // 2 <= n["Rate"] <= 2 * SPEED, n
+    assert n["Status"] == "running" and near_speed(n["Rate"]), n
 
     wait_status(bus, job, "concluded")
     n = numbers(bus, job)
@@ -157,7 +164,7 @@ def test_diskchainctl_progress_line_and_summary(bus):
     assert len(shown) >= 4, tty  # about every half second for four seconds
     for m in shown:
         rate = float(m.group(2).split()[0]) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20}[m.group(2).split()[1]]
-        assert SPEED / 2 <= rate <= 2 * SPEED, m.group(0)
+        assert near_speed(rate), m.group(0)
         # the time left is the rest at the rate shown (rounded, and measured up to a tick before)
         rest = SIZE * (100 - int(m.group(1))) / 100 / rate
         assert abs(seconds(m.group(3)) - rest) <= 0.1 * rest + 1.0, m.group(0)
