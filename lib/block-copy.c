@@ -434,13 +434,13 @@ static void *worker(void *p) {
 int dc_block_copy_pass(dc_block_copy *bc) {
         struct pass ps = { .bc = bc };
         struct worker w[DC_COPY_MAX_WORKERS];
-        uint64_t todo = MIN(dc_block_copy_dirty(bc), bc->size);
+        uint64_t marked = MIN(dc_block_copy_dirty(bc), bc->size);
         unsigned n = 0;
 
         if (!bc->buf && !(bc->buf = dc_io_buffer(bc->p.chunk)))
                 return dc_error(ENOMEM, "out of memory");
         /* helpers only while there is a chunk for each */
-        while (n + 1 < bc->p.workers && (uint64_t) (n + 1) * bc->p.chunk < todo) {
+        while (n + 1 < bc->p.workers && (uint64_t) (n + 1) * bc->p.chunk < marked) {
                 w[n + 1] = (struct worker){ .ps = &ps };
                 if (pthread_create(&w[n + 1].th, NULL, worker, &w[n + 1]) != 0)
                         break;
