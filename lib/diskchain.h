@@ -265,6 +265,67 @@ uint64_t dc_disk_size(dc_disk *d);
 char *dc_disk_top_path(dc_disk *d);
 
 /*
+ * Status of the disk's chain at OFFSET (as dc_image_block_status), read
+ * through the door so that it never sees a chain a pivot is replacing.
+ */
+int dc_disk_block_status(dc_disk *d, uint64_t offset, uint64_t length, struct dc_extent *ret);
+/* The number of layers of the disk's chain (allocation depths run 1..this). */
+unsigned dc_disk_depth(dc_disk *d);
+
+/*
+ * An NBD server for one disk (lib/nbd-server.c), as qemu-storage-daemon's
+ * NBD export: the fixed newstyle handshake, structured replies, block
+ * status (base:allocation, qemu:allocation-depth), every request served on
+ * the export's own threads through the disk's write path.  Nothing of it
+ * runs on the caller's thread but dc_nbd_export_new/serve/free.
+ */
+typedef struct dc_nbd_export dc_nbd_export;
+
+struct dc_nbd_export_options {
+        const char *name;           /* the export name clients ask for */
+        const char *description;    /* NBD_INFO_DESCRIPTION, or NULL */
+        bool writable;
+        unsigned max_connections;   /* 0 = 16; beyond it a new connection is closed at once */
+        /*
+         * Called on a server thread (with no lock of the export held) when a
+         * client connects or leaves, and at most every 100 ms while
+         * requests are served, so that the owner can publish statistics.
+         */
+        void (*changed)(void *userdata);
+        void *userdata;
+};
+
+/* An export of DISK (it takes a reference of its own). */
+int dc_nbd_export_new(dc_disk *disk, const struct dc_nbd_export_options *opts, dc_nbd_export **ret);
+/*
+ * Serve the connected stream socket FD (owned from now on, also on
+ * failure) on a thread of the export: handshake, then requests until the
+ * client disconnects or the export is freed.  -EBUSY at max_connections,
+ * -ESHUTDOWN once the export is stopping.
+ */
+int dc_nbd_export_serve(dc_nbd_export *e, int fd);
+/*
+ * Accept connections on the listening socket LISTEN_FD (owned from now on)
+ * on a thread of the export.  ALLOW (NULL: everyone) decides on the
+ * peer's SO_PEERCRED credentials before a byte is read; a refused peer is
+ * closed at once.
+ */
+int dc_nbd_export_listen(dc_nbd_export *e, int listen_fd, bool (*allow)(void *userdata, uid_t uid, pid_t pid),
+                         void *userdata);
+struct dc_nbd_export_stats {
+        unsigned clients;
+        uint64_t bytes_read, bytes_written, requests;
+};
+void dc_nbd_export_get_stats(dc_nbd_export *e, struct dc_nbd_export_stats *ret);
+/*
+ * Stop: accept no more connections and no more requests, let the requests
+ * in flight complete and their replies go out, disconnect every client,
+ * wait for the export's threads, flush the disk and drop the reference.
+ * Returns NULL.
+ */
+dc_nbd_export *dc_nbd_export_free(dc_nbd_export *e);
+
+/*
  * Block jobs, with QEMU's job model (qapi/job.json, job.c): the statuses,
  * the transition and verb tables, auto-finalize/auto-dismiss, speed limits,
  * on-error policies and the event order.  A job runs on its own thread;
