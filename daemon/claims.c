@@ -19,12 +19,20 @@
  * - Holds count (path -> count): several operations may have one image
  *   open read-write at once; while any does, the image's QEMU write lock
  *   is ours, not another process's (InUse "external" ignores it).
+ * - An NBD export claims its chain's images (exported: path -> export
+ *   name) for as long as it serves them.  A job may use exported images
+ *   only through that export's write path (claims_take's VIA), never
+ *   another export's images, and never writes one as its target; an image
+ *   is exported by one export at most, and not while a job holds it (the
+ *   job opened its own chain, which the export cannot share).  Exported
+ *   images count as held: their QEMU lock is ours.
  * - Announcing what a change means (InUse, set-aside images, a rescan) is
  *   the model's business (model.c, job.c): this file only keeps the facts.
  */
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "claims.h"
 
@@ -32,6 +40,7 @@ struct Claims {
         GHashTable *busy;    /* image path -> job id, for images a job uses */
         GHashTable *targets; /* image path -> job id, for the targets of running jobs */
         GHashTable *held;    /* path -> count: images our own work has open read-write */
+        GHashTable *exported; /* image path -> export name, for the images an NBD export serves */
 };
 
 Claims *claims_new(void) {
@@ -40,6 +49,7 @@ Claims *claims_new(void) {
         c->busy = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->targets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         c->held = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        c->exported = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         return c;
 }
 
@@ -49,11 +59,13 @@ Claims *claims_free(Claims *c) {
         g_hash_table_destroy(c->busy);
         g_hash_table_destroy(c->targets);
         g_hash_table_destroy(c->held);
+        g_hash_table_destroy(c->exported);
         g_free(c);
         return NULL;
 }
 
-int claims_take(Claims *c, const char *id, char *const *paths, const char *target, char **ret_message) {
+int claims_take(Claims *c, const char *id, char *const *paths, const char *target, const char *via,
+                char **ret_message) {
         const char *holder;
 
         for (char *const *p = paths; p && *p; p++) {
@@ -62,10 +74,20 @@ int claims_take(Claims *c, const char *id, char *const *paths, const char *targe
                         *ret_message = g_strdup_printf("'%s' is in use by job '%s'", *p, holder);
                         return -EBUSY;
                 }
+                holder = claims_exporter(c, *p);
+                if (holder && g_strcmp0(holder, via) != 0) {
+                        *ret_message = g_strdup_printf("'%s' is exported over NBD as '%s'", *p, holder);
+                        return -EBUSY;
+                }
         }
         holder = target ? claims_target_of(c, target) : NULL;
         if (holder) {
                 *ret_message = g_strdup_printf("'%s' is the target of job '%s'", target, holder);
+                return -EBUSY;
+        }
+        holder = target ? claims_exporter(c, target) : NULL;
+        if (holder) {
+                *ret_message = g_strdup_printf("'%s' is exported over NBD as '%s'", target, holder);
                 return -EBUSY;
         }
         for (char *const *p = paths; p && *p; p++)
@@ -108,5 +130,42 @@ void claims_hold(Claims *c, char *const *paths, int delta) {
 }
 
 bool claims_held(Claims *c, const char *path) {
-        return g_hash_table_contains(c->held, path);
+        return g_hash_table_contains(c->held, path) || g_hash_table_contains(c->exported, path);
+}
+
+int claims_export(Claims *c, const char *name, char *const *paths, char **ret_message) {
+        const char *holder;
+
+        for (char *const *p = paths; p && *p; p++) {
+                if ((holder = claims_holder(c, *p))) {
+                        *ret_message = g_strdup_printf("'%s' is in use by job '%s'", *p, holder);
+                        return -EBUSY;
+                }
+                if ((holder = claims_target_of(c, *p))) {
+                        *ret_message = g_strdup_printf("'%s' is the target of job '%s'", *p, holder);
+                        return -EBUSY;
+                }
+                if ((holder = claims_exporter(c, *p)) && strcmp(holder, name) != 0) {
+                        *ret_message = g_strdup_printf("'%s' is exported over NBD as '%s' already", *p, holder);
+                        return -EBUSY;
+                }
+        }
+        for (char *const *p = paths; p && *p; p++)
+                g_hash_table_replace(c->exported, g_strdup(*p), g_strdup(name));
+        return 0;
+}
+
+void claims_unexport(Claims *c, const char *name, char *const *paths) {
+        for (char *const *p = paths; p && *p; p++)
+                (void) release_one(c->exported, name, *p);
+}
+
+void claims_export_move(Claims *c, const char *name, char *const *old_paths, char *const *new_paths) {
+        claims_unexport(c, name, old_paths);
+        for (char *const *p = new_paths; p && *p; p++)
+                g_hash_table_replace(c->exported, g_strdup(*p), g_strdup(name));
+}
+
+const char *claims_exporter(Claims *c, const char *path) {
+        return g_hash_table_lookup(c->exported, path);
 }

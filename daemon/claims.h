@@ -18,11 +18,14 @@ Claims *claims_free(Claims *c);
 
 /*
  * Claim PATHS (NULL-terminated) busy for job ID, and TARGET (NULL: none) as
- * its target, all or nothing.  -EBUSY when a path is some job's already, or
- * TARGET is some job's target; then *RET_MESSAGE (g_free() it) says which,
- * in the words of the D-Bus error Busy, and nothing was taken.
+ * its target, all or nothing; the job writes through the export VIA (NULL:
+ * none), whose images it may use.  -EBUSY when a path is some job's
+ * already or another export's, or TARGET is some job's target or exported;
+ * then *RET_MESSAGE (g_free() it) says which, in the words of the D-Bus
+ * error Busy, and nothing was taken.
  */
-int claims_take(Claims *c, const char *id, char *const *paths, const char *target, char **ret_message);
+int claims_take(Claims *c, const char *id, char *const *paths, const char *target, const char *via,
+                char **ret_message);
 /*
  * Give back what job ID claimed: PATHS and TARGET, each only where ID is
  * the holder.  Returns true when TARGET's place was given back.
@@ -35,4 +38,21 @@ const char *claims_target_of(Claims *c, const char *path);
 
 /* Our own work opens PATHS read-write (DELTA +1) or closed them again (-1); counted. */
 void claims_hold(Claims *c, char *const *paths, int delta);
+/* Held by our work, or exported (the QEMU lock is ours either way). */
 bool claims_held(Claims *c, const char *path);
+
+/*
+ * The NBD export NAME serves PATHS: all or nothing; -EBUSY (with
+ * *RET_MESSAGE) when one is a job's, a job's target, or another export's.
+ */
+int claims_export(Claims *c, const char *name, char *const *paths, char **ret_message);
+/* Give back what export NAME claimed of PATHS. */
+void claims_unexport(Claims *c, const char *name, char *const *paths);
+/*
+ * Export NAME's chain changed under it (a job through its write path
+ * pivoted, or a snapshot): it serves NEW_PATHS instead of OLD_PATHS now,
+ * whatever else claims them (the job that moved it still does).
+ */
+void claims_export_move(Claims *c, const char *name, char *const *old_paths, char *const *new_paths);
+/* The export serving PATH, or NULL. */
+const char *claims_exporter(Claims *c, const char *path);

@@ -21,14 +21,14 @@ static void test_take_release(void) {
         Claims *c = claims_new();
         char *msg = NULL;
 
-        CHECK(claims_take(c, "job0", (char *[]){ "/r/a", "/r/b", NULL }, NULL, &msg) == 0);
+        CHECK(claims_take(c, "job0", (char *[]){ "/r/a", "/r/b", NULL }, NULL, NULL, &msg) == 0);
         CHECK(!msg);
         CHECK(streq(claims_holder(c, "/r/a"), "job0"));
         CHECK(streq(claims_holder(c, "/r/b"), "job0"));
         CHECK(!claims_holder(c, "/r/c"));
         CHECK(!claims_target_of(c, "/r/a"));
 
-        CHECK(claims_take(c, "job1", (char *[]){ "/r/c", "/r/t", NULL }, "/r/t", &msg) == 0);
+        CHECK(claims_take(c, "job1", (char *[]){ "/r/c", "/r/t", NULL }, "/r/t", NULL, &msg) == 0);
         CHECK(streq(claims_target_of(c, "/r/t"), "job1"));
         CHECK(streq(claims_holder(c, "/r/t"), "job1"));
 
@@ -43,7 +43,7 @@ static void test_take_release(void) {
         CHECK(!claims_release(c, "job0", (char *[]){ "/r/a", "/r/b", NULL }, NULL));
         CHECK(!claims_holder(c, "/r/a") && !claims_holder(c, "/r/b"));
         /* given back, the paths can be claimed again */
-        CHECK(claims_take(c, "job2", (char *[]){ "/r/a", NULL }, "/r/t", &msg) == 0);
+        CHECK(claims_take(c, "job2", (char *[]){ "/r/a", NULL }, "/r/t", NULL, &msg) == 0);
         CHECK(streq(claims_holder(c, "/r/a"), "job2"));
         claims_free(c);
         CHECK(claims_free(NULL) == NULL);
@@ -53,30 +53,30 @@ static void test_refused(void) {
         Claims *c = claims_new();
         char *msg = NULL;
 
-        CHECK(claims_take(c, "stream0", (char *[]){ "/r/top", "/r/base", NULL }, NULL, &msg) == 0);
-        CHECK(claims_take(c, "mirror0", (char *[]){ "/r/other", "/r/t", NULL }, "/r/t", &msg) == 0);
+        CHECK(claims_take(c, "stream0", (char *[]){ "/r/top", "/r/base", NULL }, NULL, NULL, &msg) == 0);
+        CHECK(claims_take(c, "mirror0", (char *[]){ "/r/other", "/r/t", NULL }, "/r/t", NULL, &msg) == 0);
 
         /* a path in use: the first one found is named, and nothing is taken */
-        CHECK(claims_take(c, "commit0", (char *[]){ "/r/x", "/r/base", "/r/top", NULL }, NULL, &msg) == -EBUSY);
+        CHECK(claims_take(c, "commit0", (char *[]){ "/r/x", "/r/base", "/r/top", NULL }, NULL, NULL, &msg) == -EBUSY);
         CHECK(streq(msg, "'/r/base' is in use by job 'stream0'"));
         g_free(msg), msg = NULL;
         CHECK(!claims_holder(c, "/r/x"));
 
         /* a path in use wins over the target */
-        CHECK(claims_take(c, "backup0", (char *[]){ "/r/y", "/r/top", NULL }, "/r/t", &msg) == -EBUSY);
+        CHECK(claims_take(c, "backup0", (char *[]){ "/r/y", "/r/top", NULL }, "/r/t", NULL, &msg) == -EBUSY);
         CHECK(streq(msg, "'/r/top' is in use by job 'stream0'"));
         g_free(msg), msg = NULL;
 
         /* the target of another job, not claimed busy by it (given back before the target) */
         CHECK(!claims_release(c, "mirror0", (char *[]){ "/r/t", NULL }, NULL));
-        CHECK(claims_take(c, "backup1", (char *[]){ "/r/y", NULL }, "/r/t", &msg) == -EBUSY);
+        CHECK(claims_take(c, "backup1", (char *[]){ "/r/y", NULL }, "/r/t", NULL, &msg) == -EBUSY);
         CHECK(streq(msg, "'/r/t' is the target of job 'mirror0'"));
         g_free(msg), msg = NULL;
         CHECK(!claims_holder(c, "/r/y"));
         CHECK(streq(claims_target_of(c, "/r/t"), "mirror0"));
 
         /* a job's own paths are claimed once: a second claim by the same id is refused too */
-        CHECK(claims_take(c, "stream0", (char *[]){ "/r/top", NULL }, NULL, &msg) == -EBUSY);
+        CHECK(claims_take(c, "stream0", (char *[]){ "/r/top", NULL }, NULL, NULL, &msg) == -EBUSY);
         g_free(msg), msg = NULL;
         claims_free(c);
 }
@@ -102,9 +102,46 @@ static void test_hold(void) {
         claims_free(c); /* with a hold left */
 }
 
+static void test_export(void) {
+        Claims *c = claims_new();
+        g_autofree char *msg = NULL;
+
+        /* an export claims its chain; a job through it may use the images, another job may not */
+        CHECK(claims_export(c, "vm1", (char *[]){ "/r/top", "/r/base", NULL }, &msg) == 0);
+        CHECK(streq(claims_exporter(c, "/r/top"), "vm1"));
+        CHECK(claims_held(c, "/r/base")); /* its QEMU lock is ours */
+        CHECK(claims_take(c, "mirror0", (char *[]){ "/r/top", "/r/base", NULL }, NULL, NULL, &msg) == -EBUSY);
+        CHECK(msg && strstr(msg, "exported over NBD as 'vm1'"));
+        g_free(msg), msg = NULL;
+        CHECK(claims_take(c, "mirror0", (char *[]){ "/r/top", "/r/base", NULL }, NULL, "vm2", &msg) == -EBUSY);
+        g_free(msg), msg = NULL;
+        CHECK(!claims_holder(c, "/r/top"));
+        /* nor write an exported image as its target */
+        CHECK(claims_take(c, "backup0", (char *[]){ "/r/other", NULL }, "/r/base", NULL, &msg) == -EBUSY);
+        g_free(msg), msg = NULL;
+        CHECK(!claims_holder(c, "/r/other"));
+        CHECK(claims_take(c, "mirror0", (char *[]){ "/r/top", "/r/base", "/r/t", NULL }, "/r/t", "vm1", &msg) == 0);
+        /* a second export of an image in use by a job, or exported already, is refused */
+        CHECK(claims_export(c, "vm2", (char *[]){ "/r/t", NULL }, &msg) == -EBUSY);
+        CHECK(msg && strstr(msg, "job 'mirror0'"));
+        g_free(msg), msg = NULL;
+        CHECK(claims_export(c, "vm2", (char *[]){ "/r/x", "/r/base", NULL }, &msg) == -EBUSY);
+        CHECK(!claims_exporter(c, "/r/x"));
+        g_free(msg), msg = NULL;
+        CHECK(claims_release(c, "mirror0", (char *[]){ "/r/top", "/r/base", "/r/t", NULL }, "/r/t"));
+        /* released only by its own name */
+        claims_unexport(c, "vm2", (char *[]){ "/r/top", NULL });
+        CHECK(streq(claims_exporter(c, "/r/top"), "vm1"));
+        claims_unexport(c, "vm1", (char *[]){ "/r/top", "/r/base", NULL });
+        CHECK(!claims_exporter(c, "/r/top") && !claims_held(c, "/r/base"));
+        CHECK(claims_export(c, "vm2", (char *[]){ "/r/x", "/r/base", NULL }, &msg) == 0);
+        claims_free(c);
+}
+
 int main(void) {
         test_take_release();
         test_refused();
         test_hold();
+        test_export();
         return check_report("test-claims");
 }
