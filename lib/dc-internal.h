@@ -228,7 +228,6 @@ void dc_disk_range_lock(dc_disk *d, struct dc_range_lock *rl, uint64_t off, uint
 void dc_disk_range_unlock(dc_disk *d, struct dc_range_lock *rl);
 dc_image *dc_disk_chain(dc_disk *d);
 const struct dc_open_options *dc_disk_open_options(dc_disk *d);
-int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret);
 
 /*
  * A filter on a disk's write path (see the notes in disk.c): embedded in its

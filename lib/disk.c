@@ -59,8 +59,7 @@ struct dc_disk {
         unsigned nfilters;
 };
 
-/* A disk over CHAIN (its top the active layer), which it owns from now on, also on failure. */
-int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret) {
+DC_EXPORT int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret) {
         dc_disk *d = calloc(1, sizeof *d);
 
         if (!d) {
@@ -127,7 +126,7 @@ DC_EXPORT dc_disk *dc_disk_unref(dc_disk *d) {
 DC_EXPORT uint64_t dc_disk_size(dc_disk *d) {
         uint64_t s;
         pthread_mutex_lock(&d->lock);
-        s = d->img->virtual_size;
+        s = d->img ? d->img->virtual_size : 0;
         pthread_mutex_unlock(&d->lock);
         return s;
 }
@@ -135,7 +134,8 @@ DC_EXPORT uint64_t dc_disk_size(dc_disk *d) {
 DC_EXPORT char *dc_disk_top_path(dc_disk *d) {
         char *p;
         pthread_mutex_lock(&d->lock);
-        p = strdup(d->img->path);
+        /* NULL (as out of memory) while a reopen or a snapshot has no chain open */
+        p = d->img ? strdup(d->img->path) : NULL;
         pthread_mutex_unlock(&d->lock);
         return p;
 }
@@ -297,10 +297,54 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable) {
                 rr = dc_image_open(top, &d->oo, &img);
                 if (rr < 0)
                         return rr; /* the chain is gone: every request fails from now on */
-                d->img = img;
+                (void) dc_disk_swap_chain(d, img);
                 return dc_error(-r, "%s", saved);
         }
-        d->img = img;
+        (void) dc_disk_swap_chain(d, img);
+        return 0;
+}
+
+DC_EXPORT int dc_disk_snapshot(dc_disk *d, const char *overlay) {
+        _cleanup_free_ char *old_top = NULL;
+        dc_image *img = NULL, *old;
+        int r = 0;
+
+        dc_disk_quiesce(d);
+        pthread_mutex_lock(&d->lock);
+        if (d->nfilters)
+                r = dc_error(EBUSY, "'%s' has a job's filter attached", d->img ? d->img->path : "");
+        pthread_mutex_unlock(&d->lock);
+        if (r >= 0 && !d->img)
+                r = dc_error(EIO, "the disk's chain could not be reopened");
+        if (r >= 0 && !(old_top = strdup(d->img->path)))
+                r = dc_error(ENOMEM, "out of memory");
+        for (dc_image *l = r >= 0 ? d->img : NULL; l; l = l->backing)
+                if ((r = dc_image_flush(l)) < 0)
+                        break;
+        if (r < 0) {
+                dc_disk_unquiesce(d);
+                return r;
+        }
+        /* our own descriptors on the old top would conflict with the overlay's open of it: close first */
+        old = dc_disk_swap_chain(d, NULL);
+        dc_image_close(old);
+        r = dc_image_open(overlay, &d->oo, &img);
+        if (r >= 0 && (!img->backing || strcmp(img->backing->path, old_top) != 0)) {
+                r = dc_error(ESTALE, "'%s' is not an overlay of '%s'", overlay, old_top);
+                img = dc_image_close(img);
+        }
+        if (r < 0) {
+                char saved[512];
+                int rr;
+                snprintf(saved, sizeof saved, "%s", dc_get_error());
+                rr = dc_image_open(old_top, &d->oo, &img);
+                if (rr >= 0)
+                        (void) dc_disk_swap_chain(d, img);
+                dc_disk_unquiesce(d);
+                return rr < 0 ? rr : dc_error(-r, "%s", saved);
+        }
+        (void) dc_disk_swap_chain(d, img);
+        dc_disk_unquiesce(d);
         return 0;
 }
 

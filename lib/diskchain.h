@@ -252,6 +252,8 @@ typedef struct dc_disk dc_disk;
 
 /* Open PATH's chain; opts->writable for writers. */
 int dc_disk_open(const char *path, const struct dc_open_options *opts, dc_disk **ret);
+/* A disk over CHAIN (its top the active layer, opened with OPTS), which it owns from now on, also on failure. */
+int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret);
 dc_disk *dc_disk_ref(dc_disk *d);
 /* Drop a reference; the chain is closed with the last.  Returns NULL. */
 dc_disk *dc_disk_unref(dc_disk *d);
@@ -263,6 +265,13 @@ int dc_disk_flush(dc_disk *d);
 uint64_t dc_disk_size(dc_disk *d);
 /* The path of the current active layer (changes at a pivot); free() it. */
 char *dc_disk_top_path(dc_disk *d);
+/*
+ * blockdev-snapshot on a disk with writers: OVERLAY (an image whose backing
+ * file is the disk's active layer) becomes the active layer.  The writers
+ * wait at the door meanwhile; every layer is flushed first, and on failure
+ * the chain is as it was.  -EBUSY while a job's filter is attached.
+ */
+int dc_disk_snapshot(dc_disk *d, const char *overlay);
 
 /*
  * Status of the disk's chain at OFFSET (as dc_image_block_status), read
