@@ -443,3 +443,22 @@ DC_EXPORT int dc_disk_flush(dc_disk *d) {
         leave(d);
         return r;
 }
+
+DC_EXPORT int dc_disk_block_status(dc_disk *d, uint64_t off, uint64_t len, struct dc_extent *ret) {
+        int r;
+        enter(d);
+        r = d->img ? dc_image_block_status(d->img, off, len, ret)
+                   : dc_error(EIO, "the disk's chain could not be reopened");
+        leave(d);
+        return r;
+}
+
+DC_EXPORT unsigned dc_disk_depth(dc_disk *d) {
+        unsigned n = 0;
+        /* through the door, so that the count never mixes two chains around a pivot */
+        enter(d);
+        for (dc_image *l = d->img; l; l = l->backing)
+                n++;
+        leave(d);
+        return n;
+}

@@ -1,0 +1,903 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * An NBD export of one dc_disk (diskchain.h, dc_nbd_export_*): the
+ * protocol of nbd-proto.c put on stream sockets and threads.
+ *
+ * Design notes
+ * ------------
+ * - Threads.  Each connection has a reader thread, which runs the
+ *   handshake and then reads requests (header and payload), and
+ *   NBD_WORKERS worker threads that serve them from a queue.  Requests of
+ *   one connection run side by side and complete in any order; a reply goes
+ *   out whole under the connection's send mutex, so chunks of two requests
+ *   never interleave on the wire.  A listener thread per listening socket
+ *   accepts connections.  The caller's thread runs nothing but new, serve,
+ *   listen, get_stats and free.
+ * - Back-pressure.  A connection has at most NBD_MAX_IN_FLIGHT (16)
+ *   requests queued or running, and at most NBD_MAX_IN_FLIGHT_BYTES
+ *   (64 MiB) of READ and WRITE data among them; beyond that the reader
+ *   stops reading and the client's own sends block.  A client that never
+ *   reads its replies stalls its own workers on the send mutex and nothing
+ *   else: every connection has its own workers.
+ * - Timeouts.  The handshake must be over within NBD_HANDSHAKE_TIMEOUT
+ *   (10 s) from the accept, reads and writes alike (poll against one
+ *   deadline, so a client trickling a byte at a time does not extend it).
+ *   Transmission has no timeout: an idle client is a normal client.
+ * - Stop (dc_nbd_export_free).  Listeners are woken through a pipe and
+ *   joined.  Every connection's socket is shut down for reading, which ends
+ *   its reader at the next request (and any handshake at once); requests
+ *   already read are served and their replies sent.  A client that does not
+ *   take its replies gets NBD_STOP_GRACE (10 s), then its socket is shut down
+ *   entirely, which fails the blocked sends.  Then every thread is joined,
+ *   the disk is flushed and our reference dropped.  A connection's fd is
+ *   closed only by whoever joins its reader, never by the reader itself, so
+ *   a shutdown() from free can never hit a descriptor number reused meanwhile.
+ * - Semantics (README.md, "NBD server").  Every request goes through the
+ *   dc_disk, so jobs' filters see writes and a pivot is invisible.  FLUSH
+ *   is dc_disk_flush(): the qcow2 layer's deferred L2 entries are written
+ *   and the files fdatasync'ed, so every write completed before it, on any
+ *   connection, is durable; hence CAN_MULTI_CONN.  FUA is the write
+ *   followed by the same flush before the reply.  FAST_ZERO succeeds only
+ *   when block status shows the range reads as zeros already (a metadata
+ *   lookup, no data written); otherwise it fails at once with NBD_ENOTSUP
+ *   and changes nothing, since a zero write may have to write data (partial
+ *   clusters, compat 0.10, a raw file without fallocate).  WRITE_ZEROES
+ *   without NO_HOLE may deallocate (DC_ZERO_MAY_UNMAP).
+ * - Structured READs ("Structured reply chunk message"): block status
+ *   splits the range into OFFSET_HOLE chunks for what reads as zeros and
+ *   OFFSET_DATA chunks for the rest (at most NBD_MAX_READ_CHUNKS; what is
+ *   left after them goes out as data), all read before the first byte is
+ *   sent, so that a failing read is one ERROR chunk and never a reply cut
+ *   in the middle.  With DF, or simple replies, the range is one piece.
+ */
+
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "dc-internal.h"
+#include "nbd-proto.h"
+
+#define NBD_WORKERS 4u
+#define NBD_MAX_IN_FLIGHT 16u
+#define NBD_MAX_IN_FLIGHT_BYTES (UINT64_C(64) << 20)
+#define NBD_HANDSHAKE_TIMEOUT_NS (INT64_C(10) * 1000000000)
+#define NBD_STOP_GRACE_NS (INT64_C(10) * 1000000000)
+#define NBD_CHANGED_INTERVAL_NS (INT64_C(100) * 1000000)
+#define NBD_DEFAULT_MAX_CONNECTIONS 16u
+#define NBD_MAX_READ_CHUNKS 128u
+#define NBD_MAX_ERROR_MESSAGE 256u
+
+struct request {
+        struct nbd_request r;
+        uint8_t *payload;
+        uint32_t error;   /* decided by the reader: answer with it and do nothing */
+        uint64_t cost;    /* bytes counted against the in-flight budget */
+        struct request *next;
+};
+
+struct conn {
+        dc_nbd_export *e;
+        int fd;
+        pthread_t reader;
+        pthread_t workers[NBD_WORKERS];
+        unsigned nworkers;
+        struct nbd_session s;
+        struct nbd_export_info x;
+
+        pthread_mutex_t lock;       /* the queue and the counters below */
+        pthread_cond_t cond;
+        struct request *head, *tail;
+        unsigned in_flight;
+        uint64_t in_flight_bytes;
+        bool closing;               /* no more requests: workers leave once the queue is empty */
+        bool stop;                  /* the export is stopping: read no more */
+
+        pthread_mutex_t send_lock;  /* one reply at a time on the wire */
+        bool dead;                  /* a send failed (under send_lock) */
+
+        /* the export's, under its lock */
+        bool done;                  /* the reader is about to return: join it */
+        struct conn *next;
+};
+
+struct listener {
+        dc_nbd_export *e;
+        int fd;
+        pthread_t thread;
+        bool (*allow)(void *userdata, uid_t uid, pid_t pid);
+        void *userdata;
+        struct listener *next;
+};
+
+struct dc_nbd_export {
+        dc_disk *disk;
+        char *name, *description;
+        bool writable;
+        unsigned max_connections;
+        void (*changed)(void *userdata);
+        void *userdata;
+
+        pthread_mutex_t lock;       /* the lists and counters below */
+        pthread_cond_t cond;
+        bool stopping;
+        struct conn *conns;         /* running and done-but-not-joined */
+        unsigned nconns;            /* not done */
+        struct listener *listeners;
+        int wake[2];                /* written at stop: listeners leave */
+
+        /* atomics */
+        unsigned clients;
+        uint64_t bytes_read, bytes_written, requests;
+        int64_t last_changed;
+};
+
+static int64_t now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void notify(dc_nbd_export *e) {
+        if (e->changed)
+                e->changed(e->userdata);
+}
+
+/* At most every NBD_CHANGED_INTERVAL_NS while requests are served. */
+static void notify_throttled(dc_nbd_export *e) {
+        int64_t now = now_ns(), last = __atomic_load_n(&e->last_changed, __ATOMIC_RELAXED);
+
+        if (now - last < NBD_CHANGED_INTERVAL_NS)
+                return;
+        if (__atomic_compare_exchange_n(&e->last_changed, &last, now, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                notify(e);
+}
+
+/* --- socket I/O ----------------------------------------------------------------- */
+
+struct sockio {
+        int fd;
+        int64_t deadline; /* CLOCK_MONOTONIC ns, or 0: block as long as it takes */
+};
+
+static int sock_wait(struct sockio *io, short events) {
+        struct pollfd p = { .fd = io->fd, .events = events };
+        int64_t left;
+        int n;
+
+        if (!io->deadline)
+                return 0;
+        for (;;) {
+                left = io->deadline - now_ns();
+                if (left <= 0)
+                        return -ETIMEDOUT;
+                n = poll(&p, 1, (int) MIN(left / 1000000 + 1, 60000));
+                if (n > 0)
+                        return 0;
+                if (n < 0 && errno != EINTR)
+                        return -errno;
+        }
+}
+
+static int sock_read(void *userdata, void *buf, size_t len) {
+        struct sockio *io = userdata;
+        uint8_t *p = buf;
+
+        while (len > 0) {
+                ssize_t n;
+                int r = sock_wait(io, POLLIN);
+                if (r < 0)
+                        return r;
+                n = recv(io->fd, p, len, io->deadline ? MSG_DONTWAIT : 0);
+                if (n == 0)
+                        return -ECONNRESET;
+                if (n < 0) {
+                        if (errno == EINTR || errno == EAGAIN)
+                                continue;
+                        return -errno;
+                }
+                p += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+static int sock_writev(struct sockio *io, struct iovec *iov, int n) {
+        while (n > 0) {
+                struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t) MIN(n, 1024) };
+                ssize_t k;
+                int r = sock_wait(io, POLLOUT);
+                if (r < 0)
+                        return r;
+                k = sendmsg(io->fd, &m, MSG_NOSIGNAL | (io->deadline ? MSG_DONTWAIT : 0));
+                if (k < 0) {
+                        if (errno == EINTR || errno == EAGAIN)
+                                continue;
+                        return -errno;
+                }
+                while (n > 0 && (size_t) k >= iov->iov_len) {
+                        k -= (ssize_t) iov->iov_len;
+                        iov++;
+                        n--;
+                }
+                if (n > 0) {
+                        iov->iov_base = (uint8_t *) iov->iov_base + k;
+                        iov->iov_len -= (size_t) k;
+                }
+        }
+        return 0;
+}
+
+static int sock_write(void *userdata, const void *buf, size_t len) {
+        struct iovec iov = { (void *) buf, len };
+        return sock_writev(userdata, &iov, 1);
+}
+
+/* --- replies ---------------------------------------------------------------------- */
+
+/* Send one whole reply; a failure kills the connection (the reader wakes up from the shutdown). */
+static void send_reply(struct conn *c, struct iovec *iov, int n) {
+        struct sockio io = { .fd = c->fd };
+
+        pthread_mutex_lock(&c->send_lock);
+        if (!c->dead && sock_writev(&io, iov, n) < 0) {
+                c->dead = true;
+                shutdown(c->fd, SHUT_RDWR);
+        }
+        pthread_mutex_unlock(&c->send_lock);
+}
+
+static void reply_ok(struct conn *c, const struct request *q) {
+        uint8_t h[16];
+        struct iovec iov = { h, sizeof h };
+
+        nbd_simple_reply(h, 0, q->r.cookie);
+        send_reply(c, &iov, 1);
+}
+
+/* An error: an ERROR chunk with MSG once structured replies are on, else a simple reply. */
+static void reply_error(struct conn *c, const struct request *q, uint32_t error, const char *msg) {
+        uint8_t h[20 + 6 + NBD_MAX_ERROR_MESSAGE];
+        size_t len = strnlen(msg, NBD_MAX_ERROR_MESSAGE);
+        struct iovec iov = { h, 16 };
+
+        if (!c->s.structured) {
+                nbd_simple_reply(h, error, q->r.cookie);
+        } else {
+                nbd_chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, q->r.cookie, (uint32_t) (6 + len));
+                put_be32(h + 20, error);
+                put_be16(h + 24, (uint16_t) len);
+                memcpy(h + 26, msg, len);
+                iov.iov_len = 26 + len;
+        }
+        send_reply(c, &iov, 1);
+}
+
+static void reply_errno(struct conn *c, const struct request *q, int r) {
+        reply_error(c, q, nbd_errno(r), dc_get_error());
+}
+
+static const char *request_error_message(uint32_t error) {
+        switch (error) {
+        case NBD_EPERM:
+                return "the export is read-only";
+        case NBD_ENOSPC:
+                return "the request reaches beyond the end of the export";
+        case NBD_EOVERFLOW:
+                return "the request is longer than the maximum payload (32 MiB)";
+        default:
+                return "invalid request: unknown command or flag, out of range, or no metadata context";
+        }
+}
+
+/* --- commands --------------------------------------------------------------------- */
+
+static int status_cb(void *userdata, uint64_t off, uint64_t len, struct dc_extent *ret) {
+        return dc_disk_block_status(userdata, off, len, ret);
+}
+
+struct segment {
+        uint64_t off, len;
+        bool hole;
+        uint8_t hdr[20 + 12];
+};
+
+static void cmd_read(struct conn *c, const struct request *q) {
+        dc_disk *d = c->e->disk;
+        uint64_t off = q->r.offset, end = off + q->r.length;
+        _cleanup_free_ uint8_t *buf = malloc(MAX(q->r.length, 1u));
+        _cleanup_free_ struct segment *seg = NULL;
+        _cleanup_free_ struct iovec *iov = NULL;
+        unsigned nseg = 0;
+        int r, n = 0;
+
+        if (!buf)
+                return reply_errno(c, q, dc_error(ENOMEM, "out of memory"));
+
+        if (!c->s.structured || (q->r.flags & NBD_CMD_FLAG_DF) || q->r.length == 0) {
+                uint8_t h[20 + 8];
+                struct iovec v[2] = { { h, 16 }, { buf, q->r.length } };
+
+                r = q->r.length ? dc_disk_read(d, buf, off, q->r.length) : 0;
+                if (r < 0)
+                        return reply_errno(c, q, r);
+                if (!c->s.structured)
+                        nbd_simple_reply(h, 0, q->r.cookie);
+                else if (q->r.length == 0) {
+                        nbd_chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, q->r.cookie, 0);
+                        v[0].iov_len = 20;
+                } else {
+                        nbd_chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, q->r.cookie,
+                                         8 + q->r.length);
+                        put_be64(h + 20, off);
+                        v[0].iov_len = 28;
+                }
+                send_reply(c, v, 2);
+                __atomic_add_fetch(&c->e->bytes_read, q->r.length, __ATOMIC_RELAXED);
+                return;
+        }
+
+        seg = calloc(NBD_MAX_READ_CHUNKS, sizeof *seg);
+        iov = calloc(2 * NBD_MAX_READ_CHUNKS, sizeof *iov);
+        if (!seg || !iov)
+                return reply_errno(c, q, dc_error(ENOMEM, "out of memory"));
+        while (off < end) {
+                struct dc_extent e;
+                bool hole;
+
+                if (nseg == NBD_MAX_READ_CHUNKS - 1) {
+                        /* the rest as one data chunk */
+                        e = (struct dc_extent){ .length = end - off };
+                        hole = false;
+                } else {
+                        r = dc_disk_block_status(d, off, end - off, &e);
+                        if (r < 0)
+                                return reply_errno(c, q, r);
+                        if (e.length == 0)
+                                return reply_errno(c, q, dc_error(EIO, "block status covered nothing"));
+                        e.length = MIN(e.length, end - off);
+                        hole = e.zero;
+                }
+                if (nseg && seg[nseg - 1].hole == hole)
+                        seg[nseg - 1].len += e.length;
+                else
+                        seg[nseg++] = (struct segment){ .off = off, .len = e.length, .hole = hole };
+                off += e.length;
+        }
+        for (unsigned i = 0; i < nseg; i++) {
+                struct segment *s = &seg[i];
+                uint16_t done = i == nseg - 1 ? NBD_REPLY_FLAG_DONE : 0;
+
+                if (s->hole) {
+                        nbd_chunk_header(s->hdr, done, NBD_REPLY_TYPE_OFFSET_HOLE, q->r.cookie, 12);
+                        put_be64(s->hdr + 20, s->off);
+                        put_be32(s->hdr + 28, (uint32_t) s->len);
+                        iov[n++] = (struct iovec){ s->hdr, 32 };
+                        continue;
+                }
+                r = dc_disk_read(d, buf + (s->off - q->r.offset), s->off, s->len);
+                if (r < 0)
+                        return reply_errno(c, q, r);
+                nbd_chunk_header(s->hdr, done, NBD_REPLY_TYPE_OFFSET_DATA, q->r.cookie, (uint32_t) (8 + s->len));
+                put_be64(s->hdr + 20, s->off);
+                iov[n++] = (struct iovec){ s->hdr, 28 };
+                iov[n++] = (struct iovec){ buf + (s->off - q->r.offset), s->len };
+        }
+        send_reply(c, iov, n);
+        __atomic_add_fetch(&c->e->bytes_read, q->r.length, __ATOMIC_RELAXED);
+}
+
+/* WRITE_ZEROES with FAST_ZERO: 1 when the range reads as zeros already, 0 when it does not. */
+static int reads_as_zeros(dc_disk *d, uint64_t off, uint64_t len) {
+        while (len > 0) {
+                struct dc_extent e;
+                int r = dc_disk_block_status(d, off, len, &e);
+                if (r < 0)
+                        return r;
+                if (!e.zero || e.length == 0)
+                        return 0;
+                e.length = MIN(e.length, len);
+                off += e.length;
+                len -= e.length;
+        }
+        return 1;
+}
+
+static void cmd_block_status(struct conn *c, const struct request *q) {
+        uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS], h1[20], h2[20];
+        size_t base_len, depth_len;
+        struct iovec iov[4];
+        int r, n = 0;
+
+        r = nbd_block_status(&c->s, q->r.offset, q->r.length, q->r.flags & NBD_CMD_FLAG_REQ_ONE, status_cb,
+                             c->e->disk, base, &base_len, depth, &depth_len);
+        if (r < 0)
+                return reply_errno(c, q, r);
+        if (base_len) {
+                nbd_chunk_header(h1, depth_len ? 0 : NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
+                                 (uint32_t) base_len);
+                iov[n++] = (struct iovec){ h1, 20 };
+                iov[n++] = (struct iovec){ base, base_len };
+        }
+        if (depth_len) {
+                nbd_chunk_header(h2, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
+                                 (uint32_t) depth_len);
+                iov[n++] = (struct iovec){ h2, 20 };
+                iov[n++] = (struct iovec){ depth, depth_len };
+        }
+        send_reply(c, iov, n);
+}
+
+static void serve_request(struct conn *c, const struct request *q) {
+        dc_disk *d = c->e->disk;
+        bool fua = q->r.flags & NBD_CMD_FLAG_FUA;
+        int r = 0;
+
+        dc_error_clear();
+        if (q->error)
+                return reply_error(c, q, q->error, request_error_message(q->error));
+        switch (q->r.type) {
+        case NBD_CMD_READ:
+                return cmd_read(c, q);
+        case NBD_CMD_BLOCK_STATUS:
+                return cmd_block_status(c, q);
+        case NBD_CMD_WRITE:
+                r = q->r.length ? dc_disk_write(d, q->payload, q->r.offset, q->r.length) : 0;
+                if (r >= 0)
+                        __atomic_add_fetch(&c->e->bytes_written, q->r.length, __ATOMIC_RELAXED);
+                break;
+        case NBD_CMD_WRITE_ZEROES:
+                if (q->r.flags & NBD_CMD_FLAG_FAST_ZERO) {
+                        r = reads_as_zeros(d, q->r.offset, q->r.length);
+                        if (r == 0)
+                                return reply_error(c, q, NBD_ENOTSUP,
+                                                   "a fast zero is only answered where the disk reads as zeros already");
+                        fua = false; /* nothing was written */
+                        break;
+                }
+                if (q->r.length)
+                        r = dc_disk_write_zeroes(d, q->r.offset, q->r.length,
+                                                 q->r.flags & NBD_CMD_FLAG_NO_HOLE ? 0 : DC_ZERO_MAY_UNMAP);
+                break;
+        case NBD_CMD_TRIM:
+                if (q->r.length)
+                        r = dc_disk_discard(d, q->r.offset, q->r.length);
+                break;
+        case NBD_CMD_FLUSH:
+                r = dc_disk_flush(d);
+                fua = false;
+                break;
+        case NBD_CMD_CACHE:
+                /* a hint; the chain's data comes through the page cache anyway */
+                fua = false;
+                break;
+        default:
+                r = dc_error(EINVAL, "unknown command %u", q->r.type);
+                break;
+        }
+        if (r >= 0 && fua)
+                r = dc_disk_flush(d);
+        if (r < 0)
+                return reply_errno(c, q, r);
+        reply_ok(c, q);
+}
+
+static void *worker_main(void *userdata) {
+        struct conn *c = userdata;
+
+        for (;;) {
+                struct request *q;
+
+                pthread_mutex_lock(&c->lock);
+                while (!c->head && !c->closing)
+                        pthread_cond_wait(&c->cond, &c->lock);
+                q = c->head;
+                if (!q) {
+                        pthread_mutex_unlock(&c->lock);
+                        break;
+                }
+                c->head = q->next;
+                if (!c->head)
+                        c->tail = NULL;
+                pthread_mutex_unlock(&c->lock);
+
+                serve_request(c, q);
+                __atomic_add_fetch(&c->e->requests, 1, __ATOMIC_RELAXED);
+
+                pthread_mutex_lock(&c->lock);
+                c->in_flight--;
+                c->in_flight_bytes -= q->cost;
+                pthread_cond_broadcast(&c->cond);
+                pthread_mutex_unlock(&c->lock);
+                free(q->payload);
+                free(q);
+                notify_throttled(c->e);
+        }
+        return NULL;
+}
+
+/* --- a connection ------------------------------------------------------------------ */
+
+/* Wait for room for a request of COST bytes; false when the connection is to stop reading. */
+static bool wait_room(struct conn *c, uint64_t cost) {
+        bool ok;
+
+        pthread_mutex_lock(&c->lock);
+        while (!c->stop && c->in_flight > 0 &&
+               (c->in_flight >= NBD_MAX_IN_FLIGHT || c->in_flight_bytes + cost > NBD_MAX_IN_FLIGHT_BYTES))
+                pthread_cond_wait(&c->cond, &c->lock);
+        ok = !c->stop;
+        if (ok) {
+                c->in_flight++;
+                c->in_flight_bytes += cost;
+        }
+        pthread_mutex_unlock(&c->lock);
+        return ok;
+}
+
+static void enqueue(struct conn *c, struct request *q) {
+        pthread_mutex_lock(&c->lock);
+        if (c->tail)
+                c->tail->next = q;
+        else
+                c->head = q;
+        c->tail = q;
+        pthread_cond_signal(&c->cond);
+        pthread_mutex_unlock(&c->lock);
+}
+
+/* Read and queue requests until DISC, EOF, a protocol violation or the stop. */
+static void transmission(struct conn *c) {
+        struct sockio io = { .fd = c->fd };
+
+        for (;;) {
+                uint8_t h[NBD_REQUEST_SIZE];
+                struct request *q;
+                struct nbd_request r;
+                uint32_t payload;
+                int check;
+
+                if (sock_read(&io, h, sizeof h) < 0 || nbd_request_decode(h, &r) < 0)
+                        return;
+                check = nbd_request_check(&c->s, &c->x, &r);
+                if (check < 0)
+                        return;
+                if (r.type == NBD_CMD_DISC)
+                        return;
+                payload = nbd_request_payload(&r);
+                q = calloc(1, sizeof *q);
+                if (!q)
+                        return;
+                q->r = r;
+                q->error = (uint32_t) check;
+                q->cost = r.type == NBD_CMD_READ && !check ? r.length : payload;
+                if (!wait_room(c, q->cost)) {
+                        free(q);
+                        return;
+                }
+                if (payload) {
+                        q->payload = malloc(payload);
+                        if (!q->payload || sock_read(&io, q->payload, payload) < 0) {
+                                /* the client left in the middle of its payload: nothing to answer */
+                                pthread_mutex_lock(&c->lock);
+                                c->in_flight--;
+                                c->in_flight_bytes -= q->cost;
+                                pthread_mutex_unlock(&c->lock);
+                                free(q->payload);
+                                free(q);
+                                return;
+                        }
+                }
+                enqueue(c, q);
+        }
+}
+
+static void *conn_main(void *userdata) {
+        struct conn *c = userdata;
+        dc_nbd_export *e = c->e;
+        struct sockio hio = { .fd = c->fd, .deadline = now_ns() + NBD_HANDSHAKE_TIMEOUT_NS };
+        struct nbd_io io = { sock_read, sock_write, &hio };
+        int r;
+
+        __atomic_add_fetch(&e->clients, 1, __ATOMIC_RELAXED);
+        notify(e);
+
+        pthread_mutex_lock(&e->lock);
+        c->x.stopping = e->stopping;
+        pthread_mutex_unlock(&e->lock);
+        c->x.size = dc_disk_size(e->disk);
+        r = nbd_handshake(&io, &c->x, &c->s);
+        if (r >= 0) {
+                for (unsigned i = 0; i < NBD_WORKERS; i++) {
+                        if (pthread_create(&c->workers[i], NULL, worker_main, c) != 0)
+                                break;
+                        c->nworkers++;
+                }
+                if (c->nworkers > 0)
+                        transmission(c);
+                /* what was read is served and answered, then the workers leave */
+                pthread_mutex_lock(&c->lock);
+                c->closing = true;
+                pthread_cond_broadcast(&c->cond);
+                pthread_mutex_unlock(&c->lock);
+                for (unsigned i = 0; i < c->nworkers; i++)
+                        pthread_join(c->workers[i], NULL);
+        }
+        shutdown(c->fd, SHUT_RDWR);
+
+        __atomic_sub_fetch(&e->clients, 1, __ATOMIC_RELAXED);
+        notify(e);
+        pthread_mutex_lock(&e->lock);
+        c->done = true;
+        e->nconns--;
+        pthread_cond_broadcast(&e->cond);
+        pthread_mutex_unlock(&e->lock);
+        return NULL;
+}
+
+static void conn_free(struct conn *c) {
+        pthread_join(c->reader, NULL);
+        for (struct request *q = c->head, *next; q; q = next) {
+                next = q->next;
+                free(q->payload);
+                free(q);
+        }
+        if (c->fd >= 0)
+                close(c->fd);
+        pthread_mutex_destroy(&c->lock);
+        pthread_cond_destroy(&c->cond);
+        pthread_mutex_destroy(&c->send_lock);
+        free(c);
+}
+
+/* Join and free the connections that ended (under the export's lock). */
+static void reap_locked(dc_nbd_export *e) {
+        for (struct conn **p = &e->conns; *p;) {
+                struct conn *c = *p;
+                if (c->done) {
+                        *p = c->next;
+                        conn_free(c);
+                } else
+                        p = &c->next;
+        }
+}
+
+DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
+        struct conn *c;
+        int r;
+
+        pthread_mutex_lock(&e->lock);
+        reap_locked(e);
+        if (e->stopping) {
+                r = dc_error(ESHUTDOWN, "the NBD export '%s' is stopping", e->name);
+                goto fail;
+        }
+        if (e->nconns >= e->max_connections) {
+                r = dc_error(EBUSY, "the NBD export '%s' has %u connections already", e->name, e->nconns);
+                goto fail;
+        }
+        c = calloc(1, sizeof *c);
+        if (!c) {
+                r = dc_error(ENOMEM, "out of memory");
+                goto fail;
+        }
+        c->e = e;
+        c->fd = fd;
+        c->x = (struct nbd_export_info){ .name = e->name, .description = e->description, .writable = e->writable };
+        pthread_mutex_init(&c->lock, NULL);
+        pthread_cond_init(&c->cond, NULL);
+        pthread_mutex_init(&c->send_lock, NULL);
+        r = pthread_create(&c->reader, NULL, conn_main, c);
+        if (r != 0) {
+                pthread_mutex_destroy(&c->lock);
+                pthread_cond_destroy(&c->cond);
+                pthread_mutex_destroy(&c->send_lock);
+                free(c);
+                r = dc_error(r, "cannot start a thread for an NBD connection");
+                goto fail;
+        }
+        c->next = e->conns;
+        e->conns = c;
+        e->nconns++;
+        pthread_mutex_unlock(&e->lock);
+        return 0;
+
+fail:
+        pthread_mutex_unlock(&e->lock);
+        close(fd);
+        return r;
+}
+
+/* --- listening ---------------------------------------------------------------------- */
+
+static void *listener_main(void *userdata) {
+        struct listener *l = userdata;
+        dc_nbd_export *e = l->e;
+
+        for (;;) {
+                struct pollfd p[2] = { { .fd = l->fd, .events = POLLIN }, { .fd = e->wake[0], .events = POLLIN } };
+                int fd;
+
+                if (poll(p, 2, -1) < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        break;
+                }
+                if (p[1].revents)
+                        break;
+                fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+                if (fd < 0) {
+                        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                                /* out of descriptors or memory: wait instead of spinning on poll */
+                                struct timespec ts = { 0, 100000000 };
+                                nanosleep(&ts, NULL);
+                        }
+                        continue;
+                }
+                if (l->allow) {
+                        struct ucred cred;
+                        socklen_t len = sizeof cred;
+                        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
+                            !l->allow(l->userdata, cred.uid, cred.pid)) {
+                                close(fd);
+                                continue;
+                        }
+                }
+                (void) dc_nbd_export_serve(e, fd);
+        }
+        return NULL;
+}
+
+DC_EXPORT int dc_nbd_export_listen(dc_nbd_export *e, int listen_fd,
+                                   bool (*allow)(void *userdata, uid_t uid, pid_t pid), void *userdata) {
+        struct listener *l;
+        int r, flags;
+
+        flags = fcntl(listen_fd, F_GETFL);
+        /* a connection that goes away between poll and accept must not block the listener */
+        if (flags < 0 || fcntl(listen_fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+                r = dc_error(errno, "the listening socket: %s", strerror(errno));
+                close(listen_fd);
+                return r;
+        }
+        pthread_mutex_lock(&e->lock);
+        if (e->stopping) {
+                pthread_mutex_unlock(&e->lock);
+                close(listen_fd);
+                return dc_error(ESHUTDOWN, "the NBD export '%s' is stopping", e->name);
+        }
+        l = calloc(1, sizeof *l);
+        if (!l) {
+                pthread_mutex_unlock(&e->lock);
+                close(listen_fd);
+                return dc_error(ENOMEM, "out of memory");
+        }
+        *l = (struct listener){ .e = e, .fd = listen_fd, .allow = allow, .userdata = userdata };
+        r = pthread_create(&l->thread, NULL, listener_main, l);
+        if (r != 0) {
+                pthread_mutex_unlock(&e->lock);
+                close(listen_fd);
+                free(l);
+                return dc_error(r, "cannot start the NBD listener thread");
+        }
+        l->next = e->listeners;
+        e->listeners = l;
+        pthread_mutex_unlock(&e->lock);
+        return 0;
+}
+
+/* --- the export ---------------------------------------------------------------------- */
+
+DC_EXPORT int dc_nbd_export_new(dc_disk *disk, const struct dc_nbd_export_options *opts,
+                                dc_nbd_export **ret) {
+        dc_nbd_export *e;
+
+        if (!disk || !opts || !opts->name)
+                return dc_error(EINVAL, "an NBD export needs a disk and a name");
+        if (strlen(opts->name) > NBD_MAX_STRING || (opts->description && strlen(opts->description) > NBD_MAX_STRING))
+                return dc_error(EINVAL, "an NBD export's name and description are at most %u bytes", NBD_MAX_STRING);
+        e = calloc(1, sizeof *e);
+        if (!e)
+                return dc_error(ENOMEM, "out of memory");
+        e->name = strdup(opts->name);
+        e->description = opts->description ? strdup(opts->description) : NULL;
+        if (!e->name || (opts->description && !e->description)) {
+                free(e->name);
+                free(e->description);
+                free(e);
+                return dc_error(ENOMEM, "out of memory");
+        }
+        if (pipe2(e->wake, O_CLOEXEC) < 0) {
+                int r = dc_error(errno, "cannot create a pipe: %s", strerror(errno));
+                free(e->name);
+                free(e->description);
+                free(e);
+                return r;
+        }
+        e->writable = opts->writable;
+        e->max_connections = opts->max_connections ? opts->max_connections : NBD_DEFAULT_MAX_CONNECTIONS;
+        e->changed = opts->changed;
+        e->userdata = opts->userdata;
+        pthread_mutex_init(&e->lock, NULL);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&e->cond, &ca);
+        pthread_condattr_destroy(&ca);
+        e->disk = dc_disk_ref(disk);
+        *ret = e;
+        return 0;
+}
+
+DC_EXPORT void dc_nbd_export_get_stats(dc_nbd_export *e, struct dc_nbd_export_stats *ret) {
+        *ret = (struct dc_nbd_export_stats){
+                .clients = __atomic_load_n(&e->clients, __ATOMIC_RELAXED),
+                .bytes_read = __atomic_load_n(&e->bytes_read, __ATOMIC_RELAXED),
+                .bytes_written = __atomic_load_n(&e->bytes_written, __ATOMIC_RELAXED),
+                .requests = __atomic_load_n(&e->requests, __ATOMIC_RELAXED),
+        };
+}
+
+/* Under the export's lock: shut every running connection's socket down (HOW), waking its reader. */
+static void shutdown_conns_locked(dc_nbd_export *e, int how) {
+        for (struct conn *c = e->conns; c; c = c->next) {
+                if (c->done)
+                        continue;
+                pthread_mutex_lock(&c->lock);
+                c->stop = true;
+                pthread_cond_broadcast(&c->cond);
+                pthread_mutex_unlock(&c->lock);
+                shutdown(c->fd, how);
+        }
+}
+
+DC_EXPORT dc_nbd_export *dc_nbd_export_free(dc_nbd_export *e) {
+        struct listener *l;
+        struct timespec deadline;
+
+        if (!e)
+                return NULL;
+        pthread_mutex_lock(&e->lock);
+        e->stopping = true;
+        l = TAKE_PTR(e->listeners);
+        pthread_mutex_unlock(&e->lock);
+
+        /* no more connections: the listeners see the pipe and leave */
+        (void) !write(e->wake[1], "x", 1);
+        while (l) {
+                struct listener *next = l->next;
+                pthread_join(l->thread, NULL);
+                close(l->fd);
+                free(l);
+                l = next;
+        }
+
+        /* no more requests; what was read is answered, within the grace period */
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += NBD_STOP_GRACE_NS / 1000000000;
+        pthread_mutex_lock(&e->lock);
+        shutdown_conns_locked(e, SHUT_RD);
+        while (e->nconns > 0)
+                if (pthread_cond_timedwait(&e->cond, &e->lock, &deadline) == ETIMEDOUT) {
+                        /* clients that do not take their replies: fail their sends */
+                        shutdown_conns_locked(e, SHUT_RDWR);
+                        while (e->nconns > 0)
+                                pthread_cond_wait(&e->cond, &e->lock);
+                }
+        reap_locked(e);
+        pthread_mutex_unlock(&e->lock);
+
+        (void) dc_disk_flush(e->disk);
+        dc_disk_unref(e->disk);
+        close(e->wake[0]);
+        close(e->wake[1]);
+        pthread_mutex_destroy(&e->lock);
+        pthread_cond_destroy(&e->cond);
+        free(e->name);
+        free(e->description);
+        free(e);
+        return NULL;
+}
