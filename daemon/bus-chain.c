@@ -59,13 +59,6 @@ static int property_get_jobs(sd_bus *bus, const char *path, const char *iface, c
         return r;
 }
 
-/* This version has no NBD server, so no chain is ever exported: the empty
- * list is the real state. */
-static int property_get_none(sd_bus *bus, const char *path, const char *iface, const char *prop,
-                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        return sd_bus_message_append(reply, "ao", 0);
-}
-
 
 /* --- block jobs -------------------------------------------------------------------- */
 
@@ -550,10 +543,14 @@ typedef struct SnapshotOp {
         const struct dc_format_oracle *oracle;
         uint64_t size;
         bool existing;
+        dc_disk *disk;        /* the export's write path, when the chain is exported */
+        char *export_name;
 } SnapshotOp;
 
 static void snapshot_op_free(void *p) {
         SnapshotOp *op = p;
+        dc_disk_unref(op->disk); /* only when the work never ran */
+        free(op->export_name);
         free(op->overlay);
         free(op->backing);
         g_strfreev(op->roots);
@@ -562,7 +559,8 @@ static void snapshot_op_free(void *p) {
 
 static void snapshot_run(Work *w) {
         SnapshotOp *op = w->data;
-        struct dc_create_options o = { .backing = op->backing, .backing_format = -1, .oracle = op->oracle };
+        struct dc_create_options o = { .backing = op->backing, .backing_format = -1, .oracle = op->oracle,
+                                       .backing_ours = op->disk != NULL };
         int r;
 
         if (!op->existing)
@@ -582,14 +580,28 @@ static void snapshot_run(Work *w) {
                         r = dc_image_set_backing(img, op->backing, "qcow2");
                 dc_image_close(img);
         }
+        if (r >= 0 && op->disk) {
+                /* the export's clients move to the overlay: they wait at the disk's door meanwhile */
+                r = dc_disk_snapshot(op->disk, op->overlay);
+                if (r < 0 && !op->existing) {
+                        char saved[512];
+                        snprintf(saved, sizeof saved, "%s", dc_get_error());
+                        (void) dc_path_unlink(op->overlay, (const char *const *) op->roots, NULL);
+                        r = dc_set_error(-r, "%s", saved);
+                }
+        }
+        op->disk = dc_disk_unref(op->disk); /* off the loop: it may be the last reference */
         work_capture_error(w, r);
 }
 
 static void snapshot_done(Work *w) {
         SnapshotOp *op = w->data;
+        Export *e = op->export_name ? g_hash_table_lookup(w->mgr->exports, op->export_name) : NULL;
         if (w->r >= 0)
                 log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_IMAGE", op->overlay, NULL },
                            "snapshot: '%s' is the new active layer over '%s'", op->overlay, op->backing);
+        if (e && e->state == EXPORT_LIVE)
+                export_moved(e);
         reply_new_image(w, op->overlay);
 }
 
@@ -604,6 +616,7 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
         g_autofree char *images = NULL;
         const char *overlay, *job;
         int fmt = 0, mode = 0, r;
+        Export *exp;
         SnapshotOp *op;
         Image *ov;
         Work *w;
@@ -652,6 +665,14 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
         job = claims_holder(mgr->claims, active->path);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", active->path, job);
+        exp = export_of_path(mgr, active->path);
+        if (exp && strcmp(exp->active, active->path) != 0)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is exported over NBD as '%s'", active->path,
+                                         exp->name);
+        if (exp && exp->state != EXPORT_LIVE)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is exported as '%s', which is %s",
+                                         active->path, exp->name,
+                                         exp->state == EXPORT_STARTING ? "starting" : "stopping");
         images = paths_joined((char *[]){ active->path, abs, NULL });
         /* a new overlay is a creation; rewriting an existing image's backing is a change to it */
         r = polkit_verify(mgr, m, mode == 1 ? "org.diskchain.modify" : "org.diskchain.create",
@@ -676,6 +697,10 @@ static int method_snapshot(sd_bus_message *m, void *userdata, sd_bus_error *erro
                                       : strdup(active->path);
         }
         op->roots = g_strdupv(mgr->config.roots);
+        if (exp) {
+                op->disk = dc_disk_ref(exp->disk);
+                op->export_name = strdup(exp->name);
+        }
         w = work_new(mgr, snapshot_run, snapshot_done, op, snapshot_op_free);
         if (!w)
                 return -ENOMEM;
@@ -693,7 +718,7 @@ const sd_bus_vtable chain_vtable[] = {
         SD_BUS_PROPERTY("Depth", "u", property_get_depth, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("VirtualSize", "t", property_get_size, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Jobs", "ao", property_get_jobs, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
-        SD_BUS_PROPERTY("Exports", "ao", property_get_none, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
+        SD_BUS_PROPERTY("Exports", "ao", property_get_chain_exports, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_METHOD_WITH_ARGS("Stream", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_stream,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Commit", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", job), method_commit,
@@ -704,5 +729,9 @@ const sd_bus_vtable chain_vtable[] = {
                                 method_backup, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Snapshot", SD_BUS_ARGS("s", overlay, "a{sv}", options), SD_BUS_RESULT("o", image),
                                 method_snapshot, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("Export", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("o", export),
+                                method_chain_export, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("OpenNBD", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("h", fd),
+                                method_chain_open_nbd, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };

@@ -131,8 +131,12 @@ static int image_op_start(Image *img, sd_bus_message *m, ImageOp *op, work_fn ru
 static int refuse_busy(Image *img, sd_bus_error *error) {
         const char *job = claims_holder(img->mgr->claims, img->path);
         Image *of = image_data_file_of(img->mgr, img);
+        const char *exp = claims_exporter(img->mgr->claims, img->path);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", img->path, job);
+        if (exp)
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is exported over NBD as '%s'", img->path,
+                                         exp);
         if (of)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is the data file of '%s'", img->path,
                                          of->path);

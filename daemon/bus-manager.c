@@ -72,7 +72,7 @@ static int method_list(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         sd_bus_message *reply = NULL;
         int r;
 
-        if (strcmp(member, "ListJobs") != 0) {
+        if (strcmp(member, "ListJobs") != 0 && strcmp(member, "ListExports") != 0) {
                 r = model_freshen(mgr, m, NULL, error);
                 if (r <= 0)
                         return r < 0 ? r : 1;
@@ -81,6 +81,8 @@ static int method_list(sd_bus_message *m, void *userdata, sd_bus_error *error) {
                 l = model_image_paths(mgr);
         else if (strcmp(member, "ListChains") == 0)
                 l = model_chain_paths(mgr);
+        else if (strcmp(member, "ListExports") == 0)
+                l = model_export_paths(mgr);
         else
                 l = model_job_paths(mgr);
         r = sd_bus_message_new_method_return(m, &reply);
@@ -304,6 +306,8 @@ static int method_classify_image(sd_bus_message *m, void *userdata, sd_bus_error
         job = claims_holder(mgr->claims, abs);
         if (job)
                 return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is in use by job '%s'", abs, job);
+        if ((job = claims_exporter(mgr->claims, abs)))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is exported over NBD as '%s'", abs, job);
         r = polkit_verify(mgr, m, "org.diskchain.classify",
                           (const char *const[]){ "path", abs, "root", root_of(mgr, abs), "operation", "classify",
                                                  "images", abs, "format", format, NULL },
@@ -337,7 +341,7 @@ static int property_get_roots(sd_bus *bus, const char *path, const char *iface, 
 
 static int property_get_features(sd_bus *bus, const char *path, const char *iface, const char *prop,
                                  sd_bus_message *reply, void *userdata, sd_bus_error *error) {
-        return sd_bus_message_append(reply, "as", 3, "qcow2", "raw", "zstd");
+        return sd_bus_message_append(reply, "as", 4, "qcow2", "raw", "zstd", "nbd");
 }
 
 static int property_get_max_jobs(sd_bus *bus, const char *path, const char *iface, const char *prop,
@@ -363,6 +367,8 @@ const sd_bus_vtable manager_vtable[] = {
         SD_BUS_METHOD_WITH_ARGS("ListChains", SD_BUS_NO_ARGS, SD_BUS_RESULT("ao", chains), method_list,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("ListJobs", SD_BUS_NO_ARGS, SD_BUS_RESULT("ao", jobs), method_list,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("ListExports", SD_BUS_NO_ARGS, SD_BUS_RESULT("ao", exports), method_list,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("GetChain", SD_BUS_ARGS("s", active_path), SD_BUS_RESULT("o", chain),
                                 method_get_chain, SD_BUS_VTABLE_UNPRIVILEGED),

@@ -29,7 +29,8 @@ static bool inside(const char *path, const char *dir) {
         return strncmp(path, dir, l) == 0 && (path[l] == '/' || path[l] == 0);
 }
 
-int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir) {
+int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir,
+                const char *cli_runtime_dir) {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autoptr(GError) err = NULL;
         g_autofree char *state = NULL;
@@ -80,11 +81,24 @@ int config_load(Config *c, const char *file, char **cli_roots, const char *cli_s
                         return -EINVAL;
                 }
         c->state_dir = g_canonicalize_filename(state, "/");
+        if (cli_runtime_dir)
+                c->runtime_dir = g_canonicalize_filename(cli_runtime_dir, "/");
+        else if (have_file && g_key_file_has_key(kf, "Storage", "RuntimeDirectory", NULL)) {
+                g_autofree char *rt = g_strstrip(g_key_file_get_string(kf, "Storage", "RuntimeDirectory", NULL));
+                if (rt[0] != '/') {
+                        log_error("runtime directory '%s' is not an absolute path", rt);
+                        return -EINVAL;
+                }
+                c->runtime_dir = g_canonicalize_filename(rt, "/");
+        } else
+                c->runtime_dir = g_strdup(DEFAULT_RUNTIME_DIR);
 
         c->max_jobs = get_uint(have_file ? kf : NULL, "Limits", "MaxJobs", 4, 1, 64);
         c->max_depth = get_uint(have_file ? kf : NULL, "Limits", "MaxChainDepth", 64, 1, 255);
         c->workers = get_uint(have_file ? kf : NULL, "Limits", "Workers", 4, 1, 64);
         c->max_operations = get_uint(have_file ? kf : NULL, "Limits", "MaxOperations", 64, 1, 4096);
+        c->max_exports = get_uint(have_file ? kf : NULL, "NBD", "MaxExports", 64, 1, 1024);
+        c->max_connections = get_uint(have_file ? kf : NULL, "NBD", "MaxConnections", 16, 1, 1024);
         return 0;
 }
 
@@ -93,4 +107,6 @@ void config_done(Config *c) {
         c->roots = NULL;
         g_free(c->state_dir);
         c->state_dir = NULL;
+        g_free(c->runtime_dir);
+        c->runtime_dir = NULL;
 }

@@ -20,10 +20,12 @@
 #define IMAGE_PREFIX MANAGER_PATH "/image"
 #define CHAIN_PREFIX MANAGER_PATH "/chain"
 #define JOB_PREFIX MANAGER_PATH "/job"
+#define EXPORT_PREFIX MANAGER_PATH "/export"
 #define IFACE_MANAGER BUS_NAME ".Manager"
 #define IFACE_IMAGE BUS_NAME ".Image"
 #define IFACE_CHAIN BUS_NAME ".Chain"
 #define IFACE_JOB BUS_NAME ".Job"
+#define IFACE_EXPORT BUS_NAME ".Export"
 #define ERROR_PREFIX BUS_NAME ".Error."
 
 #define _cleanup_(f) __attribute__((cleanup(f)))
@@ -33,6 +35,12 @@ static inline void freep(void *p) {
         free(*(void **) p);
 }
 #define _cleanup_free_ _cleanup_(freep)
+#define TAKE_FD(fd)                       \
+        ({                                \
+                int _tfd_ = (fd);         \
+                (fd) = -1;                \
+                _tfd_;                    \
+        })
 #define TAKE_PTR(p)                       \
         ({                                \
                 __typeof__(p) _tp_ = (p); \
@@ -75,6 +83,9 @@ typedef struct Image {
 typedef struct Config {
         char **roots;         /* NULL-terminated */
         char *state_dir;
+        char *runtime_dir;    /* the NBD sockets live in its nbd/ */
+        unsigned max_exports;
+        unsigned max_connections; /* an export's default */
         unsigned max_jobs;
         unsigned max_depth;
         unsigned workers;     /* threads for image work */
@@ -123,6 +134,11 @@ struct Manager {
         int job_fd;           /* eventfd: some job has events */
         sd_event_source *job_source, *progress_timer;
         unsigned job_counter;
+
+        /* NBD exports (export.c) */
+        GHashTable *exports;  /* name -> Export* (also those starting or stopping) */
+        int export_fd;        /* eventfd: some export's clients or counters changed */
+        sd_event_source *export_source, *export_timer;
 };
 
 typedef struct Job {
@@ -140,6 +156,29 @@ typedef struct Job {
         struct dc_job_info last;
 } Job;
 
+/* An NBD export of a chain (export.c; its bus glue is bus-export.c). */
+typedef enum ExportState { EXPORT_STARTING, EXPORT_LIVE, EXPORT_STOPPING } ExportState;
+typedef struct Export {
+        Manager *mgr;
+        char *name, *object;
+        char *active;         /* the chain's active layer (follows pivots and snapshots) */
+        char *chain_object;   /* as last announced */
+        char **paths;         /* the images claimed (claims_export) */
+        char *socket;         /* the listening socket's path, or NULL (only OpenNBD connections) */
+        struct stat socket_st;
+        bool writable, persistent;
+        bool anonymous;       /* made by OpenNBD: stops when its last client leaves */
+        bool served;          /* some client connected once */
+        bool forget;          /* Stop() was called: remove the persistent record too */
+        unsigned max_connections;
+        uid_t uid;            /* who created it: may connect through the socket */
+        ExportState state;
+        dc_disk *disk;
+        dc_nbd_export *nbd;
+        struct dc_nbd_export_stats last; /* as last announced */
+        GPtrArray *stop_waiters; /* Stop() calls to answer once it is gone */
+} Export;
+
 /* log.c — the journal with structured fields, or stderr lines without one */
 extern int log_max_level;
 void log_setup(void);
@@ -152,7 +191,7 @@ void log_fields(int level, const char *const *fields, const char *fmt, ...) _pri
 #define log_debug(...) log_fields(LOG_DEBUG, NULL, __VA_ARGS__)
 
 /* config.c */
-int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir);
+int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir, const char *cli_runtime_dir);
 void config_done(Config *c);
 
 /* errors.c — the one table from errno to D-Bus errors */
@@ -285,6 +324,7 @@ typedef struct JobStart {
         struct dc_job_options jo;
         dc_job *job;
         char *d_images, *d_writes, *d_roots; /* polkit details */
+        char *via;            /* the export whose write path the job uses, or NULL */
 } JobStart;
 
 int jobs_setup(Manager *mgr);
@@ -307,6 +347,50 @@ void job_send_changed(Job *j, char **props);
 /* J appeared on the bus / left it: the object, and its chain's Jobs. */
 void job_send_added(Job *j);
 void job_send_removed(Job *j);
+
+/* export.c — the NBD exports: starting, following the chain, stopping, records */
+int exports_setup(Manager *mgr);
+/* At exit: stop every export here and now (on the loop). */
+void exports_free(Manager *mgr);
+/* Recreate the persistent exports recorded in the state directory. */
+void exports_restore(Manager *mgr);
+Export *export_of_path(Manager *mgr, const char *path);
+/* The exports on the bus (starting ones are not), as object paths. */
+char **model_export_paths(Manager *mgr);
+bool export_name_valid(const char *name);
+char *export_default_name(Manager *mgr, const char *active);
+/* Start exporting ACTIVE's chain (LAYERS: its images, the claims) as E describes; M answered when it is live. */
+typedef struct ExportStart {
+        char *name, *active, *socket;
+        char **paths, **expect;
+        bool writable, persistent, anonymous;
+        unsigned max_connections;
+        uid_t uid;
+        int fd;               /* OpenNBD: the socket to serve at once (or -1) */
+        int client_fd;        /* OpenNBD: its other end, the call's answer (or -1) */
+} ExportStart;
+int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error *error);
+void export_start_clear(ExportStart *es);
+/* Stop E (Stop() or the last OpenNBD client left); M (or NULL) answered when it is gone. */
+void export_stop(Export *e, sd_bus_message *m, bool forget);
+/* The chains' active layers may have moved (a pivot): follow them. */
+void exports_follow(Manager *mgr);
+/* E's chain has the new active layer OVERLAY (a snapshot through its disk). */
+void export_moved(Export *e);
+/* Serve the connected socket FD on E (owned from now on). */
+int export_serve_fd(Export *e, int fd);
+
+/* bus-export.c */
+extern const sd_bus_vtable export_vtable[];
+int export_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                       sd_bus_error *error);
+int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error);
+int method_chain_open_nbd(sd_bus_message *m, void *userdata, sd_bus_error *error);
+int property_get_chain_exports(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                               sd_bus_message *reply, void *userdata, sd_bus_error *error);
+void export_send_added(Export *e);
+void export_send_removed(Export *e);
+void export_send_changed(Export *e, char **props);
 
 /* manager.c */
 int manager_new(Manager **ret, const Config *config);

@@ -233,6 +233,8 @@ static int on_job_events(sd_event_source *s, int fd, uint32_t revents, void *use
                 g_ptr_array_add(all, j);
         for (guint i = 0; i < all->len; i++)
                 job_drain(all->pdata[i]);
+        /* a pivot through an export's disk moved its clients to a new active layer */
+        exports_follow(mgr);
         return 0;
 }
 
@@ -391,6 +393,8 @@ void job_start_free(void *p) {
         free(s->backing_file);
         free(s->target);
         free(s->target_backing);
+        free(s->via);
+        dc_disk_unref(s->jo.disk); /* only when the work never ran */
         g_strfreev(s->roots);
         g_strfreev(s->paths);
         g_strfreev(s->expect);
@@ -440,6 +444,8 @@ static void job_start_run(Work *w) {
                 else
                         r = dc_job_backup(s->top, s->target, &s->bo, &o, &s->jo, &s->job);
         }
+        /* the job took a reference of its own; ours goes here, off the loop (it may be the last) */
+        s->jo.disk = dc_disk_unref(s->jo.disk);
         work_capture_error(w, r);
         if (r < 0 && s->target_made) {
                 /* made for this job only: removed relative to its directory, and only if still ours */
@@ -490,6 +496,7 @@ static void job_start_done(Work *w) {
  */
 int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus_error *error) {
         g_autofree char *busy = NULL;
+        Export *exp;
         Work *w;
         int r;
 
@@ -504,7 +511,16 @@ int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus
                 return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded",
                                          "%u jobs are running or starting already (MaxJobs)",
                                          g_hash_table_size(mgr->job_ids));
-        r = claims_take(mgr->claims, s->id, paths, s->target, &busy);
+        /* a job on an exported chain writes through the export's disk, under its clients' writes */
+        exp = export_of_path(mgr, s->expect[0]);
+        if (exp && strcmp(exp->active, s->expect[0]) == 0) {
+                if (exp->state != EXPORT_LIVE)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' is exported as '%s', which is %s",
+                                                 s->expect[0], exp->name,
+                                                 exp->state == EXPORT_STARTING ? "starting" : "stopping");
+                s->via = strdup(exp->name);
+        }
+        r = claims_take(mgr->claims, s->id, paths, s->target, s->via, &busy);
         if (r < 0)
                 return sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
         w = work_new(mgr, job_start_run, job_start_done, s, NULL);
@@ -519,6 +535,8 @@ int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus
         if (s->target)
                 model_changed(mgr, (char *[]){ s->target, NULL });
         s->reserved = true;
+        if (exp && s->via)
+                s->jo.disk = dc_disk_ref(exp->disk);
         s->roots = g_strdupv(mgr->config.roots);
         s->max_depth = mgr->config.max_depth;
         if (s->create_target)

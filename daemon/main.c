@@ -26,9 +26,10 @@ static void help(void) {
                "     --config FILE       Configuration file (default: %s)\n"
                "     --root DIR          Storage root (repeatable; overrides the configuration)\n"
                "     --state-dir DIR     Where the daemon keeps its records (default: %s)\n"
+               "     --runtime-dir DIR   Where the NBD sockets go, in its nbd/ (default: %s)\n"
                "     --idle-timeout SEC  Exit after SEC seconds without work (default 30, 0 = never)\n"
                "     --log-level LEVEL   err, warning, notice, info or debug\n",
-               DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR);
+               DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, DEFAULT_RUNTIME_DIR);
 }
 
 static int parse_level(const char *s) {
@@ -58,18 +59,19 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
 }
 
 int main(int argc, char **argv) {
-        enum { ARG_VERSION = 0x100, ARG_CONFIG, ARG_ROOT, ARG_STATE, ARG_IDLE, ARG_LOG };
+        enum { ARG_VERSION = 0x100, ARG_CONFIG, ARG_ROOT, ARG_STATE, ARG_RUNTIME, ARG_IDLE, ARG_LOG };
         static const struct option options[] = {
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, ARG_VERSION },
                 { "config", required_argument, NULL, ARG_CONFIG },
                 { "root", required_argument, NULL, ARG_ROOT },
                 { "state-dir", required_argument, NULL, ARG_STATE },
+                { "runtime-dir", required_argument, NULL, ARG_RUNTIME },
                 { "idle-timeout", required_argument, NULL, ARG_IDLE },
                 { "log-level", required_argument, NULL, ARG_LOG },
                 {},
         };
-        const char *config_file = DEFAULT_CONFIG_FILE, *state_dir = NULL;
+        const char *config_file = DEFAULT_CONFIG_FILE, *state_dir = NULL, *runtime_dir = NULL;
         g_autoptr(GPtrArray) roots = g_ptr_array_new_with_free_func(g_free);
         uint64_t idle_usec = 30ULL * 1000000ULL;
         Manager *mgr = NULL;
@@ -90,6 +92,13 @@ int main(int argc, char **argv) {
                         break;
                 case ARG_STATE:
                         state_dir = optarg;
+                        break;
+                case ARG_RUNTIME:
+                        if (optarg[0] != '/') {
+                                fprintf(stderr, "diskchaind: --runtime-dir needs an absolute path\n");
+                                return 1;
+                        }
+                        runtime_dir = optarg;
                         break;
                 case ARG_ROOT: {
                         g_autofree char *canon = NULL;
@@ -122,7 +131,7 @@ int main(int argc, char **argv) {
                         return 1;
                 }
         g_ptr_array_add(roots, NULL);
-        r = config_load(&config, config_file, (char **) roots->pdata, state_dir);
+        r = config_load(&config, config_file, (char **) roots->pdata, state_dir, runtime_dir);
         if (r < 0)
                 return 1;
         config.idle_timeout_usec = idle_usec;
@@ -151,6 +160,7 @@ int main(int argc, char **argv) {
         }
         /* Nobody can call us before the name is taken: read the roots now. */
         (void) model_scan_initial(mgr);
+        exports_restore(mgr);
         r = polkit_setup(mgr);
         if (r >= 0)
                 r = bus_register(mgr);

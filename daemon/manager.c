@@ -16,6 +16,7 @@ int manager_new(Manager **ret, const Config *config) {
         mgr->claims = claims_new();
         mgr->inotify_fd = -1;
         mgr->job_fd = -1;
+        mgr->export_fd = -1;
         r = registry_open(config->state_dir, config->roots, &mgr->registry);
         if (r < 0) {
                 free(mgr);
@@ -30,6 +31,8 @@ int manager_new(Manager **ret, const Config *config) {
                 r = workers_setup(mgr);
         if (r >= 0)
                 r = jobs_setup(mgr);
+        if (r >= 0)
+                r = exports_setup(mgr);
         if (r < 0) {
                 manager_free(mgr);
                 return r;
@@ -43,6 +46,7 @@ Manager *manager_free(Manager *mgr) {
                 return NULL;
         jobs_free(mgr);
         workers_free(mgr);
+        exports_free(mgr);
         polkit_free(mgr);
         model_free(mgr);
         registry_free(mgr->registry);
@@ -56,7 +60,9 @@ Manager *manager_free(Manager *mgr) {
 
 bool manager_is_idle(Manager *mgr) {
         /* a job keeps us up while it runs, and until dismissed when concluded */
+        /* and an export as long as it exists */
         return mgr->operations == 0 && g_hash_table_size(mgr->polkit) == 0 && g_hash_table_size(mgr->job_ids) == 0 &&
+               (!mgr->exports || g_hash_table_size(mgr->exports) == 0) &&
                !mgr->refresh_running && mgr->waiters_now->len == 0 && mgr->waiters_next->len == 0;
 }
 
@@ -247,6 +253,11 @@ static int enumerate_jobs(sd_bus *bus, const char *prefix, void *userdata, char 
         return 0;
 }
 
+static int enumerate_exports(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
+        *ret = model_export_paths(userdata);
+        return 0;
+}
+
 static int enumerate_chains(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
         *ret = model_chain_paths(userdata);
         return 0;
@@ -272,5 +283,10 @@ int bus_register(Manager *mgr) {
                 r = sd_bus_add_fallback_vtable(mgr->bus, NULL, JOB_PREFIX, IFACE_JOB, job_vtable, job_object_find, mgr);
         if (r >= 0)
                 r = sd_bus_add_node_enumerator(mgr->bus, NULL, JOB_PREFIX, enumerate_jobs, mgr);
+        if (r >= 0)
+                r = sd_bus_add_fallback_vtable(mgr->bus, NULL, EXPORT_PREFIX, IFACE_EXPORT, export_vtable,
+                                               export_object_find, mgr);
+        if (r >= 0)
+                r = sd_bus_add_node_enumerator(mgr->bus, NULL, EXPORT_PREFIX, enumerate_exports, mgr);
         return r;
 }

@@ -393,8 +393,11 @@ const char *image_in_use(Manager *mgr, Image *img, char **ret_free) {
         const char *job = claims_holder(mgr->claims, img->path);
         Image *of = image_data_file_of(mgr, img);
         *ret_free = NULL;
+        const char *exp = claims_exporter(mgr->claims, img->path);
         if (job)
                 return *ret_free = g_strdup_printf("job:%s", job);
+        if (exp)
+                return *ret_free = g_strdup_printf("export:%s", exp);
         if (of)
                 return *ret_free = g_strdup_printf("data-file:%s", of->path);
         return img->external && !claims_held(mgr->claims, img->path) ? "external" : "";
@@ -637,6 +640,8 @@ static void apply(Manager *mgr, GPtrArray *found, bool full, char **touched_path
 
 void model_apply(Manager *mgr, GPtrArray *found) {
         apply(mgr, found, false, NULL);
+        /* the chains the exports serve may be known better now */
+        exports_follow(mgr);
 }
 
 void model_changed(Manager *mgr, char **paths) {

@@ -128,6 +128,12 @@ struct dc_create_options {
         int preallocation;          /* DC_PREALLOC_* */
         bool lazy_refcounts;
         uint32_t refcount_bits;     /* 0 = 16 */
+        /*
+         * The backing file is this process's own, open read-write elsewhere
+         * (an NBD export's active layer, for a snapshot): read it without
+         * QEMU's locks, which would conflict with our own.
+         */
+        bool backing_ours;
 };
 
 enum {

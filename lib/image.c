@@ -865,7 +865,7 @@ DC_EXPORT int dc_image_create(const char *path, uint64_t size, const struct dc_c
                                 abs);
         if (o->backing) {
                 _cleanup_free_ char *babs = NULL;
-                struct dc_open_options bo = { .roots = roots, .oracle = o->oracle };
+                struct dc_open_options bo = { .roots = roots, .oracle = o->oracle, .no_lock = o->backing_ours };
                 r = dc_backing_resolve(abs, o->backing, &babs);
                 if (r < 0)
                         return r;

@@ -867,6 +867,148 @@ static int cmd_snapshot(int argc, char **argv) {
         return 0;
 }
 
+static void print_export(const char *o) {
+        char *name = get_string(o, IFACE("Export"), "Name"), *uri = get_string(o, IFACE("Export"), "Uri");
+        char *active = NULL, h1[HUMAN_MAX], h2[HUMAN_MAX];
+        uint64_t rd = 0, wr = 0;
+        uint32_t clients = 0;
+        int writable = 0;
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+
+        get_prop(o, IFACE("Export"), "Writable", 'b', &writable);
+        get_prop(o, IFACE("Export"), "Clients", 'u', &clients);
+        get_prop(o, IFACE("Export"), "BytesRead", 't', &rd);
+        get_prop(o, IFACE("Export"), "BytesWritten", 't', &wr);
+        {
+                sd_bus_message *reply = NULL, *reply2 = NULL;
+                const char *c = NULL, *a = NULL;
+                if (sd_bus_get_property(bus, BUS_NAME, o, IFACE("Export"), "Chain", &e, &reply, "o") >= 0 &&
+                    sd_bus_message_read(reply, "o", &c) >= 0 &&
+                    sd_bus_get_property(bus, BUS_NAME, c, IFACE("Chain"), "Active", &e, &reply2, "o") >= 0 &&
+                    sd_bus_message_read(reply2, "o", &a) >= 0)
+                        active = get_string(a, IFACE("Image"), "Path");
+                sd_bus_message_unref(reply);
+                sd_bus_message_unref(reply2);
+        }
+        sd_bus_error_free(&e);
+        if (arg_json)
+                printf("{\"name\": \"%s\", \"uri\": \"%s\", \"active\": \"%s\", \"writable\": %s, \"clients\": %u, "
+                       "\"bytes-read\": %" PRIu64 ", \"bytes-written\": %" PRIu64 ", \"object\": \"%s\"}\n",
+                       name, uri, active ? active : "", writable ? "true" : "false", clients, rd, wr, o);
+        else
+                printf("%-16s %-3s %7u %10s %10s  %s\n%16s %s\n", name, writable ? "rw" : "ro", clients,
+                       format_bytes(h1, rd), format_bytes(h2, wr), active ? active : "", "", *uri ? uri : "(OpenNBD)");
+        free(name), free(uri), free(active);
+}
+
+static int cmd_export(int argc, char **argv) {
+        static const struct option options[] = {
+                { "writable", no_argument, NULL, 'w' },       { "name", required_argument, NULL, 'n' },
+                { "socket", required_argument, NULL, 's' },   { "persistent", no_argument, NULL, 'p' },
+                { "max-connections", required_argument, NULL, 'm' }, {},
+        };
+        const char *name = NULL, *sock = NULL;
+        bool writable = false, persistent = false;
+        uint32_t maxc = 0;
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *m = NULL, *reply = NULL;
+        char *chain = NULL;
+        const char *o;
+        int c, r;
+
+        if (argc < 2 || argv[1][0] == '-')
+                return fprintf(stderr, "diskchainctl: export CHAIN [--writable] [--name N] [--socket PATH] "
+                                       "[--persistent] [--max-connections N]\n"), 2;
+        while ((c = getopt_long(argc - 1, argv + 1, "", options, NULL)) >= 0)
+                switch (c) {
+                case 'w':
+                        writable = true;
+                        break;
+                case 'p':
+                        persistent = true;
+                        break;
+                case 'n':
+                        name = optarg;
+                        break;
+                case 's':
+                        sock = optarg;
+                        break;
+                case 'm':
+                        maxc = (uint32_t) strtoul(optarg, NULL, 10);
+                        break;
+                default:
+                        return 2;
+                }
+        if (get_chain(argv[1], &chain) < 0)
+                return 1;
+        r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, chain, IFACE("Chain"), "Export");
+        free(chain);
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'a', "{sv}");
+        if (r >= 0 && writable)
+                r = sd_bus_message_append(m, "{sv}", "writable", "b", 1);
+        if (r >= 0 && persistent)
+                r = sd_bus_message_append(m, "{sv}", "persistent", "b", 1);
+        if (r >= 0 && name)
+                r = sd_bus_message_append(m, "{sv}", "name", "s", name);
+        if (r >= 0 && sock)
+                r = sd_bus_message_append(m, "{sv}", "socket", "s", sock);
+        if (r >= 0 && maxc)
+                r = sd_bus_message_append(m, "{sv}", "max-connections", "u", maxc);
+        if (r >= 0)
+                r = sd_bus_message_close_container(m);
+        if (r >= 0)
+                r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
+        sd_bus_message_unref(m);
+        if (r < 0)
+                return fail("Export", &e, r);
+        if (sd_bus_message_read(reply, "o", &o) >= 0) {
+                if (!arg_json)
+                        printf("NAME             RW  CLIENTS       READ    WRITTEN  CHAIN\n");
+                print_export(o);
+        }
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+static int cmd_exports(void) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        char **v = NULL;
+        int r = call(MANAGER_PATH, IFACE("Manager"), "ListExports", &reply, &e, NULL);
+        if (r < 0)
+                return fail("ListExports", &e, r);
+        read_paths(reply, &v);
+        if (!arg_json)
+                printf("NAME             RW  CLIENTS       READ    WRITTEN  CHAIN\n");
+        for (char **p = v; *p; p++)
+                print_export(*p);
+        strv_free(v);
+        sd_bus_message_unref(reply);
+        return 0;
+}
+
+static int cmd_unexport(const char *name) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        char *o = NULL;
+        int r = sd_bus_path_encode(MANAGER_PATH "/export", name, &o);
+        if (r < 0)
+                return fail("unexport", NULL, r);
+        r = call(o, IFACE("Export"), "Stop", NULL, &e, NULL);
+        free(o);
+        if (r < 0) {
+                if (sd_bus_error_has_name(&e, SD_BUS_ERROR_UNKNOWN_OBJECT) ||
+                    sd_bus_error_has_name(&e, SD_BUS_ERROR_UNKNOWN_METHOD)) {
+                        fprintf(stderr, "diskchainctl: no export named '%s'\n", name);
+                        sd_bus_error_free(&e);
+                        return 1;
+                }
+                return fail("Stop", &e, r);
+        }
+        if (!arg_json)
+                printf("stopped export %s\n", name);
+        return 0;
+}
 
 static void print_job(const char *o, bool long_form) {
         char *id = get_string(o, IFACE("Job"), "Id"), *type = get_string(o, IFACE("Job"), "Type");
@@ -1069,6 +1211,10 @@ static void help(void) {
                "                               mirror and active commit (no --top) wait until ready;\n"
                "                               --complete then pivots, --copy keeps a point-in-time copy\n"
                "  snapshot CHAIN OVERLAY [--existing]\n"
+               "  export CHAIN [--writable] [--name N] [--socket PATH] [--persistent] [--max-connections N]\n"
+               "                               Serve the chain over NBD (polkit: export); prints its URI\n"
+               "  exports                      List the NBD exports\n"
+               "  unexport NAME                Stop an export once its clients' requests are done\n"
                "  jobs                         List block jobs\n"
                "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
                "  job change ID --copy-mode write-blocking\n"
@@ -1138,6 +1284,12 @@ int main(int argc, char **argv) {
                 r = cmd_job_start("Mirror", argc, argv);
         else if (strcmp(argv[0], "snapshot") == 0)
                 r = cmd_snapshot(argc, argv);
+        else if (strcmp(argv[0], "export") == 0)
+                r = cmd_export(argc, argv);
+        else if (strcmp(argv[0], "exports") == 0)
+                r = cmd_exports();
+        else if (strcmp(argv[0], "unexport") == 0 && argc >= 2)
+                r = cmd_unexport(argv[1]);
         else if (strcmp(argv[0], "jobs") == 0)
                 r = cmd_jobs();
         else if (strcmp(argv[0], "job") == 0)

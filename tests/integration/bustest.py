@@ -103,7 +103,7 @@ class Bus:
         with open(os.path.join(services, "org.diskchain.DiskChain1.service"), "w") as f:
             f.write("[D-BUS Service]\nName=org.diskchain.DiskChain1\n"
                     f"Exec=/bin/sh -c '{prefix}exec {wrap}{DAEMON} --config {self.config} --root {self.root} "
-                    f"--state-dir {self.state} "
+                    f"--state-dir {self.state} --runtime-dir {self.dir}/run "
                     f"--idle-timeout {idle_timeout} --log-level debug >>{self.log} 2>&1'\nUser=root\n")
         conf = os.path.join(self.dir, "bus.conf")
         with open(conf, "w") as f:

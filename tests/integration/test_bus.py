@@ -307,8 +307,11 @@ def test_responsive_during_long_create(bus):
 def test_introspection_matches_xml(bus):
     create(bus, "i.qcow2", 1 << 20)
     chain = data(bus.call(M, "Manager", "GetChain", "s", "i.qcow2"))[0]
+    create(bus, "x.qcow2", 1 << 20)
+    xchain = data(bus.call(M, "Manager", "GetChain", "s", "x.qcow2"))[0]
+    export = data(bus.call(xchain, "Chain", "Export", "a{sv}", "0"))[0]
     job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "1", "auto-dismiss", "b", "false"))[0]
-    paths = {"Manager": M, "Image": image(bus, "i.qcow2"), "Chain": chain, "Job": job}
+    paths = {"Manager": M, "Image": image(bus, "i.qcow2"), "Chain": chain, "Job": job, "Export": export}
     for name, path in paths.items():
         iface = f"org.diskchain.DiskChain1.{name}"
         live = data(bus.busctl("--json=short", "call", "org.diskchain.DiskChain1", path,

@@ -1,0 +1,835 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The NBD exports of the daemon, as a model apart from their bus glue
+ * (bus-export.c), the way job.c is apart from bus-job.c.
+ *
+ * Design notes
+ * ------------
+ * - An export is a chain's write path (dc_disk) with the library's NBD
+ *   server over it (lib/nbd-server.c).  Everything that touches a file --
+ *   opening the chain, binding the socket, serving requests, writing the
+ *   record -- happens on the pool's workers or on the server's own
+ *   threads; the loop keeps the table and announces.
+ * - Lifecycle: STARTING from the call that asks for it (the name is
+ *   reserved and the images claimed on the loop, with nothing waiting in
+ *   between, so a second call cannot slip in) until a worker has opened the
+ *   chain, bound the socket and started the server; LIVE while it serves;
+ *   STOPPING while a worker frees the server (the requests in flight
+ *   complete and their replies go out, then every client is disconnected),
+ *   removes the socket and drops the chain.  Only a LIVE export is on the
+ *   bus; a stopping one leaves it when it is gone.
+ * - Who may connect: the socket is made under a temporary name, given to
+ *   the export's creator with mode 0600, and only then renamed into place,
+ *   so at no moment can another user connect to it; the server checks the
+ *   peer's SO_PEERCRED again on each connection (root and the creator).
+ *   Anyone else goes through Chain.OpenNBD, which polkit decides.
+ * - A job on an exported chain writes through the export's disk
+ *   (JobStart.via): the clients' writes meet its filters, and a pivot
+ *   moves the disk, not the clients, to the new active layer.
+ *   exports_follow() then moves the export's claims, its Chain and its
+ *   record after it.  A snapshot of an exported chain goes through the
+ *   disk the same way (bus-chain.c).
+ * - Persistent exports are recorded in STATE_DIR/exports/NAME, a key file
+ *   written on a worker (g_file_set_contents: a new file renamed over the
+ *   old), and recreated when the daemon starts.  A record whose chain
+ *   cannot be opened is kept and reported: the files may come back.
+ * - The server calls back on its threads when clients come and go and at
+ *   most every 100 ms while serving; the callback only writes an eventfd,
+ *   and on the loop the counters that changed are announced.
+ */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "daemon.h"
+
+/* --- the table -------------------------------------------------------------------- */
+
+static void message_unref(void *m) {
+        sd_bus_message_unref(m);
+}
+
+static void export_struct_free(Export *e) {
+        if (!e)
+                return;
+        free(e->name);
+        free(e->object);
+        free(e->active);
+        free(e->chain_object);
+        free(e->socket);
+        g_strfreev(e->paths);
+        if (e->stop_waiters)
+                g_ptr_array_free(e->stop_waiters, TRUE);
+        free(e);
+}
+
+char **model_export_paths(Manager *mgr) {
+        GPtrArray *a = g_ptr_array_new();
+        GHashTableIter it;
+        Export *e;
+
+        g_hash_table_iter_init(&it, mgr->exports);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &e))
+                if (e->state != EXPORT_STARTING)
+                        g_ptr_array_add(a, g_strdup(e->object));
+        g_ptr_array_add(a, NULL);
+        return (char **) g_ptr_array_free(a, FALSE);
+}
+
+Export *export_of_path(Manager *mgr, const char *path) {
+        const char *name = claims_exporter(mgr->claims, path);
+        return name ? g_hash_table_lookup(mgr->exports, name) : NULL;
+}
+
+bool export_name_valid(const char *name) {
+        size_t l = strlen(name);
+
+        if (l == 0 || l > 64 || name[0] == '.' || name[0] == '-')
+                return false;
+        for (const char *c = name; *c; c++)
+                if (!g_ascii_isalnum(*c) && !strchr("._-", *c))
+                        return false;
+        return true;
+}
+
+/* The active layer's file name without its extension, in the characters a name may have; unique. */
+char *export_default_name(Manager *mgr, const char *active) {
+        g_autofree char *base = g_path_get_basename(active);
+        g_autofree char *stem = NULL;
+        char *dot = strrchr(base, '.');
+        GString *s;
+
+        if (dot && dot != base)
+                *dot = 0;
+        s = g_string_new(NULL);
+        for (const char *c = base; *c && s->len < 48; c++)
+                g_string_append_c(s, g_ascii_isalnum(*c) || strchr("_-", *c) ? *c : '_');
+        if (s->len == 0 || s->str[0] == '-')
+                g_string_prepend(s, "disk");
+        stem = g_string_free(s, FALSE);
+        if (!g_hash_table_contains(mgr->exports, stem))
+                return TAKE_PTR(stem);
+        for (unsigned i = 2; i < 100000; i++) {
+                char *n = g_strdup_printf("%s-%u", stem, i);
+                if (!g_hash_table_contains(mgr->exports, n))
+                        return n;
+                g_free(n);
+        }
+        return NULL;
+}
+
+/* --- the socket -------------------------------------------------------------------- */
+
+/*
+ * The directory of PATH, opened without following a symlink as its last
+ * component, and trusted to hold a socket for UID: ours (the nbd
+ * directory), or owned by UID or root and writable by nobody else.
+ */
+static int socket_dir_open(const char *path, const char *own_dir, uid_t uid, char **ret_base) {
+        g_autofree char *dir = g_path_get_dirname(path);
+        g_autofree char *base = g_path_get_basename(path);
+        struct stat st;
+        int dfd;
+
+        if (!export_name_valid(base))
+                return dc_set_error(EINVAL, "socket name '%s' must be 1..64 characters of A-Z a-z 0-9 . _ -", base);
+        dfd = open(dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0)
+                return dc_set_error(errno, "socket directory '%s': %s", dir, strerror(errno));
+        if (fstat(dfd, &st) < 0) {
+                int e = errno;
+                close(dfd);
+                return dc_set_error(e, "socket directory '%s': %s", dir, strerror(e));
+        }
+        if (strcmp(dir, own_dir) != 0 && ((st.st_uid != uid && st.st_uid != 0) || (st.st_mode & 022))) {
+                close(dfd);
+                return dc_set_error(EPERM,
+                                    "socket directory '%s' must belong to the caller (or root) and be writable by "
+                                    "nobody else",
+                                    dir);
+        }
+        *ret_base = TAKE_PTR(base);
+        return dfd;
+}
+
+/* Is the socket NAME in DFD one nobody listens on any more (left by a daemon that died)? */
+static bool socket_stale(int dfd, const char *name) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        struct stat st;
+        int fd, r;
+
+        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISSOCK(st.st_mode))
+                return false;
+        snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s", dfd, name);
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return false;
+        r = connect(fd, (struct sockaddr *) &sa, sizeof sa);
+        r = r < 0 ? errno : 0;
+        close(fd);
+        return r == ECONNREFUSED;
+}
+
+/* A listening socket at PATH for UID (0600, owned by UID), appearing there only once it is so. */
+static int socket_make(const char *path, const char *own_dir, uid_t uid, struct stat *ret_st) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_free_ char *base = NULL;
+        g_autofree char *tmp = NULL;
+        int dfd, fd = -1, r;
+
+        dfd = socket_dir_open(path, own_dir, uid, &base);
+        if (dfd < 0)
+                return dfd;
+        tmp = g_strdup_printf(".%s.%d.new", base, (int) gettid());
+        (void) unlinkat(dfd, tmp, 0);
+        if (snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s", dfd, tmp) >= (int) sizeof sa.sun_path) {
+                r = dc_set_error(ENAMETOOLONG, "socket name '%s' is too long", base);
+                goto out;
+        }
+        if (faccessat(dfd, base, F_OK, AT_SYMLINK_NOFOLLOW) == 0 && !socket_stale(dfd, base)) {
+                r = dc_set_error(EEXIST, "'%s' exists already", path);
+                goto out;
+        }
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
+                r = dc_set_error(errno, "cannot make the socket '%s': %s", path, strerror(errno));
+                goto out;
+        }
+        if (fchownat(dfd, tmp, uid, (gid_t) -1, AT_SYMLINK_NOFOLLOW) < 0 || fchmodat(dfd, tmp, 0600, 0) < 0 ||
+            listen(fd, 64) < 0 || renameat(dfd, tmp, dfd, base) < 0 ||
+            fstatat(dfd, base, ret_st, AT_SYMLINK_NOFOLLOW) < 0) {
+                r = dc_set_error(errno, "cannot set up the socket '%s': %s", path, strerror(errno));
+                (void) unlinkat(dfd, tmp, 0);
+                goto out;
+        }
+        close(dfd);
+        return fd;
+out:
+        if (fd >= 0)
+                close(fd);
+        close(dfd);
+        return r;
+}
+
+/* Remove the socket at PATH if it is still the one we made (ST). */
+static void socket_remove(const char *path, const struct stat *st) {
+        g_autofree char *dir = g_path_get_dirname(path);
+        g_autofree char *base = g_path_get_basename(path);
+        struct stat now;
+        int dfd = open(dir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+        if (dfd < 0)
+                return;
+        if (fstatat(dfd, base, &now, AT_SYMLINK_NOFOLLOW) == 0 && now.st_dev == st->st_dev &&
+            now.st_ino == st->st_ino)
+                (void) unlinkat(dfd, base, 0);
+        close(dfd);
+}
+
+/* --- records of persistent exports ----------------------------------------------- */
+
+static char *record_path(Manager *mgr, const char *name) {
+        return g_build_filename(mgr->config.state_dir, "exports", name, NULL);
+}
+
+/* On a worker. */
+static int record_write(Manager *mgr, const Export *e, const char *active) {
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autoptr(GError) err = NULL;
+        g_autofree char *dir = g_build_filename(mgr->config.state_dir, "exports", NULL);
+        g_autofree char *path = record_path(mgr, e->name);
+        g_autofree char *data = NULL;
+        gsize len;
+
+        g_key_file_set_string(kf, "Export", "Name", e->name);
+        g_key_file_set_string(kf, "Export", "Active", active);
+        g_key_file_set_boolean(kf, "Export", "Writable", e->writable);
+        if (e->socket)
+                g_key_file_set_string(kf, "Export", "Socket", e->socket);
+        g_key_file_set_uint64(kf, "Export", "MaxConnections", e->max_connections);
+        g_key_file_set_uint64(kf, "Export", "Owner", e->uid);
+        data = g_key_file_to_data(kf, &len, NULL);
+        if (g_mkdir_with_parents(dir, 0700) < 0)
+                return dc_set_error(errno, "cannot make '%s': %s", dir, strerror(errno));
+        if (!g_file_set_contents_full(path, data, (gssize) len, G_FILE_SET_CONTENTS_CONSISTENT, 0600, &err))
+                return dc_set_error(EIO, "cannot record the export '%s': %s", e->name, err->message);
+        return 0;
+}
+
+/* --- starting ------------------------------------------------------------------------ */
+
+/* What a worker needs to open an export, and what it made. */
+typedef struct OpenOp {
+        Export *e;            /* only its immutable fields are read off the loop */
+        char *active, *socket, *own_dir;
+        char **expect, **roots;
+        unsigned max_depth;
+        int fd, client_fd;
+        dc_disk *disk;
+        dc_nbd_export *nbd;
+        struct stat socket_st;
+} OpenOp;
+
+static void open_op_free(void *p) {
+        OpenOp *op = p;
+        free(op->active);
+        free(op->socket);
+        free(op->own_dir);
+        g_strfreev(op->expect);
+        g_strfreev(op->roots);
+        if (op->fd >= 0)
+                close(op->fd);
+        if (op->client_fd >= 0)
+                close(op->client_fd);
+        dc_nbd_export_free(op->nbd);
+        dc_disk_unref(op->disk);
+        free(op);
+}
+
+static bool export_allow(void *userdata, uid_t uid, pid_t pid) {
+        Export *e = userdata;
+        return uid == 0 || uid == e->uid;
+}
+
+static void export_changed_cb(void *userdata) {
+        Manager *mgr = userdata;
+        uint64_t one = 1;
+        (void) !write(mgr->export_fd, &one, sizeof one);
+}
+
+static void export_open_run(Work *w) {
+        OpenOp *op = w->data;
+        Export *e = op->e;
+        struct dc_open_options oo = { .roots = (const char *const *) op->roots, .oracle = &w->mgr->oracle,
+                                      .max_depth = op->max_depth, .writable = e->writable };
+        dc_image *img = NULL;
+        unsigned i = 0;
+        int lfd = -1, r;
+
+        r = dc_image_open(op->active, &oo, &img);
+        /* the chain polkit was asked about, and nothing else */
+        for (dc_image *l = r >= 0 ? img : NULL; l; l = dc_image_backing(l), i++)
+                if (!op->expect[i] || strcmp(dc_image_path(l), op->expect[i]) != 0) {
+                        r = dc_set_error(ESTALE, "the chain of '%s' changed while the export was asked for",
+                                         op->active);
+                        break;
+                }
+        if (r >= 0 && op->expect[i])
+                r = dc_set_error(ESTALE, "the chain of '%s' changed while the export was asked for", op->active);
+        if (r < 0) {
+                dc_image_close(img);
+                goto out;
+        }
+        r = dc_disk_new(img, &oo, &op->disk);
+        if (r < 0)
+                goto out;
+        if (op->socket) {
+                lfd = socket_make(op->socket, op->own_dir, e->uid, &op->socket_st);
+                if (lfd < 0) {
+                        r = lfd;
+                        goto out;
+                }
+        }
+        r = dc_nbd_export_new(op->disk,
+                              &(struct dc_nbd_export_options){ .name = e->name, .description = op->active,
+                                                               .writable = e->writable,
+                                                               .max_connections = e->max_connections,
+                                                               .changed = export_changed_cb, .userdata = w->mgr },
+                              &op->nbd);
+        if (r >= 0 && lfd >= 0)
+                r = dc_nbd_export_listen(op->nbd, TAKE_FD(lfd), export_allow, e);
+        if (r >= 0 && op->fd >= 0)
+                r = dc_nbd_export_serve(op->nbd, TAKE_FD(op->fd));
+        if (r >= 0 && e->persistent)
+                r = record_write(w->mgr, e, op->active);
+out:
+        if (lfd >= 0)
+                close(lfd);
+        work_capture_error(w, r);
+        if (r < 0) {
+                op->nbd = dc_nbd_export_free(op->nbd);
+                if (op->socket && op->socket_st.st_ino)
+                        socket_remove(op->socket, &op->socket_st);
+                op->disk = dc_disk_unref(op->disk);
+        }
+}
+
+static void export_release(Export *e) {
+        claims_unexport(e->mgr->claims, e->name, e->paths);
+        model_changed(e->mgr, e->paths);
+}
+
+static void export_open_done(Work *w) {
+        OpenOp *op = w->data;
+        Export *e = op->e;
+        Manager *mgr = w->mgr;
+
+        if (w->r < 0) {
+                log_fields(LOG_WARNING, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", e->active, NULL },
+                           "export '%s' of '%s' did not start: %s", e->name, e->active,
+                           w->error ? w->error : strerror(-w->r));
+                if (w->m)
+                        (void) reply_error_errno(w->m, w->r, w->error);
+                export_release(e);
+                g_hash_table_remove(mgr->exports, e->name);
+                return;
+        }
+        e->disk = TAKE_PTR(op->disk);
+        e->nbd = TAKE_PTR(op->nbd);
+        e->socket_st = op->socket_st;
+        e->served = e->anonymous;
+        e->state = EXPORT_LIVE;
+        e->chain_object = chain_object_path(e->active);
+        export_send_added(e);
+        log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", e->active, NULL },
+                   "export '%s' of '%s' is live (%s%s%s)", e->name, e->active, e->writable ? "writable" : "read-only",
+                   e->socket ? ", socket " : "", e->socket ? e->socket : "");
+        if (w->m && op->client_fd >= 0)
+                (void) sd_bus_reply_method_return(w->m, "h", op->client_fd);
+        else if (w->m)
+                (void) sd_bus_reply_method_return(w->m, "o", e->object);
+}
+
+void export_start_clear(ExportStart *es) {
+        free(es->name);
+        free(es->active);
+        free(es->socket);
+        g_strfreev(es->paths);
+        g_strfreev(es->expect);
+        if (es->fd >= 0)
+                close(es->fd);
+        if (es->client_fd >= 0)
+                close(es->client_fd);
+        es->fd = es->client_fd = -1;
+}
+
+int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error *error) {
+        g_autofree char *busy = NULL;
+        OpenOp *op;
+        Export *e;
+        Work *w;
+        int r;
+
+        if (g_hash_table_contains(mgr->exports, es->name))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "an export named '%s' exists already", es->name);
+        if (g_hash_table_size(mgr->exports) >= mgr->config.max_exports)
+                return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded", "%u exports exist already (MaxExports)",
+                                         g_hash_table_size(mgr->exports));
+        r = claims_export(mgr->claims, es->name, es->paths, &busy);
+        if (r < 0)
+                return sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
+        e = calloc(1, sizeof *e);
+        op = calloc(1, sizeof *op);
+        if (!e || !op) {
+                free(e);
+                free(op);
+                claims_unexport(mgr->claims, es->name, es->paths);
+                return -ENOMEM;
+        }
+        e->mgr = mgr;
+        e->name = strdup(es->name);
+        (void) sd_bus_path_encode(EXPORT_PREFIX, e->name, &e->object);
+        e->active = strdup(es->active);
+        e->paths = g_strdupv(es->paths);
+        e->socket = es->socket ? strdup(es->socket) : NULL;
+        e->writable = es->writable;
+        e->persistent = es->persistent;
+        e->anonymous = es->anonymous;
+        e->max_connections = es->max_connections ? es->max_connections : mgr->config.max_connections;
+        e->uid = es->uid;
+        e->state = EXPORT_STARTING;
+        e->stop_waiters = g_ptr_array_new_with_free_func(message_unref);
+        op->e = e;
+        op->active = strdup(es->active);
+        op->socket = es->socket ? strdup(es->socket) : NULL;
+        op->own_dir = g_build_filename(mgr->config.runtime_dir, "nbd", NULL);
+        op->expect = g_strdupv(es->expect);
+        op->roots = g_strdupv(mgr->config.roots);
+        op->max_depth = mgr->config.max_depth;
+        op->fd = TAKE_FD(es->fd);
+        op->client_fd = TAKE_FD(es->client_fd);
+        g_hash_table_insert(mgr->exports, e->name, e);
+        model_changed(mgr, e->paths);
+        w = work_new(mgr, export_open_run, export_open_done, op, open_op_free);
+        if (!w) {
+                export_release(e);
+                g_hash_table_remove(mgr->exports, e->name);
+                return -ENOMEM;
+        }
+        r = work_submit(w, m);
+        return r < 0 ? r : 1;
+}
+
+/* --- stopping ------------------------------------------------------------------------ */
+
+typedef struct StopOp {
+        Export *e;
+        dc_nbd_export *nbd;
+        dc_disk *disk;
+        bool remove_record;
+} StopOp;
+
+static void stop_op_free(void *p) {
+        StopOp *op = p;
+        dc_nbd_export_free(op->nbd);
+        dc_disk_unref(op->disk);
+        free(op);
+}
+
+static void export_stop_run(Work *w) {
+        StopOp *op = w->data;
+        Export *e = op->e;
+
+        /* the requests in flight complete and their replies go out; then the clients are disconnected */
+        op->nbd = dc_nbd_export_free(op->nbd);
+        if (e->socket)
+                socket_remove(e->socket, &e->socket_st);
+        if (op->remove_record) {
+                g_autofree char *rec = record_path(w->mgr, e->name);
+                (void) unlink(rec);
+        }
+        op->disk = dc_disk_unref(op->disk);
+}
+
+static void export_stop_done(Work *w) {
+        StopOp *op = w->data;
+        Export *e = op->e;
+        Manager *mgr = w->mgr;
+
+        log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, NULL }, "export '%s' stopped", e->name);
+        export_release(e);
+        model_refresh(mgr, e->paths);
+        export_send_removed(e);
+        for (guint i = 0; i < e->stop_waiters->len; i++)
+                (void) sd_bus_reply_method_return(e->stop_waiters->pdata[i], NULL);
+        g_hash_table_remove(mgr->exports, e->name);
+}
+
+void export_stop(Export *e, sd_bus_message *m, bool forget) {
+        StopOp *op;
+        Work *w;
+
+        if (m)
+                g_ptr_array_add(e->stop_waiters, sd_bus_message_ref(m));
+        if (forget)
+                e->forget = true;
+        if (e->state != EXPORT_LIVE)
+                return;
+        op = calloc(1, sizeof *op);
+        if (!op)
+                return;
+        e->state = EXPORT_STOPPING;
+        op->e = e;
+        op->nbd = TAKE_PTR(e->nbd);
+        op->disk = TAKE_PTR(e->disk);
+        op->remove_record = e->persistent && e->forget;
+        w = work_new(e->mgr, export_stop_run, export_stop_done, op, stop_op_free);
+        if (w)
+                (void) work_submit(w, NULL);
+}
+
+int export_serve_fd(Export *e, int fd) {
+        int r;
+
+        if (e->state != EXPORT_LIVE) {
+                close(fd);
+                return -ESHUTDOWN;
+        }
+        /* no file is touched: the server takes the socket onto a thread of its own */
+        r = dc_nbd_export_serve(e->nbd, fd);
+        if (r >= 0)
+                e->served = true;
+        return r;
+}
+
+/* --- following the chain ------------------------------------------------------------ */
+
+typedef struct RecordOp {
+        Export *e;
+        char *active;
+} RecordOp;
+
+static void record_op_free(void *p) {
+        RecordOp *op = p;
+        free(op->active);
+        free(op);
+}
+
+static void record_run(Work *w) {
+        RecordOp *op = w->data;
+        work_capture_error(w, record_write(w->mgr, op->e, op->active));
+}
+
+static void record_done(Work *w) {
+        RecordOp *op = w->data;
+        if (w->r < 0)
+                log_warning("export '%s': %s", op->e->name, w->error ? w->error : strerror(-w->r));
+}
+
+/* The images of ACTIVE's chain as the model knows them (with data files), or NULL when it does not yet. */
+static char **chain_paths(Manager *mgr, const char *active) {
+        Image *img = model_find(mgr, active);
+        g_autoptr(GPtrArray) layers = img ? chain_layer_images(mgr, img) : NULL;
+        GPtrArray *a;
+
+        if (!layers)
+                return NULL;
+        a = g_ptr_array_new();
+        for (guint i = 0; i < layers->len; i++) {
+                Image *l = layers->pdata[i];
+                g_ptr_array_add(a, g_strdup(l->path));
+                if (l->data_file_abs)
+                        g_ptr_array_add(a, g_strdup(l->data_file_abs));
+        }
+        g_ptr_array_add(a, NULL);
+        return (char **) g_ptr_array_free(a, FALSE);
+}
+
+/* E's active layer is ACTIVE now: claims, properties, record. */
+static void export_move(Export *e, const char *active) {
+        Manager *mgr = e->mgr;
+        g_auto(GStrv) old = TAKE_PTR(e->paths);
+        g_autofree char *old_chain = TAKE_PTR(e->chain_object);
+
+        e->paths = chain_paths(mgr, active);
+        if (!e->paths)
+                e->paths = g_strdupv((char *[]){ (char *) active, NULL });
+        claims_export_move(mgr->claims, e->name, old, e->paths);
+        free(e->active);
+        e->active = strdup(active);
+        e->chain_object = chain_object_path(active);
+        log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", active, NULL },
+                   "export '%s' serves '%s' now", e->name, active);
+        model_changed(mgr, old);
+        model_changed(mgr, e->paths);
+        if (old_chain && strcmp(old_chain, e->chain_object) != 0)
+                (void) sd_bus_emit_properties_changed(mgr->bus, old_chain, IFACE_CHAIN, "Exports", NULL);
+        export_send_changed(e, (char *[]){ "Chain", NULL });
+        if (e->persistent) {
+                RecordOp *op = calloc(1, sizeof *op);
+                Work *w;
+                if (!op)
+                        return;
+                op->e = e;
+                op->active = strdup(active);
+                w = work_new(mgr, record_run, record_done, op, record_op_free);
+                if (w)
+                        (void) work_submit(w, NULL);
+        }
+}
+
+void exports_follow(Manager *mgr) {
+        GHashTableIter it;
+        Export *e;
+
+        g_hash_table_iter_init(&it, mgr->exports);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &e)) {
+                _cleanup_free_ char *top = NULL;
+                if (e->state != EXPORT_LIVE)
+                        continue;
+                /* the disk's mutex only: no file is touched */
+                top = dc_disk_top_path(e->disk);
+                if (top && strcmp(top, e->active) != 0)
+                        export_move(e, top);
+                else if (top) {
+                        /* the same top, but the model may know its chain better now (after a refresh) */
+                        g_auto(GStrv) now = chain_paths(mgr, top);
+                        if (now && !g_strv_equal((const char *const *) now, (const char *const *) e->paths))
+                                export_move(e, top);
+                }
+        }
+}
+
+void export_moved(Export *e) {
+        _cleanup_free_ char *top = e->disk ? dc_disk_top_path(e->disk) : NULL;
+        if (top)
+                export_move(e, top);
+}
+
+/* --- counters ------------------------------------------------------------------------ */
+
+/* Announce what changed of E's counters; true when something did. */
+static bool export_look(Export *e) {
+        struct dc_nbd_export_stats st;
+        const char *changed[4];
+        unsigned n = 0;
+
+        if (e->state != EXPORT_LIVE)
+                return false;
+        dc_nbd_export_get_stats(e->nbd, &st);
+        if (st.clients != e->last.clients)
+                changed[n++] = "Clients";
+        if (st.bytes_read != e->last.bytes_read)
+                changed[n++] = "BytesRead";
+        if (st.bytes_written != e->last.bytes_written)
+                changed[n++] = "BytesWritten";
+        changed[n] = NULL;
+        e->last = st;
+        if (n)
+                export_send_changed(e, (char **) changed);
+        /* an export made for OpenNBD lives as long as its connections */
+        if (e->anonymous && e->served && st.clients == 0)
+                export_stop(e, NULL, true);
+        return n > 0;
+}
+
+static bool exports_look(Manager *mgr) {
+        g_autoptr(GPtrArray) all = g_ptr_array_new();
+        GHashTableIter it;
+        bool any = false;
+        Export *e;
+
+        g_hash_table_iter_init(&it, mgr->exports);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &e))
+                g_ptr_array_add(all, e);
+        for (guint i = 0; i < all->len; i++)
+                any |= export_look(all->pdata[i]);
+        return any;
+}
+
+/*
+ * The server calls back at most every 100 ms while it serves: the counters
+ * of the last requests of a burst are announced by a look 200 ms later,
+ * repeated as long as they change.
+ */
+static int on_export_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        if (exports_look(userdata)) {
+                (void) sd_event_source_set_time_relative(s, 200000);
+                (void) sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+static int on_export_events(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Manager *mgr = userdata;
+        uint64_t n;
+
+        (void) !read(fd, &n, sizeof n);
+        (void) exports_look(mgr);
+        (void) sd_event_source_set_time_relative(mgr->export_timer, 200000);
+        (void) sd_event_source_set_enabled(mgr->export_timer, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+static void export_free_void(void *p) {
+        export_struct_free(p);
+}
+
+int exports_setup(Manager *mgr) {
+        g_autofree char *dir = g_build_filename(mgr->config.runtime_dir, "nbd", NULL);
+        int r;
+
+        mgr->exports = g_hash_table_new_full(g_str_hash, g_str_equal, NULL, export_free_void);
+        mgr->export_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (mgr->export_fd < 0)
+                return -errno;
+        /* root's, readable by all: each socket in it is its owner's alone */
+        if (g_mkdir_with_parents(dir, 0755) < 0)
+                log_warning("cannot make '%s': %m", dir);
+        r = sd_event_add_io(mgr->event, &mgr->export_source, mgr->export_fd, EPOLLIN, on_export_events, mgr);
+        if (r >= 0)
+                r = sd_event_add_time_relative(mgr->event, &mgr->export_timer, CLOCK_MONOTONIC, 200000, 50000,
+                                               on_export_timer, mgr);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(mgr->export_timer, SD_EVENT_OFF);
+        return r;
+}
+
+void exports_free(Manager *mgr) {
+        GHashTableIter it;
+        Export *e;
+
+        if (!mgr->exports)
+                return;
+        /* at exit, on the loop: every export stops here and now, its clients' requests completed */
+        g_hash_table_iter_init(&it, mgr->exports);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &e)) {
+                e->nbd = dc_nbd_export_free(e->nbd);
+                if (e->socket && e->state != EXPORT_STARTING)
+                        socket_remove(e->socket, &e->socket_st);
+                e->disk = dc_disk_unref(e->disk);
+        }
+        g_hash_table_destroy(mgr->exports);
+        mgr->exports = NULL;
+        sd_event_source_disable_unref(mgr->export_source);
+        sd_event_source_disable_unref(mgr->export_timer);
+        if (mgr->export_fd >= 0)
+                close(mgr->export_fd);
+}
+
+/* --- restoring persistent exports ---------------------------------------------------- */
+
+static void restore_one(Manager *mgr, const char *file) {
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autoptr(GError) err = NULL;
+        g_autoptr(GPtrArray) layers = NULL;
+        __attribute__((cleanup(export_start_clear))) ExportStart es = { .fd = -1, .client_fd = -1 };
+        sd_bus_error error = SD_BUS_ERROR_NULL;
+        Image *img;
+        int r;
+
+        if (!g_key_file_load_from_file(kf, file, G_KEY_FILE_NONE, &err)) {
+                log_warning("export record '%s': %s", file, err->message);
+                return;
+        }
+        es.name = g_key_file_get_string(kf, "Export", "Name", NULL);
+        es.active = g_key_file_get_string(kf, "Export", "Active", NULL);
+        es.socket = g_key_file_get_string(kf, "Export", "Socket", NULL);
+        es.writable = g_key_file_get_boolean(kf, "Export", "Writable", NULL);
+        es.max_connections = (unsigned) g_key_file_get_uint64(kf, "Export", "MaxConnections", NULL);
+        es.uid = (uid_t) g_key_file_get_uint64(kf, "Export", "Owner", NULL);
+        es.persistent = true;
+        if (!es.name || !export_name_valid(es.name) || !es.active || es.max_connections > 1024) {
+                log_warning("export record '%s' is not valid: ignored", file);
+                return;
+        }
+        if (!es.socket)
+                es.socket = g_build_filename(mgr->config.runtime_dir, "nbd", es.name, NULL);
+        img = model_find(mgr, es.active);
+        if (!img || img->error) {
+                log_warning("persistent export '%s': '%s' is %s; the record stays", es.name, es.active,
+                            img ? img->error : "gone");
+                return;
+        }
+        layers = chain_layer_images(mgr, img);
+        {
+                GPtrArray *p = g_ptr_array_new(), *x = g_ptr_array_new();
+                for (guint i = 0; i < layers->len; i++) {
+                        Image *l = layers->pdata[i];
+                        g_ptr_array_add(p, g_strdup(l->path));
+                        g_ptr_array_add(x, g_strdup(l->path));
+                        if (l->data_file_abs)
+                                g_ptr_array_add(p, g_strdup(l->data_file_abs));
+                }
+                g_ptr_array_add(p, NULL);
+                g_ptr_array_add(x, NULL);
+                es.paths = (char **) g_ptr_array_free(p, FALSE);
+                es.expect = (char **) g_ptr_array_free(x, FALSE);
+        }
+        r = export_start(mgr, NULL, &es, &error);
+        if (r < 0 || sd_bus_error_is_set(&error))
+                log_warning("persistent export '%s' of '%s' could not start: %s", es.name, es.active,
+                            error.message ? error.message : strerror(-r));
+        sd_bus_error_free(&error);
+}
+
+void exports_restore(Manager *mgr) {
+        g_autofree char *dir = g_build_filename(mgr->config.state_dir, "exports", NULL);
+        g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
+        const char *n;
+
+        while (d && (n = g_dir_read_name(d))) {
+                g_autofree char *file = NULL;
+                if (!export_name_valid(n))
+                        continue;
+                file = g_build_filename(dir, n, NULL);
+                restore_one(mgr, file);
+        }
+}

@@ -1,0 +1,601 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""NBD exports over the bus: Chain.Export, Chain.OpenNBD and the Export
+objects, with real clients (qemu-img, qemu-io, nbdinfo, libnbd) as the
+judges, and every job run under a client's writes.
+
+The writer keeps a shadow copy of the disk: it starts from what it reads
+through the export and applies each write once the server acknowledged it,
+so at the end the disk must read exactly as the shadow, whatever the jobs
+did meanwhile (pivots, copy-before-write, streams)."""
+import os
+import random
+import socket
+import stat
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+
+from bustest import TEST_USER, kill_daemon, qemu_img, qemu_io, set_group_member, sh
+from test_bus import M, create, data, image, make_seed_chain, prop, wait_gone, wait_status
+
+SIZE = 8 << 20  # the seed chain's size
+
+
+def export(bus, chain, *opts, user=None, check=True):
+    """Chain.Export with OPTS as (key, type, value) triples."""
+    flat = [str(len(opts))] + [str(x) for o in opts for x in o]
+    p = bus.call(chain, "Chain", "Export", "a{sv}", *flat, user=user, check=check)
+    return data(p)[0] if p.returncode == 0 else p
+
+
+def uri_of(bus, exp):
+    return prop(bus, exp, "Export", "Uri")
+
+
+def exports(bus):
+    return data(bus.call(M, "Manager", "ListExports"))[0]
+
+
+def wait_for(cond, what, timeout=10):
+    for _ in range(int(timeout * 20)):
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not so after {timeout} s")
+
+
+def read_all(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = h.get_size()
+    out = bytearray()
+    for off in range(0, size, 1 << 20):
+        out += h.pread(min(1 << 20, size - off), off)
+    h.shutdown()
+    return out
+
+
+def file_content(path, fmt="qcow2"):
+    """What qemu-img reads of PATH (its whole chain), as bytes."""
+    raw = path + ".read"
+    qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, raw)
+    with open(raw, "rb") as f:
+        b = f.read()
+    os.unlink(raw)
+    return b
+
+
+class Writer(threading.Thread):
+    """One NBD connection writing random data at random offsets until stopped,
+    with a shadow of what the disk must read afterwards."""
+
+    def __init__(self, uri, seed=1, max_len=96 << 10, pause=0.0):
+        super().__init__(daemon=True)
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.size = self.h.get_size()
+        self.shadow = bytearray()
+        for off in range(0, self.size, 1 << 20):
+            self.shadow += self.h.pread(min(1 << 20, self.size - off), off)
+        self.rng = random.Random(seed)
+        self.max_len = max_len
+        self.pause = pause
+        self.stop_ev = threading.Event()
+        self.writes = 0
+        self.error = None
+        self.flushed = None  # the shadow at the last acknowledged flush
+        self.since_flush = []  # (offset, length) of the writes sent after it
+
+    def run(self):
+        try:
+            while not self.stop_ev.is_set():
+                ln = self.rng.randrange(1, self.max_len // 512 + 1) * 512
+                off = self.rng.randrange(0, (self.size - ln) // 512 + 1) * 512
+                self.since_flush.append((off, ln))
+                if self.rng.random() < 0.1:
+                    self.h.zero(ln, off)
+                    buf = bytes(ln)
+                else:
+                    buf = self.rng.randbytes(ln)
+                    self.h.pwrite(buf, off)
+                self.shadow[off:off + ln] = buf
+                self.writes += 1
+                if self.writes % 50 == 0:
+                    pending = len(self.since_flush)
+                    self.h.flush()
+                    self.flushed = bytes(self.shadow)
+                    del self.since_flush[:pending]
+                if self.pause:
+                    time.sleep(self.pause)
+        except Exception as e:  # the test asserts on it
+            self.error = e
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(30)
+        assert not self.is_alive(), "the writer is stuck"
+        assert self.error is None, f"a write failed: {self.error!r}"
+        assert self.writes > 0
+        self.h.flush()
+        self.h.shutdown()
+        return bytes(self.shadow)
+
+
+def first_diff(a, b):
+    for i in range(0, min(len(a), len(b)), 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def check_clean(bus, leaks_ok=False):
+    """qemu-img check of every image: clean (after a crash: leaked clusters allowed, exit 3)."""
+    for f in os.listdir(bus.root):
+        if f.endswith(".qcow2"):
+            p = qemu_img("check", "-U", os.path.join(bus.root, f), check=False)
+            assert p.returncode == 0 or (leaks_ok and p.returncode == 3), (f, p.stdout, p.stderr)
+
+
+# --- exports on the bus ----------------------------------------------------------
+
+def test_export_read_only(bus):
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "seed"))
+    assert exp == M + "/export/seed"
+    uri = uri_of(bus, exp)
+    sock = os.path.join(bus.dir, "run", "nbd", "seed")
+    assert uri == f"nbd+unix:///seed?socket={sock}"
+    assert prop(bus, exp, "Export", "Name") == "seed"
+    assert prop(bus, exp, "Export", "Writable") is False
+    assert prop(bus, exp, "Export", "Chain") == chain
+    assert prop(bus, chain, "Chain", "Exports") == [exp]
+    assert exports(bus) == [exp]
+    for n in "ABCD":
+        assert prop(bus, image(bus, f"{n}.qcow2"), "Image", "InUse") == "export:seed"
+    # the socket is root's alone, mode 0600
+    st = os.lstat(sock)
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    # qemu-img reads the chain through it, and nbdinfo sees what we advertise
+    p = qemu_img("compare", "-f", "raw", "-F", "raw", uri, os.path.join(bus.dir, "D.ref"), check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = sh("nbdinfo", "--json", uri).stdout
+    assert '"is_read_only": true' in info and f'"export-size": {SIZE}' in info, info
+    # writes are refused, and nothing changed
+    p = sh("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 64k", uri, check=False)
+    assert p.returncode != 0 or "failed" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert qemu_img("compare", "-U", "-F", "raw", os.path.join(bus.root, "D.qcow2"),
+                    os.path.join(bus.dir, "D.ref"), check=False).returncode == 0
+    # Stop: the object, the socket and the claims go
+    bus.call(exp, "Export", "Stop")
+    assert exports(bus) == []
+    assert not os.path.exists(sock)
+    assert prop(bus, image(bus, "D.qcow2"), "Image", "InUse") == ""
+    assert prop(bus, chain, "Chain", "Exports") == []
+    check_clean(bus)
+
+
+def test_export_writable_counts_and_flushes(bus):
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("writable", "b", "true"))
+    assert exp == M + "/export/D"  # named after the active layer by default
+    uri = uri_of(bus, exp)
+    assert prop(bus, exp, "Export", "Writable") is True
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    wait_for(lambda: prop(bus, exp, "Export", "Clients") == 1, "one client")
+    h.pwrite(b"\x5a" * 65536, 1 << 20)
+    h.pwrite(b"\xa5" * 4096, 7 << 20, nbd.CMD_FLAG_FUA)
+    h.flush()
+    assert h.pread(65536, 1 << 20) == b"\x5a" * 65536
+    wait_for(lambda: prop(bus, exp, "Export", "BytesWritten") == 65536 + 4096, "BytesWritten counted")
+    wait_for(lambda: prop(bus, exp, "Export", "BytesRead") >= 65536, "BytesRead counted")
+    h.shutdown()
+    wait_for(lambda: prop(bus, exp, "Export", "Clients") == 0, "no client")
+    bus.call(exp, "Export", "Stop")
+    # the writes went to the active layer, as a guest's do
+    top = os.path.join(bus.root, "D.qcow2")
+    assert qemu_img("check", top, check=False).returncode == 0
+    out = qemu_io(top, "read -P 0x5a 1M 64k", "read -P 0xa5 7M 4k", "read -P 0xd 3M 1M").stdout
+    assert "Pattern verification failed" not in out, out
+    for n in "ABC":
+        assert qemu_img("compare", "-F", "raw", os.path.join(bus.root, f"{n}.qcow2"),
+                        os.path.join(bus.dir, f"{n}.ref"), check=False).returncode == 0
+
+
+def test_export_refusals(bus):
+    chain = make_seed_chain(bus)
+    p = export(bus, chain, ("name", "s", "../x"), check=False)
+    assert p.returncode != 0 and "name '../x'" in p.stderr, p.stderr
+    p = export(bus, chain, ("socket", "s", "relative"), check=False)
+    assert p.returncode != 0 and "absolute path" in p.stderr, p.stderr
+    # a directory others may write is no place for a socket root makes
+    os.makedirs(os.path.join(bus.dir, "open"), mode=0o777)
+    os.chmod(os.path.join(bus.dir, "open"), 0o777)
+    p = export(bus, chain, ("socket", "s", os.path.join(bus.dir, "open", "s")), check=False)
+    assert p.returncode != 0 and "writable by nobody else" in p.stderr, p.stderr
+    p = export(bus, chain, ("tcp", "s", "0.0.0.0:10809"), check=False)
+    assert p.returncode != 0 and "TCP are not available" in p.stderr, p.stderr
+    p = export(bus, chain, ("max-connections", "u", "0"), check=False)
+    assert p.returncode != 0 and "max-connections" in p.stderr, p.stderr
+    p = export(bus, chain, ("bogus", "b", "true"), check=False)
+    assert p.returncode != 0
+    assert exports(bus) == []
+    exp = export(bus, chain, ("name", "s", "vm"))
+    # one name, one export; one chain, one export
+    p = export(bus, chain, ("name", "s", "vm"), check=False)
+    assert p.returncode != 0 and "an export named 'vm' exists already" in p.stderr, p.stderr
+    p = export(bus, chain, ("name", "s", "vm2"), check=False)
+    assert p.returncode != 0 and "exported over NBD as 'vm'" in p.stderr, p.stderr
+    # its images are nobody's target, and not deleted, resized or classified under it
+    p = bus.call(chain, "Chain", "Backup", "sa{sv}", "A.qcow2", "1", "mode", "s", "existing", check=False)
+    assert p.returncode != 0
+    p = bus.call(image(bus, "D.qcow2"), "Image", "Delete", "a{sv}", "0", check=False)
+    assert p.returncode != 0 and "exported over NBD as 'vm'" in p.stderr, p.stderr
+    p = bus.call(image(bus, "D.qcow2"), "Image", "Resize", "ta{sv}", str(16 << 20), "0", check=False)
+    assert p.returncode != 0 and "exported over NBD" in p.stderr, p.stderr
+    p = bus.call(M, "Manager", "ClassifyImage", "ssa{sv}", "B.qcow2", "qcow2", "0", check=False)
+    assert p.returncode != 0 and "exported over NBD" in p.stderr, p.stderr
+    bus.call(exp, "Export", "Stop")
+    # a chain a job holds cannot be exported
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "1", "job-id", "s", "m"))[0]
+    wait_status(bus, job, "ready")
+    p = export(bus, chain, check=False)
+    assert p.returncode != 0 and "in use by job 'm'" in p.stderr, p.stderr
+    bus.call(job, "Job", "Cancel", "b", "true")
+    wait_gone(bus, job)
+
+
+def test_export_is_the_callers_alone(bus):
+    chain = make_seed_chain(bus)
+    # without a rule, an unprivileged user may not export (auth_admin)
+    p = export(bus, chain, user=TEST_USER, check=False)
+    assert p.returncode != 0 and "Access denied" in p.stderr, p.stderr
+    exp = export(bus, chain, ("name", "s", "roots"))
+    uri = uri_of(bus, exp)
+    # root's socket: the test user cannot connect, not even to read
+    p = sh("nbdinfo", uri, user=TEST_USER, check=False)
+    assert p.returncode != 0, p.stdout
+    assert prop(bus, exp, "Export", "Clients") == 0
+    bus.call(exp, "Export", "Stop", check=True)
+    # with the group rule, the test user exports; the socket is theirs, and root may use it too
+    set_group_member(True)
+    try:
+        exp = export(bus, chain, ("name", "s", "mine"), ("writable", "b", "true"), user=TEST_USER)
+        uri = uri_of(bus, exp)
+        sock = uri.split("socket=")[1]
+        st = os.lstat(sock)
+        uid = int(sh("id", "-u", TEST_USER).stdout)
+        assert st.st_uid == uid and stat.S_IMODE(st.st_mode) == 0o600
+        assert "export-size" in sh("nbdinfo", uri, user=TEST_USER).stdout
+        assert "export-size" in sh("nbdinfo", uri).stdout
+        bus.call(exp, "Export", "Stop", user=TEST_USER)
+    finally:
+        set_group_member(False)
+
+
+def test_peer_credentials_checked_again(bus):
+    """Even if the socket's mode were opened up, the server lets in only root and the creator."""
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "cred"))
+    sock = uri_of(bus, exp).split("socket=")[1]
+    os.chmod(sock, 0o666)
+    p = sh("nbdinfo", uri_of(bus, exp), user=TEST_USER, check=False)
+    assert p.returncode != 0, p.stdout
+    assert "export-size" in sh("nbdinfo", uri_of(bus, exp)).stdout
+    bus.call(exp, "Export", "Stop")
+
+
+def open_nbd(bus, chain, writable=False):
+    """Chain.OpenNBD through GDBus on the private bus: the descriptor it hands out."""
+    from gi.repository import Gio, GLib
+    conn = Gio.DBusConnection.new_for_address_sync(
+        bus.address, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
+        None, None)
+    opts = {"writable": GLib.Variant("b", writable)}
+    reply, fds = conn.call_with_unix_fd_list_sync(
+        "org.diskchain.DiskChain1", chain, "org.diskchain.DiskChain1.Chain", "OpenNBD",
+        GLib.Variant("(a{sv})", (opts,)), GLib.VariantType("(h)"), Gio.DBusCallFlags.NONE, 60000, None, None)
+    fd = fds.get(reply.unpack()[0])
+    conn.close_sync(None)
+    return fd
+
+
+def test_open_nbd_without_a_socket(bus):
+    chain = make_seed_chain(bus)
+    fd = open_nbd(bus, chain, writable=True)
+    # an export made for this connection, listed like any other, without a socket
+    [exp] = exports(bus)
+    assert uri_of(bus, exp) == ""
+    assert prop(bus, exp, "Export", "Writable") is True
+    h = nbd.NBD()
+    h.connect_socket(fd)
+    assert h.get_size() == SIZE
+    assert h.pread(4096, 3 << 20) == b"\x0d" * 4096
+    h.pwrite(b"\x77" * 8192, 0)
+    h.flush()
+    h.shutdown()
+    # gone with its connection
+    wait_for(lambda: exports(bus) == [], "the OpenNBD export ended with its connection")
+    out = qemu_io(os.path.join(bus.root, "D.qcow2"), "read -P 0x77 0 8k").stdout
+    assert "Pattern verification failed" not in out
+    # through an existing read-only export: reads yes, a writable connection no
+    exp = export(bus, chain, ("name", "s", "ro"))
+    fd = open_nbd(bus, chain)
+    h = nbd.NBD()
+    h.connect_socket(fd)
+    assert h.is_read_only()
+    assert h.pread(4096, 3 << 20) == b"\x0d" * 4096
+    wait_for(lambda: prop(bus, exp, "Export", "Clients") == 1, "the OpenNBD client counted")
+    h.shutdown()
+    with pytest.raises(Exception, match="writable connection needs a writable export"):
+        open_nbd(bus, chain, writable=True)
+    bus.call(exp, "Export", "Stop")
+
+
+def test_open_nbd_is_polkits_decision(bus):
+    chain = make_seed_chain(bus)
+    p = subprocess.run(["/usr/bin/python3", "-c", f"""
+import sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_export
+class B: address = {bus.address!r}
+try:
+    test_export.open_nbd(B, {chain!r})
+except Exception as e:
+    print(e)
+    sys.exit(3)
+"""], capture_output=True, text=True, preexec_fn=lambda: (os.setgid(int(sh("id", "-g", TEST_USER).stdout)),
+                                                          os.setuid(int(sh("id", "-u", TEST_USER).stdout))))
+    # denied: without an agent polkit cannot ask the user, so the daemon says authentication is needed
+    assert p.returncode == 3 and ("AccessDenied" in p.stdout or "InteractiveAuthorizationRequired" in p.stdout), \
+        (p.stdout, p.stderr)
+    assert exports(bus) == []
+
+
+def test_diskchainctl_export_exports_unexport(bus):
+    make_seed_chain(bus)
+    out = bus.ctl("export", "D.qcow2", "--name", "vm0", "--writable").stdout
+    assert "vm0" in out and "rw" in out and "nbd+unix:///vm0?socket=" in out, out
+    out = bus.ctl("exports").stdout
+    assert "vm0" in out and "D.qcow2" in out, out
+    out = bus.ctl("--json", "exports").stdout
+    assert '"name": "vm0"' in out and '"writable": true' in out, out
+    assert "stopped export vm0" in bus.ctl("unexport", "vm0").stdout
+    p = bus.ctl("unexport", "vm0", check=False)
+    assert p.returncode != 0 and "no export named 'vm0'" in p.stderr, p.stderr
+    assert "vm0" not in bus.ctl("exports").stdout
+
+
+def test_export_keeps_the_daemon_up(bus_idle):
+    bus = bus_idle
+    create(bus, "i.qcow2", 1 << 20)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "i.qcow2"))[0]
+    exp = export(bus, chain)
+    pid = bus.daemon_pid()
+    time.sleep(4)  # twice the idle timeout
+    assert bus.daemon_pid() == pid
+    bus.call(exp, "Export", "Stop")
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon exits when idle again")
+
+
+def test_persistent_export_comes_back(bus):
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "keep"), ("persistent", "b", "true"), ("writable", "b", "true"))
+    uri = uri_of(bus, exp)
+    pid = bus.daemon_pid()
+    os.kill(pid, 15)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon stopped")
+    # any call starts it again, and the export with it
+    bus.call(M, "Manager", "ListImages")
+    wait_for(lambda: exports(bus) == [exp], "the export is back")
+    assert prop(bus, exp, "Export", "Writable") is True
+    assert "export-size" in sh("nbdinfo", uri).stdout
+    bus.call(exp, "Export", "Stop")
+    pid = bus.daemon_pid()
+    os.kill(pid, 15)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon stopped")
+    bus.call(M, "Manager", "ListImages")
+    time.sleep(0.5)
+    assert exports(bus) == []
+
+
+def test_qemu_locks(bus):
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("writable", "b", "true"))
+    top = os.path.join(bus.root, "D.qcow2")
+    # QEMU cannot open an exported image for writing
+    p = sh("qemu-io", "-f", "qcow2", "-c", "write 0 4k", top, check=False)
+    assert p.returncode != 0 and "lock" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    bus.call(exp, "Export", "Stop")
+    # and an image QEMU holds cannot be exported writable
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", top], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        p = export(bus, chain, ("writable", "b", "true"), check=False)
+        assert p.returncode != 0 and "lock" in p.stderr.lower(), p.stderr
+        assert exports(bus) == []
+    finally:
+        holder.communicate(b"quit\n", timeout=10)
+
+
+# --- jobs under a client's writes ---------------------------------------------------
+
+def writable_export(bus, chain, name="w"):
+    exp = export(bus, chain, ("name", "s", name), ("writable", "b", "true"))
+    return exp, uri_of(bus, exp)
+
+
+def test_mirror_complete_moves_the_writers(bus):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=2)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "1", "job-id", "s", "m"))[0]
+    wait_status(bus, job, "ready")
+    time.sleep(0.5)
+    bus.call(job, "Job", "Complete")
+    wait_gone(bus, job)
+    # the same connection goes on writing, into the new active layer
+    n = w.writes
+    wait_for(lambda: w.writes > n + 20, "writes after the pivot")
+    expect = w.finish()
+    new_chain = data(bus.call(M, "Manager", "GetChain", "s", "E.qcow2"))[0]
+    wait_for(lambda: prop(bus, exp, "Export", "Chain") == new_chain, "the export follows the pivot")
+    assert prop(bus, image(bus, "E.qcow2"), "Image", "InUse") == "export:w"
+    assert read_all(uri) == expect
+    bus.call(exp, "Export", "Stop")
+    got = file_content(os.path.join(bus.root, "E.qcow2"))
+    assert got == expect, f"first difference at {first_diff(got, expect)}"
+    check_clean(bus)
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_mirror_soft_cancel_under_writes(bus, copy_mode):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=3)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "2", "job-id", "s", "m", "copy-mode", "s",
+                        copy_mode))[0]
+    wait_status(bus, job, "ready")
+    time.sleep(0.3)
+    # the writer pauses: the copy a soft cancel leaves is the disk as it is now
+    expect = w.finish()
+    bus.call(job, "Job", "Cancel", "b", "false")
+    wait_gone(bus, job)
+    # the writers stay on the original chain
+    assert prop(bus, exp, "Export", "Chain") == chain
+    assert read_all(uri) == expect
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "E.qcow2")) == expect
+    assert file_content(os.path.join(bus.root, "D.qcow2")) == expect
+    check_clean(bus)
+
+
+def test_backup_is_the_disk_at_its_start(bus):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=4)
+    at_start = bytes(w.shadow)
+    # a speed limit keeps the backup running while the writer overwrites what it has not copied yet
+    job = data(bus.call(chain, "Chain", "Backup", "sa{sv}", "T.qcow2", "2", "job-id", "s", "b", "speed", "t",
+                        str(4 << 20)))[0]
+    w.start()
+    wait_gone(bus, job, timeout=60)
+    expect = w.finish()
+    assert w.writes > 20
+    assert file_content(os.path.join(bus.root, "T.qcow2")) == at_start
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "D.qcow2")) == expect
+    check_clean(bus)
+
+
+def test_stream_never_overwrites_newer_data(bus):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=5)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "2", "job-id", "s", "s", "speed", "t", str(8 << 20)))[0]
+    wait_gone(bus, job, timeout=60)
+    expect = w.finish()
+    assert read_all(uri) == expect
+    bus.call(exp, "Export", "Stop")
+    top = os.path.join(bus.root, "D.qcow2")
+    assert file_content(top) == expect
+    info = qemu_img("info", "-U", "--output=json", top).stdout
+    assert "backing-filename" not in info  # flattened
+    check_clean(bus)
+
+
+def test_active_commit_complete_under_writes(bus):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=6)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Commit", "a{sv}", "1", "job-id", "s", "c"))[0]
+    wait_status(bus, job, "ready")
+    time.sleep(0.3)
+    bus.call(job, "Job", "Complete")
+    wait_gone(bus, job)
+    n = w.writes
+    wait_for(lambda: w.writes > n + 20, "writes after the pivot")
+    expect = w.finish()
+    base_chain = data(bus.call(M, "Manager", "GetChain", "s", "A.qcow2"))[0]
+    wait_for(lambda: prop(bus, exp, "Export", "Chain") == base_chain, "the export follows the pivot to the base")
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "A.qcow2")) == expect
+    check_clean(bus)
+
+
+def test_snapshot_moves_the_export(bus):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=7, pause=0.002)
+    w.start()
+    time.sleep(0.3)
+    new = data(bus.call(chain, "Chain", "Snapshot", "sa{sv}", "E.qcow2", "0"))[0]
+    assert new == image(bus, "E.qcow2")
+    n = w.writes
+    wait_for(lambda: w.writes > n + 20, "writes after the snapshot")
+    expect = w.finish()
+    new_chain = data(bus.call(M, "Manager", "GetChain", "s", "E.qcow2"))[0]
+    wait_for(lambda: prop(bus, exp, "Export", "Chain") == new_chain, "the export moved to the overlay")
+    assert prop(bus, image(bus, "E.qcow2"), "Image", "InUse") == "export:w"
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "E.qcow2")) == expect
+    # what was written before the snapshot stayed in D
+    assert qemu_img("info", "-U", "--output=json", os.path.join(bus.root, "E.qcow2")).stdout.count("D.qcow2")
+    check_clean(bus)
+
+
+def test_qemu_io_writes_during_a_mirror(bus):
+    """QEMU's own NBD client as the writer, through the export, while a mirror runs."""
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "2", "job-id", "s", "m", "speed", "t",
+                        str(4 << 20)))[0]
+    cmds = []
+    for i in range(16):
+        cmds += ["-c", f"aio_write -P 0x{0x30 + i:x} {i * 512}k 256k"]
+    cmds += ["-c", "aio_flush"]
+    sh("qemu-io", "-f", "raw", *cmds, uri)
+    wait_status(bus, job, "ready", timeout=60)
+    bus.call(job, "Job", "Complete")
+    wait_gone(bus, job)
+    bus.call(exp, "Export", "Stop")
+    target = os.path.join(bus.root, "E.qcow2")
+    reads = [f"read -P 0x{0x30 + i:x} {i * 512}k 256k" for i in range(16)]
+    out = qemu_io(target, *reads).stdout
+    assert "Pattern verification failed" not in out, out
+    check_clean(bus)
+
+
+def test_kill9_keeps_every_flushed_write(bus):
+    """kill -9 while a client writes and a mirror runs: every image passes qemu-img check,
+    and every write acknowledged before the last completed flush is in the chain."""
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=8)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "1", "job-id", "s", "m"))
+    assert job
+    wait_for(lambda: w.flushed is not None and w.writes > 300, "flushed writes", timeout=30)
+    kill_daemon(bus)
+    w.stop_ev.set()
+    w.join(30)
+    assert w.error is not None  # the connection went with the daemon
+    flushed, later = w.flushed, list(w.since_flush)
+    check_clean(bus, leaks_ok=True)
+    got = file_content(os.path.join(bus.root, "D.qcow2"))
+    assert len(got) == len(flushed)
+    # sectors no write touched after the last completed flush must read as at that flush
+    touched = bytearray(len(flushed) // 512)
+    for off, ln in later:
+        touched[off // 512:(off + ln) // 512] = b"\1" * (ln // 512)
+    bad = [i for i in range(0, len(touched)) if not touched[i] and got[i * 512:(i + 1) * 512] !=
+           flushed[i * 512:(i + 1) * 512]]
+    assert not bad, f"{len(bad)} flushed sectors lost, the first at {bad[0] * 512}"
