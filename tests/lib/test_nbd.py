@@ -245,6 +245,7 @@ def test_fd_mode(tmp, chain):
     stats = s.stop()
     assert int(stats["requests"]) >= 1 and int(stats["read"]) >= 4096
     assert int(stats["changed"]) >= 2, "connect and leave are both told"
+    assert stats["depth"] == "3", "dc_disk_depth counts the chain's layers"
 
 
 # --- semantics --------------------------------------------------------------------
