@@ -217,16 +217,19 @@ static int opt_meta(const struct nbd_io *io, const struct nbd_export_info *x, st
         return send_rep(io, opt, NBD_REP_ACK, NULL, 0);
 }
 
+/* LIST ("NBD_REP_SERVER"): our one export, its description after the name. */
 static int opt_list(const struct nbd_io *io, const struct nbd_export_info *x, uint32_t len) {
-        uint8_t buf[4 + NBD_MAX_STRING];
-        size_t n = strlen(x->name);
+        uint8_t buf[4 + 2 * NBD_MAX_STRING];
+        size_t n = strlen(x->name), d = x->description ? strlen(x->description) : 0;
         int r;
 
         if (len)
                 return send_err(io, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
         put_be32(buf, (uint32_t) n);
         memcpy(buf + 4, x->name, n);
-        r = send_rep(io, NBD_OPT_LIST, NBD_REP_SERVER, buf, 4 + n);
+        if (d)
+                memcpy(buf + 4 + n, x->description, d);
+        r = send_rep(io, NBD_OPT_LIST, NBD_REP_SERVER, buf, 4 + n + d);
         if (r < 0)
                 return r;
         return send_rep(io, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);

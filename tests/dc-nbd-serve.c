@@ -11,7 +11,7 @@
  * serves the connected socket N, prints "ready" once it listens, and serves
  * until SIGTERM or SIGINT.  Then it frees the export (which waits for the
  * requests in flight and flushes) and prints "stats clients=... requests=...
- * read=... written=... changed=N" before exiting 0.
+ * read=... written=... changed=N depth=LAYERS" before exiting 0.
  */
 
 #include <errno.h>
@@ -70,6 +70,7 @@ int main(int argc, char **argv) {
         dc_nbd_export *e = NULL;
         dc_disk *disk = NULL;
         sigset_t mask;
+        unsigned depth;
 
         while ((c = getopt_long(argc, argv, "", longopts, NULL)) >= 0) {
                 switch (c) {
@@ -118,8 +119,6 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
                 return 1;
         }
-        /* the export holds its own reference */
-        disk = dc_disk_unref(disk);
         for (int i = 0; i < nsockets; i++)
                 if (dc_nbd_export_listen(e, listen_unix(sockets[i]), NULL, NULL) < 0) {
                         fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
@@ -137,10 +136,12 @@ int main(int argc, char **argv) {
                 ;
         dc_nbd_export_get_stats(e, &st);
         e = dc_nbd_export_free(e);
+        depth = dc_disk_depth(disk);
+        disk = dc_disk_unref(disk); /* the export dropped its own reference */
         for (int i = 0; i < nsockets; i++)
                 unlink(sockets[i]);
-        printf("stats clients=%u requests=%llu read=%llu written=%llu changed=%lu\n", st.clients,
+        printf("stats clients=%u requests=%llu read=%llu written=%llu changed=%lu depth=%u\n", st.clients,
                (unsigned long long) st.requests, (unsigned long long) st.bytes_read,
-               (unsigned long long) st.bytes_written, __atomic_load_n(&changed_calls, __ATOMIC_RELAXED));
+               (unsigned long long) st.bytes_written, __atomic_load_n(&changed_calls, __ATOMIC_RELAXED), depth);
         return 0;
 }
