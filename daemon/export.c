@@ -130,7 +130,9 @@ char *export_default_name(Manager *mgr, const char *active) {
 /*
  * The directory of PATH, opened without following a symlink as its last
  * component, and trusted to hold a socket for UID: ours (the nbd
- * directory), or owned by UID or root and writable by nobody else.
+ * directory), or UID's own and writable by nobody else.  Root's
+ * directories are root's alone: a user polkit lets export must not
+ * become a way to put a file where only root may (/etc/cron.d, say).
  */
 static int socket_dir_open(const char *path, const char *own_dir, uid_t uid, char **ret_base) {
         g_autofree char *dir = g_path_get_dirname(path);
@@ -148,11 +150,9 @@ static int socket_dir_open(const char *path, const char *own_dir, uid_t uid, cha
                 close(dfd);
                 return dc_set_error(e, "socket directory '%s': %s", dir, strerror(e));
         }
-        if (strcmp(dir, own_dir) != 0 && ((st.st_uid != uid && st.st_uid != 0) || (st.st_mode & 022))) {
+        if (strcmp(dir, own_dir) != 0 && (st.st_uid != uid || (st.st_mode & 022))) {
                 close(dfd);
-                return dc_set_error(EPERM,
-                                    "socket directory '%s' must belong to the caller (or root) and be writable by "
-                                    "nobody else",
+                return dc_set_error(EPERM, "socket directory '%s' must belong to the caller and be writable by nobody else",
                                     dir);
         }
         *ret_base = TAKE_PTR(base);

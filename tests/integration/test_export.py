@@ -272,6 +272,18 @@ def test_export_is_the_callers_alone(bus):
         assert "export-size" in sh("nbdinfo", uri, user=TEST_USER).stdout
         assert "export-size" in sh("nbdinfo", uri).stdout
         bus.call(exp, "Export", "Stop", user=TEST_USER)
+        # a socket of theirs goes only where they could put a file themselves
+        p = export(bus, chain, ("socket", "s", os.path.join(bus.dir, "s")), user=TEST_USER, check=False)
+        assert p.returncode != 0 and "must belong to the caller" in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(bus.dir, "s"))
+        own = os.path.join(bus.dir, "own")
+        os.mkdir(own, 0o700)
+        os.chown(own, uid, -1)
+        exp = export(bus, chain, ("socket", "s", os.path.join(own, "vm")), user=TEST_USER)
+        assert uri_of(bus, exp).endswith(f"socket={own}/vm")
+        assert "export-size" in sh("nbdinfo", uri_of(bus, exp), user=TEST_USER).stdout
+        bus.call(exp, "Export", "Stop", user=TEST_USER)
+        assert not os.path.exists(os.path.join(own, "vm"))
     finally:
         set_group_member(False)
 
