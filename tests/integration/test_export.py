@@ -713,3 +713,29 @@ def test_stop_with_a_writer_connected(bus):
         got = got[:off] + bytes(w.shadow[off:off + ln]) + got[off + ln:]
     assert got == bytes(w.shadow), f"first difference at {first_diff(got, bytes(w.shadow))}"
     check_clean(bus)
+
+
+@pytest.mark.parametrize("kind", ["mirror", "commit"])
+def test_hard_cancel_leaves_the_writers_where_they_were(bus, kind):
+    chain = make_seed_chain(bus)
+    exp, uri = writable_export(bus, chain)
+    w = Writer(uri, seed=10)
+    w.start()
+    if kind == "mirror":
+        job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", "E.qcow2", "2", "job-id", "s", "j", "speed", "t",
+                            str(2 << 20)))[0]
+        wait_status(bus, job, "running")
+    else:
+        job = data(bus.call(chain, "Chain", "Commit", "a{sv}", "1", "job-id", "s", "j"))[0]
+        wait_status(bus, job, "ready")
+    time.sleep(0.3)
+    bus.call(job, "Job", "Cancel", "b", "true")
+    wait_gone(bus, job)
+    n = w.writes
+    wait_for(lambda: w.writes > n + 20, "writes after the cancel")
+    expect = w.finish()
+    assert prop(bus, exp, "Export", "Chain") == chain
+    assert prop(bus, image(bus, "D.qcow2"), "Image", "InUse") == "export:w"
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "D.qcow2")) == expect
+    check_clean(bus)
