@@ -139,25 +139,19 @@ int property_get_chain_exports(sd_bus *bus, const char *path, const char *iface,
         return r;
 }
 
-/* The chain of ACTIVE as claims (with data files) and as the layers the open must find. */
-static void chain_lists(GPtrArray *layers, char ***ret_paths, char ***ret_expect) {
-        GPtrArray *p = g_ptr_array_new(), *x = g_ptr_array_new();
+/*
+ * What Export and OpenNBD do first: the model made current for the chain
+ * (1, or 0 while it waits), every layer usable (an error naming the first
+ * that is not), ES's claims and expected chain filled in.
+ */
+static int export_prepare(sd_bus_message *m, Image *active, GPtrArray *layers, ExportStart *es,
+                          sd_bus_error *error) {
+        int r;
 
-        for (guint i = 0; i < layers->len; i++) {
-                Image *l = layers->pdata[i];
-                g_ptr_array_add(p, g_strdup(l->path));
-                g_ptr_array_add(x, g_strdup(l->path));
-                if (l->data_file_abs)
-                        g_ptr_array_add(p, g_strdup(l->data_file_abs));
-        }
-        g_ptr_array_add(p, NULL);
-        g_ptr_array_add(x, NULL);
-        *ret_paths = (char **) g_ptr_array_free(p, FALSE);
-        *ret_expect = (char **) g_ptr_array_free(x, FALSE);
-}
-
-/* Every layer usable: a clear error naming the first that is not. */
-static int chain_usable(GPtrArray *layers, sd_bus_error *error) {
+        export_chain_lists(layers, &es->paths, &es->expect);
+        r = model_freshen(active->mgr, m, es->paths, error);
+        if (r <= 0)
+                return r;
         for (guint i = 0; i < layers->len; i++) {
                 Image *l = layers->pdata[i];
                 if (l->error)
@@ -166,7 +160,7 @@ static int chain_usable(GPtrArray *layers, sd_bus_error *error) {
                         return sd_bus_error_setf(error, ERROR_PREFIX "Busy", "'%s' was replaced by '%s' at a pivot",
                                                  l->path, l->superseded_by);
         }
-        return 0;
+        return 1;
 }
 
 int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) {
@@ -203,15 +197,9 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if (sock && (sock[0] != '/' || strlen(sock) > 200))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "socket '%s' must be an absolute path of at most 200 bytes", sock);
-        {
-                g_auto(GStrv) paths = NULL, expect = NULL;
-                chain_lists(layers, &paths, &expect);
-                r = model_freshen(mgr, m, paths, error);
-                if (r <= 0)
-                        return r < 0 ? r : 1;
-        }
-        if ((r = chain_usable(layers, error)) < 0)
-                return r;
+        r = export_prepare(m, active, layers, &es, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         es.name = name ? strdup(name) : export_default_name(mgr, active->path);
         if (!es.name)
                 return -ENOMEM;
@@ -220,7 +208,6 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         es.active = strdup(active->path);
         es.socket = sock ? strdup(sock) : g_build_filename(mgr->config.runtime_dir, "nbd", es.name, NULL);
         es.max_connections = (unsigned) maxc;
-        chain_lists(layers, &es.paths, &es.expect);
         if ((r = caller_uid(m, &es.uid)) < 0)
                 return r;
         images = paths_joined(es.paths);
@@ -256,16 +243,9 @@ int method_chain_open_nbd(sd_bus_message *m, void *userdata, sd_bus_error *error
                 return r;
         if ((r = opt_bool(opts, "writable", &writable, error)) < 0)
                 return r;
-        {
-                g_auto(GStrv) paths = NULL, expect = NULL;
-                chain_lists(layers, &paths, &expect);
-                r = model_freshen(mgr, m, paths, error);
-                if (r <= 0)
-                        return r < 0 ? r : 1;
-        }
-        if ((r = chain_usable(layers, error)) < 0)
-                return r;
-        chain_lists(layers, &es.paths, &es.expect);
+        r = export_prepare(m, active, layers, &es, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
         e = export_of_path(mgr, active->path);
         if (e && strcmp(e->active, active->path) != 0)
                 e = NULL;

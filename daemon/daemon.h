@@ -355,6 +355,8 @@ void exports_free(Manager *mgr);
 /* Recreate the persistent exports recorded in the state directory. */
 void exports_restore(Manager *mgr);
 Export *export_of_path(Manager *mgr, const char *path);
+/* LAYERS (a chain's images) as an export claims them (with data files) and as its open must find them. */
+void export_chain_lists(GPtrArray *layers, char ***ret_paths, char ***ret_expect);
 /* The exports on the bus (starting ones are not), as object paths. */
 char **model_export_paths(Manager *mgr);
 bool export_name_valid(const char *name);

@@ -573,23 +573,34 @@ static void record_done(Work *w) {
                 log_warning("export '%s': %s", op->e->name, w->error ? w->error : strerror(-w->r));
 }
 
+void export_chain_lists(GPtrArray *layers, char ***ret_paths, char ***ret_expect) {
+        GPtrArray *p = g_ptr_array_new(), *x = g_ptr_array_new();
+
+        for (guint i = 0; i < layers->len; i++) {
+                Image *l = layers->pdata[i];
+                g_ptr_array_add(p, g_strdup(l->path));
+                g_ptr_array_add(x, g_strdup(l->path));
+                if (l->data_file_abs)
+                        g_ptr_array_add(p, g_strdup(l->data_file_abs));
+        }
+        g_ptr_array_add(p, NULL);
+        g_ptr_array_add(x, NULL);
+        *ret_paths = (char **) g_ptr_array_free(p, FALSE);
+        if (ret_expect)
+                *ret_expect = (char **) g_ptr_array_free(x, FALSE);
+        else
+                g_strfreev((char **) g_ptr_array_free(x, FALSE));
+}
+
 /* The images of ACTIVE's chain as the model knows them (with data files), or NULL when it does not yet. */
 static char **chain_paths(Manager *mgr, const char *active) {
         Image *img = model_find(mgr, active);
         g_autoptr(GPtrArray) layers = img ? chain_layer_images(mgr, img) : NULL;
-        GPtrArray *a;
+        char **paths = NULL;
 
-        if (!layers)
-                return NULL;
-        a = g_ptr_array_new();
-        for (guint i = 0; i < layers->len; i++) {
-                Image *l = layers->pdata[i];
-                g_ptr_array_add(a, g_strdup(l->path));
-                if (l->data_file_abs)
-                        g_ptr_array_add(a, g_strdup(l->data_file_abs));
-        }
-        g_ptr_array_add(a, NULL);
-        return (char **) g_ptr_array_free(a, FALSE);
+        if (layers)
+                export_chain_lists(layers, &paths, NULL);
+        return paths;
 }
 
 /* E's active layer is ACTIVE now: claims, properties, record. */
@@ -799,20 +810,7 @@ static void restore_one(Manager *mgr, const char *file) {
                 return;
         }
         layers = chain_layer_images(mgr, img);
-        {
-                GPtrArray *p = g_ptr_array_new(), *x = g_ptr_array_new();
-                for (guint i = 0; i < layers->len; i++) {
-                        Image *l = layers->pdata[i];
-                        g_ptr_array_add(p, g_strdup(l->path));
-                        g_ptr_array_add(x, g_strdup(l->path));
-                        if (l->data_file_abs)
-                                g_ptr_array_add(p, g_strdup(l->data_file_abs));
-                }
-                g_ptr_array_add(p, NULL);
-                g_ptr_array_add(x, NULL);
-                es.paths = (char **) g_ptr_array_free(p, FALSE);
-                es.expect = (char **) g_ptr_array_free(x, FALSE);
-        }
+        export_chain_lists(layers, &es.paths, &es.expect);
         r = export_start(mgr, NULL, &es, &error);
         if (r < 0 || sd_bus_error_is_set(&error))
                 log_warning("persistent export '%s' of '%s' could not start: %s", es.name, es.active,
