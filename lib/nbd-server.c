@@ -602,7 +602,7 @@ static void *conn_main(void *userdata) {
         struct nbd_io io = { sock_read, sock_write, &hio };
         int r;
 
-        __atomic_add_fetch(&e->clients, 1, __ATOMIC_RELAXED);
+        /* counted by dc_nbd_export_serve already: a caller's look right after it sees the client */
         notify(e);
 
         pthread_mutex_lock(&e->lock);
@@ -690,8 +690,10 @@ DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
         pthread_mutex_init(&c->lock, NULL);
         pthread_cond_init(&c->cond, NULL);
         pthread_mutex_init(&c->send_lock, NULL);
+        __atomic_add_fetch(&e->clients, 1, __ATOMIC_RELAXED);
         r = pthread_create(&c->reader, NULL, conn_main, c);
         if (r != 0) {
+                __atomic_sub_fetch(&e->clients, 1, __ATOMIC_RELAXED);
                 pthread_mutex_destroy(&c->lock);
                 pthread_cond_destroy(&c->cond);
                 pthread_mutex_destroy(&c->send_lock);
