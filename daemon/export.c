@@ -391,6 +391,9 @@ static void export_open_done(Work *w) {
         log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", e->active, NULL },
                    "export '%s' of '%s' is live (%s%s%s)", e->name, e->active, e->writable ? "writable" : "read-only",
                    e->socket ? ", socket " : "", e->socket ? e->socket : "");
+        /* its client may have come and gone already: look at the counters soon in any case */
+        (void) sd_event_source_set_time_relative(mgr->export_timer, 200000);
+        (void) sd_event_source_set_enabled(mgr->export_timer, SD_EVENT_ONESHOT);
         if (w->m && op->client_fd >= 0)
                 (void) sd_bus_reply_method_return(w->m, "h", op->client_fd);
         else if (w->m)
