@@ -724,3 +724,59 @@ def test_hard_cancel_leaves_the_writers_where_they_were(bus, kind):
     bus.call(exp, "Export", "Stop")
     assert file_content(os.path.join(bus.root, "D.qcow2")) == expect
     check_clean(bus)
+
+
+def test_a_stuck_client_blocks_nobody(bus):
+    """A client that sends reads and never takes the replies: the bus answers, another client is served,
+    and Stop() gives up on the stuck one after its grace period while the bus keeps answering."""
+    import struct
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "st"))
+    sock_path = uri_of(bus, exp).split("socket=")[1]
+    sk = socket.socket(socket.AF_UNIX)
+    sk.connect(sock_path)
+    sk.settimeout(10)
+    hello = b""
+    while len(hello) < 18:
+        hello += sk.recv(18 - len(hello))
+    sk.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+    name = b"st"
+    sk.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 4 + len(name) + 2) + struct.pack(">I", len(name)) + name +
+               struct.pack(">H", 0))  # NBD_OPT_GO
+    buf = b""
+    while True:  # option replies until NBD_REP_ACK
+        while len(buf) < 20:
+            buf += sk.recv(4096)
+        ln = struct.unpack(">I", buf[16:20])[0]
+        while len(buf) < 20 + ln:
+            buf += sk.recv(4096)
+        typ = struct.unpack(">I", buf[12:16])[0]
+        buf = buf[20 + ln:]
+        if typ == 1:
+            break
+    sk.setblocking(False)
+    sent = 0
+    try:
+        for i in range(100000):
+            sk.send(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 1 << 20))  # NBD_CMD_READ of 1 MiB
+            sent += 1
+    except BlockingIOError:
+        pass
+    assert sent > 16
+    t0 = time.monotonic()
+    bus.call(M, "Manager", "ListImages")
+    assert "export-size" in sh("nbdinfo", uri_of(bus, exp)).stdout
+    assert time.monotonic() - t0 < 5
+    stopper = subprocess.Popen(["busctl", "--system", "call", "org.diskchain.DiskChain1", exp,
+                                "org.diskchain.DiskChain1.Export", "Stop"], env={**os.environ, **bus.env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while stopper.poll() is None:
+        t1 = time.monotonic()
+        bus.call(M, "Manager", "ListExports")
+        assert time.monotonic() - t1 < 2, "the bus stalled while an export stopped"
+        time.sleep(0.2)
+    assert stopper.returncode == 0, stopper.stderr.read()
+    assert time.monotonic() - t0 < 30
+    assert exports(bus) == []
+    sk.close()
