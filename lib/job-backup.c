@@ -109,7 +109,12 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         s->tgt = tgt;
         s->sync = bo->sync;
         if (s->tgt->virtual_size != s->source->virtual_size)
-                return dc_error(EINVAL, "Source and target image have different sizes");
+                return dc_error(EINVAL, "Source and target image have different sizes ('%s' has %llu bytes, '%s' %llu)",
+                                s->source->path, (unsigned long long) s->source->virtual_size, s->tgt->path,
+                                (unsigned long long) s->tgt->virtual_size);
+        if (bo->compress && dc_image_is_remote(s->tgt))
+                return dc_error(ENOTSUP, "'%s': compress writes qcow2 compressed clusters, and an NBD export has none "
+                                         "of ours", s->tgt->path);
         if (bo->compress && !s->tgt->drv->write_compressed)
                 return dc_error(ENOTSUP, "Compression is not supported for this drive");
         cs = dc_image_cluster_size(s->tgt);
