@@ -85,6 +85,10 @@ int config_load(Config *c, const char *file, char **cli_roots, const char *cli_s
         c->max_depth = get_uint(have_file ? kf : NULL, "Limits", "MaxChainDepth", 64, 1, 255);
         c->workers = get_uint(have_file ? kf : NULL, "Limits", "Workers", 4, 1, 64);
         c->max_operations = get_uint(have_file ? kf : NULL, "Limits", "MaxOperations", 64, 1, 4096);
+        if (have_file && g_key_file_has_key(kf, "Remote", "TLSCertificates", NULL))
+                c->tls_certificates = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSCertificates", NULL));
+        if (have_file && g_key_file_has_key(kf, "Remote", "TLSPSKFile", NULL))
+                c->tls_psk_file = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSPSKFile", NULL));
         return 0;
 }
 
@@ -93,4 +97,8 @@ void config_done(Config *c) {
         c->roots = NULL;
         g_free(c->state_dir);
         c->state_dir = NULL;
+        g_free(c->tls_certificates);
+        c->tls_certificates = NULL;
+        g_free(c->tls_psk_file);
+        c->tls_psk_file = NULL;
 }
