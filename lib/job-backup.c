@@ -83,6 +83,9 @@ static int backup_setup(struct backup *s, uint64_t unit) {
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
+                else if (s->sync == DC_SYNC_FULL && dc_image_is_remote(s->tgt))
+                        /* an export holds whatever it held: every unit, zeros where it does not read as zeros */
+                        dc_block_copy_mark_all(s->copy);
                 else
                         r = dc_job_mark_sync(s->copy, s->source, s->sync);
         }

@@ -126,3 +126,17 @@ def test_a_uri_is_never_a_backing_file(chain):
     p = dc("read", t / "o.qcow2", "0", "512", check=False)
     assert p.returncode != 0 and "protocol name" in p.stderr, p.stderr
     stop(srv)
+
+
+def test_full_backup_overwrites_what_the_export_held(chain):
+    """An export is never new: a full backup writes every unit (zeros where the export does not read as zeros),
+    not only what the chain has allocated."""
+    t = chain
+    qemu_img("create", "-q", "-f", "qcow2", t / "T.qcow2", "32M")
+    qemu_io(t / "T.qcow2", "write -P 0x55 0 32M")
+    srv = qsd(t, t / "T.qcow2", t / "q.sock")
+    p = dc("job", "backup", t / "C.qcow2", f"nbd+unix:///tgt?socket={t}/q.sock", "full")
+    assert "completed ok" in p.stdout
+    stop(srv)
+    assert_clean(t / "T.qcow2")
+    assert qemu_img("compare", t / "T.qcow2", t / "C.qcow2", check=False).returncode == 0
