@@ -425,6 +425,62 @@ static int copy_job_options(sd_bus_message *m, const char *const *allowed, const
 }
 
 /*
+ * A backup or mirror into an NBD export (TARGET a URI): nothing to create
+ * and no file in the roots, so no mode absolute-paths, no format, no
+ * compress.  The normal form of the URI is what polkit sees as "target"
+ * and what the job claims, so that two jobs never write one export; the
+ * socket of an nbd+unix URI is connected with the caller's rights
+ * (remote.c).
+ */
+static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
+                            int type, int mode, const struct dc_backup_options *bo, const struct dc_mirror_options *mo,
+                            sd_bus_error *error) {
+        _cleanup_free_ char *uri = NULL;
+        g_auto(GStrv) images = NULL;
+        JobStart *s;
+        int r;
+
+        r = dc_nbd_uri_normalize(target, false, &uri, NULL);
+        if (r < 0)
+                return sd_bus_error_set(error, SD_BUS_ERROR_INVALID_ARGS, dc_get_error());
+        if (g_hash_table_contains(opts, "mode") && mode == 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': the daemon cannot create an NBD export; make the target on the "
+                                         "server and use mode 'existing' (what a URI means without 'mode')", uri);
+        if (g_hash_table_contains(opts, "format"))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': an NBD export has no format to choose here (its server decides); "
+                                         "drop 'format'", uri);
+        if (bo && bo->compress)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': compress writes qcow2 compressed clusters, which an NBD export does "
+                                         "not have", uri);
+        r = freshen_chain(m, active, layers, NULL, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        s = job_start_new(active->mgr, type, active, layers);
+        if (!s)
+                return -ENOMEM;
+        r = job_common_options(active->mgr, opts, s, error);
+        if (r < 0) {
+                job_start_free(s);
+                return r;
+        }
+        s->top = strdup(active->path);
+        s->target = TAKE_PTR(uri);
+        s->remote = true;
+        if (bo)
+                s->bo = *bo;
+        if (mo) {
+                s->mo = *mo;
+                s->mo.existing = true;
+        }
+        /* reads every layer; writes the export, which is no image of ours */
+        images = layer_paths(layers, 0, -1, NULL, NULL);
+        return finish_start(m, active, s, images, (char *[]){ s->target, NULL }, images, error);
+}
+
+/*
  * The start of a backup or mirror, after its own options: the model made
  * current for the chain and the target, the target checked, the common
  * options read, the target set up, polkit asked, the job started.
@@ -440,6 +496,8 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
         JobStart *s;
         int r;
 
+        if (dc_nbd_uri_is(target))
+                return remote_job_start(m, active, layers, opts, target, type, mode, bo, mo, error);
         r = manager_resolve_path(mgr, target, &abs, error);
         if (r < 0)
                 return r;

@@ -99,6 +99,10 @@ int config_load(Config *c, const char *file, char **cli_roots, const char *cli_s
         c->max_operations = get_uint(have_file ? kf : NULL, "Limits", "MaxOperations", 64, 1, 4096);
         c->max_exports = get_uint(have_file ? kf : NULL, "NBD", "MaxExports", 64, 1, 1024);
         c->max_connections = get_uint(have_file ? kf : NULL, "NBD", "MaxConnections", 16, 1, 1024);
+        if (have_file && g_key_file_has_key(kf, "Remote", "TLSCertificates", NULL))
+                c->tls_certificates = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSCertificates", NULL));
+        if (have_file && g_key_file_has_key(kf, "Remote", "TLSPSKFile", NULL))
+                c->tls_psk_file = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSPSKFile", NULL));
         return 0;
 }
 
@@ -109,4 +113,8 @@ void config_done(Config *c) {
         c->state_dir = NULL;
         g_free(c->runtime_dir);
         c->runtime_dir = NULL;
+        g_free(c->tls_certificates);
+        c->tls_certificates = NULL;
+        g_free(c->tls_psk_file);
+        c->tls_psk_file = NULL;
 }

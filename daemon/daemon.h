@@ -91,6 +91,8 @@ typedef struct Config {
         unsigned workers;     /* threads for image work */
         unsigned max_operations; /* client operations queued or running at once */
         uint64_t idle_timeout_usec;
+        char *tls_certificates; /* [Remote] TLSCertificates=: x509 directory for nbds targets, or NULL */
+        char *tls_psk_file;     /* [Remote] TLSPSKFile=, or NULL */
 } Config;
 
 struct Manager {
@@ -322,6 +324,8 @@ typedef struct JobStart {
         bool reserved;
         uint64_t started;     /* job_rate_now() as the job was started */
         struct dc_job_options jo;
+        bool remote;          /* the target is an NBD URI (normalised) */
+        struct dc_nbd_client_options nbd;
         dc_job *job;
         char *d_images, *d_writes, *d_roots; /* polkit details */
         char *via;            /* the export whose write path the job uses, or NULL */
@@ -335,6 +339,10 @@ char *job_new_id(Manager *mgr, const char *type);
 JobStart *job_start_new(Manager *mgr, int type, Image *active, GPtrArray *layers);
 void job_start_free(void *p);
 int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus_error *error);
+
+/* remote.c — NBD URI targets: connect the Unix socket PATH with UID's rights (root: directly); a socket, or
+ * -errno with dc_set_error's reason (EACCES: UID may not connect to it). */
+int remote_connect_unix_as(uid_t uid, const char *path);
 
 /* bus-job.c — the Job's bus glue; the model announces through the job_send_* calls */
 int job_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,

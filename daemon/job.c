@@ -75,7 +75,8 @@ static void job_release(Job *j) {
 
         for (char **p = j->paths; p && *p; p++)
                 g_ptr_array_add(changed, *p);
-        if (claims_release(mgr->claims, j->id, j->paths, *j->target ? j->target : NULL))
+        /* a remote target (a URI) is no file of the model */
+        if (claims_release(mgr->claims, j->id, j->paths, *j->target ? j->target : NULL) && !dc_nbd_uri_is(j->target))
                 g_ptr_array_add(changed, j->target);
         g_ptr_array_add(changed, NULL);
         if (mgr->bus && changed->len > 1) {
@@ -373,7 +374,7 @@ static void job_start_release(JobStart *s) {
 
         if (!s->reserved)
                 return;
-        if (claims_release(mgr->claims, s->id, s->paths, s->target))
+        if (claims_release(mgr->claims, s->id, s->paths, s->target) && !s->remote)
                 model_changed(mgr, (char *[]){ s->target, NULL });
         g_hash_table_remove(mgr->job_ids, s->id);
         s->reserved = false;
@@ -404,6 +405,11 @@ void job_start_free(void *p) {
         free(s);
 }
 
+static int job_connect_unix(void *userdata, const char *path) {
+        JobStart *s = userdata;
+        return remote_connect_unix_as(s->uid, path);
+}
+
 static void job_start_run(Work *w) {
         JobStart *s = w->data;
         struct dc_open_options o = { .roots = (const char *const *) s->roots, .oracle = &w->mgr->oracle,
@@ -412,6 +418,13 @@ static void job_start_run(Work *w) {
 
         s->jo.id = s->id;
         s->jo.expect_chain = (const char *const *) s->expect;
+        if (s->remote) {
+                /* an NBD target: its socket opened with the caller's rights, TLS with the daemon's credentials */
+                s->nbd = (struct dc_nbd_client_options){ .connect_unix = job_connect_unix, .userdata = s,
+                                                         .tls_certificates = w->mgr->config.tls_certificates,
+                                                         .tls_psk_file = w->mgr->config.tls_psk_file };
+                s->jo.nbd = &s->nbd;
+        }
         if (s->create_target) {
                 /* drive-backup and drive-mirror with mode absolute-paths make the target */
                 dc_image *src = NULL;
@@ -532,7 +545,7 @@ int job_start(Manager *mgr, sd_bus_message *m, JobStart *s, char **paths, sd_bus
         (void) caller_uid(m, &s->uid);
         g_hash_table_add(mgr->job_ids, g_strdup(s->id));
         s->paths = g_strdupv(paths);
-        if (s->target)
+        if (s->target && !s->remote)
                 model_changed(mgr, (char *[]){ s->target, NULL });
         s->reserved = true;
         if (exp && s->via)

@@ -149,6 +149,8 @@ int main(int argc, char **argv) {
         sigaddset(&ss, SIGTERM);
         sigaddset(&ss, SIGINT);
         sigprocmask(SIG_BLOCK, &ss, NULL);
+        /* a peer that goes away (an NBD target's server) is an error on the write, not the daemon's end */
+        signal(SIGPIPE, SIG_IGN);
         (void) sd_event_add_signal(mgr->event, NULL, SIGTERM, on_signal, NULL);
         (void) sd_event_add_signal(mgr->event, NULL, SIGINT, on_signal, NULL);
 

@@ -190,6 +190,12 @@ struct dc_driver {
 
 extern const struct dc_driver dc_raw_driver;
 extern const struct dc_driver dc_qcow2_driver;
+extern const struct dc_driver dc_nbd_driver;
+
+/* A job's target: the NBD export URI names, connected, writable (nbd-client.c). */
+int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, dc_image **ret);
+/* Is IMG an NBD export (no file, no backing, never a chain's layer)? */
+bool dc_image_is_remote(dc_image *img);
 
 struct dc_image {
         const struct dc_driver *drv;

@@ -396,6 +396,8 @@ struct dc_job_options {
          * record.
          */
         int (*pivoted)(void *userdata, const char *new_top, const char *const *dropped);
+        /* How a backup's or mirror's NBD URI target is reached (NULL: as the URI says, no URI files). */
+        const struct dc_nbd_client_options *nbd;
 };
 
 /*
@@ -452,6 +454,43 @@ int dc_job_mirror(const char *source_path, const char *target_path, const struct
                   const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);
 /* block-job-change: background -> write-blocking only. */
 int dc_job_change_copy_mode(dc_job *j, int copy_mode);
+
+/*
+ * Remote targets (lib/nbd-client.c): the TARGET_PATH of dc_job_backup and
+ * dc_job_mirror may be an NBD URI, nbd://HOST[:PORT]/EXPORT,
+ * nbd+unix:///EXPORT?socket=PATH, or nbds:// / nbds+unix:// (TLS
+ * required), reached with libnbd.  The export must be writable and of the
+ * source's size; it is always treated as an existing target (a full mirror
+ * copies every unit that does not read as zeros there).  A mirror onto it
+ * is never completed (-ENOTSUP: its target cannot become a local chain's
+ * active layer); its soft cancel once ready leaves a flushed point-in-time
+ * copy.  Backup's compress is refused.  A URI is never a chain's layer or
+ * backing file.
+ */
+struct dc_nbd_client_options {
+        /*
+         * Connect the Unix socket PATH (an nbd+unix URI's, normalised) and
+         * return the connected socket, taken over by the library, or a
+         * negative errno with dc_set_error's reason.  A service checks here
+         * whom it connects to for whom.  NULL: the library connects.
+         */
+        int (*connect_unix)(void *userdata, const char *path);
+        void *userdata;
+        const char *tls_certificates; /* x509 directory (ca-cert.pem, client-cert.pem, client-key.pem), or NULL */
+        const char *tls_psk_file;     /* PSK file (username:hexkey lines), or NULL */
+        bool allow_uri_files;         /* honour the URI's tls-certificates= and tls-psk-file= (tools only) */
+};
+/* Does S start like an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://)? */
+bool dc_nbd_uri_is(const char *s);
+/*
+ * Check URI and give its normal form (free() it): default port spelled
+ * out, socket path normalised, one spelling per export, so that two
+ * spellings of one export compare equal; *RET_SOCKET (may be NULL) the
+ * socket path of an nbd+unix URI, or NULL.  -EINVAL with the reason for a
+ * malformed URI or an unknown parameter, -EPERM for tls-certificates= or
+ * tls-psk-file= unless ALLOW_FILES.
+ */
+int dc_nbd_uri_normalize(const char *uri, bool allow_files, char **ret_normal, char **ret_socket);
 
 const char *dc_job_id(dc_job *j);
 int dc_job_type(dc_job *j);

@@ -83,6 +83,9 @@ static int backup_setup(struct backup *s, uint64_t unit) {
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
+                else if (s->sync == DC_SYNC_FULL && dc_image_is_remote(s->tgt))
+                        /* an export holds whatever it held: every unit, zeros where it does not read as zeros */
+                        dc_block_copy_mark_all(s->copy);
                 else
                         r = dc_job_mark_sync(s->copy, s->source, s->sync);
         }
@@ -109,7 +112,12 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         s->tgt = tgt;
         s->sync = bo->sync;
         if (s->tgt->virtual_size != s->source->virtual_size)
-                return dc_error(EINVAL, "Source and target image have different sizes");
+                return dc_error(EINVAL, "Source and target image have different sizes ('%s' has %llu bytes, '%s' %llu)",
+                                s->source->path, (unsigned long long) s->source->virtual_size, s->tgt->path,
+                                (unsigned long long) s->tgt->virtual_size);
+        if (bo->compress && dc_image_is_remote(s->tgt))
+                return dc_error(ENOTSUP, "'%s': compress writes qcow2 compressed clusters, and an NBD export has none "
+                                         "of ours", s->tgt->path);
         if (bo->compress && !s->tgt->drv->write_compressed)
                 return dc_error(ENOTSUP, "Compression is not supported for this drive");
         cs = dc_image_cluster_size(s->tgt);

@@ -4,7 +4,8 @@
  * BlockBackend a block job holds): resolving the caller's paths inside the
  * roots, opening the chain or taking the caller's disk, reopening layers
  * read-write for the job and back at its end, checking that the chain is
- * the one the caller authorized, and opening a separate target.  Shared by
+ * the one the caller authorized, and opening a separate target (a file in
+ * the roots, or an NBD export when the target is a URI: nbd-client.c).  Shared by
  * every driver; nothing here knows a job type.
  *
  * Locking: called on the caller's thread while the job is being created,
@@ -202,12 +203,15 @@ int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, co
         dc_job *j;
         int r;
 
+        /* an NBD URI is a remote target (nbd-client.c), never a path in the roots */
+        bool remote = dc_nbd_uri_is(target_path);
+
         r = dc_job_path(source_path, oo, &source);
-        if (r >= 0)
+        if (r >= 0 && !remote)
                 r = dc_job_path(target_path, oo, &target);
         if (r < 0)
                 return r;
-        if (strcmp(source, target) == 0)
+        if (!remote && strcmp(source, target) == 0)
                 return dc_error(EINVAL, "%s", same);
         r = dc_job_new(drv, jo, &j);
         if (r < 0)
@@ -215,7 +219,7 @@ int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, co
         r = dc_job_open_chain(j, source, oo, jo, NULL);
         if (r >= 0) {
                 src = dc_job_find_layer(dc_disk_chain(j->disk), source);
-                r = open_target(src, target, oo, same, &tgt);
+                r = remote ? dc_nbd_target_open(target_path, jo->nbd, &tgt) : open_target(src, target, oo, same, &tgt);
         }
         if (r < 0) {
                 dc_job_free(j);

@@ -163,7 +163,9 @@ static int mirror_run(dc_job *j) {
                                 return r;
                 }
         } else if (s->target->virtual_size != s->source->virtual_size)
-                return dc_error(EINVAL, "Source and target image have different sizes");
+                return dc_error(EINVAL, "Source and target image have different sizes ('%s' has %llu bytes, '%s' %llu)",
+                                s->source->path, (unsigned long long) s->source->virtual_size, s->target->path,
+                                (unsigned long long) s->target->virtual_size);
         for (;;) {
                 bool ready, completing, read_error = false;
 
@@ -326,8 +328,18 @@ static void mirror_clean(dc_job *j) {
 
 /* --- verbs ---------------------------------------------------------------------------- */
 
-static void mirror_complete(dc_job *j) {
-        mirror_of(j)->should_complete = true;
+static int mirror_complete(dc_job *j) {
+        struct mirror *s = mirror_of(j);
+
+        /* A remote export cannot become a layer of a local chain: storage migration
+         * ends with the soft cancel, and the destination's side takes over the copy. */
+        if (dc_image_is_remote(s->target))
+                return dc_error(ENOTSUP,
+                                "Job '%s': a mirror onto the NBD target '%s' cannot become the chain's active "
+                                "layer; cancel it once ready for a consistent copy",
+                                j->id, s->target->path);
+        s->should_complete = true;
+        return 0;
 }
 
 /* Only a ready job finishes without pivot on a soft cancel; anything else is abandoned. */
@@ -436,7 +448,8 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         if (dc_disk_chain(j->disk) != s->source)
                 return dc_error(EINVAL, "'%s' is not the active layer of '%s'", source_path, dc_disk_chain(j->disk)->path);
         s->sync = mo->sync;
-        s->existing = mo->existing;
+        /* a remote export was not made for the job: it may hold anything */
+        s->existing = mo->existing || dc_image_is_remote(tgt);
         s->unmap = mo->unmap;
         s->copy_mode = mo->copy_mode == DC_COPY_MODE_WRITE_BLOCKING ? DC_COPY_MODE_WRITE_BLOCKING
                                                                      : DC_COPY_MODE_BACKGROUND;

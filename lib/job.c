@@ -272,7 +272,7 @@ DC_EXPORT int dc_job_complete(dc_job *j) {
                 if (j->cancelled || !j->drv->complete)
                         _r = dc_error(EPERM, "The active block job '%s' cannot be completed", j->id);
                 else
-                        j->drv->complete(j);
+                        _r = j->drv->complete(j);
         });
 }
 

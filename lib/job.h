@@ -29,7 +29,7 @@ struct dc_job_driver {
         void (*clean)(dc_job *j);
         /* The verbs a type may give meaning to, called under the job's lock after the verb
          * table allowed them.  complete and change NULL: the type refuses them. */
-        void (*complete)(dc_job *j);
+        int (*complete)(dc_job *j); /* < 0 refuses it (with dc_error's reason) */
         /* cancel: is this cancel a hard one?  NULL: every cancel is (QEMU's default). */
         bool (*cancel)(dc_job *j, bool force);
         int (*change)(dc_job *j, int copy_mode);

@@ -186,8 +186,10 @@ static void sleep_ms(long ms) {
 
 int main(int argc, char **argv) {
         struct dc_open_options oo = { .writable = true };
+        /* a tool run by its user on their own files: the URI may name TLS credential files */
+        static const struct dc_nbd_client_options nbd = { .allow_uri_files = true };
         struct dc_job_options jo = { .id = "live0", .auto_finalize = true, .auto_dismiss = true, .notify = notify,
-                                     .speed = 16u << 20, .pivoted = pivoted };
+                                     .speed = 16u << 20, .pivoted = pivoted, .nbd = &nbd };
         const char *op;
         pthread_t th;
         dc_job *j = NULL;

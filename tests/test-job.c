@@ -171,9 +171,10 @@ static void fake_clean(dc_job *j) {
         op(j, 'l');
         cleans++;
 }
-static void fake_complete(dc_job *j) {
+static int fake_complete(dc_job *j) {
         op(j, 'C');
         fake_of_job(j)->should_complete = true;
+        return 0;
 }
 static bool fake_cancel(dc_job *j, bool force) {
         return force || !(j->status == DC_JOB_READY || j->status == DC_JOB_STANDBY);
