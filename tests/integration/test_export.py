@@ -780,3 +780,28 @@ def test_a_stuck_client_blocks_nobody(bus):
     assert time.monotonic() - t0 < 30
     assert exports(bus) == []
     sk.close()
+
+
+def test_storage_migration_to_a_diskchain_export(bus):
+    """The seed's storage migration with diskchain on both ends: the destination image is served by an
+    export, the source chain is mirrored into its URI while a client writes to the source's own export,
+    and a soft cancel once ready leaves the destination equal to the source."""
+    chain = make_seed_chain(bus)
+    create(bus, "dest.qcow2", SIZE)
+    dchain = data(bus.call(M, "Manager", "GetChain", "s", "dest.qcow2"))[0]
+    dest = export(bus, dchain, ("name", "s", "dest"), ("writable", "b", "true"))
+    src, uri = writable_export(bus, chain, name="src")
+    w = Writer(uri, seed=11)
+    w.start()
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", uri_of(bus, dest), "1", "job-id", "s", "mig"))[0]
+    wait_status(bus, job, "ready", timeout=60)
+    p = bus.call(job, "Job", "Complete", check=False)
+    assert p.returncode != 0 and "cancel it once ready" in p.stderr, p.stderr
+    expect = w.finish()  # the guest pauses, as QEMU's migration stops the VM
+    bus.call(job, "Job", "Cancel", "b", "false")
+    wait_gone(bus, job)
+    assert read_all(uri_of(bus, dest)) == expect
+    bus.call(src, "Export", "Stop")
+    bus.call(dest, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "dest.qcow2")) == expect
+    check_clean(bus)
