@@ -479,6 +479,12 @@ struct dc_nbd_client_options {
         const char *tls_certificates; /* x509 directory (ca-cert.pem, client-cert.pem, client-key.pem), or NULL */
         const char *tls_psk_file;     /* PSK file (username:hexkey lines), or NULL */
         bool allow_uri_files;         /* honour the URI's tls-certificates= and tls-psk-file= (tools only) */
+        /*
+         * A server that answers no request for this long while some wait is
+         * taken for gone: the connection is shut down and the requests fail
+         * with ETIMEDOUT (0 = five minutes).
+         */
+        unsigned stall_ms;
 };
 /* Does S start like an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://)? */
 bool dc_nbd_uri_is(const char *s);

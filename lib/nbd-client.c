@@ -55,12 +55,19 @@
  *   requests in flight and waits at most two seconds for the server.
  * - Failure: a connection that dies fails every request in flight and
  *   every later one (ENOTCONN from libnbd), which the job's on-target-error
- *   policy then handles; nothing here retries or reconnects.
+ *   policy then handles; nothing here retries or reconnects.  A server that
+ *   stops answering without closing the connection (stopped, or a network
+ *   that drops packets) would hold the job, its cancel and the daemon's exit
+ *   forever: when requests are in flight and no reply came for stall_ms
+ *   (dc_nbd_client_options; five minutes by default, longer than any flush
+ *   of a sane server takes), the I/O thread shuts the socket down, and the
+ *   requests fail with ETIMEDOUT.
  */
 
 #include <poll.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include <libnbd.h>
@@ -69,6 +76,7 @@
 
 #define NBD_DEFAULT_PORT "10809"
 #define NBD_DEFAULT_MAX_REQUEST (32u << 20)
+#define NBD_DEFAULT_STALL_MS (5u * 60u * 1000u)
 
 /* --- URIs ----------------------------------------------------------------------- */
 
@@ -397,6 +405,10 @@ struct nbd_target {
         pthread_mutex_t mu;       /* completions and stop; a leaf */
         pthread_cond_t cv;
         bool stop;
+        unsigned in_flight;       /* requests waited for */
+        uint64_t last_reply_ms;   /* when the last one completed (or the first was issued) */
+        bool stalled;             /* the server stopped answering: the socket was shut down */
+        uint64_t stall_ms;
         uint64_t max_request, min_block;
         bool can_flush, can_zero, can_trim, base_allocation;
 };
@@ -431,12 +443,24 @@ static void *io_thread(void *p) {
         for (;;) {
                 struct pollfd pf[2] = { { .fd = t->wake_fd, .events = POLLIN }, { .fd = -1 } };
                 bool stop, gone = nbd_aio_is_dead(t->h) || nbd_aio_is_closed(t->h);
+                uint64_t stall_at = 0;
                 unsigned dir;
                 int timeout = -1;
 
                 pthread_mutex_lock(&t->mu);
                 stop = t->stop;
+                if (t->in_flight && !gone && !t->stalled) {
+                        stall_at = t->last_reply_ms + t->stall_ms;
+                        if (now_ms() >= stall_at) {
+                                /* no answer for minutes: end the connection, failing what waits */
+                                t->stalled = true;
+                                (void) shutdown(nbd_aio_get_fd(t->h), SHUT_RDWR);
+                                stall_at = 0;
+                        }
+                }
                 pthread_mutex_unlock(&t->mu);
+                if (stall_at)
+                        timeout = (int) MIN(stall_at - now_ms(), (uint64_t) INT32_MAX);
                 if (stop && !disconnecting) {
                         /* after what is in flight, NBD_CMD_DISC; the server then closes */
                         disconnecting = true;
@@ -447,7 +471,7 @@ static void *io_thread(void *p) {
                 if (disconnecting && (gone || now_ms() >= deadline))
                         break;
                 if (disconnecting)
-                        timeout = (int) (deadline - now_ms());
+                        timeout = (int) (deadline > now_ms() ? deadline - now_ms() : 0);
                 if (!gone) {
                         /* a dead connection: only the wake-up is watched until the target is closed */
                         pf[1].fd = nbd_aio_get_fd(t->h);
@@ -475,6 +499,7 @@ static int complete_cb(void *user_data, int *error) {
         pthread_mutex_lock(&q->t->mu);
         q->err = *error;
         q->done = true;
+        q->t->last_reply_ms = now_ms();
         pthread_cond_broadcast(&q->t->cv);
         pthread_mutex_unlock(&q->t->mu);
         return 1; /* retired here */
@@ -501,14 +526,32 @@ static int wait_request(dc_image *img, struct request *q, int64_t cookie, const 
 
         if (cookie < 0) {
                 int e = nbd_get_errno();
+                bool stalled;
+                pthread_mutex_lock(&t->mu);
+                stalled = t->stalled;
+                pthread_mutex_unlock(&t->mu);
+                if (stalled)
+                        return dc_error(ETIMEDOUT, "'%s': %s at offset %llu: the NBD server did not answer for %llu s",
+                                        img->path, what, (unsigned long long) off,
+                                        (unsigned long long) t->stall_ms / 1000);
                 return dc_error(e > 0 ? e : EIO, "'%s': %s at offset %llu: %s", img->path, what,
                                 (unsigned long long) off, nbd_get_error() ? nbd_get_error() : "refused");
         }
+        pthread_mutex_lock(&t->mu);
+        if (!t->in_flight++)
+                t->last_reply_ms = now_ms();
+        pthread_mutex_unlock(&t->mu);
         wake(t);
         pthread_mutex_lock(&t->mu);
         while (!q->done)
                 pthread_cond_wait(&t->cv, &t->mu);
+        t->in_flight--;
+        if (q->err && t->stalled)
+                q->err = ETIMEDOUT;
         pthread_mutex_unlock(&t->mu);
+        if (q->err == ETIMEDOUT)
+                return dc_error(ETIMEDOUT, "'%s': %s at offset %llu: the NBD server did not answer for %llu s",
+                                img->path, what, (unsigned long long) off, (unsigned long long) t->stall_ms / 1000);
         if (q->err)
                 return dc_error(q->err, "'%s': %s at offset %llu failed: %s", img->path, what,
                                 (unsigned long long) off, strerror(q->err));
@@ -752,6 +795,7 @@ int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, d
                 return dc_error(ENOMEM, "out of memory");
         pthread_mutex_init(&t->mu, NULL);
         pthread_cond_init(&t->cv, NULL);
+        t->stall_ms = o && o->stall_ms ? o->stall_ms : NBD_DEFAULT_STALL_MS;
         t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         t->h = nbd_create();
         if (t->wake_fd < 0 || !t->h) {

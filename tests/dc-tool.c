@@ -251,7 +251,7 @@ static void no_notify(void *u) {
 static int do_job(int argc, char **argv) {
         struct dc_open_options o = { .roots = roots[0] ? roots : NULL };
         /* a tool run by its user on their own files: the URI may name TLS credential files */
-        static const struct dc_nbd_client_options nbd = { .allow_uri_files = true };
+        struct dc_nbd_client_options nbd = { .allow_uri_files = true };
         struct dc_job_options jo = { .id = "job0", .auto_finalize = true, .auto_dismiss = true, .notify = no_notify,
                                      .nbd = &nbd };
         struct dc_job_event ev;
@@ -260,6 +260,8 @@ static int do_job(int argc, char **argv) {
 
         if (getenv("DC_JOB_SPEED"))
                 jo.speed = strtoull(getenv("DC_JOB_SPEED"), NULL, 0);
+        if (getenv("DC_NBD_STALL_MS"))
+                nbd.stall_ms = (unsigned) strtoul(getenv("DC_NBD_STALL_MS"), NULL, 0);
         if (!strcmp(argv[2], "stream"))
                 r = dc_job_stream(argv[3], argc > 4 ? argv[4] : NULL, NULL, &o, &jo, &j);
         else if (!strcmp(argv[2], "backup") && argc > 5) {

@@ -140,3 +140,25 @@ def test_full_backup_overwrites_what_the_export_held(chain):
     stop(srv)
     assert_clean(t / "T.qcow2")
     assert qemu_img("compare", t / "T.qcow2", t / "C.qcow2", check=False).returncode == 0
+
+
+def test_a_server_that_stops_answering_fails_the_job(chain):
+    """A server stopped mid-backup (SIGSTOP: the connection stays open, no reply comes): after the stall
+    time the connection is shut down, the job fails with a clear error instead of hanging, and its
+    thread and the program end."""
+    from imgtest import DC_TOOL
+    t = chain
+    qemu_img("create", "-q", "-f", "qcow2", t / "T.qcow2", "32M")
+    sock = t / "n.sock"
+    srv = serve(["qemu-nbd", "-f", "qcow2", "--socket", sock, "-x", "tgt", t / "T.qcow2"], sock)
+    job = subprocess.Popen([DC_TOOL, "job", "backup", str(t / "C.qcow2"), f"nbd+unix:///tgt?socket={sock}", "full"],
+                           env={**os.environ, "DC_NBD_STALL_MS": "1500", "DC_JOB_SPEED": str(4 << 20)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1)
+    srv.send_signal(signal.SIGSTOP)
+    try:
+        out, err = job.communicate(timeout=30)
+    finally:
+        srv.send_signal(signal.SIGCONT)
+    assert job.returncode == 1, out + err
+    assert "did not answer for 1 s" in out, out
