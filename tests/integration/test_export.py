@@ -847,3 +847,8 @@ def test_tcp_plaintext_loopback_only_when_configured(conf_bus):
     assert "export-size" in sh("nbdinfo", f"nbd://127.0.0.1:{port}/lo", user=TEST_USER).stdout
     assert "export-size" in sh("nbdinfo", f"nbd+unix:///lo?socket={sock}").stdout
     bus.call(exp, "Export", "Stop")
+    # diskchainctl too: 'tcp' alone, so the URI is the TCP one
+    out = bus.ctl("export", "D.qcow2", "--name", "ctl", "--tcp", "127.0.0.1:0").stdout
+    port = int(re.search(r"nbd://127\.0\.0\.1:(\d+)/ctl", out).group(1))
+    assert "export-size" in sh("nbdinfo", f"nbd://127.0.0.1:{port}/ctl").stdout
+    assert "stopped export ctl" in bus.ctl("unexport", "ctl").stdout
