@@ -53,7 +53,8 @@ static void s_u64(struct stream *s, uint64_t v) {
         s->n += 8;
 }
 static void s_bytes(struct stream *s, const char *p, size_t len) {
-        memcpy(s->b + s->n, p, len);
+        if (len) /* an option without data passes NULL, which memcpy may not be given */
+                memcpy(s->b + s->n, p, len);
         s->n += len;
 }
 static void s_opt(struct stream *s, uint32_t opt, const void *data, uint32_t len) {
