@@ -5,9 +5,11 @@
  *
  * Design notes
  * ------------
- * - Chain.Export reads and checks the options, makes the model current for
- *   the chain, asks polkit (org.diskchain.export, with the chain, every
- *   image, writable and the socket in the details) and hands the rest to
+ * - Chain.Export reads and checks the options (a 'tcp' address against
+ *   [NBD] TCPListen= and the TLS it needs, export_tcp_check()), makes the
+ *   model current for the chain, asks polkit (org.diskchain.export, with
+ *   the chain, every image, writable, the socket, tcp and tls in the
+ *   details) and hands the rest to
  *   export_start(), which reserves the name and claims the images at once.
  * - Chain.OpenNBD hands the caller one end of a socket pair whose other
  *   end the chain's export serves (the caller needs no file system access),
@@ -62,6 +64,7 @@ static int property_get_writable(sd_bus *bus, const char *path, const char *ifac
 static int property_get_uri(sd_bus *bus, const char *path, const char *iface, const char *prop,
                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         g_autofree char *uri = EXP->socket ? g_strdup_printf("nbd+unix:///%s?socket=%s", EXP->name, EXP->socket)
+                               : EXP->tcp  ? g_strdup_printf("%s://%s/%s", EXP->tls ? "nbds" : "nbd", EXP->tcp, EXP->name)
                                            : g_strdup("");
         return sd_bus_message_append(reply, "s", uri);
 }
@@ -172,7 +175,7 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
         _cleanup_(export_start_clear) ExportStart es = { .fd = -1, .client_fd = -1 };
         g_autofree char *images = NULL, *roots = NULL;
-        const char *name = NULL, *sock = NULL;
+        const char *name = NULL, *sock = NULL, *tcp = NULL;
         uint64_t maxc = 0;
         int r;
 
@@ -180,14 +183,12 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if (r < 0)
                 return r;
         if ((r = opt_string(opts, "name", &name, error)) < 0 || (r = opt_bool(opts, "writable", &es.writable, error)) < 0 ||
-            (r = opt_string(opts, "socket", &sock, error)) < 0 ||
+            (r = opt_string(opts, "socket", &sock, error)) < 0 || (r = opt_string(opts, "tcp", &tcp, error)) < 0 ||
             (r = opt_uint(opts, "max-connections", &maxc, error)) < 0 ||
             (r = opt_bool(opts, "persistent", &es.persistent, error)) < 0)
                 return r;
-        if (g_hash_table_contains(opts, "tcp"))
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
-                                         "exports over TCP are not available in this version: use the unix socket, "
-                                         "or OpenNBD");
+        if (tcp && (r = export_tcp_check(mgr, tcp, &es.tls, error)) < 0)
+                return r;
         if (name && !export_name_valid(name))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "name '%s' must be 1..64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)",
@@ -206,7 +207,9 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if (g_hash_table_contains(mgr->exports, es.name))
                 return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "an export named '%s' exists already", es.name);
         es.active = strdup(active->path);
-        es.socket = sock ? strdup(sock) : g_build_filename(mgr->config.runtime_dir, "nbd", es.name, NULL);
+        /* 'tcp' alone: no unix socket */
+        es.socket = sock ? strdup(sock) : tcp ? NULL : g_build_filename(mgr->config.runtime_dir, "nbd", es.name, NULL);
+        es.tcp = tcp ? strdup(tcp) : NULL;
         es.max_connections = (unsigned) maxc;
         if ((r = caller_uid(m, &es.uid)) < 0)
                 return r;
@@ -216,7 +219,9 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
                           (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path), "operation",
                                                  "export", "name", es.name, "chain", active->path, "images", images,
                                                  "roots", roots, "writable", es.writable ? "true" : "false", "socket",
-                                                 es.socket, "persistent", es.persistent ? "true" : "false", NULL },
+                                                 es.socket ? es.socket : "", "tcp", es.tcp ? es.tcp : "", "tls",
+                                                 es.tls ? "true" : "false", "persistent",
+                                                 es.persistent ? "true" : "false", NULL },
                           error);
         if (r <= 0)
                 return r < 0 ? r : 1;

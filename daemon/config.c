@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <sys/socket.h>
 
 #include "config.h"
 #include "daemon.h"
@@ -27,6 +28,67 @@ static bool inside(const char *path, const char *dir) {
         while (l > 1 && dir[l - 1] == '/')
                 l--;
         return strncmp(path, dir, l) == 0 && (path[l] == '/' || path[l] == 0);
+}
+
+/* yes/no, as systemd's files say it (true/false, on/off, 1/0 too). */
+static bool get_bool(GKeyFile *kf, const char *group, const char *key, bool def) {
+        g_autofree char *v = kf ? g_key_file_get_string(kf, group, key, NULL) : NULL;
+
+        if (!v)
+                return def;
+        g_strstrip(v);
+        if (!g_ascii_strcasecmp(v, "yes") || !g_ascii_strcasecmp(v, "true") || !g_ascii_strcasecmp(v, "on") ||
+            !strcmp(v, "1"))
+                return true;
+        if (!g_ascii_strcasecmp(v, "no") || !g_ascii_strcasecmp(v, "false") || !g_ascii_strcasecmp(v, "off") ||
+            !strcmp(v, "0"))
+                return false;
+        log_warning("[%s] %s=%s must be yes or no; using %s", group, key, v, def ? "yes" : "no");
+        return def;
+}
+
+static char *get_path(GKeyFile *kf, const char *group, const char *key) {
+        g_autofree char *v = kf ? g_key_file_get_string(kf, group, key, NULL) : NULL;
+
+        if (!v || !*g_strstrip(v))
+                return NULL;
+        if (v[0] != '/') {
+                log_warning("[%s] %s=%s is not an absolute path: ignored", group, key, v);
+                return NULL;
+        }
+        return g_canonicalize_filename(v, "/");
+}
+
+/* [NBD] TCPListen= and TLS: off unless TCPListen= names at least one valid address. */
+static void load_tcp(Config *c, GKeyFile *kf) {
+        g_autofree char *list = kf ? g_key_file_get_string(kf, "NBD", "TCPListen", NULL) : NULL;
+        g_auto(GStrv) words = list ? g_strsplit_set(list, " \t,", -1) : NULL;
+        GPtrArray *a = g_ptr_array_new();
+
+        for (char **w = words; w && *w; w++) {
+                struct sockaddr_storage ss;
+                socklen_t len;
+                bool port;
+                if (!**w)
+                        continue;
+                if (tcp_address_parse(*w, false, &ss, &len, &port) < 0) {
+                        log_warning("[NBD] TCPListen=: '%s' is not ADDRESS or ADDRESS:PORT (IPv4, or [IPv6]): ignored",
+                                    *w);
+                        continue;
+                }
+                g_ptr_array_add(a, g_strdup(*w));
+        }
+        if (a->len == 0) {
+                g_ptr_array_free(a, TRUE);
+                c->tcp_listen = NULL;
+        } else {
+                g_ptr_array_add(a, NULL);
+                c->tcp_listen = (char **) g_ptr_array_free(a, FALSE);
+        }
+        c->tcp_plaintext_loopback = get_bool(kf, "NBD", "TCPPlaintextLoopback", false);
+        c->tls_dir = get_path(kf, "NBD", "TLSCredentials");
+        c->tls_psk_file = get_path(kf, "NBD", "TLSPSKFile");
+        c->tls_verify_peer = get_bool(kf, "NBD", "TLSVerifyPeer", true);
 }
 
 int config_load(Config *c, const char *file, char **cli_roots, const char *cli_state_dir,
@@ -100,9 +162,10 @@ int config_load(Config *c, const char *file, char **cli_roots, const char *cli_s
         c->max_exports = get_uint(have_file ? kf : NULL, "NBD", "MaxExports", 64, 1, 1024);
         c->max_connections = get_uint(have_file ? kf : NULL, "NBD", "MaxConnections", 16, 1, 1024);
         if (have_file && g_key_file_has_key(kf, "Remote", "TLSCertificates", NULL))
-                c->tls_certificates = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSCertificates", NULL));
+                c->remote_tls_certificates = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSCertificates", NULL));
         if (have_file && g_key_file_has_key(kf, "Remote", "TLSPSKFile", NULL))
-                c->tls_psk_file = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSPSKFile", NULL));
+                c->remote_tls_psk_file = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSPSKFile", NULL));
+        load_tcp(c, have_file ? kf : NULL);
         return 0;
 }
 
@@ -113,8 +176,14 @@ void config_done(Config *c) {
         c->state_dir = NULL;
         g_free(c->runtime_dir);
         c->runtime_dir = NULL;
-        g_free(c->tls_certificates);
-        c->tls_certificates = NULL;
+        g_free(c->remote_tls_certificates);
+        c->remote_tls_certificates = NULL;
+        g_free(c->remote_tls_psk_file);
+        c->remote_tls_psk_file = NULL;
+        g_strfreev(c->tcp_listen);
+        c->tcp_listen = NULL;
+        g_free(c->tls_dir);
+        c->tls_dir = NULL;
         g_free(c->tls_psk_file);
         c->tls_psk_file = NULL;
 }

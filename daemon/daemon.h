@@ -4,6 +4,7 @@
 #include <glib.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <syslog.h>
@@ -86,13 +87,19 @@ typedef struct Config {
         char *runtime_dir;    /* the NBD sockets live in its nbd/ */
         unsigned max_exports;
         unsigned max_connections; /* an export's default */
+        /* [NBD] exports over TCP (export.c, diskchain.conf(5)) */
+        char **tcp_listen;    /* TCPListen=: "ADDR" or "ADDR:PORT" an export may listen on; NULL: TCP is off */
+        bool tcp_plaintext_loopback; /* TCPPlaintextLoopback=: loopback addresses go without TLS */
+        char *tls_dir;        /* TLSCredentials=: X.509 (ca-cert.pem, server-cert.pem, server-key.pem), or NULL */
+        char *tls_psk_file;   /* TLSPSKFile=: psktool keys, or NULL */
+        bool tls_verify_peer; /* TLSVerifyPeer=: clients need a certificate from the CA (default yes) */
         unsigned max_jobs;
         unsigned max_depth;
         unsigned workers;     /* threads for image work */
         unsigned max_operations; /* client operations queued or running at once */
         uint64_t idle_timeout_usec;
-        char *tls_certificates; /* [Remote] TLSCertificates=: x509 directory for nbds targets, or NULL */
-        char *tls_psk_file;     /* [Remote] TLSPSKFile=, or NULL */
+        char *remote_tls_certificates; /* [Remote] TLSCertificates=: x509 directory for nbds targets, or NULL */
+        char *remote_tls_psk_file;     /* [Remote] TLSPSKFile=, or NULL */
 } Config;
 
 struct Manager {
@@ -166,8 +173,10 @@ typedef struct Export {
         char *active;         /* the chain's active layer (follows pivots and snapshots) */
         char *chain_object;   /* as last announced */
         char **paths;         /* the images claimed (claims_export) */
-        char *socket;         /* the listening socket's path, or NULL (only OpenNBD connections) */
+        char *socket;         /* the listening socket's path, or NULL (only OpenNBD connections or TCP) */
         struct stat socket_st;
+        char *tcp;            /* the TCP address listened on ("ADDR:PORT", [IPv6]), or NULL */
+        bool tls;             /* TCP connections must start TLS */
         bool writable, persistent;
         bool anonymous;       /* made by OpenNBD: stops when its last client leaves */
         bool served;          /* some client connected once */
@@ -372,6 +381,8 @@ char *export_default_name(Manager *mgr, const char *active);
 /* Start exporting ACTIVE's chain (LAYERS: its images, the claims) as E describes; M answered when it is live. */
 typedef struct ExportStart {
         char *name, *active, *socket;
+        char *tcp;            /* as asked ("ADDR:PORT"; port 0: the kernel picks), or NULL */
+        bool tls;
         char **paths, **expect;
         bool writable, persistent, anonymous;
         unsigned max_connections;
@@ -389,6 +400,17 @@ void exports_follow(Manager *mgr);
 void export_moved(Export *e);
 /* Serve the connected socket FD on E (owned from now on). */
 int export_serve_fd(Export *e, int fd);
+/*
+ * May an export listen on TCP (an "ADDR:PORT" of Chain.Export's 'tcp')?
+ * Decided by [NBD] TCPListen=, and then whether it needs TLS (*RET_TLS):
+ * always, but on a loopback address with TCPPlaintextLoopback=yes; TLS
+ * without credentials configured is an error.  Sets ERROR and returns < 0
+ * when it may not.
+ */
+int export_tcp_check(Manager *mgr, const char *tcp, bool *ret_tls, sd_bus_error *error);
+/* "ADDR" or "ADDR:PORT" (PORT required when NEED_PORT); IPv6 in brackets when a port follows. */
+int tcp_address_parse(const char *s, bool need_port, struct sockaddr_storage *ret, socklen_t *ret_len,
+                      bool *ret_has_port);
 
 /* bus-export.c */
 extern const sd_bus_vtable export_vtable[];

@@ -28,6 +28,7 @@ static const struct {
         { EBUSY, ERROR_PREFIX "Busy" },
         { ETXTBSY, ERROR_PREFIX "Busy" },
         { ESTALE, ERROR_PREFIX "Busy" },
+        { EADDRINUSE, ERROR_PREFIX "Busy" },
         { ENOTSUP, ERROR_PREFIX "NotSupported" },
         { EROFS, ERROR_PREFIX "NotSupported" },
         { EMLINK, ERROR_PREFIX "NotSupported" },

@@ -33,14 +33,28 @@
  *   written on a worker (g_file_set_contents: a new file renamed over the
  *   old), and recreated when the daemon starts.  A record whose chain
  *   cannot be opened is kept and reported: the files may come back.
+ * - TCP (issue 10): off unless [NBD] TCPListen= names the addresses an
+ *   export may listen on (diskchain.conf(5)).  A TCP peer has no
+ *   SO_PEERCRED, so TLS is what lets it in: the listener requires
+ *   STARTTLS, and whoever completes the TLS handshake is served -- a client
+ *   certificate the configured CA signed (TLSVerifyPeer=, the default) or
+ *   a key of the PSK file.  Without credentials a TCP export is refused,
+ *   but on a loopback address when TCPPlaintextLoopback=yes says that any
+ *   local user may connect in plaintext.  The credentials are loaded on the
+ *   worker for each export, so renewed certificates take effect with the
+ *   next export.  'tcp' without 'socket' makes no unix socket; with both,
+ *   both listen (the unix one for its owner, in plaintext).  Port 0 lets
+ *   the kernel choose; the port bound is what Uri and the record show.
  * - The server calls back on its threads when clients come and go and at
  *   most every 100 ms while serving; the callback only writes an eventfd,
  *   and on the loop the counters that changed are announced.
  */
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -64,6 +78,7 @@ static void export_struct_free(Export *e) {
         free(e->active);
         free(e->chain_object);
         free(e->socket);
+        free(e->tcp);
         g_strfreev(e->paths);
         if (e->stop_waiters)
                 g_ptr_array_free(e->stop_waiters, TRUE);
@@ -233,6 +248,153 @@ static void socket_remove(const char *path, const struct stat *st) {
         close(dfd);
 }
 
+/* --- TCP ---------------------------------------------------------------------------- */
+
+int tcp_address_parse(const char *str, bool need_port, struct sockaddr_storage *ret, socklen_t *ret_len,
+                      bool *ret_has_port) {
+        g_autofree char *host = NULL;
+        const char *port = NULL;
+        unsigned long p = 0;
+        char *end;
+
+        if (str[0] == '[') {
+                const char *close = strchr(str, ']');
+                if (!close || (close[1] && close[1] != ':'))
+                        return -EINVAL;
+                host = g_strndup(str + 1, (gsize) (close - str - 1));
+                port = close[1] ? close + 2 : NULL;
+                if (!strchr(host, ':'))
+                        return -EINVAL; /* brackets are for IPv6 */
+        } else if (strchr(str, ':') && strchr(str, ':') == strrchr(str, ':')) {
+                const char *colon = strchr(str, ':');
+                host = g_strndup(str, (gsize) (colon - str));
+                port = colon + 1;
+        } else
+                host = g_strdup(str); /* IPv4, or IPv6 without a port */
+        if (port) {
+                if (!*port || !g_ascii_isdigit(*port))
+                        return -EINVAL;
+                errno = 0;
+                p = strtoul(port, &end, 10);
+                if (errno || *end || p > 65535)
+                        return -EINVAL;
+        } else if (need_port)
+                return -EINVAL;
+        memset(ret, 0, sizeof *ret);
+        if (inet_pton(AF_INET, host, &((struct sockaddr_in *) ret)->sin_addr) == 1) {
+                struct sockaddr_in *a = (struct sockaddr_in *) ret;
+                a->sin_family = AF_INET;
+                a->sin_port = htons((uint16_t) p);
+                *ret_len = sizeof *a;
+        } else if (inet_pton(AF_INET6, host, &((struct sockaddr_in6 *) ret)->sin6_addr) == 1) {
+                struct sockaddr_in6 *a = (struct sockaddr_in6 *) ret;
+                if (port && str[0] != '[')
+                        return -EINVAL;
+                a->sin6_family = AF_INET6;
+                a->sin6_port = htons((uint16_t) p);
+                *ret_len = sizeof *a;
+        } else
+                return -EINVAL;
+        if (ret_has_port)
+                *ret_has_port = port != NULL;
+        return 0;
+}
+
+static bool tcp_loopback(const struct sockaddr_storage *ss) {
+        if (ss->ss_family == AF_INET)
+                return (ntohl(((const struct sockaddr_in *) ss)->sin_addr.s_addr) >> 24) == 127;
+        const struct in6_addr *a = &((const struct sockaddr_in6 *) ss)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+}
+
+static uint16_t tcp_port(const struct sockaddr_storage *ss) {
+        return ntohs(ss->ss_family == AF_INET ? ((const struct sockaddr_in *) ss)->sin_port
+                                              : ((const struct sockaddr_in6 *) ss)->sin6_port);
+}
+
+static bool tcp_same_host(const struct sockaddr_storage *a, const struct sockaddr_storage *b) {
+        if (a->ss_family != b->ss_family)
+                return false;
+        if (a->ss_family == AF_INET)
+                return ((const struct sockaddr_in *) a)->sin_addr.s_addr == ((const struct sockaddr_in *) b)->sin_addr.s_addr;
+        return memcmp(&((const struct sockaddr_in6 *) a)->sin6_addr, &((const struct sockaddr_in6 *) b)->sin6_addr,
+                      sizeof(struct in6_addr)) == 0;
+}
+
+/* "ADDR:PORT", with IPv6 in brackets. */
+static char *tcp_format(const struct sockaddr_storage *ss) {
+        char host[INET6_ADDRSTRLEN];
+
+        if (ss->ss_family == AF_INET) {
+                inet_ntop(AF_INET, &((const struct sockaddr_in *) ss)->sin_addr, host, sizeof host);
+                return g_strdup_printf("%s:%u", host, tcp_port(ss));
+        }
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *) ss)->sin6_addr, host, sizeof host);
+        return g_strdup_printf("[%s]:%u", host, tcp_port(ss));
+}
+
+int export_tcp_check(Manager *mgr, const char *tcp, bool *ret_tls, sd_bus_error *error) {
+        const Config *c = &mgr->config;
+        struct sockaddr_storage want;
+        socklen_t len;
+        bool allowed = false;
+
+        if (!c->tcp_listen)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "exports over TCP are off: [NBD] TCPListen= in diskchain.conf names the "
+                                         "addresses they may listen on");
+        if (tcp_address_parse(tcp, true, &want, &len, NULL) < 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "tcp '%s' must be ADDRESS:PORT, an IPv4 address or an IPv6 one in brackets",
+                                         tcp);
+        for (char **a = c->tcp_listen; *a && !allowed; a++) {
+                struct sockaddr_storage ok;
+                bool has_port;
+                if (tcp_address_parse(*a, false, &ok, &len, &has_port) >= 0)
+                        allowed = tcp_same_host(&ok, &want) && (!has_port || tcp_port(&ok) == tcp_port(&want));
+        }
+        if (!allowed)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "tcp '%s' is not an address [NBD] TCPListen= in diskchain.conf allows", tcp);
+        if (tcp_loopback(&want) && c->tcp_plaintext_loopback) {
+                *ret_tls = false;
+                return 0;
+        }
+        if (!c->tls_dir && !c->tls_psk_file)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "an export on TCP '%s' needs TLS, and no credentials are configured: "
+                                         "[NBD] TLSCredentials= or TLSPSKFile= in diskchain.conf%s",
+                                         tcp,
+                                         tcp_loopback(&want) ? " (or TCPPlaintextLoopback=yes, for loopback addresses)"
+                                                             : "");
+        *ret_tls = true;
+        return 0;
+}
+
+/* A listening TCP socket on TCP ("ADDR:PORT"); the address bound, port included, in *RET_BOUND. */
+static int tcp_make(const char *tcp, char **ret_bound) {
+        struct sockaddr_storage ss;
+        socklen_t len;
+        int fd, one = 1, r;
+
+        if (tcp_address_parse(tcp, true, &ss, &len, NULL) < 0)
+                return dc_set_error(EINVAL, "tcp '%s' is not ADDRESS:PORT", tcp);
+        fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+                return dc_set_error(errno, "cannot make a TCP socket: %s", strerror(errno));
+        /* "::" means IPv6 only: an IPv4 address is an entry of TCPListen= of its own */
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+            (ss.ss_family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) < 0) ||
+            bind(fd, (struct sockaddr *) &ss, len) < 0 || listen(fd, 64) < 0 ||
+            getsockname(fd, (struct sockaddr *) &ss, &len) < 0) {
+                r = dc_set_error(errno, "cannot listen on %s: %s", tcp, strerror(errno));
+                close(fd);
+                return r;
+        }
+        *ret_bound = tcp_format(&ss);
+        return fd;
+}
+
 /* --- records of persistent exports ----------------------------------------------- */
 
 static char *record_path(Manager *mgr, const char *name) {
@@ -240,7 +402,7 @@ static char *record_path(Manager *mgr, const char *name) {
 }
 
 /* On a worker. */
-static int record_write(Manager *mgr, const Export *e, const char *active) {
+static int record_write(Manager *mgr, const Export *e, const char *active, const char *tcp) {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autoptr(GError) err = NULL;
         g_autofree char *dir = g_build_filename(mgr->config.state_dir, "exports", NULL);
@@ -253,6 +415,8 @@ static int record_write(Manager *mgr, const Export *e, const char *active) {
         g_key_file_set_boolean(kf, "Export", "Writable", e->writable);
         if (e->socket)
                 g_key_file_set_string(kf, "Export", "Socket", e->socket);
+        if (tcp)
+                g_key_file_set_string(kf, "Export", "TCP", tcp);
         g_key_file_set_uint64(kf, "Export", "MaxConnections", e->max_connections);
         g_key_file_set_uint64(kf, "Export", "Owner", e->uid);
         data = g_key_file_to_data(kf, &len, NULL);
@@ -269,6 +433,9 @@ static int record_write(Manager *mgr, const Export *e, const char *active) {
 typedef struct OpenOp {
         Export *e;            /* only its immutable fields are read off the loop */
         char *active, *socket, *own_dir;
+        char *tcp, *tcp_bound;   /* as asked, and as bound */
+        struct dc_nbd_tls_options tls; /* what TLS needs, when it is required (else zeroed) */
+        char *tls_dir, *tls_psk_file;
         char **expect, **roots;
         unsigned max_depth;
         int fd, client_fd;
@@ -282,6 +449,10 @@ static void open_op_free(void *p) {
         free(op->active);
         free(op->socket);
         free(op->own_dir);
+        free(op->tcp);
+        free(op->tcp_bound);
+        free(op->tls_dir);
+        free(op->tls_psk_file);
         g_strfreev(op->expect);
         g_strfreev(op->roots);
         if (op->fd >= 0)
@@ -310,8 +481,9 @@ static void export_open_run(Work *w) {
         struct dc_open_options oo = { .roots = (const char *const *) op->roots, .oracle = &w->mgr->oracle,
                                       .max_depth = op->max_depth, .writable = e->writable };
         dc_image *img = NULL;
+        dc_nbd_tls *tls = NULL;
         unsigned i = 0;
-        int lfd = -1, r;
+        int lfd = -1, tfd = -1, r;
 
         r = dc_image_open(op->active, &oo, &img);
         /* the chain polkit was asked about, and nothing else */
@@ -345,10 +517,18 @@ static void export_open_run(Work *w) {
                               &op->nbd);
         if (r >= 0 && lfd >= 0)
                 r = dc_nbd_export_listen(op->nbd, TAKE_FD(lfd), export_allow, e);
+        if (r >= 0 && op->tcp && e->tls)
+                r = dc_nbd_tls_new(&op->tls, &tls);
+        if (r >= 0 && op->tcp) {
+                tfd = tcp_make(op->tcp, &op->tcp_bound);
+                /* no peer credentials on TCP: TLS (or the administrator's plaintext loopback) decides */
+                r = tfd < 0 ? tfd : dc_nbd_export_listen_tls(op->nbd, TAKE_FD(tfd), tls, NULL, NULL);
+        }
+        tls = dc_nbd_tls_unref(tls); /* the listener holds its own */
         if (r >= 0 && op->fd >= 0)
                 r = dc_nbd_export_serve(op->nbd, TAKE_FD(op->fd));
         if (r >= 0 && e->persistent)
-                r = record_write(w->mgr, e, op->active);
+                r = record_write(w->mgr, e, op->active, op->tcp_bound);
 out:
         if (lfd >= 0)
                 close(lfd);
@@ -384,13 +564,18 @@ static void export_open_done(Work *w) {
         e->disk = TAKE_PTR(op->disk);
         e->nbd = TAKE_PTR(op->nbd);
         e->socket_st = op->socket_st;
+        if (op->tcp_bound) {
+                free(e->tcp);
+                e->tcp = TAKE_PTR(op->tcp_bound);
+        }
         e->served = e->anonymous;
         e->state = EXPORT_LIVE;
         e->chain_object = chain_object_path(e->active);
         export_send_added(e);
         log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", e->active, NULL },
-                   "export '%s' of '%s' is live (%s%s%s)", e->name, e->active, e->writable ? "writable" : "read-only",
-                   e->socket ? ", socket " : "", e->socket ? e->socket : "");
+                   "export '%s' of '%s' is live (%s%s%s%s%s%s)", e->name, e->active,
+                   e->writable ? "writable" : "read-only", e->socket ? ", socket " : "", e->socket ? e->socket : "",
+                   e->tcp ? ", TCP " : "", e->tcp ? e->tcp : "", e->tcp ? (e->tls ? " with TLS" : " in plaintext") : "");
         /* its client may have come and gone already: look at the counters soon in any case */
         (void) sd_event_source_set_time_relative(mgr->export_timer, 200000);
         (void) sd_event_source_set_enabled(mgr->export_timer, SD_EVENT_ONESHOT);
@@ -404,6 +589,7 @@ void export_start_clear(ExportStart *es) {
         free(es->name);
         free(es->active);
         free(es->socket);
+        free(es->tcp);
         g_strfreev(es->paths);
         g_strfreev(es->expect);
         if (es->fd >= 0)
@@ -442,6 +628,8 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         e->active = strdup(es->active);
         e->paths = g_strdupv(es->paths);
         e->socket = es->socket ? strdup(es->socket) : NULL;
+        e->tcp = es->tcp ? strdup(es->tcp) : NULL;
+        e->tls = es->tcp && es->tls;
         e->writable = es->writable;
         e->persistent = es->persistent;
         e->anonymous = es->anonymous;
@@ -452,6 +640,13 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         op->e = e;
         op->active = strdup(es->active);
         op->socket = es->socket ? strdup(es->socket) : NULL;
+        op->tcp = es->tcp ? strdup(es->tcp) : NULL;
+        if (e->tls) {
+                op->tls_dir = mgr->config.tls_dir ? strdup(mgr->config.tls_dir) : NULL;
+                op->tls_psk_file = mgr->config.tls_psk_file ? strdup(mgr->config.tls_psk_file) : NULL;
+                op->tls = (struct dc_nbd_tls_options){ .x509_dir = op->tls_dir, .psk_file = op->tls_psk_file,
+                                                       .verify_peer = mgr->config.tls_verify_peer };
+        }
         op->own_dir = g_build_filename(mgr->config.runtime_dir, "nbd", NULL);
         op->expect = g_strdupv(es->expect);
         op->roots = g_strdupv(mgr->config.roots);
@@ -567,7 +762,7 @@ static void record_op_free(void *p) {
 
 static void record_run(Work *w) {
         RecordOp *op = w->data;
-        work_capture_error(w, record_write(w->mgr, op->e, op->active));
+        work_capture_error(w, record_write(w->mgr, op->e, op->active, op->e->tcp));
 }
 
 static void record_done(Work *w) {
@@ -796,6 +991,7 @@ static void restore_one(Manager *mgr, const char *file) {
         es.name = g_key_file_get_string(kf, "Export", "Name", NULL);
         es.active = g_key_file_get_string(kf, "Export", "Active", NULL);
         es.socket = g_key_file_get_string(kf, "Export", "Socket", NULL);
+        es.tcp = g_key_file_get_string(kf, "Export", "TCP", NULL);
         es.writable = g_key_file_get_boolean(kf, "Export", "Writable", NULL);
         es.max_connections = (unsigned) g_key_file_get_uint64(kf, "Export", "MaxConnections", NULL);
         es.uid = (uid_t) g_key_file_get_uint64(kf, "Export", "Owner", NULL);
@@ -804,8 +1000,15 @@ static void restore_one(Manager *mgr, const char *file) {
                 log_warning("export record '%s' is not valid: ignored", file);
                 return;
         }
-        if (!es.socket)
+        if (!es.socket && !es.tcp)
                 es.socket = g_build_filename(mgr->config.runtime_dir, "nbd", es.name, NULL);
+        /* what diskchain.conf says now decides, as it would for a new export */
+        if (es.tcp && export_tcp_check(mgr, es.tcp, &es.tls, &error) < 0) {
+                log_warning("persistent export '%s' on TCP %s does not start: %s; the record stays", es.name, es.tcp,
+                            error.message);
+                sd_bus_error_free(&error);
+                return;
+        }
         img = model_find(mgr, es.active);
         if (!img || img->error) {
                 log_warning("persistent export '%s': '%s' is %s; the record stays", es.name, es.active,

@@ -421,8 +421,8 @@ static void job_start_run(Work *w) {
         if (s->remote) {
                 /* an NBD target: its socket opened with the caller's rights, TLS with the daemon's credentials */
                 s->nbd = (struct dc_nbd_client_options){ .connect_unix = job_connect_unix, .userdata = s,
-                                                         .tls_certificates = w->mgr->config.tls_certificates,
-                                                         .tls_psk_file = w->mgr->config.tls_psk_file };
+                                                         .tls_certificates = w->mgr->config.remote_tls_certificates,
+                                                         .tls_psk_file = w->mgr->config.remote_tls_psk_file };
                 s->jo.nbd = &s->nbd;
         }
         if (s->create_target) {

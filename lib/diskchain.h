@@ -323,10 +323,52 @@ int dc_nbd_export_serve(dc_nbd_export *e, int fd);
  * Accept connections on the listening socket LISTEN_FD (owned from now on)
  * on a thread of the export.  ALLOW (NULL: everyone) decides on the
  * peer's SO_PEERCRED credentials before a byte is read; a refused peer is
- * closed at once.
+ * closed at once.  TLS is not offered (dc_nbd_export_listen_tls is).
  */
 int dc_nbd_export_listen(dc_nbd_export *e, int listen_fd, bool (*allow)(void *userdata, uid_t uid, pid_t pid),
                          void *userdata);
+
+/*
+ * TLS credentials for NBD (GnuTLS), loaded once and shared by reference
+ * among the listeners that require TLS.  At least one kind is given:
+ *   - X.509: X509_DIR holds server-cert.pem and server-key.pem (PEM), and
+ *     ca-cert.pem, the CA that client certificates must chain to, as QEMU's
+ *     tls-creds-x509 lays a directory out.  With VERIFY_PEER a client must
+ *     present a certificate that verifies against ca-cert.pem (which is then
+ *     required); without it any client that completes the handshake is in,
+ *     and only the server is authenticated.
+ *   - PSK: PSK_FILE holds "identity:hexkey" lines, as psktool(1) writes
+ *     them; a client is in when it proves one of the keys.
+ * Both may be given: a client authenticates with either.  The files are
+ * read here (a missing or unreadable file is -ENOENT/-EACCES, an invalid
+ * one -EINVAL), so a later change to them takes effect only through new
+ * credentials.  ret_* is the caller's reference.
+ */
+typedef struct dc_nbd_tls dc_nbd_tls;
+struct dc_nbd_tls_options {
+        const char *x509_dir;       /* or NULL */
+        bool verify_peer;           /* X.509: require and verify a client certificate */
+        const char *psk_file;       /* or NULL */
+};
+int dc_nbd_tls_new(const struct dc_nbd_tls_options *opts, dc_nbd_tls **ret);
+dc_nbd_tls *dc_nbd_tls_ref(dc_nbd_tls *t);
+/* Accepts NULL; returns NULL. */
+dc_nbd_tls *dc_nbd_tls_unref(dc_nbd_tls *t);
+/*
+ * As dc_nbd_export_listen, on a socket of any family (unix, TCP): with TLS
+ * non-NULL (the listener takes a reference) every connection accepted on
+ * it must upgrade with NBD_OPT_STARTTLS before anything else (the
+ * protocol's FORCEDTLS mode: every other option is answered with
+ * NBD_REP_ERR_TLS_REQD, NBD_OPT_EXPORT_NAME closes the connection); a
+ * client that fails the TLS handshake, or does not finish it within the
+ * handshake timeout (10 s from the accept, for the whole NBD handshake),
+ * is closed.  TLS is a listener's property, not the export's, so the same
+ * export can be served over TLS on TCP and in plaintext on a unix socket
+ * whose peers ALLOW checks by their credentials.  ALLOW gets uid
+ * (uid_t) -1 and pid 0 for a peer that has no SO_PEERCRED (TCP).
+ */
+int dc_nbd_export_listen_tls(dc_nbd_export *e, int listen_fd, dc_nbd_tls *tls,
+                             bool (*allow)(void *userdata, uid_t uid, pid_t pid), void *userdata);
 struct dc_nbd_export_stats {
         unsigned clients;
         uint64_t bytes_read, bytes_written, requests;

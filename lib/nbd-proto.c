@@ -26,8 +26,19 @@
  *   qemu:allocation-depth (id 2).  LIST takes "base:" and "qemu:" as
  *   wildcards and no query as "everything"; SET selects exact names only,
  *   needs structured replies, and replaces the selection even when it
- *   fails.  STARTTLS and EXTENDED_HEADERS are unknown options to us
- *   (ERR_UNSUP), which every client takes as "go on without".
+ *   fails.  EXTENDED_HEADERS is an unknown option to us (ERR_UNSUP), which
+ *   every client takes as "go on without".
+ * - TLS ("TLS support"): a server either does not offer it (io->starttls
+ *   is NULL: STARTTLS is unknown, ERR_UNSUP, "NOTLS") or requires it
+ *   ("FORCEDTLS"): until STARTTLS succeeded, every option but STARTTLS and
+ *   ABORT is answered with ERR_TLS_REQD, which tells the client nothing
+ *   about the export, and EXPORT_NAME, which has no error reply, closes
+ *   the connection.  STARTTLS is ACKed, then the TLS handshake runs over
+ *   the same stream (nbd-server.c); nothing the client asked for before it
+ *   carries over (structured replies, meta contexts), as the spec says.
+ *   A second STARTTLS is ERR_INVALID.  Our reads never run ahead of the
+ *   option being answered, so the TLS handshake starts exactly at the
+ *   first byte after STARTTLS.
  * - Requests ("Request message"): only WRITE carries a payload with compact
  *   headers (we never agree to extended ones), so an unknown command can be
  *   answered with EINVAL and the stream stays in step.  A WRITE longer than
@@ -286,6 +297,14 @@ int nbd_handshake(const struct nbd_io *io, const struct nbd_export_info *x, stru
                 if (len && (r = io->read(io->userdata, data, len)) < 0)
                         return r;
                 s.options++;
+                if (io->starttls && !s.tls && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+                        if (opt == NBD_OPT_EXPORT_NAME)
+                                return -EPROTO;
+                        r = send_err(io, opt, NBD_REP_ERR_TLS_REQD, "TLS is required: NBD_OPT_STARTTLS first");
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
                 switch (opt) {
                 case NBD_OPT_EXPORT_NAME:
                         r = opt_export_name(io, x, &s, data, len);
@@ -314,6 +333,22 @@ int nbd_handshake(const struct nbd_io *io, const struct nbd_export_info *x, stru
                         if (r > 0) {
                                 *ret = s;
                                 return 0;
+                        }
+                        break;
+                case NBD_OPT_STARTTLS:
+                        if (!io->starttls)
+                                r = send_err(io, opt, NBD_REP_ERR_UNSUP, "TLS is not offered here");
+                        else if (len)
+                                r = send_err(io, opt, NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+                        else if (s.tls)
+                                r = send_err(io, opt, NBD_REP_ERR_INVALID, "TLS is on already");
+                        else {
+                                if ((r = send_rep(io, opt, NBD_REP_ACK, NULL, 0)) < 0 ||
+                                    (r = io->starttls(io->userdata)) < 0)
+                                        return r;
+                                /* a fresh negotiation: only the greeting's flags stay */
+                                s = (struct nbd_session){ .no_zeroes = s.no_zeroes, .options = s.options,
+                                                          .tls = true };
                         }
                         break;
                 case NBD_OPT_LIST_META_CONTEXT:

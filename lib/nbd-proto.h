@@ -53,6 +53,7 @@ enum {
 #define NBD_REP_ERR_UNSUP NBD_REP_ERR(1)
 #define NBD_REP_ERR_POLICY NBD_REP_ERR(2)
 #define NBD_REP_ERR_INVALID NBD_REP_ERR(3)
+#define NBD_REP_ERR_TLS_REQD NBD_REP_ERR(5)
 #define NBD_REP_ERR_UNKNOWN NBD_REP_ERR(6)
 #define NBD_REP_ERR_SHUTDOWN NBD_REP_ERR(7)
 #define NBD_REP_ERR_TOO_BIG NBD_REP_ERR(9)
@@ -137,6 +138,14 @@ struct nbd_io {
         int (*read)(void *userdata, void *buf, size_t len);
         int (*write)(void *userdata, const void *buf, size_t len);
         void *userdata;
+        /*
+         * NULL: TLS is not offered, and NBD_OPT_STARTTLS is an unknown option
+         * ("NOTLS").  Otherwise TLS is required ("FORCEDTLS"): called once the
+         * STARTTLS ACK is out, it runs the TLS handshake and returns 0 when
+         * read and write go over the TLS session from then on, else -errno
+         * (the connection is to be closed).
+         */
+        int (*starttls)(void *userdata);
 };
 
 /* What the handshake offers. */
@@ -154,6 +163,7 @@ struct nbd_session {
         bool no_zeroes;
         bool meta_base;      /* base:allocation selected (and bound to our export) */
         bool meta_depth;     /* qemu:allocation-depth selected */
+        bool tls;            /* STARTTLS succeeded: everything after it went over TLS */
         uint16_t tflags;     /* the transmission flags sent */
         unsigned options;    /* options the client sent */
 };
@@ -167,8 +177,8 @@ uint16_t nbd_transmission_flags(const struct nbd_export_info *x, bool structured
  * transmission starts (GO or EXPORT_NAME), -ECONNABORTED when the client
  * ended it (ABORT, or a close between options), -EPROTO on a protocol
  * violation or an unknown export named by EXPORT_NAME (the connection is
- * to be closed), -E2BIG for option data beyond NBD_MAX_OPTION, or the
- * io's error.
+ * to be closed, and also EXPORT_NAME before a required STARTTLS), -E2BIG
+ * for option data beyond NBD_MAX_OPTION, or the io's (or starttls's) error.
  */
 int nbd_handshake(const struct nbd_io *io, const struct nbd_export_info *x, struct nbd_session *ret);
 

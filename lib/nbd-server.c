@@ -21,8 +21,15 @@
  *   else: every connection has its own workers.
  * - Timeouts.  The handshake must be over within NBD_HANDSHAKE_TIMEOUT
  *   (10 s) from the accept, reads and writes alike (poll against one
- *   deadline, so a client trickling a byte at a time does not extend it).
- *   Transmission has no timeout: an idle client is a normal client.
+ *   deadline, so a client trickling a byte at a time does not extend it),
+ *   the TLS handshake after STARTTLS included.  Transmission has no
+ *   timeout: an idle client is a normal client.
+ * - Transport (nbd-transport.c).  Every byte goes through the connection's
+ *   nbd_transport: the socket, or the TLS session over it once STARTTLS
+ *   succeeded.  A listener made with TLS credentials requires TLS of every
+ *   connection it accepts (nbd-proto.c, "FORCEDTLS"); other listeners and
+ *   dc_nbd_export_serve() do not offer it.  At the end of a connection that
+ *   went well, a TLS peer gets a close_notify before the socket is shut.
  * - Stop (dc_nbd_export_free).  Listeners are woken through a pipe and
  *   joined.  Every connection's socket is shut down for reading, which ends
  *   its reader at the next request (and any handshake at once); requests
@@ -58,8 +65,12 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
 #include "dc-internal.h"
 #include "nbd-proto.h"
+#include "nbd-transport.h"
 
 #define NBD_WORKERS 4u
 #define NBD_MAX_IN_FLIGHT 16u
@@ -82,6 +93,7 @@ struct request {
 struct conn {
         dc_nbd_export *e;
         int fd;
+        struct nbd_transport t;     /* over fd: reads on the reader, writes under send_lock */
         pthread_t reader;
         pthread_t workers[NBD_WORKERS];
         unsigned nworkers;
@@ -107,6 +119,8 @@ struct conn {
 struct listener {
         dc_nbd_export *e;
         int fd;
+        bool peercred;              /* a unix socket: ALLOW gets the peer's SO_PEERCRED */
+        dc_nbd_tls *tls;            /* required of every connection (a reference), or NULL */
         pthread_t thread;
         bool (*allow)(void *userdata, uid_t uid, pid_t pid);
         void *userdata;
@@ -135,12 +149,6 @@ struct dc_nbd_export {
         int64_t last_changed;
 };
 
-static int64_t now_ns(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void notify(dc_nbd_export *e) {
         if (e->changed)
                 e->changed(e->userdata);
@@ -148,7 +156,7 @@ static void notify(dc_nbd_export *e) {
 
 /* At most every NBD_CHANGED_INTERVAL_NS while requests are served. */
 static void notify_throttled(dc_nbd_export *e) {
-        int64_t now = now_ns(), last = __atomic_load_n(&e->last_changed, __ATOMIC_RELAXED);
+        int64_t now = nbd_now_ns(), last = __atomic_load_n(&e->last_changed, __ATOMIC_RELAXED);
 
         if (now - last < NBD_CHANGED_INTERVAL_NS)
                 return;
@@ -156,94 +164,27 @@ static void notify_throttled(dc_nbd_export *e) {
                 notify(e);
 }
 
-/* --- socket I/O ----------------------------------------------------------------- */
+/* --- the handshake's byte stream ------------------------------------------------------ */
 
-struct sockio {
-        int fd;
-        int64_t deadline; /* CLOCK_MONOTONIC ns, or 0: block as long as it takes */
-};
-
-static int sock_wait(struct sockio *io, short events) {
-        struct pollfd p = { .fd = io->fd, .events = events };
-        int64_t left;
-        int n;
-
-        if (!io->deadline)
-                return 0;
-        for (;;) {
-                left = io->deadline - now_ns();
-                if (left <= 0)
-                        return -ETIMEDOUT;
-                n = poll(&p, 1, (int) MIN(left / 1000000 + 1, 60000));
-                if (n > 0)
-                        return 0;
-                if (n < 0 && errno != EINTR)
-                        return -errno;
-        }
+static int conn_read(void *userdata, void *buf, size_t len) {
+        return nbd_transport_read(userdata, buf, len);
 }
 
-static int sock_read(void *userdata, void *buf, size_t len) {
-        struct sockio *io = userdata;
-        uint8_t *p = buf;
-
-        while (len > 0) {
-                ssize_t n;
-                int r = sock_wait(io, POLLIN);
-                if (r < 0)
-                        return r;
-                n = recv(io->fd, p, len, io->deadline ? MSG_DONTWAIT : 0);
-                if (n == 0)
-                        return -ECONNRESET;
-                if (n < 0) {
-                        if (errno == EINTR || errno == EAGAIN)
-                                continue;
-                        return -errno;
-                }
-                p += n;
-                len -= (size_t) n;
-        }
-        return 0;
-}
-
-static int sock_writev(struct sockio *io, struct iovec *iov, int n) {
-        while (n > 0) {
-                struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t) MIN(n, 1024) };
-                ssize_t k;
-                int r = sock_wait(io, POLLOUT);
-                if (r < 0)
-                        return r;
-                k = sendmsg(io->fd, &m, MSG_NOSIGNAL | (io->deadline ? MSG_DONTWAIT : 0));
-                if (k < 0) {
-                        if (errno == EINTR || errno == EAGAIN)
-                                continue;
-                        return -errno;
-                }
-                while (n > 0 && (size_t) k >= iov->iov_len) {
-                        k -= (ssize_t) iov->iov_len;
-                        iov++;
-                        n--;
-                }
-                if (n > 0) {
-                        iov->iov_base = (uint8_t *) iov->iov_base + k;
-                        iov->iov_len -= (size_t) k;
-                }
-        }
-        return 0;
-}
-
-static int sock_write(void *userdata, const void *buf, size_t len) {
+static int conn_write(void *userdata, const void *buf, size_t len) {
         struct iovec iov = { (void *) buf, len };
-        return sock_writev(userdata, &iov, 1);
+        return nbd_transport_writev(userdata, &iov, 1);
+}
+
+static int conn_starttls(void *userdata) {
+        return nbd_transport_starttls(userdata);
 }
 
 /* --- replies ---------------------------------------------------------------------- */
 
 /* Send one whole reply; a failure kills the connection (the reader wakes up from the shutdown). */
 static void send_reply(struct conn *c, struct iovec *iov, int n) {
-        struct sockio io = { .fd = c->fd };
-
         pthread_mutex_lock(&c->send_lock);
-        if (!c->dead && sock_writev(&io, iov, n) < 0) {
+        if (!c->dead && nbd_transport_writev(&c->t, iov, n) < 0) {
                 c->dead = true;
                 shutdown(c->fd, SHUT_RDWR);
         }
@@ -551,8 +492,6 @@ static void enqueue(struct conn *c, struct request *q) {
 
 /* Read and queue requests until DISC, EOF, a protocol violation or the stop. */
 static void transmission(struct conn *c) {
-        struct sockio io = { .fd = c->fd };
-
         for (;;) {
                 uint8_t h[NBD_REQUEST_SIZE];
                 struct request *q;
@@ -560,7 +499,7 @@ static void transmission(struct conn *c) {
                 uint32_t payload;
                 int check;
 
-                if (sock_read(&io, h, sizeof h) < 0 || nbd_request_decode(h, &r) < 0)
+                if (nbd_transport_read(&c->t, h, sizeof h) < 0 || nbd_request_decode(h, &r) < 0)
                         return;
                 check = nbd_request_check(&c->s, &c->x, &r);
                 if (check < 0)
@@ -580,7 +519,7 @@ static void transmission(struct conn *c) {
                 }
                 if (payload) {
                         q->payload = malloc(payload);
-                        if (!q->payload || sock_read(&io, q->payload, payload) < 0) {
+                        if (!q->payload || nbd_transport_read(&c->t, q->payload, payload) < 0) {
                                 /* the client left in the middle of its payload: nothing to answer */
                                 pthread_mutex_lock(&c->lock);
                                 c->in_flight--;
@@ -598,8 +537,7 @@ static void transmission(struct conn *c) {
 static void *conn_main(void *userdata) {
         struct conn *c = userdata;
         dc_nbd_export *e = c->e;
-        struct sockio hio = { .fd = c->fd, .deadline = now_ns() + NBD_HANDSHAKE_TIMEOUT_NS };
-        struct nbd_io io = { sock_read, sock_write, &hio };
+        struct nbd_io io = { conn_read, conn_write, &c->t, c->t.creds ? conn_starttls : NULL };
         int r;
 
         /* counted by dc_nbd_export_serve already: a caller's look right after it sees the client */
@@ -609,7 +547,9 @@ static void *conn_main(void *userdata) {
         c->x.stopping = e->stopping;
         pthread_mutex_unlock(&e->lock);
         c->x.size = dc_disk_size(e->disk);
+        c->t.deadline = nbd_now_ns() + NBD_HANDSHAKE_TIMEOUT_NS;
         r = nbd_handshake(&io, &c->x, &c->s);
+        c->t.deadline = 0; /* before any worker sends */
         if (r >= 0) {
                 for (unsigned i = 0; i < NBD_WORKERS; i++) {
                         if (pthread_create(&c->workers[i], NULL, worker_main, c) != 0)
@@ -625,6 +565,8 @@ static void *conn_main(void *userdata) {
                 pthread_mutex_unlock(&c->lock);
                 for (unsigned i = 0; i < c->nworkers; i++)
                         pthread_join(c->workers[i], NULL);
+                if (!c->dead)
+                        nbd_transport_bye(&c->t);
         }
         shutdown(c->fd, SHUT_RDWR);
 
@@ -645,6 +587,7 @@ static void conn_free(struct conn *c) {
                 free(q->payload);
                 free(q);
         }
+        nbd_transport_done(&c->t);
         if (c->fd >= 0)
                 close(c->fd);
         pthread_mutex_destroy(&c->lock);
@@ -665,7 +608,8 @@ static void reap_locked(dc_nbd_export *e) {
         }
 }
 
-DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
+/* Serve FD (owned), requiring TLS with TLS when it is not NULL. */
+static int serve_conn(dc_nbd_export *e, int fd, dc_nbd_tls *tls) {
         struct conn *c;
         int r;
 
@@ -686,6 +630,7 @@ DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
         }
         c->e = e;
         c->fd = fd;
+        nbd_transport_init(&c->t, fd, tls);
         c->x = (struct nbd_export_info){ .name = e->name, .description = e->description, .writable = e->writable };
         pthread_mutex_init(&c->lock, NULL);
         pthread_cond_init(&c->cond, NULL);
@@ -694,6 +639,7 @@ DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
         r = pthread_create(&c->reader, NULL, conn_main, c);
         if (r != 0) {
                 __atomic_sub_fetch(&e->clients, 1, __ATOMIC_RELAXED);
+                nbd_transport_done(&c->t);
                 pthread_mutex_destroy(&c->lock);
                 pthread_cond_destroy(&c->cond);
                 pthread_mutex_destroy(&c->send_lock);
@@ -711,6 +657,10 @@ fail:
         pthread_mutex_unlock(&e->lock);
         close(fd);
         return r;
+}
+
+DC_EXPORT int dc_nbd_export_serve(dc_nbd_export *e, int fd) {
+        return serve_conn(e, fd, NULL);
 }
 
 /* --- listening ---------------------------------------------------------------------- */
@@ -739,7 +689,7 @@ static void *listener_main(void *userdata) {
                         }
                         continue;
                 }
-                if (l->allow) {
+                if (l->allow && l->peercred) {
                         struct ucred cred;
                         socklen_t len = sizeof cred;
                         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 ||
@@ -747,16 +697,37 @@ static void *listener_main(void *userdata) {
                                 close(fd);
                                 continue;
                         }
+                } else if (l->allow && !l->allow(l->userdata, (uid_t) -1, 0)) {
+                        close(fd);
+                        continue;
                 }
-                (void) dc_nbd_export_serve(e, fd);
+                if (!l->peercred) {
+                        /* TCP: a reply's pieces go out as they come, not after a delayed ACK */
+                        int one = 1;
+                        (void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                }
+                (void) serve_conn(e, fd, l->tls);
         }
         return NULL;
 }
 
 DC_EXPORT int dc_nbd_export_listen(dc_nbd_export *e, int listen_fd,
                                    bool (*allow)(void *userdata, uid_t uid, pid_t pid), void *userdata) {
+        return dc_nbd_export_listen_tls(e, listen_fd, NULL, allow, userdata);
+}
+
+DC_EXPORT int dc_nbd_export_listen_tls(dc_nbd_export *e, int listen_fd, dc_nbd_tls *tls,
+                                       bool (*allow)(void *userdata, uid_t uid, pid_t pid), void *userdata) {
+        struct sockaddr_storage sa;
+        socklen_t salen = sizeof sa;
         struct listener *l;
         int r, flags;
+
+        if (getsockname(listen_fd, (struct sockaddr *) &sa, &salen) < 0) {
+                r = dc_error(errno, "the listening socket: %s", strerror(errno));
+                close(listen_fd);
+                return r;
+        }
 
         flags = fcntl(listen_fd, F_GETFL);
         /* a connection that goes away between poll and accept must not block the listener */
@@ -777,11 +748,13 @@ DC_EXPORT int dc_nbd_export_listen(dc_nbd_export *e, int listen_fd,
                 close(listen_fd);
                 return dc_error(ENOMEM, "out of memory");
         }
-        *l = (struct listener){ .e = e, .fd = listen_fd, .allow = allow, .userdata = userdata };
+        *l = (struct listener){ .e = e, .fd = listen_fd, .peercred = sa.ss_family == AF_UNIX,
+                                .tls = dc_nbd_tls_ref(tls), .allow = allow, .userdata = userdata };
         r = pthread_create(&l->thread, NULL, listener_main, l);
         if (r != 0) {
                 pthread_mutex_unlock(&e->lock);
                 close(listen_fd);
+                dc_nbd_tls_unref(l->tls);
                 free(l);
                 return dc_error(r, "cannot start the NBD listener thread");
         }
@@ -873,6 +846,7 @@ DC_EXPORT dc_nbd_export *dc_nbd_export_free(dc_nbd_export *e) {
                 struct listener *next = l->next;
                 pthread_join(l->thread, NULL);
                 close(l->fd);
+                dc_nbd_tls_unref(l->tls);
                 free(l);
                 l = next;
         }

@@ -53,7 +53,8 @@ static void s_u64(struct stream *s, uint64_t v) {
         s->n += 8;
 }
 static void s_bytes(struct stream *s, const char *p, size_t len) {
-        memcpy(s->b + s->n, p, len);
+        if (len) /* an option without data passes NULL, which memcpy may not be given */
+                memcpy(s->b + s->n, p, len);
         s->n += len;
 }
 static void s_opt(struct stream *s, uint32_t opt, const void *data, uint32_t len) {
@@ -65,8 +66,27 @@ static void s_opt(struct stream *s, uint32_t opt, const void *data, uint32_t len
 
 static const struct nbd_export_info export = { .name = "disk", .description = "d", .size = 1 << 20, .writable = true };
 
+static unsigned tls_started;
+static int tls_result;
+
+/* The TLS handshake, as the server would run it after the ACK: here the stream just goes on. */
+static int fake_starttls(void *u) {
+        tls_started++;
+        return tls_result;
+}
+
+static int play_tls(const struct stream *s, const struct nbd_export_info *x, struct mem *m, struct nbd_session *ret,
+                    bool tls) {
+        struct nbd_io io = { mem_read, mem_write, m, tls ? fake_starttls : NULL };
+        tls_started = 0;
+        memset(m, 0, sizeof *m);
+        m->in = s->b;
+        m->in_len = s->n;
+        return nbd_handshake(&io, x, ret);
+}
+
 static int play(const struct stream *s, const struct nbd_export_info *x, struct mem *m, struct nbd_session *ret) {
-        struct nbd_io io = { mem_read, mem_write, m };
+        struct nbd_io io = { mem_read, mem_write, m, NULL };
         memset(m, 0, sizeof *m);
         m->in = s->b;
         m->in_len = s->n;
@@ -194,6 +214,76 @@ static void test_bad_options(void) {
         CHECK(next_reply(&m, NBD_OPT_ABORT, &len) == NBD_REP_ACK);
 }
 
+/* "TLS support": NOTLS without a starttls callback, FORCEDTLS with one. */
+static void test_starttls(void) {
+        struct nbd_session ses;
+        struct mem m;
+        struct stream s = { .n = 0 };
+        uint8_t go6[10] = { 0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 0 };
+        uint32_t len;
+
+        /* not offered: STARTTLS is an unknown option, and the rest goes on in plaintext */
+        s_u32(&s, 1);
+        s_opt(&s, NBD_OPT_STARTTLS, NULL, 0);
+        s_opt(&s, NBD_OPT_GO, go6, 10);
+        CHECK(play_tls(&s, &export, &m, &ses, false) == 0);
+        CHECK(tls_started == 0 && !ses.tls);
+        m.out_pos = 18;
+        CHECK(next_reply(&m, NBD_OPT_STARTTLS, &len) == (int64_t) NBD_REP_ERR_UNSUP);
+
+        /* required: everything but STARTTLS and ABORT gets TLS_REQD, the export is not told of */
+        s.n = 0;
+        s_u32(&s, 1);
+        s_opt(&s, NBD_OPT_LIST, NULL, 0);
+        s_opt(&s, NBD_OPT_STRUCTURED_REPLY, NULL, 0);
+        s_opt(&s, NBD_OPT_GO, go6, 10);
+        s_opt(&s, 1234, "x", 1);
+        s_opt(&s, NBD_OPT_STARTTLS, "x", 1);
+        s_opt(&s, NBD_OPT_STARTTLS, NULL, 0);
+        s_opt(&s, NBD_OPT_STARTTLS, NULL, 0);
+        s_opt(&s, NBD_OPT_GO, go6, 10);
+        tls_result = 0;
+        CHECK(play_tls(&s, &export, &m, &ses, true) == 0);
+        CHECK(tls_started == 1 && ses.tls);
+        /* what was asked before TLS does not carry over: no structured replies */
+        CHECK(!ses.structured && m.in_pos == s.n);
+        m.out_pos = 18;
+        CHECK(next_reply(&m, NBD_OPT_LIST, &len) == (int64_t) NBD_REP_ERR_TLS_REQD);
+        CHECK(next_reply(&m, NBD_OPT_STRUCTURED_REPLY, &len) == (int64_t) NBD_REP_ERR_TLS_REQD);
+        CHECK(next_reply(&m, NBD_OPT_GO, &len) == (int64_t) NBD_REP_ERR_TLS_REQD);
+        CHECK(next_reply(&m, 1234, &len) == (int64_t) NBD_REP_ERR_TLS_REQD);
+        CHECK(next_reply(&m, NBD_OPT_STARTTLS, &len) == (int64_t) NBD_REP_ERR_INVALID);
+        CHECK(next_reply(&m, NBD_OPT_STARTTLS, &len) == NBD_REP_ACK && len == 0);
+        CHECK(next_reply(&m, NBD_OPT_STARTTLS, &len) == (int64_t) NBD_REP_ERR_INVALID); /* on already */
+        CHECK(next_reply(&m, NBD_OPT_GO, &len) == NBD_REP_INFO);
+
+        /* EXPORT_NAME before TLS cannot be refused with an error: the connection closes */
+        s.n = 0;
+        s_u32(&s, 1);
+        s_opt(&s, NBD_OPT_EXPORT_NAME, "disk", 4);
+        CHECK(play_tls(&s, &export, &m, &ses, true) == -EPROTO);
+        CHECK(m.out_len == 18);
+
+        /* ABORT is answered before TLS */
+        s.n = 0;
+        s_u32(&s, 1);
+        s_opt(&s, NBD_OPT_ABORT, NULL, 0);
+        CHECK(play_tls(&s, &export, &m, &ses, true) == -ECONNABORTED);
+        m.out_pos = 18;
+        CHECK(next_reply(&m, NBD_OPT_ABORT, &len) == NBD_REP_ACK);
+
+        /* a failed TLS handshake ends it, after the ACK */
+        s.n = 0;
+        s_u32(&s, 1);
+        s_opt(&s, NBD_OPT_STARTTLS, NULL, 0);
+        s_opt(&s, NBD_OPT_GO, go6, 10);
+        tls_result = -EACCES;
+        CHECK(play_tls(&s, &export, &m, &ses, true) == -EACCES);
+        tls_result = 0;
+        m.out_pos = 18;
+        CHECK(next_reply(&m, NBD_OPT_STARTTLS, &len) == NBD_REP_ACK && m.out_pos == m.out_len);
+}
+
 static void test_request_checks(void) {
         struct nbd_session st = { .structured = true, .meta_depth = true }, plain = { 0 };
         struct nbd_export_info ro = export;
@@ -283,6 +373,7 @@ int main(void) {
         test_greeting_and_client_flags();
         test_go_structured_meta();
         test_bad_options();
+        test_starttls();
         test_request_checks();
         test_block_status();
         test_errno();

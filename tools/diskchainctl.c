@@ -905,9 +905,10 @@ static int cmd_export(int argc, char **argv) {
         static const struct option options[] = {
                 { "writable", no_argument, NULL, 'w' },       { "name", required_argument, NULL, 'n' },
                 { "socket", required_argument, NULL, 's' },   { "persistent", no_argument, NULL, 'p' },
-                { "max-connections", required_argument, NULL, 'm' }, {},
+                { "max-connections", required_argument, NULL, 'm' }, { "tcp", required_argument, NULL, 't' },
+                {},
         };
-        const char *name = NULL, *sock = NULL;
+        const char *name = NULL, *sock = NULL, *tcp = NULL;
         bool writable = false, persistent = false;
         uint32_t maxc = 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -918,7 +919,7 @@ static int cmd_export(int argc, char **argv) {
 
         if (argc < 2 || argv[1][0] == '-')
                 return fprintf(stderr, "diskchainctl: export CHAIN [--writable] [--name N] [--socket PATH] "
-                                       "[--persistent] [--max-connections N]\n"), 2;
+                                       "[--tcp ADDRESS:PORT] [--persistent] [--max-connections N]\n"), 2;
         while ((c = getopt_long(argc - 1, argv + 1, "", options, NULL)) >= 0)
                 switch (c) {
                 case 'w':
@@ -932,6 +933,9 @@ static int cmd_export(int argc, char **argv) {
                         break;
                 case 's':
                         sock = optarg;
+                        break;
+                case 't':
+                        tcp = optarg;
                         break;
                 case 'm':
                         maxc = (uint32_t) strtoul(optarg, NULL, 10);
@@ -953,6 +957,8 @@ static int cmd_export(int argc, char **argv) {
                 r = sd_bus_message_append(m, "{sv}", "name", "s", name);
         if (r >= 0 && sock)
                 r = sd_bus_message_append(m, "{sv}", "socket", "s", sock);
+        if (r >= 0 && tcp)
+                r = sd_bus_message_append(m, "{sv}", "tcp", "s", tcp);
         if (r >= 0 && maxc)
                 r = sd_bus_message_append(m, "{sv}", "max-connections", "u", maxc);
         if (r >= 0)

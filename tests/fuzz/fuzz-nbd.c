@@ -7,7 +7,9 @@
  * does (payloads consumed, a close where the server closes), and block
  * status requests are answered from a fake chain, with the invariants of
  * the reply checked (abort() when broken): extents non-empty, within the
- * request, at most the cap.  Built as a fuzzer with -Dfuzzing=true, and
+ * request, at most the cap.  The first byte also chooses whether TLS is
+ * required; then STARTTLS "succeeds" in memory and transmission must not
+ * be reached without it.  Built as a fuzzer with -Dfuzzing=true, and
  * always as fuzz-nbd-replay, which runs the corpus (tests/fuzz/corpus-nbd)
  * as an ordinary test.  The corpus was seeded with the streams qemu-img,
  * qemu-io, nbdinfo, nbdcopy and libnbd send.
@@ -27,6 +29,7 @@ struct mem {
         const uint8_t *in;
         size_t len, pos;
         size_t written;
+        unsigned tls_started;
 };
 
 static int mem_read(void *u, void *buf, size_t len) {
@@ -78,10 +81,17 @@ static void check_status_payload(const uint8_t *p, size_t len, uint32_t want_len
                 abort();
 }
 
+/* TLS "started": the stream goes on in memory, as if decrypted. */
+static int fake_starttls(void *u) {
+        struct mem *m = u;
+        m->tls_started++;
+        return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct nbd_export_info x = { .name = "disk", .description = "fuzz", .size = UINT64_C(1) << 30 };
         struct mem m = { 0 };
-        struct nbd_io io = { mem_read, mem_write, &m };
+        struct nbd_io io = { mem_read, mem_write, &m, NULL };
         struct nbd_session s;
         static uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS];
 
@@ -92,11 +102,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (data[0] & 2)
                 x.size += 333;
         x.stopping = data[0] & 4;
+        /* and whether TLS is required (FORCEDTLS) */
+        if (data[0] & 8)
+                io.starttls = fake_starttls;
         m.in = data + 1;
         m.len = size - 1;
         if (nbd_handshake(&io, &x, &s) < 0)
                 return 0;
         if (s.tflags != nbd_transmission_flags(&x, s.structured))
+                abort();
+        /* transmission only after exactly one STARTTLS when it is required, and none when it is not */
+        if (m.tls_started != (io.starttls ? 1u : 0u) || s.tls != !!io.starttls)
                 abort();
         for (;;) {
                 uint8_t h[NBD_REQUEST_SIZE];

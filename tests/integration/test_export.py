@@ -9,16 +9,19 @@ so at the end the disk must read exactly as the shadow, whatever the jobs
 did meanwhile (pivots, copy-before-write, streams)."""
 import os
 import random
+import re
 import socket
 import stat
+import struct
 import subprocess
+import sys
 import threading
 import time
 
 import nbd
 import pytest
 
-from bustest import TEST_USER, kill_daemon, qemu_img, qemu_io, set_group_member, sh
+from bustest import TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io, set_group_member, sh
 from test_bus import M, create, data, image, make_seed_chain, prop, wait_gone, wait_status
 
 SIZE = 8 << 20  # the seed chain's size
@@ -217,7 +220,7 @@ def test_export_refusals(bus):
     p = export(bus, chain, ("socket", "s", os.path.join(bus.dir, "open", "s")), check=False)
     assert p.returncode != 0 and "writable by nobody else" in p.stderr, p.stderr
     p = export(bus, chain, ("tcp", "s", "0.0.0.0:10809"), check=False)
-    assert p.returncode != 0 and "TCP are not available" in p.stderr, p.stderr
+    assert p.returncode != 0 and "exports over TCP are off" in p.stderr and "TCPListen=" in p.stderr, p.stderr
     p = export(bus, chain, ("max-connections", "u", "0"), check=False)
     assert p.returncode != 0 and "max-connections" in p.stderr, p.stderr
     p = export(bus, chain, ("bogus", "b", "true"), check=False)
@@ -814,3 +817,175 @@ def test_storage_migration_to_a_diskchain_export(bus):
     bus.call(dest, "Export", "Stop")
     assert file_content(os.path.join(bus.root, "dest.qcow2")) == expect
     check_clean(bus)
+
+
+# --- exports over TCP ([NBD] TCPListen=, TLS) -------------------------------------------
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+from tlsfiles import have_tools, make_pki, make_psk  # noqa: E402
+
+needs_tls_tools = pytest.mark.skipif(not have_tools, reason="certtool/psktool (gnutls-bin) are not installed")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    if not have_tools:
+        pytest.skip("certtool/psktool (gnutls-bin) are not installed")
+    base = tmp_path_factory.mktemp("pki")
+    d = make_pki(base)
+    d.psk = make_psk(base / "psk", "alice")
+    d.badpsk = make_psk(base / "badpsk", "alice")
+    return d
+
+
+@pytest.fixture
+def conf_bus(request):
+    """A private bus whose daemon reads the diskchain.conf given."""
+    made = []
+
+    def start(config):
+        b = Bus(config=config)
+        made.append(b)
+        return b
+    yield start
+    for b in made:
+        finish(request, b)
+
+
+def tcp_of(uri):
+    """(scheme, host, port, name) of an nbd:// or nbds:// URI."""
+    scheme, rest = uri.split("://", 1)
+    hostport, name = rest.split("/", 1)
+    host, port = hostport.rsplit(":", 1)
+    return scheme, host.strip("[]"), int(port), name
+
+
+def qemu_over_tls(uri, creds_object):
+    _, host, port, name = tcp_of(uri)
+    return ["--object", creds_object, "--image-opts",
+            f"driver=raw,file.driver=nbd,file.host={host},file.port={port},file.export={name},file.tls-creds=tls0"]
+
+
+@needs_tls_tools
+def test_tcp_export_with_x509(conf_bus, pki):
+    bus = conf_bus(f"[NBD]\nTCPListen=127.0.0.1 [::1]:10809\nTLSCredentials={pki.server}\n")
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "net"), ("tcp", "s", "127.0.0.1:0"))
+    uri = uri_of(bus, exp)
+    scheme, host, port, name = tcp_of(uri)
+    assert (scheme, host, name) == ("nbds", "127.0.0.1", "net") and port > 0, uri
+    # 'tcp' alone: no unix socket
+    assert not os.path.exists(os.path.join(bus.dir, "run", "nbd", "net"))
+    # the client the CA signed reads the chain: qemu-img and nbdinfo
+    creds = f"tls-creds-x509,id=tls0,dir={pki.client},endpoint=client"
+    p = qemu_img("compare", *qemu_over_tls(uri, creds), f"driver=raw,file.filename={bus.dir}/D.ref", check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = sh("nbdinfo", "--json", f"{uri}?tls-certificates={pki.client}").stdout
+    assert f'"export-size": {SIZE}' in info and '"TLS": true' in info, info
+    # plaintext clients and untrusted certificates get nothing
+    p = sh("nbdinfo", uri.replace("nbds://", "nbd://"), check=False)
+    assert p.returncode != 0
+    p = sh("qemu-img", "info", "-f", "raw", uri.replace("nbds://", "nbd://"), check=False)
+    assert p.returncode != 0 and "TLS" in p.stderr, p.stderr
+    assert sh("nbdinfo", f"{uri}?tls-certificates={pki.rogue}", check=False).returncode != 0
+    # garbage after STARTTLS closes that connection, and nothing else
+    sk = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert len(sk.recv(18, socket.MSG_WAITALL)) == 18
+    sk.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
+    assert struct.unpack(">QIII", sk.recv(20, socket.MSG_WAITALL))[2] == 1   # ACK
+    # (not random bytes alone: they may read as a record header announcing more to come,
+    # which only the 10 s handshake timeout ends)
+    sk.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(2048))
+    sk.settimeout(5)
+    try:
+        while sk.recv(4096):   # an alert, then EOF
+            pass
+    except ConnectionResetError:
+        pass
+    sk.close()
+    assert "export-size" in sh("nbdinfo", f"{uri}?tls-certificates={pki.client}").stdout
+    # an address the configuration allows with another port is not allowed
+    p = export(bus, chain, ("name", "s", "v6"), ("tcp", "s", "[::1]:10810"), check=False)
+    assert p.returncode != 0 and "TCPListen=" in p.stderr, p.stderr
+    bus.call(exp, "Export", "Stop")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+@needs_tls_tools
+def test_tcp_export_with_psk_persistent(conf_bus, pki):
+    """PSK; a persistent TCP export comes back on the port it was given."""
+    bus = conf_bus(f"[NBD]\nTCPListen=127.0.0.1\nTLSPSKFile={pki.psk}\n")
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "keep"), ("tcp", "s", "127.0.0.1:0"), ("persistent", "b", "true"),
+                 ("writable", "b", "true"))
+    uri = uri_of(bus, exp)
+    _, host, port, _ = tcp_of(uri)
+    psk_uri = uri.replace("nbds://", "nbds://alice@") + f"?tls-psk-file={pki.psk}"
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(psk_uri)
+    h.pwrite(b"\x77" * 65536, 1 << 20)
+    h.flush()
+    h.shutdown()
+    assert sh("nbdinfo", uri.replace("nbds://", "nbds://alice@") + f"?tls-psk-file={pki.badpsk}",
+              check=False).returncode != 0
+    p = qemu_img("info", *qemu_over_tls(uri, f"tls-creds-psk,id=tls0,dir={pki.psk.parent},username=alice,"
+                                             "endpoint=client"), check=False)
+    assert p.returncode == 0 and f"({SIZE} bytes)" in p.stdout, p.stdout + p.stderr
+    rec = open(os.path.join(bus.state, "exports", "keep")).read()
+    assert f"TCP=127.0.0.1:{port}" in rec, rec
+    pid = bus.daemon_pid()
+    os.kill(pid, 15)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon stopped")
+    bus.call(M, "Manager", "ListImages")
+    wait_for(lambda: exports(bus) == [exp], "the export is back")
+    assert uri_of(bus, exp) == uri
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(psk_uri)
+    assert h.pread(65536, 1 << 20) == b"\x77" * 65536
+    h.shutdown()
+    bus.call(exp, "Export", "Stop")
+
+
+def test_tcp_refused_without_credentials(conf_bus):
+    """Without credentials TLS cannot be had, so TCP is refused (see the next test for loopback);
+    and only what TCPListen= names is allowed."""
+    bus = conf_bus("[NBD]\nTCPListen=127.0.0.1:10809 192.0.2.7 0.0.0.0\n")
+    chain = make_seed_chain(bus)
+    for tcp, want in (("127.0.0.1:10809", "TCPPlaintextLoopback=yes"), ("192.0.2.7:10809", "needs TLS"),
+                      ("0.0.0.0:10809", "needs TLS"), ("127.0.0.1:10810", "TCPListen="),
+                      ("10.1.2.3:10809", "TCPListen="), ("localhost:10809", "ADDRESS:PORT"),
+                      ("[::1]", "ADDRESS:PORT"), ("127.0.0.1:99999", "ADDRESS:PORT")):
+        p = export(bus, chain, ("tcp", "s", tcp), check=False)
+        assert p.returncode != 0 and want in p.stderr, (tcp, p.stderr)
+    p = export(bus, chain, ("tcp", "s", "192.0.2.7:10809"), check=False)
+    assert "TLSCredentials=" in p.stderr and "Loopback" not in p.stderr, p.stderr
+    assert exports(bus) == []
+
+
+def test_tcp_plaintext_loopback_only_when_configured(conf_bus):
+    """TCPPlaintextLoopback=yes: loopback addresses go without TLS, others still need it."""
+    bus = conf_bus("[NBD]\nTCPListen=127.0.0.1 0.0.0.0\nTCPPlaintextLoopback=yes\n")
+    chain = make_seed_chain(bus)
+    # non-loopback still needs TLS
+    p = export(bus, chain, ("tcp", "s", "0.0.0.0:0"), check=False)
+    assert p.returncode != 0 and "needs TLS" in p.stderr, p.stderr
+    sock = os.path.join(bus.dir, "mine.sock")
+    exp = export(bus, chain, ("name", "s", "lo"), ("tcp", "s", "127.0.0.1:0"), ("socket", "s", sock))
+    # both listen; Uri names the unix socket
+    assert uri_of(bus, exp) == f"nbd+unix:///lo?socket={sock}"
+    log = bus.daemon_log()
+    port = int(re.search(r"TCP 127\.0\.0\.1:(\d+) in plaintext", log).group(1))
+    info = sh("nbdinfo", "--json", f"nbd://127.0.0.1:{port}/lo").stdout
+    assert f'"export-size": {SIZE}' in info and '"TLS": false' in info, info
+    # any local user may connect in plaintext: that is what the option says
+    assert "export-size" in sh("nbdinfo", f"nbd://127.0.0.1:{port}/lo", user=TEST_USER).stdout
+    assert "export-size" in sh("nbdinfo", f"nbd+unix:///lo?socket={sock}").stdout
+    bus.call(exp, "Export", "Stop")
+    # diskchainctl too: 'tcp' alone, so the URI is the TCP one
+    out = bus.ctl("export", "D.qcow2", "--name", "ctl", "--tcp", "127.0.0.1:0").stdout
+    port = int(re.search(r"nbd://127\.0\.0\.1:(\d+)/ctl", out).group(1))
+    assert "export-size" in sh("nbdinfo", f"nbd://127.0.0.1:{port}/ctl").stdout
+    assert "stopped export ctl" in bus.ctl("unexport", "ctl").stdout

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from imgtest import BUILD, assert_clean, qemu_img, qemu_io, qemu_map, run
+from tlsfiles import have_tools, make_pki, make_psk, needs_tools
 
 nbd = pytest.importorskip("nbd")
 
@@ -46,7 +47,11 @@ class Server:
         cmd += list(args) + [str(image)]
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   pass_fds=getattr(self, "pass_fds", ()))
+        self.tcp_ports = []
         line = self.p.stdout.readline()
+        while line.startswith("tcp "):
+            self.tcp_ports.append(int(line.split()[1]))
+            line = self.p.stdout.readline()
         assert line == "ready\n", line + self.p.stderr.read()
         self.stats = None
 
@@ -674,5 +679,253 @@ def test_stop_with_clients_connected(server):
     assert simple_reply(sk2) == (0, 5)
     assert recv_exact(sk2, 4096) == b"\x0a" * 4096
     assert closed(sk2)
+    sk.close()
+    del h
+
+
+# --- TLS (NBD_OPT_STARTTLS) over TCP ---------------------------------------------------
+
+OPT_STARTTLS = 5
+REP_ACK, REP_ERR_UNSUP, REP_ERR_TLS_REQD = 1, 0x80000001, 0x80000005
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    if not have_tools:
+        pytest.skip("certtool/psktool (gnutls-bin) are not installed")
+    base = tmp_path_factory.mktemp("pki")
+    d = make_pki(base)
+    d.psk = make_psk(base / "psk", "alice")
+    d.badpsk = make_psk(base / "badpsk", "alice")   # the same identity, another key
+    d.stranger = make_psk(base / "stranger", "bob")
+    return d
+
+
+def tls_server(server, pki, *args, addr="127.0.0.1", x509=True, psk=False, verify=True):
+    opts = ["--tcp", f"[{addr}]:0" if ":" in addr else f"{addr}:0"]
+    if x509:
+        opts += ["--tls-dir", str(pki.server)] + (["--tls-verify-peer"] if verify else [])
+    if psk:
+        opts += ["--tls-psk", str(pki.psk)]
+    s = server(*opts, *args, sock=False)
+    s.host = f"[{addr}]" if ":" in addr else addr
+    s.port = s.tcp_ports[0]
+    return s
+
+
+def nbds(s, creds, user=None):
+    """An nbds:// URI for libnbd and nbdinfo: X.509 with the certificates in CREDS, or PSK from the file CREDS."""
+    if user:
+        return f"nbds://{user}@{s.host}:{s.port}/disk?tls-psk-file={creds}"
+    return f"nbds://{s.host}:{s.port}/disk?tls-certificates={creds}"
+
+
+def qemu_tls(kind, creds, user=None):
+    if kind == "psk":
+        return ["--object", f"tls-creds-psk,id=tls0,dir={creds.parent},username={user},endpoint=client"]
+    return ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client"]
+
+
+def qemu_nbd_opts(s):
+    host = s.host.strip("[]")
+    return f"driver=raw,file.driver=nbd,file.host={host},file.port={s.port},file.export=disk,file.tls-creds=tls0"
+
+
+def tcp_connect(s):
+    sk = socket.create_connection((s.host.strip("[]"), s.port), timeout=10)
+    magic, opt, flags = struct.unpack(">QQH", recv_exact(sk, 18))
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT) and flags == 3
+    return sk
+
+
+@needs_tools
+def test_tls_x509_real_clients(server, chain, pki):
+    """qemu-img and nbdinfo over TLS with a client certificate the CA signed."""
+    s = tls_server(server, pki)
+    info = json.loads(qemu_img("info", "--output=json", *qemu_tls("x509", pki.client), "--image-opts",
+                               qemu_nbd_opts(s)).stdout)
+    assert info["virtual-size"] == SIZE
+    qemu_img("compare", "-U", *qemu_tls("x509", pki.client), "--image-opts", qemu_nbd_opts(s),
+             f"driver=qcow2,file.filename={chain}")
+    out = run("nbdinfo", "--json", nbds(s, pki.client)).stdout
+    j = json.loads(out)
+    assert j["TLS"] is True and j["exports"][0]["export-size"] == SIZE, out
+    assert "disk" in run("nbdinfo", "--list", nbds(s, pki.client)).stdout
+    st = s.stop()
+    assert int(st["clients"]) == 0
+
+
+@needs_tools
+def test_tls_writes_both_ways_multi_conn(tmp, server, chain, pki):
+    """nbdcopy (several connections, 32 MiB requests' worth of corked replies) into and out of a TLS export."""
+    s = tls_server(server, pki)
+    src = tmp / "src.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(SIZE))
+    run("nbdcopy", "--connections=4", "--request-size=33554432", src, nbds(s, pki.client))
+    run("nbdcopy", "--connections=2", nbds(s, pki.client), tmp / "back.raw")
+    assert open(tmp / "back.raw", "rb").read() == open(src, "rb").read()
+    s.stop()
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", chain, src)
+
+
+@needs_tools
+def test_tls_psk(server, chain, pki):
+    """PSK with psktool's keys file: nbdinfo and qemu-img."""
+    s = tls_server(server, pki, x509=False, psk=True)
+    out = run("nbdinfo", "--json", nbds(s, pki.psk, user="alice")).stdout
+    assert json.loads(out)["exports"][0]["export-size"] == SIZE, out
+    qemu_img("compare", "-U", *qemu_tls("psk", pki.psk, user="alice"), "--image-opts", qemu_nbd_opts(s),
+             f"driver=qcow2,file.filename={chain}")
+
+
+@needs_tools
+def test_tls_ipv6_x509_and_psk(server, chain, pki):
+    """Both kinds of credentials on one IPv6 listener; a client uses either.  (qemu-img only:
+    libnbd sends an IPv6 literal as TLS server name, which RFC 6066 forbids and GnuTLS refuses.)"""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    s = tls_server(server, pki, addr="::1", psk=True)
+    for creds in (qemu_tls("psk", pki.psk, user="alice"), qemu_tls("x509", pki.client)):
+        qemu_img("compare", "-U", *creds, "--image-opts", qemu_nbd_opts(s), f"driver=qcow2,file.filename={chain}")
+
+
+@needs_tools
+def test_tls_plaintext_client_refused(server, pki):
+    """Before STARTTLS every option gets TLS_REQD and nothing of the export is told; EXPORT_NAME closes."""
+    s = tls_server(server, pki)
+    sk = tcp_connect(s)
+    sk.sendall(struct.pack(">I", 3))
+    for opt, data in ((OPT_LIST, b""), (OPT_STRUCTURED, b""), (OPT_GO, struct.pack(">I", 4) + b"disk\0\0"),
+                      (99, b"xyz")):
+        send_opt(sk, opt, data)
+        o, typ, msg = read_opt_reply(sk)
+        assert (o, typ) == (opt, REP_ERR_TLS_REQD) and b"disk" not in msg
+    send_opt(sk, OPT_EXPORT_NAME, b"disk")
+    assert closed(sk)
+    sk.close()
+    # real clients without TLS get nowhere either
+    p = run("nbdinfo", f"nbd://127.0.0.1:{s.port}/disk", check=False)
+    assert p.returncode != 0
+    p = run("qemu-img", "info", "-f", "raw", f"nbd://127.0.0.1:{s.port}/disk", check=False)
+    assert p.returncode != 0 and "TLS" in p.stderr, p.stderr
+    s.stop()
+    # and a plaintext export does not offer TLS: STARTTLS is unsupported there
+    plain = server("--tcp", "127.0.0.1:0", sock=False)
+    sk = socket.create_connection(("127.0.0.1", plain.tcp_ports[0]), timeout=10)
+    recv_exact(sk, 18)
+    sk.sendall(struct.pack(">I", 3))
+    send_opt(sk, OPT_STARTTLS)
+    assert read_opt_reply(sk)[:2] == (OPT_STARTTLS, REP_ERR_UNSUP)
+    sk.close()
+    out = run("nbdinfo", "--json", f"nbd://127.0.0.1:{plain.tcp_ports[0]}/disk").stdout
+    assert json.loads(out)["TLS"] is False
+
+
+@needs_tools
+def test_tls_untrusted_certificates_refused(server, pki):
+    """verify-peer: a certificate from another CA, or none, is refused; without it a client needs none."""
+    s = tls_server(server, pki)
+    for creds in (pki.rogue, pki.nocert):
+        p = run("nbdinfo", nbds(s, creds), check=False)
+        assert p.returncode != 0, (creds, p.stdout)
+    p = run("qemu-img", "info", *qemu_tls("x509", pki.rogue), "--image-opts", qemu_nbd_opts(s), check=False)
+    assert p.returncode != 0
+    run("nbdinfo", nbds(s, pki.client))
+    s.stop()
+    s = tls_server(server, pki, verify=False)
+    run("nbdinfo", nbds(s, pki.nocert))
+    # the client still checks the server: a client trusting another CA refuses it
+    other = pki.rogue.parent / "trusts-other"
+    other.mkdir(exist_ok=True)
+    (other / "ca-cert.pem").write_bytes((pki.rogue.parent / "work" / "otherca-cert.pem").read_bytes())
+    assert run("nbdinfo", nbds(s, other), check=False).returncode != 0
+
+
+@needs_tools
+def test_tls_wrong_psk_refused(server, pki):
+    s = tls_server(server, pki, x509=False, psk=True)
+    assert run("nbdinfo", nbds(s, pki.badpsk, user="alice"), check=False).returncode != 0
+    assert run("nbdinfo", nbds(s, pki.stranger, user="bob"), check=False).returncode != 0
+    p = run("qemu-img", "info", *qemu_tls("psk", pki.badpsk, user="alice"), "--image-opts", qemu_nbd_opts(s),
+            check=False)
+    assert p.returncode != 0
+    run("nbdinfo", nbds(s, pki.psk, user="alice"))
+
+
+def client_hello():
+    """The first flight of a real TLS client, as bytes."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return out.read()
+
+
+def starttls_acked(s):
+    sk = tcp_connect(s)
+    sk.sendall(struct.pack(">I", 3))
+    send_opt(sk, OPT_STARTTLS)
+    assert read_opt_reply(sk)[:2] == (OPT_STARTTLS, REP_ACK)
+    return sk
+
+
+@needs_tools
+def test_tls_hostile_garbage_in_handshake(server, pki):
+    s = tls_server(server, pki)
+    sk = starttls_acked(s)
+    sk.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(4096))
+    assert closed(sk, timeout=5)
+    sk.close()
+    # a ClientHello with its body scrambled
+    hello = bytearray(client_hello())
+    hello[20:60] = os.urandom(40)
+    sk = starttls_acked(s)
+    try:
+        sk.sendall(bytes(hello))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert closed(sk, timeout=5)
+    sk.close()
+    run("nbdinfo", nbds(s, pki.client))
+
+
+@needs_tools
+def test_tls_hostile_stall_mid_handshake_times_out(server, pki):
+    """Half a ClientHello, then nothing: the 10 s handshake timeout covers the TLS handshake."""
+    s = tls_server(server, pki)
+    t0 = time.monotonic()
+    sk = starttls_acked(s)
+    hello = client_hello()
+    sk.sendall(hello[:len(hello) // 2])
+    stalled = tcp_connect(s)   # and one that stalls before STARTTLS
+    assert closed(sk, timeout=15)
+    assert 9 < time.monotonic() - t0 < 20
+    assert closed(stalled, timeout=5)
+    sk.close()
+    stalled.close()
+    run("nbdinfo", nbds(s, pki.client))
+
+
+@needs_tools
+def test_tls_stop_with_clients_connected(server, pki):
+    """SIGTERM with a TLS client idle in transmission and one in the middle of its TLS handshake."""
+    s = tls_server(server, pki)
+    h = nbd.NBD()
+    h.set_tls_certificates(str(pki.client))
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.connect_tcp("127.0.0.1", str(s.port))
+    assert h.pread(4096, 5 * MiB) == b"\x0c" * 4096
+    sk = starttls_acked(s)
+    sk.sendall(client_hello()[:10])
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    st = s.stop()
+    assert time.monotonic() - t0 < 5
+    assert int(st["requests"]) >= 1
     sk.close()
     del h
