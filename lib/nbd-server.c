@@ -6,8 +6,14 @@
  * Design notes
  * ------------
  * - Threads.  Each connection has a reader thread, which runs the
- *   handshake and then reads requests (header and payload), and
- *   NBD_WORKERS worker threads that serve them from a queue.  Requests of
+ *   handshake and then reads requests (header and payload), and up to
+ *   NBD_WORKERS worker threads that serve them from a queue.  The reader
+ *   starts one worker with the connection and another whenever it queues a
+ *   request while no worker is idle, so a client with one request at a time
+ *   costs one thread and a client with 16 in flight has 16 served side by
+ *   side (each may wait on the disk: a copy-on-write read, a flush).
+ *   Workers wait on their own condition variable and are woken one per
+ *   queued request; the reader waits for room on another.  Requests of
  *   one connection run side by side and complete in any order; a reply goes
  *   out whole under the connection's send mutex, so chunks of two requests
  *   never interleave on the wire.  A listener thread per listening socket
@@ -72,7 +78,7 @@
 #include "nbd-proto.h"
 #include "nbd-transport.h"
 
-#define NBD_WORKERS 4u
+#define NBD_WORKERS 16u
 #define NBD_MAX_IN_FLIGHT 16u
 #define NBD_MAX_IN_FLIGHT_BYTES (UINT64_C(64) << 20)
 #define NBD_HANDSHAKE_TIMEOUT_NS (INT64_C(10) * 1000000000)
@@ -101,8 +107,11 @@ struct conn {
         struct nbd_export_info x;
 
         pthread_mutex_t lock;       /* the queue and the counters below */
-        pthread_cond_t cond;
+        pthread_cond_t cond;        /* room in the budget, or the stop: the reader waits */
+        pthread_cond_t work;        /* a queued request, or closing: workers wait */
         struct request *head, *tail;
+        unsigned queued;            /* requests in the queue */
+        unsigned idle;              /* workers waiting for a request */
         unsigned in_flight;
         uint64_t in_flight_bytes;
         bool closing;               /* no more requests: workers leave once the queue is empty */
@@ -433,8 +442,11 @@ static void *worker_main(void *userdata) {
                 struct request *q;
 
                 pthread_mutex_lock(&c->lock);
-                while (!c->head && !c->closing)
-                        pthread_cond_wait(&c->cond, &c->lock);
+                while (!c->head && !c->closing) {
+                        c->idle++;
+                        pthread_cond_wait(&c->work, &c->lock);
+                        c->idle--;
+                }
                 q = c->head;
                 if (!q) {
                         pthread_mutex_unlock(&c->lock);
@@ -443,6 +455,7 @@ static void *worker_main(void *userdata) {
                 c->head = q->next;
                 if (!c->head)
                         c->tail = NULL;
+                c->queued--;
                 pthread_mutex_unlock(&c->lock);
 
                 serve_request(c, q);
@@ -451,7 +464,7 @@ static void *worker_main(void *userdata) {
                 pthread_mutex_lock(&c->lock);
                 c->in_flight--;
                 c->in_flight_bytes -= q->cost;
-                pthread_cond_broadcast(&c->cond);
+                pthread_cond_signal(&c->cond);
                 pthread_mutex_unlock(&c->lock);
                 free(q->payload);
                 free(q);
@@ -479,19 +492,31 @@ static bool wait_room(struct conn *c, uint64_t cost) {
         return ok;
 }
 
+/* Queue Q for a worker; start one more when more requests wait than workers
+ * (the reader's thread only: it alone starts and joins workers). */
 static void enqueue(struct conn *c, struct request *q) {
+        bool more;
+
         pthread_mutex_lock(&c->lock);
         if (c->tail)
                 c->tail->next = q;
         else
                 c->head = q;
         c->tail = q;
-        pthread_cond_signal(&c->cond);
+        /* idle counts a worker until it runs again, woken or not: compare with the queue */
+        more = ++c->queued > c->idle && c->nworkers < NBD_WORKERS;
+        pthread_cond_signal(&c->work);
         pthread_mutex_unlock(&c->lock);
+        /* without it the request waits for a running worker */
+        if (more && pthread_create(&c->workers[c->nworkers], NULL, worker_main, c) == 0)
+                c->nworkers++;
 }
 
 /* Read and queue requests until DISC, EOF, a protocol violation or the stop. */
 static void transmission(struct conn *c) {
+        int sndbuf = 4 << 20;
+
+        (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
         for (;;) {
                 uint8_t h[NBD_REQUEST_SIZE];
                 struct request *q;
@@ -551,17 +576,14 @@ static void *conn_main(void *userdata) {
         r = nbd_handshake(&io, &c->x, &c->s);
         c->t.deadline = 0; /* before any worker sends */
         if (r >= 0) {
-                for (unsigned i = 0; i < NBD_WORKERS; i++) {
-                        if (pthread_create(&c->workers[i], NULL, worker_main, c) != 0)
-                                break;
-                        c->nworkers++;
-                }
-                if (c->nworkers > 0)
+                if (pthread_create(&c->workers[0], NULL, worker_main, c) == 0) {
+                        c->nworkers = 1;
                         transmission(c);
+                }
                 /* what was read is served and answered, then the workers leave */
                 pthread_mutex_lock(&c->lock);
                 c->closing = true;
-                pthread_cond_broadcast(&c->cond);
+                pthread_cond_broadcast(&c->work);
                 pthread_mutex_unlock(&c->lock);
                 for (unsigned i = 0; i < c->nworkers; i++)
                         pthread_join(c->workers[i], NULL);
@@ -592,6 +614,7 @@ static void conn_free(struct conn *c) {
                 close(c->fd);
         pthread_mutex_destroy(&c->lock);
         pthread_cond_destroy(&c->cond);
+        pthread_cond_destroy(&c->work);
         pthread_mutex_destroy(&c->send_lock);
         free(c);
 }
@@ -634,6 +657,7 @@ static int serve_conn(dc_nbd_export *e, int fd, dc_nbd_tls *tls) {
         c->x = (struct nbd_export_info){ .name = e->name, .description = e->description, .writable = e->writable };
         pthread_mutex_init(&c->lock, NULL);
         pthread_cond_init(&c->cond, NULL);
+        pthread_cond_init(&c->work, NULL);
         pthread_mutex_init(&c->send_lock, NULL);
         __atomic_add_fetch(&e->clients, 1, __ATOMIC_RELAXED);
         r = pthread_create(&c->reader, NULL, conn_main, c);
@@ -642,6 +666,7 @@ static int serve_conn(dc_nbd_export *e, int fd, dc_nbd_tls *tls) {
                 nbd_transport_done(&c->t);
                 pthread_mutex_destroy(&c->lock);
                 pthread_cond_destroy(&c->cond);
+                pthread_cond_destroy(&c->work);
                 pthread_mutex_destroy(&c->send_lock);
                 free(c);
                 r = dc_error(r, "cannot start a thread for an NBD connection");

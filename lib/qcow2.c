@@ -1415,6 +1415,28 @@ static int read_guest(dc_image *img, uint8_t *dst, uint64_t off, uint64_t len) {
         return n ? read_layer(img, dst, off, (size_t) n, true) : 0;
 }
 
+/*
+ * read_guest for the copy-on-write of an allocating write, with the image
+ * lock released while the data is read (dc_chain_read takes it only to look
+ * up where each piece lies).  The clusters being written are registered in
+ * s->inflight first, so no writer, zeroer or discarder changes their
+ * entries meanwhile; other requests go on, and small random writes into a
+ * backing file's data no longer wait for each other's reads of the layers
+ * below, one at a time.
+ */
+static int read_guest_unlocked(dc_image *img, uint8_t *dst, uint64_t off, uint64_t len) {
+        uint64_t n = off < img->virtual_size ? MIN(len, img->virtual_size - off) : 0;
+        int r;
+
+        memset(dst + n, 0, (size_t) (len - n));
+        if (!n)
+                return 0;
+        pthread_mutex_unlock(&img->lock);
+        r = dc_chain_read(img, dst, off, (size_t) n);
+        pthread_mutex_lock(&img->lock);
+        return r;
+}
+
 /* --- writing ------------------------------------------------------------- */
 
 static int mark_bitmaps_in_use(dc_image *img) {
@@ -1845,28 +1867,54 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                          */
                         wfrom = cow_whole_cluster(s, old[0]) ? 0 : ALIGN_DOWN(in, g);
                         wto = cow_whole_cluster(s, old[run - 1]) ? run * cs : ALIGN_UP(in + bytes, g);
+                        /*
+                         * From here the clusters are in flight: writers,
+                         * zeroers and discarders of them wait (inflight_wait)
+                         * while the copy-on-write reads and the data write run
+                         * without the image lock.
+                         */
+                        me = (struct qcow2_inflight){ gidx, run, s->inflight };
+                        s->inflight = &me;
                         if (wfrom < in || wto > in + bytes) {
                                 nb = dc_io_buffer(wto - wfrom);
-                                if (!nb)
-                                        return dc_error(ENOMEM, "out of memory");
-                                r = read_guest(img, nb, gidx * cs + wfrom, in - wfrom);
-                                if (r >= 0)
-                                        r = read_guest(img, nb + (in + bytes - wfrom), gidx * cs + in + bytes,
-                                                       wto - in - bytes);
-                                if (r < 0)
+                                r = nb ? 0 : dc_error(ENOMEM, "out of memory");
+                                /*
+                                 * Head and tail around less than a cluster of
+                                 * new data: one read of it all, as one request
+                                 * on the disk.  Two reads of the same cluster
+                                 * would each be small, and the kernel takes the
+                                 * second for a sequential stream (its head is
+                                 * cached right before it) and reads ahead
+                                 * megabytes nobody asked for.
+                                 */
+                                if (r >= 0 && wfrom < in && wto > in + bytes && bytes < cs)
+                                        r = read_guest_unlocked(img, nb, gidx * cs + wfrom, wto - wfrom);
+                                else {
+                                        if (r >= 0)
+                                                r = read_guest_unlocked(img, nb, gidx * cs + wfrom, in - wfrom);
+                                        if (r >= 0)
+                                                r = read_guest_unlocked(img, nb + (in + bytes - wfrom),
+                                                                        gidx * cs + in + bytes, wto - in - bytes);
+                                }
+                                if (r < 0) {
+                                        inflight_end(img, &me);
                                         return r;
+                                }
                                 memcpy(nb + (in - wfrom), p, bytes);
                         }
                         if (s->has_data_file)
                                 first_host = gidx; /* host offset = guest offset */
                         else {
                                 r = alloc_clusters(img, run, &first_host);
-                                if (r < 0)
+                                if (r < 0) {
+                                        inflight_end(img, &me);
                                         return r;
+                                }
                                 r = qcow2_overlap_check(img, first_host * cs, run * cs, 0, "new data clusters");
                                 if (r < 0) {
                                         /* broken refcounts handed out metadata: give it back untouched */
                                         (void) qcow2_free_clusters(img, first_host, run);
+                                        inflight_end(img, &me);
                                         return dc_error(EUCLEAN, "%s", dc_get_error());
                                 }
                         }
@@ -1879,8 +1927,6 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
                          * so that other requests can be prepared and written
                          * meanwhile.
                          */
-                        me = (struct qcow2_inflight){ gidx, run, s->inflight };
-                        s->inflight = &me;
                         r = data_pwrite(img, nb ? nb : p, wto - wfrom, first_host * cs + wfrom, true);
                         if (r < 0) {
                                 inflight_end(img, &me);
