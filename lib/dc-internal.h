@@ -84,6 +84,9 @@ static inline void closep(int *fd) {
 int dc_error(int err, const char *fmt, ...) _printf_(2, 3);
 void dc_error_clear(void);
 
+/* Lexical normalisation of an absolute path: no ".", "..", "//" (free() it; NULL when out of memory). */
+char *dc_path_normalize(const char *abs);
+
 /* NULL-terminated string arrays (storage roots): a copy, and its release (NULL-safe). */
 char **dc_strv_copy(const char *const *v);
 void dc_strv_free(char **v);

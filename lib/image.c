@@ -30,8 +30,7 @@
 
 /* --- paths ---------------------------------------------------------------- */
 
-/* Lexical normalisation of an absolute path: no ".", "..", "//". */
-static char *normalize(const char *abs) {
+char *dc_path_normalize(const char *abs) {
         size_t n = strlen(abs);
         char *out = malloc(n + 2), *tmp = strdup(abs), *save = NULL;
         size_t len = 0;
@@ -64,7 +63,7 @@ static char *normalize(const char *abs) {
 
 static int find_root(const char *abs, const char *const *roots, size_t *ret_idx, size_t *ret_len) {
         for (size_t i = 0; roots && roots[i]; i++) {
-                _cleanup_free_ char *r = normalize(roots[i]);
+                _cleanup_free_ char *r = dc_path_normalize(roots[i]);
                 size_t l;
                 if (!r)
                         return -ENOMEM;
@@ -102,7 +101,7 @@ DC_EXPORT int dc_path_resolve(const char *path, const char *const *roots, char *
                         return dc_error(ENOMEM, "out of memory");
                 path = joined;
         }
-        abs = normalize(path);
+        abs = dc_path_normalize(path);
         if (!abs)
                 return dc_error(ENOMEM, "out of memory");
         if (roots && find_root(abs, roots, &idx, &l) < 0) {
@@ -261,14 +260,14 @@ DC_EXPORT int dc_backing_resolve(const char *overlay_abs, const char *backing, c
                 return dc_error(EXDEV, "'%s': backing file '%s' is a protocol name, not a file", overlay_abs,
                                 backing);
         if (backing[0] == '/')
-                abs = normalize(backing);
+                abs = dc_path_normalize(backing);
         else {
                 dir = strdup(overlay_abs);
                 if (!dir)
                         return dc_error(ENOMEM, "out of memory");
                 if (asprintf(&joined, "%s/%s", dirname(dir), backing) < 0)
                         return dc_error(ENOMEM, "out of memory");
-                abs = normalize(joined);
+                abs = dc_path_normalize(joined);
         }
         if (!abs)
                 return dc_error(ENOMEM, "out of memory");

@@ -147,36 +147,6 @@ static char *pct_decode(const char *s, size_t n, int *ret_err) {
         return out;
 }
 
-/* Lexically normalised absolute PATH (no ".", "..", "//"). */
-static char *path_normalize(const char *path) {
-        size_t n = strlen(path), len = 0;
-        char *out = malloc(n + 2), *tmp = strdup(path), *save = NULL;
-
-        if (!out || !tmp) {
-                free(out);
-                free(tmp);
-                return NULL;
-        }
-        out[0] = 0;
-        for (char *tok = strtok_r(tmp, "/", &save); tok; tok = strtok_r(NULL, "/", &save)) {
-                if (strcmp(tok, ".") == 0)
-                        continue;
-                if (strcmp(tok, "..") == 0) {
-                        char *slash = strrchr(out, '/');
-                        len = slash ? (size_t) (slash - out) : 0;
-                        out[len] = 0;
-                        continue;
-                }
-                out[len++] = '/';
-                memcpy(out + len, tok, strlen(tok) + 1);
-                len += strlen(tok);
-        }
-        if (len == 0)
-                strcpy(out, "/");
-        free(tmp);
-        return out;
-}
-
 static int nbd_uri_parse(const char *uri, bool allow_files, struct nbd_uri *ret) {
         _cleanup_(nbd_uri_release) struct nbd_uri u = { 0 };
         const char *p = NULL, *auth, *auth_end, *path_end, *at;
@@ -287,7 +257,7 @@ static int nbd_uri_parse(const char *uri, bool allow_files, struct nbd_uri *ret)
                 char *n;
                 if (!u.socket || u.socket[0] != '/')
                         return dc_error(EINVAL, "'%s': an nbd+unix URI needs ?socket=ABSOLUTE-PATH", uri);
-                n = path_normalize(u.socket);
+                n = dc_path_normalize(u.socket);
                 if (!n)
                         return dc_error(ENOMEM, "out of memory");
                 free(u.socket);
