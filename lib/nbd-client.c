@@ -545,38 +545,31 @@ static int check_aligned(dc_image *img, uint64_t off, uint64_t len) {
  * rule); they release it while they wait for the server (see the notes).
  */
 
-static int nbd_target_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+/* A read (RBUF) or a write (WBUF) in requests of at most the server's maximum block size, one after the other. */
+static int transfer(dc_image *img, void *rbuf, const void *wbuf, uint64_t off, size_t len) {
         struct nbd_target *t = img->priv;
         int r = check_aligned(img, off, len);
+        size_t done = 0;
 
         pthread_mutex_unlock(&img->lock);
-        while (r >= 0 && len > 0) {
+        while (r >= 0 && done < len) {
                 struct request q = { .t = t };
-                size_t n = (size_t) MIN((uint64_t) len, t->max_request);
-                r = wait_request(img, &q, nbd_aio_pread(t->h, buf, n, off, CB(&q), 0), "read", off);
-                buf = (uint8_t *) buf + n;
-                off += n;
-                len -= n;
+                size_t n = (size_t) MIN((uint64_t) (len - done), t->max_request);
+                int64_t cookie = rbuf ? nbd_aio_pread(t->h, (uint8_t *) rbuf + done, n, off + done, CB(&q), 0)
+                                      : nbd_aio_pwrite(t->h, (const uint8_t *) wbuf + done, n, off + done, CB(&q), 0);
+                r = wait_request(img, &q, cookie, rbuf ? "read" : "write", off + done);
+                done += n;
         }
         pthread_mutex_lock(&img->lock);
         return r;
 }
 
-static int nbd_target_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
-        struct nbd_target *t = img->priv;
-        int r = check_aligned(img, off, len);
+static int nbd_target_read(dc_image *img, void *buf, uint64_t off, size_t len) {
+        return transfer(img, buf, NULL, off, len);
+}
 
-        pthread_mutex_unlock(&img->lock);
-        while (r >= 0 && len > 0) {
-                struct request q = { .t = t };
-                size_t n = (size_t) MIN((uint64_t) len, t->max_request);
-                r = wait_request(img, &q, nbd_aio_pwrite(t->h, buf, n, off, CB(&q), 0), "write", off);
-                buf = (const uint8_t *) buf + n;
-                off += n;
-                len -= n;
-        }
-        pthread_mutex_lock(&img->lock);
-        return r;
+static int nbd_target_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
+        return transfer(img, NULL, buf, off, len);
 }
 
 static int nbd_target_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned flags) {
