@@ -77,8 +77,7 @@ struct dc_block_copy {
  *   clean by then; POSIX_FADV_DONTNEED leaves dirty ones alone).  The kick
  *   itself is in image.c (dc_image_pwrite_data), every img->wb_kick bytes.
  * - none: whole, aligned data writes go around the page cache (O_DIRECT)
- *   through a second descriptor on the same open file (through
- *   /proc/self/fd, so no path is resolved again; DIRECT_OPEN_FLAGS);
+ *   through a second descriptor on the same file (dc_image_direct_twin);
  *   metadata and unaligned pieces stay on the buffered one, and the kernel
  *   keeps the two coherent.  Where the file system has no direct I/O
  *   (tmpfs), this is writeback.
@@ -88,25 +87,13 @@ struct dc_block_copy {
  * writers that keep the layer.
  */
 #define WRITEBACK_KICK (32ull << 20)
-#define DIRECT_OPEN_FLAGS (O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOCTTY)
 
 void dc_image_job_cache(dc_image *img, int mode, bool on) {
-        struct statx sx;
-        char p[64];
-
         if (!img)
                 return;
         pthread_mutex_lock(&img->lock);
-        if (on && mode == DC_CACHE_NONE && img->dfd < 0 && img->writable &&
-            statx(img->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) &&
-            sx.stx_dio_offset_align && sx.stx_dio_mem_align) {
-                snprintf(p, sizeof p, "/proc/self/fd/%d", img->fd);
-                img->dfd = open(p, DIRECT_OPEN_FLAGS);
-                img->dio_mem_align = sx.stx_dio_mem_align;
-                img->dio_off_align = sx.stx_dio_offset_align;
-        }
-        /* the descriptor, once open, stays to the close: a write without
-         * the lock may be using it */
+        if (on && mode == DC_CACHE_NONE && img->writable)
+                (void) dc_image_direct_twin(img);
         if (!on && img->writeback)
                 /* what the job wrote is on disk now (its flush) and nobody reads it back soon */
                 (void) posix_fadvise(img->fd, 0, 0, POSIX_FADV_DONTNEED);

@@ -204,8 +204,9 @@ struct dc_image {
         const struct dc_driver *drv;
         pthread_mutex_t lock;
         int fd;
-        int dfd;               /* O_DIRECT twin of fd, opened by dc_image_job_cache, kept to the close */
+        int dfd;               /* O_DIRECT twin of fd (dc_image_direct_twin), kept to the close */
         bool direct;           /* data writes go through dfd when aligned (a job's cache=none) */
+        bool cache_none;       /* data reads and writes go through dfd when aligned (the disk's cache=none; atomic) */
         bool writeback;        /* a job's cache=writeback: kick writeback as data piles up */
         uint64_t wb_bytes;     /* buffered job data written (atomic) */
         uint64_t wb_kick;      /* writeback is started every this many bytes of them (dc_image_job_cache) */
@@ -273,6 +274,9 @@ int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
 /* How IMG takes a job's data while ON (DC_CACHE_*), and back to normal after (block-copy.c). */
 void dc_image_job_cache(dc_image *img, int mode, bool on);
 int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked);
+int dc_image_pread_data(dc_image *img, void *buf, size_t len, uint64_t off);
+bool dc_image_direct_twin(dc_image *img);
+void dc_image_cache_none(dc_image *img, bool on);
 void *dc_io_buffer(size_t len);
 
 int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, const char *backing_fmt);

@@ -57,7 +57,22 @@ struct dc_disk {
         struct dc_range *ranges; /* held range locks */
         struct dc_disk_filter *filters; /* the stack, top first */
         unsigned nfilters;
+        int cache;               /* DC_CACHE_*, for every layer of img */
 };
+
+/* The disk's cache mode on every layer of IMG. */
+static void chain_cache(dc_image *img, int mode) {
+        for (dc_image *l = img; l; l = l->backing)
+                if (!dc_image_is_remote(l))
+                        dc_image_cache_none(l, mode == DC_CACHE_NONE);
+}
+
+DC_EXPORT void dc_disk_set_cache(dc_disk *d, int mode) {
+        pthread_mutex_lock(&d->lock);
+        d->cache = mode;
+        chain_cache(d->img, mode);
+        pthread_mutex_unlock(&d->lock);
+}
 
 DC_EXPORT int dc_disk_new(dc_image *chain, const struct dc_open_options *opts, dc_disk **ret) {
         dc_disk *d = calloc(1, sizeof *d);
@@ -263,6 +278,7 @@ dc_image *dc_disk_swap_chain(dc_disk *d, dc_image *img) {
         pthread_mutex_lock(&d->lock);
         old = d->img;
         d->img = img;
+        chain_cache(img, d->cache);
         pthread_mutex_unlock(&d->lock);
         return old;
 }

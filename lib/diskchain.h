@@ -412,6 +412,15 @@ struct dc_job_event {
 /* How a job writes its data (QEMU's cache modes): through the page cache, or around it (O_DIRECT). */
 enum { DC_CACHE_WRITEBACK, DC_CACHE_NONE };
 
+/*
+ * The cache mode of a disk's guest I/O, on every layer of its chain and of
+ * the chains a pivot or a snapshot gives it later: DC_CACHE_NONE reads and
+ * writes whole, aligned data around the page cache (qemu-nbd --cache=none),
+ * where the file system allows it; DC_CACHE_WRITEBACK (the default) through
+ * it.  Durability is the same either way: a flush makes writes durable.
+ */
+void dc_disk_set_cache(dc_disk *d, int mode);
+
 struct dc_job_options {
         const char *id;
         int cache;                  /* DC_CACHE_*, for the layer the job writes; the end is durable either way */

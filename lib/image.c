@@ -503,14 +503,69 @@ static void writeback_account(dc_image *img, size_t len, uint64_t kick) {
 }
 
 /*
+ * The O_DIRECT twin of the image's descriptor, opened (the image lock held)
+ * through /proc/self/fd so that no path is resolved again, read-write when
+ * the image is: a second descriptor on the same file, which the kernel
+ * keeps coherent with the buffered one (a direct read writes the dirty
+ * pages of its range back first, a direct write drops the cached ones).
+ * False where the file system has no direct I/O (tmpfs) or tells no
+ * alignment.  Once open it stays to the close: a read or a write without
+ * the lock may be using it.
+ */
+bool dc_image_direct_twin(dc_image *img) {
+        struct statx sx;
+        char p[64];
+
+        if (img->dfd >= 0)
+                return true;
+        if (img->fd < 0 || statx(img->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) < 0 ||
+            !(sx.stx_mask & STATX_DIOALIGN) || !sx.stx_dio_offset_align || !sx.stx_dio_mem_align)
+                return false;
+        snprintf(p, sizeof p, "/proc/self/fd/%d", img->fd);
+        img->dio_mem_align = sx.stx_dio_mem_align;
+        img->dio_off_align = sx.stx_dio_offset_align;
+        img->dfd = open(p, (img->writable ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+        return img->dfd >= 0;
+}
+
+/*
+ * The disk's cache mode for one layer (QEMU's cache=none when ON): whole,
+ * aligned data reads and writes go around the page cache, through the
+ * twin; metadata and unaligned pieces stay buffered.  Nothing changes
+ * where the file system has no direct I/O.
+ */
+void dc_image_cache_none(dc_image *img, bool on) {
+        pthread_mutex_lock(&img->lock);
+        on = on && dc_image_direct_twin(img);
+        __atomic_store_n(&img->cache_none, on, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&img->lock);
+}
+
+static bool direct_fits(dc_image *img, const void *buf, size_t len, uint64_t off) {
+        return (uintptr_t) buf % img->dio_mem_align == 0 && off % img->dio_off_align == 0 &&
+               len % img->dio_off_align == 0;
+}
+
+/* Read LEN bytes of data at OFF from the image's file, around the cache when the disk's mode says so and they fit. */
+int dc_image_pread_data(dc_image *img, void *buf, size_t len, uint64_t off) {
+        bool direct = __atomic_load_n(&img->cache_none, __ATOMIC_ACQUIRE) && direct_fits(img, buf, len, off);
+        int r = dc_pread_full(direct ? img->dfd : img->fd, buf, len, off);
+
+        if (r == -EINVAL && direct)
+                /* a rule the statx did not tell, or a short read at the end of the file */
+                r = dc_pread_full(img->fd, buf, len, off);
+        return r;
+}
+
+/*
  * Write LEN bytes of data at OFF, the image lock held: directly when direct
- * writes are on and BUF, OFF and LEN suit the device, else through the
- * cache.  UNLOCKED releases the lock for the write itself (the caller made
- * sure that nobody else touches those bytes meanwhile).
+ * writes are on (a job's cache=none, or the disk's) and BUF, OFF and LEN
+ * suit the device, else through the cache.  UNLOCKED releases the lock for
+ * the write itself (the caller made sure that nobody else touches those
+ * bytes meanwhile).
  */
 int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked) {
-        bool direct = img->direct && (uintptr_t) buf % img->dio_mem_align == 0 && off % img->dio_off_align == 0 &&
-                      len % img->dio_off_align == 0;
+        bool direct = (img->direct || img->cache_none) && direct_fits(img, buf, len, off);
         bool writeback = img->writeback;
         uint64_t kick = img->wb_kick; /* the job may end (dc_image_job_cache) while the lock is released */
         int r;
@@ -526,8 +581,11 @@ int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t of
                 writeback_account(img, len, kick);
         if (unlocked)
                 pthread_mutex_lock(&img->lock);
-        if (direct && r >= 0)
-                img->direct = false; /* refused after all (a rule the statx did not tell): cached from now on */
+        if (direct && r >= 0) {
+                /* refused after all (a rule the statx did not tell): cached from now on */
+                img->direct = false;
+                __atomic_store_n(&img->cache_none, false, __ATOMIC_RELEASE);
+        }
         return r;
 }
 

@@ -981,7 +981,7 @@ static void qcow2_close(dc_image *img) {
 
 static int data_pread(dc_image *img, void *buf, size_t len, uint64_t host) {
         struct qcow2 *s = QC(img);
-        int r = dc_pread_full(s->data_fd >= 0 ? s->data_fd : img->fd, buf, len, host);
+        int r = s->data_fd >= 0 ? dc_pread_full(s->data_fd, buf, len, host) : dc_image_pread_data(img, buf, len, host);
 
         if (r < 0)
                 return dc_error(r, "'%s': read error at %shost offset %llu: %s", img->path,

@@ -49,7 +49,7 @@ static int raw_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc
 }
 
 static int raw_read(dc_image *img, void *buf, uint64_t off, size_t len) {
-        int r = dc_pread_full(img->fd, buf, len, off);
+        int r = dc_image_pread_data(img, buf, len, off);
         if (r < 0)
                 return dc_error(r, "'%s': read error at offset %llu: %s", img->path, (unsigned long long) off,
                                 strerror(-r));
