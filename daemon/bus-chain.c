@@ -97,16 +97,17 @@ static int find_layer_opt(Manager *mgr, GPtrArray *layers, const char *v, const 
                                  abs);
 }
 
+const char *const cache_modes[] = { "writeback", "none", NULL };
+
 static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bus_error *error) {
         static const char *const on_errors[] = { "report", "ignore", "stop", "enospc", NULL };
-        static const char *const caches[] = { "writeback", "none", NULL }; /* DC_CACHE_* order */
         const char *id = NULL;
         uint64_t speed = 0;
         bool af = true, ad = true;
         int on_error = 0, on_target = -1, cache = DC_CACHE_WRITEBACK, r;
 
         if ((r = opt_string(opts, "job-id", &id, error)) < 0 || (r = opt_uint(opts, "speed", &speed, error)) < 0 ||
-            (r = opt_enum(opts, "cache", caches, &cache, error)) < 0 ||
+            (r = opt_enum(opts, "cache", cache_modes, &cache, error)) < 0 ||
             (r = opt_enum(opts, "on-error", on_errors, &on_error, error)) < 0 ||
             (r = opt_enum(opts, "on-source-error", on_errors, &on_error, error)) < 0 ||
             (r = opt_enum(opts, "on-target-error", on_errors, &on_target, error)) < 0 ||

@@ -61,6 +61,11 @@ static int property_get_writable(sd_bus *bus, const char *path, const char *ifac
         return sd_bus_message_append(reply, "b", EXP->writable);
 }
 
+static int property_get_cache(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                              sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "s", cache_modes[EXP->cache]);
+}
+
 static int property_get_uri(sd_bus *bus, const char *path, const char *iface, const char *prop,
                             sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         g_autofree char *uri = EXP->socket ? g_strdup_printf("nbd+unix:///%s?socket=%s", EXP->name, EXP->socket)
@@ -96,6 +101,7 @@ const sd_bus_vtable export_vtable[] = {
         SD_BUS_PROPERTY("Name", "s", property_get_name, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Chain", "o", property_get_chain, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Writable", "b", property_get_writable, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Cache", "s", property_get_cache, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Uri", "s", property_get_uri, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Clients", "u", property_get_counter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("BytesRead", "t", property_get_counter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
@@ -167,8 +173,8 @@ static int export_prepare(sd_bus_message *m, Image *active, GPtrArray *layers, E
 }
 
 int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        static const char *const allowed[] = { "name", "writable", "socket", "tcp", "max-connections", "persistent",
-                                               NULL };
+        static const char *const allowed[] = { "name",       "writable", "socket", "tcp", "max-connections",
+                                               "persistent", "cache",    NULL };
         Image *active = ACTIVE;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
@@ -185,7 +191,8 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if ((r = opt_string(opts, "name", &name, error)) < 0 || (r = opt_bool(opts, "writable", &es.writable, error)) < 0 ||
             (r = opt_string(opts, "socket", &sock, error)) < 0 || (r = opt_string(opts, "tcp", &tcp, error)) < 0 ||
             (r = opt_uint(opts, "max-connections", &maxc, error)) < 0 ||
-            (r = opt_bool(opts, "persistent", &es.persistent, error)) < 0)
+            (r = opt_bool(opts, "persistent", &es.persistent, error)) < 0 ||
+            (r = opt_enum(opts, "cache", cache_modes, &es.cache, error)) < 0)
                 return r;
         if (tcp && (r = export_tcp_check(mgr, tcp, &es.tls, error)) < 0)
                 return r;

@@ -178,6 +178,7 @@ typedef struct Export {
         char *tcp;            /* the TCP address listened on ("ADDR:PORT", [IPv6]), or NULL */
         bool tls;             /* TCP connections must start TLS */
         bool writable, persistent;
+        int cache;            /* DC_CACHE_* of the clients' reads and writes */
         bool anonymous;       /* made by OpenNBD: stops when its last client leaves */
         bool served;          /* some client connected once */
         bool forget;          /* Stop() was called: remove the persistent record too */
@@ -379,12 +380,16 @@ char **model_export_paths(Manager *mgr);
 bool export_name_valid(const char *name);
 char *export_default_name(Manager *mgr, const char *active);
 /* Start exporting ACTIVE's chain (LAYERS: its images, the claims) as E describes; M answered when it is live. */
+/* The names of the cache modes, in DC_CACHE_* order, NULL-terminated (jobs' and exports' option "cache"). */
+extern const char *const cache_modes[];
+
 typedef struct ExportStart {
         char *name, *active, *socket;
         char *tcp;            /* as asked ("ADDR:PORT"; port 0: the kernel picks), or NULL */
         bool tls;
         char **paths, **expect;
         bool writable, persistent, anonymous;
+        int cache;            /* DC_CACHE_* of the export's guest I/O */
         unsigned max_connections;
         uid_t uid;
         int fd;               /* OpenNBD: the socket to serve at once (or -1) */

@@ -418,6 +418,7 @@ static int record_write(Manager *mgr, const Export *e, const char *active, const
         if (tcp)
                 g_key_file_set_string(kf, "Export", "TCP", tcp);
         g_key_file_set_uint64(kf, "Export", "MaxConnections", e->max_connections);
+        g_key_file_set_string(kf, "Export", "Cache", cache_modes[e->cache]);
         g_key_file_set_uint64(kf, "Export", "Owner", e->uid);
         data = g_key_file_to_data(kf, &len, NULL);
         if (g_mkdir_with_parents(dir, 0700) < 0)
@@ -502,6 +503,7 @@ static void export_open_run(Work *w) {
         r = dc_disk_new(img, &oo, &op->disk);
         if (r < 0)
                 goto out;
+        dc_disk_set_cache(op->disk, e->cache);
         if (op->socket) {
                 lfd = socket_make(op->socket, op->own_dir, e->uid, &op->socket_st);
                 if (lfd < 0) {
@@ -632,6 +634,7 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         e->tls = es->tcp && es->tls;
         e->writable = es->writable;
         e->persistent = es->persistent;
+        e->cache = es->cache;
         e->anonymous = es->anonymous;
         e->max_connections = es->max_connections ? es->max_connections : mgr->config.max_connections;
         e->uid = es->uid;
@@ -981,6 +984,7 @@ static void restore_one(Manager *mgr, const char *file) {
         g_autoptr(GPtrArray) layers = NULL;
         __attribute__((cleanup(export_start_clear))) ExportStart es = { .fd = -1, .client_fd = -1 };
         sd_bus_error error = SD_BUS_ERROR_NULL;
+        g_autofree char *cache = NULL;
         Image *img;
         int r;
 
@@ -996,7 +1000,13 @@ static void restore_one(Manager *mgr, const char *file) {
         es.max_connections = (unsigned) g_key_file_get_uint64(kf, "Export", "MaxConnections", NULL);
         es.uid = (uid_t) g_key_file_get_uint64(kf, "Export", "Owner", NULL);
         es.persistent = true;
-        if (!es.name || !export_name_valid(es.name) || !es.active || es.max_connections > 1024) {
+        cache = g_key_file_get_string(kf, "Export", "Cache", NULL);
+        es.cache = cache ? (int) g_strv_length((char **) cache_modes) : DC_CACHE_WRITEBACK; /* none: an older record */
+        for (unsigned k = 0; cache && cache_modes[k]; k++)
+                if (strcmp(cache, cache_modes[k]) == 0)
+                        es.cache = (int) k;
+        if (!es.name || !export_name_valid(es.name) || !es.active || es.max_connections > 1024 ||
+            es.cache >= (int) g_strv_length((char **) cache_modes)) {
                 log_warning("export record '%s' is not valid: ignored", file);
                 return;
         }

@@ -869,6 +869,7 @@ static int cmd_snapshot(int argc, char **argv) {
 
 static void print_export(const char *o) {
         char *name = get_string(o, IFACE("Export"), "Name"), *uri = get_string(o, IFACE("Export"), "Uri");
+        char *cache = get_string(o, IFACE("Export"), "Cache");
         char *active = NULL, h1[HUMAN_MAX], h2[HUMAN_MAX];
         uint64_t rd = 0, wr = 0;
         uint32_t clients = 0;
@@ -892,13 +893,13 @@ static void print_export(const char *o) {
         }
         sd_bus_error_free(&e);
         if (arg_json)
-                printf("{\"name\": \"%s\", \"uri\": \"%s\", \"active\": \"%s\", \"writable\": %s, \"clients\": %u, "
-                       "\"bytes-read\": %" PRIu64 ", \"bytes-written\": %" PRIu64 ", \"object\": \"%s\"}\n",
-                       name, uri, active ? active : "", writable ? "true" : "false", clients, rd, wr, o);
+                printf("{\"name\": \"%s\", \"uri\": \"%s\", \"active\": \"%s\", \"writable\": %s, \"cache\": \"%s\", "
+                       "\"clients\": %u, \"bytes-read\": %" PRIu64 ", \"bytes-written\": %" PRIu64 ", \"object\": \"%s\"}\n",
+                       name, uri, active ? active : "", writable ? "true" : "false", cache, clients, rd, wr, o);
         else
                 printf("%-16s %-3s %7u %10s %10s  %s\n%16s %s\n", name, writable ? "rw" : "ro", clients,
                        format_bytes(h1, rd), format_bytes(h2, wr), active ? active : "", "", *uri ? uri : "(OpenNBD)");
-        free(name), free(uri), free(active);
+        free(name), free(uri), free(cache), free(active);
 }
 
 static int cmd_export(int argc, char **argv) {
@@ -906,9 +907,9 @@ static int cmd_export(int argc, char **argv) {
                 { "writable", no_argument, NULL, 'w' },       { "name", required_argument, NULL, 'n' },
                 { "socket", required_argument, NULL, 's' },   { "persistent", no_argument, NULL, 'p' },
                 { "max-connections", required_argument, NULL, 'm' }, { "tcp", required_argument, NULL, 't' },
-                {},
+                { "cache", required_argument, NULL, 'H' },    {},
         };
-        const char *name = NULL, *sock = NULL, *tcp = NULL;
+        const char *name = NULL, *sock = NULL, *tcp = NULL, *cache = NULL;
         bool writable = false, persistent = false;
         uint32_t maxc = 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -919,7 +920,8 @@ static int cmd_export(int argc, char **argv) {
 
         if (argc < 2 || argv[1][0] == '-')
                 return fprintf(stderr, "diskchainctl: export CHAIN [--writable] [--name N] [--socket PATH] "
-                                       "[--tcp ADDRESS:PORT] [--persistent] [--max-connections N]\n"), 2;
+                                       "[--tcp ADDRESS:PORT] [--persistent] [--max-connections N] "
+                                       "[--cache writeback|none]\n"), 2;
         while ((c = getopt_long(argc - 1, argv + 1, "", options, NULL)) >= 0)
                 switch (c) {
                 case 'w':
@@ -939,6 +941,9 @@ static int cmd_export(int argc, char **argv) {
                         break;
                 case 'm':
                         maxc = (uint32_t) strtoul(optarg, NULL, 10);
+                        break;
+                case 'H':
+                        cache = optarg;
                         break;
                 default:
                         return 2;
@@ -961,6 +966,8 @@ static int cmd_export(int argc, char **argv) {
                 r = sd_bus_message_append(m, "{sv}", "tcp", "s", tcp);
         if (r >= 0 && maxc)
                 r = sd_bus_message_append(m, "{sv}", "max-connections", "u", maxc);
+        if (r >= 0 && cache)
+                r = sd_bus_message_append(m, "{sv}", "cache", "s", cache);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r >= 0)
@@ -1220,6 +1227,7 @@ static void help(void) {
                "                               nbd+unix:///NAME?socket=PATH, nbds:// for TLS)\n"
                "  snapshot CHAIN OVERLAY [--existing]\n"
                "  export CHAIN [--writable] [--name N] [--socket PATH] [--persistent] [--max-connections N]\n"
+               "               [--tcp ADDRESS:PORT] [--cache writeback|none]\n"
                "                               Serve the chain over NBD (polkit: export); prints its URI\n"
                "  exports                      List the NBD exports\n"
                "  unexport NAME                Stop an export once its clients' requests are done\n"

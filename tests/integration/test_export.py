@@ -377,11 +377,16 @@ def test_diskchainctl_export_exports_unexport(bus):
     out = bus.ctl("exports").stdout
     assert "vm0" in out and "D.qcow2" in out, out
     out = bus.ctl("--json", "exports").stdout
-    assert '"name": "vm0"' in out and '"writable": true' in out, out
+    assert '"name": "vm0"' in out and '"writable": true' in out and '"cache": "writeback"' in out, out
     assert "stopped export vm0" in bus.ctl("unexport", "vm0").stdout
     p = bus.ctl("unexport", "vm0", check=False)
     assert p.returncode != 0 and "no export named 'vm0'" in p.stderr, p.stderr
     assert "vm0" not in bus.ctl("exports").stdout
+    bus.ctl("export", "D.qcow2", "--name", "vm1", "--cache", "none")
+    assert '"cache": "none"' in bus.ctl("--json", "exports").stdout
+    p = bus.ctl("export", "D.qcow2", "--name", "vm2", "--cache", "direct", check=False)
+    assert p.returncode != 0 and "cache" in p.stderr, p.stderr
+    bus.ctl("unexport", "vm1")
 
 
 def test_export_keeps_the_daemon_up(bus_idle):
@@ -398,7 +403,8 @@ def test_export_keeps_the_daemon_up(bus_idle):
 
 def test_persistent_export_comes_back(bus):
     chain = make_seed_chain(bus)
-    exp = export(bus, chain, ("name", "s", "keep"), ("persistent", "b", "true"), ("writable", "b", "true"))
+    exp = export(bus, chain, ("name", "s", "keep"), ("persistent", "b", "true"), ("writable", "b", "true"),
+                 ("cache", "s", "none"))
     uri = uri_of(bus, exp)
     pid = bus.daemon_pid()
     os.kill(pid, 15)
@@ -407,6 +413,7 @@ def test_persistent_export_comes_back(bus):
     bus.call(M, "Manager", "ListImages")
     wait_for(lambda: exports(bus) == [exp], "the export is back")
     assert prop(bus, exp, "Export", "Writable") is True
+    assert prop(bus, exp, "Export", "Cache") == "none"
     assert "export-size" in sh("nbdinfo", uri).stdout
     bus.call(exp, "Export", "Stop")
     pid = bus.daemon_pid()
@@ -549,6 +556,59 @@ def test_snapshot_moves_the_export(bus):
     assert file_content(os.path.join(bus.root, "E.qcow2")) == expect
     # what was written before the snapshot stayed in D
     assert qemu_img("info", "-U", "--output=json", os.path.join(bus.root, "E.qcow2")).stdout.count("D.qcow2")
+    check_clean(bus)
+
+
+def direct_files(pid):
+    """The files process PID holds open with O_DIRECT, by name."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                flags = int(re.search(r"^flags:\s+([0-7]+)", f.read(), re.M).group(1), 8)
+        except (FileNotFoundError, AttributeError):
+            continue
+        if flags & os.O_DIRECT:
+            out.add(os.path.basename(target))
+    return out
+
+
+def test_export_cache_none(bus):
+    """cache=none: the clients' data goes around the page cache on every layer,
+    also the layers a snapshot gives the export later; nothing else changes."""
+    chain = make_seed_chain(bus)
+    probe = os.path.join(bus.root, "A.qcow2")
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("the test directory's file system has no direct I/O")
+    p = export(bus, chain, ("cache", "s", "unsafe"), check=False)
+    assert p.returncode != 0 and "option 'cache': 'unsafe' is not one of" in p.stderr, p.stderr
+    # the default goes through the cache
+    exp = export(bus, chain, ("name", "s", "cached"))
+    assert prop(bus, exp, "Export", "Cache") == "writeback"
+    assert read_all(uri_of(bus, exp))[:4096] == open(os.path.join(bus.dir, "D.ref"), "rb").read(4096)
+    assert not direct_files(bus.daemon_pid()) & {"A.qcow2", "B.qcow2", "C.qcow2", "D.qcow2"}
+    bus.call(exp, "Export", "Stop")
+
+    exp = export(bus, chain, ("name", "s", "direct"), ("writable", "b", "true"), ("cache", "s", "none"))
+    uri = uri_of(bus, exp)
+    assert prop(bus, exp, "Export", "Cache") == "none"
+    assert direct_files(bus.daemon_pid()) >= {"A.qcow2", "B.qcow2", "C.qcow2", "D.qcow2"}
+    p = qemu_img("compare", "-f", "raw", "-F", "raw", uri, os.path.join(bus.dir, "D.ref"), check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    w = Writer(uri, seed=11, pause=0.001)
+    w.start()
+    time.sleep(0.3)
+    bus.call(chain, "Chain", "Snapshot", "sa{sv}", "E.qcow2", "0")
+    n = w.writes
+    wait_for(lambda: w.writes > n + 20, "writes after the snapshot")
+    assert "E.qcow2" in direct_files(bus.daemon_pid())
+    expect = w.finish()
+    assert read_all(uri) == expect
+    bus.call(exp, "Export", "Stop")
+    assert file_content(os.path.join(bus.root, "E.qcow2")) == expect
     check_clean(bus)
 
 
