@@ -22,11 +22,12 @@ multi-conn (every side here does: qemu-nbd is started with --shared=8), 64
 requests of 256 KiB in flight on each.  A write row ends when the client got
 the reply to its FLUSH: every side then has the data and metadata on disk.
 
-The sides (each anchor's fastest sensible settings; the table shows the
-faster of the two per anchor and which it was):
+The sides (each server in its two cache settings; the table shows the
+faster of the two per server and which it was):
 
   diskchain           the daemon on a private bus (tests/integration/bustest.py),
                       the export made through the bus (diskchainctl export)
+  diskchain none      the same export with --cache none (O_DIRECT data I/O)
   qemu-nbd            default cache (writeback), aio=threads, --shared=8, --persistent
   qemu-nbd none       --cache=none --aio=native
   qsd                 qemu-storage-daemon, the chain spelt out node by node,
@@ -42,7 +43,8 @@ row's image against the random source, the randwrite row's image against
 the first side's (fio's data and offsets are deterministic; diskchain's
 images also with `qemu-img check`).  Peak memory: the daemon's VmHWM, reset
 before each run (clear_refs 5), and the anchor process's VmHWM (a fresh
-process each run).
+process each run).  Each run also prints the client's CPU time and the
+server's (CPU seconds and minor page faults over the run).
 
     bench/run-bench-nbd.py [--repeat 3] [--only ROW] [--sides ...] [--build build]
 """
@@ -77,6 +79,13 @@ ROWS = {
     "randwrite": dict(writable=True, label="fio 4 KiB randwrite QD16, then flush"),
     "randread": dict(writable=False, label="fio 4 KiB randread QD16"),
 }
+
+
+def proc_cost(pid):
+    """CPU seconds (user + system) and minor page faults of PID so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[12])) / tick, int(f[7])
 
 
 def vm_hwm(pid):
@@ -138,9 +147,11 @@ class Anchor:
 class Diskchain:
     """The daemon's export of overlay2.qcow2, made through the bus."""
 
-    def __init__(self, bus, writable):
+    def __init__(self, side, bus, writable):
         self.bus = bus
         args = ["export", "overlay2.qcow2", "--name", NAME] + (["--writable"] if writable else [])
+        if side.endswith(" none"):
+            args += ["--cache", "none"]
         self.uri = bus.ctl(*args).stdout.strip().split()[-1]
         self._pid = bus.daemon_pid()
         with open(f"/proc/{self._pid}/clear_refs", "w") as f:
@@ -194,7 +205,7 @@ def main():
                     help="the 4 GiB image of unique random data the write row copies (made when missing)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the median counts")
     ap.add_argument("--only", action="append", choices=sorted(ROWS), help="run only this row (repeatable)")
-    ap.add_argument("--sides", default="diskchain,qemu-nbd,qemu-nbd none,qsd,qsd direct",
+    ap.add_argument("--sides", default="diskchain,diskchain none,qemu-nbd,qemu-nbd none,qsd,qsd direct",
                     help="comma-separated sides to run")
     ap.add_argument("--randwrite-ios", type=int, default=32768, help="4 KiB writes of the randwrite row")
     ap.add_argument("--randread-ios", type=int, default=65536, help="4 KiB reads of the randread row")
@@ -254,20 +265,22 @@ def main():
             for rep in range(a.repeat):
                 order = sides[rep % len(sides):] + sides[:rep % len(sides)]
                 for side in order:
-                    d = bus.root if side == "diskchain" else qdir
+                    ours = side.startswith("diskchain")
+                    d = bus.root if ours else qdir
                     if spec["writable"] or rep == 0 or not os.path.exists(os.path.join(d, CHAIN[-1])):
                         rb.clear(d)
                         rb.copy_chain(pristine, d)
-                    if side == "diskchain":
-                        server = Diskchain(bus, spec["writable"])
+                    if ours:
+                        server = Diskchain(side, bus, spec["writable"])
                     else:
                         server = Anchor(side, d, spec["writable"])
                     uri = server.uri
                     rb.cold()
-                    if side == "diskchain":
+                    if ours:
                         with open(f"/proc/{server.pid()}/clear_refs", "w") as f:
                             f.write("5\n")
                     c0 = children_cpu()
+                    s0 = proc_cost(server.pid())
                     t0 = time.monotonic()
                     if row == "read":
                         nbdcopy(uri, "null:")
@@ -279,6 +292,8 @@ def main():
                         fio(uri, "randread", a.randread_ios)
                     t = time.monotonic() - t0
                     ccpu = children_cpu() - c0
+                    s1 = proc_cost(server.pid())
+                    scpu, sflt = s1[0] - s0[0], s1[1] - s0[1]
                     times[side].append(t)
                     peaks[side] = max(peaks[side], server.peak())
                     if rep == 0 and row == "read":
@@ -302,10 +317,10 @@ def main():
                                                 os.path.join(refdir, "overlay2.qcow2")])
                         if r.returncode != 0:
                             sys.exit(f"{side} {row}: the result differs from what the client wrote")
-                        if side == "diskchain":
+                        if ours:
                             rb.sh("qemu-img", "check", "-q", top)
-                    print(f"  {row:10s} {side:14s} {t:7.2f} s  peak {peaks[side]:5.0f} MiB  client CPU {ccpu:5.2f} s",
-                          flush=True)
+                    print(f"  {row:10s} {side:14s} {t:7.2f} s  peak {peaks[side]:5.0f} MiB  client CPU {ccpu:5.2f} s"
+                          f"  server CPU {scpu:5.2f} s, {sflt} faults", flush=True)
             med = {s: sorted(v)[len(v) // 2] for s, v in times.items()}
             results[row] = (med, peaks)
         rb.cold()
@@ -322,7 +337,7 @@ def main():
         groups = [g for g in ("qemu-nbd", "qsd") if any(s.startswith(g) for s in sides)]
         print(f"\nMedians of {a.repeat} cold-cache runs, alternating; disk write speed {wspeed:.0f} MiB/s.\n")
         print("| row | " + " | ".join(f"{g} (s, fastest variant)" for g in groups) +
-              " | diskchain (s) | diskchain rate | ratio to fastest anchor | peak MiB: diskchain / "
+              " | diskchain (s, fastest variant) | diskchain rate | ratio to fastest anchor | peak MiB: diskchain / "
               + " / ".join(groups) + " |")
         print("|---|" + "---:|" * (len(groups) + 4))
         for row, (med, peaks) in results.items():
@@ -331,11 +346,13 @@ def main():
                 v = min((med[s], s) for s in sides if s.startswith(g))
                 cells.append(f"{v[0]:.2f} ({v[1]})")
                 best = v[0] if best is None else min(best, v[0])
-            dc = med.get("diskchain")
+            ours = [s for s in sides if s.startswith("diskchain")]
+            dc, dcs = min((med[s], s) for s in ours) if ours else (None, None)
             gp = [max(peaks[s] for s in sides if s.startswith(g)) for g in groups]
             line = f"| {ROWS[row]['label']} | " + " | ".join(cells)
             if dc:
-                line += f" | {dc:.2f} | {amount(row, dc)} | {best / dc:.2f} | {peaks['diskchain']:.0f} / "
+                line += (f" | {dc:.2f} ({dcs}) | {amount(row, dc)} | {best / dc:.2f} | "
+                         f"{max(peaks[s] for s in ours):.0f} / ")
             else:
                 line += " | - | - | - | - / "
             print(line + " / ".join(f"{p:.0f}" for p in gp) + " |")
