@@ -199,6 +199,8 @@ extern const struct dc_driver dc_nbd_driver;
 int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, dc_image **ret);
 /* Is IMG an NBD export (no file, no backing, never a chain's layer)? */
 bool dc_image_is_remote(dc_image *img);
+/* The smallest block IMG takes a request of (an NBD server's minimum block size; 1 for files). */
+uint64_t dc_image_min_block(dc_image *img);
 
 struct dc_image {
         const struct dc_driver *drv;

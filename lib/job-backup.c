@@ -98,7 +98,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         _cleanup_(dc_job_freep) dc_job *j = NULL;
         struct backup *s;
         dc_image *source, *tgt;
-        uint64_t cs, unit, chunk;
+        uint64_t cs, mb, unit, chunk;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -121,11 +121,14 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         if (bo->compress && !s->tgt->drv->write_compressed)
                 return dc_error(ENOTSUP, "Compression is not supported for this drive");
         cs = dc_image_cluster_size(s->tgt);
-        if (bo->max_chunk && bo->max_chunk < MAX(cs, 512u))
-                return dc_error(EINVAL, "max-chunk must be at least the target's cluster size");
-        chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, 512), (uint64_t) DC_COPY_CHUNK) : 0;
+        /* an NBD server's minimum block (a power of two up to 64 KiB): no request may be smaller */
+        mb = MAX(dc_image_min_block(s->tgt), 512u);
+        if (bo->max_chunk && bo->max_chunk < MAX(cs, mb))
+                return dc_error(EINVAL, "max-chunk must be at least the target's cluster size (%llu bytes)",
+                                (unsigned long long) MAX(cs, mb));
+        chunk = bo->max_chunk ? MIN(ALIGN_DOWN(bo->max_chunk, mb), (uint64_t) DC_COPY_CHUNK) : 0;
         /* copy-before-write works in whole target clusters (64 KiB for raw) */
-        unit = cs ? cs : 65536;
+        unit = MAX(cs ? cs : 65536, mb);
         if (chunk && chunk < unit)
                 unit = chunk;
         if (chunk)

@@ -429,6 +429,7 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
         struct mirror *s;
         dc_image *source, *tgt;
         uint32_t cs, gran;
+        uint64_t mb;
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
@@ -457,6 +458,12 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
          * chunk copied is never smaller than a target cluster, so no write needs its backing */
         cs = dc_image_cluster_size(s->tgt);
         gran = mo->granularity ? mo->granularity : cs ? MIN(MAX(cs, 4096u), 65536u) : 65536u;
+        /* an NBD server refuses requests smaller than its minimum block (a power of two, 64 KiB at most) */
+        mb = dc_image_min_block(s->tgt);
+        if (mo->granularity && mo->granularity < mb)
+                return dc_error(EINVAL, "Granularity %u is below the minimum block size of '%s' (%llu bytes)",
+                                mo->granularity, s->tgt->path, (unsigned long long) mb);
+        gran = MAX(gran, (uint32_t) mb);
         s->unit = MAX(gran, cs);
         s->buf_size = mo->buf_size ? mo->buf_size : DC_COPY_MIRROR_BUF;
         r = mirror_setup(s);

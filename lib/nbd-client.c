@@ -789,6 +789,13 @@ int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, d
         t->max_request = v > 0 ? MIN((uint64_t) v, (uint64_t) NBD_DEFAULT_MAX_REQUEST) : NBD_DEFAULT_MAX_REQUEST;
         v = nbd_get_block_size(t->h, LIBNBD_SIZE_MINIMUM);
         t->min_block = v > 0 ? (uint64_t) v : 1;
+        /* the protocol's rule, which the jobs' alignment relies on */
+        if (t->min_block > 65536 || (t->min_block & (t->min_block - 1))) {
+                r = dc_error(EPROTO, "'%s': the server's minimum block size %llu is not a power of two up to 64 KiB",
+                             normal, (unsigned long long) t->min_block);
+                nbd_target_free(t);
+                return r;
+        }
         t->max_request = MAX(ALIGN_DOWN(t->max_request, t->min_block), t->min_block);
         r = pthread_create(&t->io, NULL, io_thread, t);
         if (r != 0) {
@@ -817,4 +824,8 @@ int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, d
 
 bool dc_image_is_remote(dc_image *img) {
         return img && img->drv == &dc_nbd_driver;
+}
+
+uint64_t dc_image_min_block(dc_image *img) {
+        return dc_image_is_remote(img) ? ((struct nbd_target *) img->priv)->min_block : 1;
 }

@@ -7,29 +7,15 @@ export, a server that dies, and whom the root daemon connects to for an
 unprivileged caller.  qemu-img judges every copy after its server is gone."""
 import os
 import random
-import signal
-import socket
-import subprocess
 import time
 
 import pytest
 
 from bustest import qemu_img, set_group_member
+from nbdservers import free_port, servers, start, stop, wait_port, wait_socket  # noqa: F401 (servers: autouse)
 from test_bus import M, data, prop, wait_gone, wait_status
 
 SIZE = 16 << 20
-SERVERS = []
-
-
-@pytest.fixture(autouse=True)
-def servers():
-    """Every NBD server a test starts is gone after it, whatever happened."""
-    yield
-    while SERVERS:
-        p = SERVERS.pop()
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 def make_chain(bus):
@@ -55,36 +41,6 @@ def make_chain(bus):
     return data(bus.call(M, "Manager", "GetChain", "s", "C.qcow2"))[0], os.path.join(bus.dir, "C.raw")
 
 
-def wait_socket(path, proc):
-    for _ in range(100):
-        if os.path.exists(path):
-            return
-        assert proc.poll() is None, f"the NBD server exited: {proc.stderr.read()}"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
-
-
-def wait_port(port, proc):
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert proc.poll() is None, f"the NBD server exited: {proc.stderr.read()}"
-        time.sleep(0.05)
-    raise AssertionError(f"port {port} never opened")
-
-
-def start(args):
-    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    SERVERS.append(p)
-    return p
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    p.wait(10)
-
-
 def qemu_nbd(target, sock=None, port=None, name="", extra=()):
     args = ["qemu-nbd", "-f", "qcow2", "-x", name, *extra, target]
     args[1:1] = ["--socket", sock] if sock else ["-p", str(port), "-b", "127.0.0.1"]
@@ -103,12 +59,6 @@ def qsd(target, sock, name="tgt"):
                "--export", f"type=nbd,id=e,node-name=t,name={name},writable=on"])
     wait_socket(sock, p)
     return p
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_target(bus, name="target.qcow2", size=SIZE):
@@ -224,6 +174,32 @@ def test_one_export_one_job_and_a_server_that_dies(bus):
     assert bus.daemon_pid() == pid
     bus.call(job, "Job", "Dismiss")
     assert data(bus.call(M, "Manager", "ListJobs"))[0] == []
+
+
+def test_the_servers_minimum_block_size(bus):
+    """An NBD server that refuses requests below 4 KiB (nbdkit's blocksize-policy with error): a granularity or
+    max-chunk under it is refused up front with the reason, and the defaults copy in blocks it takes."""
+    chain, ref = make_chain(bus)
+    target = os.path.join(bus.dir, "min4k.raw")
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    sock = os.path.join(bus.dir, "min4k.sock")
+    srv = start(["nbdkit", "--foreground", "--unix", sock, "--filter=blocksize-policy", "file", target,
+                 "blocksize-minimum=4096", "blocksize-preferred=65536", "blocksize-error-policy=error"])
+    wait_socket(sock, srv)
+    uri = f"nbd+unix:///?socket={sock}"
+    p = bus.call(chain, "Chain", "Mirror", "sa{sv}", uri, "1", "granularity", "u", "512", check=False)
+    assert p.returncode != 0 and "below the minimum block size" in p.stderr and "4096" in p.stderr, p.stderr
+    p = bus.call(chain, "Chain", "Backup", "sa{sv}", uri, "1", "max-chunk", "t", "1024", check=False)
+    assert p.returncode != 0 and "max-chunk must be at least" in p.stderr and "4096" in p.stderr, p.stderr
+    job = data(bus.call(chain, "Chain", "Mirror", "sa{sv}", uri, "2", "job-id", "s", "m4k",
+                        "granularity", "u", "4096"))[0]
+    wait_status(bus, job, "ready")
+    bus.call(job, "Job", "Cancel", "b", "false")
+    wait_gone(bus, job)
+    stop(srv)
+    p = qemu_img("compare", "-f", "raw", "-F", "raw", target, ref, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_unprivileged_caller_reaches_only_its_own_sockets(bus):
