@@ -213,18 +213,8 @@ def main():
                     help="environment of the clients (nbdcopy, fio), to study them; repeatable")
     a = ap.parse_args()
     CLIENT_ENV.update(v.split("=", 1) for v in a.client_env)
-    if os.geteuid() != 0:
-        sys.exit("run as root: the benchmark drops the page cache and runs the daemon")
-    build = os.path.abspath(a.build)
-    os.environ["DISKCHAIN_BUILD"] = build
-    import bustest
-    bustest.DAEMON = os.path.join(build, "daemon", "diskchaind")
-    bustest.CTL = os.path.join(build, "tools", "diskchainctl")
-
+    bustest = rb.prepare(a)
     pristine = a.chain_dir
-    if not all(os.path.exists(os.path.join(pristine, n)) for n in CHAIN):
-        print(f"building the chain in {pristine} ({a.make_chain}) ...", flush=True)
-        subprocess.run(["bash", a.make_chain, pristine, a.seed], check=True, stdout=subprocess.DEVNULL)
     virtual = json.load(open(os.path.join(pristine, "alloc.json")))["virtual"]
     if not os.path.exists(a.random) or os.path.getsize(a.random) != virtual:
         print(f"writing {virtual >> 20} MiB of random data to {a.random} ...", flush=True)

@@ -220,6 +220,22 @@ JOBS = {
 }
 
 
+def prepare(a):
+    """What both benchmarks need first: root, bustest pointed at the build in A.build, and the pristine
+    chain in A.chain_dir (made with A.make_chain and A.seed when missing).  Returns the bustest module."""
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark drops the page cache and runs the daemon")
+    build = os.path.abspath(a.build)
+    os.environ["DISKCHAIN_BUILD"] = build
+    import bustest
+    bustest.DAEMON = os.path.join(build, "daemon", "diskchaind")
+    bustest.CTL = os.path.join(build, "tools", "diskchainctl")
+    if not all(os.path.exists(os.path.join(a.chain_dir, n)) for n in CHAIN):
+        print(f"building the chain in {a.chain_dir} ({a.make_chain}) ...", flush=True)
+        subprocess.run(["bash", a.make_chain, a.chain_dir, a.seed], check=True, stdout=subprocess.DEVNULL)
+    return bustest
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(SRC, "build"))
@@ -234,18 +250,8 @@ def main():
     ap.add_argument("--dc-arg", action="append", default=[],
                     help="one more argument for each diskchainctl job command (to try an option; repeatable)")
     a = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root: the benchmark drops the page cache and runs the daemon")
-    build = os.path.abspath(a.build)
-    os.environ["DISKCHAIN_BUILD"] = build
-    import bustest
-    bustest.DAEMON = os.path.join(build, "daemon", "diskchaind")
-    bustest.CTL = os.path.join(build, "tools", "diskchainctl")
-
+    bustest = prepare(a)
     pristine = a.chain_dir
-    if not all(os.path.exists(os.path.join(pristine, n)) for n in CHAIN):
-        print(f"building the chain in {pristine} ({a.make_chain}) ...", flush=True)
-        subprocess.run(["bash", a.make_chain, pristine, a.seed], check=True, stdout=subprocess.DEVNULL)
     alloc = json.load(open(os.path.join(pristine, "alloc.json")))
     # bytes each job has to move, from qemu-img map of the chain
     moved = {"mirror": alloc["chain_union"], "backup": alloc["chain_union"],

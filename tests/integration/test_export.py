@@ -22,7 +22,9 @@ import nbd
 import pytest
 
 from bustest import TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io, set_group_member, sh
+from nbdservers import free_port, servers, start, wait_port  # noqa: F401 (servers: the autouse fixture)
 from test_bus import M, create, data, image, make_seed_chain, prop, wait_gone, wait_status
+from tlsfiles import credentials, needs_tools as needs_tls_tools
 
 SIZE = 8 << 20  # the seed chain's size
 
@@ -881,21 +883,11 @@ def test_storage_migration_to_a_diskchain_export(bus):
 
 # --- exports over TCP ([NBD] TCPListen=, TLS) -------------------------------------------
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-from tlsfiles import have_tools, make_pki, make_psk  # noqa: E402
-
-needs_tls_tools = pytest.mark.skipif(not have_tools, reason="certtool/psktool (gnutls-bin) are not installed")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    if not have_tools:
-        pytest.skip("certtool/psktool (gnutls-bin) are not installed")
-    base = tmp_path_factory.mktemp("pki")
-    d = make_pki(base)
-    d.psk = make_psk(base / "psk", "alice")
-    d.badpsk = make_psk(base / "badpsk", "alice")
-    return d
+    return credentials(tmp_path_factory)
 
 
 @pytest.fixture
@@ -1049,3 +1041,59 @@ def test_tcp_plaintext_loopback_only_when_configured(conf_bus):
     port = int(re.search(r"nbd://127\.0\.0\.1:(\d+)/ctl", out).group(1))
     assert "export-size" in sh("nbdinfo", f"nbd://127.0.0.1:{port}/ctl").stdout
     assert "stopped export ctl" in bus.ctl("unexport", "ctl").stdout
+
+
+# --- remote targets with the daemon's own TLS credentials ([Remote]) -------------------
+
+def tls_qemu_nbd(target, port, creds):
+    """qemu-nbd serving TARGET on 127.0.0.1:PORT, TLS required with the tls-creds object CREDS."""
+    p = start(["qemu-nbd", "-f", "qcow2", "-p", port, "-b", "127.0.0.1", "--object", creds, "--tls-creds", "tls0",
+               target])
+    wait_port(port, p)
+    return p
+
+
+@needs_tls_tools
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_remote_target_with_the_configured_credentials(conf_bus, pki, kind):
+    """A backup into nbds:// with the credentials of [Remote] TLSCertificates= (a client certificate the
+    server verifies) or TLSPSKFile=; credentials the server does not accept fail the job, not the daemon."""
+    if kind == "x509":
+        good = f"[Remote]\nTLSCertificates={pki.client}\n"
+        bad = f"[Remote]\nTLSCertificates={pki.rogue}\n"
+        creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={pki.server},verify-peer=on"
+        user = ""
+    else:
+        good = f"[Remote]\nTLSPSKFile={pki.psk}\n"
+        bad = f"[Remote]\nTLSPSKFile={pki.badpsk}\n"
+        creds = f"tls-creds-psk,id=tls0,endpoint=server,dir={pki.psk.parent}"
+        user = "alice@"
+    for config, ok in ((good, True), (bad, False)):
+        bus = conf_bus(config)
+        chain = make_seed_chain(bus)
+        target = os.path.join(bus.dir, "remote.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", target, str(SIZE))
+        port = free_port()
+        srv = tls_qemu_nbd(target, port, creds)
+        try:
+            uri = f"nbds://{user}127.0.0.1:{port}/"
+            p = bus.call(chain, "Chain", "Backup", "sa{sv}", uri, "2", "job-id", "s", "b", "auto-dismiss", "b",
+                         "false", check=False)
+            if p.returncode == 0:
+                job = data(p)[0]
+                wait_status(bus, job, "concluded")
+                err = prop(bus, job, "Job", "Error")
+                bus.call(job, "Job", "Dismiss")
+            else:
+                err = p.stderr
+        finally:
+            srv.send_signal(15)
+            srv.wait(10)
+        if ok:
+            assert not err, err
+            assert qemu_img("check", target, check=False).returncode == 0
+            p = qemu_img("compare", "-F", "raw", target, os.path.join(bus.dir, "D.ref"), check=False)
+            assert p.returncode == 0, p.stdout + p.stderr
+        else:
+            assert err and "127.0.0.1" in err, err
+        assert bus.daemon_pid()

@@ -10,13 +10,12 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
 
 from imgtest import BUILD, assert_clean, qemu_img, qemu_io, qemu_map, run
-from tlsfiles import have_tools, make_pki, make_psk, needs_tools
+from tlsfiles import credentials, needs_tools
 
 nbd = pytest.importorskip("nbd")
 
@@ -691,14 +690,7 @@ REP_ACK, REP_ERR_UNSUP, REP_ERR_TLS_REQD = 1, 0x80000001, 0x80000005
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    if not have_tools:
-        pytest.skip("certtool/psktool (gnutls-bin) are not installed")
-    base = tmp_path_factory.mktemp("pki")
-    d = make_pki(base)
-    d.psk = make_psk(base / "psk", "alice")
-    d.badpsk = make_psk(base / "badpsk", "alice")   # the same identity, another key
-    d.stranger = make_psk(base / "stranger", "bob")
-    return d
+    return credentials(tmp_path_factory)
 
 
 def tls_server(server, pki, *args, addr="127.0.0.1", x509=True, psk=False, verify=True):

@@ -11,37 +11,9 @@ import time
 import pytest
 
 from imgtest import BUILD, assert_clean, dc, qemu_img, qemu_io, run
+from nbdservers import serve, servers, stop  # noqa: F401 (servers: the autouse fixture)
 
 DC_LIVE = os.path.join(BUILD, "tests", "dc-live")
-SERVERS = []
-
-
-@pytest.fixture(autouse=True)
-def servers():
-    yield
-    while SERVERS:
-        p = SERVERS.pop()
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
-def serve(args, sock):
-    p = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    SERVERS.append(p)
-    for _ in range(100):
-        if os.path.exists(sock):
-            return p
-        assert p.poll() is None, p.stderr.read()
-        time.sleep(0.05)
-    raise AssertionError(f"{sock} never appeared")
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    p.wait(10)
-
-
 @pytest.fixture
 def chain(tmp):
     """[A] <-- [B] <-- [C], 32 MiB, fragmented."""

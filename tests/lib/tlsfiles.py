@@ -79,3 +79,16 @@ def make_psk(d, user="alice"):
     p = subprocess.run(["psktool", "-u", user, "-p", str(d / "keys.psk")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     return d / "keys.psk"
+
+
+def credentials(tmp_path_factory):
+    """Everything the TLS tests use, made once per module: make_pki's directories, and the PSK files psk
+    (alice), badpsk (alice with another key) and stranger (bob).  Skips without certtool and psktool."""
+    if not have_tools:
+        pytest.skip("certtool/psktool (gnutls-bin) are not installed")
+    base = tmp_path_factory.mktemp("pki")
+    d = make_pki(base)
+    d.psk = make_psk(base / "psk", "alice")
+    d.badpsk = make_psk(base / "badpsk", "alice")
+    d.stranger = make_psk(base / "stranger", "bob")
+    return d
