@@ -351,12 +351,13 @@ static int check_readable(const char *path, const char *what) {
 }
 
 static int load_x509(dc_nbd_tls *t, const char *dir, bool verify_peer) {
+        _cleanup_free_ char *crl = file_in(dir, "ca-crl.pem");
         _cleanup_free_ char *ca = file_in(dir, "ca-cert.pem");
         _cleanup_free_ char *cert = file_in(dir, "server-cert.pem");
         _cleanup_free_ char *key = file_in(dir, "server-key.pem");
         int r;
 
-        if (!ca || !cert || !key)
+        if (!crl || !ca || !cert || !key)
                 return dc_error(ENOMEM, "out of memory");
         if ((r = check_readable(cert, "certificate")) < 0 || (r = check_readable(key, "key")) < 0)
                 return r;
@@ -370,6 +371,14 @@ static int load_x509(dc_nbd_tls *t, const char *dir, bool verify_peer) {
                 if (r <= 0)
                         return dc_error(EINVAL, "TLS CA certificate '%s': %s", ca,
                                         r < 0 ? gnutls_strerror(r) : "no certificate in it");
+                /* the CA's revocation list, when there is one (as QEMU's tls-creds-x509 reads it) */
+                if (access(crl, F_OK) == 0) {
+                        if ((r = check_readable(crl, "CRL")) < 0)
+                                return r;
+                        r = gnutls_certificate_set_x509_crl_file(t->x509, crl, GNUTLS_X509_FMT_PEM);
+                        if (r < 0)
+                                return dc_error(EINVAL, "TLS CRL '%s': %s", crl, gnutls_strerror(r));
+                }
         }
         r = gnutls_certificate_set_x509_key_file(t->x509, cert, key, GNUTLS_X509_FMT_PEM);
         if (r < 0)

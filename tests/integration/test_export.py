@@ -1001,6 +1001,20 @@ def test_tcp_export_with_psk_persistent(conf_bus, pki):
     bus.call(exp, "Export", "Stop")
 
 
+def test_tcp_export_honours_the_crl(conf_bus, pki):
+    """ca-crl.pem beside the CA: a client certificate the CA revoked is refused, the others still get in."""
+    bus = conf_bus(f"[NBD]\nTCPListen=127.0.0.1\nTLSCredentials={pki.server_crl}\n")
+    chain = make_seed_chain(bus)
+    exp = export(bus, chain, ("name", "s", "crl"), ("tcp", "s", "127.0.0.1:0"))
+    uri = uri_of(bus, exp)
+    assert "export-size" in sh("nbdinfo", f"{uri}?tls-certificates={pki.client}").stdout
+    p = sh("nbdinfo", f"{uri}?tls-certificates={pki.revoked}", check=False)
+    assert p.returncode != 0, p.stdout
+    assert "export-size" in sh("nbdinfo", f"{uri}?tls-certificates={pki.client}").stdout
+    bus.call(exp, "Export", "Stop")
+
+
+@needs_tls_tools
 def test_tcp_refused_without_credentials(conf_bus):
     """Without credentials TLS cannot be had, so TCP is refused (see the next test for loopback);
     and only what TCPListen= names is allowed."""

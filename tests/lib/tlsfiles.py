@@ -7,6 +7,8 @@ a test's temporary directory (tests/lib and tests/integration use them):
   pki.rogue    the same, but the client certificate is signed by another CA of the same
                name (so that a client offers it when the server asks for that CA's)
   pki.nocert   ca-cert.pem only: a client that trusts the server and has no certificate
+  pki.revoked  a client certificate the CA signed, then revoked
+  pki.server_crl  pki.server with ca-crl.pem, the CA's revocation list naming pki.revoked's
 
 laid out as QEMU's tls-creds-x509 and libnbd's tls-certificates= want them.
 The server certificate is for localhost, 127.0.0.1 and ::1."""
@@ -59,10 +61,17 @@ def make_pki(base):
             "ip_address = ::1\ntls_www_server\n")
     _signed(work, "client", ca, "cn = client\ntls_www_client\n")
     _signed(work, "rogue", other, "cn = rogue\ntls_www_client\n")
+    _signed(work, "revoked", ca, "cn = revoked\ntls_www_client\n")
+    t = _template(work, "crl.info", "crl_next_update = 2\ncrl_number = 1\n")
+    _certtool("--generate-crl", "--load-ca-privkey", ca[1], "--load-ca-certificate", ca[0], "--load-certificate",
+              work / "revoked-cert.pem", "--template", t, "--outfile", work / "ca-crl.pem")
     dirs = SimpleNamespace()
     for name, files in (("server", {"server-cert.pem": "server-cert.pem", "server-key.pem": "server-key.pem"}),
                         ("client", {"client-cert.pem": "client-cert.pem", "client-key.pem": "client-key.pem"}),
                         ("rogue", {"client-cert.pem": "rogue-cert.pem", "client-key.pem": "rogue-key.pem"}),
+                        ("revoked", {"client-cert.pem": "revoked-cert.pem", "client-key.pem": "revoked-key.pem"}),
+                        ("server_crl", {"server-cert.pem": "server-cert.pem", "server-key.pem": "server-key.pem",
+                                        "ca-crl.pem": "ca-crl.pem"}),
                         ("nocert", {})):
         d = base / name
         d.mkdir()
