@@ -21,6 +21,9 @@ import time
 import nbd
 import pytest
 
+# the library tests' helpers (also when this module is imported by a child process, without the conftest)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+
 from bustest import TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io, set_group_member, sh
 from nbdservers import free_port, servers, start, wait_port  # noqa: F401 (servers: the autouse fixture)
 from test_bus import M, create, data, image, make_seed_chain, prop, wait_gone, wait_status
