@@ -44,6 +44,10 @@ class Server:
         if self.sock:
             cmd += ["--socket", self.sock]
         cmd += list(args) + [str(image)]
+        if os.environ.get("DISKCHAIN_VALGRIND"):
+            # errors make the exit status 66, which stop() reports with valgrind's words
+            cmd = ["valgrind", "-q", "--error-exitcode=66", "--leak-check=full", "--errors-for-leak-kinds=definite",
+                   *cmd]
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   pass_fds=getattr(self, "pass_fds", ()))
         self.tcp_ports = []
