@@ -196,11 +196,7 @@ def fio(uri, rw, ios):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default=os.path.join(SRC, "build"))
-    ap.add_argument("--chain-dir", default="/var/tmp/diskchain-bench-chain",
-                    help="where the pristine chain is kept between runs (built when missing)")
-    ap.add_argument("--make-chain", default=os.path.join(SRC, "..", "shared", "bench", "make-chain.sh"))
-    ap.add_argument("--seed", default="seed1")
+    rb.chain_args(ap)
     ap.add_argument("--random", default="/var/tmp/diskchain-bench-nbd-random.raw",
                     help="the 4 GiB image of unique random data the write row copies (made when missing)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the median counts")

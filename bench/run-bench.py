@@ -220,6 +220,15 @@ JOBS = {
 }
 
 
+def chain_args(ap):
+    """The options both benchmarks take for the build and the pristine chain (what prepare() uses)."""
+    ap.add_argument("--build", default=os.path.join(SRC, "build"))
+    ap.add_argument("--chain-dir", default="/var/tmp/diskchain-bench-chain",
+                    help="where the pristine chain is kept between runs (built when missing)")
+    ap.add_argument("--make-chain", default=os.path.join(SRC, "..", "shared", "bench", "make-chain.sh"))
+    ap.add_argument("--seed", default="seed1")
+
+
 def prepare(a):
     """What both benchmarks need first: root, bustest pointed at the build in A.build, and the pristine
     chain in A.chain_dir (made with A.make_chain and A.seed when missing).  Returns the bustest module."""
@@ -238,11 +247,7 @@ def prepare(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--build", default=os.path.join(SRC, "build"))
-    ap.add_argument("--chain-dir", default="/var/tmp/diskchain-bench-chain",
-                    help="where the pristine chain is kept between runs (built when missing)")
-    ap.add_argument("--make-chain", default=os.path.join(SRC, "..", "shared", "bench", "make-chain.sh"))
-    ap.add_argument("--seed", default="seed1")
+    chain_args(ap)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the median counts")
     ap.add_argument("--only", action="append", choices=sorted(JOBS), help="run only this job (repeatable)")
     ap.add_argument("--sides", default="diskchain,qemu-img,qemu-img -t none,qsd,qsd direct",
