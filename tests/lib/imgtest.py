@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 
 import pytest
 
@@ -71,7 +70,8 @@ _PROBE = None
 
 def _probe_binary():
     """Build tests/lib/dc-probe.c against this build's libdiskchain.a (once per
-    library build: the binary is named after the library's hash)."""
+    library build: the binary is named after the library's hash), into the
+    build directory, where nothing of it outlives the build."""
     global _PROBE
     if _PROBE:
         return _PROBE
@@ -79,7 +79,7 @@ def _probe_binary():
     lib = os.path.join(BUILD, "lib", "libdiskchain.a")
     src = os.path.join(here, "dc-probe.c")
     h = hashlib.sha256(open(lib, "rb").read() + open(src, "rb").read()).hexdigest()[:16]
-    out = os.path.join(tempfile.gettempdir(), f"dc-probe-{h}")
+    out = os.path.join(BUILD, "tests", f"dc-probe-{h}")
     if not os.path.exists(out):
         flags = []
         try:
