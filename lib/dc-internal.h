@@ -182,6 +182,13 @@ struct dc_driver {
          * reads go through read() under the lock.
          */
         int (*read_host)(dc_image *img, void *buf, uint64_t host, size_t len);
+        /*
+         * The descriptor read_host would read LEN bytes at HOST into BUF
+         * from, for a caller that does the read itself (dc_chain_map), or
+         * -1 when read_host does more than one read of one descriptor.
+         * NULL: never.
+         */
+        int (*host_fd)(dc_image *img, const void *buf, size_t len, uint64_t host);
         int (*write)(dc_image *img, const void *buf, uint64_t off, size_t len);
         int (*write_zeroes)(dc_image *img, uint64_t off, uint64_t len, unsigned flags);
         int (*write_compressed)(dc_image *img, const void *buf, uint64_t off, size_t len);
@@ -273,10 +280,19 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable);
 
 /* Read [off, off+len) of IMG's chain into BUF (no lock held on IMG). */
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
+/* Where a read lies, for a reader that does the I/O itself (dc_disk_map_read). */
+struct dc_read_map {
+        int fd;        /* LEN bytes at HOST of this descriptor, or -1: the range reads as zeros */
+        uint64_t host;
+};
+int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret);
+int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret);
+void dc_disk_unmap_read(dc_disk *d);
 /* How IMG takes a job's data while ON (DC_CACHE_*), and back to normal after (block-copy.c). */
 void dc_image_job_cache(dc_image *img, int mode, bool on);
 int dc_image_pwrite_data(dc_image *img, const void *buf, size_t len, uint64_t off, bool unlocked);
 int dc_image_pread_data(dc_image *img, void *buf, size_t len, uint64_t off);
+int dc_image_data_fd(dc_image *img, const void *buf, size_t len, uint64_t off);
 bool dc_image_direct_twin(dc_image *img);
 void dc_image_cache_none(dc_image *img, bool on);
 void *dc_io_buffer(size_t len);

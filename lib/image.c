@@ -546,12 +546,18 @@ static bool direct_fits(dc_image *img, const void *buf, size_t len, uint64_t off
                len % img->dio_off_align == 0;
 }
 
-/* Read LEN bytes of data at OFF from the image's file, around the cache when the disk's mode says so and they fit. */
-int dc_image_pread_data(dc_image *img, void *buf, size_t len, uint64_t off) {
+/* The descriptor a read of LEN bytes of data at OFF into BUF takes: around the cache when the disk's mode says so and they fit. */
+int dc_image_data_fd(dc_image *img, const void *buf, size_t len, uint64_t off) {
         bool direct = __atomic_load_n(&img->cache_none, __ATOMIC_ACQUIRE) && direct_fits(img, buf, len, off);
-        int r = dc_pread_full(direct ? img->dfd : img->fd, buf, len, off);
+        return direct ? img->dfd : img->fd;
+}
 
-        if (r == -EINVAL && direct)
+/* Read LEN bytes of data at OFF from the image's file (dc_image_data_fd). */
+int dc_image_pread_data(dc_image *img, void *buf, size_t len, uint64_t off) {
+        int fd = dc_image_data_fd(img, buf, len, off);
+        int r = dc_pread_full(fd, buf, len, off);
+
+        if (r == -EINVAL && fd != img->fd)
                 /* a rule the statx did not tell, or a short read at the end of the file */
                 r = dc_pread_full(img->fd, buf, len, off);
         return r;
@@ -737,6 +743,48 @@ int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len) {
                 len -= (size_t) st.length;
         }
         return 0;
+}
+
+/*
+ * Where [off, off+len) of IMG's chain lies, for a reader that does the read
+ * itself (the NBD server's io_uring reads): 1 when it is one piece, LEN
+ * bytes at one host offset of one layer's descriptor (RET->fd, chosen for
+ * BUF as dc_image_pread_data would) or zeros (RET->fd = -1); 0 when it is
+ * anything else (several pieces, compressed or encrypted data, a remote
+ * layer, an error), which dc_chain_read reads.  What makes the read safe
+ * without the lock is what makes dc_chain_read's safe; the caller holds
+ * the disk's door open over it (dc_disk_map_read), so the chain stays.
+ */
+int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret) {
+        for (;;) {
+                struct dc_layer_status st;
+                dc_image *below;
+                int r, fd = -1;
+
+                pthread_mutex_lock(&img->lock);
+                r = img->drv->block_status(img, off, len, &st);
+                below = img->backing;
+                if (r >= 0 && st.type == DC_LAYER_DATA && !st.compressed && !st.host_hole && st.host_offset >= 0 &&
+                    img->drv->host_fd)
+                        fd = img->drv->host_fd(img, buf, len, (uint64_t) st.host_offset);
+                pthread_mutex_unlock(&img->lock);
+                if (r < 0 || (st.length && st.length < len))
+                        return 0;
+                if (st.type == DC_LAYER_DATA && !st.host_hole) {
+                        if (fd < 0)
+                                return 0;
+                        *ret = (struct dc_read_map){ .fd = fd, .host = (uint64_t) st.host_offset };
+                        return 1;
+                }
+                if (st.type == DC_LAYER_UNALLOCATED && below && off < below->virtual_size) {
+                        if (len > below->virtual_size - off)
+                                return 0;
+                        img = below;
+                        continue;
+                }
+                *ret = (struct dc_read_map){ .fd = -1 };
+                return 1;
+        }
 }
 
 DC_EXPORT int dc_image_read(dc_image *img, void *buf, uint64_t off, size_t len) {

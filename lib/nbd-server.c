@@ -13,7 +13,10 @@
  *   costs one thread and a client with 16 in flight has 16 served side by
  *   side (each may wait on the disk: a copy-on-write read, a flush).
  *   Workers wait on their own condition variable and are woken one per
- *   queued request; the reader waits for room on another.  Requests of
+ *   queued request; the reader waits for room on another.  On a plaintext
+ *   connection the reader serves small reads that lie in one piece itself,
+ *   through an io_uring (see "the reader's own reads" below): no worker is
+ *   woken for the commonest request.  Requests of
  *   one connection run side by side and complete in any order; a reply goes
  *   out whole under the connection's send mutex, so chunks of two requests
  *   never interleave on the wire.  A listener thread per listening socket
@@ -73,6 +76,14 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+
+#include <liburing.h>
+#ifdef HAVE_VALGRIND_MEMCHECK_H
+#include <valgrind/memcheck.h>
+#else
+#define VALGRIND_MAKE_MEM_DEFINED(p, n) ((void) 0)
+#define RUNNING_ON_VALGRIND 0
+#endif
 
 #include "dc-internal.h"
 #include "nbd-proto.h"
@@ -548,51 +559,397 @@ static void enqueue(struct conn *c, struct request *q) {
                 c->nworkers++;
 }
 
+/* Take an in-flight slot for a request of COST bytes whatever the budget says (a ring read handed to the workers). */
+static void enqueue_over(struct conn *c, struct request *q) {
+        pthread_mutex_lock(&c->lock);
+        c->in_flight++;
+        c->in_flight_bytes += q->cost;
+        pthread_mutex_unlock(&c->lock);
+        enqueue(c, q);
+}
+
+struct ring;
+static bool ring_room(struct conn *c, struct ring *g, uint64_t cost);
+static int ring_payload(struct conn *c, struct ring *g, uint8_t *buf, size_t len);
+
+/*
+ * Queue request R (CHECK: what nbd_request_check said of it) for a worker,
+ * after reading its payload: through the ring connection's look-ahead G
+ * first when there is one.  False when the connection is to end.
+ */
+static bool queue_request(struct conn *c, struct ring *g, const struct nbd_request *r, int check) {
+        uint32_t payload = nbd_request_payload(r);
+        struct request *q = calloc(1, sizeof *q);
+
+        if (!q)
+                return false;
+        q->r = *r;
+        q->error = (uint32_t) check;
+        q->cost = r->type == NBD_CMD_READ && !check ? r->length : payload;
+        if (!(g ? ring_room(c, g, q->cost) : wait_room(c, q->cost))) {
+                free(q);
+                return false;
+        }
+        if (payload) {
+                q->payload = buffer_new(payload);
+                if (!q->payload ||
+                    (g ? ring_payload(c, g, q->payload, payload) : nbd_transport_read(&c->t, q->payload, payload)) < 0) {
+                        /* the client left in the middle of its payload: nothing to answer */
+                        pthread_mutex_lock(&c->lock);
+                        c->in_flight--;
+                        c->in_flight_bytes -= q->cost;
+                        pthread_mutex_unlock(&c->lock);
+                        buffer_free(q->payload);
+                        free(q);
+                        return false;
+                }
+        }
+        enqueue(c, q);
+        return true;
+}
+
 /* Read and queue requests until DISC, EOF, a protocol violation or the stop. */
 static void transmission(struct conn *c) {
-        int sndbuf = getenv("DC_X_SNDBUF") ? atoi(getenv("DC_X_SNDBUF")) : 4 << 20;
-
-        if (sndbuf) (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
         for (;;) {
                 uint8_t h[NBD_REQUEST_SIZE];
-                struct request *q;
                 struct nbd_request r;
-                uint32_t payload;
                 int check;
 
                 if (nbd_transport_read(&c->t, h, sizeof h) < 0 || nbd_request_decode(h, &r) < 0)
                         return;
                 check = nbd_request_check(&c->s, &c->x, &r);
-                if (check < 0)
+                if (check < 0 || r.type == NBD_CMD_DISC || !queue_request(c, NULL, &r, check))
                         return;
-                if (r.type == NBD_CMD_DISC)
-                        return;
-                payload = nbd_request_payload(&r);
-                q = calloc(1, sizeof *q);
-                if (!q)
-                        return;
-                q->r = r;
-                q->error = (uint32_t) check;
-                q->cost = r.type == NBD_CMD_READ && !check ? r.length : payload;
-                if (!wait_room(c, q->cost)) {
-                        free(q);
-                        return;
-                }
-                if (payload) {
-                        q->payload = buffer_new(payload);
-                        if (!q->payload || nbd_transport_read(&c->t, q->payload, payload) < 0) {
-                                /* the client left in the middle of its payload: nothing to answer */
-                                pthread_mutex_lock(&c->lock);
-                                c->in_flight--;
-                                c->in_flight_bytes -= q->cost;
-                                pthread_mutex_unlock(&c->lock);
-                                buffer_free(q->payload);
-                                free(q);
-                                return;
-                        }
-                }
-                enqueue(c, q);
         }
+}
+
+/* --- the reader's own reads: io_uring --------------------------------------------- */
+
+/*
+ * A plaintext connection's reader serves the common READ itself, without a
+ * worker: a request of at most RING_MAX_READ bytes whose range lies in one
+ * piece (dc_disk_map_read: one layer's data, or zeros) is read through the
+ * connection's io_uring, and the reader sends the reply when the read
+ * completes.  Waking a worker for each request cost more CPU than the read
+ * (a 4 KiB random read: a futex wake, two context switches and a blocking
+ * pread on the worker); with the ring, one io_uring_enter submits the reads
+ * that came in and collects what completed, and requests are taken from
+ * the socket through the same ring into a look-ahead buffer, several at a
+ * time.  Everything else (writes, flushes, block status, reads in several
+ * pieces, compressed data, a disk quiescing, a read that failed or came
+ * back short) goes to the workers as before, whose errors and messages are
+ * the ones a client gets.
+ *
+ * A mapped read holds the disk's door open (a pivot waits for it), so the
+ * reader never blocks on anything but the ring while one is outstanding:
+ * before it waits for room in the budget, for the rest of a payload, or on
+ * a send that does not go out at once, it settles the ring (waits for every
+ * read in it, which is disk I/O and always ends, and closes their doors).
+ * A client that stops taking replies thus holds up nothing but itself.
+ */
+#define RING_READS 32u
+#define RING_ENTRIES 64u
+#define RING_MAX_READ (UINT32_C(128) << 10)
+#define RING_LOOKAHEAD (UINT32_C(64) << 10)
+
+struct ring_read {
+        struct nbd_request r;
+        uint8_t *buf;
+        int res;                  /* the read's result; length = whole */
+        bool zero;                /* the range reads as zeros: nothing was read */
+        struct ring_read *next;   /* on the free or the done list */
+};
+
+struct ring {
+        struct io_uring u;
+        unsigned busy;            /* reads in the ring */
+        bool recv_busy;           /* a RECV into in[have, RING_LOOKAHEAD) is in the ring */
+        bool eof;                 /* the socket gave its last byte, or failed */
+        size_t pos, have;         /* in[pos, have): read from the socket, not yet taken */
+        struct ring_read *free, *done, **done_tail;
+        struct ring_read reads[RING_READS];
+        uint8_t in[RING_LOOKAHEAD];
+};
+
+/* Collect completions; with ALL, until no read is left in the ring. */
+static void ring_reap(struct conn *c, struct ring *g, bool all) {
+        for (;;) {
+                struct io_uring_cqe *cqe;
+                void *data;
+                int res;
+
+                if (io_uring_peek_cqe(&g->u, &cqe) != 0) {
+                        if (!all || !g->busy)
+                                return;
+                        /* with reads in the ring, this returns when one completes (or a signal came) */
+                        (void) io_uring_submit_and_wait(&g->u, 1);
+                        continue;
+                }
+                data = io_uring_cqe_get_data(cqe);
+                res = cqe->res;
+                io_uring_cqe_seen(&g->u, cqe);
+                if (data == g) {
+                        g->recv_busy = false;
+                        if (res > 0) {
+                                VALGRIND_MAKE_MEM_DEFINED(g->in + g->have, res);
+                                g->have += (size_t) res;
+                        }
+                        else if (res != -EINTR && res != -EAGAIN)
+                                g->eof = true;
+                } else if (data) {
+                        struct ring_read *rr = data;
+
+                        g->busy--;
+                        dc_disk_unmap_read(c->e->disk);
+                        if (res > 0)
+                                VALGRIND_MAKE_MEM_DEFINED(rr->buf, res);
+                        rr->res = res;
+                        rr->next = NULL;
+                        *g->done_tail = rr;
+                        g->done_tail = &rr->next;
+                }
+        }
+}
+
+static void ring_settle(struct conn *c, struct ring *g) {
+        if (g->busy)
+                ring_reap(c, g, true);
+}
+
+/* Room in the budget for a worker's request: waited for with nothing of the ring's outstanding. */
+static bool ring_room(struct conn *c, struct ring *g, uint64_t cost) {
+        bool now;
+
+        pthread_mutex_lock(&c->lock);
+        now = c->in_flight == 0 ||
+              (c->in_flight < NBD_MAX_IN_FLIGHT && c->in_flight_bytes + cost <= NBD_MAX_IN_FLIGHT_BYTES);
+        pthread_mutex_unlock(&c->lock);
+        if (!now)
+                ring_settle(c, g);
+        return wait_room(c, cost);
+}
+
+/* A payload: what the look-ahead holds, then the rest from the socket with nothing of the ring's outstanding. */
+static int ring_payload(struct conn *c, struct ring *g, uint8_t *buf, size_t len) {
+        size_t n = MIN(len, g->have - g->pos);
+
+        memcpy(buf, g->in + g->pos, n);
+        g->pos += n;
+        if (n == len)
+                return 0;
+        ring_settle(c, g);
+        return nbd_transport_read(&c->t, buf + n, len - n);
+}
+
+/* Send a reply; if the socket does not take it at once, settle the ring before waiting for the client. */
+static void ring_send(struct conn *c, struct ring *g, struct iovec *iov, int n) {
+        size_t total = 0;
+        ssize_t k;
+
+        for (int i = 0; i < n; i++)
+                total += iov[i].iov_len;
+        pthread_mutex_lock(&c->send_lock);
+        if (c->dead)
+                goto out;
+        k = sendmsg(c->fd, &(struct msghdr){ .msg_iov = iov, .msg_iovlen = (size_t) n }, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                goto dead;
+        if ((size_t) MAX(k, 0) == total)
+                goto out;
+        for (k = MAX(k, 0); n > 0 && (size_t) k >= iov->iov_len; iov++, n--)
+                k -= (ssize_t) iov->iov_len;
+        iov->iov_base = (uint8_t *) iov->iov_base + k;
+        iov->iov_len -= (size_t) k;
+        ring_settle(c, g);
+        if (nbd_transport_writev(&c->t, iov, n) >= 0)
+                goto out;
+dead:
+        c->dead = true;
+        shutdown(c->fd, SHUT_RDWR);
+out:
+        pthread_mutex_unlock(&c->send_lock);
+}
+
+/* Answer the reads that completed; hand those that failed or came back short to the workers. */
+static void ring_reply(struct conn *c, struct ring *g) {
+        struct ring_read *rr;
+
+        while ((rr = g->done)) {
+                g->done = rr->next;
+                if (!g->done)
+                        g->done_tail = &g->done;
+                if (rr->zero || rr->res == (int) rr->r.length) {
+                        uint32_t len = rr->r.length;
+                        bool hole = rr->zero && c->s.structured && !(rr->r.flags & NBD_CMD_FLAG_DF);
+                        uint8_t h[20 + 12];
+                        struct iovec v[2] = { { h, 16 }, { rr->buf, len } };
+
+                        if (rr->zero && !hole)
+                                memset(rr->buf, 0, len);
+                        if (!c->s.structured)
+                                nbd_simple_reply(h, 0, rr->r.cookie);
+                        else if (hole) {
+                                nbd_chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_HOLE, rr->r.cookie, 12);
+                                put_be64(h + 20, rr->r.offset);
+                                put_be32(h + 28, len);
+                                v[0].iov_len = 32;
+                        } else {
+                                nbd_chunk_header(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, rr->r.cookie, 8 + len);
+                                put_be64(h + 20, rr->r.offset);
+                                v[0].iov_len = 28;
+                        }
+                        ring_send(c, g, v, hole ? 1 : 2);
+                        __atomic_add_fetch(&c->e->bytes_read, len, __ATOMIC_RELAXED);
+                        __atomic_add_fetch(&c->e->requests, 1, __ATOMIC_RELAXED);
+                        notify_throttled(c->e);
+                } else {
+                        /* an error, a short read, a direct read refused: the worker's read says what happened */
+                        struct request *q = calloc(1, sizeof *q);
+
+                        if (q) {
+                                q->r = rr->r;
+                                q->cost = rr->r.length;
+                                enqueue_over(c, q);
+                        } else
+                                reply_error(c, &(struct request){ .r = rr->r }, NBD_ENOMEM, "out of memory");
+                }
+                buffer_free(rr->buf);
+                rr->buf = NULL;
+                rr->next = g->free;
+                g->free = rr;
+        }
+}
+
+/* Put READ request R in the ring (a free slot is there); false when the connection is to end. */
+static bool ring_read(struct conn *c, struct ring *g, const struct nbd_request *r) {
+        struct ring_read *rr = g->free;
+        struct io_uring_sqe *sqe;
+        struct dc_read_map m;
+        uint8_t *buf = buffer_new(r->length);
+
+        if (!buf || dc_disk_map_read(c->e->disk, buf, r->offset, r->length, &m) <= 0) {
+                buffer_free(buf);
+                return queue_request(c, g, r, 0);
+        }
+        g->free = rr->next;
+        *rr = (struct ring_read){ .r = *r, .buf = buf };
+        if (m.fd < 0) {
+                dc_disk_unmap_read(c->e->disk);
+                rr->zero = true;
+                *g->done_tail = rr;
+                g->done_tail = &rr->next;
+                return true;
+        }
+        sqe = io_uring_get_sqe(&g->u); /* RING_ENTRIES: room for every read and the RECV */
+        io_uring_prep_read(sqe, m.fd, buf, r->length, m.host);
+        io_uring_sqe_set_data(sqe, rr);
+        g->busy++;
+        return true;
+}
+
+/* Take the whole requests of the look-ahead while there are slots for reads; false when the connection is to end. */
+static bool ring_parse(struct conn *c, struct ring *g) {
+        while (g->have - g->pos >= NBD_REQUEST_SIZE) {
+                struct nbd_request r;
+                int check;
+
+                if (nbd_request_decode(g->in + g->pos, &r) < 0)
+                        return false;
+                check = nbd_request_check(&c->s, &c->x, &r);
+                if (check < 0 || r.type == NBD_CMD_DISC)
+                        return false;
+                if (r.type == NBD_CMD_READ && !check && r.length && r.length <= RING_MAX_READ) {
+                        if (!g->free)
+                                return true;
+                        g->pos += NBD_REQUEST_SIZE;
+                        if (!ring_read(c, g, &r))
+                                return false;
+                        continue;
+                }
+                g->pos += NBD_REQUEST_SIZE;
+                if (!queue_request(c, g, &r, check))
+                        return false;
+        }
+        return true;
+}
+
+/* Ask the ring for more of the socket, after what is left of the look-ahead. */
+static void ring_recv(struct conn *c, struct ring *g) {
+        struct io_uring_sqe *sqe;
+
+        memmove(g->in, g->in + g->pos, g->have - g->pos);
+        g->have -= g->pos;
+        g->pos = 0;
+        sqe = io_uring_get_sqe(&g->u);
+        io_uring_prep_recv(sqe, c->fd, g->in + g->have, RING_LOOKAHEAD - g->have, 0);
+        io_uring_sqe_set_data(sqe, g);
+        g->recv_busy = true;
+}
+
+/* transmission() through a ring; false when no ring could be set up (nothing was read then). */
+static bool transmission_ring(struct conn *c) {
+        struct ring *g = calloc(1, sizeof *g);
+        struct io_uring_params p = { .flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN };
+        bool more = true;
+
+        /*
+         * Valgrind (3.19 and others) keeps its lock across a blocking
+         * io_uring_enter, so that no other thread of ours runs while the reader
+         * waits on its ring (KDE bug 463859): there, the workers serve everything.
+         */
+        if (!g || RUNNING_ON_VALGRIND) {
+                free(g);
+                return false;
+        }
+        if (io_uring_queue_init_params(RING_ENTRIES, &g->u, &p) < 0 &&
+            io_uring_queue_init(RING_ENTRIES, &g->u, 0) < 0) {
+                /* no io_uring here (an old kernel, a seccomp filter, kernel.io_uring_disabled) */
+                free(g);
+                return false;
+        }
+        g->done_tail = &g->done;
+        for (unsigned i = 0; i < RING_READS; i++) {
+                g->reads[i].next = g->free;
+                g->free = &g->reads[i];
+        }
+        for (;;) {
+                bool whole;
+                int r;
+
+                if (more && !g->recv_busy)
+                        more = ring_parse(c, g);
+                ring_reply(c, g);
+                if (!more)
+                        break;
+                whole = g->have - g->pos >= NBD_REQUEST_SIZE; /* a request waits for a slot */
+                if (!g->recv_busy && !whole) {
+                        if (!g->eof)
+                                ring_recv(c, g);
+                        else if (!g->busy)
+                                break;
+                }
+                if (!g->recv_busy && !g->busy)
+                        continue;
+                r = io_uring_submit_and_wait(&g->u, 1);
+                if (r < 0 && r != -EINTR && r != -EAGAIN && !g->busy)
+                        break;
+                ring_reap(c, g, false);
+        }
+        if (g->recv_busy) {
+                struct io_uring_sqe *sqe = io_uring_get_sqe(&g->u);
+
+                io_uring_prep_cancel(sqe, g, 0);
+                io_uring_sqe_set_data(sqe, NULL);
+                while (g->recv_busy || g->busy) {
+                        (void) io_uring_submit_and_wait(&g->u, 1);
+                        ring_reap(c, g, false);
+                }
+        }
+        ring_settle(c, g);
+        ring_reply(c, g);
+        io_uring_queue_exit(&g->u);
+        free(g);
+        return true;
 }
 
 static void *conn_main(void *userdata) {
@@ -612,9 +969,14 @@ static void *conn_main(void *userdata) {
         r = nbd_handshake(&io, &c->x, &c->s);
         c->t.deadline = 0; /* before any worker sends */
         if (r >= 0) {
+                /* replies of 16 requests of up to 256 KiB go out without waiting for the client */
+                int sndbuf = 4 << 20;
+
+                (void) setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
                 if (pthread_create(&c->workers[0], NULL, worker_main, c) == 0) {
                         c->nworkers = 1;
-                        transmission(c);
+                        if (c->t.tls || !transmission_ring(c))
+                                transmission(c);
                 }
                 /* what was read is served and answered, then the workers leave */
                 pthread_mutex_lock(&c->lock);

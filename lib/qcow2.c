@@ -1399,6 +1399,14 @@ static int qcow2_read(dc_image *img, void *buf, uint64_t off, size_t len) {
         return read_layer(img, buf, off, len, false);
 }
 
+static int qcow2_host_fd(dc_image *img, const void *buf, size_t len, uint64_t host) {
+        struct qcow2 *s = QC(img);
+
+        if (s->crypt_method)
+                return -1;
+        return s->data_fd >= 0 ? s->data_fd : dc_image_data_fd(img, buf, len, host);
+}
+
 /* Without the image lock (dc_driver.read_host): the image file's and the data file's descriptors are fixed. */
 static int qcow2_read_host(dc_image *img, void *buf, uint64_t host, size_t len) {
         if (QC(img)->crypt_method)
@@ -2558,6 +2566,7 @@ const struct dc_driver dc_qcow2_driver = {
         .block_status = qcow2_block_status,
         .read = qcow2_read,
         .read_host = qcow2_read_host,
+        .host_fd = qcow2_host_fd,
         .write = qcow2_write,
         .write_zeroes = qcow2_write_zeroes,
         .write_compressed = qcow2_write_compressed,

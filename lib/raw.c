@@ -148,6 +148,7 @@ const struct dc_driver dc_raw_driver = {
         .block_status = raw_block_status,
         .read = raw_read,
         .read_host = raw_read, /* host offset = guest offset */
+        .host_fd = dc_image_data_fd,
         .write = raw_write,
         .write_zeroes = raw_write_zeroes,
         .discard = raw_discard,

@@ -6,6 +6,7 @@
  *
  *   dc-nbd-serve [--writable] [--root DIR]... [--name NAME] [--description TEXT]
  *                [--max-connections N] [--tls-dir DIR [--tls-verify-peer]] [--tls-psk FILE]
+ *                [--cache-none]
  *                (--socket PATH | --tcp ADDR:PORT | --fd N)... IMAGE
  *
  * Opens IMAGE's chain as a dc_disk, listens on the unix socket PATH, on the
@@ -13,7 +14,8 @@
  * "tcp PORT" is printed for each) and/or serves the connected socket N.
  * With --tls-dir (X.509: ca-cert.pem, server-cert.pem, server-key.pem)
  * and/or --tls-psk (a psktool keys file) every listener requires TLS; N is
- * served in plaintext.  Prints "ready" once it listens, and serves
+ * served in plaintext.  --cache-none reads and writes data around the
+ * page cache (dc_disk_set_cache).  Prints "ready" once it listens, and serves
  * until SIGTERM or SIGINT.  Then it frees the export (which waits for the
  * requests in flight and flushes) and prints "stats clients=... requests=...
  * read=... written=... changed=N depth=LAYERS" before exiting 0.
@@ -118,6 +120,7 @@ int main(int argc, char **argv) {
                 { "tls-dir", required_argument, NULL, 'x' },
                 { "tls-verify-peer", no_argument, NULL, 'v' },
                 { "tls-psk", required_argument, NULL, 'p' },
+                { "cache-none", no_argument, NULL, 'c' },
                 {},
         };
         struct dc_nbd_export_options eo = { .name = "", .changed = changed };
@@ -131,6 +134,7 @@ int main(int argc, char **argv) {
         dc_disk *disk = NULL;
         sigset_t mask;
         unsigned depth;
+        bool cache_none = false;
 
         while ((c = getopt_long(argc, argv, "", longopts, NULL)) >= 0) {
                 switch (c) {
@@ -171,6 +175,9 @@ int main(int argc, char **argv) {
                 case 'p':
                         to.psk_file = optarg;
                         break;
+                case 'c':
+                        cache_none = true;
+                        break;
                 default:
                         return 2;
                 }
@@ -188,7 +195,13 @@ int main(int argc, char **argv) {
         sigaddset(&mask, SIGINT);
         pthread_sigmask(SIG_BLOCK, &mask, NULL);
 
-        if (dc_disk_open(argv[optind], &oo, &disk) < 0 || dc_nbd_export_new(disk, &eo, &e) < 0) {
+        if (dc_disk_open(argv[optind], &oo, &disk) < 0) {
+                fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
+                return 1;
+        }
+        if (cache_none)
+                dc_disk_set_cache(disk, DC_CACHE_NONE);
+        if (dc_nbd_export_new(disk, &eo, &e) < 0) {
                 fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
                 return 1;
         }

@@ -5,6 +5,7 @@ test module imports `servers` (an autouse fixture) with the helpers."""
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 
@@ -65,3 +66,21 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def flood_reads(sk, length):
+    """As a client that never reads its replies: READ requests of LENGTH bytes on the connected,
+    negotiated socket SK (simple replies), until the server has taken none for a second, that is,
+    until its replies fill the socket.  Returns how many were sent."""
+    sk.setblocking(False)
+    sent, blocked = 0, None
+    while True:
+        try:
+            sk.send(struct.pack(">IHHQQI", 0x25609513, 0, 0, sent, 0, length))
+            sent += 1
+            blocked = None
+        except BlockingIOError:
+            blocked = blocked or time.monotonic()
+            if time.monotonic() - blocked > 1:
+                return sent
+            time.sleep(0.01)
