@@ -810,8 +810,10 @@ static void ring_reply(struct conn *c, struct ring *g) {
                                 q->r = rr->r;
                                 q->cost = rr->r.length;
                                 enqueue_over(c, q);
-                        } else
+                        } else {
+                                ring_settle(c, g); /* reply_error may wait for the client */
                                 reply_error(c, &(struct request){ .r = rr->r }, NBD_ENOMEM, "out of memory");
+                        }
                 }
                 buffer_free(rr->buf);
                 rr->buf = NULL;
