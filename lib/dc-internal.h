@@ -282,11 +282,12 @@ int dc_disk_reopen(dc_disk *d, const char *const *writable);
 int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len);
 /* Where a read lies, for a reader that does the I/O itself (dc_disk_map_read). */
 struct dc_read_map {
-        int fd;        /* LEN bytes at HOST of this descriptor, or -1: the range reads as zeros */
+        int fd;        /* LEN bytes at HOST of this descriptor, or -1: they read as zeros */
         uint64_t host;
+        size_t len;
 };
-int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret);
-int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret);
+int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret, unsigned max);
+int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret, unsigned max);
 void dc_disk_unmap_read(dc_disk *d);
 /* How IMG takes a job's data while ON (DC_CACHE_*), and back to normal after (block-copy.c). */
 void dc_image_job_cache(dc_image *img, int mode, bool on);

@@ -453,14 +453,14 @@ DC_EXPORT int dc_disk_read(dc_disk *d, void *buf, uint64_t off, size_t len) {
 }
 
 /*
- * dc_chain_map through the door: 1 with the disk entered (as a guest read
- * is, so that a pivot waits for the read; dc_disk_unmap_read once it is
- * done), 0 when the range is to be read with dc_disk_read instead, which
- * includes a disk quiesced or quiescing: this never waits at the door, so
- * a caller with mapped reads outstanding cannot hold a quiesce up by
- * waiting behind it.
+ * dc_chain_map through the door: how many pieces, with the disk entered
+ * (as a guest read is, so that a pivot waits for the reads;
+ * dc_disk_unmap_read once they are done), or 0 when the range is to be
+ * read with dc_disk_read instead, which includes a disk quiesced or
+ * quiescing: this never waits at the door, so a caller with mapped reads
+ * outstanding cannot hold a quiesce up by waiting behind it.
  */
-int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret) {
+int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret, unsigned max) {
         int r;
 
         pthread_mutex_lock(&d->lock);
@@ -470,7 +470,7 @@ int dc_disk_map_read(dc_disk *d, const void *buf, uint64_t off, size_t len, stru
         pthread_mutex_unlock(&d->lock);
         if (!r)
                 return 0;
-        r = dc_chain_map(d->img, buf, off, len, ret);
+        r = dc_chain_map(d->img, buf, off, len, ret, max);
         if (r <= 0)
                 leave(d);
         return r;

@@ -746,45 +746,69 @@ int dc_chain_read(dc_image *img, void *buf, uint64_t off, size_t len) {
 }
 
 /*
- * Where [off, off+len) of IMG's chain lies, for a reader that does the read
- * itself (the NBD server's io_uring reads): 1 when it is one piece, LEN
- * bytes at one host offset of one layer's descriptor (RET->fd, chosen for
- * BUF as dc_image_pread_data would) or zeros (RET->fd = -1); 0 when it is
- * anything else (several pieces, compressed or encrypted data, a remote
- * layer, an error), which dc_chain_read reads.  What makes the read safe
- * without the lock is what makes dc_chain_read's safe; the caller holds
- * the disk's door open over it (dc_disk_map_read), so the chain stays.
+ * Where [off, off+len) of IMG's chain lies, for a reader that does the I/O
+ * itself (the NBD server's io_uring reads): the pieces in order, each LEN
+ * bytes at HOST of one layer's descriptor (chosen for that part of BUF as
+ * dc_image_pread_data would) or zeros (fd -1), neighbours merged.  Returns
+ * how many (at least 1), or 0 when the range is anything else: more than
+ * MAX pieces, compressed or encrypted data, a remote layer, an error;
+ * dc_chain_read reads those.  What makes the reads safe without the lock is
+ * what makes dc_chain_read's safe; the caller holds the disk's door open
+ * over them (dc_disk_map_read), so the chain stays.
  */
-int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret) {
-        for (;;) {
+static bool map_add(struct dc_read_map *ret, unsigned max, unsigned *n, int fd, uint64_t host, uint64_t len) {
+        struct dc_read_map *last = *n ? &ret[*n - 1] : NULL;
+
+        if (last && last->fd == fd && (fd < 0 || last->host + last->len == host)) {
+                last->len += (size_t) len;
+                return true;
+        }
+        if (*n == max)
+                return false;
+        ret[(*n)++] = (struct dc_read_map){ .fd = fd, .host = fd < 0 ? 0 : host, .len = (size_t) len };
+        return true;
+}
+
+static bool map_layer(dc_image *img, const uint8_t *buf, uint64_t off, size_t len, struct dc_read_map *ret,
+                      unsigned max, unsigned *n) {
+        while (len > 0) {
                 struct dc_layer_status st;
                 dc_image *below;
                 int r, fd = -1;
 
                 pthread_mutex_lock(&img->lock);
                 r = img->drv->block_status(img, off, len, &st);
+                if (r >= 0 && (st.length == 0 || st.length > len))
+                        st.length = len;
                 below = img->backing;
                 if (r >= 0 && st.type == DC_LAYER_DATA && !st.compressed && !st.host_hole && st.host_offset >= 0 &&
                     img->drv->host_fd)
-                        fd = img->drv->host_fd(img, buf, len, (uint64_t) st.host_offset);
+                        fd = img->drv->host_fd(img, buf, (size_t) st.length, (uint64_t) st.host_offset);
                 pthread_mutex_unlock(&img->lock);
-                if (r < 0 || (st.length && st.length < len))
-                        return 0;
+                if (r < 0)
+                        return false;
                 if (st.type == DC_LAYER_DATA && !st.host_hole) {
-                        if (fd < 0)
-                                return 0;
-                        *ret = (struct dc_read_map){ .fd = fd, .host = (uint64_t) st.host_offset };
-                        return 1;
-                }
-                if (st.type == DC_LAYER_UNALLOCATED && below && off < below->virtual_size) {
-                        if (len > below->virtual_size - off)
-                                return 0;
-                        img = below;
-                        continue;
-                }
-                *ret = (struct dc_read_map){ .fd = -1 };
-                return 1;
+                        if (fd < 0 || !map_add(ret, max, n, fd, (uint64_t) st.host_offset, st.length))
+                                return false;
+                } else if (st.type == DC_LAYER_UNALLOCATED && below && off < below->virtual_size) {
+                        uint64_t m = MIN(st.length, below->virtual_size - off);
+
+                        if (!map_layer(below, buf, off, (size_t) m, ret, max, n) ||
+                            (m < st.length && !map_add(ret, max, n, -1, 0, st.length - m)))
+                                return false;
+                } else if (!map_add(ret, max, n, -1, 0, st.length))
+                        return false;
+                buf += st.length;
+                off += st.length;
+                len -= (size_t) st.length;
         }
+        return true;
+}
+
+int dc_chain_map(dc_image *img, const void *buf, uint64_t off, size_t len, struct dc_read_map *ret, unsigned max) {
+        unsigned n = 0;
+
+        return map_layer(img, buf, off, len, ret, max, &n) ? (int) n : 0;
 }
 
 DC_EXPORT int dc_image_read(dc_image *img, void *buf, uint64_t off, size_t len) {

@@ -627,18 +627,21 @@ static void transmission(struct conn *c) {
 
 /*
  * A plaintext connection's reader serves the common READ itself, without a
- * worker: a request of at most RING_MAX_READ bytes whose range lies in one
- * piece (dc_disk_map_read: one layer's data, or zeros) is read through the
- * connection's io_uring, and the reader sends the reply when the read
- * completes.  Waking a worker for each request cost more CPU than the read
+ * worker: a request of at most RING_MAX_READ bytes whose range lies in at
+ * most RING_PIECES pieces (dc_disk_map_read: runs of one layer's data, or
+ * zeros) is read through the connection's io_uring, a read per piece into
+ * the slot's own buffer, and the reader sends the reply when the last
+ * piece completes.  Waking a worker for each request cost more CPU than the read
  * (a 4 KiB random read: a futex wake, two context switches and a blocking
  * pread on the worker); with the ring, one io_uring_enter submits the reads
  * that came in and collects what completed, and requests are taken from
  * the socket through the same ring into a look-ahead buffer, several at a
- * time.  Everything else (writes, flushes, block status, reads in several
+ * time.  Everything else (writes, flushes, block status, reads in more
  * pieces, compressed data, a disk quiescing, a read that failed or came
  * back short) goes to the workers as before, whose errors and messages are
- * the ones a client gets.
+ * the ones a client gets.  The slots' buffers stay with the connection: a
+ * fresh 256 KiB block per request cost the reader a page fault per 4 KiB
+ * whenever the heap gave its top back.
  *
  * A mapped read holds the disk's door open (a pivot waits for it), so the
  * reader never blocks on anything but the ring while one is outstanding:
@@ -648,16 +651,26 @@ static void transmission(struct conn *c) {
  * A client that stops taking replies thus holds up nothing but itself.
  */
 #define RING_READS 32u
-#define RING_ENTRIES 64u
-#define RING_MAX_READ (UINT32_C(128) << 10)
+#define RING_PIECES 8u
+#define RING_ENTRIES 256u         /* its completion queue holds every piece of every read, and the RECV */
+#define RING_MAX_READ (UINT32_C(256) << 10)
 #define RING_LOOKAHEAD (UINT32_C(64) << 10)
+
+struct ring_read;
+
+struct ring_piece {
+        struct ring_read *rr;
+        size_t len;
+};
 
 struct ring_read {
         struct nbd_request r;
-        uint8_t *buf;
-        int res;                  /* the read's result; length = whole */
+        uint8_t *buf;             /* RING_MAX_READ bytes, the slot's own for the connection's life */
+        unsigned pending;         /* pieces in the ring */
+        bool failed;              /* a piece failed or came back short */
         bool zero;                /* the range reads as zeros: nothing was read */
         struct ring_read *next;   /* on the free or the done list */
+        struct ring_piece pieces[RING_PIECES];
 };
 
 struct ring {
@@ -697,13 +710,16 @@ static void ring_reap(struct conn *c, struct ring *g, bool all) {
                         else if (res != -EINTR && res != -EAGAIN)
                                 g->eof = true;
                 } else if (data) {
-                        struct ring_read *rr = data;
+                        struct ring_piece *piece = data;
+                        struct ring_read *rr = piece->rr;
 
+                        if (res != (int) piece->len)
+                                rr->failed = true;
+                        if (--rr->pending)
+                                continue;
                         g->busy--;
                         dc_disk_unmap_read(c->e->disk);
-                        if (res > 0)
-                                VALGRIND_MAKE_MEM_DEFINED(rr->buf, res);
-                        rr->res = res;
+                        VALGRIND_MAKE_MEM_DEFINED(rr->buf, rr->r.length);
                         rr->next = NULL;
                         *g->done_tail = rr;
                         g->done_tail = &rr->next;
@@ -778,7 +794,7 @@ static void ring_reply(struct conn *c, struct ring *g) {
                 g->done = rr->next;
                 if (!g->done)
                         g->done_tail = &g->done;
-                if (rr->zero || rr->res == (int) rr->r.length) {
+                if (!rr->failed) {
                         uint32_t len = rr->r.length;
                         bool hole = rr->zero && c->s.structured && !(rr->r.flags & NBD_CMD_FLAG_DF);
                         uint8_t h[20 + 12];
@@ -815,8 +831,6 @@ static void ring_reply(struct conn *c, struct ring *g) {
                                 reply_error(c, &(struct request){ .r = rr->r }, NBD_ENOMEM, "out of memory");
                         }
                 }
-                buffer_free(rr->buf);
-                rr->buf = NULL;
                 rr->next = g->free;
                 g->free = rr;
         }
@@ -825,26 +839,43 @@ static void ring_reply(struct conn *c, struct ring *g) {
 /* Put READ request R in the ring (a free slot is there); false when the connection is to end. */
 static bool ring_read(struct conn *c, struct ring *g, const struct nbd_request *r) {
         struct ring_read *rr = g->free;
-        struct io_uring_sqe *sqe;
-        struct dc_read_map m;
-        uint8_t *buf = buffer_new(r->length);
+        struct dc_read_map m[RING_PIECES];
+        uint8_t *p;
+        int n;
 
-        if (!buf || dc_disk_map_read(c->e->disk, buf, r->offset, r->length, &m) <= 0) {
-                buffer_free(buf);
+        if (!rr->buf)
+                rr->buf = buffer_new(RING_MAX_READ); /* pages are touched as reads need them */
+        n = rr->buf ? dc_disk_map_read(c->e->disk, rr->buf, r->offset, r->length, m, RING_PIECES) : 0;
+        if (n <= 0)
                 return queue_request(c, g, r, 0);
-        }
         g->free = rr->next;
-        *rr = (struct ring_read){ .r = *r, .buf = buf };
-        if (m.fd < 0) {
+        rr->r = *r;
+        rr->pending = 0;
+        rr->failed = false;
+        rr->zero = n == 1 && m[0].fd < 0;
+        rr->next = NULL;
+        if (rr->zero) {
                 dc_disk_unmap_read(c->e->disk);
-                rr->zero = true;
                 *g->done_tail = rr;
                 g->done_tail = &rr->next;
                 return true;
         }
-        sqe = io_uring_get_sqe(&g->u); /* RING_ENTRIES: room for every read and the RECV */
-        io_uring_prep_read(sqe, m.fd, buf, r->length, m.host);
-        io_uring_sqe_set_data(sqe, rr);
+        p = rr->buf;
+        for (int i = 0; i < n; p += m[i].len, i++) {
+                struct io_uring_sqe *sqe;
+
+                if (m[i].fd < 0) {
+                        memset(p, 0, m[i].len);
+                        continue;
+                }
+                /* the queue may be full of pieces not submitted yet: submit them (the CQ has room for all) */
+                while (!(sqe = io_uring_get_sqe(&g->u)))
+                        (void) io_uring_submit(&g->u);
+                rr->pieces[rr->pending] = (struct ring_piece){ .rr = rr, .len = m[i].len };
+                io_uring_prep_read(sqe, m[i].fd, p, (unsigned) m[i].len, m[i].host);
+                io_uring_sqe_set_data(sqe, &rr->pieces[rr->pending]);
+                rr->pending++;
+        }
         g->busy++;
         return true;
 }
@@ -950,6 +981,8 @@ static bool transmission_ring(struct conn *c) {
         ring_settle(c, g);
         ring_reply(c, g);
         io_uring_queue_exit(&g->u);
+        for (unsigned i = 0; i < RING_READS; i++)
+                buffer_free(g->reads[i].buf);
         free(g);
         return true;
 }

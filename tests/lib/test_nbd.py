@@ -292,14 +292,30 @@ def io_uring_fds(pid):
     return n
 
 
-# (offset, length): one piece of each layout, pieces that span several, unaligned ones, one past the
-# reader's own limit (128 KiB); reads as zeros are holes to a structured client
+def pread_many(h, reads, issue):
+    """READS ((offset, length)) issued with ISSUE(buffer, offset), 16 in flight: the bytes of each."""
+    bufs = []
+    for off, n in reads:
+        bufs.append(nbd.Buffer(n))
+        issue(bufs[-1], off)
+        while h.aio_in_flight() >= 16:
+            h.poll(-1)
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    return [b.to_bytearray() for b in bufs]
+
+
+# (offset, length): one piece of each layout, reads that span several layers and zeros, unaligned
+# ones, one past the reader's own limit (256 KiB); reads as zeros are holes to a structured client
 LAYOUT_READS = [
     (0, 4096), (3 * MiB, 65536), (2 * MiB, 4096), (5 * MiB + 8192, 131072), (40 * MiB, 196608),
     (10 * MiB, 4096), (10 * MiB, 131072), (8 * MiB, 65536), (60 * MiB, 4096), (32 * MiB, 65536),
     (48 * MiB, 4096), (48 * MiB + 60 * 1024, 8192), (4 * MiB - 2048, 4096), (6 * MiB - 4096, 8192),
     (5 * MiB - 100, 4096), (40 * MiB + 7, 1000), (2 * MiB + 512, 512), (40 * MiB, 131072 + 512),
-    (SIZE - 4096, 4096), (SIZE - 131072, 131072),
+    (SIZE - 4096, 4096), (SIZE - 131072, 131072), (SIZE - 262144, 262144),
+    (2 * MiB + 384 * 1024, 262144), (4 * MiB + 384 * 1024, 262144), (5 * MiB + 128 * 1024, 262144),
+    (6 * MiB - 100 * 1024, 262144), (10 * MiB - 128 * 1024, 262144), (32 * MiB - 4096, 262144),
+    (48 * MiB - 8192, 262144), (40 * MiB - 30000, 262144), (5 * MiB + 128 * 1024, 262144 + 512),
 ]
 
 
@@ -329,23 +345,18 @@ def test_reads_of_every_layout(tmp, server, chain, cache, structured):
     reads = LAYOUT_READS + [(rng.randrange(0, SIZE // 4096) * 4096, 4096) for _ in range(100)] + \
         [(rng.randrange(0, 13 * 1024) * 512, rng.choice([512, 4096, 8192, 65536])) for _ in range(300)]
     for flags in ([0, nbd.CMD_FLAG_DF] if structured else [0]):
-        bufs, chunks = [], {}
-        for off, n in reads:
-            buf = nbd.Buffer(n)
-            bufs.append((off, n, buf))
+        chunks = {}
+
+        def issue(buf, off):
             if structured:
-                def chunk(sub, offset, status, err, off=off):
+                def chunk(sub, offset, status, err):
                     chunks.setdefault(off, set()).add(status)
                     return 0
                 h.aio_pread_structured(buf, off, chunk, flags=flags)
             else:
                 h.aio_pread(buf, off)
-            while h.aio_in_flight() >= 16:
-                h.poll(-1)
-        while h.aio_in_flight() > 0:
-            h.poll(-1)
-        for off, n, buf in bufs:
-            assert buf.to_bytearray() == want[off:off + n], f"read of {n} at {off} (flags {flags})"
+        for (off, n), got in zip(reads, pread_many(h, reads, issue)):
+            assert got == want[off:off + n], f"read of {n} at {off} (flags {flags})"
         if structured:
             # a zero cluster and an unallocated range are holes, unless DF asks for data
             assert chunks[10 * MiB] == {nbd.READ_DATA if flags else nbd.READ_HOLE}
@@ -354,6 +365,37 @@ def test_reads_of_every_layout(tmp, server, chain, cache, structured):
     h.shutdown()
     st = s.stop()
     assert int(st["requests"]) >= len(reads)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_reads_in_many_pieces(tmp, cache):
+    """4 KiB clusters that alternate between the top, its backing file and zeros: a read in at most 8
+    pieces is the reader's own (a ring read per piece, zeros filled in), one in more goes to a worker;
+    both give the chain's bytes, with a slot's buffer reused from one read to the next."""
+    rng = random.Random(11)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", tmp / "P.qcow2", "4M")
+    (tmp / "unique").write_bytes(rng.randbytes(MiB))
+    qemu_io(tmp / "P.qcow2", f"write -s {tmp / 'unique'} 0 1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "P.qcow2", "-F", "qcow2",
+             tmp / "Q.qcow2")
+    cmds = []
+    for i in range(0, 2 * MiB, 8192):  # every other cluster: over data below up to 1M, over nothing after
+        (tmp / f"u{i}").write_bytes(rng.randbytes(4096))
+        cmds.append(f"write -s {tmp / f'u{i}'} {i} 4k")
+    qemu_io(tmp / "Q.qcow2", *cmds)
+    want = model(tmp, tmp / "Q.qcow2").read_bytes()
+    s = Server(tmp, tmp / "Q.qcow2", *(["--cache-none"] if cache == "none" else []), writable=False)
+    try:
+        h = nbd.NBD()
+        h.connect_uri(s.uri)
+        reads = [(off, n) for off in range(0, 2 * MiB + 4096, 20480)
+                 for n in (4096, 32768, 36864, 262144, 12800)] + [(rng.randrange(0, 1024) * 512, 512) for _ in range(64)]
+        rng.shuffle(reads)
+        for (off, n), got in zip(reads, pread_many(h, reads, h.aio_pread)):
+            assert got == want[off:off + n], f"read of {n} at {off}"
+        h.shutdown()
+    finally:
+        s.stop()
 
 
 def test_block_status_req_one(server):
