@@ -174,9 +174,10 @@ def client(*args):
     return rb.sh(*args, env={**os.environ, **CLIENT_ENV})
 
 
-def children_cpu():
+def children_cost():
+    """CPU seconds and page faults of the clients that ended so far."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime + ru.ru_stime, ru.ru_minflt + ru.ru_majflt
 
 
 def nbdcopy(*args):
@@ -265,7 +266,7 @@ def main():
                     if ours:
                         with open(f"/proc/{server.pid()}/clear_refs", "w") as f:
                             f.write("5\n")
-                    c0 = children_cpu()
+                    c0 = children_cost()
                     s0 = proc_cost(server.pid())
                     t0 = time.monotonic()
                     if row == "read":
@@ -277,7 +278,8 @@ def main():
                     else:
                         fio(uri, "randread", a.randread_ios)
                     t = time.monotonic() - t0
-                    ccpu = children_cpu() - c0
+                    c1 = children_cost()
+                    ccpu, cflt = c1[0] - c0[0], c1[1] - c0[1]
                     s1 = proc_cost(server.pid())
                     scpu, sflt = s1[0] - s0[0], s1[1] - s0[1]
                     times[side].append(t)
@@ -305,7 +307,7 @@ def main():
                             sys.exit(f"{side} {row}: the result differs from what the client wrote")
                         if ours:
                             rb.sh("qemu-img", "check", "-q", top)
-                    print(f"  {row:10s} {side:14s} {t:7.2f} s  peak {peaks[side]:5.0f} MiB  client CPU {ccpu:5.2f} s"
+                    print(f"  {row:10s} {side:14s} {t:7.2f} s  peak {peaks[side]:5.0f} MiB  client CPU {ccpu:5.2f} s, {cflt} faults"
                           f"  server CPU {scpu:5.2f} s, {sflt} faults", flush=True)
             med = {s: sorted(v)[len(v) // 2] for s, v in times.items()}
             results[row] = (med, peaks)
