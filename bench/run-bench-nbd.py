@@ -43,7 +43,7 @@ row's image against the random source, the randwrite row's image against
 the first side's (fio's data and offsets are deterministic; diskchain's
 images also with `qemu-img check`).  Peak memory: the daemon's VmHWM, reset
 before each run (clear_refs 5), and the anchor process's VmHWM (a fresh
-process each run).  Each run also prints the client's CPU time and the
+process each run).  Each run also prints the client's CPU time and page faults and the
 server's (CPU seconds and minor page faults over the run).
 
     bench/run-bench-nbd.py [--repeat 3] [--only ROW] [--sides ...] [--build build]
