@@ -179,6 +179,24 @@ typedef int (*dc_map_cb)(const struct dc_extent *e, void *userdata);
 /* Walk [offset, offset+length) as `qemu-img map` would, merging equal neighbours. */
 int dc_image_map(dc_image *img, uint64_t offset, uint64_t length, dc_map_cb cb, void *userdata);
 
+/* A persistent dirty bitmap of a qcow2 image (the bitmaps extension, as QEMU stores them). */
+struct dc_bitmap_info {
+        char *name;
+        uint32_t granularity;   /* bytes per bit */
+        bool in_use;            /* a writer has it (or had it, and stopped without saving it): inconsistent */
+        bool enabled;           /* records writes ("auto") */
+        uint64_t dirty;         /* bytes marked dirty (0 when in_use) */
+};
+/* IMG's bitmaps as its file holds them now (none for raw images); free with dc_bitmap_info_free. */
+int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n);
+void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n);
+typedef int (*dc_bitmap_extent_cb)(void *userdata, uint64_t offset, uint64_t length);
+/*
+ * The dirty ranges of bitmap NAME in order, runs merged: -ENOENT when IMG
+ * has none of that name, -ESTALE when it is in use (inconsistent).
+ */
+int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata);
+
 enum {
         DC_REPAIR_NONE = 0,
         DC_REPAIR_LEAKS = 1,

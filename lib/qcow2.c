@@ -372,12 +372,26 @@ static int read_bitmap_dir(dc_image *img, uint8_t **ret) {
         return 0;
 }
 
+/* One bitmap of the directory, checked: its entry and its table (TSIZE big-endian entries). */
+struct bitmap_entry {
+        const char *name;         /* NAME_SIZE bytes, not terminated */
+        uint16_t name_size;
+        uint32_t flags;           /* BME_FLAG_IN_USE 1, BME_FLAG_AUTO 2 */
+        uint8_t granularity_bits;
+        const uint8_t *table;
+        uint32_t table_size;
+};
+
 /*
  * The bitmap directory and tables, checked as QEMU checks them when it
  * loads the bitmaps (block/qcow2-bitmap.c): the rules of the spec give
  * EUCLEAN, what the spec allows but QEMU refuses gives EFBIG or ENOTSUP.
+ * VISIT (if not NULL) is called with each bitmap once it passed; a
+ * negative return ends the walk with it.
  */
-static int read_bitmaps(dc_image *img, uint64_t fsize) {
+static int read_bitmaps(dc_image *img, uint64_t fsize, int (*visit)(dc_image *img, const struct bitmap_entry *b,
+                                                                    void *userdata),
+                        void *userdata) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size, p = 0;
         _cleanup_free_ uint8_t *dir = NULL;
@@ -448,6 +462,15 @@ static int read_bitmaps(dc_image *img, uint64_t fsize) {
                                 return dc_error(EUCLEAN, "'%s': bitmap %u: table entry %u is invalid (%#llx)", img->path,
                                                 i, j, (unsigned long long) e);
                         r = check_table(img, "bitmap data cluster", "bitmap table entry", o, o ? cs : 0, fsize);
+                        if (r < 0)
+                                return r;
+                }
+                if (visit) {
+                        r = visit(img,
+                                  &(struct bitmap_entry){ .name = (const char *) d + 24, .name_size = name_size,
+                                                          .flags = flags, .granularity_bits = gran, .table = t,
+                                                          .table_size = tsize },
+                                  userdata);
                         if (r < 0)
                                 return r;
                 }
@@ -786,7 +809,7 @@ static int qcow2_open(dc_image *img, bool writable) {
                 /* In check mode, check counts all of this instead. */
                 r = check_reftable(img, fsize);
                 if (r >= 0 && s->has_bitmaps)
-                        r = read_bitmaps(img, fsize);
+                        r = read_bitmaps(img, fsize, NULL, NULL);
                 if (r >= 0 && s->fde_length)
                         r = check_table(img, "encryption header", "the encryption header extension",
                                         s->fde_offset, ALIGN_UP(s->fde_length, s->cluster_size), fsize);
@@ -2748,4 +2771,169 @@ int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
         img->backing_file = backing ? strdup(backing) : NULL;
         img->backing_format = backing && fmt ? strdup(fmt) : NULL;
         return 0;
+}
+
+/* --- persistent dirty bitmaps (the bitmaps extension), read ----------------- */
+
+/*
+ * The set bits of bitmap B as guest byte ranges, runs merged across data
+ * clusters and clipped to the virtual size: bit k covers [k << gran,
+ * (k + 1) << gran) and sits at bit k % 8 of byte k / 8 of the bitmap's data
+ * (QEMU serializes its bitmaps as little-endian words); a table entry of 0
+ * stands for a cluster of zeros, 1 for one of ones.
+ */
+static int bitmap_walk(dc_image *img, const struct bitmap_entry *b, int (*cb)(void *userdata, uint64_t off, uint64_t len),
+                       void *userdata) {
+        struct qcow2 *s = QC(img);
+        uint64_t cs = s->cluster_size, bits = cs * 8, run = 0, start = 0;
+        uint64_t nbits = DIV_ROUND_UP(img->virtual_size, UINT64_C(1) << b->granularity_bits);
+        _cleanup_free_ uint8_t *data = malloc(cs);
+        int r;
+
+        if (!data)
+                return dc_error(ENOMEM, "out of memory");
+        for (uint64_t j = 0; j < b->table_size && j * bits < nbits; j++) {
+                uint64_t e = be64(b->table + j * 8), o = e & 0x00fffffffffffe00ull;
+                uint64_t n = MIN(bits, nbits - j * bits);
+
+                if (!o) {
+                        /* a cluster of ones continues or starts a run, one of zeros ends it */
+                        if (e & 1) {
+                                if (!run)
+                                        start = j * bits;
+                                run += n;
+                        } else if (run) {
+                                r = cb(userdata, start << b->granularity_bits, run << b->granularity_bits);
+                                if (r < 0)
+                                        return r;
+                                run = 0;
+                        }
+                        continue;
+                }
+                r = dc_pread_full(img->fd, data, cs, o);
+                if (r < 0)
+                        return dc_error(r, "'%s': cannot read bitmap data: %s", img->path, strerror(-r));
+                for (uint64_t k = 0; k < n; k++) {
+                        bool set = data[k / 8] >> (k % 8) & 1;
+                        uint64_t bit = j * bits + k;
+
+                        /* a whole byte that continues what is going on: the next byte */
+                        if (k % 8 == 0 && k + 8 <= n && data[k / 8] == (run ? 0xff : 0)) {
+                                run += run ? 8 : 0;
+                                k += 7;
+                                continue;
+                        }
+
+                        if (set && !run++)
+                                start = bit;
+                        if (!set && run) {
+                                r = cb(userdata, start << b->granularity_bits, run << b->granularity_bits);
+                                if (r < 0)
+                                        return r;
+                                run = 0;
+                        }
+                }
+        }
+        if (run) {
+                uint64_t off = start << b->granularity_bits;
+                return cb(userdata, off, MIN(run << b->granularity_bits, img->virtual_size - off));
+        }
+        return 0;
+}
+
+struct bitmap_list {
+        struct dc_bitmap_info *v;
+        size_t n;
+        const char *want;            /* bitmap_extents: the one to walk */
+        dc_bitmap_extent_cb cb;
+        void *userdata;
+        bool found;
+};
+
+static int count_cb(void *userdata, uint64_t off, uint64_t len) {
+        (void) off;
+        *(uint64_t *) userdata += len;
+        return 0;
+}
+
+static int list_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
+        struct bitmap_list *l = userdata;
+        struct dc_bitmap_info *v = reallocarray(l->v, l->n + 1, sizeof *v), *i;
+
+        if (!v)
+                return dc_error(ENOMEM, "out of memory");
+        l->v = v;
+        i = &v[l->n];
+        *i = (struct dc_bitmap_info){ .name = strndup(b->name, b->name_size),
+                                      .granularity = UINT32_C(1) << b->granularity_bits,
+                                      .in_use = b->flags & 1, .enabled = b->flags & 2 };
+        if (!i->name)
+                return dc_error(ENOMEM, "out of memory");
+        l->n++;
+        /* an in-use bitmap's data is whatever was stored last: its count means nothing */
+        return i->in_use ? 0 : bitmap_walk(img, b, count_cb, &i->dirty);
+}
+
+static int extents_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
+        struct bitmap_list *l = userdata;
+
+        /* the first of that name (QEMU would not load an image with two) */
+        if (l->found || strlen(l->want) != b->name_size || memcmp(l->want, b->name, b->name_size))
+                return 0;
+        l->found = true;
+        if (b->flags & 1)
+                return dc_error(ESTALE, "'%s': bitmap '%s' is inconsistent (in use by a writer, or left in use by "
+                                        "one that stopped without saving it): it cannot say what changed, a full "
+                                        "backup is needed",
+                                img->path, l->want);
+        return bitmap_walk(img, b, l->cb, l->userdata);
+}
+
+/* The persistent bitmaps of IMG as the file holds them now, checked again. */
+static int walk_bitmaps(dc_image *img, int (*visit)(dc_image *img, const struct bitmap_entry *b, void *userdata),
+                        void *userdata) {
+        struct qcow2 *s;
+        struct stat st;
+        int r = 0;
+
+        if (img->drv != &dc_qcow2_driver)
+                return 0;
+        s = QC(img);
+        pthread_mutex_lock(&img->lock);
+        if (s->has_bitmaps && s->version >= 3 && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
+                if (fstat(img->fd, &st) < 0)
+                        r = dc_error(errno, "'%s': cannot stat: %m", img->path);
+                else
+                        r = read_bitmaps(img, (uint64_t) st.st_size, visit, userdata);
+        }
+        pthread_mutex_unlock(&img->lock);
+        return r;
+}
+
+DC_EXPORT int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n) {
+        struct bitmap_list l = { 0 };
+        int r = walk_bitmaps(img, list_visit, &l);
+
+        if (r < 0) {
+                dc_bitmap_info_free(l.v, l.n);
+                return r;
+        }
+        *ret = l.v;
+        *ret_n = l.n;
+        return 0;
+}
+
+DC_EXPORT void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                free(v[i].name);
+        free(v);
+}
+
+DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata) {
+        struct bitmap_list l = { .want = name, .cb = cb, .userdata = userdata };
+        int r = walk_bitmaps(img, extents_visit, &l);
+
+        if (r >= 0 && !l.found)
+                return dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name);
+        return r;
 }

@@ -13,6 +13,9 @@
  *   dc-tool map PATH                          like qemu-img map --output=json
  *   dc-tool check PATH [leaks|all]            like qemu-img check --output=json
  *   dc-tool info PATH
+ *   dc-tool bitmaps PATH [NAME]               the top's persistent bitmaps a line each
+ *                                              (name granularity in-use enabled dirty);
+ *                                              with NAME its dirty ranges, "OFFSET LENGTH"
  *
  * Environment: DC_ROOT confines paths; DC_FAULT_WRITES=N dies before the Nth write.
  */
@@ -242,6 +245,35 @@ static int do_info(int argc, char **argv) {
         return 0;
 }
 
+static int print_dirty(void *userdata, uint64_t off, uint64_t len) {
+        (void) userdata;
+        printf("%" PRIu64 " %" PRIu64 "\n", off, len);
+        return 0;
+}
+
+static int do_bitmaps(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL, .no_backing = true };
+        struct dc_bitmap_info *v;
+        dc_image *img;
+        size_t n;
+        int r;
+
+        if (dc_image_open(argv[2], &o, &img) < 0)
+                return fail("open");
+        if (argc > 3)
+                r = dc_image_bitmap_extents(img, argv[3], print_dirty, NULL);
+        else {
+                r = dc_image_bitmaps(img, &v, &n);
+                for (size_t i = 0; r >= 0 && i < n; i++)
+                        printf("%s %u %d %d %" PRIu64 "\n", v[i].name, v[i].granularity, v[i].in_use, v[i].enabled,
+                               v[i].dirty);
+                if (r >= 0)
+                        dc_bitmap_info_free(v, n);
+        }
+        dc_image_close(img);
+        return r < 0 ? fail("bitmaps") : 0;
+}
+
 static void no_notify(void *u) {
         (void) u;
 }
@@ -317,5 +349,7 @@ int main(int argc, char **argv) {
                 return do_job(argc, argv);
         if (!strcmp(argv[1], "info"))
                 return do_info(argc, argv);
+        if (!strcmp(argv[1], "bitmaps"))
+                return do_bitmaps(argc, argv);
         return fprintf(stderr, "unknown command %s\n", argv[1]), 2;
 }

@@ -61,6 +61,31 @@ static int write_file(const char *path, const uint8_t *data, size_t size) {
         return n == (ssize_t) size ? 0 : -1;
 }
 
+static int count_dirty(void *userdata, uint64_t off, uint64_t len) {
+        (void) off;
+        *(uint64_t *) userdata += len;
+        return 0;
+}
+
+/* The persistent bitmaps: each one's dirty count, and its ranges. */
+static void walk_bitmaps(dc_image *img) {
+        struct dc_bitmap_info *v;
+        size_t n;
+
+        if (dc_image_bitmaps(img, &v, &n) < 0)
+                return;
+        for (size_t i = 0; i < n; i++) {
+                uint64_t sum = 0;
+                bool again = false;
+
+                for (size_t k = 0; k < i; k++)
+                        again |= !strcmp(v[k].name, v[i].name);
+                if (!again && !v[i].in_use && dc_image_bitmap_extents(img, v[i].name, count_dirty, &sum) >= 0 && sum != v[i].dirty)
+                        abort(); /* the two walks of one bitmap disagree */
+        }
+        dc_bitmap_info_free(v, n);
+}
+
 static void read_only_pass(const char *path) {
         struct dc_open_options o = { .roots = roots, .no_backing = true, .no_lock = true };
         struct dc_check_result c;
@@ -82,6 +107,7 @@ static void read_only_pass(const char *path) {
                 off += e.length;
         }
         (void) dc_image_map(img, 0, vs, count_extent, &w);
+        walk_bitmaps(img);
         for (off = 0; buf && off < vs && off < MAX_READ; off += 65536)
                 (void) dc_image_read(img, buf, off, (size_t) (vs - off < 65536 ? vs - off : 65536));
         if (buf && vs >= 4096)
