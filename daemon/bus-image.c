@@ -441,6 +441,23 @@ static int method_delete(sd_bus_message *m, void *userdata, sd_bus_error *error)
         return image_op_start(IMG, m, op, delete_run, delete_done, true);
 }
 
+/* Bitmaps: (name, granularity, dirty bytes, recording, busy, persistent, inconsistent) */
+static int property_get_bitmaps(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                                sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        int r = sd_bus_message_open_container(reply, 'a', "(sutbbbb)");
+
+        for (size_t i = 0; r >= 0 && i < IMG->n_bitmaps; i++) {
+                const struct dc_bitmap_info *b = &IMG->bitmaps[i];
+                /* a name is whatever bytes the file holds: D-Bus strings are UTF-8 */
+                g_autofree char *name = g_utf8_make_valid(b->name, -1);
+
+                /* every bitmap the file holds is persistent; none is a job's yet */
+                r = sd_bus_message_append(reply, "(sutbbbb)", name, b->granularity, b->dirty, b->enabled, false, true,
+                                          b->in_use);
+        }
+        return r < 0 ? r : sd_bus_message_close_container(reply);
+}
+
 #define PROP(name, sig, getter) \
         SD_BUS_PROPERTY(name, sig, getter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
 
@@ -464,6 +481,7 @@ const sd_bus_vtable image_vtable[] = {
         PROP("Encrypted", "b", property_get_bool),
         PROP("ReadOnly", "b", property_get_bool),
         PROP("InUse", "s", property_get_string),
+        PROP("Bitmaps", "a(sutbbbb)", property_get_bitmaps),
         SD_BUS_METHOD_WITH_ARGS("Check", SD_BUS_ARGS("a{sv}", options), SD_BUS_RESULT("a{sv}", result),
                                 method_check, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Map", SD_BUS_ARGS("t", offset, "t", length, "a{sv}", options),

@@ -77,6 +77,8 @@ typedef struct Image {
         dev_t dev;
         ino_t ino;
         bool external;        /* another process holds QEMU's write lock on it (last look) */
+        struct dc_bitmap_info *bitmaps; /* the persistent dirty bitmaps (qcow2), as last read */
+        size_t n_bitmaps;
         char *error;          /* set when the file is no usable image: not exported */
         int error_errno;
 } Image;

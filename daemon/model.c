@@ -70,6 +70,7 @@ Image *image_free(Image *img) {
         free(img->data_file_abs);
         free(img->superseded_by);
         free(img->error);
+        dc_bitmap_info_free(img->bitmaps, img->n_bitmaps);
         free(img);
         return NULL;
 }
@@ -177,6 +178,12 @@ Image *scan_one(Manager *mgr, const char *abs) {
         if (*dc_image_data_file(d)) {
                 img->data_file = strdup(dc_image_data_file(d));
                 img->data_file_abs = strdup(dc_image_data_file_path(d));
+        }
+        if (dc_image_bitmaps(d, &img->bitmaps, &img->n_bitmaps) < 0) {
+                /* the directory passed the open's checks: this is I/O or memory, and the next look may do better */
+                img->bitmaps = NULL;
+                img->n_bitmaps = 0;
+                dc_error_clear();
         }
         dc_image_close(d);
         return img;
@@ -409,6 +416,19 @@ static bool str_eq(const char *a, const char *b) {
         return strcmp(a ? a : "", b ? b : "") == 0;
 }
 
+static bool bitmaps_equal(const Image *a, const Image *b) {
+        if (a->n_bitmaps != b->n_bitmaps)
+                return false;
+        for (size_t i = 0; i < a->n_bitmaps; i++) {
+                const struct dc_bitmap_info *x = &a->bitmaps[i], *y = &b->bitmaps[i];
+
+                if (strcmp(x->name, y->name) != 0 || x->granularity != y->granularity || x->in_use != y->in_use ||
+                    x->enabled != y->enabled || x->dirty != y->dirty)
+                        return false;
+        }
+        return true;
+}
+
 static bool image_equal(const Image *a, const Image *b) {
         if (!!a->error != !!b->error)
                 return false;
@@ -421,7 +441,7 @@ static bool image_equal(const Image *a, const Image *b) {
                a->dirty == b->dirty && a->corrupt == b->corrupt && a->encrypted == b->encrypted &&
                a->read_only == b->read_only && str_eq(a->superseded_by, b->superseded_by) &&
                str_eq(a->data_file_abs, b->data_file_abs) && a->dev == b->dev &&
-               a->ino == b->ino && a->external == b->external;
+               a->ino == b->ino && a->external == b->external && bitmaps_equal(a, b);
 }
 
 /* An image refused for what its file holds is worth an operator's attention. */

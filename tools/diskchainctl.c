@@ -150,6 +150,58 @@ static void strv_free(char **v) {
 /* IMAGE_CREATED, _SNAPSHOT, _CLASSIFIED: a line saying what a call made of the image */
 enum { IMAGE_ROW, IMAGE_LONG, IMAGE_CREATED, IMAGE_SNAPSHOT, IMAGE_CLASSIFIED };
 
+/* S as a JSON string. */
+static void print_json_string(const char *s) {
+        putchar('"');
+        for (; *s; s++) {
+                unsigned char c = (unsigned char) *s;
+
+                if (c == '"' || c == '\\')
+                        printf("\\%c", c);
+                else if (c < 0x20)
+                        printf("\\u%04x", c);
+                else
+                        putchar(c);
+        }
+        putchar('"');
+}
+
+/* The image's persistent bitmaps: a "bitmaps" list in JSON, else a line each after "bitmaps:". */
+static void print_bitmaps(const char *obj) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        const char *name;
+        uint32_t gran;
+        uint64_t dirty;
+        int rec, busy, persistent, inconsistent, n = 0;
+        char h1[HUMAN_MAX], h2[HUMAN_MAX];
+
+        if (sd_bus_get_property(bus, BUS_NAME, obj, IFACE("Image"), "Bitmaps", &e, &reply, "a(sutbbbb)") < 0 ||
+            sd_bus_message_enter_container(reply, 'a', "(sutbbbb)") < 0)
+                goto out;
+        printf(arg_json ? ", \"bitmaps\": [" : "bitmaps:");
+        while (sd_bus_message_read(reply, "(sutbbbb)", &name, &gran, &dirty, &rec, &busy, &persistent, &inconsistent) > 0) {
+                if (arg_json) {
+                        printf("%s{\"name\": ", n ? ", " : "");
+                        print_json_string(name);
+                        printf(", \"granularity\": %u, \"dirty\": %" PRIu64 ", \"recording\": %s, \"busy\": %s, "
+                               "\"persistent\": %s, \"inconsistent\": %s}",
+                               gran, dirty, rec ? "true" : "false", busy ? "true" : "false",
+                               persistent ? "true" : "false", inconsistent ? "true" : "false");
+                } else if (inconsistent)
+                        printf("\n  %s: granularity %s, inconsistent (left in use by a writer: the next backup must be "
+                               "full)", name, format_bytes(h1, gran));
+                else
+                        printf("\n  %s: granularity %s, %s dirty, %s", name, format_bytes(h1, gran),
+                               format_bytes(h2, dirty), rec ? "recording" : "disabled");
+                n++;
+        }
+        printf(arg_json ? "]" : n ? "\n" : " (none)\n");
+out:
+        sd_bus_error_free(&e);
+        sd_bus_message_unref(reply);
+}
+
 static int print_image(const char *obj, int form) {
         char *path = get_string(obj, IFACE("Image"), "Path"), *fmt = get_string(obj, IFACE("Image"), "Format");
         char *bf = get_string(obj, IFACE("Image"), "BackingFile");
@@ -166,20 +218,24 @@ static int print_image(const char *obj, int form) {
         get_prop(obj, IFACE("Image"), "Dirty", 'b', &dirty);
         get_prop(obj, IFACE("Image"), "Corrupt", 'b', &corrupt);
         get_prop(obj, IFACE("Image"), "ReadOnly", 'b', &ro);
-        if (arg_json)
+        if (arg_json) {
                 printf("{\"path\": \"%s\", \"format\": \"%s\", \"virtual-size\": %" PRIu64 ", \"actual-size\": %" PRIu64
                        ", \"cluster-size\": %u, \"compat\": \"%s\", \"backing-filename\": \"%s\", \"dirty\": %s, "
-                       "\"corrupt\": %s, \"read-only\": %s, \"object\": \"%s\"}\n",
+                       "\"corrupt\": %s, \"read-only\": %s, \"object\": \"%s\"",
                        path, fmt, vs, as, cs, compat, bf, dirty ? "true" : "false", corrupt ? "true" : "false",
                        ro ? "true" : "false", obj);
-        else if (form == IMAGE_LONG)
+                if (form == IMAGE_LONG)
+                        print_bitmaps(obj);
+                printf("}\n");
+        } else if (form == IMAGE_LONG) {
                 printf("image: %s\nformat: %s\nvirtual size: %s (%" PRIu64 " bytes)\ndisk size: %s (%" PRIu64
                        " bytes)\ncluster size: %s\ncompat: %s\nbacking file: %s\ndirty: %s\ncorrupt: %s\n"
                        "read-only: %s\nobject: %s\n",
                        path, fmt, format_bytes(h1, vs), vs, format_bytes(h2, as), as,
                        cs ? format_bytes(h3, cs) : "(none)", compat, *bf ? bf : "(none)",
                        dirty ? "yes" : "no", corrupt ? "yes" : "no", ro ? "yes" : "no", obj);
-        else if (form >= IMAGE_CREATED) {
+                print_bitmaps(obj);
+        } else if (form >= IMAGE_CREATED) {
                 /* what the call made, in the words of the options that made it */
                 printf("%s %s: %s, %s (%" PRIu64 " bytes)",
                        form == IMAGE_SNAPSHOT ? "new active layer" : form == IMAGE_CLASSIFIED ? "recorded" : "created",

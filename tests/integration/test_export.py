@@ -7,6 +7,7 @@ The writer keeps a shadow copy of the disk: it starts from what it reads
 through the export and applies each write once the server acknowledged it,
 so at the end the disk must read exactly as the shadow, whatever the jobs
 did meanwhile (pivots, copy-before-write, streams)."""
+import json
 import os
 import random
 import re
@@ -1114,3 +1115,33 @@ def test_remote_target_with_the_configured_credentials(conf_bus, pki, kind):
         else:
             assert err and "127.0.0.1" in err, err
         assert bus.daemon_pid()
+
+
+def test_bitmaps_property_follows_the_file(bus):
+    """Image.Bitmaps lists what QEMU stored and follows qemu-img and qemu-io as they change the file;
+    a writable export's first write leaves the bitmaps inconsistent (we do not record into them yet),
+    which the property shows once the export has closed the file."""
+    img = os.path.join(bus.root, "bm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "64M")
+    qemu_img("bitmap", "--add", "-g", "4096", img, "daily")
+    qemu_io(img, "write 1M 100k", "write 9M 4k")
+    qemu_img("bitmap", "--add", img, "weekly")
+    qemu_img("bitmap", "--disable", img, "weekly")
+    o = image(bus, "bm.qcow2")
+    want = [["daily", 4096, 102400 + 4096, True, False, True, False], ["weekly", 65536, 0, False, False, True, False]]
+    wait_for(lambda: prop(bus, o, "Image", "Bitmaps") == want, f"Bitmaps {want}")
+    out = bus.ctl("info", "bm.qcow2").stdout
+    assert re.search(r"\n  daily: granularity 4(\.00)? KiB, 104 KiB dirty, recording\n  weekly: granularity 64(\.0)? KiB, "
+                     r"0 B dirty, disabled\n", out), out
+    assert json.loads(bus.ctl("--json", "info", "bm.qcow2").stdout)["bitmaps"][1] == dict(
+        name="weekly", granularity=65536, dirty=0, recording=False, busy=False, persistent=True, inconsistent=False)
+    qemu_img("bitmap", "--remove", img, "weekly")
+    wait_for(lambda: prop(bus, o, "Image", "Bitmaps") == want[:1], "weekly removed")
+    uri = re.search(r"nbd\+unix://\S+", bus.ctl("export", "bm.qcow2", "--name", "bm", "--writable").stdout).group(0)
+    sh("qemu-io", "-f", "raw", "-c", "write 20M 4k", uri)
+    # the file is read again once the export has closed it
+    bus.ctl("unexport", "bm")
+    wait_for(lambda: prop(bus, image(bus, "bm.qcow2"), "Image", "Bitmaps")[0][6], "daily inconsistent")
+    assert prop(bus, image(bus, "bm.qcow2"), "Image", "Bitmaps") == [["daily", 4096, 0, True, False, True, True]]
+    out = bus.ctl("info", "bm.qcow2").stdout
+    assert "daily: granularity 4" in out and "inconsistent" in out, out
