@@ -470,8 +470,10 @@ static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers,
         s->top = strdup(active->path);
         s->target = TAKE_PTR(uri);
         s->remote = true;
-        if (bo)
+        if (bo) {
                 s->bo = *bo;
+                s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
+        }
         if (mo) {
                 s->mo = *mo;
                 s->mo.existing = true;
@@ -519,8 +521,10 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
                 job_start_free(s);
                 return r;
         }
-        if (bo)
+        if (bo) {
                 s->bo = *bo;
+                s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
+        }
         if (mo)
                 s->mo = *mo;
         /* reads every layer (and, at a mirror's pivot, the existing target's backing); writes the target */
@@ -536,8 +540,9 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
         Image *active = ACTIVE;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
-        const char *target;
-        int sync = 0, mode = 0, format = 0, r;
+        static const char *const bitmap_modes[] = { "on-success", "never", "always", NULL };
+        const char *target, *bitmap = NULL;
+        int sync = 0, mode = 0, format = 0, bitmap_mode = -1, r;
         bool compress = false;
         uint64_t workers = 0, chunk = 0;
         struct dc_backup_options bo;
@@ -545,18 +550,16 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
         if ((r = copy_job_options(m, allowed, &target, &opts, &sync, &mode, &format, error)) < 0 ||
             (r = opt_bool(opts, "compress", &compress, error)) < 0 ||
             (r = opt_uint(opts, "max-workers", &workers, error)) < 0 ||
-            (r = opt_uint(opts, "max-chunk", &chunk, error)) < 0)
+            (r = opt_uint(opts, "max-chunk", &chunk, error)) < 0 ||
+            (r = opt_string(opts, "bitmap", &bitmap, error)) < 0 ||
+            (r = opt_enum(opts, "bitmap-mode", bitmap_modes, &bitmap_mode, error)) < 0)
                 return r;
-        if (sync >= 3 || g_hash_table_contains(opts, "bitmap") || g_hash_table_contains(opts, "bitmap-mode"))
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
-                                         "incremental and bitmap backups need persistent dirty bitmaps, which this "
-                                         "version does not have");
         if (g_hash_table_contains(opts, "max-workers") && (workers < 1 || workers > 16))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
         bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
-                                         .max_chunk = chunk };
+                                         .max_chunk = chunk, .bitmap = bitmap, .bitmap_mode = bitmap_mode + 1 };
         return copy_job_start(m, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, &bo, NULL,
                               error);
 }

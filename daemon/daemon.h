@@ -327,6 +327,7 @@ typedef struct JobStart {
         struct stat target_st;
         struct dc_create_options co;
         struct dc_backup_options bo;
+        char *bitmap;         /* bo.bitmap's storage */
         struct dc_mirror_options mo;
         char **roots;
         char **paths;         /* claimed busy */

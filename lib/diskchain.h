@@ -488,9 +488,14 @@ int dc_job_commit(const char *overlay_path, const char *top_path, const char *ba
                   const char *backing_file, const struct dc_open_options *oo,
                   const struct dc_job_options *jo, dc_job **ret);
 
-enum { DC_SYNC_FULL, DC_SYNC_TOP, DC_SYNC_NONE };
+/* BITMAP and INCREMENTAL: backup only (INCREMENTAL is BITMAP with DC_BITMAP_MODE_ON_SUCCESS). */
+enum { DC_SYNC_FULL, DC_SYNC_TOP, DC_SYNC_NONE, DC_SYNC_INCREMENTAL, DC_SYNC_BITMAP };
+/* What a backup does to its bitmap at the end (QEMU's BitmapSyncMode); UNSET: none given. */
+enum { DC_BITMAP_MODE_UNSET, DC_BITMAP_MODE_ON_SUCCESS, DC_BITMAP_MODE_NEVER, DC_BITMAP_MODE_ALWAYS };
 struct dc_backup_options {
         int sync;                   /* DC_SYNC_* */
+        const char *bitmap;         /* a persistent bitmap of the source's top layer, or NULL */
+        int bitmap_mode;            /* DC_BITMAP_MODE_*; only NEVER can be done (bitmaps are read, not written) */
         bool compress;              /* write compressed clusters (qcow2 target) */
         unsigned max_workers;       /* copy requests in flight (they compress side by side); 0 = 8, at most 16 */
         uint64_t max_chunk;         /* largest request, at least the target's cluster size; 0 = 2 MiB, the most */
@@ -498,7 +503,8 @@ struct dc_backup_options {
 /*
  * drive-backup: a point-in-time copy of SOURCE_PATH's chain into the
  * existing image TARGET_PATH (same virtual size): everything (full), what
- * the top layer holds (top), or nothing until cancelled (none).
+ * the top layer holds (top), what a bitmap of the top layer marks dirty
+ * (bitmap, with bitmap-mode never), or nothing until cancelled (none).
  */
 int dc_job_backup(const char *source_path, const char *target_path, const struct dc_backup_options *bo,
                   const struct dc_open_options *oo, const struct dc_job_options *jo, dc_job **ret);

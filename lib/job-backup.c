@@ -20,6 +20,12 @@
  *   before any guest write reaches it.
  * - sync=none never ends by itself: its run waits at a pause point until
  *   cancelled (QEMU's fleecing backup).
+ * - sync=bitmap copies what a persistent bitmap of the source's top layer
+ *   (as QEMU stored it) marks dirty, read at the point in time; QEMU's
+ *   argument rules are kept.  The bitmap is only read, so bitmap-mode
+ *   never is the one mode there is (on-success and always, and so
+ *   sync=incremental, would rewrite it: refused); an inconsistent bitmap
+ *   (in use) is refused, since only a full backup is safe then.
  * - max-workers and max-chunk size the background pass (QEMU's x-perf);
  *   compress writes whole target clusters compressed, on the requests'
  *   threads side by side.
@@ -66,6 +72,43 @@ static void backup_clean(dc_job *j) {
         s->tgt = dc_image_close(s->tgt);
 }
 
+static int mark_dirty(void *userdata, uint64_t off, uint64_t len) {
+        (void) dc_block_copy_mark(userdata, off, len);
+        return 0;
+}
+
+/* QEMU's rules for bitmap, bitmap-mode and sync (block/backup.c, blockdev.c), in its words. */
+static int check_bitmap_options(const struct dc_backup_options *bo) {
+        static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap" };
+        int mode = bo->bitmap_mode;
+
+        if ((bo->sync == DC_SYNC_BITMAP || bo->sync == DC_SYNC_INCREMENTAL) && !bo->bitmap)
+                return dc_error(EINVAL, "must provide a valid bitmap name for '%s' sync mode", syncs[bo->sync]);
+        if (!bo->bitmap) {
+                if (mode != DC_BITMAP_MODE_UNSET)
+                        return dc_error(EINVAL, "Cannot specify bitmap sync mode without a bitmap");
+                return 0;
+        }
+        if (bo->sync == DC_SYNC_INCREMENTAL) {
+                if (mode != DC_BITMAP_MODE_UNSET && mode != DC_BITMAP_MODE_ON_SUCCESS)
+                        return dc_error(EINVAL, "Bitmap sync mode must be 'on-success' when using sync mode "
+                                                "'incremental'");
+                mode = DC_BITMAP_MODE_ON_SUCCESS;
+        } else if (mode == DC_BITMAP_MODE_UNSET)
+                return dc_error(EINVAL, "Bitmap sync mode must be given when providing a bitmap");
+        if (bo->sync == DC_SYNC_NONE)
+                return dc_error(EINVAL, "sync mode 'none' does not produce meaningful bitmap outputs");
+        if (mode == DC_BITMAP_MODE_NEVER && bo->sync != DC_SYNC_BITMAP)
+                return dc_error(EINVAL, "Bitmap sync mode 'never' has no meaningful effect when combined with sync "
+                                        "mode '%s'", syncs[bo->sync]);
+        if (mode != DC_BITMAP_MODE_NEVER)
+                return dc_error(ENOTSUP, "bitmap-mode '%s' (and sync 'incremental') would update bitmap '%s', and "
+                                         "diskchain does not write bitmaps yet: use sync 'bitmap' with bitmap-mode "
+                                         "'never', which only reads it",
+                                mode == DC_BITMAP_MODE_ON_SUCCESS ? "on-success" : "always", bo->bitmap);
+        return 0;
+}
+
 static const struct dc_job_driver backup_driver = {
         .type = DC_JOB_TYPE_BACKUP,
         .instance_size = sizeof(struct backup),
@@ -74,7 +117,7 @@ static const struct dc_job_driver backup_driver = {
 };
 
 /* Quiesced: the filter on, and what is to be copied marked, at one point in time. */
-static int backup_setup(struct backup *s, uint64_t unit) {
+static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap) {
         dc_job *j = &s->job;
         int r;
 
@@ -83,6 +126,9 @@ static int backup_setup(struct backup *s, uint64_t unit) {
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
+                else if (s->sync == DC_SYNC_BITMAP)
+                        /* the bitmap as the file holds it at this point in time */
+                        r = dc_image_bitmap_extents(s->source, bitmap, mark_dirty, s->copy);
                 else if (s->sync == DC_SYNC_FULL && dc_image_is_remote(s->tgt))
                         /* an export holds whatever it held: every unit, zeros where it does not read as zeros */
                         dc_block_copy_mark_all(s->copy);
@@ -102,6 +148,9 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         int r;
 
         oo = oo ? oo : &dc_job_no_options;
+        r = check_bitmap_options(bo);
+        if (r < 0)
+                return r;
 
         r = dc_job_new_copy(&backup_driver, source_path, target_path, oo, jo, "Source and target cannot be the same",
                             &j, &source, &tgt);
@@ -142,7 +191,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                                                            .compress = bo->compress },
                             &s->copy);
         if (r >= 0)
-                r = backup_setup(s, unit);
+                r = backup_setup(s, unit, bo->bitmap);
         if (r < 0)
                 return r;
         j->len = s->source->virtual_size;

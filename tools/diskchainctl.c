@@ -800,6 +800,7 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 { "buf-size", required_argument, NULL, 'z' }, { "no-unmap", no_argument, NULL, 'U' },
                 { "copy-mode", required_argument, NULL, 'M' }, { "complete", no_argument, NULL, 'C' },
                 { "copy", no_argument, NULL, 'P' },           { "cache", required_argument, NULL, 'H' },
+                { "bitmap", required_argument, NULL, 'a' },   { "bitmap-mode", required_argument, NULL, 'A' },
                 {},
         };
         bool backup = strcmp(method, "Backup") == 0 || strcmp(method, "Mirror") == 0;
@@ -843,6 +844,8 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 case 'c': sd_bus_message_append(m, "{sv}", "compress", "b", 1); break;
                 case 'U': sd_bus_message_append(m, "{sv}", "unmap", "b", 0); break;
                 case 'M': sd_bus_message_append(m, "{sv}", "copy-mode", "s", optarg); break;
+                case 'a': sd_bus_message_append(m, "{sv}", "bitmap", "s", optarg); break;
+                case 'A': sd_bus_message_append(m, "{sv}", "bitmap-mode", "s", optarg); break;
                 case 'H': sd_bus_message_append(m, "{sv}", "cache", "s", optarg); break;
                 case 'C': w.on_ready = READY_COMPLETE; break;
                 case 'P': w.on_ready = READY_COPY; break;

@@ -902,8 +902,8 @@ def test_backup_refusals(bus):
             ("A.qcow2", [], "already exists"),
             ("D.qcow2", [], "Source and target cannot be the same"),
             ("x.raw", ["format", "s", "raw", "compress", "b", "true"], "Compression is not supported"),
-            ("x.qcow2", ["sync", "s", "incremental"], "dirty bitmaps"),
-            ("x.qcow2", ["bitmap", "s", "b0"], "dirty bitmaps"),
+            ("x.qcow2", ["sync", "s", "incremental"], "must provide a valid bitmap name for 'incremental' sync mode"),
+            ("x.qcow2", ["bitmap", "s", "b0"], "Bitmap sync mode must be given when providing a bitmap"),
             ("x.qcow2", ["max-workers", "u", "0"], "max-workers must be 1..16"),
             ("x.qcow2", ["max-workers", "u", "17"], "max-workers must be 1..16"),
             ("../x.qcow2", [], "outside the storage roots")):
