@@ -89,6 +89,7 @@ typedef struct ImageOp {
         const struct dc_format_oracle *oracle;
         int repair;
         uint64_t a, b, max_extents;
+        char *name;           /* a bitmap's */
         struct dc_check_result check;
         GArray *extents;
 } ImageOp;
@@ -96,6 +97,7 @@ typedef struct ImageOp {
 static void image_op_free(void *p) {
         ImageOp *op = p;
         free(op->path);
+        free(op->name);
         g_strfreev(op->roots);
         if (op->extents)
                 g_array_unref(op->extents);
@@ -328,14 +330,20 @@ static int method_map(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         return image_op_start(IMG, m, op, map_run, map_done, false);
 }
 
+/* The image alone (not its backing files), for writing, on a worker. */
+static int open_for_write(ImageOp *op, dc_image **ret) {
+        struct dc_open_options o = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
+                                     .no_backing = true, .writable = true };
+        *ret = NULL;
+        return dc_image_open(op->path, &o, ret);
+}
+
 /* Resize */
 
 static void resize_run(Work *w) {
         ImageOp *op = w->data;
-        struct dc_open_options o = { .roots = (const char *const *) op->roots, .oracle = op->oracle,
-                                     .no_backing = true, .writable = true };
-        dc_image *img = NULL;
-        int r = dc_image_open(op->path, &o, &img);
+        dc_image *img;
+        int r = open_for_write(op, &img);
         if (r >= 0)
                 r = dc_image_truncate(img, op->a);
         if (r >= 0)
@@ -383,6 +391,58 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
                 return -ENOMEM;
         op->a = size;
         return image_op_start(IMG, m, op, resize_run, reply_empty_done, true);
+}
+
+/* EnableBitmap, DisableBitmap */
+
+static void bitmap_enable_run(Work *w) {
+        ImageOp *op = w->data;
+        dc_image *img;
+        int r = open_for_write(op, &img);
+
+        if (r >= 0)
+                r = dc_image_bitmap_set_enabled(img, op->name, op->a);
+        work_capture_error(w, r);
+        dc_image_close(img);
+}
+
+static int bitmap_enable(sd_bus_message *m, Image *img, bool enable, sd_bus_error *error) {
+        const char *name;
+        ImageOp *op;
+        int r;
+
+        r = sd_bus_message_read(m, "s", &name);
+        if (r < 0)
+                return r;
+        r = freshen(img, m, error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        if (!*name)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "a bitmap name cannot be empty");
+        r = refuse_busy(img, error);
+        if (r < 0)
+                return r;
+        r = authorize(img, m, "org.diskchain.modify", enable ? "enable-bitmap" : "disable-bitmap", error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        op = image_op_new(img);
+        if (!op)
+                return -ENOMEM;
+        op->name = strdup(name);
+        op->a = enable;
+        if (!op->name) {
+                image_op_free(op);
+                return -ENOMEM;
+        }
+        return image_op_start(img, m, op, bitmap_enable_run, reply_empty_done, true);
+}
+
+static int method_enable_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_enable(m, IMG, true, error);
+}
+
+static int method_disable_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_enable(m, IMG, false, error);
 }
 
 /* Delete */
@@ -489,6 +549,10 @@ const sd_bus_vtable image_vtable[] = {
         SD_BUS_METHOD_WITH_ARGS("Resize", SD_BUS_ARGS("t", size, "a{sv}", options), SD_BUS_NO_RESULT,
                                 method_resize, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Delete", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, method_delete,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("EnableBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_enable_bitmap,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("DisableBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_disable_bitmap,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };

@@ -196,6 +196,8 @@ typedef int (*dc_bitmap_extent_cb)(void *userdata, uint64_t offset, uint64_t len
  * has none of that name, -ESTALE when it is in use (inconsistent).
  */
 int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata);
+/* Recording of bitmap NAME on or off (IMG open for writing): -ENOENT, -ESTALE when inconsistent. */
+int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled);
 
 enum {
         DC_REPAIR_NONE = 0,

@@ -374,6 +374,7 @@ static int read_bitmap_dir(dc_image *img, uint8_t **ret) {
 
 /* One bitmap of the directory, checked: its entry and its table (TSIZE big-endian entries). */
 struct bitmap_entry {
+        uint64_t entry;           /* where the entry starts in the directory */
         const char *name;         /* NAME_SIZE bytes, not terminated */
         uint16_t name_size;
         uint32_t flags;           /* BME_FLAG_IN_USE 1, BME_FLAG_AUTO 2 */
@@ -467,7 +468,8 @@ static int read_bitmaps(dc_image *img, uint64_t fsize, int (*visit)(dc_image *im
                 }
                 if (visit) {
                         r = visit(img,
-                                  &(struct bitmap_entry){ .name = (const char *) d + 24, .name_size = name_size,
+                                  &(struct bitmap_entry){ .entry = p, .name = (const char *) d + 24,
+                                                          .name_size = name_size,
                                                           .flags = flags, .granularity_bits = gran, .table = t,
                                                           .table_size = tsize },
                                   userdata);
@@ -2935,5 +2937,68 @@ DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap
 
         if (r >= 0 && !l.found)
                 return dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name);
+        return r;
+}
+
+/* --- persistent dirty bitmaps, their flags ------------------------------------------ */
+
+struct bitmap_flag {
+        const char *name;
+        uint64_t entry;      /* the entry's offset in the directory */
+        uint32_t flags;
+        bool found;
+};
+
+static int flag_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
+        struct bitmap_flag *f = userdata;
+
+        if (f->found || strlen(f->name) != b->name_size || memcmp(f->name, b->name, b->name_size))
+                return 0;
+        f->found = true;
+        f->entry = b->entry;
+        f->flags = b->flags;
+        return 0;
+}
+
+/*
+ * Turn recording of bitmap NAME on or off (its "auto" flag), as qemu-img
+ * bitmap --enable/--disable does: one 4-byte write of the entry's flags in
+ * place, made durable before returning.  IMG is open for writing (so no
+ * other program holds it) and has not been written through: the first
+ * guest write marks every bitmap in use.
+ */
+DC_EXPORT int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled) {
+        struct bitmap_flag f = { .name = name };
+        struct stat st;
+        uint8_t w[4];
+        int r;
+
+        if (!img->writable)
+                return dc_error(EROFS, "'%s' is open read-only%s%s", img->path, img->read_only_reason ? ": " : "",
+                                img->read_only_reason ? img->read_only_reason : "");
+        if (img->drv != &dc_qcow2_driver)
+                return dc_error(ENOENT, "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)", img->path,
+                                name);
+        pthread_mutex_lock(&img->lock);
+        if (!QC(img)->has_bitmaps || !(QC(img)->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+                r = 0;
+        else if (fstat(img->fd, &st) < 0)
+                r = dc_error(errno, "'%s': cannot stat: %m", img->path);
+        else
+                r = read_bitmaps(img, (uint64_t) st.st_size, flag_visit, &f);
+        if (r >= 0 && !f.found)
+                r = dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name);
+        else if (r >= 0 && (f.flags & 1))
+                r = dc_error(ESTALE, "'%s': bitmap '%s' is inconsistent (left in use by a writer that stopped without "
+                                     "saving it) and can only be removed", img->path, name);
+        else if (r >= 0 && !!(f.flags & 2) != enabled) {
+                put_be32(w, enabled ? f.flags | 2 : f.flags & ~2u);
+                r = dc_pwrite_full(img->fd, w, sizeof w, QC(img)->bitmap_dir_offset + f.entry + 12);
+                if (r >= 0)
+                        r = dc_fdatasync(img->fd);
+                if (r < 0)
+                        r = dc_error(r, "'%s': cannot update the bitmap directory: %s", img->path, strerror(-r));
+        }
+        pthread_mutex_unlock(&img->lock);
         return r;
 }

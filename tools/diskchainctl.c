@@ -1082,6 +1082,28 @@ static int cmd_unexport(const char *name) {
         return 0;
 }
 
+/* bitmap enable|disable IMAGE NAME */
+static int cmd_bitmap(const char *verb, const char *path, const char *name) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        bool enable = strcmp(verb, "enable") == 0;
+        char *o = NULL;
+        int r;
+
+        if (!enable && strcmp(verb, "disable") != 0) {
+                fprintf(stderr, "diskchainctl: bitmap enable|disable IMAGE NAME\n");
+                return 2;
+        }
+        if (get_image(path, &o) < 0)
+                return 1;
+        r = call(o, IFACE("Image"), enable ? "EnableBitmap" : "DisableBitmap", NULL, &e, "s", name);
+        free(o);
+        if (r < 0)
+                return fail(enable ? "EnableBitmap" : "DisableBitmap", &e, r);
+        if (!arg_json)
+                printf("bitmap %s of %s: %s\n", name, path, enable ? "recording" : "disabled");
+        return 0;
+}
+
 static void print_job(const char *o, bool long_form) {
         char *id = get_string(o, IFACE("Job"), "Id"), *type = get_string(o, IFACE("Job"), "Type");
         char *status = get_string(o, IFACE("Job"), "Status"), *err = get_string(o, IFACE("Job"), "Error");
@@ -1275,8 +1297,9 @@ static void help(void) {
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
                "                               --no-auto-dismiss, --no-wait (print the job and return),\n"
                "                               --cache writeback|none (how the written image takes data)\n"
-               "  backup CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
+               "  backup CHAIN TARGET [--sync full|top|none|bitmap] [--mode existing] [--format F]\n"
                "                               [--compress] [--max-workers N] [--max-chunk N]\n"
+               "                               [--bitmap NAME --bitmap-mode never]\n"
                "  mirror CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
                "                               [--granularity N] [--buf-size N] [--no-unmap]\n"
                "                               [--copy-mode background|write-blocking]\n"
@@ -1290,6 +1313,8 @@ static void help(void) {
                "                               Serve the chain over NBD (polkit: export); prints its URI\n"
                "  exports                      List the NBD exports\n"
                "  unexport NAME                Stop an export once its clients' requests are done\n"
+               "  bitmap enable|disable IMAGE NAME\n"
+               "                               Turn recording of a persistent dirty bitmap on or off\n"
                "  jobs                         List block jobs\n"
                "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
                "  job change ID --copy-mode write-blocking\n"
@@ -1363,6 +1388,8 @@ int main(int argc, char **argv) {
                 r = cmd_export(argc, argv);
         else if (strcmp(argv[0], "exports") == 0)
                 r = cmd_exports();
+        else if (strcmp(argv[0], "bitmap") == 0 && argc >= 4)
+                r = cmd_bitmap(argv[1], argv[2], argv[3]);
         else if (strcmp(argv[0], "unexport") == 0 && argc >= 2)
                 r = cmd_unexport(argv[1]);
         else if (strcmp(argv[0], "jobs") == 0)

@@ -5,8 +5,9 @@ disk did (qemu-img compare), holds only what the bitmap marked, and QEMU's argum
 import json
 import os
 import random
+import re
 
-from bustest import qemu_img, qemu_io, sh
+from bustest import TEST_USER, qemu_img, qemu_io, sh
 from test_bus import M, data
 
 MiB = 1 << 20
@@ -94,3 +95,45 @@ def test_bitmap_backup_arguments(bus):
     assert "inconsistent" in err and "full backup is needed" in err, err
     # a full backup still works, and does not touch the bitmap
     bus.ctl("backup", "disk.qcow2", "full.qcow2")
+
+
+def test_enable_and_disable_a_bitmap(bus):
+    """EnableBitmap and DisableBitmap flip the flag QEMU reads (qemu-img info), QEMU then records or
+    not, the image stays clean; an unprivileged caller is refused, as is an inconsistent bitmap."""
+    disk = os.path.join(bus.root, "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
+    qemu_img("bitmap", "--add", disk, "b0")
+    qemu_img("bitmap", "--add", disk, "b1")
+
+    def flags():
+        bms = json.loads(qemu_img("info", "--output=json", disk).stdout)["format-specific"]["data"]["bitmaps"]
+        return {b["name"]: b["flags"] for b in bms}
+
+    assert "bitmap b0 of disk.qcow2: disabled" in bus.ctl("bitmap", "disable", "disk.qcow2", "b0").stdout
+    assert flags() == {"b0": [], "b1": ["auto"]}
+    qemu_io(disk, "write 0 64k")
+    dirty = {b["name"]: b["dirty"] for b in json.loads(bus.ctl("--json", "info", "disk.qcow2").stdout)["bitmaps"]}
+    assert dirty == {"b0": 0, "b1": 65536}
+    bus.ctl("bitmap", "disable", "disk.qcow2", "b0")  # already: nothing to do
+    bus.ctl("bitmap", "enable", "disk.qcow2", "b0")
+    assert flags() == {"b0": ["auto"], "b1": ["auto"]}
+    qemu_io(disk, "write 1M 64k")
+    dirty = {b["name"]: b["dirty"] for b in json.loads(bus.ctl("--json", "info", "disk.qcow2").stdout)["bitmaps"]}
+    assert dirty == {"b0": 65536, "b1": 2 * 65536}
+    qemu_img("check", disk)
+    # the same through busctl and gdbus
+    o = data(bus.call(M, "Manager", "GetImage", "s", "disk.qcow2"))[0]
+    bus.call(o, "Image", "DisableBitmap", "s", "b1")
+    assert flags()["b1"] == []
+    bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.EnableBitmap", "b1")
+    assert flags()["b1"] == ["auto"]
+    p = bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.EnableBitmap", "nosuch", check=False)
+    assert "org.diskchain.DiskChain1.Error.NotFound" in p.stderr, p.stderr
+    p = bus.ctl("bitmap", "disable", "disk.qcow2", "nosuch", check=False)
+    assert p.returncode == 1 and "no bitmap named 'nosuch'" in p.stderr, p.stderr
+    p = bus.ctl("bitmap", "disable", "disk.qcow2", "b0", user=TEST_USER, check=False)
+    assert p.returncode == 1 and re.search(r"(?i)authenticat|denied|not authorized", p.stderr), p.stderr
+    assert flags()["b0"] == ["auto"]
+    sh("qemu-io", "-f", "qcow2", "-c", "write 2M 4k", "-c", "sigraise 9", disk, check=False)
+    p = bus.ctl("bitmap", "disable", "disk.qcow2", "b0", check=False)
+    assert p.returncode == 1 and "inconsistent" in p.stderr and "can only be removed" in p.stderr, p.stderr
