@@ -188,12 +188,18 @@ static void print_bitmaps(const char *obj) {
                                "\"persistent\": %s, \"inconsistent\": %s}",
                                gran, dirty, rec ? "true" : "false", busy ? "true" : "false",
                                persistent ? "true" : "false", inconsistent ? "true" : "false");
-                } else if (inconsistent)
-                        printf("\n  %s: granularity %s, inconsistent (left in use by a writer: the next backup must be "
-                               "full)", name, format_bytes(h1, gran));
-                else
-                        printf("\n  %s: granularity %s, %s dirty, %s", name, format_bytes(h1, gran),
-                               format_bytes(h2, dirty), rec ? "recording" : "disabled");
+                } else {
+                        /* a name is bytes from the image file: no control characters reach the terminal */
+                        printf("\n  ");
+                        for (const char *c = name; *c; c++)
+                                putchar((unsigned char) *c < 0x20 || *c == 0x7f ? '?' : *c);
+                        if (inconsistent)
+                                printf(": granularity %s, inconsistent (left in use by a writer: the next backup "
+                                       "must be full)", format_bytes(h1, gran));
+                        else
+                                printf(": granularity %s, %s dirty, %s", format_bytes(h1, gran), format_bytes(h2, dirty),
+                                       rec ? "recording" : "disabled");
+                }
                 n++;
         }
         printf(arg_json ? "]" : n ? "\n" : " (none)\n");

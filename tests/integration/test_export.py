@@ -1117,6 +1117,19 @@ def test_remote_target_with_the_configured_credentials(conf_bus, pki, kind):
         assert bus.daemon_pid()
 
 
+def test_bitmap_names_are_bytes_from_the_file(bus):
+    """A bitmap name with a terminal escape and a byte that is no UTF-8: the property is still valid
+    (the name made UTF-8), and diskchainctl prints no control character."""
+    img = os.path.join(bus.root, "evil.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    subprocess.run([b"qemu-img", b"bitmap", b"--add", img.encode(), b"evil\x1b[31m\xff"], check=True)
+    o = image(bus, "evil.qcow2")
+    wait_for(lambda: len(prop(bus, o, "Image", "Bitmaps")) == 1, "the bitmap listed")
+    assert prop(bus, o, "Image", "Bitmaps")[0][0] == "evil\x1b[31m\ufffd"
+    out = bus.ctl("info", "evil.qcow2").stdout
+    assert "\x1b" not in out and "  evil?[31m" in out, out
+
+
 def test_bitmaps_property_follows_the_file(bus):
     """Image.Bitmaps lists what QEMU stored and follows qemu-img and qemu-io as they change the file;
     a writable export's first write leaves the bitmaps inconsistent (we do not record into them yet),
