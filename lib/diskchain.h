@@ -196,8 +196,22 @@ typedef int (*dc_bitmap_extent_cb)(void *userdata, uint64_t offset, uint64_t len
  * has none of that name, -ESTALE when it is in use (inconsistent).
  */
 int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata);
-/* Recording of bitmap NAME on or off (IMG open for writing): -ENOENT, -ESTALE when inconsistent. */
+/*
+ * Changes of IMG's bitmaps (IMG open for writing, qcow2 v3), each stored in
+ * the file before it returns, crash-safe; while IMG is being written, the
+ * enabled bitmaps record the writes and are stored at its close.
+ * -ENOENT: no bitmap of that name; -ESTALE: it is inconsistent (only
+ * removal works).
+ */
+/* Recording of bitmap NAME on or off. */
 int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled);
+/* A new, empty bitmap; GRANULARITY 0: QEMU's default (the cluster size within 4-64 KiB); -EEXIST. */
+int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t granularity, bool disabled);
+int dc_image_bitmap_remove(dc_image *img, const char *name);
+/* Every bit of NAME reset. */
+int dc_image_bitmap_clear(dc_image *img, const char *name);
+/* TARGET |= each of the N SOURCES (granularities may differ); TARGET unchanged on failure. */
+int dc_image_bitmap_merge(dc_image *img, const char *target, const char *const *sources, size_t n);
 
 enum {
         DC_REPAIR_NONE = 0,

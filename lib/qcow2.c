@@ -358,7 +358,7 @@ static int read_snapshots(dc_image *img, uint64_t fsize) {
         return 0;
 }
 
-static int read_bitmap_dir(dc_image *img, uint8_t **ret) {
+int qcow2_read_bitmap_dir(dc_image *img, uint8_t **ret) {
         struct qcow2 *s = QC(img);
         _cleanup_free_ uint8_t *dir = malloc(MAX(s->bitmap_dir_size, 1u));
         int r;
@@ -372,16 +372,6 @@ static int read_bitmap_dir(dc_image *img, uint8_t **ret) {
         return 0;
 }
 
-/* One bitmap of the directory, checked: its entry and its table (TSIZE big-endian entries). */
-struct bitmap_entry {
-        uint64_t entry;           /* where the entry starts in the directory */
-        const char *name;         /* NAME_SIZE bytes, not terminated */
-        uint16_t name_size;
-        uint32_t flags;           /* BME_FLAG_IN_USE 1, BME_FLAG_AUTO 2 */
-        uint8_t granularity_bits;
-        const uint8_t *table;
-        uint32_t table_size;
-};
 
 /*
  * The bitmap directory and tables, checked as QEMU checks them when it
@@ -390,9 +380,8 @@ struct bitmap_entry {
  * VISIT (if not NULL) is called with each bitmap once it passed; a
  * negative return ends the walk with it.
  */
-static int read_bitmaps(dc_image *img, uint64_t fsize, int (*visit)(dc_image *img, const struct bitmap_entry *b,
-                                                                    void *userdata),
-                        void *userdata) {
+int qcow2_read_bitmaps(dc_image *img, uint64_t fsize,
+                       int (*visit)(dc_image *img, const struct qcow2_bitmap_entry *b, void *userdata), void *userdata) {
         struct qcow2 *s = QC(img);
         uint64_t cs = s->cluster_size, p = 0;
         _cleanup_free_ uint8_t *dir = NULL;
@@ -402,7 +391,7 @@ static int read_bitmaps(dc_image *img, uint64_t fsize, int (*visit)(dc_image *im
                         fsize);
         if (r < 0)
                 return r;
-        r = read_bitmap_dir(img, &dir);
+        r = qcow2_read_bitmap_dir(img, &dir);
         if (r < 0)
                 return r;
         for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
@@ -468,7 +457,7 @@ static int read_bitmaps(dc_image *img, uint64_t fsize, int (*visit)(dc_image *im
                 }
                 if (visit) {
                         r = visit(img,
-                                  &(struct bitmap_entry){ .entry = p, .name = (const char *) d + 24,
+                                  &(struct qcow2_bitmap_entry){ .entry = p, .table_offset = toff, .name = (const char *) d + 24,
                                                           .name_size = name_size,
                                                           .flags = flags, .granularity_bits = gran, .table = t,
                                                           .table_size = tsize },
@@ -811,7 +800,7 @@ static int qcow2_open(dc_image *img, bool writable) {
                 /* In check mode, check counts all of this instead. */
                 r = check_reftable(img, fsize);
                 if (r >= 0 && s->has_bitmaps)
-                        r = read_bitmaps(img, fsize, NULL, NULL);
+                        r = qcow2_read_bitmaps(img, fsize, NULL, NULL);
                 if (r >= 0 && s->fde_length)
                         r = check_table(img, "encryption header", "the encryption header extension",
                                         s->fde_offset, ALIGN_UP(s->fde_length, s->cluster_size), fsize);
@@ -984,6 +973,7 @@ static void qcow2_close(dc_image *img) {
         if (!s)
                 return;
         (void) qcow2_l2_commit_pending(img);
+        qcow2_bitmaps_close(img);
         qcow2_cache_free(&s->l2_cache);
         qcow2_cache_free(&s->rb_cache);
         for (int t = 0; t < 3; t++)
@@ -1472,43 +1462,9 @@ static int read_guest_unlocked(dc_image *img, uint8_t *dst, uint64_t off, uint64
 
 /* --- writing ------------------------------------------------------------- */
 
-static int mark_bitmaps_in_use(dc_image *img) {
-        struct qcow2 *s = QC(img);
-        _cleanup_free_ uint8_t *dir = NULL;
-        uint64_t p = 0;
-        bool changed = false;
-        int r;
-
-        if (!s->has_bitmaps || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
-                return 0;
-        r = read_bitmap_dir(img, &dir);
-        if (r < 0)
-                return r;
-        for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
-                uint32_t flags, name_size, extra;
-                if (p + 24 > s->bitmap_dir_size)
-                        return dc_error(EUCLEAN, "'%s': the bitmap directory is truncated", img->path);
-                flags = be32(dir + p + 12);
-                name_size = be16(dir + p + 18);
-                extra = be32(dir + p + 20);
-                if (!(flags & 1)) {
-                        put_be32(dir + p + 12, flags | 1);
-                        changed = true;
-                }
-                p += ALIGN_UP(24 + (uint64_t) extra + name_size, 8);
-        }
-        if (!changed)
-                return 0;
-        r = dc_pwrite_full(img->fd, dir, s->bitmap_dir_size, s->bitmap_dir_offset);
-        if (r >= 0)
-                r = dc_fdatasync(img->fd);
-        if (r < 0)
-                return dc_error(r, "'%s': cannot update the bitmap directory: %s", img->path, strerror(-r));
-        return 0;
-}
-
 /* Before the first write: clear autoclear bits we do not maintain, and
- * flag persistent bitmaps as in-use since our writes do not update them. */
+ * load the enabled persistent bitmaps to record the writes, flagged in use
+ * on disk until a clean close stores them (qcow2-bitmap.c). */
 static int prepare_for_write(dc_image *img) {
         struct qcow2 *s = QC(img);
         int r;
@@ -1526,7 +1482,7 @@ static int prepare_for_write(dc_image *img) {
                 if (r < 0)
                         return r;
         }
-        r = mark_bitmaps_in_use(img);
+        r = qcow2_bitmaps_start_recording(img);
         if (r < 0)
                 return r;
         s->prepared_for_write = true;
@@ -1827,6 +1783,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
+        qcow2_bitmaps_record(img, off, len);
         while (len > 0) {
                 uint64_t gidx = off / cs, l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries, l2off, e;
                 uint64_t max_run = MIN(MAX(1u, MAX_RUN_BYTES / cs), qcow2_max_run(s)), run = 0, first_host;
@@ -2144,6 +2101,7 @@ static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigne
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
+        qcow2_bitmaps_record(img, off, len);
         /* v2 with a backing file has no way to say "zero": write zeroes. */
         if (s->version < 3 && img->backing_file)
                 return write_zero_bytes(img, off, len);
@@ -2187,6 +2145,7 @@ static int qcow2_discard(dc_image *img, uint64_t off, uint64_t len) {
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
+        qcow2_bitmaps_record(img, off, len);
         if (off + len == img->virtual_size)
                 last = DIV_ROUND_UP(img->virtual_size, cs);
         if (first >= last)
@@ -2223,6 +2182,7 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
+        qcow2_bitmaps_record(img, off, len);
         ne = calloc(n, sizeof *ne);
         if (!ne)
                 return dc_error(ENOMEM, "out of memory");
@@ -2520,6 +2480,9 @@ static int qcow2_truncate(dc_image *img, uint64_t size) {
         need = qcow2_size_to_l1(s->cluster_bits, s->l2_entries, size);
         have_clusters = DIV_ROUND_UP((uint64_t) s->l1_size * 8, cs);
         inflight_wait(img, 0, 0);
+        r = qcow2_bitmaps_resize(img, size);
+        if (r < 0)
+                return r;
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
@@ -2705,50 +2668,70 @@ DC_EXPORT const char *dc_image_data_file_path(dc_image *img) {
         return s && s->data_file_abs ? s->data_file_abs : "";
 }
 
+/* A rebuild of cluster 0: what changes. */
+struct header_edit {
+        bool backing;             /* the backing name and format become these */
+        const char *backing_file, *backing_fmt;
+        bool bitmaps;             /* the bitmaps extension becomes BITMAPS_EXT (24 bytes), or goes when NULL */
+        const uint8_t *bitmaps_ext;
+};
+
 /*
- * Change the backing file recorded in the header (what stream and commit do
- * when they finish).  Cluster 0 is rebuilt from the header as it is on disk:
- * every extension is kept in order except the backing format, which is
- * replaced; the backing name follows the end marker.  The new cluster 0 is
- * written in one write and synced.  Both the old and the new backing give
- * the same guest data at that moment (the job copied what differs), so either
- * version surviving a crash is correct.
+ * Cluster 0 rebuilt from the header as it is on disk: every extension is
+ * kept in order except those being replaced; the new bitmaps extension
+ * comes first (so that later updates of its 24 bytes stay inside sector 0),
+ * a new backing format next; the backing name follows the end marker.  The
+ * new cluster 0 is written in one write and synced.
  */
-int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
+static int header_rebuild(dc_image *img, const struct header_edit *e) {
         struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, end, p, q;
+        uint64_t cs = s->cluster_size, end, p, q, blen, autoclear = s->autoclear;
         _cleanup_free_ uint8_t *old = malloc(cs), *h = calloc(1, cs);
-        size_t blen = backing ? strlen(backing) : 0;
+        const char *bname;
         int r;
 
         if (!old || !h)
                 return dc_error(ENOMEM, "out of memory");
-        if (blen > 1023)
-                return dc_error(EINVAL, "'%s': backing file name is longer than 1023 bytes", img->path);
-        r = prepare_for_write(img);
-        if (r < 0)
-                return r;
         r = dc_pread_full(img->fd, old, cs, 0);
         if (r < 0)
                 return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
-        end = be64(old + 8) ? be64(old + 8) : cs;
+        end = be64(old + 8) ? MIN(be64(old + 8), cs) : cs;
+        if (e->backing) {
+                bname = e->backing_file;
+                blen = bname ? strlen(bname) : 0;
+        } else {
+                /* the name as it is, bounded as the open bounded it */
+                bname = be64(old + 8) ? (const char *) old + end : NULL;
+                blen = bname ? MIN((uint64_t) be32(old + 16), cs - end) : 0;
+        }
+        if (blen > QCOW2_MAX_BACKING_NAME)
+                return dc_error(EINVAL, "'%s': backing file name is longer than %u bytes", img->path,
+                                QCOW2_MAX_BACKING_NAME);
         memcpy(h, old, s->header_length);
         p = q = s->header_length;
-        if (backing && fmt) {
+        if (e->bitmaps && e->bitmaps_ext) {
+                put_be32(h + q, QCOW2_EXT_BITMAPS);
+                put_be32(h + q + 4, 24);
+                memcpy(h + q + 8, e->bitmaps_ext, 24);
+                q += 32;
+                autoclear |= QCOW2_AUTOCLEAR_BITMAPS;
+        } else if (e->bitmaps)
+                autoclear &= ~QCOW2_AUTOCLEAR_BITMAPS;
+        if (e->backing && bname && e->backing_fmt) {
                 put_be32(h + q, QCOW2_EXT_BACKING_FORMAT);
-                put_be32(h + q + 4, (uint32_t) strlen(fmt));
-                memcpy(h + q + 8, fmt, strlen(fmt));
-                q += 8 + ALIGN_UP(strlen(fmt), 8);
+                put_be32(h + q + 4, (uint32_t) strlen(e->backing_fmt));
+                memcpy(h + q + 8, e->backing_fmt, strlen(e->backing_fmt));
+                q += 8 + ALIGN_UP(strlen(e->backing_fmt), 8);
         }
         while (p + 8 <= end) {
                 uint32_t type = be32(old + p), len = be32(old + p + 4);
                 uint64_t sz = 8 + ALIGN_UP((uint64_t) len, 8);
-                if (type == QCOW2_EXT_END)
+                if (type == QCOW2_EXT_END || sz > end - p)
                         break;
-                if (type != QCOW2_EXT_BACKING_FORMAT) {
+                if (!(e->backing && type == QCOW2_EXT_BACKING_FORMAT) && !(e->bitmaps && type == QCOW2_EXT_BITMAPS)) {
                         if (q + sz + 8 + blen > cs)
-                                return dc_error(ENOSPC, "'%s': the header extensions leave no room for the backing name",
-                                                img->path);
+                                return dc_error(ENOSPC, "'%s': no room in the header cluster for its extensions and "
+                                                        "the backing name", img->path);
                         memcpy(h + q, old + p, sz);
                         q += sz;
                 }
@@ -2757,17 +2740,40 @@ int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
         q += 8; /* end marker (zeroes) */
         if (q + blen > cs)
                 return dc_error(ENOSPC, "'%s': no room for the backing name in the header", img->path);
-        put_be64(h + 8, backing ? q : 0);
+        put_be64(h + 8, bname ? q : 0);
         put_be32(h + 16, (uint32_t) blen);
-        if (backing)
-                memcpy(h + q, backing, blen);
+        if (bname)
+                memmove(h + q, bname, blen);
+        put_be64(h + 88, autoclear);
         /* cover the old backing name too, so no stale bytes stay behind */
-        p = be64(old + 8) ? be64(old + 8) + be32(old + 16) : p + 8;
+        p = be64(old + 8) ? end + MIN((uint64_t) be32(old + 16), cs - end) : p + 8;
         r = dc_pwrite_full(img->fd, h, MIN(cs, ALIGN_UP(MAX(q + blen, p), 512)), 0);
         if (r >= 0)
                 r = dc_fdatasync(img->fd);
         if (r < 0)
                 return dc_error(r, "'%s': cannot rewrite the header: %s", img->path, strerror(-r));
+        s->autoclear = autoclear;
+        return 0;
+}
+
+/*
+ * Change the backing file recorded in the header (what stream and commit do
+ * when they finish).  Both the old and the new backing give the same guest
+ * data at that moment (the job copied what differs), so either version
+ * surviving a crash is correct.
+ */
+int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
+        int r;
+
+        if (backing && strlen(backing) > QCOW2_MAX_BACKING_NAME)
+                return dc_error(EINVAL, "'%s': backing file name is longer than %u bytes", img->path,
+                                QCOW2_MAX_BACKING_NAME);
+        r = prepare_for_write(img);
+        if (r >= 0)
+                r = header_rebuild(img, &(struct header_edit){ .backing = true, .backing_file = backing,
+                                                               .backing_fmt = fmt });
+        if (r < 0)
+                return r;
         free(img->backing_file);
         free(img->backing_format);
         img->backing_file = backing ? strdup(backing) : NULL;
@@ -2775,230 +2781,64 @@ int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt) {
         return 0;
 }
 
-/* --- persistent dirty bitmaps (the bitmaps extension), read ----------------- */
-
-/*
- * The set bits of bitmap B as guest byte ranges, runs merged across data
- * clusters and clipped to the virtual size: bit k covers [k << gran,
- * (k + 1) << gran) and sits at bit k % 8 of byte k / 8 of the bitmap's data
- * (QEMU serializes its bitmaps as little-endian words); a table entry of 0
- * stands for a cluster of zeros, 1 for one of ones.
- */
-static int bitmap_walk(dc_image *img, const struct bitmap_entry *b, int (*cb)(void *userdata, uint64_t off, uint64_t len),
-                       void *userdata) {
+/* Where the bitmaps extension's 24 bytes are in cluster 0 (0: none). */
+static int find_bitmaps_ext(dc_image *img, uint64_t *ret) {
         struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, bits = cs * 8, run = 0, start = 0;
-        uint64_t nbits = DIV_ROUND_UP(img->virtual_size, UINT64_C(1) << b->granularity_bits);
-        _cleanup_free_ uint8_t *data = malloc(cs);
+        uint64_t cs = s->cluster_size, end, p = s->header_length;
+        _cleanup_free_ uint8_t *h = malloc(cs);
         int r;
 
-        if (!data)
+        if (!h)
                 return dc_error(ENOMEM, "out of memory");
-        for (uint64_t j = 0; j < b->table_size && j * bits < nbits; j++) {
-                uint64_t e = be64(b->table + j * 8), o = e & 0x00fffffffffffe00ull;
-                uint64_t n = MIN(bits, nbits - j * bits);
-
-                if (!o) {
-                        /* a cluster of ones continues or starts a run, one of zeros ends it */
-                        if (e & 1) {
-                                if (!run)
-                                        start = j * bits;
-                                run += n;
-                        } else if (run) {
-                                r = cb(userdata, start << b->granularity_bits, run << b->granularity_bits);
-                                if (r < 0)
-                                        return r;
-                                run = 0;
-                        }
-                        continue;
+        r = dc_pread_full(img->fd, h, cs, 0);
+        if (r < 0)
+                return dc_error(r, "'%s': cannot read the header: %s", img->path, strerror(-r));
+        end = be64(h + 8) ? MIN(be64(h + 8), cs) : cs;
+        *ret = 0;
+        while (p + 8 <= end) {
+                uint32_t type = be32(h + p), len = be32(h + p + 4);
+                if (type == QCOW2_EXT_END || 8 + ALIGN_UP((uint64_t) len, 8) > end - p)
+                        break;
+                if (type == QCOW2_EXT_BITMAPS && len == 24) {
+                        *ret = p + 8;
+                        break;
                 }
-                r = dc_pread_full(img->fd, data, cs, o);
-                if (r < 0)
-                        return dc_error(r, "'%s': cannot read bitmap data: %s", img->path, strerror(-r));
-                for (uint64_t k = 0; k < n; k++) {
-                        bool set = data[k / 8] >> (k % 8) & 1;
-                        uint64_t bit = j * bits + k;
-
-                        /* a whole byte that continues what is going on: the next byte */
-                        if (k % 8 == 0 && k + 8 <= n && data[k / 8] == (run ? 0xff : 0)) {
-                                run += run ? 8 : 0;
-                                k += 7;
-                                continue;
-                        }
-
-                        if (set && !run++)
-                                start = bit;
-                        if (!set && run) {
-                                r = cb(userdata, start << b->granularity_bits, run << b->granularity_bits);
-                                if (r < 0)
-                                        return r;
-                                run = 0;
-                        }
-                }
+                p += 8 + ALIGN_UP((uint64_t) len, 8);
         }
-        if (run) {
-                uint64_t off = start << b->granularity_bits;
-                return cb(userdata, off, MIN(run << b->granularity_bits, img->virtual_size - off));
-        }
-        return 0;
-}
-
-struct bitmap_list {
-        struct dc_bitmap_info *v;
-        size_t n;
-        const char *want;            /* bitmap_extents: the one to walk */
-        dc_bitmap_extent_cb cb;
-        void *userdata;
-        bool found;
-};
-
-static int count_cb(void *userdata, uint64_t off, uint64_t len) {
-        (void) off;
-        *(uint64_t *) userdata += len;
-        return 0;
-}
-
-static int list_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
-        struct bitmap_list *l = userdata;
-        struct dc_bitmap_info *v = reallocarray(l->v, l->n + 1, sizeof *v), *i;
-
-        if (!v)
-                return dc_error(ENOMEM, "out of memory");
-        l->v = v;
-        i = &v[l->n];
-        *i = (struct dc_bitmap_info){ .name = strndup(b->name, b->name_size),
-                                      .granularity = UINT32_C(1) << b->granularity_bits,
-                                      .in_use = b->flags & 1, .enabled = b->flags & 2 };
-        if (!i->name)
-                return dc_error(ENOMEM, "out of memory");
-        l->n++;
-        /* an in-use bitmap's data is whatever was stored last: its count means nothing */
-        return i->in_use ? 0 : bitmap_walk(img, b, count_cb, &i->dirty);
-}
-
-static int extents_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
-        struct bitmap_list *l = userdata;
-
-        /* the first of that name (QEMU would not load an image with two) */
-        if (l->found || strlen(l->want) != b->name_size || memcmp(l->want, b->name, b->name_size))
-                return 0;
-        l->found = true;
-        if (b->flags & 1)
-                return dc_error(ESTALE, "'%s': bitmap '%s' is inconsistent (in use by a writer, or left in use by "
-                                        "one that stopped without saving it): it cannot say what changed, a full "
-                                        "backup is needed",
-                                img->path, l->want);
-        return bitmap_walk(img, b, l->cb, l->userdata);
-}
-
-/* The persistent bitmaps of IMG as the file holds them now, checked again. */
-static int walk_bitmaps(dc_image *img, int (*visit)(dc_image *img, const struct bitmap_entry *b, void *userdata),
-                        void *userdata) {
-        struct qcow2 *s;
-        struct stat st;
-        int r = 0;
-
-        if (img->drv != &dc_qcow2_driver)
-                return 0;
-        s = QC(img);
-        pthread_mutex_lock(&img->lock);
-        if (s->has_bitmaps && s->version >= 3 && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
-                if (fstat(img->fd, &st) < 0)
-                        r = dc_error(errno, "'%s': cannot stat: %m", img->path);
-                else
-                        r = read_bitmaps(img, (uint64_t) st.st_size, visit, userdata);
-        }
-        pthread_mutex_unlock(&img->lock);
-        return r;
-}
-
-DC_EXPORT int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n) {
-        struct bitmap_list l = { 0 };
-        int r = walk_bitmaps(img, list_visit, &l);
-
-        if (r < 0) {
-                dc_bitmap_info_free(l.v, l.n);
-                return r;
-        }
-        *ret = l.v;
-        *ret_n = l.n;
-        return 0;
-}
-
-DC_EXPORT void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n) {
-        for (size_t i = 0; i < n; i++)
-                free(v[i].name);
-        free(v);
-}
-
-DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata) {
-        struct bitmap_list l = { .want = name, .cb = cb, .userdata = userdata };
-        int r = walk_bitmaps(img, extents_visit, &l);
-
-        if (r >= 0 && !l.found)
-                return dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name);
-        return r;
-}
-
-/* --- persistent dirty bitmaps, their flags ------------------------------------------ */
-
-struct bitmap_flag {
-        const char *name;
-        uint64_t entry;      /* the entry's offset in the directory */
-        uint32_t flags;
-        bool found;
-};
-
-static int flag_visit(dc_image *img, const struct bitmap_entry *b, void *userdata) {
-        struct bitmap_flag *f = userdata;
-
-        if (f->found || strlen(f->name) != b->name_size || memcmp(f->name, b->name, b->name_size))
-                return 0;
-        f->found = true;
-        f->entry = b->entry;
-        f->flags = b->flags;
         return 0;
 }
 
 /*
- * Turn recording of bitmap NAME on or off (its "auto" flag), as qemu-img
- * bitmap --enable/--disable does: one 4-byte write of the entry's flags in
- * place, made durable before returning.  IMG is open for writing (so no
- * other program holds it) and has not been written through: the first
- * guest write marks every bitmap in use.
+ * The header points at a new bitmap directory.  When the extension is in
+ * force and its 24 bytes lie inside one sector, they are rewritten in
+ * place: a write inside a sector is atomic, so a crash leaves the old
+ * directory or the new one.  Otherwise (the first bitmap, the last one
+ * gone, or an extension across a sector boundary) cluster 0 is rebuilt
+ * in one write, the extension first.
  */
-DC_EXPORT int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled) {
-        struct bitmap_flag f = { .name = name };
-        struct stat st;
-        uint8_t w[4];
+int qcow2_header_set_bitmaps(dc_image *img, uint32_t nb, uint64_t dir_size, uint64_t dir_offset) {
+        struct qcow2 *s = QC(img);
+        uint8_t ext[24] = { 0 };
+        uint64_t at = 0;
         int r;
 
-        if (!img->writable)
-                return dc_error(EROFS, "'%s' is open read-only%s%s", img->path, img->read_only_reason ? ": " : "",
-                                img->read_only_reason ? img->read_only_reason : "");
-        if (img->drv != &dc_qcow2_driver)
-                return dc_error(ENOENT, "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)", img->path,
-                                name);
-        pthread_mutex_lock(&img->lock);
-        if (!QC(img)->has_bitmaps || !(QC(img)->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
-                r = 0;
-        else if (fstat(img->fd, &st) < 0)
-                r = dc_error(errno, "'%s': cannot stat: %m", img->path);
-        else
-                r = read_bitmaps(img, (uint64_t) st.st_size, flag_visit, &f);
-        if (r >= 0 && !f.found)
-                r = dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name);
-        else if (r >= 0 && (f.flags & 1))
-                r = dc_error(ESTALE, "'%s': bitmap '%s' is inconsistent (left in use by a writer that stopped without "
-                                     "saving it) and can only be removed", img->path, name);
-        else if (r >= 0 && !!(f.flags & 2) != enabled) {
-                put_be32(w, enabled ? f.flags | 2 : f.flags & ~2u);
-                r = dc_pwrite_full(img->fd, w, sizeof w, QC(img)->bitmap_dir_offset + f.entry + 12);
-                if (r >= 0)
-                        r = dc_fdatasync(img->fd);
+        put_be32(ext, nb);
+        put_be64(ext + 8, dir_size);
+        put_be64(ext + 16, dir_offset);
+        if (nb && s->has_bitmaps && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
+                r = find_bitmaps_ext(img, &at);
                 if (r < 0)
-                        r = dc_error(r, "'%s': cannot update the bitmap directory: %s", img->path, strerror(-r));
+                        return r;
         }
-        pthread_mutex_unlock(&img->lock);
-        return r;
+        if (at && at / 512 == (at + 23) / 512)
+                r = qcow2_header_write(img, at, ext, sizeof ext);
+        else
+                r = header_rebuild(img, &(struct header_edit){ .bitmaps = true, .bitmaps_ext = nb ? ext : NULL });
+        if (r < 0)
+                return r;
+        s->has_bitmaps = nb > 0;
+        s->nb_bitmaps = nb;
+        s->bitmap_dir_size = nb ? dir_size : 0;
+        s->bitmap_dir_offset = nb ? dir_offset : 0;
+        return 0;
 }

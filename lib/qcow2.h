@@ -113,6 +113,7 @@ struct qcow2 {
         bool has_bitmaps;
         uint32_t nb_bitmaps;
         uint64_t bitmap_dir_offset, bitmap_dir_size;
+        struct qcow2_bitmaps *bitmaps; /* loaded for writing or for a change of the set, else NULL (qcow2-bitmap.c) */
 
         uint64_t fde_offset, fde_length;
 
@@ -225,3 +226,38 @@ enum {
         QCOW2_OL_REFBLOCK = 1u << 1,
 };
 int qcow2_header_write(dc_image *img, uint64_t field_off, const void *buf, size_t len);
+
+/* --- persistent dirty bitmaps (qcow2-bitmap.c) --- */
+
+#define QCOW2_BME_IN_USE 1u
+#define QCOW2_BME_AUTO 2u
+
+/* One bitmap of the directory, checked: its entry and its table (TABLE_SIZE big-endian entries). */
+struct qcow2_bitmap_entry {
+        uint64_t entry;           /* where the entry starts in the directory */
+        uint64_t table_offset;
+        const char *name;         /* NAME_SIZE bytes, not terminated */
+        uint16_t name_size;
+        uint32_t flags;           /* QCOW2_BME_* */
+        uint8_t granularity_bits;
+        const uint8_t *table;
+        uint32_t table_size;
+};
+int qcow2_read_bitmap_dir(dc_image *img, uint8_t **ret);
+/*
+ * The bitmap directory and tables, checked as QEMU checks them when it
+ * loads the bitmaps (block/qcow2-bitmap.c): the rules of the spec give
+ * EUCLEAN, what the spec allows but QEMU refuses gives EFBIG or ENOTSUP.
+ * VISIT (if not NULL) is called with each bitmap once it passed; a
+ * negative return ends the walk with it.
+ */
+int qcow2_read_bitmaps(dc_image *img, uint64_t fsize,
+                       int (*visit)(dc_image *img, const struct qcow2_bitmap_entry *b, void *userdata), void *userdata);
+/* Point the header at a new bitmap directory (NB 0: none), durably (qcow2.c). */
+int qcow2_header_set_bitmaps(dc_image *img, uint32_t nb, uint64_t dir_size, uint64_t dir_offset);
+
+/* The image lock is held for all of these but qcow2_bitmaps_record. */
+int qcow2_bitmaps_start_recording(dc_image *img);    /* from the first write's preparation */
+void qcow2_bitmaps_record(dc_image *img, uint64_t off, uint64_t len); /* any thread */
+int qcow2_bitmaps_resize(dc_image *img, uint64_t size); /* before the disk grows to SIZE */
+void qcow2_bitmaps_close(dc_image *img);

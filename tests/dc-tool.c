@@ -16,6 +16,9 @@
  *   dc-tool bitmaps PATH [NAME]               the top's persistent bitmaps a line each
  *                                              (name granularity in-use enabled dirty);
  *                                              with NAME its dirty ranges, "OFFSET LENGTH"
+ *   dc-tool bitmap OP PATH NAME [ARG...]      change the top's bitmaps: OP add [GRANULARITY]
+ *                                              [disabled] | remove | clear | enable | disable
+ *                                              | merge SOURCE...
  *
  * Environment: DC_ROOT confines paths; DC_FAULT_WRITES=N dies before the Nth write.
  */
@@ -274,6 +277,42 @@ static int do_bitmaps(int argc, char **argv) {
         return r < 0 ? fail("bitmaps") : 0;
 }
 
+/* dc-tool bitmap add|remove|clear|enable|disable|merge PATH NAME [GRANULARITY|disabled|SOURCE...] */
+static int do_bitmap(int argc, char **argv) {
+        struct dc_open_options o = { .roots = roots[0] ? roots : NULL, .no_backing = true, .writable = true };
+        const char *op = argv[2], *name = argv[4];
+        dc_image *img;
+        int r;
+
+        if (argc < 5)
+                return fprintf(stderr, "usage: dc-tool bitmap OP PATH NAME ...\n"), 2;
+        if (dc_image_open(argv[3], &o, &img) < 0)
+                return fail("open");
+        if (strcmp(op, "add") == 0) {
+                bool disabled = false;
+                uint32_t gran = 0;
+                for (int i = 5; i < argc; i++)
+                        if (strcmp(argv[i], "disabled") == 0)
+                                disabled = true;
+                        else
+                                gran = (uint32_t) strtoul(argv[i], NULL, 0);
+                r = dc_image_bitmap_add(img, name, gran, disabled);
+        } else if (strcmp(op, "remove") == 0)
+                r = dc_image_bitmap_remove(img, name);
+        else if (strcmp(op, "clear") == 0)
+                r = dc_image_bitmap_clear(img, name);
+        else if (strcmp(op, "enable") == 0 || strcmp(op, "disable") == 0)
+                r = dc_image_bitmap_set_enabled(img, name, strcmp(op, "enable") == 0);
+        else if (strcmp(op, "merge") == 0)
+                r = dc_image_bitmap_merge(img, name, (const char *const *) argv + 5, (size_t) (argc - 5));
+        else {
+                dc_image_close(img);
+                return fprintf(stderr, "unknown bitmap operation %s\n", op), 2;
+        }
+        dc_image_close(img);
+        return r < 0 ? fail(op) : 0;
+}
+
 static void no_notify(void *u) {
         (void) u;
 }
@@ -351,5 +390,7 @@ int main(int argc, char **argv) {
                 return do_info(argc, argv);
         if (!strcmp(argv[1], "bitmaps"))
                 return do_bitmaps(argc, argv);
+        if (!strcmp(argv[1], "bitmap"))
+                return do_bitmap(argc, argv);
         return fprintf(stderr, "unknown command %s\n", argv[1]), 2;
 }

@@ -12,7 +12,9 @@
  *      the dirty bit is set: the last byte of the input sets that bit on the
  *      copy of a v3 image, so that most inputs take that path too): guest
  *      writes, zero writes with and without unmap, a discard, a compressed
- *      write, a flush, a small resize, and a check;
+ *      write, a flush, a small resize, a check, and a bitmap added, merged,
+ *      walked, cleared, disabled and removed (the bitmaps are stored at the
+ *      close);
  *   3. a check-mode writable open of another copy: check with repair;
  *   4. a short backup job from the written copy onto a fresh qcow2 target,
  *      and a stream job on it, both waited for to the end.
@@ -144,6 +146,15 @@ static void write_pass(const char *path) {
                 (void) dc_image_flush(img);
                 (void) dc_image_truncate(img, vs + 65536);
                 (void) dc_image_check(img, DC_REPAIR_NONE, &c);
+                /* the bitmaps recorded, changed, and read back from memory */
+                if (dc_image_bitmap_add(img, "fz", 0, false) >= 0) {
+                        (void) dc_image_write(img, buf, 0, 512);
+                        (void) dc_image_bitmap_merge(img, "fz", (const char *const[]){ "fz" }, 1);
+                        walk_bitmaps(img);
+                        (void) dc_image_bitmap_clear(img, "fz");
+                        (void) dc_image_bitmap_set_enabled(img, "fz", false);
+                        (void) dc_image_bitmap_remove(img, "fz");
+                }
         }
         free(buf);
         dc_image_close(img);

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Persistent dirty bitmaps that QEMU recorded, read by the library (dc-tool bitmaps), with QEMU's own
-view as the judge: qemu-nbd exporting the bitmap (-B) and nbdinfo mapping qemu:dirty-bitmap:NAME."""
+"""Persistent dirty bitmaps: those QEMU recorded, read by the library (dc-tool bitmaps), and those the
+library adds, records into and changes (dc-tool bitmap), with QEMU's own view as the judge: qemu-nbd
+exporting the bitmap (-B) and nbdinfo mapping qemu:dirty-bitmap:NAME, qemu-img info, check and bitmap."""
 import json
 import random
 
@@ -63,22 +64,214 @@ def test_bitmaps_qemu_recorded(tmp):
     assert got["half"]["dirty"] < got["b64k"]["dirty"]
 
 
-def test_bitmap_in_use_is_inconsistent(tmp):
-    """Our own write-open marks the bitmaps in use (we do not record into them yet): they are then
-    inconsistent for us and for QEMU, and asking for their ranges says a full backup is needed."""
+def qemu_bitmaps(img):
+    info = json.loads(qemu_img("info", "-U", "--output=json", img).stdout)
+    return {b["name"]: b for b in info["format-specific"]["data"].get("bitmaps", [])}
+
+
+def ranges(offsets, gran, size):
+    """Sorted, merged [offset, length) ranges of the granules that OFFSETS (offset, length) touch."""
+    bits = set()
+    for off, ln in offsets:
+        bits.update(range(off // gran, (off + ln - 1) // gran + 1))
+    out = []
+    for b in sorted(bits):
+        if out and out[-1][0] + out[-1][1] == b * gran:
+            out[-1][1] += gran
+        else:
+            out.append([b * gran, gran])
+    if out and out[-1][0] + out[-1][1] > size:
+        out[-1][1] = size - out[-1][0]
+    return [tuple(x) for x in out]
+
+
+def test_bitmap_records_our_writes(tmp):
+    """Bitmaps we add record our writes, zeroes and discards; QEMU reads them the same (qemu-nbd -B)
+    and lists them as we do, and qemu-img check finds not even a leak."""
+    img = tmp / "a.qcow2"
+    size = 256 * MiB + 3 * 65536
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, str(size))
+    dc("bitmap", "add", img, "dflt")
+    dc("bitmap", "add", img, "fine", "512")
+    dc("bitmap", "add", img, "coarse", str(2 * MiB))
+    dc("bitmap", "add", img, "off", "65536", "disabled")
+    assert our_bitmaps(img) == {
+        "dflt": dict(granularity=4096, in_use=False, enabled=True, dirty=0),
+        "fine": dict(granularity=512, in_use=False, enabled=True, dirty=0),
+        "coarse": dict(granularity=2 * MiB, in_use=False, enabled=True, dirty=0),
+        "off": dict(granularity=65536, in_use=False, enabled=False, dirty=0)}
+    q = qemu_bitmaps(img)
+    assert {n: (b["granularity"], b["flags"]) for n, b in q.items()} == {
+        "dflt": (4096, ["auto"]), "fine": (512, ["auto"]), "coarse": (2 * MiB, ["auto"]), "off": (65536, [])}
+    rng = random.Random(5)
+    ops, touched = [], []
+    for _ in range(60):
+        off, ln = rng.randrange(0, size // 512 - 600) * 512, rng.randrange(1, 600) * 512
+        ops += ["write", "0x5a", str(off), str(ln)]
+        touched.append((off, ln))
+    ops += ["zero", str(100 * MiB), str(MiB), "discard", str(200 * MiB), str(64 * 4096),
+            "write", "0x11", str(size - 512), "512"]
+    touched += [(100 * MiB, MiB), (200 * MiB, 64 * 4096), (size - 512, 512)]
+    dc("io", img, *ops)
+    qemu_img("check", img)
+    assert json.loads(qemu_img("check", "--output=json", img).stdout).get("leaks", 0) == 0
+    for name, gran in [("dflt", 4096), ("fine", 512), ("coarse", 2 * MiB)]:
+        want = ranges(touched, gran, size)
+        assert our_dirty(img, name) == want, name
+        assert qemu_dirty(img, name) == want, name
+    assert our_dirty(img, "off") == []
+    # a second session adds to the first, and QEMU's writes add to ours
+    dc("io", img, "write", "0x12", str(150 * MiB), "4096")
+    qemu_io(img, "write 160M 4k")
+    touched += [(150 * MiB, 4096), (160 * MiB, 4096)]
+    assert our_dirty(img, "dflt") == ranges(touched, 4096, size)
+    # QEMU's own bitmap commands work on ours
+    qemu_img("bitmap", "--add", img, "copy")
+    qemu_img("bitmap", "--merge", "dflt", img, "copy")
+    assert qemu_dirty(img, "copy") == ranges(touched, 4096, size)  # its default: the 4 KiB clusters
+    qemu_img("bitmap", "--remove", img, "fine")
+    assert sorted(our_bitmaps(img)) == ["coarse", "copy", "dflt", "off"]
+    qemu_img("check", img)
+
+
+def test_bitmap_clear_merge_remove(tmp):
+    """Clear empties one bitmap only; merge ORs sources of other granularities into a target and
+    leaves the target as it was when a source is missing; removing every bitmap leaves an image
+    with no bitmaps extension (qemu-img info lists none), and nothing leaks."""
+    img = tmp / "a.qcow2"
+    size = 64 * MiB
+    qemu_img("create", "-q", "-f", "qcow2", img, str(size))
+    for name, gran in [("a", 65536), ("b", 4096), ("t", 65536)]:
+        dc("bitmap", "add", img, name, str(gran))
+    dc("bitmap", "disable", img, "t")
+    dc("io", img, "write", "1", str(MiB), "4096", "write", "1", str(8 * MiB + 512), "512")
+    dc("bitmap", "disable", img, "b")
+    dc("io", img, "write", "1", str(20 * MiB), "4096")
+    assert our_dirty(img, "t") == []
+    dc("bitmap", "merge", img, "t", "b")
+    assert our_dirty(img, "t") == [(MiB, 65536), (8 * MiB, 65536)]
+    p = dc("bitmap", "merge", img, "t", "a", "nosuch", check=False)
+    assert p.returncode == 1 and "no bitmap named 'nosuch'" in p.stderr
+    assert our_dirty(img, "t") == [(MiB, 65536), (8 * MiB, 65536)]
+    dc("bitmap", "merge", img, "t", "a")
+    assert our_dirty(img, "t") == [(MiB, 65536), (8 * MiB, 65536), (20 * MiB, 65536)]
+    assert qemu_dirty(img, "t") == our_dirty(img, "t")
+    dc("bitmap", "clear", img, "a")
+    assert our_dirty(img, "a") == [] and qemu_dirty(img, "a") == []
+    assert our_dirty(img, "b") == [(MiB, 4096), (8 * MiB, 4096)]
+    p = dc("bitmap", "add", img, "a", check=False)
+    assert p.returncode == 1 and "Bitmap already exists: a" in p.stderr
+    for name in ["a", "b", "t"]:
+        dc("bitmap", "remove", img, name)
+    assert qemu_bitmaps(img) == {} and our_bitmaps(img) == {}
+    info = json.loads(qemu_img("info", "--output=json", img).stdout)
+    assert "bitmaps" not in info["format-specific"]["data"]
+    assert json.loads(qemu_img("check", "--output=json", img).stdout).get("leaks", 0) == 0
+    p = dc("bitmap", "remove", img, "a", check=False)
+    assert p.returncode == 1 and "no bitmap named 'a'" in p.stderr
+
+
+@pytest.mark.parametrize("bad, msg", [(["add", "x", "1000"], "power of 2 and at least 512"),
+                                      (["add", "x", "256"], "power of 2 and at least 512"),
+                                      (["add", "n" * 1024], "over the 1023 bytes"),
+                                      (["clear", "nosuch"], "no bitmap named 'nosuch'"),
+                                      (["enable", "nosuch"], "no bitmap named 'nosuch'")])
+def test_bitmap_refusals(tmp, bad, msg):
+    img = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    p = dc("bitmap", bad[0], img, *bad[1:], check=False)
+    assert p.returncode == 1 and msg in p.stderr
+    assert our_bitmaps(img) == {}
+    v2 = tmp / "v2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "1M")
+    p = dc("bitmap", "add", v2, "x", check=False)
+    assert p.returncode == 1 and "qcow2 v2" in p.stderr
+    raw = tmp / "a.raw"
+    qemu_img("create", "-q", "-f", "raw", raw, "1M")
+    p = dc("bitmap", "add", raw, "x", check=False)
+    assert p.returncode == 1 and "only qcow2 images store persistent bitmaps" in p.stderr
+
+
+def test_bitmap_resize(tmp):
+    """A disk that grows takes its bitmaps with it, clean in the new part, as QEMU grows them."""
+    img = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    dc("bitmap", "add", img, "on", "512")
+    dc("bitmap", "add", img, "off", "512", "disabled")
+    dc("io", img, "write", "1", "4096", "512", "resize", str(300 * MiB), "write", "1", str(299 * MiB), "4096")
+    assert our_dirty(img, "on") == [(4096, 512), (299 * MiB, 4096)] == qemu_dirty(img, "on")
+    assert our_dirty(img, "off") == [] == qemu_dirty(img, "off")
+    qemu_img("check", img)
+
+
+def test_bitmap_left_in_use_by_a_crash(tmp):
+    """A writer killed while a bitmap records leaves it in use: inconsistent for us and for QEMU, and
+    asking for its ranges says a full backup is needed; it can only be removed."""
     img = tmp / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "64M")
     qemu_img("bitmap", "--add", img, "b0")
     qemu_io(img, "write 1M 64k")
     assert our_bitmaps(img)["b0"] == dict(granularity=65536, in_use=False, enabled=True, dirty=65536)
-    dc("io", img, "write", "5", str(8 * MiB), "4096")
+    p = dc("io", img, "write", "5", str(8 * MiB), "4096", "write", "5", str(9 * MiB), "4096", check=False,
+           env={"DC_FAULT_WRITES": "4"})
+    assert p.returncode == 99, p.stderr
     assert our_bitmaps(img)["b0"] == dict(granularity=65536, in_use=True, enabled=True, dirty=0)
     p = dc("bitmaps", img, "b0", check=False)
     assert p.returncode == 1 and "inconsistent" in p.stderr and "full backup" in p.stderr
-    assert "in-use" in json.loads(qemu_img("info", "--output=json", img).stdout)[
-        "format-specific"]["data"]["bitmaps"][0]["flags"]
+    assert "in-use" in qemu_bitmaps(img)["b0"]["flags"]
+    for op in ["clear", "enable", "disable"]:
+        p = dc("bitmap", op, img, "b0", check=False)
+        assert p.returncode == 1 and "can only be removed" in p.stderr, op
+    p = dc("bitmap", "merge", img, "b0", "b0", check=False)
+    assert p.returncode == 1 and "inconsistent" in p.stderr
+    # a later clean session keeps it inconsistent; removing it works
+    dc("io", img, "write", "5", str(10 * MiB), "4096")
+    assert our_bitmaps(img)["b0"]["in_use"]
+    dc("bitmap", "remove", img, "b0")
+    assert our_bitmaps(img) == {}
+    assert qemu_img("check", img, check=False).returncode in (0, 3)  # the kill may leak a cluster
     p = dc("bitmaps", img, "nosuch", check=False)
     assert p.returncode == 1 and "no bitmap named 'nosuch'" in p.stderr
+
+
+BITMAP_OPS = [
+    ["add", "new", "4096"], ["remove", "b"], ["clear", "a"], ["merge", "b", "a"], ["disable", "a"],
+]
+
+
+@pytest.mark.parametrize("op", BITMAP_OPS, ids=lambda o: o[0])
+def test_bitmap_change_cut_at_every_write(tmp, op):
+    """A change of the set killed before each of its writes: qemu-img check finds no corruption, and
+    the bitmaps read as before the change or as after it, never as something else."""
+    pristine = tmp / "pristine.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", pristine, "256M")
+    dc("bitmap", "add", pristine, "a", "4096")
+    dc("bitmap", "add", pristine, "b", "512")
+    dc("io", pristine, "write", "1", str(MiB), "4096", "write", "1", str(100 * MiB), str(MiB))
+    dc("bitmap", "disable", pristine, "b")
+    dc("io", pristine, "write", "1", str(50 * MiB), "4096")
+    before = {n: (b, our_dirty(pristine, n)) for n, b in our_bitmaps(pristine).items()}
+    done = tmp / "done.qcow2"
+    run("cp", pristine, done)
+    dc("bitmap", op[0], done, *op[1:])
+    after = {n: (b, our_dirty(done, n)) for n, b in our_bitmaps(done).items()}
+    assert after != before
+    cuts = 0
+    for n in range(1, 200):
+        img = tmp / "img.qcow2"
+        run("cp", pristine, img)
+        p = dc("bitmap", op[0], img, *op[1:], check=False, env={"DC_FAULT_WRITES": str(n)})
+        chk = qemu_img("check", "--output=json", img, check=False)
+        assert chk.returncode in (0, 3), f"cut before write {n}: {chk.stdout}{chk.stderr}"
+        state = {nm: (b, our_dirty(img, nm)) for nm, b in our_bitmaps(img).items()}
+        assert state in (before, after), f"cut before write {n}: {state}"
+        assert qemu_bitmaps(img).keys() == state.keys()
+        if p.returncode == 0:
+            assert state == after
+            break
+        assert p.returncode == 99, p.stderr
+        cuts += 1
+    assert cuts >= 3
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
