@@ -124,6 +124,32 @@ uint64_t dc_block_copy_dirty(dc_block_copy *bc) {
         return dc_bitmap_count(&bc->bitmap) * bc->p.unit;
 }
 
+int dc_block_copy_dirty_ranges(dc_block_copy *bc, uint64_t **ret, size_t *ret_n) {
+        uint64_t *v = NULL, i = 0;
+        size_t n = 0;
+
+        pthread_mutex_lock(&bc->lock);
+        while ((i = dc_bitmap_next(&bc->bitmap, i)) < bc->bitmap.nbits) {
+                bool set;
+                uint64_t run = dc_bitmap_run(&bc->bitmap, i, bc->bitmap.nbits - i, &set);
+                uint64_t *w = reallocarray(v, 2 * (n + 1), sizeof *v);
+                if (!w) {
+                        pthread_mutex_unlock(&bc->lock);
+                        free(v);
+                        return dc_error(ENOMEM, "out of memory");
+                }
+                v = w;
+                v[2 * n] = i * bc->p.unit;
+                v[2 * n + 1] = MIN(run * bc->p.unit, bc->size - i * bc->p.unit);
+                n++;
+                i += run;
+        }
+        pthread_mutex_unlock(&bc->lock);
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
 /* The units a request at OFF completes by handling LEN bytes are done: those whose end it reached. */
 static void units_done(dc_block_copy *bc, uint64_t off, uint64_t len) {
         uint64_t u = bc->p.unit, first = off / u, last = off + len >= bc->size ? bc->bitmap.nbits : (off + len) / u;

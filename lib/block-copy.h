@@ -84,6 +84,8 @@ void dc_block_copy_mark_all(dc_block_copy *bc);
 int dc_block_copy_mark_allocated(dc_block_copy *bc, dc_image *from, dc_image *stop);
 /* Bytes still marked (units times the unit size). */
 uint64_t dc_block_copy_dirty(dc_block_copy *bc);
+/* What is still marked, as *RET_N (offset, length) pairs in *RET (freed by the caller). */
+int dc_block_copy_dirty_ranges(dc_block_copy *bc, uint64_t **ret, size_t *ret_n);
 
 /*
  * A background pass: from the start of the disk to its end, the workers

@@ -302,6 +302,10 @@ int dc_qcow2_create(int fd, uint64_t size, const struct dc_create_options *o, co
 int dc_qcow2_probe_header(const uint8_t *buf, size_t len, uint64_t *ret_size);
 int dc_qcow2_preallocate(dc_image *img, int mode);
 int dc_qcow2_set_backing(dc_image *img, const char *backing, const char *fmt);
+/* A backup's bitmap with bitmap-mode on-success or always (qcow2-bitmap.c). */
+int dc_image_bitmap_backup_begin(dc_image *img, const char *name, uint8_t **ret, uint64_t *ret_bytes);
+int dc_image_bitmap_backup_end(dc_image *img, const char *name, uint8_t *saved, uint64_t saved_bytes,
+                               const uint64_t *ranges, size_t n);
 int dc_qcow2_compress_cluster(dc_image *img, const void *buf, size_t len, void *out, size_t *ret_clen);
 int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t off, uint64_t len,
                                     uint8_t *const *out, const size_t *clen);

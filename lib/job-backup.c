@@ -20,12 +20,16 @@
  *   before any guest write reaches it.
  * - sync=none never ends by itself: its run waits at a pause point until
  *   cancelled (QEMU's fleecing backup).
- * - sync=bitmap copies what a persistent bitmap of the source's top layer
- *   (as QEMU stored it) marks dirty, read at the point in time; QEMU's
- *   argument rules are kept.  The bitmap is only read, so bitmap-mode
- *   never is the one mode there is (on-success and always, and so
- *   sync=incremental, would rewrite it: refused); an inconsistent bitmap
- *   (in use) is refused, since only a full backup is safe then.
+ * - sync=bitmap (and incremental) copies what a persistent bitmap of the
+ *   source layer marks dirty, read at the point in time; QEMU's argument
+ *   rules are kept, and an inconsistent bitmap is refused, since only a
+ *   full backup is safe then.  With bitmap-mode on-success or always the
+ *   bitmap is reset at the point in time and records the writes from then
+ *   on, held in use on disk while the job runs (QEMU's successor,
+ *   qcow2-bitmap.c); at the end a success keeps it so, a failure or cancel
+ *   ORs back what it held (on-success) or what was not copied (always).
+ *   The source layer is opened writable for that (its metadata changes).
+ *   bitmap-mode never leaves the bitmap alone.
  * - max-workers and max-chunk size the background pass (QEMU's x-perf);
  *   compress writes whole target clusters compressed, on the requests'
  *   threads side by side.
@@ -47,7 +51,41 @@ struct backup {
         int sync;
         dc_block_copy *copy;
         dc_cbw *cbw;
+        char *bitmap;           /* held from the point in time to the end (bitmap-mode on-success, always) */
+        int bitmap_mode;
+        uint8_t *saved;         /* its bits at the point in time */
+        uint64_t saved_bytes;
 };
+
+/* The end of a held bitmap: OK (success), else as the mode says. */
+static void bitmap_end(struct backup *s, bool ok) {
+        _cleanup_free_ uint64_t *ranges = NULL;
+        size_t n = 0;
+
+        if (!s->bitmap)
+                return;
+        if (!ok && s->bitmap_mode == DC_BITMAP_MODE_ALWAYS && dc_block_copy_dirty_ranges(s->copy, &ranges, &n) < 0) {
+                /* what was left is unknown: all it held comes back, a superset */
+                n = 0;
+                s->bitmap_mode = DC_BITMAP_MODE_ON_SUCCESS;
+        }
+        /* a failure leaves the bitmap in use on disk, inconsistent: never missing a change */
+        (void) dc_image_bitmap_backup_end(s->source, s->bitmap,
+                                          ok || s->bitmap_mode == DC_BITMAP_MODE_ALWAYS ? NULL : TAKE_PTR(s->saved),
+                                          s->saved_bytes, ranges, n);
+        free(s->bitmap);
+        free(s->saved);
+        s->bitmap = NULL;
+        s->saved = NULL;
+}
+
+static void backup_commit(dc_job *j) {
+        bitmap_end(container_of(j, struct backup, job), true);
+}
+
+static void backup_abort(dc_job *j) {
+        bitmap_end(container_of(j, struct backup, job), false);
+}
 
 static int backup_run(dc_job *j) {
         struct backup *s = container_of(j, struct backup, job);
@@ -67,6 +105,7 @@ static int backup_run(dc_job *j) {
 
 static void backup_clean(dc_job *j) {
         struct backup *s = container_of(j, struct backup, job);
+        bitmap_end(s, false); /* a job that never ran */
         s->cbw = dc_cbw_detach(s->cbw);
         s->copy = dc_block_copy_free(s->copy);
         s->tgt = dc_image_close(s->tgt);
@@ -77,7 +116,7 @@ static int mark_dirty(void *userdata, uint64_t off, uint64_t len) {
         return 0;
 }
 
-/* QEMU's rules for bitmap, bitmap-mode and sync (block/backup.c, blockdev.c), in its words. */
+/* QEMU's rules for bitmap, bitmap-mode and sync (block/backup.c, blockdev.c), in its words: the mode, or < 0. */
 static int check_bitmap_options(const struct dc_backup_options *bo) {
         static const char *const syncs[] = { "full", "top", "none", "incremental", "bitmap" };
         int mode = bo->bitmap_mode;
@@ -101,23 +140,20 @@ static int check_bitmap_options(const struct dc_backup_options *bo) {
         if (mode == DC_BITMAP_MODE_NEVER && bo->sync != DC_SYNC_BITMAP)
                 return dc_error(EINVAL, "Bitmap sync mode 'never' has no meaningful effect when combined with sync "
                                         "mode '%s'", syncs[bo->sync]);
-        if (mode != DC_BITMAP_MODE_NEVER)
-                return dc_error(ENOTSUP, "bitmap-mode '%s' (and sync 'incremental') would update bitmap '%s', and "
-                                         "diskchain does not write bitmaps yet: use sync 'bitmap' with bitmap-mode "
-                                         "'never', which only reads it",
-                                mode == DC_BITMAP_MODE_ON_SUCCESS ? "on-success" : "always", bo->bitmap);
-        return 0;
+        return mode;
 }
 
 static const struct dc_job_driver backup_driver = {
         .type = DC_JOB_TYPE_BACKUP,
         .instance_size = sizeof(struct backup),
         .run = backup_run,
+        .commit = backup_commit,
+        .abort = backup_abort,
         .clean = backup_clean,
 };
 
-/* Quiesced: the filter on, and what is to be copied marked, at one point in time. */
-static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap) {
+/* Quiesced: the filter on, what is to be copied marked, and the bitmap taken, at one point in time. */
+static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode) {
         dc_job *j = &s->job;
         int r;
 
@@ -126,14 +162,23 @@ static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap) {
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
-                else if (s->sync == DC_SYNC_BITMAP)
-                        /* the bitmap as the file holds it at this point in time */
+                else if (s->sync == DC_SYNC_BITMAP || s->sync == DC_SYNC_INCREMENTAL)
+                        /* the bitmap as it is at this point in time */
                         r = dc_image_bitmap_extents(s->source, bitmap, mark_dirty, s->copy);
                 else if (s->sync == DC_SYNC_FULL && dc_image_is_remote(s->tgt))
                         /* an export holds whatever it held: every unit, zeros where it does not read as zeros */
                         dc_block_copy_mark_all(s->copy);
                 else
                         r = dc_job_mark_sync(s->copy, s->source, s->sync);
+        }
+        if (r >= 0 && (mode == DC_BITMAP_MODE_ON_SUCCESS || mode == DC_BITMAP_MODE_ALWAYS)) {
+                r = dc_image_bitmap_backup_begin(s->source, bitmap, &s->saved, &s->saved_bytes);
+                if (r >= 0) {
+                        s->bitmap = strdup(bitmap);
+                        s->bitmap_mode = mode;
+                        if (!s->bitmap)
+                                r = dc_error(ENOMEM, "out of memory");
+                }
         }
         dc_disk_unquiesce(j->disk);
         return r;
@@ -145,15 +190,16 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
         struct backup *s;
         dc_image *source, *tgt;
         uint64_t cs, mb, unit, chunk;
-        int r;
+        int r, mode;
 
         oo = oo ? oo : &dc_job_no_options;
-        r = check_bitmap_options(bo);
-        if (r < 0)
-                return r;
+        mode = check_bitmap_options(bo);
+        if (mode < 0)
+                return mode;
 
-        r = dc_job_new_copy(&backup_driver, source_path, target_path, oo, jo, "Source and target cannot be the same",
-                            &j, &source, &tgt);
+        r = dc_job_new_copy(&backup_driver, source_path,
+                            mode == DC_BITMAP_MODE_ON_SUCCESS || mode == DC_BITMAP_MODE_ALWAYS, target_path, oo, jo,
+                            "Source and target cannot be the same", &j, &source, &tgt);
         if (r < 0)
                 return r;
         s = container_of(j, struct backup, job);
@@ -191,7 +237,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                                                            .compress = bo->compress },
                             &s->copy);
         if (r >= 0)
-                r = backup_setup(s, unit, bo->bitmap);
+                r = backup_setup(s, unit, bo->bitmap, mode);
         if (r < 0)
                 return r;
         j->len = s->source->virtual_size;

@@ -195,7 +195,7 @@ static int open_target(dc_image *source, const char *target, const struct dc_ope
         return 0;
 }
 
-int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, const char *target_path,
+int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, bool source_writable, const char *target_path,
                     const struct dc_open_options *oo, const struct dc_job_options *jo, const char *same,
                     dc_job **ret, dc_image **ret_source, dc_image **ret_target) {
         _cleanup_free_ char *source = NULL, *target = NULL;
@@ -216,7 +216,8 @@ int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, co
         r = dc_job_new(drv, jo, &j);
         if (r < 0)
                 return r;
-        r = dc_job_open_chain(j, source, oo, jo, NULL);
+        /* a backup that changes a bitmap of the source writes its metadata */
+        r = dc_job_open_chain(j, source, oo, jo, source_writable ? (const char *const[]){ source, NULL } : NULL);
         if (r >= 0) {
                 src = dc_job_find_layer(dc_disk_chain(j->disk), source);
                 r = remote ? dc_nbd_target_open(target_path, jo->nbd, &tgt) : open_target(src, target, oo, same, &tgt);

@@ -439,7 +439,7 @@ DC_EXPORT int dc_job_mirror(const char *source_path, const char *target_path, co
                 return dc_error(EINVAL, "Granularity must be a power of 2 between 512 and 64 MiB");
         if (mo->sync != DC_SYNC_FULL && mo->sync != DC_SYNC_TOP && mo->sync != DC_SYNC_NONE)
                 return dc_error(EINVAL, "Sync mode not supported");
-        r = dc_job_new_copy(&mirror_driver, source_path, target_path, oo, jo, "Can't mirror node into itself", &j,
+        r = dc_job_new_copy(&mirror_driver, source_path, false, target_path, oo, jo, "Can't mirror node into itself", &j,
                             &source, &tgt);
         if (r < 0)
                 return r;

@@ -137,7 +137,7 @@ void dc_job_restore_chain(dc_job *j);
  * *RET_TARGET the target opened alone (its top only, read-write), which
  * the caller owns from now on.
  */
-int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, const char *target_path,
+int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, bool source_writable, const char *target_path,
                     const struct dc_open_options *oo, const struct dc_job_options *jo, const char *same,
                     dc_job **ret, dc_image **ret_source, dc_image **ret_target);
 
