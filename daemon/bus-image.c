@@ -90,6 +90,7 @@ typedef struct ImageOp {
         int repair;
         uint64_t a, b, max_extents;
         char *name;           /* a bitmap's */
+        char **sources;       /* MergeBitmaps' */
         struct dc_check_result check;
         GArray *extents;
 } ImageOp;
@@ -98,6 +99,7 @@ static void image_op_free(void *p) {
         ImageOp *op = p;
         free(op->path);
         free(op->name);
+        g_strfreev(op->sources);
         g_strfreev(op->roots);
         if (op->extents)
                 g_array_unref(op->extents);
@@ -393,56 +395,145 @@ static int method_resize(sd_bus_message *m, void *userdata, sd_bus_error *error)
         return image_op_start(IMG, m, op, resize_run, reply_empty_done, true);
 }
 
-/* EnableBitmap, DisableBitmap */
+/* AddBitmap, RemoveBitmap, ClearBitmap, EnableBitmap, DisableBitmap, MergeBitmaps */
 
-static void bitmap_enable_run(Work *w) {
+enum { BITMAP_ADD, BITMAP_REMOVE, BITMAP_CLEAR, BITMAP_ENABLE, BITMAP_DISABLE, BITMAP_MERGE };
+
+static const char *const bitmap_operations[] = {
+        [BITMAP_ADD] = "add-bitmap",         [BITMAP_REMOVE] = "remove-bitmap",
+        [BITMAP_CLEAR] = "clear-bitmap",     [BITMAP_ENABLE] = "enable-bitmap",
+        [BITMAP_DISABLE] = "disable-bitmap", [BITMAP_MERGE] = "merge-bitmaps",
+};
+
+static void bitmap_run(Work *w) {
         ImageOp *op = w->data;
         dc_image *img;
         int r = open_for_write(op, &img);
 
         if (r >= 0)
-                r = dc_image_bitmap_set_enabled(img, op->name, op->a);
+                switch (op->a) {
+                case BITMAP_ADD:
+                        r = dc_image_bitmap_add(img, op->name, (uint32_t) op->b, op->repair);
+                        break;
+                case BITMAP_REMOVE:
+                        r = dc_image_bitmap_remove(img, op->name);
+                        break;
+                case BITMAP_CLEAR:
+                        r = dc_image_bitmap_clear(img, op->name);
+                        break;
+                case BITMAP_ENABLE:
+                case BITMAP_DISABLE:
+                        r = dc_image_bitmap_set_enabled(img, op->name, op->a == BITMAP_ENABLE);
+                        break;
+                case BITMAP_MERGE:
+                        r = dc_image_bitmap_merge(img, op->name, (const char *const *) op->sources,
+                                                  g_strv_length(op->sources));
+                        break;
+                }
         work_capture_error(w, r);
         dc_image_close(img);
 }
 
-static int bitmap_enable(sd_bus_message *m, Image *img, bool enable, sd_bus_error *error) {
+/* What the loop can judge without the file: the arguments, the format. */
+static int bitmap_args(sd_bus_message *m, Image *img, int kind, ImageOp *op, sd_bus_error *error) {
+        static const char *const allowed[] = { "granularity", "persistent", "disabled", NULL };
         const char *name;
-        ImageOp *op;
         int r;
 
         r = sd_bus_message_read(m, "s", &name);
         if (r < 0)
                 return r;
-        r = freshen(img, m, error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
         if (!*name)
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "a bitmap name cannot be empty");
-        r = refuse_busy(img, error);
-        if (r < 0)
-                return r;
-        r = authorize(img, m, "org.diskchain.modify", enable ? "enable-bitmap" : "disable-bitmap", error);
-        if (r <= 0)
-                return r < 0 ? r : 1;
-        op = image_op_new(img);
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'%s': a bitmap name cannot be empty",
+                                         img->path);
+        if (strlen(name) > 1023)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "'%s': a bitmap name is at most 1023 bytes (this one is %zu)", img->path,
+                                         strlen(name));
+        op->name = strdup(name);
+        if (!op->name)
+                return -ENOMEM;
+        if (kind == BITMAP_ADD) {
+                g_autoptr(GHashTable) opts = NULL;
+                uint64_t gran = 0;
+                bool persistent = true, disabled = false;
+
+                r = parse_options(m, allowed, &opts, error);
+                if (r >= 0)
+                        r = opt_uint(opts, "granularity", &gran, error);
+                if (r >= 0)
+                        r = opt_bool(opts, "persistent", &persistent, error);
+                if (r >= 0)
+                        r = opt_bool(opts, "disabled", &disabled, error);
+                if (r < 0)
+                        return r;
+                if (gran && (gran < 512 || gran > (UINT64_C(1) << 31) || (gran & (gran - 1))))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "'%s': granularity %" PRIu64 " is not a power of 2 from 512 to 2 GiB",
+                                                 img->path, gran);
+                if (!persistent)
+                        return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                                 "'%s': a transient bitmap would live only as long as the daemon holds "
+                                                 "the image open; add it persistent (the default)", img->path);
+                op->b = gran;
+                op->repair = disabled;
+        }
+        if (kind == BITMAP_MERGE) {
+                r = sd_bus_message_read_strv(m, &op->sources);
+                if (r < 0)
+                        return r;
+                if (!op->sources || !op->sources[0])
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "'%s': merging into bitmap '%s' needs at least one source", img->path,
+                                                 name);
+        }
+        if (img->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, kind == BITMAP_ADD ? ERROR_PREFIX "NotSupported" : ERROR_PREFIX "NotFound",
+                                         "'%s' is a %s image: only qcow2 images store persistent bitmaps", img->path,
+                                         dc_format_name(img->format));
+        return 0;
+}
+
+static int bitmap_method(sd_bus_message *m, Image *img, int kind, sd_bus_error *error) {
+        ImageOp *op = image_op_new(img);
+        int r;
+
         if (!op)
                 return -ENOMEM;
-        op->name = strdup(name);
-        op->a = enable;
-        if (!op->name) {
-                image_op_free(op);
-                return -ENOMEM;
+        op->a = kind;
+        r = bitmap_args(m, img, kind, op, error);
+        if (r >= 0)
+                r = freshen(img, m, error); /* 0: the image changed, the caller has been answered */
+        if (r > 0) {
+                int b = refuse_busy(img, error);
+                r = b < 0 ? b : 1;
         }
-        return image_op_start(img, m, op, bitmap_enable_run, reply_empty_done, true);
+        if (r > 0)
+                r = authorize(img, m, "org.diskchain.modify", bitmap_operations[kind], error);
+        if (r <= 0) {
+                image_op_free(op);
+                return r < 0 ? r : 1;
+        }
+        return image_op_start(img, m, op, bitmap_run, reply_empty_done, true);
 }
 
+static int method_add_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_method(m, IMG, BITMAP_ADD, error);
+}
+static int method_remove_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_method(m, IMG, BITMAP_REMOVE, error);
+}
+static int method_clear_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_method(m, IMG, BITMAP_CLEAR, error);
+}
 static int method_enable_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return bitmap_enable(m, IMG, true, error);
+        return bitmap_method(m, IMG, BITMAP_ENABLE, error);
 }
-
 static int method_disable_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        return bitmap_enable(m, IMG, false, error);
+        return bitmap_method(m, IMG, BITMAP_DISABLE, error);
+}
+static int method_merge_bitmaps(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        return bitmap_method(m, IMG, BITMAP_MERGE, error);
 }
 
 /* Delete */
@@ -550,9 +641,17 @@ const sd_bus_vtable image_vtable[] = {
                                 method_resize, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("Delete", SD_BUS_ARGS("a{sv}", options), SD_BUS_NO_RESULT, method_delete,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("AddBitmap", SD_BUS_ARGS("s", name, "a{sv}", options), SD_BUS_NO_RESULT,
+                                method_add_bitmap, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("RemoveBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_remove_bitmap,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("ClearBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_clear_bitmap,
+                                SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("EnableBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_enable_bitmap,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_ARGS("DisableBitmap", SD_BUS_ARGS("s", name), SD_BUS_NO_RESULT, method_disable_bitmap,
                                 SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_ARGS("MergeBitmaps", SD_BUS_ARGS("s", target, "as", sources), SD_BUS_NO_RESULT,
+                                method_merge_bitmaps, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };

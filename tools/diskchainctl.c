@@ -1088,25 +1088,64 @@ static int cmd_unexport(const char *name) {
         return 0;
 }
 
-/* bitmap enable|disable IMAGE NAME */
-static int cmd_bitmap(const char *verb, const char *path, const char *name) {
+#define BITMAP_USAGE                                                                                   \
+        "diskchainctl: bitmap add IMAGE NAME [--granularity BYTES] [--disabled]\n"                    \
+        "              bitmap remove|clear|enable|disable IMAGE NAME\n"                                \
+        "              bitmap merge IMAGE TARGET SOURCE...\n"
+
+/* bitmap VERB IMAGE NAME [...]: ARGV[0] is "bitmap" */
+static int cmd_bitmap(int argc, char **argv) {
+        static const struct {
+                const char *verb, *method, *done;
+        } verbs[] = {
+                { "add", "AddBitmap", "added" },          { "remove", "RemoveBitmap", "removed" },
+                { "clear", "ClearBitmap", "cleared" },    { "enable", "EnableBitmap", "recording" },
+                { "disable", "DisableBitmap", "disabled" }, { "merge", "MergeBitmaps", "merged into" },
+        };
         sd_bus_error e = SD_BUS_ERROR_NULL;
-        bool enable = strcmp(verb, "enable") == 0;
+        sd_bus_message *m = NULL;
+        uint64_t gran = 0;
+        bool disabled = false;
+        size_t v = 0;
         char *o = NULL;
         int r;
 
-        if (!enable && strcmp(verb, "disable") != 0) {
-                fprintf(stderr, "diskchainctl: bitmap enable|disable IMAGE NAME\n");
-                return 2;
-        }
-        if (get_image(path, &o) < 0)
+        while (argc >= 4 && v < (sizeof verbs / sizeof verbs[0]) && strcmp(argv[1], verbs[v].verb) != 0)
+                v++;
+        if (argc < 4 || v == (sizeof verbs / sizeof verbs[0]) || (v == 5 && argc < 5))
+                return fprintf(stderr, BITMAP_USAGE), 2;
+        for (int i = 4; v == 0 && i < argc; i++)
+                if (strcmp(argv[i], "--disabled") == 0)
+                        disabled = true;
+                else if (strcmp(argv[i], "--granularity") == 0 && i + 1 < argc)
+                        gran = strtoull(argv[++i], NULL, 0);
+                else if (strncmp(argv[i], "--granularity=", 14) == 0)
+                        gran = strtoull(argv[i] + 14, NULL, 0);
+                else
+                        return fprintf(stderr, BITMAP_USAGE), 2;
+        if (v != 0 && v != 5 && argc > 4)
+                return fprintf(stderr, BITMAP_USAGE), 2;
+        if (get_image(argv[2], &o) < 0)
                 return 1;
-        r = call(o, IFACE("Image"), enable ? "EnableBitmap" : "DisableBitmap", NULL, &e, "s", name);
+        r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Image"), verbs[v].method);
         free(o);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "s", argv[3]);
+        if (r >= 0 && v == 0) {
+                /* granularity 0: the service's default; the service judges the value */
+                r = sd_bus_message_append(m, "a{sv}", 2, "granularity", "t", gran, "disabled", "b", disabled);
+        }
+        if (r >= 0 && v == 5)
+                r = sd_bus_message_append_strv(m, argv + 4);
+        if (r >= 0)
+                r = sd_bus_call(bus, m, LONG_CALL, &e, NULL);
+        sd_bus_message_unref(m);
         if (r < 0)
-                return fail(enable ? "EnableBitmap" : "DisableBitmap", &e, r);
-        if (!arg_json)
-                printf("bitmap %s of %s: %s\n", name, path, enable ? "recording" : "disabled");
+                return fail(verbs[v].method, &e, r);
+        if (!arg_json && v == 5)
+                printf("bitmaps of %s: merged into %s\n", argv[2], argv[3]);
+        else if (!arg_json)
+                printf("bitmap %s of %s: %s\n", argv[3], argv[2], verbs[v].done);
         return 0;
 }
 
@@ -1319,8 +1358,10 @@ static void help(void) {
                "                               Serve the chain over NBD (polkit: export); prints its URI\n"
                "  exports                      List the NBD exports\n"
                "  unexport NAME                Stop an export once its clients' requests are done\n"
-               "  bitmap enable|disable IMAGE NAME\n"
-               "                               Turn recording of a persistent dirty bitmap on or off\n"
+               "  bitmap add IMAGE NAME [--granularity BYTES] [--disabled]\n"
+               "  bitmap remove|clear|enable|disable IMAGE NAME\n"
+               "  bitmap merge IMAGE TARGET SOURCE...\n"
+               "                               Change the persistent dirty bitmaps of a qcow2 image\n"
                "  jobs                         List block jobs\n"
                "  job info|pause|resume|cancel [--force]|complete|finalize|dismiss|set-speed ID [N]\n"
                "  job change ID --copy-mode write-blocking\n"
@@ -1394,8 +1435,8 @@ int main(int argc, char **argv) {
                 r = cmd_export(argc, argv);
         else if (strcmp(argv[0], "exports") == 0)
                 r = cmd_exports();
-        else if (strcmp(argv[0], "bitmap") == 0 && argc >= 4)
-                r = cmd_bitmap(argv[1], argv[2], argv[3]);
+        else if (strcmp(argv[0], "bitmap") == 0)
+                r = cmd_bitmap(argc, argv);
         else if (strcmp(argv[0], "unexport") == 0 && argc >= 2)
                 r = cmd_unexport(argv[1]);
         else if (strcmp(argv[0], "jobs") == 0)

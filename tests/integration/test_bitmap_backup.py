@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import time
 
 from bustest import TEST_USER, qemu_img, qemu_io, sh
 from test_bus import M, data
@@ -52,8 +53,8 @@ def test_differential_backup_from_a_qemu_bitmap(bus, tmp_path):
 
 
 def test_bitmap_backup_arguments(bus):
-    """QEMU's rules, in its words; what would rewrite the bitmap is refused as not supported yet; a
-    bitmap left in use by a writer that died is refused, with what to do instead."""
+    """QEMU's rules, in its words; a bitmap left in use by a writer that died is refused, with what to
+    do instead."""
     disk = os.path.join(bus.root, "disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
     qemu_img("bitmap", "--add", disk, "b0")
@@ -74,15 +75,10 @@ def test_bitmap_backup_arguments(bus):
         refused("--sync", "none", "--bitmap", "b0", "--bitmap-mode", "always")
     assert "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'" in \
         refused("--bitmap", "b0", "--bitmap-mode", "never")
-    for opts in [("--sync", "incremental", "--bitmap", "b0"), ("--sync", "bitmap", "--bitmap", "b0",
-                                                              "--bitmap-mode", "on-success"),
-                 ("--sync", "full", "--bitmap", "b0", "--bitmap-mode", "always")]:
-        err = refused(*opts)
-        assert "does not write bitmaps yet" in err and "use sync 'bitmap' with bitmap-mode 'never'" in err, (opts, err)
     chain = data(bus.call(M, "Manager", "GetChain", "s", "disk.qcow2"))[0]
     p = bus.gdbus("--object-path", chain, "--method", "org.diskchain.DiskChain1.Chain.Backup", "t.qcow2",
-                  "{'sync': <'incremental'>, 'bitmap': <'b0'>}", check=False)
-    assert p.returncode != 0 and "org.diskchain.DiskChain1.Error.NotSupported" in p.stderr, p.stderr
+                  "{'sync': <'incremental'>, 'bitmap': <'b0'>, 'bitmap-mode': <'always'>}", check=False)
+    assert p.returncode != 0 and "org.freedesktop.DBus.Error.InvalidArgs" in p.stderr, p.stderr
     err = refused("--sync", "bitmap", "--bitmap", "nosuch", "--bitmap-mode", "never")
     assert "no bitmap named 'nosuch'" in err, err
     p = bus.ctl("mirror", "disk.qcow2", "m.qcow2", "--sync", "bitmap", check=False)
@@ -91,8 +87,9 @@ def test_bitmap_backup_arguments(bus):
     sh("qemu-io", "-f", "qcow2", "-c", "write 1M 4k", "-c", "sigraise 9", disk, check=False)
     info = json.loads(qemu_img("info", "-U", "--output=json", disk).stdout)
     assert "in-use" in info["format-specific"]["data"]["bitmaps"][0]["flags"], info
-    err = refused("--sync", "bitmap", "--bitmap", "b0", "--bitmap-mode", "never")
-    assert "inconsistent" in err and "full backup is needed" in err, err
+    for opts in [("--sync", "bitmap", "--bitmap-mode", "never"), ("--sync", "incremental")]:
+        err = refused("--bitmap", "b0", *opts)
+        assert "inconsistent" in err and "full backup is needed" in err, err
     # a full backup still works, and does not touch the bitmap
     bus.ctl("backup", "disk.qcow2", "full.qcow2")
 
@@ -137,3 +134,166 @@ def test_enable_and_disable_a_bitmap(bus):
     sh("qemu-io", "-f", "qcow2", "-c", "write 2M 4k", "-c", "sigraise 9", disk, check=False)
     p = bus.ctl("bitmap", "disable", "disk.qcow2", "b0", check=False)
     assert p.returncode == 1 and "inconsistent" in p.stderr and "can only be removed" in p.stderr, p.stderr
+
+
+def test_bitmap_set_through_the_bus_and_export_writes(bus):
+    """AddBitmap (diskchainctl, busctl, gdbus), then a client's writes through a writable export are
+    recorded into the enabled bitmaps and stored when the export stops (QEMU serves the same ranges);
+    MergeBitmaps, ClearBitmap and RemoveBitmap change what qemu-img info lists; bad arguments, a busy
+    image and an unprivileged caller are refused with named errors, and the image stays clean."""
+    import nbd
+    from test_bus import prop
+    from test_export import export, uri_of, wait_for
+
+    disk = os.path.join(bus.root, "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
+    o = data(bus.call(M, "Manager", "GetImage", "s", "disk.qcow2"))[0]
+    assert "bitmap b0 of disk.qcow2: added" in bus.ctl("bitmap", "add", "disk.qcow2", "b0").stdout
+    bus.call(o, "Image", "AddBitmap", "sa{sv}", "fine", "2", "granularity", "u", "4096", "disabled", "b", "true")
+    bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.AddBitmap", "wk",
+              "{'granularity': <uint64 1048576>}")
+    want = [["b0", 65536, 0, True, False, True, False], ["fine", 4096, 0, False, False, True, False],
+            ["wk", MiB, 0, True, False, True, False]]
+    wait_for(lambda: prop(bus, o, "Image", "Bitmaps") == want, "three bitmaps listed")
+    info = json.loads(qemu_img("info", "--output=json", disk).stdout)["format-specific"]["data"]["bitmaps"]
+    assert {b["name"]: (b["granularity"], b["flags"]) for b in info} == {
+        "b0": (65536, ["auto"]), "fine": (4096, []), "wk": (MiB, ["auto"])}
+
+    for args, err in [(["b0", "{}"], "Error.Exists"),
+                      (["x", "{'granularity': <uint32 1000>}"], "InvalidArgs"),
+                      (["x", "{'persistent': <false>}"], "Error.NotSupported"),
+                      (["", "{}"], "InvalidArgs"),
+                      (["x", "{'colour': <'red'>}"], "InvalidArgs")]:
+        p = bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.AddBitmap", *args,
+                      check=False)
+        assert err in p.stderr, (args, p.stderr)
+    p = bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.ClearBitmap", "nosuch",
+                  check=False)
+    assert "Error.NotFound" in p.stderr and "no bitmap named 'nosuch'" in p.stderr, p.stderr
+    p = bus.ctl("bitmap", "remove", "disk.qcow2", "b0", user=TEST_USER, check=False)
+    assert p.returncode == 1 and re.search(r"(?i)authenticat|denied|not authorized", p.stderr), p.stderr
+    p = bus.ctl("bitmap", "merge", "disk.qcow2", "b0", check=False)
+    assert p.returncode == 2 and "bitmap merge IMAGE TARGET SOURCE" in p.stderr
+
+    # writes through a writable export: recorded, stored at the stop
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "disk.qcow2"))[0]
+    exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "bm"))
+    p = bus.ctl("bitmap", "clear", "disk.qcow2", "b0", check=False)
+    assert p.returncode == 1 and "exported over NBD" in p.stderr, p.stderr
+    h = nbd.NBD()
+    h.connect_uri(uri_of(bus, exp))
+    h.pwrite(b"\x11" * 4096, 3 * MiB + 512)
+    h.zero(2 * 65536, 5 * MiB)
+    h.flush()
+    h.shutdown()
+    bus.call(exp, "Export", "Stop")
+    dirty = [(3 * MiB, 65536), (5 * MiB, 2 * 65536)]
+    wait_for(lambda: [b[2] for b in prop(bus, o, "Image", "Bitmaps")] == [3 * 65536, 0, 2 * MiB], "recorded")
+    assert qemu_img("check", disk).returncode == 0
+    out = sh("nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", "--", "[", "qemu-nbd", "-r", "-f", "qcow2",
+             "-B", "b0", disk, "]").stdout
+    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1] == dirty
+
+    # merge, clear, remove
+    assert "merged into fine" in bus.ctl("bitmap", "merge", "disk.qcow2", "fine", "b0").stdout
+    bus.gdbus("--object-path", o, "--method", "org.diskchain.DiskChain1.Image.MergeBitmaps", "fine", "['wk']")
+    wait_for(lambda: prop(bus, o, "Image", "Bitmaps")[1][2] == 2 * MiB, "fine has b0 and wk")
+    bus.call(o, "Image", "ClearBitmap", "s", "wk")
+    bus.ctl("bitmap", "remove", "disk.qcow2", "b0")
+    wait_for(lambda: [b[:3] for b in prop(bus, o, "Image", "Bitmaps")] == [["fine", 4096, 2 * MiB], ["wk", MiB, 0]],
+             "b0 removed, wk cleared")
+    info = json.loads(qemu_img("info", "--output=json", disk).stdout)["format-specific"]["data"]["bitmaps"]
+    assert sorted(b["name"] for b in info) == ["fine", "wk"]
+    check = json.loads(qemu_img("check", "--output=json", disk).stdout)
+    assert check.get("leaks", 0) == 0 and check.get("corruptions", 0) == 0
+
+
+def dirty_of(bus, name="disk.qcow2"):
+    return {b["name"]: b["dirty"] for b in json.loads(bus.ctl("--json", "info", name).stdout)["bitmaps"]}
+
+
+def test_incremental_backup_chain(bus, tmp_path):
+    """QEMU's push workflow (bitmaps.rst): a full backup anchors the bitmap (sync full, bitmap-mode
+    on-success resets it at the backup's point in time), then incrementals into overlays of the
+    previous backup, each of whose top reads as the disk did (qemu-img compare), with the writes
+    coming from QEMU (qemu-io) and from a client of a writable export (our recording). A cancelled
+    on-success backup gives the bitmap back its bits (plus new writes); a cancelled always backup
+    keeps only what it did not copy, and a retry into the same target completes it."""
+    import nbd
+    from test_export import export, uri_of
+
+    r = bus.root
+    disk = os.path.join(r, "disk.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "64M")
+    rng = random.Random(11)
+    (tmp_path / "fill").write_bytes(rng.randbytes(32 * MiB))
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 32M")
+    bus.ctl("bitmap", "add", "disk.qcow2", "b0")
+    qemu_io(disk, "write -P 1 50M 1M")
+    assert dirty_of(bus) == {"b0": MiB}
+    out = bus.ctl("backup", "disk.qcow2", "full.qcow2", "--bitmap", "b0", "--bitmap-mode", "on-success").stdout
+    assert "completed" in out, out
+    assert dirty_of(bus) == {"b0": 0}
+    assert qemu_img("compare", "-q", disk, os.path.join(r, "full.qcow2"), check=False).returncode == 0
+    prev = "full.qcow2"
+
+    def incremental(n, *opts, want_dirty=0):
+        nonlocal prev
+        want = tmp_path / f"day{n}.raw"
+        qemu_img("convert", "-O", "raw", disk, want)
+        target = f"inc{n}.qcow2"
+        if not os.path.exists(os.path.join(r, target)):
+            qemu_img("create", "-q", "-f", "qcow2", "-b", prev, "-F", "qcow2", os.path.join(r, target))
+        out = bus.ctl("backup", "disk.qcow2", target, "--mode", "existing", "--sync", "incremental",
+                      "--bitmap", "b0", *opts).stdout
+        assert "completed" in out, out
+        qemu_img("check", os.path.join(r, target))
+        assert qemu_img("compare", "-q", "-F", "raw", os.path.join(r, target), want, check=False).returncode == 0
+        assert dirty_of(bus) == {"b0": want_dirty}
+        prev = target
+
+    # day 1: QEMU writes
+    (tmp_path / "d1").write_bytes(rng.randbytes(2 * MiB))
+    qemu_io(disk, f"write -s {tmp_path / 'd1'} {3 * MiB + 512} 2M", "write -z 20M 1M", "discard 40M 2M")
+    assert dirty_of(bus)["b0"] > 0
+    incremental(1)
+    assert allocated_top(os.path.join(r, "inc1.qcow2")) <= 5 * MiB
+    # day 2: a client writes through a writable export; the bitmap records it, stored at the stop
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "disk.qcow2"))[0]
+    exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "day2"))
+    h = nbd.NBD()
+    h.connect_uri(uri_of(bus, exp))
+    h.pwrite(rng.randbytes(256 * 1024), 10 * MiB)
+    h.pwrite(b"\x42" * 4096, 63 * MiB)
+    h.flush()
+    h.shutdown()
+    bus.call(exp, "Export", "Stop")
+    assert dirty_of(bus) == {"b0": 256 * 1024 + 65536}
+    incremental(2)
+    # day 3: a backup cancelled half-way (on-success): the bitmap gets its bits back
+    qemu_io(disk, f"write -s {tmp_path / 'd1'} 12M 2M")
+    before = dirty_of(bus)["b0"]
+    qemu_img("create", "-q", "-f", "qcow2", "-b", prev, "-F", "qcow2", os.path.join(r, "inc3.qcow2"))
+    bus.ctl("backup", "disk.qcow2", "inc3.qcow2", "--mode", "existing", "--sync", "incremental", "--bitmap", "b0",
+            "--speed", "256K", "--job-id", "c3", "--no-wait")
+    bus.ctl("job", "cancel", "c3")
+    assert bus.ctl("wait", "c3", check=False).returncode != 0
+    assert dirty_of(bus) == {"b0": before}
+    incremental(3)
+    # day 4: always, cancelled: what was copied is no longer marked; a retry into the same target finishes
+    qemu_io(disk, f"write -s {tmp_path / 'd1'} 30M 2M", f"write -s {tmp_path / 'd1'} 44M 2M")
+    before = dirty_of(bus)["b0"]
+    qemu_img("create", "-q", "-f", "qcow2", "-b", prev, "-F", "qcow2", os.path.join(r, "inc4.qcow2"))
+    bus.ctl("backup", "disk.qcow2", "inc4.qcow2", "--mode", "existing", "--sync", "bitmap", "--bitmap", "b0",
+            "--bitmap-mode", "always", "--speed", "1M", "--job-id", "c4", "--no-wait")
+    time.sleep(1.5)
+    bus.ctl("job", "cancel", "c4")
+    assert bus.ctl("wait", "c4", check=False).returncode != 0
+    left = dirty_of(bus)["b0"]
+    assert 0 < left < before, (left, before)
+    assert 0 < allocated_top(os.path.join(r, "inc4.qcow2")) < before
+    incremental(4, "--bitmap-mode", "on-success")
+    # the whole chain, from the full backup up, is a valid image
+    for n in ["full", "inc1", "inc2", "inc3", "inc4"]:
+        qemu_img("check", os.path.join(r, f"{n}.qcow2"))
+    qemu_img("check", disk)
