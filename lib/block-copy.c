@@ -116,6 +116,32 @@ uint64_t dc_block_copy_mark(dc_block_copy *bc, uint64_t off, uint64_t len) {
         return n;
 }
 
+void dc_block_copy_unmark(dc_block_copy *bc, uint64_t off, uint64_t len) {
+        uint64_t u = bc->p.unit, first = DIV_ROUND_UP(off, u), last;
+
+        if (!len || off >= bc->size)
+                return;
+        /* whole units only (the last one may end at the end of the disk) */
+        last = off + len >= bc->size ? bc->bitmap.nbits : (off + len) / u;
+        if (last <= first)
+                return;
+        pthread_mutex_lock(&bc->lock);
+        (void) dc_bitmap_assign(&bc->bitmap, first, last - first, false);
+        pthread_mutex_unlock(&bc->lock);
+}
+
+uint64_t dc_block_copy_marked_run(dc_block_copy *bc, uint64_t off, uint64_t max, bool *ret_marked) {
+        uint64_t u = bc->p.unit, i = off / u, n, end;
+
+        if (off >= bc->size || !max)
+                return 0;
+        end = MIN(bc->size, off + MIN(max, bc->size - off));
+        pthread_mutex_lock(&bc->lock);
+        n = dc_bitmap_run(&bc->bitmap, i, DIV_ROUND_UP(end, u) - i, ret_marked);
+        pthread_mutex_unlock(&bc->lock);
+        return MIN((i + n) * u, end) - off;
+}
+
 void dc_block_copy_mark_all(dc_block_copy *bc) {
         (void) dc_block_copy_mark(bc, 0, bc->size);
 }

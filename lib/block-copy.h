@@ -80,6 +80,10 @@ dc_block_copy *dc_block_copy_free(dc_block_copy *bc);
 uint64_t dc_block_copy_mark(dc_block_copy *bc, uint64_t off, uint64_t len);
 /* Mark the whole disk. */
 void dc_block_copy_mark_all(dc_block_copy *bc);
+/* Clear the whole units inside [OFF, OFF+LEN) (the last may end at the end of the disk). */
+void dc_block_copy_unmark(dc_block_copy *bc, uint64_t off, uint64_t len);
+/* From OFF, the bytes (at most MAX) whose units are all marked or all clear, and which. */
+uint64_t dc_block_copy_marked_run(dc_block_copy *bc, uint64_t off, uint64_t max, bool *ret_marked);
 /* Mark what is allocated from FROM down to, not including, STOP. */
 int dc_block_copy_mark_allocated(dc_block_copy *bc, dc_image *from, dc_image *stop);
 /* Bytes still marked (units times the unit size). */
@@ -117,5 +121,11 @@ int dc_block_copy_flush(dc_block_copy *bc);
  */
 typedef struct dc_cbw dc_cbw;
 int dc_cbw_attach(dc_disk *disk, dc_block_copy *bc, uint64_t unit, const char *owner, dc_cbw **ret);
+/*
+ * on-cbw-error=break-snapshot instead: a failed copy lets the guest's write
+ * through, and BROKEN(USERDATA, message) is called (on the writer's thread,
+ * with its range lock held): the point in time is lost from then on.
+ */
+void dc_cbw_set_break_snapshot(dc_cbw *c, void (*broken)(void *userdata, const char *why), void *userdata);
 /* Detach (waiting for the writes inside it) and free.  Returns NULL. */
 dc_cbw *dc_cbw_detach(dc_cbw *c);

@@ -16,7 +16,9 @@
  *   after the guest changed it.
  * - A failed copy fails the guest's write (QEMU's default on-cbw-error,
  *   break-guest-write): the target stays a true point in time, and the
- *   guest sees an I/O error instead of a silently wrong backup.  Copies
+ *   guest sees an I/O error instead of a silently wrong backup.  With
+ *   break-snapshot (a fleecing export's choice) the write goes on and the
+ *   owner is told that its point in time is lost.  Copies
  *   are neither throttled nor paused (QEMU does not throttle them either):
  *   a guest write must not wait for the job's speed limit.
  * - Locking: runs on the writer's thread with the write's range lock held;
@@ -32,6 +34,8 @@ struct dc_cbw {
         dc_disk *disk;
         dc_block_copy *copy;
         char *owner;
+        void (*broken)(void *userdata, const char *why); /* break-snapshot, else NULL */
+        void *userdata;
 };
 
 static int cbw_before_write(struct dc_disk_filter *f, uint64_t off, uint64_t len) {
@@ -43,7 +47,13 @@ static int cbw_before_write(struct dc_disk_filter *f, uint64_t off, uint64_t len
         if (r >= 0)
                 return 0;
         snprintf(why, sizeof why, "%s", dc_get_error());
-        return dc_error(-r, "copy-before-write for backup job '%s' failed: %s", c->owner, why);
+        if (c->broken) {
+                /* the guest's write goes on; the point in time is what breaks */
+                c->broken(c->userdata, why);
+                dc_error_clear();
+                return 0;
+        }
+        return dc_error(-r, "copy-before-write for %s failed: %s", c->owner, why);
 }
 
 static const struct dc_disk_filter_ops cbw_ops = {
@@ -70,6 +80,11 @@ int dc_cbw_attach(dc_disk *disk, dc_block_copy *bc, uint64_t unit, const char *o
         }
         *ret = c;
         return 0;
+}
+
+void dc_cbw_set_break_snapshot(dc_cbw *c, void (*broken)(void *userdata, const char *why), void *userdata) {
+        c->broken = broken;
+        c->userdata = userdata;
 }
 
 dc_cbw *dc_cbw_detach(dc_cbw *c) {

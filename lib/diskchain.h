@@ -212,6 +212,13 @@ int dc_image_bitmap_remove(dc_image *img, const char *name);
 int dc_image_bitmap_clear(dc_image *img, const char *name);
 /* TARGET |= each of the N SOURCES (granularities may differ); TARGET unchanged on failure. */
 int dc_image_bitmap_merge(dc_image *img, const char *target, const char *const *sources, size_t n);
+/* A copy of bitmap NAME's bits as they are now (-ENOENT, -ESTALE as above), for an export. */
+typedef struct dc_bitmap_copy dc_bitmap_copy;
+int dc_image_bitmap_copy(dc_image *img, const char *name, dc_bitmap_copy **ret);
+/* Accepts NULL; returns NULL. */
+dc_bitmap_copy *dc_bitmap_copy_free(dc_bitmap_copy *c);
+/* From OFF (below the disk's size), the run of at most MAX bytes that is all dirty or all clean: its length (0 at the end). */
+uint64_t dc_bitmap_copy_run(const dc_bitmap_copy *c, uint64_t off, uint64_t max, bool *ret_dirty);
 
 enum {
         DC_REPAIR_NONE = 0,
@@ -322,6 +329,29 @@ int dc_disk_block_status(dc_disk *d, uint64_t offset, uint64_t length, struct dc
 unsigned dc_disk_depth(dc_disk *d);
 
 /*
+ * A point-in-time view of a live disk for pull backups (lib/snapshot-access.c):
+ * image fleecing.  From dc_snapshot_new on, a guest write through the disk
+ * first copies the old data it is about to change into the fleecing image,
+ * and the view reads each area from where its point-in-time data is.
+ */
+typedef struct dc_snapshot dc_snapshot;
+struct dc_snapshot_options {
+        const char *fleece;              /* an empty qcow2 image of the disk's size, opened here read-write */
+        const struct dc_open_options *open;
+        bool discard_after_read;         /* whole units read once are dropped (reading them again fails) */
+        bool break_snapshot;             /* on-cbw-error=break-snapshot (else break-guest-write) */
+        const char *bitmap;              /* a bitmap of the top layer, frozen at the point in time into *RET_BITMAP */
+        dc_bitmap_copy **ret_bitmap;
+        const char *checkpoint;          /* a bitmap added to the top layer (writable) at the point in time */
+};
+int dc_snapshot_new(dc_disk *disk, const struct dc_snapshot_options *o, dc_snapshot **ret);
+/* Detach from the disk and close the fleecing image (the caller removes the file).  Returns NULL. */
+dc_snapshot *dc_snapshot_free(dc_snapshot *s);
+uint64_t dc_snapshot_size(dc_snapshot *s);
+int dc_snapshot_read(dc_snapshot *s, void *buf, uint64_t off, size_t len);
+int dc_snapshot_block_status(dc_snapshot *s, uint64_t off, uint64_t len, struct dc_extent *ret);
+
+/*
  * An NBD server for one disk (lib/nbd-server.c), as qemu-storage-daemon's
  * NBD export: the fixed newstyle handshake, structured replies, block
  * status (base:allocation, qemu:allocation-depth), every request served on
@@ -335,6 +365,11 @@ struct dc_nbd_export_options {
         const char *description;    /* NBD_INFO_DESCRIPTION, or NULL */
         bool writable;
         unsigned max_connections;   /* 0 = 16; beyond it a new connection is closed at once */
+        /* offered as the metadata context qemu:dirty-bitmap:BITMAP_NAME; the export owns BITMAP once made */
+        const char *bitmap_name;
+        dc_bitmap_copy *bitmap;
+        /* serve this view of the disk instead (read-only; the caller frees it after the export) */
+        dc_snapshot *snapshot;
         /*
          * Called on a server thread (with no lock of the export held) when a
          * client connects or leaves, and at most every 100 ms while

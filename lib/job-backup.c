@@ -40,6 +40,7 @@
  *   and touches only the engine.
  */
 
+#include <stdio.h>
 #include <time.h>
 
 #include "job.h"
@@ -155,10 +156,12 @@ static const struct dc_job_driver backup_driver = {
 /* Quiesced: the filter on, what is to be copied marked, and the bitmap taken, at one point in time. */
 static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode) {
         dc_job *j = &s->job;
+        char owner[300];
         int r;
 
+        snprintf(owner, sizeof owner, "backup job '%s'", j->id);
         dc_disk_quiesce(j->disk);
-        r = dc_cbw_attach(j->disk, s->copy, unit, j->id, &s->cbw);
+        r = dc_cbw_attach(j->disk, s->copy, unit, owner, &s->cbw);
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */

@@ -152,28 +152,39 @@ static int opt_info(const struct nbd_io *io, const struct nbd_export_info *x, st
         return opt == NBD_OPT_GO;
 }
 
-enum { META_BASE = 1, META_DEPTH = 2 };
+enum { META_BASE = 1, META_DEPTH = 2, META_BITMAP = 4 };
 static const char base_name[] = "base:allocation", depth_name[] = "qemu:allocation-depth";
 
-static unsigned meta_match(const uint8_t *q, uint32_t len, bool list) {
-        if (len == strlen(base_name) && !memcmp(q, base_name, len))
+static bool query_is(const uint8_t *q, uint32_t len, const char *s) {
+        return len == strlen(s) && !memcmp(q, s, len);
+}
+
+/* What query Q selects (SET) or lists (LIST, where "base:", "qemu:" and the bitmap prefix are namespaces). */
+static unsigned meta_match(const struct nbd_export_info *x, const uint8_t *q, uint32_t len, bool list) {
+        size_t pl = strlen(NBD_DIRTY_BITMAP_PREFIX);
+
+        if (query_is(q, len, base_name) || (list && query_is(q, len, "base:")))
                 return META_BASE;
-        if (len == strlen(depth_name) && !memcmp(q, depth_name, len))
+        if (query_is(q, len, depth_name))
                 return META_DEPTH;
-        if (list && len == 5 && !memcmp(q, "base:", 5))
-                return META_BASE;
-        if (list && len == 5 && !memcmp(q, "qemu:", 5))
-                return META_DEPTH;
+        if (list && query_is(q, len, "qemu:"))
+                return META_DEPTH | (x->bitmap ? META_BITMAP : 0);
+        if (x->bitmap && len >= pl && !memcmp(q, NBD_DIRTY_BITMAP_PREFIX, pl) &&
+            ((list && len == pl) || (len - pl == strlen(x->bitmap) && !memcmp(q + pl, x->bitmap, len - pl))))
+                return META_BITMAP;
         return 0;
 }
 
-static int send_meta(const struct nbd_io *io, uint32_t opt, uint32_t id, const char *name) {
-        uint8_t buf[64];
-        size_t n = strlen(name);
+static int send_meta(const struct nbd_io *io, uint32_t opt, uint32_t id, const char *prefix, const char *name) {
+        size_t p = strlen(prefix), n = strlen(name);
+        _cleanup_free_ uint8_t *buf = malloc(4 + p + n);
 
+        if (!buf)
+                return -ENOMEM;
         put_be32(buf, id);
-        memcpy(buf + 4, name, n);
-        return send_rep(io, opt, NBD_REP_META_CONTEXT, buf, 4 + n);
+        memcpy(buf + 4, prefix, p);
+        memcpy(buf + 4 + p, name, n);
+        return send_rep(io, opt, NBD_REP_META_CONTEXT, buf, 4 + p + n);
 }
 
 /* LIST_META_CONTEXT and SET_META_CONTEXT ("NBD_OPT_LIST_META_CONTEXT"). */
@@ -185,7 +196,7 @@ static int opt_meta(const struct nbd_io *io, const struct nbd_export_info *x, st
         int r;
 
         if (!list) {
-                s->meta_base = s->meta_depth = false;
+                s->meta_base = s->meta_depth = s->meta_bitmap = false;
                 if (!s->structured)
                         return send_err(io, opt, NBD_REP_ERR_INVALID, "structured replies come first");
         }
@@ -206,7 +217,7 @@ static int opt_meta(const struct nbd_io *io, const struct nbd_export_info *x, st
                         return send_err(io, opt, NBD_REP_ERR_INVALID, "queries run past the option");
                 if (ql > NBD_MAX_STRING)
                         return send_err(io, opt, NBD_REP_ERR_TOO_BIG, "query too long");
-                found |= meta_match(d + pos, ql, list);
+                found |= meta_match(x, d + pos, ql, list);
                 pos += ql;
         }
         if (pos != len)
@@ -216,14 +227,19 @@ static int opt_meta(const struct nbd_io *io, const struct nbd_export_info *x, st
         if (!name_is_ours(x, d + 4, namelen))
                 return send_err(io, opt, NBD_REP_ERR_UNKNOWN, "no such export");
         if (list && nq == 0)
-                found = META_BASE | META_DEPTH;
-        if ((found & META_BASE) && (r = send_meta(io, opt, list ? 0 : NBD_META_BASE_ALLOCATION, base_name)) < 0)
+                found = META_BASE | META_DEPTH | (x->bitmap ? META_BITMAP : 0);
+        if ((found & META_BASE) && (r = send_meta(io, opt, list ? 0 : NBD_META_BASE_ALLOCATION, "", base_name)) < 0)
                 return r;
-        if ((found & META_DEPTH) && (r = send_meta(io, opt, list ? 0 : NBD_META_ALLOCATION_DEPTH, depth_name)) < 0)
+        if ((found & META_DEPTH) &&
+            (r = send_meta(io, opt, list ? 0 : NBD_META_ALLOCATION_DEPTH, "", depth_name)) < 0)
+                return r;
+        if ((found & META_BITMAP) &&
+            (r = send_meta(io, opt, list ? 0 : NBD_META_DIRTY_BITMAP, NBD_DIRTY_BITMAP_PREFIX, x->bitmap)) < 0)
                 return r;
         if (!list) {
                 s->meta_base = found & META_BASE;
                 s->meta_depth = found & META_DEPTH;
+                s->meta_bitmap = found & META_BITMAP;
         }
         return send_rep(io, opt, NBD_REP_ACK, NULL, 0);
 }
@@ -431,7 +447,7 @@ int nbd_request_check(const struct nbd_session *s, const struct nbd_export_info 
                         return NBD_EINVAL;
                 break;
         case NBD_CMD_BLOCK_STATUS:
-                if (!s->meta_base && !s->meta_depth)
+                if (!s->meta_base && !s->meta_depth && !s->meta_bitmap)
                         return NBD_EINVAL;
                 if (past_end || r->length == 0)
                         return NBD_EINVAL;
@@ -532,5 +548,23 @@ int nbd_block_status(const struct nbd_session *s, uint64_t offset, uint32_t leng
         put_be32(out_depth, NBD_META_ALLOCATION_DEPTH);
         *ret_base_len = s->meta_base ? 4 + 8 * (size_t) base.n : 0;
         *ret_depth_len = s->meta_depth ? 4 + 8 * (size_t) depth.n : 0;
+        return 0;
+}
+
+int nbd_bitmap_status(uint64_t offset, uint32_t length, bool req_one, nbd_run_fn run, void *userdata, uint8_t *out,
+                      size_t *ret_len) {
+        struct extent_list l = { out, 0, req_one ? 1 : NBD_MAX_EXTENTS, false };
+        uint64_t off = offset, end = offset + length;
+
+        while (off < end && !l.full) {
+                bool dirty;
+                uint64_t n = run(userdata, off, end - off, &dirty);
+                if (n == 0)
+                        return -EIO; /* a run that covers nothing would never end the walk */
+                extent_add(&l, MIN(n, end - off), dirty ? NBD_STATE_DIRTY : 0);
+                off += MIN(n, end - off);
+        }
+        put_be32(out, NBD_META_DIRTY_BITMAP);
+        *ret_len = 4 + 8 * (size_t) l.n;
         return 0;
 }

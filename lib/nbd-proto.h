@@ -123,7 +123,10 @@ enum {
 enum { NBD_STATE_HOLE = 1 << 0, NBD_STATE_ZERO = 1 << 1 };
 
 /* The context ids we hand out in SET_META_CONTEXT (LIST answers with 0). */
-enum { NBD_META_BASE_ALLOCATION = 1, NBD_META_ALLOCATION_DEPTH = 2 };
+enum { NBD_META_BASE_ALLOCATION = 1, NBD_META_ALLOCATION_DEPTH = 2, NBD_META_DIRTY_BITMAP = 3 };
+/* qemu:dirty-bitmap:NAME: bit 0 of an extent's flags is "dirty" (QEMU's nbd.rst) */
+#define NBD_DIRTY_BITMAP_PREFIX "qemu:dirty-bitmap:"
+enum { NBD_STATE_DIRTY = 1 << 0 };
 
 /* Our limits (README.md, "NBD server"). */
 #define NBD_MAX_PAYLOAD   (UINT32_C(32) << 20) /* largest READ/WRITE, and the advertised maximum */
@@ -155,6 +158,7 @@ struct nbd_export_info {
         uint64_t size;
         bool writable;
         bool stopping;           /* answer GO/INFO/EXPORT_NAME with ERR_SHUTDOWN / a close */
+        const char *bitmap;      /* the bitmap offered as qemu:dirty-bitmap:BITMAP, or NULL */
 };
 
 /* What a handshake agreed. */
@@ -163,6 +167,7 @@ struct nbd_session {
         bool no_zeroes;
         bool meta_base;      /* base:allocation selected (and bound to our export) */
         bool meta_depth;     /* qemu:allocation-depth selected */
+        bool meta_bitmap;    /* qemu:dirty-bitmap:<the export's bitmap> selected */
         bool tls;            /* STARTTLS succeeded: everything after it went over TLS */
         uint16_t tflags;     /* the transmission flags sent */
         unsigned options;    /* options the client sent */
@@ -222,6 +227,14 @@ void nbd_chunk_header(uint8_t out[20], uint16_t flags, uint16_t type, uint64_t c
  * RET_BASE_LEN and RET_DEPTH_LEN (0 when that context is not selected).
  */
 typedef int (*nbd_status_fn)(void *userdata, uint64_t offset, uint64_t length, struct dc_extent *ret);
+/*
+ * The same for qemu:dirty-bitmap: RUN gives, from OFFSET, the length of a
+ * run that is all dirty or all clean (> 0 below the export's size).  OUT
+ * holds 4 + 8 * NBD_MAX_EXTENTS bytes.
+ */
+typedef uint64_t (*nbd_run_fn)(void *userdata, uint64_t offset, uint64_t length, bool *ret_dirty);
+int nbd_bitmap_status(uint64_t offset, uint32_t length, bool req_one, nbd_run_fn run, void *userdata, uint8_t *out,
+                      size_t *ret_len);
 int nbd_block_status(const struct nbd_session *s, uint64_t offset, uint32_t length, bool req_one,
                      nbd_status_fn status, void *userdata, uint8_t *out_base, size_t *ret_base_len,
                      uint8_t *out_depth, size_t *ret_depth_len);

@@ -150,6 +150,9 @@ struct listener {
 struct dc_nbd_export {
         dc_disk *disk;
         char *name, *description;
+        char *bitmap_name;          /* offered as qemu:dirty-bitmap:NAME, with BITMAP's bits */
+        dc_bitmap_copy *bitmap;
+        dc_snapshot *snapshot;      /* served instead of the disk (read-only), or NULL */
         bool writable;
         unsigned max_connections;
         void (*changed)(void *userdata);
@@ -292,8 +295,18 @@ static void buffer_freep(uint8_t **p) {
 
 /* --- commands --------------------------------------------------------------------- */
 
+/* What clients read: the disk, or a point-in-time view of it. */
+static int view_read(dc_nbd_export *e, void *buf, uint64_t off, size_t len) {
+        return e->snapshot ? dc_snapshot_read(e->snapshot, buf, off, len) : dc_disk_read(e->disk, buf, off, len);
+}
+
+static int view_status(dc_nbd_export *e, uint64_t off, uint64_t len, struct dc_extent *ret) {
+        return e->snapshot ? dc_snapshot_block_status(e->snapshot, off, len, ret)
+                           : dc_disk_block_status(e->disk, off, len, ret);
+}
+
 static int status_cb(void *userdata, uint64_t off, uint64_t len, struct dc_extent *ret) {
-        return dc_disk_block_status(userdata, off, len, ret);
+        return view_status(userdata, off, len, ret);
 }
 
 struct segment {
@@ -303,7 +316,7 @@ struct segment {
 };
 
 static void cmd_read(struct conn *c, const struct request *q) {
-        dc_disk *d = c->e->disk;
+        dc_nbd_export *d = c->e;
         uint64_t off = q->r.offset, end = off + q->r.length;
         _cleanup_(buffer_freep) uint8_t *buf = buffer_new(q->r.length);
         _cleanup_free_ struct segment *seg = NULL;
@@ -318,7 +331,7 @@ static void cmd_read(struct conn *c, const struct request *q) {
                 uint8_t h[20 + 8];
                 struct iovec v[2] = { { h, 16 }, { buf, q->r.length } };
 
-                r = q->r.length ? dc_disk_read(d, buf, off, q->r.length) : 0;
+                r = q->r.length ? view_read(d, buf, off, q->r.length) : 0;
                 if (r < 0)
                         return reply_errno(c, q, r);
                 if (!c->s.structured)
@@ -350,7 +363,7 @@ static void cmd_read(struct conn *c, const struct request *q) {
                         e = (struct dc_extent){ .length = end - off };
                         hole = false;
                 } else {
-                        r = dc_disk_block_status(d, off, end - off, &e);
+                        r = view_status(d, off, end - off, &e);
                         if (r < 0)
                                 return reply_errno(c, q, r);
                         if (e.length == 0)
@@ -375,7 +388,7 @@ static void cmd_read(struct conn *c, const struct request *q) {
                         iov[n++] = (struct iovec){ s->hdr, 32 };
                         continue;
                 }
-                r = dc_disk_read(d, buf + (s->off - q->r.offset), s->off, s->len);
+                r = view_read(d, buf + (s->off - q->r.offset), s->off, s->len);
                 if (r < 0)
                         return reply_errno(c, q, r);
                 nbd_chunk_header(s->hdr, done, NBD_REPLY_TYPE_OFFSET_DATA, q->r.cookie, (uint32_t) (8 + s->len));
@@ -403,27 +416,37 @@ static int reads_as_zeros(dc_disk *d, uint64_t off, uint64_t len) {
         return 1;
 }
 
-static void cmd_block_status(struct conn *c, const struct request *q) {
-        uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS], h1[20], h2[20];
-        size_t base_len, depth_len;
-        struct iovec iov[4];
-        int r, n = 0;
+static uint64_t bitmap_run_cb(void *userdata, uint64_t off, uint64_t len, bool *ret_dirty) {
+        return dc_bitmap_copy_run(userdata, off, len, ret_dirty);
+}
 
-        r = nbd_block_status(&c->s, q->r.offset, q->r.length, q->r.flags & NBD_CMD_FLAG_REQ_ONE, status_cb,
-                             c->e->disk, base, &base_len, depth, &depth_len);
+static void cmd_block_status(struct conn *c, const struct request *q) {
+        uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS], bits[4 + 8 * NBD_MAX_EXTENTS];
+        uint8_t h[3][20];
+        size_t len[3] = { 0 };
+        uint8_t *payload[3] = { base, depth, bits };
+        struct iovec iov[6];
+        int r = 0, n = 0, last = -1;
+
+        if (c->s.meta_base || c->s.meta_depth)
+                r = nbd_block_status(&c->s, q->r.offset, q->r.length, q->r.flags & NBD_CMD_FLAG_REQ_ONE, status_cb,
+                                     c->e, base, &len[0], depth, &len[1]);
+        if (r >= 0 && c->s.meta_bitmap)
+                r = nbd_bitmap_status(q->r.offset, q->r.length, q->r.flags & NBD_CMD_FLAG_REQ_ONE, bitmap_run_cb,
+                                      c->e->bitmap, bits, &len[2]);
         if (r < 0)
                 return reply_errno(c, q, r);
-        if (base_len) {
-                nbd_chunk_header(h1, depth_len ? 0 : NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
-                                 (uint32_t) base_len);
-                iov[n++] = (struct iovec){ h1, 20 };
-                iov[n++] = (struct iovec){ base, base_len };
-        }
-        if (depth_len) {
-                nbd_chunk_header(h2, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
-                                 (uint32_t) depth_len);
-                iov[n++] = (struct iovec){ h2, 20 };
-                iov[n++] = (struct iovec){ depth, depth_len };
+        /* one chunk per selected context, the last one flagged done */
+        for (int i = 0; i < 3; i++)
+                if (len[i])
+                        last = i;
+        for (int i = 0; i < 3; i++) {
+                if (!len[i])
+                        continue;
+                nbd_chunk_header(h[i], i == last ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_BLOCK_STATUS, q->r.cookie,
+                                 (uint32_t) len[i]);
+                iov[n++] = (struct iovec){ h[i], 20 };
+                iov[n++] = (struct iovec){ payload[i], len[i] };
         }
         send_reply(c, iov, n);
 }
@@ -845,7 +868,9 @@ static bool ring_read(struct conn *c, struct ring *g, const struct nbd_request *
 
         if (!rr->buf)
                 rr->buf = buffer_new(RING_MAX_READ); /* pages are touched as reads need them */
-        n = rr->buf ? dc_disk_map_read(c->e->disk, rr->buf, r->offset, r->length, m, RING_PIECES) : 0;
+        /* a point-in-time view is read by the workers (dc_snapshot_read) */
+        n = rr->buf && !c->e->snapshot ? dc_disk_map_read(c->e->disk, rr->buf, r->offset, r->length, m, RING_PIECES)
+                                       : 0;
         if (n <= 0)
                 return queue_request(c, g, r, 0);
         g->free = rr->next;
@@ -999,7 +1024,7 @@ static void *conn_main(void *userdata) {
         pthread_mutex_lock(&e->lock);
         c->x.stopping = e->stopping;
         pthread_mutex_unlock(&e->lock);
-        c->x.size = dc_disk_size(e->disk);
+        c->x.size = e->snapshot ? dc_snapshot_size(e->snapshot) : dc_disk_size(e->disk);
         c->t.deadline = nbd_now_ns() + NBD_HANDSHAKE_TIMEOUT_NS;
         r = nbd_handshake(&io, &c->x, &c->s);
         c->t.deadline = 0; /* before any worker sends */
@@ -1087,7 +1112,8 @@ static int serve_conn(dc_nbd_export *e, int fd, dc_nbd_tls *tls) {
         c->e = e;
         c->fd = fd;
         nbd_transport_init(&c->t, fd, tls);
-        c->x = (struct nbd_export_info){ .name = e->name, .description = e->description, .writable = e->writable };
+        c->x = (struct nbd_export_info){ .name = e->name, .description = e->description, .writable = e->writable,
+                                         .bitmap = e->bitmap_name };
         pthread_mutex_init(&c->lock, NULL);
         pthread_cond_init(&c->cond, NULL);
         pthread_cond_init(&c->work, NULL);
@@ -1232,14 +1258,20 @@ DC_EXPORT int dc_nbd_export_new(dc_disk *disk, const struct dc_nbd_export_option
                 return dc_error(EINVAL, "an NBD export needs a disk and a name");
         if (strlen(opts->name) > NBD_MAX_STRING || (opts->description && strlen(opts->description) > NBD_MAX_STRING))
                 return dc_error(EINVAL, "an NBD export's name and description are at most %u bytes", NBD_MAX_STRING);
+        if (opts->bitmap && (!opts->bitmap_name || !*opts->bitmap_name || strlen(opts->bitmap_name) > 1023))
+                return dc_error(EINVAL, "an exported bitmap needs a name of 1..1023 bytes");
+        if (opts->snapshot && opts->writable)
+                return dc_error(EINVAL, "a point-in-time view is exported read-only");
         e = calloc(1, sizeof *e);
         if (!e)
                 return dc_error(ENOMEM, "out of memory");
         e->name = strdup(opts->name);
         e->description = opts->description ? strdup(opts->description) : NULL;
-        if (!e->name || (opts->description && !e->description)) {
+        e->bitmap_name = opts->bitmap ? strdup(opts->bitmap_name) : NULL;
+        if (!e->name || (opts->description && !e->description) || (opts->bitmap && !e->bitmap_name)) {
                 free(e->name);
                 free(e->description);
+                free(e->bitmap_name);
                 free(e);
                 return dc_error(ENOMEM, "out of memory");
         }
@@ -1247,9 +1279,12 @@ DC_EXPORT int dc_nbd_export_new(dc_disk *disk, const struct dc_nbd_export_option
                 int r = dc_error(errno, "cannot create a pipe: %s", strerror(errno));
                 free(e->name);
                 free(e->description);
+                free(e->bitmap_name);
                 free(e);
                 return r;
         }
+        e->bitmap = opts->bitmap;
+        e->snapshot = opts->snapshot;
         e->writable = opts->writable;
         e->max_connections = opts->max_connections ? opts->max_connections : NBD_DEFAULT_MAX_CONNECTIONS;
         e->changed = opts->changed;
@@ -1332,6 +1367,8 @@ DC_EXPORT dc_nbd_export *dc_nbd_export_free(dc_nbd_export *e) {
         pthread_cond_destroy(&e->cond);
         free(e->name);
         free(e->description);
+        free(e->bitmap_name);
+        dc_bitmap_copy_free(e->bitmap);
         free(e);
         return NULL;
 }

@@ -692,28 +692,36 @@ DC_EXPORT void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n) {
         free(v);
 }
 
-DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata) {
-        struct qcow2_bitmaps *B, *tmp;
-        struct qbm *q;
+/* NAME's bits to read, IMG locked: consistent, in memory (of the image's set, or a fresh read in *TMP). */
+static int begin_read(dc_image *img, const char *name, struct qcow2_bitmaps **tmp, struct qcow2_bitmaps **ret,
+                      struct qbm **ret_q) {
         int r;
 
         if (img->drv != &dc_qcow2_driver)
                 return dc_error(ENOENT, "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)", img->path,
                                 name);
-        r = begin(img, &tmp, &B);
+        r = begin(img, tmp, ret);
         if (r < 0)
                 return r;
-        q = find(B, name);
-        if (!q)
-                return end(img, tmp, dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name));
-        if (q->inconsistent)
-                return end(img, tmp, stale(img, q));
-        r = load_bits(img, B, q);
-        if (r >= 0) {
-                pthread_mutex_lock(&B->lock);
-                r = walk_bits(q->bits, q->bytes, q->gran, img->virtual_size, cb, userdata);
-                pthread_mutex_unlock(&B->lock);
-        }
+        *ret_q = find(*ret, name);
+        if (!*ret_q)
+                return end(img, *tmp, dc_error(ENOENT, "'%s' has no bitmap named '%s'", img->path, name));
+        if ((*ret_q)->inconsistent)
+                return end(img, *tmp, stale(img, *ret_q));
+        r = load_bits(img, *ret, *ret_q);
+        return r < 0 ? end(img, *tmp, r) : 0;
+}
+
+DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata) {
+        struct qcow2_bitmaps *B, *tmp;
+        struct qbm *q;
+        int r = begin_read(img, name, &tmp, &B, &q);
+
+        if (r < 0)
+                return r;
+        pthread_mutex_lock(&B->lock);
+        r = walk_bits(q->bits, q->bytes, q->gran, img->virtual_size, cb, userdata);
+        pthread_mutex_unlock(&B->lock);
         return end(img, tmp, r);
 }
 
@@ -1023,4 +1031,72 @@ int dc_image_bitmap_backup_end(dc_image *img, const char *name, uint8_t *saved, 
         pthread_mutex_unlock(&B->lock);
         free(saved);
         return end(img, NULL, r);
+}
+
+/* --- a frozen copy, for an export's qemu:dirty-bitmap context ------------------------------- */
+
+struct dc_bitmap_copy {
+        uint8_t *bits;
+        uint64_t bytes, size;
+        uint8_t gran;
+};
+
+DC_EXPORT int dc_image_bitmap_copy(dc_image *img, const char *name, dc_bitmap_copy **ret) {
+        struct qcow2_bitmaps *B, *tmp;
+        dc_bitmap_copy *c;
+        struct qbm *q;
+        int r = begin_read(img, name, &tmp, &B, &q);
+
+        if (r < 0)
+                return r;
+        c = calloc(1, sizeof *c);
+        if (c)
+                c->bits = malloc(MAX(q->bytes, 1u));
+        if (!c || !c->bits) {
+                free(c);
+                return end(img, tmp, dc_error(ENOMEM, "out of memory"));
+        }
+        pthread_mutex_lock(&B->lock);
+        memcpy(c->bits, q->bits, q->bytes);
+        c->bytes = q->bytes;
+        pthread_mutex_unlock(&B->lock);
+        c->gran = q->gran;
+        c->size = img->virtual_size;
+        *ret = c;
+        return end(img, tmp, 0);
+}
+
+DC_EXPORT dc_bitmap_copy *dc_bitmap_copy_free(dc_bitmap_copy *c) {
+        if (c)
+                free(c->bits);
+        free(c);
+        return NULL;
+}
+
+static bool copy_bit(const dc_bitmap_copy *c, uint64_t k) {
+        return k / 8 < c->bytes && (c->bits[k / 8] >> (k % 8) & 1);
+}
+
+DC_EXPORT uint64_t dc_bitmap_copy_run(const dc_bitmap_copy *c, uint64_t off, uint64_t max, bool *ret_dirty) {
+        uint64_t k = off >> c->gran, end, next;
+        bool v;
+
+        if (off >= c->size || !max)
+                return 0;
+        end = MIN(c->size, off + MIN(max, c->size - off));
+        v = copy_bit(c, k);
+        next = (k + 1) << c->gran;
+        /* whole bytes of equal bits at a time */
+        while (next < end) {
+                k = next >> c->gran;
+                if (k % 8 == 0 && k / 8 < c->bytes && c->bits[k / 8] == (v ? 0xff : 0)) {
+                        next += UINT64_C(8) << c->gran;
+                        continue;
+                }
+                if (copy_bit(c, k) != v)
+                        break;
+                next += UINT64_C(1) << c->gran;
+        }
+        *ret_dirty = v;
+        return MIN(next, end) - off;
 }

@@ -6,7 +6,7 @@
  *
  *   dc-nbd-serve [--writable] [--root DIR]... [--name NAME] [--description TEXT]
  *                [--max-connections N] [--tls-dir DIR [--tls-verify-peer]] [--tls-psk FILE]
- *                [--cache-none]
+ *                [--cache-none] [--bitmap NAME]
  *                (--socket PATH | --tcp ADDR:PORT | --fd N)... IMAGE
  *
  * Opens IMAGE's chain as a dc_disk, listens on the unix socket PATH, on the
@@ -15,7 +15,8 @@
  * With --tls-dir (X.509: ca-cert.pem, server-cert.pem, server-key.pem)
  * and/or --tls-psk (a psktool keys file) every listener requires TLS; N is
  * served in plaintext.  --cache-none reads and writes data around the
- * page cache (dc_disk_set_cache).  Prints "ready" once it listens, and serves
+ * page cache (dc_disk_set_cache).  --bitmap offers the top layer's bitmap
+ * NAME, as it is at the start, as qemu:dirty-bitmap:NAME.  Prints "ready" once it listens, and serves
  * until SIGTERM or SIGINT.  Then it frees the export (which waits for the
  * requests in flight and flushes) and prints "stats clients=... requests=...
  * read=... written=... changed=N depth=LAYERS" before exiting 0.
@@ -34,7 +35,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "diskchain.h"
+#include "dc-internal.h" /* dc_disk_chain */
 
 static unsigned long changed_calls;
 
@@ -121,6 +122,7 @@ int main(int argc, char **argv) {
                 { "tls-verify-peer", no_argument, NULL, 'v' },
                 { "tls-psk", required_argument, NULL, 'p' },
                 { "cache-none", no_argument, NULL, 'c' },
+                { "bitmap", required_argument, NULL, 'b' },
                 {},
         };
         struct dc_nbd_export_options eo = { .name = "", .changed = changed };
@@ -178,6 +180,9 @@ int main(int argc, char **argv) {
                 case 'c':
                         cache_none = true;
                         break;
+                case 'b':
+                        eo.bitmap_name = optarg;
+                        break;
                 default:
                         return 2;
                 }
@@ -201,6 +206,10 @@ int main(int argc, char **argv) {
         }
         if (cache_none)
                 dc_disk_set_cache(disk, DC_CACHE_NONE);
+        if (eo.bitmap_name && dc_image_bitmap_copy(dc_disk_chain(disk), eo.bitmap_name, &eo.bitmap) < 0) {
+                fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
+                return 1;
+        }
         if (dc_nbd_export_new(disk, &eo, &e) < 0) {
                 fprintf(stderr, "dc-nbd-serve: %s\n", dc_get_error());
                 return 1;

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from imgtest import BUILD, assert_clean, qemu_img, qemu_io, qemu_map, run
+from imgtest import BUILD, assert_clean, dc, qemu_img, qemu_io, qemu_map, run
 from nbdservers import flood_reads
 from tlsfiles import credentials, needs_tools
 
@@ -1035,3 +1035,69 @@ def test_tls_stop_with_clients_connected(server, pki):
     assert int(st["requests"]) >= 1
     sk.close()
     del h
+
+
+# --- qemu:dirty-bitmap -------------------------------------------------------------
+
+
+def test_dirty_bitmap_context(tmp, server, chain):
+    """--bitmap offers the top layer's bitmap, as it was when the export started, as the context
+    qemu:dirty-bitmap:NAME: nbdinfo maps it exactly as qemu-nbd -B does, LIST shows it under the
+    qemu: and qemu:dirty-bitmap: namespaces, a client may select it alone or with base:allocation,
+    and writes through the export after the start do not show in it."""
+    qemu_img("bitmap", "--add", "-g", "4096", chain, "b0")
+    qemu_io(chain, "write -P 1 1M 64k", f"write -P 1 {7 * MiB + 512} 512", f"write -P 1 {SIZE - 4096} 4096")
+    want = json.loads(run("nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", "--", "[", "qemu-nbd", "-r", "-f",
+                          "qcow2", "-B", "b0", chain, "]").stdout)
+    s = server("--bitmap", "b0")
+    got = json.loads(run("nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", s.uri).stdout)
+    assert [(e["offset"], e["length"], e["type"]) for e in got] == \
+        [(e["offset"], e["length"], e["type"]) for e in want]
+    assert [(e["offset"], e["length"]) for e in got if e["type"] & 1] == \
+        [(MiB, 65536), (7 * MiB, 4096), (SIZE - 4096, 4096)]
+    out = run("nbdinfo", s.uri).stdout
+    assert "qemu:dirty-bitmap:b0" in out and "base:allocation" in out, out
+    for query, names in [("qemu:", {"qemu:allocation-depth", "qemu:dirty-bitmap:b0"}),
+                         ("qemu:dirty-bitmap:", {"qemu:dirty-bitmap:b0"}), ("base:", {"base:allocation"})]:
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        h.connect_uri(s.uri)
+        h.add_meta_context(query)
+        got_names = set()
+        h.opt_list_meta_context(lambda name: got_names.add(name) or 0)
+        h.opt_abort()
+        assert got_names == names, (query, got_names)
+    # both contexts in one connection, each answered in its own chunk
+    h = connect(s.uri, "base:allocation", "qemu:dirty-bitmap:b0")
+    assert h.can_meta_context("qemu:dirty-bitmap:b0") and h.can_meta_context("base:allocation")
+    seen = {}
+
+    def cb(ctx, off, entries, err):
+        seen[ctx] = list(entries)
+        return 0
+    h.block_status(2 * MiB, MiB - 4096, cb)
+    assert seen["qemu:dirty-bitmap:b0"][:4] == [4096, 0, 65536, 1] and "base:allocation" in seen
+    # a write through the export after the start is not in the frozen view
+    h.pwrite(b"\x07" * 4096, 20 * MiB)
+    seen.clear()
+    h.block_status(4096, 20 * MiB, cb)
+    assert seen["qemu:dirty-bitmap:b0"] == [4096, 0]
+    h.shutdown()
+    # another name is not offered: a client asking for it gets no such context
+    h = connect(s.uri, "qemu:dirty-bitmap:nosuch")
+    assert not h.can_meta_context("qemu:dirty-bitmap:nosuch")
+    h.shutdown()
+    s.stop()
+    # ... and the export's write was recorded into the bitmap itself, for the next backup
+    assert (20 * MiB, 4096) in [tuple(int(x) for x in line.split()) for line in
+                                dc("bitmaps", chain, "b0").stdout.splitlines()]
+
+
+def test_dirty_bitmap_export_refusals(tmp, chain):
+    """No such bitmap, or one left in use by a writer: the export does not start, and says why."""
+    p = run(DC_NBD_SERVE, "--name", "disk", "--socket", str(tmp / "s"), "--bitmap", "nosuch", chain, check=False)
+    assert p.returncode == 1 and "no bitmap named 'nosuch'" in p.stderr, p.stderr
+    qemu_img("bitmap", "--add", chain, "b0")
+    run("qemu-io", "-f", "qcow2", "-c", "write 0 4k", "-c", "sigraise 9", chain, check=False)
+    p = run(DC_NBD_SERVE, "--name", "disk", "--socket", str(tmp / "s"), "--bitmap", "b0", chain, check=False)
+    assert p.returncode == 1 and "inconsistent" in p.stderr, p.stderr
