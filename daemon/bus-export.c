@@ -61,9 +61,19 @@ static int property_get_writable(sd_bus *bus, const char *path, const char *ifac
         return sd_bus_message_append(reply, "b", EXP->writable);
 }
 
+static int property_get_snapshot(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                                 sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "b", EXP->snapshot);
+}
+
 static int property_get_cache(sd_bus *bus, const char *path, const char *iface, const char *prop,
                               sd_bus_message *reply, void *userdata, sd_bus_error *error) {
         return sd_bus_message_append(reply, "s", cache_modes[EXP->cache]);
+}
+
+static int property_get_bitmap(sd_bus *bus, const char *path, const char *iface, const char *prop,
+                               sd_bus_message *reply, void *userdata, sd_bus_error *error) {
+        return sd_bus_message_append(reply, "s", EXP->bitmap ? EXP->bitmap : "");
 }
 
 static int property_get_uri(sd_bus *bus, const char *path, const char *iface, const char *prop,
@@ -102,6 +112,8 @@ const sd_bus_vtable export_vtable[] = {
         SD_BUS_PROPERTY("Chain", "o", property_get_chain, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("Writable", "b", property_get_writable, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Cache", "s", property_get_cache, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Bitmap", "s", property_get_bitmap, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        SD_BUS_PROPERTY("Snapshot", "b", property_get_snapshot, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Uri", "s", property_get_uri, 0, SD_BUS_VTABLE_PROPERTY_CONST),
         SD_BUS_PROPERTY("Clients", "u", property_get_counter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
         SD_BUS_PROPERTY("BytesRead", "t", property_get_counter, 0, SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE),
@@ -173,17 +185,20 @@ static int export_prepare(sd_bus_message *m, Image *active, GPtrArray *layers, E
 }
 
 int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        static const char *const allowed[] = { "name",       "writable", "socket", "tcp", "max-connections",
-                                               "persistent", "cache",    NULL };
+        static const char *const allowed[] = { "name",       "writable",   "socket",     "tcp",
+                                               "max-connections",      "persistent", "cache",
+                                               "bitmap",     "snapshot",   "discard-after-read",
+                                               "on-cbw-error",         "checkpoint", NULL };
+        static const char *const cbw_errors[] = { "break-guest-write", "break-snapshot", NULL };
         Image *active = ACTIVE;
         Manager *mgr = active->mgr;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
         _cleanup_(export_start_clear) ExportStart es = { .fd = -1, .client_fd = -1 };
         g_autofree char *images = NULL, *roots = NULL;
-        const char *name = NULL, *sock = NULL, *tcp = NULL;
+        const char *name = NULL, *sock = NULL, *tcp = NULL, *bitmap = NULL, *checkpoint = NULL;
         uint64_t maxc = 0;
-        int r;
+        int r, cbw_error = 0;
 
         r = parse_options(m, allowed, &opts, error);
         if (r < 0)
@@ -192,8 +207,41 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
             (r = opt_string(opts, "socket", &sock, error)) < 0 || (r = opt_string(opts, "tcp", &tcp, error)) < 0 ||
             (r = opt_uint(opts, "max-connections", &maxc, error)) < 0 ||
             (r = opt_bool(opts, "persistent", &es.persistent, error)) < 0 ||
-            (r = opt_enum(opts, "cache", cache_modes, &es.cache, error)) < 0)
+            (r = opt_enum(opts, "cache", cache_modes, &es.cache, error)) < 0 ||
+            (r = opt_string(opts, "bitmap", &bitmap, error)) < 0 ||
+            (r = opt_bool(opts, "snapshot", &es.snapshot, error)) < 0 ||
+            (r = opt_bool(opts, "discard-after-read", &es.discard_after_read, error)) < 0 ||
+            (r = opt_enum(opts, "on-cbw-error", cbw_errors, &cbw_error, error)) < 0 ||
+            (r = opt_string(opts, "checkpoint", &checkpoint, error)) < 0)
                 return r;
+        es.break_snapshot = cbw_error == 1;
+        if (!es.snapshot && (g_hash_table_contains(opts, "discard-after-read") ||
+                             g_hash_table_contains(opts, "on-cbw-error") || checkpoint))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "discard-after-read, on-cbw-error and checkpoint go with snapshot true");
+        if (es.snapshot && (es.writable || es.persistent))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "a point-in-time view (snapshot) is read-only and not persistent");
+        if (checkpoint && (!*checkpoint || strlen(checkpoint) > 1023))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "checkpoint must be a name of 1..1023 bytes");
+        if (checkpoint && active->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "'%s' is a raw image: only qcow2 images store persistent bitmaps",
+                                         active->path);
+        if (checkpoint && !(es.checkpoint = strdup(checkpoint)))
+                return -ENOMEM;
+        if (bitmap && (!*bitmap || strlen(bitmap) > 1023))
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "bitmap must be a name of 1..1023 bytes");
+        if (bitmap && es.persistent)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "a persistent export cannot offer a bitmap: the bitmap's point in time "
+                                         "would not survive a restart");
+        if (bitmap && active->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
+                                         "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)",
+                                         active->path, bitmap);
+        if (bitmap && !(es.bitmap = strdup(bitmap)))
+                return -ENOMEM;
         if (tcp && (r = export_tcp_check(mgr, tcp, &es.tls, error)) < 0)
                 return r;
         if (name && !export_name_valid(name))
@@ -208,7 +256,8 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         r = export_prepare(m, active, layers, &es, error);
         if (r <= 0)
                 return r < 0 ? r : 1;
-        es.name = name ? strdup(name) : export_default_name(mgr, active->path);
+        /* a view beside the chain's live export, which has the plain name */
+        es.name = name ? strdup(name) : export_default_name(mgr, active->path, es.snapshot ? "-snapshot" : "");
         if (!es.name)
                 return -ENOMEM;
         if (g_hash_table_contains(mgr->exports, es.name))
@@ -228,7 +277,8 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
                                                  "roots", roots, "writable", es.writable ? "true" : "false", "socket",
                                                  es.socket ? es.socket : "", "tcp", es.tcp ? es.tcp : "", "tls",
                                                  es.tls ? "true" : "false", "persistent",
-                                                 es.persistent ? "true" : "false", NULL },
+                                                 es.persistent ? "true" : "false", "bitmap", bitmap ? bitmap : "",
+                                                 "snapshot", es.snapshot ? "true" : "false", NULL },
                           error);
         if (r <= 0)
                 return r < 0 ? r : 1;
@@ -292,7 +342,7 @@ int method_chain_open_nbd(sd_bus_message *m, void *userdata, sd_bus_error *error
                 return r < 0 ? r : 1;
         }
         /* an export of its own, without a socket file, for as long as this connection lasts */
-        es.name = export_default_name(mgr, active->path);
+        es.name = export_default_name(mgr, active->path, "");
         if (!es.name) {
                 close(sv[0]);
                 close(sv[1]);

@@ -181,6 +181,15 @@ typedef struct Export {
         bool tls;             /* TCP connections must start TLS */
         bool writable, persistent;
         int cache;            /* DC_CACHE_* of the clients' reads and writes */
+        char *bitmap;         /* offered as qemu:dirty-bitmap:BITMAP, as it was at the start, or NULL */
+        /*
+         * A point-in-time view (image fleecing): the chain is claimed like a
+         * job's (CLAIM), through the live export VIA when there is one, and
+         * FLEECE, the temporary fleecing image, is its target, removed at the stop.
+         */
+        bool snapshot, discard_after_read, break_snapshot;
+        char *claim, *via, *fleece, *checkpoint;
+        dc_snapshot *view;
         bool anonymous;       /* made by OpenNBD: stops when its last client leaves */
         bool served;          /* some client connected once */
         bool forget;          /* Stop() was called: remove the persistent record too */
@@ -381,7 +390,7 @@ void export_chain_lists(GPtrArray *layers, char ***ret_paths, char ***ret_expect
 /* The exports on the bus (starting ones are not), as object paths. */
 char **model_export_paths(Manager *mgr);
 bool export_name_valid(const char *name);
-char *export_default_name(Manager *mgr, const char *active);
+char *export_default_name(Manager *mgr, const char *active, const char *suffix);
 /* Start exporting ACTIVE's chain (LAYERS: its images, the claims) as E describes; M answered when it is live. */
 /* The names of the cache modes, in DC_CACHE_* order, NULL-terminated (jobs' and exports' option "cache"). */
 extern const char *const cache_modes[];
@@ -393,6 +402,9 @@ typedef struct ExportStart {
         char **paths, **expect;
         bool writable, persistent, anonymous;
         int cache;            /* DC_CACHE_* of the export's guest I/O */
+        char *bitmap;         /* a bitmap of the active layer for qemu:dirty-bitmap, or NULL */
+        bool snapshot, discard_after_read, break_snapshot; /* a point-in-time view (Export's fields) */
+        char *checkpoint;
         unsigned max_connections;
         uid_t uid;
         int fd;               /* OpenNBD: the socket to serve at once (or -1) */

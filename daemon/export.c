@@ -79,6 +79,11 @@ static void export_struct_free(Export *e) {
         free(e->chain_object);
         free(e->socket);
         free(e->tcp);
+        free(e->bitmap);
+        free(e->claim);
+        free(e->via);
+        free(e->fleece);
+        free(e->checkpoint);
         g_strfreev(e->paths);
         if (e->stop_waiters)
                 g_ptr_array_free(e->stop_waiters, TRUE);
@@ -115,7 +120,7 @@ bool export_name_valid(const char *name) {
 }
 
 /* The active layer's file name without its extension, in the characters a name may have; unique. */
-char *export_default_name(Manager *mgr, const char *active) {
+char *export_default_name(Manager *mgr, const char *active, const char *suffix) {
         g_autofree char *base = g_path_get_basename(active);
         g_autofree char *stem = NULL;
         char *dot = strrchr(base, '.');
@@ -128,6 +133,7 @@ char *export_default_name(Manager *mgr, const char *active) {
                 g_string_append_c(s, g_ascii_isalnum(*c) || strchr("_-", *c) ? *c : '_');
         if (s->len == 0 || s->str[0] == '-')
                 g_string_prepend(s, "disk");
+        g_string_append(s, suffix);
         stem = g_string_free(s, FALSE);
         if (!g_hash_table_contains(mgr->exports, stem))
                 return TAKE_PTR(stem);
@@ -441,6 +447,9 @@ typedef struct OpenOp {
         unsigned max_depth;
         int fd, client_fd;
         dc_disk *disk;
+        dc_disk *via_disk;    /* the live export's disk, for a point-in-time view */
+        dc_snapshot *view;
+        bool fleece_made;
         dc_nbd_export *nbd;
         struct stat socket_st;
 } OpenOp;
@@ -461,7 +470,9 @@ static void open_op_free(void *p) {
         if (op->client_fd >= 0)
                 close(op->client_fd);
         dc_nbd_export_free(op->nbd);
+        dc_snapshot_free(op->view);
         dc_disk_unref(op->disk);
+        dc_disk_unref(op->via_disk);
         free(op);
 }
 
@@ -476,6 +487,36 @@ static void export_changed_cb(void *userdata) {
         (void) !write(mgr->export_fd, &one, sizeof one);
 }
 
+/*
+ * A point-in-time view: the fleecing image made next to the active layer,
+ * then the view on the disk (the live export's, or IMG's own), the bitmap
+ * frozen and the checkpoint added at its point in time.
+ */
+static int open_view(OpenOp *op, dc_image *img, const struct dc_open_options *oo, dc_bitmap_copy **ret_bitmap) {
+        Export *e = op->e;
+        int r;
+
+        if (op->via_disk)
+                op->disk = dc_disk_ref(op->via_disk);
+        else {
+                r = dc_disk_new(img, oo, &op->disk); /* IMG is the disk's, also on failure */
+                if (r < 0)
+                        return r;
+        }
+        r = dc_image_create(e->fleece, dc_disk_size(op->disk),
+                            &(struct dc_create_options){ .backing_format = -1 }, oo->roots);
+        if (r < 0)
+                return r;
+        op->fleece_made = true;
+        return dc_snapshot_new(op->disk,
+                               &(struct dc_snapshot_options){ .fleece = e->fleece, .open = oo,
+                                                              .discard_after_read = e->discard_after_read,
+                                                              .break_snapshot = e->break_snapshot,
+                                                              .bitmap = e->bitmap, .ret_bitmap = ret_bitmap,
+                                                              .checkpoint = e->checkpoint },
+                               &op->view);
+}
+
 static void export_open_run(Work *w) {
         OpenOp *op = w->data;
         Export *e = op->e;
@@ -483,10 +524,15 @@ static void export_open_run(Work *w) {
                                       .max_depth = op->max_depth, .writable = e->writable };
         dc_image *img = NULL;
         dc_nbd_tls *tls = NULL;
+        dc_bitmap_copy *bits = NULL;
         unsigned i = 0;
         int lfd = -1, tfd = -1, r;
 
-        r = dc_image_open(op->active, &oo, &img);
+        /* a view adding a checkpoint writes the active layer's bitmaps */
+        if (e->snapshot && e->checkpoint)
+                oo.writable = true;
+        /* a view of a live export uses its disk: the export's chain, claimed since (nothing to check) */
+        r = op->via_disk ? 0 : dc_image_open(op->active, &oo, &img);
         /* the chain polkit was asked about, and nothing else */
         for (dc_image *l = r >= 0 ? img : NULL; l; l = dc_image_backing(l), i++)
                 if (!op->expect[i] || strcmp(dc_image_path(l), op->expect[i]) != 0) {
@@ -494,16 +540,30 @@ static void export_open_run(Work *w) {
                                          op->active);
                         break;
                 }
-        if (r >= 0 && op->expect[i])
+        if (r >= 0 && op->expect[i] && !op->via_disk)
                 r = dc_set_error(ESTALE, "the chain of '%s' changed while the export was asked for", op->active);
         if (r < 0) {
                 dc_image_close(img);
                 goto out;
         }
-        r = dc_disk_new(img, &oo, &op->disk);
-        if (r < 0)
-                goto out;
-        dc_disk_set_cache(op->disk, e->cache);
+        if (e->snapshot) {
+                r = open_view(op, TAKE_PTR(img), &oo, e->bitmap ? &bits : NULL);
+                if (r < 0)
+                        goto out;
+        } else {
+                /* the bitmap as it is now: the export's point in time (also what a failed start reports) */
+                if (e->bitmap) {
+                        r = dc_image_bitmap_copy(img, e->bitmap, &bits);
+                        if (r < 0) {
+                                dc_image_close(img);
+                                goto out;
+                        }
+                }
+                r = dc_disk_new(img, &oo, &op->disk);
+                if (r < 0)
+                        goto out;
+                dc_disk_set_cache(op->disk, e->cache);
+        }
         if (op->socket) {
                 lfd = socket_make(op->socket, op->own_dir, e->uid, &op->socket_st);
                 if (lfd < 0) {
@@ -515,8 +575,12 @@ static void export_open_run(Work *w) {
                               &(struct dc_nbd_export_options){ .name = e->name, .description = op->active,
                                                                .writable = e->writable,
                                                                .max_connections = e->max_connections,
+                                                               .bitmap_name = e->bitmap, .bitmap = bits,
+                                                               .snapshot = op->view,
                                                                .changed = export_changed_cb, .userdata = w->mgr },
                               &op->nbd);
+        if (r >= 0)
+                bits = NULL; /* the export's */
         if (r >= 0 && lfd >= 0)
                 r = dc_nbd_export_listen(op->nbd, TAKE_FD(lfd), export_allow, e);
         if (r >= 0 && op->tcp && e->tls)
@@ -532,6 +596,7 @@ static void export_open_run(Work *w) {
         if (r >= 0 && e->persistent)
                 r = record_write(w->mgr, e, op->active, op->tcp_bound);
 out:
+        dc_bitmap_copy_free(bits);
         if (lfd >= 0)
                 close(lfd);
         work_capture_error(w, r);
@@ -539,12 +604,19 @@ out:
                 op->nbd = dc_nbd_export_free(op->nbd);
                 if (op->socket && op->socket_st.st_ino)
                         socket_remove(op->socket, &op->socket_st);
+                op->view = dc_snapshot_free(op->view);
+                if (op->fleece_made)
+                        (void) dc_path_unlink(e->fleece, (const char *const *) op->roots, NULL);
                 op->disk = dc_disk_unref(op->disk);
         }
 }
 
 static void export_release(Export *e) {
-        claims_unexport(e->mgr->claims, e->name, e->paths);
+        if (e->snapshot) {
+                (void) claims_release(e->mgr->claims, e->claim, e->paths, e->fleece);
+                model_changed(e->mgr, (char *[]){ e->fleece, NULL });
+        } else
+                claims_unexport(e->mgr->claims, e->name, e->paths);
         model_changed(e->mgr, e->paths);
 }
 
@@ -565,6 +637,7 @@ static void export_open_done(Work *w) {
         }
         e->disk = TAKE_PTR(op->disk);
         e->nbd = TAKE_PTR(op->nbd);
+        e->view = TAKE_PTR(op->view);
         e->socket_st = op->socket_st;
         if (op->tcp_bound) {
                 free(e->tcp);
@@ -592,6 +665,8 @@ void export_start_clear(ExportStart *es) {
         free(es->active);
         free(es->socket);
         free(es->tcp);
+        free(es->bitmap);
+        free(es->checkpoint);
         g_strfreev(es->paths);
         g_strfreev(es->expect);
         if (es->fd >= 0)
@@ -601,10 +676,22 @@ void export_start_clear(ExportStart *es) {
         es->fd = es->client_fd = -1;
 }
 
+/* The live, not-a-view export of the chain whose active layer is ACTIVE, or NULL. */
+static Export *live_export_of(Manager *mgr, const char *active) {
+        GHashTableIter it;
+        Export *x;
+
+        g_hash_table_iter_init(&it, mgr->exports);
+        while (g_hash_table_iter_next(&it, NULL, (void **) &x))
+                if (!x->snapshot && x->state == EXPORT_LIVE && x->disk && strcmp(x->active, active) == 0)
+                        return x;
+        return NULL;
+}
+
 int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error *error) {
-        g_autofree char *busy = NULL;
+        g_autofree char *busy = NULL, *claim = NULL, *fleece = NULL;
+        Export *e, *via = NULL;
         OpenOp *op;
-        Export *e;
         Work *w;
         int r;
 
@@ -613,7 +700,20 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         if (g_hash_table_size(mgr->exports) >= mgr->config.max_exports)
                 return sd_bus_error_setf(error, ERROR_PREFIX "LimitsExceeded", "%u exports exist already (MaxExports)",
                                          g_hash_table_size(mgr->exports));
-        r = claims_export(mgr->claims, es->name, es->paths, &busy);
+        if (es->snapshot) {
+                /* the view's claim: the chain as a job's (through its live export), the fleecing image as its target */
+                _cleanup_free_ char *stem = strdup(es->active);
+                char *dot = stem ? strrchr(stem, '.') : NULL;
+                if (!stem)
+                        return -ENOMEM;
+                if (dot && !strchr(dot, '/'))
+                        *dot = 0;
+                via = live_export_of(mgr, es->active);
+                claim = g_strdup_printf("fleecing:%s", es->name);
+                fleece = g_strdup_printf("%s.fleece-%s.qcow2", stem, es->name);
+                r = claims_take(mgr->claims, claim, es->paths, fleece, via ? via->name : NULL, &busy);
+        } else
+                r = claims_export(mgr->claims, es->name, es->paths, &busy);
         if (r < 0)
                 return sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
         e = calloc(1, sizeof *e);
@@ -621,9 +721,21 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         if (!e || !op) {
                 free(e);
                 free(op);
-                claims_unexport(mgr->claims, es->name, es->paths);
+                if (es->snapshot)
+                        (void) claims_release(mgr->claims, claim, es->paths, fleece);
+                else
+                        claims_unexport(mgr->claims, es->name, es->paths);
                 return -ENOMEM;
         }
+        e->snapshot = es->snapshot;
+        e->discard_after_read = es->discard_after_read;
+        e->break_snapshot = es->break_snapshot;
+        e->checkpoint = es->checkpoint ? strdup(es->checkpoint) : NULL;
+        e->claim = TAKE_PTR(claim);
+        e->fleece = TAKE_PTR(fleece);
+        e->via = via ? strdup(via->name) : NULL;
+        if (via)
+                op->via_disk = dc_disk_ref(via->disk);
         e->mgr = mgr;
         e->name = strdup(es->name);
         (void) sd_bus_path_encode(EXPORT_PREFIX, e->name, &e->object);
@@ -635,6 +747,7 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         e->writable = es->writable;
         e->persistent = es->persistent;
         e->cache = es->cache;
+        e->bitmap = es->bitmap ? strdup(es->bitmap) : NULL;
         e->anonymous = es->anonymous;
         e->max_connections = es->max_connections ? es->max_connections : mgr->config.max_connections;
         e->uid = es->uid;
@@ -673,14 +786,18 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
 typedef struct StopOp {
         Export *e;
         dc_nbd_export *nbd;
+        dc_snapshot *view;
         dc_disk *disk;
+        char **roots;
         bool remove_record;
 } StopOp;
 
 static void stop_op_free(void *p) {
         StopOp *op = p;
         dc_nbd_export_free(op->nbd);
+        dc_snapshot_free(op->view);
         dc_disk_unref(op->disk);
+        g_strfreev(op->roots);
         free(op);
 }
 
@@ -690,6 +807,13 @@ static void export_stop_run(Work *w) {
 
         /* the requests in flight complete and their replies go out; then the clients are disconnected */
         op->nbd = dc_nbd_export_free(op->nbd);
+        if (op->view) {
+                /* the filter off the disk, then the fleecing image goes */
+                op->view = dc_snapshot_free(op->view);
+                if (dc_path_unlink(e->fleece, (const char *const *) op->roots, NULL) < 0)
+                        log_warning("export '%s': cannot remove the fleecing image '%s': %s", e->name, e->fleece,
+                                    dc_get_error());
+        }
         if (e->socket)
                 socket_remove(e->socket, &e->socket_st);
         if (op->remove_record) {
@@ -729,7 +853,9 @@ void export_stop(Export *e, sd_bus_message *m, bool forget) {
         e->state = EXPORT_STOPPING;
         op->e = e;
         op->nbd = TAKE_PTR(e->nbd);
+        op->view = TAKE_PTR(e->view);
         op->disk = TAKE_PTR(e->disk);
+        op->roots = g_strdupv(e->mgr->config.roots);
         op->remove_record = e->persistent && e->forget;
         w = work_new(e->mgr, export_stop_run, export_stop_done, op, stop_op_free);
         if (w)
@@ -844,7 +970,8 @@ void exports_follow(Manager *mgr) {
         g_hash_table_iter_init(&it, mgr->exports);
         while (g_hash_table_iter_next(&it, NULL, (void **) &e)) {
                 _cleanup_free_ char *top = NULL;
-                if (e->state != EXPORT_LIVE)
+                /* a point-in-time view stays where it is (its chain is claimed: nothing moves it) */
+                if (e->state != EXPORT_LIVE || e->snapshot)
                         continue;
                 /* the disk's mutex only: no file is touched */
                 top = dc_disk_top_path(e->disk);

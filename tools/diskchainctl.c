@@ -972,10 +972,13 @@ static int cmd_export(int argc, char **argv) {
                 { "writable", no_argument, NULL, 'w' },       { "name", required_argument, NULL, 'n' },
                 { "socket", required_argument, NULL, 's' },   { "persistent", no_argument, NULL, 'p' },
                 { "max-connections", required_argument, NULL, 'm' }, { "tcp", required_argument, NULL, 't' },
-                { "cache", required_argument, NULL, 'H' },    {},
+                { "cache", required_argument, NULL, 'H' },    { "bitmap", required_argument, NULL, 'b' },
+                { "snapshot", no_argument, NULL, 'S' },        { "discard-after-read", no_argument, NULL, 'D' },
+                { "on-cbw-error", required_argument, NULL, 'E' }, { "checkpoint", required_argument, NULL, 'C' },
+                {},
         };
-        const char *name = NULL, *sock = NULL, *tcp = NULL, *cache = NULL;
-        bool writable = false, persistent = false;
+        const char *name = NULL, *sock = NULL, *tcp = NULL, *cache = NULL, *bitmap = NULL, *cbw = NULL, *ckpt = NULL;
+        bool writable = false, persistent = false, snapshot = false, discard = false;
         uint32_t maxc = 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *m = NULL, *reply = NULL;
@@ -986,7 +989,8 @@ static int cmd_export(int argc, char **argv) {
         if (argc < 2 || argv[1][0] == '-')
                 return fprintf(stderr, "diskchainctl: export CHAIN [--writable] [--name N] [--socket PATH] "
                                        "[--tcp ADDRESS:PORT] [--persistent] [--max-connections N] "
-                                       "[--cache writeback|none]\n"), 2;
+                                       "[--cache writeback|none] [--bitmap NAME] [--snapshot [--discard-after-read] "
+                                       "[--on-cbw-error MODE] [--checkpoint NAME]]\n"), 2;
         while ((c = getopt_long(argc - 1, argv + 1, "", options, NULL)) >= 0)
                 switch (c) {
                 case 'w':
@@ -1009,6 +1013,21 @@ static int cmd_export(int argc, char **argv) {
                         break;
                 case 'H':
                         cache = optarg;
+                        break;
+                case 'b':
+                        bitmap = optarg;
+                        break;
+                case 'S':
+                        snapshot = true;
+                        break;
+                case 'D':
+                        discard = true;
+                        break;
+                case 'E':
+                        cbw = optarg;
+                        break;
+                case 'C':
+                        ckpt = optarg;
                         break;
                 default:
                         return 2;
@@ -1033,6 +1052,16 @@ static int cmd_export(int argc, char **argv) {
                 r = sd_bus_message_append(m, "{sv}", "max-connections", "u", maxc);
         if (r >= 0 && cache)
                 r = sd_bus_message_append(m, "{sv}", "cache", "s", cache);
+        if (r >= 0 && bitmap)
+                r = sd_bus_message_append(m, "{sv}", "bitmap", "s", bitmap);
+        if (r >= 0 && snapshot)
+                r = sd_bus_message_append(m, "{sv}", "snapshot", "b", 1);
+        if (r >= 0 && discard)
+                r = sd_bus_message_append(m, "{sv}", "discard-after-read", "b", 1);
+        if (r >= 0 && cbw)
+                r = sd_bus_message_append(m, "{sv}", "on-cbw-error", "s", cbw);
+        if (r >= 0 && ckpt)
+                r = sd_bus_message_append(m, "{sv}", "checkpoint", "s", ckpt);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r >= 0)
@@ -1354,7 +1383,8 @@ static void help(void) {
                "                               nbd+unix:///NAME?socket=PATH, nbds:// for TLS)\n"
                "  snapshot CHAIN OVERLAY [--existing]\n"
                "  export CHAIN [--writable] [--name N] [--socket PATH] [--persistent] [--max-connections N]\n"
-               "               [--tcp ADDRESS:PORT] [--cache writeback|none]\n"
+               "               [--tcp ADDRESS:PORT] [--cache writeback|none] [--bitmap NAME]\n"
+               "               [--snapshot [--discard-after-read] [--on-cbw-error MODE] [--checkpoint NAME]]\n"
                "                               Serve the chain over NBD (polkit: export); prints its URI\n"
                "  exports                      List the NBD exports\n"
                "  unexport NAME                Stop an export once its clients' requests are done\n"

@@ -1132,8 +1132,8 @@ def test_bitmap_names_are_bytes_from_the_file(bus):
 
 def test_bitmaps_property_follows_the_file(bus):
     """Image.Bitmaps lists what QEMU stored and follows qemu-img and qemu-io as they change the file;
-    a writable export's first write leaves the bitmaps inconsistent (we do not record into them yet),
-    which the property shows once the export has closed the file."""
+    a writable export's writes are recorded into the enabled bitmaps, which the property shows once
+    the export has closed the file; a writer killed with the file open leaves them inconsistent."""
     img = os.path.join(bus.root, "bm.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", img, "64M")
     qemu_img("bitmap", "--add", "-g", "4096", img, "daily")
@@ -1152,8 +1152,12 @@ def test_bitmaps_property_follows_the_file(bus):
     wait_for(lambda: prop(bus, o, "Image", "Bitmaps") == want[:1], "weekly removed")
     uri = re.search(r"nbd\+unix://\S+", bus.ctl("export", "bm.qcow2", "--name", "bm", "--writable").stdout).group(0)
     sh("qemu-io", "-f", "raw", "-c", "write 20M 4k", uri)
-    # the file is read again once the export has closed it
+    # the export's write is recorded, and stored when the export closes the file
     bus.ctl("unexport", "bm")
+    want[0][2] += 4096
+    wait_for(lambda: prop(bus, image(bus, "bm.qcow2"), "Image", "Bitmaps") == want[:1], "the export's write counted")
+    # a writer that dies with the file open leaves the bitmap in use: inconsistent
+    sh("qemu-io", "-f", "qcow2", "-c", "write 30M 4k", "-c", "sigraise 9", img, check=False)
     wait_for(lambda: prop(bus, image(bus, "bm.qcow2"), "Image", "Bitmaps")[0][6], "daily inconsistent")
     assert prop(bus, image(bus, "bm.qcow2"), "Image", "Bitmaps") == [["daily", 4096, 0, True, False, True, True]]
     out = bus.ctl("info", "bm.qcow2").stdout
