@@ -602,8 +602,8 @@ static int property_get_bitmaps(sd_bus *bus, const char *path, const char *iface
                 /* a name is whatever bytes the file holds: D-Bus strings are UTF-8 */
                 g_autofree char *name = g_utf8_make_valid(b->name, -1);
 
-                /* every bitmap the file holds is persistent; none is a job's yet */
-                r = sd_bus_message_append(reply, "(sutbbbb)", name, b->granularity, b->dirty, b->enabled, false, true,
+                /* every bitmap the file holds is persistent */
+                r = sd_bus_message_append(reply, "(sutbbbb)", name, b->granularity, b->dirty, b->enabled, b->busy, true,
                                           b->in_use);
         }
         return r < 0 ? r : sd_bus_message_close_container(reply);

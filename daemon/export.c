@@ -645,6 +645,9 @@ static void export_open_done(Work *w) {
         }
         e->served = e->anonymous;
         e->state = EXPORT_LIVE;
+        /* a view may have added a checkpoint bitmap: the active layer's file changed */
+        if (e->snapshot)
+                model_refresh(mgr, e->paths);
         e->chain_object = chain_object_path(e->active);
         export_send_added(e);
         log_fields(LOG_INFO, (const char *const[]){ "DISKCHAIN_EXPORT", e->name, "DISKCHAIN_IMAGE", e->active, NULL },

@@ -423,7 +423,7 @@ static bool bitmaps_equal(const Image *a, const Image *b) {
                 const struct dc_bitmap_info *x = &a->bitmaps[i], *y = &b->bitmaps[i];
 
                 if (strcmp(x->name, y->name) != 0 || x->granularity != y->granularity || x->in_use != y->in_use ||
-                    x->enabled != y->enabled || x->dirty != y->dirty)
+                    x->enabled != y->enabled || x->dirty != y->dirty || x->busy != y->busy)
                         return false;
         }
         return true;
@@ -442,6 +442,31 @@ static bool image_equal(const Image *a, const Image *b) {
                a->read_only == b->read_only && str_eq(a->superseded_by, b->superseded_by) &&
                str_eq(a->data_file_abs, b->data_file_abs) && a->dev == b->dev &&
                a->ino == b->ino && a->external == b->external && bitmaps_equal(a, b);
+}
+
+/*
+ * While our own work holds an image open for writing (an export, a job),
+ * its enabled bitmaps are in use on disk because we record into them: the
+ * file cannot tell them from bitmaps a crash left in use.  One that was
+ * consistent before (or appeared meanwhile: only we could have added it)
+ * is busy, with the count last read; one that was inconsistent stays so.
+ */
+static void bitmaps_while_ours(const Image *old, Image *n) {
+        for (size_t i = 0; i < n->n_bitmaps; i++) {
+                struct dc_bitmap_info *y = &n->bitmaps[i];
+                const struct dc_bitmap_info *x = NULL;
+
+                if (!y->in_use)
+                        continue;
+                for (size_t k = 0; old && k < old->n_bitmaps && !x; k++)
+                        if (strcmp(old->bitmaps[k].name, y->name) == 0)
+                                x = &old->bitmaps[k];
+                if (x && x->in_use && !x->busy)
+                        continue;
+                y->in_use = false;
+                y->busy = true;
+                y->dirty = x ? x->dirty : 0;
+        }
 }
 
 /* An image refused for what its file holds is worth an operator's attention. */
@@ -552,6 +577,8 @@ static void apply(Manager *mgr, GPtrArray *found, bool full, char **touched_path
                                 unlink_image(mgr, doomed->pdata[k], touched, was_valid, below, gone);
                         continue;
                 }
+                if (!n->error && (claims_held(mgr->claims, n->path) || claims_holder(mgr->claims, n->path)))
+                        bitmaps_while_ours(old && !old->error ? old : NULL, n);
                 if (old && image_equal(old, n))
                         continue;
                 if (n->error && (!old || !old->error || strcmp(old->error, n->error) != 0))

@@ -186,6 +186,7 @@ struct dc_bitmap_info {
         bool in_use;            /* a writer has it (or had it, and stopped without saving it): inconsistent */
         bool enabled;           /* records writes ("auto") */
         uint64_t dirty;         /* bytes marked dirty (0 when in_use) */
+        bool busy;              /* not set by the library: the daemon's (in use by its own writer) */
 };
 /* IMG's bitmaps as its file holds them now (none for raw images); free with dc_bitmap_info_free. */
 int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n);

@@ -197,8 +197,9 @@ static void print_bitmaps(const char *obj) {
                                 printf(": granularity %s, inconsistent (left in use by a writer: the next backup "
                                        "must be full)", format_bytes(h1, gran));
                         else
-                                printf(": granularity %s, %s dirty, %s", format_bytes(h1, gran), format_bytes(h2, dirty),
-                                       rec ? "recording" : "disabled");
+                                printf(": granularity %s, %s dirty%s, %s%s", format_bytes(h1, gran),
+                                       format_bytes(h2, dirty), busy ? " or more" : "", rec ? "recording" : "disabled",
+                                       busy ? ", busy (diskchain is writing the image)" : "");
                 }
                 n++;
         }

@@ -8,8 +8,11 @@ import random
 import re
 import time
 
+import nbd
+
 from bustest import TEST_USER, qemu_img, qemu_io, sh
-from test_bus import M, data
+from test_bus import M, data, prop
+from test_export import export, uri_of, wait_for
 
 MiB = 1 << 20
 
@@ -141,10 +144,6 @@ def test_bitmap_set_through_the_bus_and_export_writes(bus):
     recorded into the enabled bitmaps and stored when the export stops (QEMU serves the same ranges);
     MergeBitmaps, ClearBitmap and RemoveBitmap change what qemu-img info lists; bad arguments, a busy
     image and an unprivileged caller are refused with named errors, and the image stays clean."""
-    import nbd
-    from test_bus import prop
-    from test_export import export, uri_of, wait_for
-
     disk = os.path.join(bus.root, "disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
     o = data(bus.call(M, "Manager", "GetImage", "s", "disk.qcow2"))[0]
@@ -219,9 +218,6 @@ def test_incremental_backup_chain(bus, tmp_path):
     coming from QEMU (qemu-io) and from a client of a writable export (our recording). A cancelled
     on-success backup gives the bitmap back its bits (plus new writes); a cancelled always backup
     keeps only what it did not copy, and a retry into the same target completes it."""
-    import nbd
-    from test_export import export, uri_of
-
     r = bus.root
     disk = os.path.join(r, "disk.qcow2")
     qemu_img("create", "-q", "-f", "qcow2", disk, "64M")
@@ -297,3 +293,42 @@ def test_incremental_backup_chain(bus, tmp_path):
     for n in ["full", "inc1", "inc2", "inc3", "inc4"]:
         qemu_img("check", os.path.join(r, f"{n}.qcow2"))
     qemu_img("check", disk)
+
+
+def test_bitmaps_across_snapshot_and_commit(bus):
+    """As in QEMU: a snapshot leaves the old active layer's bitmaps where they are, consistent and
+    readable, holding the writes made before it (the new overlay has none until one is added); a
+    commit's writes into the base are recorded in the base's enabled bitmaps, so after committing
+    the overlay they cover what changed in it."""
+    r = bus.root
+    base = os.path.join(r, "base.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io(base, "write -P 1 0 16M")
+    bus.ctl("bitmap", "add", "base.qcow2", "daily")
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "base.qcow2"))[0]
+    exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "vm"))
+    h = nbd.NBD()
+    h.connect_uri(uri_of(bus, exp))
+    h.pwrite(b"\x02" * 65536, MiB)
+    h.flush()
+    bus.ctl("snapshot", "base.qcow2", "top.qcow2")  # through the export: the clients move to top.qcow2
+    h.pwrite(b"\x03" * 65536, 5 * MiB)
+    h.pwrite(b"\x03" * 65536, 9 * MiB)
+    h.flush()
+    h.shutdown()
+    bus.call(exp, "Export", "Stop")
+    base_img = data(bus.call(M, "Manager", "GetImage", "s", "base.qcow2"))[0]
+    wait_for(lambda: [b[:3] + b[6:] for b in prop(bus, base_img, "Image", "Bitmaps")] == [["daily", 65536, 65536,
+                                                                                           False]],
+             "the old active layer's bitmap: the write before the snapshot only, consistent")
+    top_img = data(bus.call(M, "Manager", "GetImage", "s", "top.qcow2"))[0]
+    assert prop(bus, top_img, "Image", "Bitmaps") == []
+    # commit the overlay into the base: the base's bitmap records what the commit wrote
+    out = bus.ctl("commit", "top.qcow2", "--complete").stdout
+    assert "completed" in out, out
+    wait_for(lambda: prop(bus, base_img, "Image", "Bitmaps")[0][2] == 3 * 65536, "the committed writes recorded")
+    out = sh("nbdinfo", "--map=qemu:dirty-bitmap:daily", "--json", "--", "[", "qemu-nbd", "-r", "-f", "qcow2",
+             "-B", "daily", base, "]").stdout
+    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1] == \
+        [(MiB, 65536), (5 * MiB, 65536), (9 * MiB, 65536)]
+    qemu_img("check", base)

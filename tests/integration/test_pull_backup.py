@@ -113,6 +113,11 @@ def test_pull_backup_of_a_live_chain(bus, tmp_path):
     assert prop(bus, view, "Export", "Bitmap") == "b0"
     fleece = os.path.join(r, "disk.fleece-disk-snapshot.qcow2")
     assert os.path.exists(fleece)
+    # both bitmaps are in use on disk now, recorded by the live export: busy, not inconsistent
+    img = data(bus.call(M, "Manager", "GetImage", "s", "disk.qcow2"))[0]
+    wait_for(lambda: sorted((b[0], b[3], b[4], b[6]) for b in prop(bus, img, "Image", "Bitmaps")) ==
+             [("b0", True, True, False), ("b1", True, True, False)], "b0 and the checkpoint b1 busy")
+    assert "busy (diskchain is writing the image)" in bus.ctl("info", "disk.qcow2").stdout
     # the guest keeps writing while the backup reads
     w = Writer(uri_of(bus, live), 5)
     w.start()
@@ -139,7 +144,6 @@ def test_pull_backup_of_a_live_chain(bus, tmp_path):
     wait_for(lambda: not os.path.exists(fleece), "the fleecing image removed")
     bus.call(live, "Export", "Stop")
     # b1 started at the point in time: it holds what the writer did since, b0 still everything since the full
-    img = data(bus.call(M, "Manager", "GetImage", "s", "disk.qcow2"))[0]
 
     def dirty():
         return {b[0]: b[2] for b in prop(bus, img, "Image", "Bitmaps")}
