@@ -473,6 +473,7 @@ static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers,
         if (bo) {
                 s->bo = *bo;
                 s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
+                s->bo.checkpoint = s->checkpoint = bo->checkpoint ? strdup(bo->checkpoint) : NULL;
         }
         if (mo) {
                 s->mo = *mo;
@@ -524,6 +525,7 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
         if (bo) {
                 s->bo = *bo;
                 s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
+                s->bo.checkpoint = s->checkpoint = bo->checkpoint ? strdup(bo->checkpoint) : NULL;
         }
         if (mo)
                 s->mo = *mo;
@@ -535,13 +537,13 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
 
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "sync", "mode", "format", "compress", "bitmap", "bitmap-mode",
-                                               "speed", "cache", "on-source-error", "on-target-error", "max-workers",
-                                               "max-chunk", "auto-finalize", "auto-dismiss", NULL };
+                                               "checkpoint", "speed", "cache", "on-source-error", "on-target-error",
+                                               "max-workers", "max-chunk", "auto-finalize", "auto-dismiss", NULL };
         Image *active = ACTIVE;
         g_autoptr(GHashTable) opts = NULL;
         g_autoptr(GPtrArray) layers = chain_layer_images(active->mgr, active);
         static const char *const bitmap_modes[] = { "on-success", "never", "always", NULL };
-        const char *target, *bitmap = NULL;
+        const char *target, *bitmap = NULL, *checkpoint = NULL;
         int sync = 0, mode = 0, format = 0, bitmap_mode = -1, r;
         bool compress = false;
         uint64_t workers = 0, chunk = 0;
@@ -552,14 +554,16 @@ static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error)
             (r = opt_uint(opts, "max-workers", &workers, error)) < 0 ||
             (r = opt_uint(opts, "max-chunk", &chunk, error)) < 0 ||
             (r = opt_string(opts, "bitmap", &bitmap, error)) < 0 ||
-            (r = opt_enum(opts, "bitmap-mode", bitmap_modes, &bitmap_mode, error)) < 0)
+            (r = opt_enum(opts, "bitmap-mode", bitmap_modes, &bitmap_mode, error)) < 0 ||
+            (r = opt_checkpoint(opts, active, &checkpoint, error)) < 0)
                 return r;
         if (g_hash_table_contains(opts, "max-workers") && (workers < 1 || workers > 16))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "max-workers must be 1..16");
         if (compress && format == 1)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Compression is not supported for this drive");
         bo = (struct dc_backup_options){ .sync = sync, .compress = compress, .max_workers = (unsigned) workers,
-                                         .max_chunk = chunk, .bitmap = bitmap, .bitmap_mode = bitmap_mode + 1 };
+                                         .max_chunk = chunk, .bitmap = bitmap, .bitmap_mode = bitmap_mode + 1,
+                                         .checkpoint = checkpoint };
         return copy_job_start(m, active, layers, opts, target, DC_JOB_TYPE_BACKUP, mode, format, sync, &bo, NULL,
                               error);
 }

@@ -212,7 +212,7 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
             (r = opt_bool(opts, "snapshot", &es.snapshot, error)) < 0 ||
             (r = opt_bool(opts, "discard-after-read", &es.discard_after_read, error)) < 0 ||
             (r = opt_enum(opts, "on-cbw-error", cbw_errors, &cbw_error, error)) < 0 ||
-            (r = opt_string(opts, "checkpoint", &checkpoint, error)) < 0)
+            (r = opt_checkpoint(opts, active, &checkpoint, error)) < 0)
                 return r;
         es.break_snapshot = cbw_error == 1;
         if (!es.snapshot && (g_hash_table_contains(opts, "discard-after-read") ||
@@ -222,12 +222,6 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         if (es.snapshot && (es.writable || es.persistent))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "a point-in-time view (snapshot) is read-only and not persistent");
-        if (checkpoint && (!*checkpoint || strlen(checkpoint) > 1023))
-                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "checkpoint must be a name of 1..1023 bytes");
-        if (checkpoint && active->format != DC_FORMAT_QCOW2)
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
-                                         "'%s' is a raw image: only qcow2 images store persistent bitmaps",
-                                         active->path);
         if (checkpoint && !(es.checkpoint = strdup(checkpoint)))
                 return -ENOMEM;
         if (bitmap && (!*bitmap || strlen(bitmap) > 1023))

@@ -91,6 +91,9 @@ typedef struct ImageOp {
         uint64_t a, b, max_extents;
         char *name;           /* a bitmap's */
         char **sources;       /* MergeBitmaps' */
+        dc_disk *disk;        /* a bitmap change through the image's live export, or NULL */
+        char *claim;          /* ... which claims the image meanwhile */
+        Manager *mgr;
         struct dc_check_result check;
         GArray *extents;
 } ImageOp;
@@ -100,6 +103,10 @@ static void image_op_free(void *p) {
         free(op->path);
         free(op->name);
         g_strfreev(op->sources);
+        dc_disk_unref(op->disk);
+        if (op->claim)
+                (void) claims_release(op->mgr->claims, op->claim, (char *[]){ op->path, NULL }, NULL);
+        free(op->claim);
         g_strfreev(op->roots);
         if (op->extents)
                 g_array_unref(op->extents);
@@ -111,6 +118,7 @@ static ImageOp *image_op_new(Image *img) {
         if (!op)
                 return NULL;
         op->path = strdup(img->path);
+        op->mgr = img->mgr;
         op->roots = g_strdupv(img->mgr->config.roots);
         op->max_depth = img->mgr->config.max_depth;
         op->oracle = &img->mgr->oracle;
@@ -407,31 +415,44 @@ static const char *const bitmap_operations[] = {
 
 static void bitmap_run(Work *w) {
         ImageOp *op = w->data;
-        dc_image *img;
-        int r = open_for_write(op, &img);
+        dc_image *img = NULL;
+        /* through the live export: its open image, whose writes the bitmaps record */
+        int r = op->disk ? 0 : open_for_write(op, &img);
+        dc_image *on = op->disk ? dc_disk_active(op->disk) : img;
 
         if (r >= 0)
                 switch (op->a) {
                 case BITMAP_ADD:
-                        r = dc_image_bitmap_add(img, op->name, (uint32_t) op->b, op->repair);
+                        r = dc_image_bitmap_add(on, op->name, (uint32_t) op->b, op->repair);
                         break;
                 case BITMAP_REMOVE:
-                        r = dc_image_bitmap_remove(img, op->name);
+                        r = dc_image_bitmap_remove(on, op->name);
                         break;
                 case BITMAP_CLEAR:
-                        r = dc_image_bitmap_clear(img, op->name);
+                        r = dc_image_bitmap_clear(on, op->name);
                         break;
                 case BITMAP_ENABLE:
                 case BITMAP_DISABLE:
-                        r = dc_image_bitmap_set_enabled(img, op->name, op->a == BITMAP_ENABLE);
+                        r = dc_image_bitmap_set_enabled(on, op->name, op->a == BITMAP_ENABLE);
                         break;
                 case BITMAP_MERGE:
-                        r = dc_image_bitmap_merge(img, op->name, (const char *const *) op->sources,
+                        r = dc_image_bitmap_merge(on, op->name, (const char *const *) op->sources,
                                                   g_strv_length(op->sources));
                         break;
                 }
         work_capture_error(w, r);
         dc_image_close(img);
+}
+
+static void bitmap_done(Work *w) {
+        ImageOp *op = w->data;
+
+        /* the claim goes before the answer: the caller's next call may use the chain */
+        if (op->claim)
+                (void) claims_release(op->mgr->claims, op->claim, (char *[]){ op->path, NULL }, NULL);
+        free(op->claim);
+        op->claim = NULL;
+        reply_empty_done(w);
 }
 
 /* What the loop can judge without the file: the arguments, the format. */
@@ -505,7 +526,23 @@ static int bitmap_method(sd_bus_message *m, Image *img, int kind, sd_bus_error *
         if (r >= 0)
                 r = freshen(img, m, error); /* 0: the image changed, the caller has been answered */
         if (r > 0) {
-                int b = refuse_busy(img, error);
+                /* the active layer of a live export: changed through it, the chain claimed meanwhile */
+                Export *x = export_of_path(img->mgr, img->path);
+                int b;
+                if (x && !x->snapshot && x->state == EXPORT_LIVE && x->disk && strcmp(x->active, img->path) == 0 &&
+                    !claims_holder(img->mgr->claims, img->path) && !image_data_file_of(img->mgr, img)) {
+                        g_autofree char *busy = NULL;
+                        op->claim = g_strdup_printf("bitmap-change:%s", x->name);
+                        b = claims_take(img->mgr->claims, op->claim, (char *[]){ img->path, NULL }, NULL, x->name,
+                                        &busy);
+                        if (b < 0) {
+                                free(op->claim);
+                                op->claim = NULL;
+                                b = sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
+                        } else
+                                op->disk = dc_disk_ref(x->disk);
+                } else
+                        b = refuse_busy(img, error);
                 r = b < 0 ? b : 1;
         }
         if (r > 0)
@@ -514,7 +551,7 @@ static int bitmap_method(sd_bus_message *m, Image *img, int kind, sd_bus_error *
                 image_op_free(op);
                 return r < 0 ? r : 1;
         }
-        return image_op_start(img, m, op, bitmap_run, reply_empty_done, true);
+        return image_op_start(img, m, op, bitmap_run, bitmap_done, true);
 }
 
 static int method_add_bitmap(sd_bus_message *m, void *userdata, sd_bus_error *error) {

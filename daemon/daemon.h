@@ -337,6 +337,7 @@ typedef struct JobStart {
         struct dc_create_options co;
         struct dc_backup_options bo;
         char *bitmap;         /* bo.bitmap's storage */
+        char *checkpoint;     /* bo.checkpoint's */
         struct dc_mirror_options mo;
         char **roots;
         char **paths;         /* claimed busy */
@@ -459,6 +460,8 @@ typedef struct Option {
 int parse_options(sd_bus_message *m, const char *const *allowed, GHashTable **ret, sd_bus_error *error);
 int opt_string(GHashTable *o, const char *key, const char **ret, sd_bus_error *error);
 int opt_uint(GHashTable *o, const char *key, uint64_t *ret, sd_bus_error *error);
+/* The option 'checkpoint': a new bitmap's name (1..1023 bytes), for ACTIVE, a qcow2 image. */
+int opt_checkpoint(GHashTable *o, const Image *active, const char **ret, sd_bus_error *error);
 int opt_bool(GHashTable *o, const char *key, bool *ret, sd_bus_error *error);
 int opt_enum(GHashTable *o, const char *key, const char *const *values, int *ret, sd_bus_error *error);
 const char *root_of(Manager *mgr, const char *abs);

@@ -395,6 +395,7 @@ void job_start_free(void *p) {
         free(s->target);
         free(s->target_backing);
         free(s->bitmap);
+        free(s->checkpoint);
         free(s->via);
         dc_disk_unref(s->jo.disk); /* only when the work never ran */
         g_strfreev(s->roots);

@@ -194,6 +194,20 @@ int opt_string(GHashTable *t, const char *key, const char **ret, sd_bus_error *e
         return 1;
 }
 
+int opt_checkpoint(GHashTable *t, const Image *active, const char **ret, sd_bus_error *error) {
+        int r = opt_string(t, "checkpoint", ret, error);
+
+        if (r <= 0)
+                return r;
+        if (!**ret || strlen(*ret) > 1023)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "checkpoint must be a name of 1..1023 bytes");
+        if (active->format != DC_FORMAT_QCOW2)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "'%s' is a raw image: only qcow2 images store persistent bitmaps",
+                                         active->path);
+        return 1;
+}
+
 int opt_uint(GHashTable *t, const char *key, uint64_t *ret, sd_bus_error *error) {
         Option *o = g_hash_table_lookup(t, key);
         if (!o)

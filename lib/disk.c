@@ -228,6 +228,10 @@ dc_image *dc_disk_chain(dc_disk *d) {
         return d->img;
 }
 
+DC_EXPORT dc_image *dc_disk_active(dc_disk *d) {
+        return d->img;
+}
+
 const struct dc_open_options *dc_disk_open_options(dc_disk *d) {
         return &d->oo;
 }

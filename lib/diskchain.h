@@ -314,6 +314,11 @@ uint64_t dc_disk_size(dc_disk *d);
 /* The path of the current active layer (changes at a pivot); free() it. */
 char *dc_disk_top_path(dc_disk *d);
 /*
+ * The disk's active layer, owned by the disk, for a call on it while the
+ * caller keeps the chain from changing (no job may pivot or reopen it).
+ */
+dc_image *dc_disk_active(dc_disk *d);
+/*
  * blockdev-snapshot on a disk with writers: OVERLAY (an image whose backing
  * file is the disk's active layer) becomes the active layer.  The writers
  * wait at the door meanwhile; every layer is flushed first, and on failure
@@ -547,7 +552,8 @@ enum { DC_BITMAP_MODE_UNSET, DC_BITMAP_MODE_ON_SUCCESS, DC_BITMAP_MODE_NEVER, DC
 struct dc_backup_options {
         int sync;                   /* DC_SYNC_* */
         const char *bitmap;         /* a persistent bitmap of the source's top layer, or NULL */
-        int bitmap_mode;            /* DC_BITMAP_MODE_*; only NEVER can be done (bitmaps are read, not written) */
+        int bitmap_mode;            /* DC_BITMAP_MODE_* */
+        const char *checkpoint;     /* a new bitmap added to the source at the point in time, or NULL */
         bool compress;              /* write compressed clusters (qcow2 target) */
         unsigned max_workers;       /* copy requests in flight (they compress side by side); 0 = 8, at most 16 */
         uint64_t max_chunk;         /* largest request, at least the target's cluster size; 0 = 2 MiB, the most */

@@ -29,7 +29,8 @@
  *   qcow2-bitmap.c); at the end a success keeps it so, a failure or cancel
  *   ORs back what it held (on-success) or what was not copied (always).
  *   The source layer is opened writable for that (its metadata changes).
- *   bitmap-mode never leaves the bitmap alone.
+ *   bitmap-mode never leaves the bitmap alone.  checkpoint adds a new
+ *   bitmap at the point in time (the transaction of bitmap-add and backup).
  * - max-workers and max-chunk size the background pass (QEMU's x-perf);
  *   compress writes whole target clusters compressed, on the requests'
  *   threads side by side.
@@ -153,8 +154,8 @@ static const struct dc_job_driver backup_driver = {
         .clean = backup_clean,
 };
 
-/* Quiesced: the filter on, what is to be copied marked, and the bitmap taken, at one point in time. */
-static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode) {
+/* Quiesced: the filter on, what is to be copied marked, the bitmap taken and the checkpoint added, at one point in time. */
+static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode, const char *checkpoint) {
         dc_job *j = &s->job;
         char owner[300];
         int r;
@@ -183,6 +184,9 @@ static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int
                                 r = dc_error(ENOMEM, "out of memory");
                 }
         }
+        /* QEMU's transaction of block-dirty-bitmap-add with the backup: no write falls between them */
+        if (r >= 0 && checkpoint)
+                r = dc_image_bitmap_add(s->source, checkpoint, 0, false);
         dc_disk_unquiesce(j->disk);
         return r;
 }
@@ -201,8 +205,8 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                 return mode;
 
         r = dc_job_new_copy(&backup_driver, source_path,
-                            mode == DC_BITMAP_MODE_ON_SUCCESS || mode == DC_BITMAP_MODE_ALWAYS, target_path, oo, jo,
-                            "Source and target cannot be the same", &j, &source, &tgt);
+                            mode == DC_BITMAP_MODE_ON_SUCCESS || mode == DC_BITMAP_MODE_ALWAYS || bo->checkpoint,
+                            target_path, oo, jo, "Source and target cannot be the same", &j, &source, &tgt);
         if (r < 0)
                 return r;
         s = container_of(j, struct backup, job);
@@ -240,7 +244,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                                                            .compress = bo->compress },
                             &s->copy);
         if (r >= 0)
-                r = backup_setup(s, unit, bo->bitmap, mode);
+                r = backup_setup(s, unit, bo->bitmap, mode, bo->checkpoint);
         if (r < 0)
                 return r;
         j->len = s->source->virtual_size;

@@ -808,6 +808,7 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 { "copy-mode", required_argument, NULL, 'M' }, { "complete", no_argument, NULL, 'C' },
                 { "copy", no_argument, NULL, 'P' },           { "cache", required_argument, NULL, 'H' },
                 { "bitmap", required_argument, NULL, 'a' },   { "bitmap-mode", required_argument, NULL, 'A' },
+                { "checkpoint", required_argument, NULL, 'K' },
                 {},
         };
         bool backup = strcmp(method, "Backup") == 0 || strcmp(method, "Mirror") == 0;
@@ -853,6 +854,7 @@ static int cmd_job_start(const char *method, int argc, char **argv) {
                 case 'M': sd_bus_message_append(m, "{sv}", "copy-mode", "s", optarg); break;
                 case 'a': sd_bus_message_append(m, "{sv}", "bitmap", "s", optarg); break;
                 case 'A': sd_bus_message_append(m, "{sv}", "bitmap-mode", "s", optarg); break;
+                case 'K': sd_bus_message_append(m, "{sv}", "checkpoint", "s", optarg); break;
                 case 'H': sd_bus_message_append(m, "{sv}", "cache", "s", optarg); break;
                 case 'C': w.on_ready = READY_COMPLETE; break;
                 case 'P': w.on_ready = READY_COPY; break;
@@ -1372,9 +1374,10 @@ static void help(void) {
                "                               --on-error report|ignore|stop|enospc, --no-auto-finalize,\n"
                "                               --no-auto-dismiss, --no-wait (print the job and return),\n"
                "                               --cache writeback|none (how the written image takes data)\n"
-               "  backup CHAIN TARGET [--sync full|top|none|bitmap] [--mode existing] [--format F]\n"
+               "  backup CHAIN TARGET [--sync full|top|none|bitmap|incremental] [--mode existing] [--format F]\n"
                "                               [--compress] [--max-workers N] [--max-chunk N]\n"
-               "                               [--bitmap NAME --bitmap-mode never]\n"
+               "                               [--bitmap NAME --bitmap-mode on-success|never|always]\n"
+               "                               [--checkpoint NAME]\n"
                "  mirror CHAIN TARGET [--sync full|top|none] [--mode existing] [--format F]\n"
                "                               [--granularity N] [--buf-size N] [--no-unmap]\n"
                "                               [--copy-mode background|write-blocking]\n"

@@ -177,8 +177,8 @@ def test_bitmap_set_through_the_bus_and_export_writes(bus):
     # writes through a writable export: recorded, stored at the stop
     chain = data(bus.call(M, "Manager", "GetChain", "s", "disk.qcow2"))[0]
     exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "bm"))
-    p = bus.ctl("bitmap", "clear", "disk.qcow2", "b0", check=False)
-    assert p.returncode == 1 and "exported over NBD" in p.stderr, p.stderr
+    # a change through the live export (as QEMU changes a running VM's bitmaps)
+    bus.ctl("bitmap", "clear", "disk.qcow2", "b0")
     h = nbd.NBD()
     h.connect_uri(uri_of(bus, exp))
     h.pwrite(b"\x11" * 4096, 3 * MiB + 512)
