@@ -505,10 +505,10 @@ int qcow2_bitmaps_start_recording(dc_image *img) {
 void qcow2_bitmaps_record(dc_image *img, uint64_t off, uint64_t len) {
         struct qcow2_bitmaps *B = QC(img)->bitmaps;
 
-        if (!B || !B->recording || !len)
+        if (!B || !len)
                 return;
         pthread_mutex_lock(&B->lock);
-        for (size_t i = 0; i < B->n; i++) {
+        for (size_t i = 0; B->recording && i < B->n; i++) {
                 struct qbm *q = &B->v[i];
                 if (q->bits && !q->removed && (q->flags & QCOW2_BME_AUTO)) {
                         set_range(q->bits, q->bytes, q->gran, off, len);

@@ -375,7 +375,7 @@ static void test_cbw_point_in_time(void) {
                                                                  .hooks = &owner_hooks, .opaque = &o },
                                 &bc) == 0);
         dc_disk_quiesce(cbw_disk);
-        CHECK(dc_cbw_attach(cbw_disk, bc, 64 * KiB, "test", &cbw) == 0);
+        CHECK(dc_cbw_attach(cbw_disk, bc, 64 * KiB, "backup job 'test'", &cbw) == 0);
         CHECK(dc_block_copy_mark_allocated(bc, top, NULL) == 0);
         dc_disk_unquiesce(cbw_disk);
         for (uintptr_t i = 0; i < 3; i++)
@@ -390,7 +390,7 @@ static void test_cbw_point_in_time(void) {
 
         /* a failing copy fails the guest's write, with the job named */
         dc_block_copy_mark_all(bc);
-        CHECK(dc_cbw_attach(cbw_disk, bc, 64 * KiB, "nightly", &cbw) == 0);
+        CHECK(dc_cbw_attach(cbw_disk, bc, 64 * KiB, "backup job 'nightly'", &cbw) == 0);
         fake_of(tgt)->fail_write_in = 1;
         fake_of(tgt)->fail_errno = ENOSPC;
         CHECK(dc_disk_write_zeroes(cbw_disk, 0, 512, 0) == -ENOSPC);

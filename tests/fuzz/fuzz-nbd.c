@@ -60,6 +60,14 @@ static int fake_status(void *u, uint64_t off, uint64_t len, struct dc_extent *re
         return 0;
 }
 
+/* runs of the fake bitmap: dirty and clean in turn, of hashed lengths */
+static uint64_t fake_run(void *u, uint64_t off, uint64_t len, bool *ret_dirty) {
+        uint64_t i = off >> 16, h = (i * 0x9e3779b97f4a7c15ull) >> 61;
+        uint64_t end = (i + 1 + h * 5) << 16;
+        *ret_dirty = h & 1;
+        return MIN(end - off, len);
+}
+
 static void check_status_payload(const uint8_t *p, size_t len, uint32_t want_len, bool req_one) {
         uint64_t sum = 0;
         size_t n;
@@ -93,11 +101,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         struct mem m = { 0 };
         struct nbd_io io = { mem_read, mem_write, &m, NULL };
         struct nbd_session s;
-        static uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS];
+        static uint8_t base[4 + 8 * NBD_MAX_EXTENTS], depth[4 + 8 * NBD_MAX_EXTENTS], bits[4 + 8 * NBD_MAX_EXTENTS];
 
         if (size < 1)
                 return 0;
-        /* the first byte chooses the export: writable, size not a multiple of 512, stopping */
+        /* the first byte chooses the export: writable, size not a multiple of 512, stopping, TLS, a bitmap */
         x.writable = data[0] & 1;
         if (data[0] & 2)
                 x.size += 333;
@@ -105,6 +113,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         /* and whether TLS is required (FORCEDTLS) */
         if (data[0] & 8)
                 io.starttls = fake_starttls;
+        /* and whether it offers a bitmap (qemu:dirty-bitmap:b0) */
+        if (data[0] & 16)
+                x.bitmap = "b0";
         m.in = data + 1;
         m.len = size - 1;
         if (nbd_handshake(&io, &x, &s) < 0)
@@ -137,11 +148,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                         abort();
                 if (r.type == NBD_CMD_BLOCK_STATUS) {
                         bool one = r.flags & NBD_CMD_FLAG_REQ_ONE;
+                        size_t xl = 0;
                         if (nbd_block_status(&s, r.offset, r.length, one, fake_status, NULL, base, &bl, depth, &dl) < 0)
+                                abort();
+                        if (s.meta_bitmap && nbd_bitmap_status(r.offset, r.length, one, fake_run, NULL, bits, &xl) < 0)
+                                abort();
+                        /* a bitmap is selected only when the export offers one */
+                        if (s.meta_bitmap && !x.bitmap)
                                 abort();
                         check_status_payload(base, bl, r.length, one);
                         check_status_payload(depth, dl, r.length, one);
-                        if (bl + dl == 0)
+                        check_status_payload(bits, xl, r.length, one);
+                        if (bl + dl + xl == 0)
                                 abort();
                 }
         }
