@@ -188,7 +188,7 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         static const char *const allowed[] = { "name",       "writable",   "socket",     "tcp",
                                                "max-connections",      "persistent", "cache",
                                                "bitmap",     "snapshot",   "discard-after-read",
-                                               "on-cbw-error",         "checkpoint", NULL };
+                                               "on-cbw-error",         "checkpoint", "cbw-timeout", NULL };
         static const char *const cbw_errors[] = { "break-guest-write", "break-snapshot", NULL };
         Image *active = ACTIVE;
         Manager *mgr = active->mgr;
@@ -197,7 +197,7 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
         _cleanup_(export_start_clear) ExportStart es = { .fd = -1, .client_fd = -1 };
         g_autofree char *images = NULL, *roots = NULL;
         const char *name = NULL, *sock = NULL, *tcp = NULL, *bitmap = NULL, *checkpoint = NULL;
-        uint64_t maxc = 0;
+        uint64_t maxc = 0, cbw_timeout = 0;
         int r, cbw_error = 0;
 
         r = parse_options(m, allowed, &opts, error);
@@ -212,13 +212,19 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
             (r = opt_bool(opts, "snapshot", &es.snapshot, error)) < 0 ||
             (r = opt_bool(opts, "discard-after-read", &es.discard_after_read, error)) < 0 ||
             (r = opt_enum(opts, "on-cbw-error", cbw_errors, &cbw_error, error)) < 0 ||
-            (r = opt_checkpoint(opts, active, &checkpoint, error)) < 0)
+            (r = opt_checkpoint(opts, active, &checkpoint, error)) < 0 ||
+            (r = opt_uint(opts, "cbw-timeout", &cbw_timeout, error)) < 0)
                 return r;
         es.break_snapshot = cbw_error == 1;
+        if (cbw_timeout > 86400)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "cbw-timeout is 0..86400 seconds");
+        es.cbw_timeout_ms = (unsigned) cbw_timeout * 1000;
         if (!es.snapshot && (g_hash_table_contains(opts, "discard-after-read") ||
-                             g_hash_table_contains(opts, "on-cbw-error") || checkpoint))
+                             g_hash_table_contains(opts, "on-cbw-error") || g_hash_table_contains(opts, "cbw-timeout") ||
+                             checkpoint))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                         "discard-after-read, on-cbw-error and checkpoint go with snapshot true");
+                                         "discard-after-read, on-cbw-error, cbw-timeout and checkpoint go with "
+                                         "snapshot true");
         if (es.snapshot && (es.writable || es.persistent))
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "a point-in-time view (snapshot) is read-only and not persistent");

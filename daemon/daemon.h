@@ -188,6 +188,7 @@ typedef struct Export {
          * FLEECE, the temporary fleecing image, is its target, removed at the stop.
          */
         bool snapshot, discard_after_read, break_snapshot;
+        unsigned cbw_timeout_ms;
         char *claim, *via, *fleece, *checkpoint;
         dc_snapshot *view;
         bool anonymous;       /* made by OpenNBD: stops when its last client leaves */
@@ -405,6 +406,7 @@ typedef struct ExportStart {
         int cache;            /* DC_CACHE_* of the export's guest I/O */
         char *bitmap;         /* a bitmap of the active layer for qemu:dirty-bitmap, or NULL */
         bool snapshot, discard_after_read, break_snapshot; /* a point-in-time view (Export's fields) */
+        unsigned cbw_timeout_ms;
         char *checkpoint;
         unsigned max_connections;
         uid_t uid;

@@ -512,6 +512,7 @@ static int open_view(OpenOp *op, dc_image *img, const struct dc_open_options *oo
                                &(struct dc_snapshot_options){ .fleece = e->fleece, .open = oo,
                                                               .discard_after_read = e->discard_after_read,
                                                               .break_snapshot = e->break_snapshot,
+                                                              .cbw_timeout_ms = e->cbw_timeout_ms,
                                                               .bitmap = e->bitmap, .ret_bitmap = ret_bitmap,
                                                               .checkpoint = e->checkpoint },
                                &op->view);
@@ -733,6 +734,7 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         e->snapshot = es->snapshot;
         e->discard_after_read = es->discard_after_read;
         e->break_snapshot = es->break_snapshot;
+        e->cbw_timeout_ms = es->cbw_timeout_ms;
         e->checkpoint = es->checkpoint ? strdup(es->checkpoint) : NULL;
         e->claim = TAKE_PTR(claim);
         e->fleece = TAKE_PTR(fleece);

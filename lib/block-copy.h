@@ -127,5 +127,7 @@ int dc_cbw_attach(dc_disk *disk, dc_block_copy *bc, uint64_t unit, const char *o
  * with its range lock held): the point in time is lost from then on.
  */
 void dc_cbw_set_break_snapshot(dc_cbw *c, void (*broken)(void *userdata, const char *why), void *userdata);
+/* cbw-timeout: a copy taking longer than TIMEOUT_MS (0: no limit) fails as above.  Set with no writer running. */
+void dc_cbw_set_timeout(dc_cbw *c, unsigned timeout_ms);
 /* Detach (waiting for the writes inside it) and free.  Returns NULL. */
 dc_cbw *dc_cbw_detach(dc_cbw *c);

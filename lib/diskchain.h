@@ -346,6 +346,7 @@ struct dc_snapshot_options {
         const struct dc_open_options *open;
         bool discard_after_read;         /* whole units read once are dropped (reading them again fails) */
         bool break_snapshot;             /* on-cbw-error=break-snapshot (else break-guest-write) */
+        unsigned cbw_timeout_ms;         /* a copy-before-write taking longer fails (cbw-timeout); 0: no limit */
         const char *bitmap;              /* a bitmap of the top layer, frozen at the point in time into *RET_BITMAP */
         dc_bitmap_copy **ret_bitmap;
         const char *checkpoint;          /* a bitmap added to the top layer (writable) at the point in time */

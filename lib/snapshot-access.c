@@ -26,6 +26,8 @@
  * - on-cbw-error: break-guest-write (the default) fails a guest write whose
  *   copy failed, so the view stays true; break-snapshot lets the write
  *   through and fails every read from then on (the view is lost).
+ *   cbw-timeout makes a copy that takes too long such a failure, so a slow
+ *   fleecing image cannot stall the guest for longer.
  * - Locking: the engine and the gone bitmap have their own locks; the
  *   broken flag is an atomic; reads run on the export's threads.
  */
@@ -114,6 +116,8 @@ DC_EXPORT int dc_snapshot_new(dc_disk *disk, const struct dc_snapshot_options *o
         }
         if (r >= 0 && o->break_snapshot)
                 dc_cbw_set_break_snapshot(s->cbw, broken_cb, s);
+        if (r >= 0)
+                dc_cbw_set_timeout(s->cbw, o->cbw_timeout_ms);
         dc_disk_unquiesce(disk);
         if (r < 0) {
                 if (o->bitmap && o->ret_bitmap)

@@ -31,6 +31,7 @@ struct fake {
         long fail_read_in;       /* > 0: the Nth read from now fails with fail_errno */
         int fail_errno;
         unsigned read_delay_us;  /* each read takes this long: lets helpers start before the caller is done */
+        unsigned write_delay_us; /* each write takes this long (before it touches the data) */
         unsigned in_read, max_in_read; /* reads by host offset running now, and at most at once (atomic) */
 };
 
@@ -95,6 +96,8 @@ static int fake_write(dc_image *img, const void *buf, uint64_t off, size_t len) 
         int r = fake_fault(&f->fail_write_in, f->fail_errno, "write");
         if (r < 0)
                 return r;
+        if (f->write_delay_us)
+                usleep(f->write_delay_us);
         f->writes++;
         memcpy(f->data + off, buf, len);
         fake_mark(f, off, len, FAKE_DATA);

@@ -402,6 +402,61 @@ static void test_cbw_point_in_time(void) {
         free(point);
 }
 
+static void count_broken(void *u, const char *why) {
+        (void) why;
+        ++*(int *) u;
+}
+
+static void set_read_delay(dc_image *top, unsigned us) {
+        for (dc_image *l = top; l; l = l->backing)
+                fake_of(l)->read_delay_us = us;
+}
+
+/* cbw-timeout: a copy slower than the limit fails the guest's write, or (break-snapshot) breaks the view. */
+static void test_cbw_timeout(void) {
+        const uint64_t size = 4 * MiB;
+        dc_image *top = test_chain(size), *tgt = fake_image("/fake/fleece", size, NULL, true);
+        uint8_t buf[512];
+        dc_block_copy *bc;
+        dc_cbw *cbw = NULL;
+        dc_disk *d;
+        bool marked;
+        int broken = 0;
+
+        memset(buf, 7, sizeof buf);
+        CHECK(dc_disk_new(top, NULL, &d) == 0);
+        CHECK(dc_block_copy_new(&(struct dc_block_copy_params){ .disk = d, .source = top, .target = tgt,
+                                                                 .unit = 64 * KiB },
+                                &bc) == 0);
+        dc_block_copy_mark_all(bc);
+        set_read_delay(top, 200000);
+        CHECK(dc_cbw_attach(d, bc, 64 * KiB, "the fleecing export", &cbw) == 0);
+        dc_cbw_set_timeout(cbw, 50);
+        CHECK(dc_disk_write(d, buf, 0, 512) == -ETIMEDOUT);
+        CHECK(strstr(dc_get_error(), "the fleecing export failed: it took longer than the 50 ms of cbw-timeout"));
+        cbw = dc_cbw_detach(cbw); /* waits for the copy given up on, which then finished */
+        CHECK(dc_block_copy_marked_run(bc, 0, 64 * KiB, &marked) == 64 * KiB && !marked);
+        /* a copy within the limit */
+        set_read_delay(top, 0);
+        CHECK(dc_cbw_attach(d, bc, 64 * KiB, "the fleecing export", &cbw) == 0);
+        dc_cbw_set_timeout(cbw, 10000);
+        CHECK(dc_disk_write(d, buf, 1 * MiB, 512) == 0);
+        CHECK(dc_block_copy_marked_run(bc, 1 * MiB, 64 * KiB, &marked) == 64 * KiB && !marked);
+        cbw = dc_cbw_detach(cbw);
+        /* break-snapshot: the write goes on, the owner is told (the copy is slow to write into the fleecing
+         * image, so the guest's write does not meet the copy's read of the same bytes) */
+        fake_of(tgt)->write_delay_us = 200000;
+        CHECK(dc_cbw_attach(d, bc, 64 * KiB, "the fleecing export", &cbw) == 0);
+        dc_cbw_set_timeout(cbw, 50);
+        dc_cbw_set_break_snapshot(cbw, count_broken, &broken);
+        CHECK(dc_disk_write(d, buf, 2 * MiB, 512) == 0);
+        CHECK(broken == 1);
+        cbw = dc_cbw_detach(cbw);
+        dc_block_copy_free(bc);
+        dc_disk_unref(d);
+        dc_image_close(tgt);
+}
+
 int main(void) {
         test_chain_into_target();
         test_stream_view();
@@ -409,5 +464,6 @@ int main(void) {
         test_errors();
         test_stop_and_range();
         test_cbw_point_in_time();
+        test_cbw_timeout();
         return check_report("test-block-copy");
 }

@@ -978,9 +978,11 @@ static int cmd_export(int argc, char **argv) {
                 { "cache", required_argument, NULL, 'H' },    { "bitmap", required_argument, NULL, 'b' },
                 { "snapshot", no_argument, NULL, 'S' },        { "discard-after-read", no_argument, NULL, 'D' },
                 { "on-cbw-error", required_argument, NULL, 'E' }, { "checkpoint", required_argument, NULL, 'C' },
+                { "cbw-timeout", required_argument, NULL, 'T' },
                 {},
         };
         const char *name = NULL, *sock = NULL, *tcp = NULL, *cache = NULL, *bitmap = NULL, *cbw = NULL, *ckpt = NULL;
+        long cbw_timeout = -1;
         bool writable = false, persistent = false, snapshot = false, discard = false;
         uint32_t maxc = 0;
         sd_bus_error e = SD_BUS_ERROR_NULL;
@@ -993,7 +995,7 @@ static int cmd_export(int argc, char **argv) {
                 return fprintf(stderr, "diskchainctl: export CHAIN [--writable] [--name N] [--socket PATH] "
                                        "[--tcp ADDRESS:PORT] [--persistent] [--max-connections N] "
                                        "[--cache writeback|none] [--bitmap NAME] [--snapshot [--discard-after-read] "
-                                       "[--on-cbw-error MODE] [--checkpoint NAME]]\n"), 2;
+                                       "[--on-cbw-error MODE] [--cbw-timeout SECONDS] [--checkpoint NAME]]\n"), 2;
         while ((c = getopt_long(argc - 1, argv + 1, "", options, NULL)) >= 0)
                 switch (c) {
                 case 'w':
@@ -1032,6 +1034,9 @@ static int cmd_export(int argc, char **argv) {
                 case 'C':
                         ckpt = optarg;
                         break;
+                case 'T':
+                        cbw_timeout = strtol(optarg, NULL, 10);
+                        break;
                 default:
                         return 2;
                 }
@@ -1065,6 +1070,8 @@ static int cmd_export(int argc, char **argv) {
                 r = sd_bus_message_append(m, "{sv}", "on-cbw-error", "s", cbw);
         if (r >= 0 && ckpt)
                 r = sd_bus_message_append(m, "{sv}", "checkpoint", "s", ckpt);
+        if (r >= 0 && cbw_timeout >= 0)
+                r = sd_bus_message_append(m, "{sv}", "cbw-timeout", "u", (uint32_t) cbw_timeout);
         if (r >= 0)
                 r = sd_bus_message_close_container(m);
         if (r >= 0)
@@ -1388,7 +1395,8 @@ static void help(void) {
                "  snapshot CHAIN OVERLAY [--existing]\n"
                "  export CHAIN [--writable] [--name N] [--socket PATH] [--persistent] [--max-connections N]\n"
                "               [--tcp ADDRESS:PORT] [--cache writeback|none] [--bitmap NAME]\n"
-               "               [--snapshot [--discard-after-read] [--on-cbw-error MODE] [--checkpoint NAME]]\n"
+               "               [--snapshot [--discard-after-read] [--on-cbw-error MODE] [--cbw-timeout SECONDS]\n"
+               "                           [--checkpoint NAME]]\n"
                "                               Serve the chain over NBD (polkit: export); prints its URI\n"
                "  exports                      List the NBD exports\n"
                "  unexport NAME                Stop an export once its clients' requests are done\n"

@@ -165,14 +165,17 @@ def test_pull_view_options(bus, tmp_path):
     for opts, err in [((("snapshot", "b", "true"), ("writable", "b", "true")), "read-only"),
                       ((("checkpoint", "s", "c"),), "go with snapshot true"),
                       ((("discard-after-read", "b", "true"),), "go with snapshot true"),
+                      ((("cbw-timeout", "u", "5"),), "go with snapshot true"),
+                      ((("snapshot", "b", "true"), ("cbw-timeout", "u", "100000")), "0..86400 seconds"),
                       ((("snapshot", "b", "true"), ("on-cbw-error", "s", "never")), "on-cbw-error"),
                       ((("snapshot", "b", "true"), ("bitmap", "s", "nosuch")), "no bitmap named 'nosuch'")]:
         p = export(bus, chain, *opts, check=False)
         assert p.returncode != 0 and err in p.stderr, (opts, p.stderr)
     assert not [f for f in os.listdir(r) if "fleece" in f]
     live = export(bus, chain, ("writable", "b", "true"), ("name", "s", "d"))
+    # (the copies before the guest's writes run on helpers under the time limit)
     view = export(bus, chain, ("snapshot", "b", "true"), ("discard-after-read", "b", "true"),
-                  ("on-cbw-error", "s", "break-snapshot"))
+                  ("on-cbw-error", "s", "break-snapshot"), ("cbw-timeout", "u", "30"))
     h = nbd.NBD()
     h.connect_uri(uri_of(bus, view))
     g = nbd.NBD()
