@@ -213,6 +213,16 @@ int dc_image_bitmap_remove(dc_image *img, const char *name);
 int dc_image_bitmap_clear(dc_image *img, const char *name);
 /* TARGET |= each of the N SOURCES (granularities may differ); TARGET unchanged on failure. */
 int dc_image_bitmap_merge(dc_image *img, const char *target, const char *const *sources, size_t n);
+/*
+ * A commit: BASE takes the place of the N LAYERS above it (the top-most
+ * first), and their bitmaps move into its own, as libvirt merges them
+ * around QEMU's block-commit.  Each name is ORed into base's bitmap of that
+ * name (made when base has none, with the top-most layer's granularity),
+ * which takes the top-most layer's recording state; an inconsistent one
+ * makes base's inconsistent too.  One crash-safe store; nothing for a raw
+ * or qcow2 v2 base.
+ */
+int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, size_t n);
 /* A copy of bitmap NAME's bits as they are now (-ENOENT, -ESTALE as above), for an export. */
 typedef struct dc_bitmap_copy dc_bitmap_copy;
 int dc_image_bitmap_copy(dc_image *img, const char *name, dc_bitmap_copy **ret);

@@ -56,6 +56,21 @@ int dc_job_find_base(dc_image *top, const char *base_abs, const char *base_path,
         return 0;
 }
 
+int dc_job_commit_bitmaps(dc_image *top, dc_image *base) {
+        _cleanup_free_ dc_image **layers = NULL;
+        size_t n = 0;
+
+        for (dc_image *l = top; l && l != base; l = l->backing)
+                n++;
+        layers = calloc(MAX(n, 1u), sizeof *layers);
+        if (!layers)
+                return dc_error(ENOMEM, "out of memory");
+        n = 0;
+        for (dc_image *l = top; l && l != base; l = l->backing)
+                layers[n++] = l;
+        return dc_image_bitmaps_commit(base, layers, n);
+}
+
 int dc_job_mark_sync(dc_block_copy *bc, dc_image *source, int sync) {
         if (sync == DC_SYNC_NONE)
                 return 0;

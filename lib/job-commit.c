@@ -18,6 +18,9 @@
  * - A cancelled or failed commit leaves base changed: the layers between
  *   overlay and base no longer form a point in time (as in QEMU), but the
  *   overlay still reads what it read, through top.
+ * - Before the copy, the bitmaps of top and the layers down to base are
+ *   merged into base's (dc_image_bitmaps_commit): they do not change
+ *   during the job, and base's enabled ones record the copy on top.
  * - prepare records base as the overlay's backing file (BACKING_FILE as
  *   given, or base's name relative to the overlay's directory).
  * - Locking: the job's own fields are set before the job's thread starts
@@ -35,13 +38,17 @@ struct commit {
 
 static int commit_run(dc_job *j) {
         struct commit *s = container_of(j, struct commit, rj.job);
+        int r;
 
         /* base grows when smaller than top, never shrinks */
         if (s->base->virtual_size < s->top->virtual_size) {
-                int r = dc_image_truncate(s->base, s->top->virtual_size);
+                r = dc_image_truncate(s->base, s->top->virtual_size);
                 if (r < 0)
                         return r;
         }
+        r = dc_job_commit_bitmaps(s->top, s->base);
+        if (r < 0)
+                return r;
         return dc_rebase_job_run(j);
 }
 

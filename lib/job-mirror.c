@@ -162,6 +162,11 @@ static int mirror_run(dc_job *j) {
                         if (r < 0)
                                 return r;
                 }
+                /* before the first copy: what the layers' bitmaps hold now moves into base's, and
+                 * every later guest write is marked by the filter, copied into base, recorded there */
+                r = dc_job_commit_bitmaps(s->source, s->base);
+                if (r < 0)
+                        return r;
         } else if (s->target->virtual_size != s->source->virtual_size)
                 return dc_error(EINVAL, "Source and target image have different sizes ('%s' has %llu bytes, '%s' %llu)",
                                 s->source->path, (unsigned long long) s->source->virtual_size, s->target->path,

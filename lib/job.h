@@ -147,6 +147,9 @@ int dc_job_mark_sync(dc_block_copy *bc, dc_image *source, int sync);
 /* BASE_ABS below TOP in the chain, writable: *RET; else the error naming BASE_PATH and TOP_PATH. */
 int dc_job_find_base(dc_image *top, const char *base_abs, const char *base_path, const char *top_path, dc_image **ret);
 
+/* A commit's bitmaps: those of TOP and the layers below it down to BASE merged into BASE's. */
+int dc_job_commit_bitmaps(dc_image *top, dc_image *base);
+
 /* What a stream or commit records at its end: LAYER's new backing file, BASE. */
 struct dc_job_rebase {
         dc_image *layer;

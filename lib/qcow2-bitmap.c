@@ -387,10 +387,8 @@ static int store(dc_image *img) {
                 }
                 nb++;
                 dsize += ALIGN_UP(24 + (uint64_t) q->name_size, 8);
-                if (!q->changed && q->table_offset && !q->inconsistent &&
-                    bytes_for(img->virtual_size, q->gran) <= (uint64_t) q->table_size * cs)
-                        continue;
-                if (q->inconsistent)
+                if (!q->changed && q->table_offset &&
+                    (q->inconsistent || bytes_for(img->virtual_size, q->gran) <= (uint64_t) q->table_size * cs))
                         continue;
                 r = write_table(img, q, &fresh, &nt[i].table, &nt[i].size, &nt[i].off);
                 if (r >= 0)
@@ -744,6 +742,13 @@ static int begin_change(dc_image *img, const char *name, struct qcow2_bitmaps **
                 return r;
         }
         *ret = QC(img)->bitmaps;
+        /* an image already being written (it had no enabled bitmap at its first write): a bitmap
+         * enabled from now on records from now on, and is stored at the close */
+        if (QC(img)->prepared_for_write && !(*ret)->recording) {
+                pthread_mutex_lock(&(*ret)->lock);
+                (*ret)->recording = true;
+                pthread_mutex_unlock(&(*ret)->lock);
+        }
         if (ret_q) {
                 *ret_q = find(*ret, name);
                 if (!*ret_q) {
@@ -1099,4 +1104,228 @@ DC_EXPORT uint64_t dc_bitmap_copy_run(const dc_bitmap_copy *c, uint64_t off, uin
         }
         *ret_dirty = v;
         return MIN(next, end) - off;
+}
+
+/* --- a commit: base takes the place of the layers above it --------------------------------- */
+
+struct taken {                  /* one bitmap of a committed layer */
+        char *name;
+        uint8_t gran;
+        bool enabled, inconsistent;
+        bool first;             /* the top-most layer's of its name: its granularity and recording win */
+        uint8_t *bits;          /* a copy (NULL when inconsistent) */
+        uint64_t bytes, vsize;
+};
+
+static void taken_free(struct taken *t, size_t n) {
+        for (size_t i = 0; i < n; i++) {
+                free(t[i].name);
+                free(t[i].bits);
+        }
+        free(t);
+}
+
+/* LAYER's bitmaps, their bits copied, appended to *T. */
+static int take_layer(dc_image *layer, struct taken **t, size_t *n) {
+        struct qcow2_bitmaps *B, *tmp;
+        int r;
+
+        if (layer->drv != &dc_qcow2_driver)
+                return 0;
+        r = begin(layer, &tmp, &B);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; r >= 0 && i < B->n; i++) {
+                struct qbm *q = &B->v[i];
+                struct taken *v, *e;
+
+                if (q->removed)
+                        continue;
+                if (q->busy) {
+                        r = busy(layer, q);
+                        break;
+                }
+                if (!q->inconsistent && (r = load_bits(layer, B, q)) < 0)
+                        break;
+                v = reallocarray(*t, *n + 1, sizeof *v);
+                if (!v) {
+                        r = dc_error(ENOMEM, "out of memory");
+                        break;
+                }
+                *t = v;
+                e = &v[*n];
+                *e = (struct taken){ .name = strdup(q->name), .gran = q->gran, .enabled = q->flags & QCOW2_BME_AUTO,
+                                     .inconsistent = q->inconsistent, .first = true, .vsize = layer->virtual_size };
+                if (e->name && !q->inconsistent && (e->bits = malloc(MAX(q->bytes, 1u)))) {
+                        pthread_mutex_lock(&B->lock);
+                        memcpy(e->bits, q->bits, q->bytes);
+                        e->bytes = q->bytes;
+                        pthread_mutex_unlock(&B->lock);
+                }
+                if (!e->name || (!q->inconsistent && !e->bits)) {
+                        free(e->name);
+                        free(e->bits);
+                        r = dc_error(ENOMEM, "out of memory");
+                        break;
+                }
+                for (size_t k = 0; k < *n; k++)
+                        e->first &= strcmp(v[k].name, e->name) != 0;
+                (*n)++;
+        }
+        return end(layer, tmp, r);
+}
+
+/* The bits of every consistent bitmap named NAME in T, ORed into BITS (BYTES, granularity GRAN). */
+static void take_bits(const struct taken *t, size_t n, const char *name, uint8_t *bits, uint64_t bytes, uint8_t gran) {
+        struct merge m = { .bits = bits, .bytes = bytes, .gran = gran };
+
+        for (size_t i = 0; i < n; i++)
+                if (t[i].bits && strcmp(t[i].name, name) == 0)
+                        (void) walk_bits(t[i].bits, t[i].bytes, t[i].gran, t[i].vsize, merge_cb, &m);
+}
+
+struct undo {
+        size_t i;               /* B->v[i] */
+        uint8_t *bits;
+        uint32_t flags;
+        bool inconsistent, held, changed;
+};
+
+DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, size_t n_layers) {
+        struct qcow2_bitmaps *B;
+        struct taken *t = NULL;
+        struct undo *u = NULL;
+        size_t n = 0, nu = 0, n0, adds = 0;
+        int r = 0;
+
+        for (size_t l = 0; r >= 0 && l < n_layers; l++)
+                r = take_layer(layers[l], &t, &n);
+        /* a raw or v2 base cannot keep bitmaps: they stay in the layers' files only */
+        if (r < 0 || !n || base->drv != &dc_qcow2_driver || QC(base)->version < 3) {
+                taken_free(t, n);
+                return r;
+        }
+        r = begin_change(base, NULL, &B, NULL);
+        if (r < 0) {
+                taken_free(t, n);
+                return r;
+        }
+        for (size_t i = 0; i < n; i++)
+                adds += t[i].first && !find(B, t[i].name);
+        u = calloc(n + 1, sizeof *u);
+        pthread_mutex_lock(&B->lock);
+        if (u && adds) {
+                struct qbm *v = reallocarray(B->v, B->n + adds, sizeof *v);
+                if (v)
+                        B->v = v;
+                else
+                        r = dc_error(ENOMEM, "out of memory");
+        } else if (!u)
+                r = dc_error(ENOMEM, "out of memory");
+        pthread_mutex_unlock(&B->lock);
+        n0 = B->n;
+
+        for (size_t i = 0; r >= 0 && i < n; i++) {
+                struct qbm *q = find(B, t[i].name);
+                bool bad = false;
+                uint64_t need;
+                uint8_t *bits;
+
+                if (!t[i].first)
+                        continue;
+                for (size_t k = i; k < n; k++)
+                        bad |= t[k].inconsistent && strcmp(t[k].name, t[i].name) == 0;
+                if (q && q->busy) {
+                        r = busy(base, q);
+                        break;
+                }
+                if (q && q->inconsistent)
+                        continue; /* stays good only for removal */
+                if (bad) {
+                        /* what the layer's bitmap missed is missing from the whole name: base's is
+                         * no longer to be trusted either (a base without one just has none) */
+                        if (q) {
+                                u[nu++] = (struct undo){ .i = (size_t) (q - B->v), .flags = q->flags,
+                                                         .inconsistent = false, .held = q->held, .changed = q->changed };
+                                pthread_mutex_lock(&B->lock);
+                                q->inconsistent = true;
+                                q->held = false;
+                                q->changed = true; /* a table of the disk's size, whatever it says */
+                                pthread_mutex_unlock(&B->lock);
+                        }
+                        continue;
+                }
+                if (q) {
+                        r = load_bits(base, B, q);
+                        if (r < 0)
+                                break;
+                        bits = malloc(MAX(q->bytes, 1u));
+                        if (!bits) {
+                                r = dc_error(ENOMEM, "out of memory");
+                                break;
+                        }
+                        pthread_mutex_lock(&B->lock);
+                        memcpy(bits, q->bits, q->bytes);
+                        take_bits(t, n, t[i].name, bits, q->bytes, q->gran);
+                        u[nu++] = (struct undo){ .i = (size_t) (q - B->v), .bits = q->bits, .flags = q->flags,
+                                                 .held = q->held, .changed = q->changed };
+                        q->bits = bits;
+                        q->changed = true;
+                        /* base takes the top-most layer's place: and its recording, too */
+                        q->flags = t[i].enabled ? q->flags | QCOW2_BME_AUTO : q->flags & ~QCOW2_BME_AUTO;
+                        q->held = t[i].enabled && B->recording;
+                        pthread_mutex_unlock(&B->lock);
+                        continue;
+                }
+                need = bytes_for(base->virtual_size, t[i].gran);
+                if (need > BITS_MAX_TOTAL - B->bits_total) {
+                        r = dc_error(EFBIG, "'%s': the bitmaps would need more than the %llu MiB diskchain keeps in "
+                                            "memory for one image", base->path,
+                                     (unsigned long long) (BITS_MAX_TOTAL >> 20));
+                        break;
+                }
+                pthread_mutex_lock(&B->lock);
+                q = &B->v[B->n];
+                *q = (struct qbm){ .name = strdup(t[i].name), .name_size = (uint16_t) strlen(t[i].name),
+                                   .gran = t[i].gran, .flags = t[i].enabled ? QCOW2_BME_AUTO : 0, .changed = true,
+                                   .held = t[i].enabled && B->recording, .bits = calloc(1, MAX(need, 1u)),
+                                   .bytes = need };
+                if (q->name && q->bits) {
+                        take_bits(t, n, t[i].name, q->bits, q->bytes, q->gran);
+                        B->bits_total += need;
+                        B->n++;
+                } else {
+                        qbm_done(q);
+                        r = dc_error(ENOMEM, "out of memory");
+                }
+                pthread_mutex_unlock(&B->lock);
+        }
+        pthread_mutex_lock(&B->lock);
+        if (r >= 0 && (nu || B->n > n0))
+                r = store(base);
+        if (r < 0) {
+                /* as it was: the new ones gone, the old ones back */
+                for (size_t i = n0; i < B->n; i++) {
+                        B->bits_total -= B->v[i].bytes;
+                        qbm_done(&B->v[i]);
+                }
+                B->n = n0;
+                for (size_t k = 0; k < nu; k++) {
+                        struct qbm *q = &B->v[u[k].i];
+                        if (u[k].bits) {
+                                free(q->bits);
+                                q->bits = u[k].bits;
+                        }
+                        q->flags = u[k].flags;
+                        q->inconsistent = u[k].inconsistent;
+                        q->held = u[k].held;
+                        q->changed = u[k].changed;
+                }
+        } else
+                for (size_t k = 0; k < nu; k++)
+                        free(u[k].bits);
+        pthread_mutex_unlock(&B->lock);
+        free(u);
+        taken_free(t, n);
+        return end(base, NULL, r);
 }

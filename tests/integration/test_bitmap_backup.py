@@ -313,7 +313,12 @@ def test_bitmaps_across_snapshot_and_commit(bus):
     h.flush()
     bus.ctl("snapshot", "base.qcow2", "top.qcow2")  # through the export: the clients move to top.qcow2
     h.pwrite(b"\x03" * 65536, 5 * MiB)
-    h.pwrite(b"\x03" * 65536, 9 * MiB)
+    h.flush()
+    bus.ctl("bitmap", "add", "top.qcow2", "frozen", "--granularity", "4096")
+    h.pwrite(b"\x03" * 4096, 9 * MiB)
+    h.flush()
+    bus.ctl("bitmap", "disable", "top.qcow2", "frozen")
+    h.pwrite(b"\x03" * 4096, 9 * MiB + 65536 - 4096)
     h.flush()
     h.shutdown()
     bus.call(exp, "Export", "Stop")
@@ -322,13 +327,19 @@ def test_bitmaps_across_snapshot_and_commit(bus):
                                                                                            False]],
              "the old active layer's bitmap: the write before the snapshot only, consistent")
     top_img = data(bus.call(M, "Manager", "GetImage", "s", "top.qcow2"))[0]
-    assert prop(bus, top_img, "Image", "Bitmaps") == []
-    # commit the overlay into the base: the base's bitmap records what the commit wrote
+    assert [b[:4] for b in prop(bus, top_img, "Image", "Bitmaps")] == [["frozen", 4096, 4096, False]]
+    # commit the overlay into the base: the base's bitmap records what the commit wrote, and the
+    # overlay's bitmaps move into the base (libvirt's merge around QEMU's commit): "frozen" keeps its
+    # granularity, its disabled state and exactly its bits
     out = bus.ctl("commit", "top.qcow2", "--complete").stdout
     assert "completed" in out, out
-    wait_for(lambda: prop(bus, base_img, "Image", "Bitmaps")[0][2] == 3 * 65536, "the committed writes recorded")
-    out = sh("nbdinfo", "--map=qemu:dirty-bitmap:daily", "--json", "--", "[", "qemu-nbd", "-r", "-f", "qcow2",
-             "-B", "daily", base, "]").stdout
-    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1] == \
-        [(MiB, 65536), (5 * MiB, 65536), (9 * MiB, 65536)]
+    wait_for(lambda: [b[:4] for b in prop(bus, base_img, "Image", "Bitmaps")] ==
+             [["daily", 65536, 3 * 65536, True], ["frozen", 4096, 4096, False]], "the committed writes recorded")
+
+    def qemu_map(name):
+        out = sh("nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--json", "--", "[", "qemu-nbd", "-r", "-f", "qcow2",
+                 "-B", name, base, "]").stdout
+        return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
+    assert qemu_map("daily") == [(MiB, 65536), (5 * MiB, 65536), (9 * MiB, 65536)]
+    assert qemu_map("frozen") == [(9 * MiB, 4096)]
     qemu_img("check", base)

@@ -279,3 +279,60 @@ def test_no_bitmaps(tmp, fmt):
     img = tmp / f"a.{fmt}"
     qemu_img("create", "-q", "-f", fmt, img, "1M")
     assert our_bitmaps(img) == {}
+
+
+def test_commit_moves_bitmaps_into_base(tmp):
+    """A commit takes the committed layers' bitmaps into base, as libvirt merges them around QEMU's
+    block-commit: a name base has is ORed (and keeps recording the commit's own writes), a name it
+    lacks is made with the top-most layer's granularity and recording state, and a name that is
+    inconsistent in a layer makes base's inconsistent too, so no backup trusts what it missed.
+    QEMU reads the result the same; qemu-img check is clean; the overlay reads as before."""
+    a, b, c = tmp / "a.qcow2", tmp / "b.qcow2", tmp / "c.qcow2"
+    size = 64 * MiB
+    qemu_img("create", "-q", "-f", "qcow2", a, str(size))
+    for name in ["daily", "bad"]:
+        qemu_img("bitmap", "--add", a, name)
+    qemu_io(a, "write -P 1 1M 64k")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", a, "-F", "qcow2", b)
+    qemu_img("bitmap", "--add", b, "daily")
+    qemu_img("bitmap", "--add", "-g", "512", b, "frozen")
+    qemu_io(b, "write -P 2 5M 64k", "write -P 3 7341568 512")  # 7 MiB + 512
+    qemu_img("bitmap", "--disable", b, "frozen")
+    qemu_io(b, "write -P 4 9M 4k")
+    # "bad" is left in use by a writer that died ("daily" was not recording then)
+    qemu_img("bitmap", "--add", b, "bad")
+    qemu_img("bitmap", "--disable", b, "daily")
+    p = dc("io", b, "write", "5", str(11 * MiB), "4096", "write", "5", str(12 * MiB), "4096", check=False,
+           env={"DC_FAULT_WRITES": "4"})
+    assert p.returncode == 99, p.stderr
+    assert our_bitmaps(b)["bad"]["in_use"]
+    qemu_img("bitmap", "--enable", b, "daily")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", c)
+    qemu_img("bitmap", "--add", c, "top")
+    qemu_io(c, "write -P 6 20M 64k")
+    before = tmp / "before.raw"
+    qemu_img("convert", "-U", "-O", "raw", c, before)
+    b_alloc = [(e["start"], e["length"]) for e in json.loads(qemu_img("map", "--output=json", "-f", "qcow2", b)
+                                                              .stdout) if e["depth"] == 0 and e["data"]]
+
+    p = dc("job", "commit", c, b, a)
+    assert "completed ok" in p.stdout, p.stdout
+    got = our_bitmaps(a)
+    assert sorted(got) == ["bad", "daily", "frozen"]
+    # ORed: A's own, B's, and what the commit wrote (A's bitmap was recording)
+    want = ranges([(MiB, 65536), (5 * MiB, 65536), (7341568, 512), (9 * MiB, 4096)] + b_alloc, 65536, size)
+    assert our_dirty(a, "daily") == want and qemu_dirty(a, "daily") == want
+    assert got["daily"]["enabled"]
+    # made from B's alone: its granularity, disabled, and so not recording the commit
+    assert got["frozen"]["granularity"] == 512 and not got["frozen"]["enabled"]
+    assert our_dirty(a, "frozen") == [(5 * MiB, 65536), (7341568, 512)] == qemu_dirty(a, "frozen")
+    # inconsistent in B: A's was fine, and is no longer
+    assert got["bad"]["in_use"] and "in-use" in qemu_bitmaps(a)["bad"]["flags"]
+    p = dc("bitmaps", a, "bad", check=False)
+    assert p.returncode == 1 and "full backup" in p.stderr
+    # the layers keep theirs, the overlay keeps its own and reads as before
+    assert sorted(our_bitmaps(c)) == ["top"]
+    assert sorted(our_bitmaps(b)) == ["bad", "daily", "frozen"]
+    qemu_img("compare", "-U", before, c)
+    r = qemu_img("check", "--output=json", a)
+    assert json.loads(r.stdout).get("corruptions", 0) == 0
