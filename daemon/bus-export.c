@@ -236,10 +236,10 @@ int method_chain_export(sd_bus_message *m, void *userdata, sd_bus_error *error) 
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                          "a persistent export cannot offer a bitmap: the bitmap's point in time "
                                          "would not survive a restart");
-        if (bitmap && active->format != DC_FORMAT_QCOW2)
+        if (bitmap && active->format != DC_FORMAT_QCOW2 && !image_bitmap(active, bitmap))
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
-                                         "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)",
-                                         active->path, bitmap);
+                                         "'%s' has no bitmap named '%s' (a raw image has only the transient bitmaps of "
+                                         "a live export)", active->path, bitmap);
         if (bitmap && !(es.bitmap = strdup(bitmap)))
                 return -ENOMEM;
         if (tcp && (r = export_tcp_check(mgr, tcp, &es.tls, error)) < 0)

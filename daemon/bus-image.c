@@ -90,6 +90,7 @@ typedef struct ImageOp {
         int repair;
         uint64_t a, b, max_extents;
         char *name;           /* a bitmap's */
+        bool transient;       /* AddBitmap's persistent false */
         char **sources;       /* MergeBitmaps' */
         dc_disk *disk;        /* a bitmap change through the image's live export, or NULL */
         char *claim;          /* ... which claims the image meanwhile */
@@ -423,7 +424,9 @@ static void bitmap_run(Work *w) {
         if (r >= 0)
                 switch (op->a) {
                 case BITMAP_ADD:
-                        r = dc_image_bitmap_add(on, op->name, (uint32_t) op->b, op->repair);
+                        r = dc_image_bitmap_add(on, op->name, (uint32_t) op->b,
+                                                (op->repair ? DC_BITMAP_DISABLED : 0) |
+                                                        (op->transient ? DC_BITMAP_TRANSIENT : 0));
                         break;
                 case BITMAP_REMOVE:
                         r = dc_image_bitmap_remove(on, op->name);
@@ -492,12 +495,9 @@ static int bitmap_args(sd_bus_message *m, Image *img, int kind, ImageOp *op, sd_
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
                                                  "'%s': granularity %" PRIu64 " is not a power of 2 from 512 to 2 GiB",
                                                  img->path, gran);
-                if (!persistent)
-                        return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
-                                                 "'%s': a transient bitmap would live only as long as the daemon holds "
-                                                 "the image open; add it persistent (the default)", img->path);
                 op->b = gran;
                 op->repair = disabled;
+                op->transient = !persistent;
         }
         if (kind == BITMAP_MERGE) {
                 r = sd_bus_message_read_strv(m, &op->sources);
@@ -508,10 +508,15 @@ static int bitmap_args(sd_bus_message *m, Image *img, int kind, ImageOp *op, sd_
                                                  "'%s': merging into bitmap '%s' needs at least one source", img->path,
                                                  name);
         }
-        if (img->format != DC_FORMAT_QCOW2)
-                return sd_bus_error_setf(error, kind == BITMAP_ADD ? ERROR_PREFIX "NotSupported" : ERROR_PREFIX "NotFound",
-                                         "'%s' is a %s image: only qcow2 images store persistent bitmaps", img->path,
-                                         dc_format_name(img->format));
+        /* a raw image has only the transient bitmaps of a live export */
+        if (img->format != DC_FORMAT_QCOW2 && kind == BITMAP_ADD && !op->transient)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "'%s' is a %s image: only qcow2 images store persistent bitmaps (a transient "
+                                         "one, persistent false, lives as long as a live export of its chain)",
+                                         img->path, dc_format_name(img->format));
+        if (img->format != DC_FORMAT_QCOW2 && kind != BITMAP_ADD && !image_bitmap(img, name))
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "'%s' has no bitmap named '%s'", img->path,
+                                         name);
         return 0;
 }
 
@@ -541,7 +546,13 @@ static int bitmap_method(sd_bus_message *m, Image *img, int kind, sd_bus_error *
                                 b = sd_bus_error_set(error, ERROR_PREFIX "Busy", busy);
                         } else
                                 op->disk = dc_disk_ref(x->disk);
-                } else
+                } else if (op->transient && !(x && x->state == EXPORT_LIVE && strcmp(x->active, img->path) == 0))
+                        b = sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                              "'%s': a transient bitmap lives in the image as a live export of its chain "
+                                              "holds it open, and as long as that export (as QEMU's live as long as "
+                                              "their node): export the chain first, or add a persistent one (the "
+                                              "default)", img->path);
+                else
                         b = refuse_busy(img, error);
                 r = b < 0 ? b : 1;
         }
@@ -639,9 +650,8 @@ static int property_get_bitmaps(sd_bus *bus, const char *path, const char *iface
                 /* a name is whatever bytes the file holds: D-Bus strings are UTF-8 */
                 g_autofree char *name = g_utf8_make_valid(b->name, -1);
 
-                /* every bitmap the file holds is persistent */
-                r = sd_bus_message_append(reply, "(sutbbbb)", name, b->granularity, b->dirty, b->enabled, b->busy, true,
-                                          b->in_use);
+                r = sd_bus_message_append(reply, "(sutbbbb)", name, b->granularity, b->dirty, b->enabled, b->busy,
+                                          !b->transient, b->in_use);
         }
         return r < 0 ? r : sd_bus_message_close_container(reply);
 }

@@ -308,6 +308,8 @@ char **image_overlays(Manager *mgr, Image *img);
 char **image_chains(Manager *mgr, Image *img);
 char **chain_layers(Manager *mgr, Image *active);
 GPtrArray *chain_layer_images(Manager *mgr, Image *active);
+/* IMG's bitmap NAME as the model last read it (persistent, or a live export's transient one), or NULL. */
+const struct dc_bitmap_info *image_bitmap(const Image *img, const char *name);
 bool image_is_active(Manager *mgr, Image *img);
 bool image_in_any_chain(Manager *mgr, Image *img);
 const char *image_in_use(Manager *mgr, Image *img, char **ret_free);

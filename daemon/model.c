@@ -412,6 +412,13 @@ const char *image_in_use(Manager *mgr, Image *img, char **ret_free) {
 
 /* --- applying what was read ------------------------------------------------------ */
 
+const struct dc_bitmap_info *image_bitmap(const Image *img, const char *name) {
+        for (size_t i = 0; i < img->n_bitmaps; i++)
+                if (strcmp(img->bitmaps[i].name, name) == 0)
+                        return &img->bitmaps[i];
+        return NULL;
+}
+
 static bool str_eq(const char *a, const char *b) {
         return strcmp(a ? a : "", b ? b : "") == 0;
 }

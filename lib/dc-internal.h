@@ -231,7 +231,13 @@ struct dc_image {
         char *backing_format;  /* from the extension */
         dc_image *backing;
         void *priv;            /* driver state */
+        struct dc_bitmap_set *bitmaps; /* loaded for writing, for a change of the set, or holding transient ones; else NULL (qcow2-bitmap.c) */
 };
+
+/* Dirty bitmaps on the write path of any format (qcow2-bitmap.c); the image lock is held for all but the record. */
+void dc_bitmaps_record(dc_image *img, uint64_t off, uint64_t len); /* any thread */
+int dc_bitmaps_resize(dc_image *img, uint64_t size); /* before the disk grows to SIZE */
+void dc_bitmaps_close(dc_image *img);                /* stores what a qcow2 file keeps, frees the rest */
 
 /* --- the write path (disk.c) --- */
 struct dc_range {

@@ -186,7 +186,8 @@ struct dc_bitmap_info {
         bool in_use;            /* a writer has it (or had it, and stopped without saving it): inconsistent */
         bool enabled;           /* records writes ("auto") */
         uint64_t dirty;         /* bytes marked dirty (0 when in_use) */
-        bool busy;              /* not set by the library: the daemon's (in use by its own writer) */
+        bool busy;              /* a backup holds it (the daemon also sets it: in use by its own writer) */
+        bool transient;         /* in memory only, as long as the open that holds it (maybe another of this process) */
 };
 /* IMG's bitmaps as its file holds them now (none for raw images); free with dc_bitmap_info_free. */
 int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n);
@@ -198,16 +199,24 @@ typedef int (*dc_bitmap_extent_cb)(void *userdata, uint64_t offset, uint64_t len
  */
 int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata);
 /*
- * Changes of IMG's bitmaps (IMG open for writing, qcow2 v3), each stored in
- * the file before it returns, crash-safe; while IMG is being written, the
- * enabled bitmaps record the writes and are stored at its close.
+ * Changes of IMG's bitmaps (IMG open for writing; persistent ones need
+ * qcow2 v3), each stored in the file before it returns, crash-safe (a
+ * transient one's only in memory); while IMG is being written, the enabled
+ * bitmaps record the writes and the persistent ones are stored at its
+ * close.
  * -ENOENT: no bitmap of that name; -ESTALE: it is inconsistent (only
  * removal works).
  */
 /* Recording of bitmap NAME on or off. */
 int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled);
-/* A new, empty bitmap; GRANULARITY 0: QEMU's default (the cluster size within 4-64 KiB); -EEXIST. */
-int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t granularity, bool disabled);
+/*
+ * A new, empty bitmap; GRANULARITY 0: QEMU's default (the cluster size
+ * within 4-64 KiB; 64 KiB for raw); -EEXIST.  DC_BITMAP_TRANSIENT: kept in
+ * memory only, recording this open's writes until its close (any format,
+ * as QEMU's non-persistent bitmaps); the file never holds it.
+ */
+enum { DC_BITMAP_DISABLED = 1u << 0, DC_BITMAP_TRANSIENT = 1u << 1 };
+int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t granularity, unsigned flags);
 int dc_image_bitmap_remove(dc_image *img, const char *name);
 /* Every bit of NAME reset. */
 int dc_image_bitmap_clear(dc_image *img, const char *name);

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Persistent dirty bitmaps: the qcow2 bitmaps extension (qcow2.rst,
+ * Dirty bitmaps.  Persistent ones: the qcow2 bitmaps extension (qcow2.rst,
  * "Bitmaps"), read, recorded and written the way QEMU's
  * block/qcow2-bitmap.c does, so that either program can pick up what the
- * other left.
+ * other left.  Transient ones (QEMU's non-persistent bitmaps), of any
+ * format, live in the same set in memory only.
  *
  * Design notes
  * ------------
@@ -24,11 +25,19 @@
  *   cluster 0); then the old directory, tables and data clusters are freed.
  *   A crash at any point leaves the old set or the new one, at worst with
  *   leaked clusters.
+ * - The set hangs off the image (dc_image.bitmaps), whatever its format.
+ *   A transient bitmap is in it from its add to the image's close: never
+ *   in the directory, never stored, recording whenever enabled (the raw
+ *   driver records too).  The opens that hold transient ones are listed
+ *   (holders), so that another open of the same file in this process, a
+ *   scan reading it afresh, lists them as well.
  * - Bits are kept as QEMU stores them: bit k covers guest bytes
  *   [k << granularity_bits, (k + 1) << granularity_bits) and is bit k % 8 of
  *   byte k / 8, the bytes cut into clusters; a table entry of 0 is a cluster
  *   of zeros (QEMU writes no other shortcut), 1 one of ones.
  */
+
+#include <sys/stat.h>
 
 #include "qcow2.h"
 
@@ -47,6 +56,7 @@ struct qbm {
         bool changed;            /* BITS differ from the table on disk */
         bool held;               /* in use on disk until the close stores it (recorded, or resized) */
         bool busy;               /* a backup took its bits (dc_image_bitmap_backup_begin): in use on disk */
+        bool transient;          /* in memory only, as long as this open of the image (never stored) */
         uint64_t table_offset;   /* on disk, 0 for a new bitmap */
         uint32_t table_size;
         uint64_t *table;         /* host order */
@@ -54,13 +64,33 @@ struct qbm {
         uint64_t bytes;          /* allocated in BITS */
 };
 
-struct qcow2_bitmaps {
+struct dc_bitmap_set {
         pthread_mutex_t lock;    /* the bits, against recording writers */
         struct qbm *v;
         size_t n;
-        bool recording;          /* enabled bitmaps are in use on disk and stored at close */
+        bool recording;          /* enabled bitmaps record writes (persistent ones in use on disk, stored at close) */
+        bool registered;         /* in the holders' list: it has held transient bitmaps */
+        uint64_t vsize;          /* the disk's size the bits cover (under LOCK) */
         uint64_t bits_total, table_total;
 };
+
+/*
+ * The opens of this process that hold transient bitmaps, so that another
+ * open of the same file (a scan reading it afresh) lists them too.  Taken
+ * before a set's bits lock, never while holding it.
+ */
+struct holder {
+        dev_t dev;
+        ino_t ino;
+        dc_image *img;
+        struct holder *next;
+};
+static pthread_mutex_t holders_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct holder *holders;
+
+static bool persistent_ok(dc_image *img) {
+        return img->drv == &dc_qcow2_driver && QC(img)->version >= 3;
+}
 
 static uint64_t bytes_for(uint64_t vsize, uint8_t gran) {
         return DIV_ROUND_UP(DIV_ROUND_UP(vsize, UINT64_C(1) << gran), 8);
@@ -72,7 +102,7 @@ static void qbm_done(struct qbm *q) {
         free(q->bits);
 }
 
-static void bitmaps_free(struct qcow2_bitmaps *B) {
+static void bitmaps_free(struct dc_bitmap_set *B) {
         if (!B)
                 return;
         for (size_t i = 0; i < B->n; i++)
@@ -86,7 +116,7 @@ static bool name_is(const struct qbm *q, const char *name) {
         return !q->removed && strlen(name) == q->name_size && memcmp(q->name, name, q->name_size) == 0;
 }
 
-static struct qbm *find(struct qcow2_bitmaps *B, const char *name) {
+static struct qbm *find(struct dc_bitmap_set *B, const char *name) {
         for (size_t i = 0; i < B->n; i++)
                 if (name_is(&B->v[i], name))
                         return &B->v[i];
@@ -96,7 +126,7 @@ static struct qbm *find(struct qcow2_bitmaps *B, const char *name) {
 /* --- loading -------------------------------------------------------------- */
 
 static int load_visit(dc_image *img, const struct qcow2_bitmap_entry *b, void *userdata) {
-        struct qcow2_bitmaps *B = userdata;
+        struct dc_bitmap_set *B = userdata;
         struct qbm *v, *q;
 
         (void) img;
@@ -126,16 +156,18 @@ static int load_visit(dc_image *img, const struct qcow2_bitmap_entry *b, void *u
 }
 
 /* The directory as the file holds it, into memory (bits not yet read). */
-static int load_into(dc_image *img, struct qcow2_bitmaps **ret) {
-        struct qcow2 *s = QC(img);
-        struct qcow2_bitmaps *B = calloc(1, sizeof *B);
+static int load_into(dc_image *img, struct dc_bitmap_set **ret) {
+        struct qcow2 *s = img->drv == &dc_qcow2_driver ? QC(img) : NULL;
+        struct dc_bitmap_set *B = calloc(1, sizeof *B);
         uint64_t fsize;
         int r = 0;
 
         if (!B)
                 return dc_error(ENOMEM, "out of memory");
         pthread_mutex_init(&B->lock, NULL);
-        if (s->has_bitmaps && s->version >= 3 && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
+        B->vsize = img->virtual_size;
+        if (img->drv == &dc_qcow2_driver && s->has_bitmaps && s->version >= 3 &&
+            (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
                 r = qcow2_file_size(img, &fsize);
                 if (r >= 0)
                         r = qcow2_read_bitmaps(img, fsize, load_visit, B);
@@ -150,19 +182,18 @@ static int load_into(dc_image *img, struct qcow2_bitmaps **ret) {
 
 /* ... kept with the image: it is being written, or its set is changing */
 static int load(dc_image *img) {
-        struct qcow2 *s = QC(img);
-        return s->bitmaps ? 0 : load_into(img, &s->bitmaps);
+        return img->bitmaps ? 0 : load_into(img, &img->bitmaps);
 }
 
 /* Q's bits in memory, at least as many as the virtual size needs. */
-static int load_bits(dc_image *img, struct qcow2_bitmaps *B, struct qbm *q) {
-        struct qcow2 *s = QC(img);
-        uint64_t cs = s->cluster_size, need = bytes_for(img->virtual_size, q->gran);
+static int load_bits(dc_image *img, struct dc_bitmap_set *B, struct qbm *q) {
+        uint64_t cs, need = bytes_for(img->virtual_size, q->gran);
         uint8_t *bits;
         int r;
 
         if (q->bits)
-                return 0;
+                return 0; /* (a transient one's always are) */
+        cs = QC(img)->cluster_size;
         if (q->inconsistent)
                 return dc_error(ESTALE, "'%s': bitmap '%s' is inconsistent (in use by a writer, or left in use by one "
                                         "that stopped without saving it): it cannot say what changed, a full backup "
@@ -369,7 +400,7 @@ static int write_table(dc_image *img, const struct qbm *q, struct runs *fresh, u
  */
 static int store(dc_image *img) {
         struct qcow2 *s = QC(img);
-        struct qcow2_bitmaps *B = s->bitmaps;
+        struct dc_bitmap_set *B = img->bitmaps;
         uint64_t cs = s->cluster_size, dsize = 0, doff = 0, p = 0;
         struct runs fresh = { 0 }, old = { 0 };
         struct { uint64_t *table, off; uint32_t size; } *nt = calloc(MAX(B->n, 1u), sizeof *nt);
@@ -381,6 +412,8 @@ static int store(dc_image *img) {
                 return dc_error(ENOMEM, "out of memory");
         for (size_t i = 0; i < B->n && r >= 0; i++) {
                 struct qbm *q = &B->v[i];
+                if (q->transient)
+                        continue;
                 if (q->removed) {
                         r = runs_add_table(&old, q, cs);
                         continue;
@@ -407,7 +440,7 @@ static int store(dc_image *img) {
         for (size_t i = 0; r >= 0 && nb && i < B->n; i++) {
                 struct qbm *q = &B->v[i];
                 uint32_t flags = q->flags & QCOW2_BME_AUTO;
-                if (q->removed)
+                if (q->removed || q->transient)
                         continue;
                 if (q->inconsistent || q->held || q->busy)
                         flags |= QCOW2_BME_IN_USE;
@@ -466,11 +499,62 @@ static int store(dc_image *img) {
         return r;
 }
 
+/* The removed ones of B gone from memory (nothing of theirs on disk). */
+static void drop_removed(struct dc_bitmap_set *B) {
+        size_t k = 0;
+
+        for (size_t i = 0; i < B->n; i++) {
+                struct qbm *q = &B->v[i];
+                if (q->removed) {
+                        B->bits_total -= q->bits ? q->bytes : 0;
+                        qbm_done(q);
+                        continue;
+                }
+                B->v[k++] = *q;
+        }
+        B->n = k;
+}
+
+/* A change of Q made lasting: stored with the file's set, or (transient) only in memory.  The bits' lock is held. */
+static int save(dc_image *img, const struct qbm *q) {
+        if (!q->transient)
+                return store(img);
+        drop_removed(img->bitmaps);
+        return 0;
+}
+
+/* IMG holds transient bitmaps: listed for the other opens of its file.  The image lock is held. */
+static void hold(dc_image *img, struct dc_bitmap_set *B) {
+        struct holder *h;
+        struct stat st;
+
+        if (B->registered || fstat(img->fd, &st) < 0 || !(h = calloc(1, sizeof *h)))
+                return; /* (only the listing through other opens misses them) */
+        *h = (struct holder){ .dev = st.st_dev, .ino = st.st_ino, .img = img };
+        pthread_mutex_lock(&holders_lock);
+        h->next = holders;
+        holders = h;
+        pthread_mutex_unlock(&holders_lock);
+        B->registered = true;
+}
+
+static void unhold(dc_image *img) {
+        pthread_mutex_lock(&holders_lock);
+        for (struct holder **p = &holders; *p; p = &(*p)->next)
+                if ((*p)->img == img) {
+                        struct holder *h = *p;
+                        *p = h->next;
+                        free(h);
+                        break;
+                }
+        pthread_mutex_unlock(&holders_lock);
+}
+
 /* --- the write path ------------------------------------------------------------------ */
 
 int qcow2_bitmaps_start_recording(dc_image *img) {
         struct qcow2 *s = QC(img);
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         bool any = false;
         int r;
 
@@ -480,10 +564,10 @@ int qcow2_bitmaps_start_recording(dc_image *img) {
         r = load(img);
         if (r < 0)
                 return r;
-        B = s->bitmaps;
+        B = img->bitmaps;
         for (size_t i = 0; i < B->n; i++) {
                 struct qbm *q = &B->v[i];
-                if (q->removed || q->inconsistent || !(q->flags & QCOW2_BME_AUTO))
+                if (q->removed || q->inconsistent || q->transient || !(q->flags & QCOW2_BME_AUTO))
                         continue;
                 r = load_bits(img, B, q);
                 if (r < 0)
@@ -500,8 +584,8 @@ int qcow2_bitmaps_start_recording(dc_image *img) {
         return r;
 }
 
-void qcow2_bitmaps_record(dc_image *img, uint64_t off, uint64_t len) {
-        struct qcow2_bitmaps *B = QC(img)->bitmaps;
+void dc_bitmaps_record(dc_image *img, uint64_t off, uint64_t len) {
+        struct dc_bitmap_set *B = img->bitmaps;
 
         if (!B || !len)
                 return;
@@ -521,18 +605,20 @@ void qcow2_bitmaps_record(dc_image *img, uint64_t off, uint64_t len) {
  * clean, as QEMU grows them) and is in use until the close stores it.  An
  * inconsistent one stops the resize, as in QEMU.
  */
-int qcow2_bitmaps_resize(dc_image *img, uint64_t size) {
-        struct qcow2 *s = QC(img);
-        struct qcow2_bitmaps *B;
+int dc_bitmaps_resize(dc_image *img, uint64_t size) {
+        struct qcow2 *s = img->drv == &dc_qcow2_driver ? QC(img) : NULL;
+        bool file = s && s->has_bitmaps && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && s->version >= 3;
+        struct dc_bitmap_set *B;
         uint64_t grow = 0;
+        size_t held = 0;
         int r;
 
-        if (!s->has_bitmaps || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) || s->version < 3)
+        if (!file && !img->bitmaps)
                 return 0;
         r = load(img);
         if (r < 0)
                 return r;
-        B = s->bitmaps;
+        B = img->bitmaps;
         for (size_t i = 0; i < B->n; i++) {
                 struct qbm *q = &B->v[i];
                 if (q->removed)
@@ -551,10 +637,12 @@ int qcow2_bitmaps_resize(dc_image *img, uint64_t size) {
                                        "for one image", img->path, (unsigned long long) (BITS_MAX_TOTAL >> 20));
         /* in use on disk until the close writes the grown tables: a crash cannot leave them too small */
         pthread_mutex_lock(&B->lock);
-        for (size_t i = 0; i < B->n; i++)
-                B->v[i].held = !B->v[i].removed;
-        r = B->n ? store(img) : 0;
-        B->recording |= r >= 0 && B->n;
+        for (size_t i = 0; i < B->n; i++) {
+                B->v[i].held = !B->v[i].removed && !B->v[i].transient;
+                held += B->v[i].held;
+        }
+        r = held ? store(img) : 0;
+        B->recording |= r >= 0 && held;
         pthread_mutex_unlock(&B->lock);
         if (r < 0)
                 return r;
@@ -578,15 +666,27 @@ int qcow2_bitmaps_resize(dc_image *img, uint64_t size) {
                 if (!bits)
                         return dc_error(ENOMEM, "out of memory");
         }
+        pthread_mutex_lock(&B->lock);
+        B->vsize = size;
+        pthread_mutex_unlock(&B->lock);
         return 0;
 }
 
-/* A clean close: what was recorded (or grown) is stored, no longer in use. */
-void qcow2_bitmaps_close(dc_image *img) {
-        struct qcow2 *s = QC(img);
-        struct qcow2_bitmaps *B = s->bitmaps;
+/*
+ * A clean close: what was recorded (or grown) into the file's bitmaps is
+ * stored, no longer in use; transient ones end here.
+ */
+void dc_bitmaps_close(dc_image *img) {
+        struct dc_bitmap_set *B = img->bitmaps;
+        bool file = false;
 
-        if (B && B->recording && img->writable) {
+        if (!B)
+                return;
+        if (B->registered)
+                unhold(img);
+        for (size_t i = 0; i < B->n; i++)
+                file |= !B->v[i].transient && (B->v[i].held || B->v[i].changed);
+        if (file && B->recording && img->writable && img->drv == &dc_qcow2_driver) {
                 pthread_mutex_lock(&B->lock);
                 for (size_t i = 0; i < B->n; i++)
                         B->v[i].held = false;
@@ -595,20 +695,19 @@ void qcow2_bitmaps_close(dc_image *img) {
                 pthread_mutex_unlock(&B->lock);
         }
         bitmaps_free(B);
-        s->bitmaps = NULL;
+        img->bitmaps = NULL;
 }
 
 /* --- the library's interface ------------------------------------------------------------ */
 
 /* IMG's bitmaps, locked: those kept with the image, or a fresh read of the file into *TMP. */
-static int begin(dc_image *img, struct qcow2_bitmaps **tmp, struct qcow2_bitmaps **ret) {
-        struct qcow2 *s = QC(img);
+static int begin(dc_image *img, struct dc_bitmap_set **tmp, struct dc_bitmap_set **ret) {
         int r;
 
         *tmp = NULL;
         pthread_mutex_lock(&img->lock);
-        if (s->bitmaps) {
-                *ret = s->bitmaps;
+        if (img->bitmaps) {
+                *ret = img->bitmaps;
                 return 0;
         }
         r = load_into(img, tmp);
@@ -620,7 +719,7 @@ static int begin(dc_image *img, struct qcow2_bitmaps **tmp, struct qcow2_bitmaps
         return 0;
 }
 
-static int end(dc_image *img, struct qcow2_bitmaps *tmp, int r) {
+static int end(dc_image *img, struct dc_bitmap_set *tmp, int r) {
         bitmaps_free(tmp);
         pthread_mutex_unlock(&img->lock);
         return r;
@@ -637,16 +736,59 @@ static int stale(dc_image *img, const struct qbm *q) {
                                 "can only be removed", img->path, q->name);
 }
 
+/*
+ * The transient bitmaps that other opens of IMG's file hold (a live
+ * export's, say), appended to *V: a fresh open of the file lists what the
+ * process's writers record into.
+ */
+static int others(dc_image *img, struct dc_bitmap_info **v, size_t *n) {
+        struct stat st;
+        int r = 0;
+
+        if (fstat(img->fd, &st) < 0)
+                return 0;
+        pthread_mutex_lock(&holders_lock);
+        for (struct holder *h = holders; h && r >= 0; h = h->next) {
+                struct dc_bitmap_set *B = h->img->bitmaps;
+                if (h->img == img || h->dev != st.st_dev || h->ino != st.st_ino || !B)
+                        continue;
+                pthread_mutex_lock(&B->lock);
+                for (size_t i = 0; i < B->n && r >= 0; i++) {
+                        struct qbm *q = &B->v[i];
+                        struct dc_bitmap_info *x;
+                        if (!q->transient || q->removed)
+                                continue;
+                        x = reallocarray(*v, *n + 1, sizeof *x);
+                        if (!x) {
+                                r = dc_error(ENOMEM, "out of memory");
+                                break;
+                        }
+                        *v = x;
+                        x = &x[*n];
+                        *x = (struct dc_bitmap_info){ .name = strdup(q->name), .granularity = UINT32_C(1) << q->gran,
+                                                      .enabled = q->flags & QCOW2_BME_AUTO, .busy = q->busy,
+                                                      .transient = true };
+                        if (!x->name) {
+                                r = dc_error(ENOMEM, "out of memory");
+                                break;
+                        }
+                        (*n)++;
+                        (void) walk_bits(q->bits, q->bytes, q->gran, B->vsize, count_cb, &x->dirty);
+                }
+                pthread_mutex_unlock(&B->lock);
+        }
+        pthread_mutex_unlock(&holders_lock);
+        return r;
+}
+
 DC_EXPORT int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_t *ret_n) {
-        struct qcow2_bitmaps *B, *tmp;
+        struct dc_bitmap_set *B, *tmp;
         struct dc_bitmap_info *v = NULL;
         size_t n = 0;
         int r;
 
         *ret = NULL;
         *ret_n = 0;
-        if (img->drv != &dc_qcow2_driver)
-                return 0;
         r = begin(img, &tmp, &B);
         if (r < 0)
                 return r;
@@ -659,7 +801,8 @@ DC_EXPORT int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_
                 if (q->removed)
                         continue;
                 *b = (struct dc_bitmap_info){ .name = strdup(q->name), .granularity = UINT32_C(1) << q->gran,
-                                              .in_use = q->inconsistent, .enabled = q->flags & QCOW2_BME_AUTO };
+                                              .in_use = q->inconsistent, .enabled = q->flags & QCOW2_BME_AUTO,
+                                              .transient = q->transient };
                 if (!b->name) {
                         r = dc_error(ENOMEM, "out of memory");
                         break;
@@ -675,13 +818,16 @@ DC_EXPORT int dc_image_bitmaps(dc_image *img, struct dc_bitmap_info **ret, size_
                 r = walk_bits(q->bits, q->bytes, q->gran, img->virtual_size, count_cb, &b->dirty);
                 pthread_mutex_unlock(&B->lock);
         }
+        r = end(img, tmp, r);
+        if (r >= 0)
+                r = others(img, &v, &n);
         if (r < 0) {
                 dc_bitmap_info_free(v, n);
-                return end(img, tmp, r);
+                return r;
         }
         *ret = v;
         *ret_n = n;
-        return end(img, tmp, 0);
+        return 0;
 }
 
 DC_EXPORT void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n) {
@@ -691,13 +837,10 @@ DC_EXPORT void dc_bitmap_info_free(struct dc_bitmap_info *v, size_t n) {
 }
 
 /* NAME's bits to read, IMG locked: consistent, in memory (of the image's set, or a fresh read in *TMP). */
-static int begin_read(dc_image *img, const char *name, struct qcow2_bitmaps **tmp, struct qcow2_bitmaps **ret,
+static int begin_read(dc_image *img, const char *name, struct dc_bitmap_set **tmp, struct dc_bitmap_set **ret,
                       struct qbm **ret_q) {
         int r;
 
-        if (img->drv != &dc_qcow2_driver)
-                return dc_error(ENOENT, "'%s' has no bitmap named '%s' (only qcow2 images have bitmaps)", img->path,
-                                name);
         r = begin(img, tmp, ret);
         if (r < 0)
                 return r;
@@ -711,7 +854,7 @@ static int begin_read(dc_image *img, const char *name, struct qcow2_bitmaps **tm
 }
 
 DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap_extent_cb cb, void *userdata) {
-        struct qcow2_bitmaps *B, *tmp;
+        struct dc_bitmap_set *B, *tmp;
         struct qbm *q;
         int r = begin_read(img, name, &tmp, &B, &q);
 
@@ -723,28 +866,34 @@ DC_EXPORT int dc_image_bitmap_extents(dc_image *img, const char *name, dc_bitmap
         return end(img, tmp, r);
 }
 
-/* For a change of the set: IMG writable and qcow2 v3, its bitmaps loaded and kept, locked. */
-static int begin_change(dc_image *img, const char *name, struct qcow2_bitmaps **ret, struct qbm **ret_q) {
+/* Why IMG cannot store persistent bitmaps (-ENOTSUP), or 0. */
+static int no_persistent(dc_image *img) {
+        if (img->drv != &dc_qcow2_driver)
+                return dc_error(ENOTSUP, "'%s' is a %s image: only qcow2 images store persistent bitmaps", img->path,
+                                img->drv->name);
+        if (QC(img)->version < 3)
+                return dc_error(ENOTSUP, "'%s': cannot store dirty bitmaps in qcow2 v2 (compat=0.10) files",
+                                img->path);
+        return 0;
+}
+
+/* For a change of the set: IMG writable, its bitmaps loaded and kept, locked. */
+static int begin_change(dc_image *img, const char *name, struct dc_bitmap_set **ret, struct qbm **ret_q) {
         int r;
 
         if (!img->writable)
                 return dc_error(EROFS, "'%s' is open read-only%s%s", img->path, img->read_only_reason ? ": " : "",
                                 img->read_only_reason ? img->read_only_reason : "");
-        if (img->drv != &dc_qcow2_driver)
-                return dc_error(ENOTSUP, "'%s' is a raw image: only qcow2 images store persistent bitmaps", img->path);
-        if (QC(img)->version < 3)
-                return dc_error(ENOTSUP, "'%s': cannot store dirty bitmaps in qcow2 v2 (compat=0.10) files",
-                                img->path);
         pthread_mutex_lock(&img->lock);
         r = load(img);
         if (r < 0) {
                 pthread_mutex_unlock(&img->lock);
                 return r;
         }
-        *ret = QC(img)->bitmaps;
+        *ret = img->bitmaps;
         /* an image already being written (it had no enabled bitmap at its first write): a bitmap
          * enabled from now on records from now on, and is stored at the close */
-        if (QC(img)->prepared_for_write && !(*ret)->recording) {
+        if (img->drv == &dc_qcow2_driver && QC(img)->prepared_for_write && !(*ret)->recording) {
                 pthread_mutex_lock(&(*ret)->lock);
                 (*ret)->recording = true;
                 pthread_mutex_unlock(&(*ret)->lock);
@@ -760,7 +909,7 @@ static int begin_change(dc_image *img, const char *name, struct qcow2_bitmaps **
 }
 
 /* ... and NAME usable: consistent, not held by a backup, its bits in memory. */
-static int begin_bits(dc_image *img, const char *name, struct qcow2_bitmaps **ret, struct qbm **ret_q) {
+static int begin_bits(dc_image *img, const char *name, struct dc_bitmap_set **ret, struct qbm **ret_q) {
         int r = begin_change(img, name, ret, ret_q);
 
         if (r < 0)
@@ -774,7 +923,7 @@ static int begin_bits(dc_image *img, const char *name, struct qcow2_bitmaps **re
 }
 
 DC_EXPORT int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool enabled) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         uint32_t flags;
         bool held;
@@ -798,8 +947,8 @@ DC_EXPORT int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool 
         pthread_mutex_lock(&B->lock);
         q->flags = enabled ? flags | QCOW2_BME_AUTO : flags & ~QCOW2_BME_AUTO;
         /* recorded from now on, or no longer: stored now, and in use while recorded */
-        q->held = enabled && B->recording;
-        r = store(img);
+        q->held = enabled && B->recording && !q->transient;
+        r = save(img, q);
         if (r < 0) {
                 q->flags = flags;
                 q->held = held;
@@ -808,8 +957,9 @@ DC_EXPORT int dc_image_bitmap_set_enabled(dc_image *img, const char *name, bool 
         return end(img, NULL, r);
 }
 
-DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t granularity, bool disabled) {
-        struct qcow2_bitmaps *B;
+DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t granularity, unsigned flags) {
+        bool disabled = flags & DC_BITMAP_DISABLED, transient = flags & DC_BITMAP_TRANSIENT;
+        struct dc_bitmap_set *B;
         struct qbm *v, *q;
         uint32_t cs;
         size_t len = strlen(name);
@@ -819,19 +969,21 @@ DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t gran
         if (!len)
                 return dc_error(EINVAL, "Bitmap name cannot be empty");
         if (len > QCOW2_MAX_BITMAP_NAME)
-                return dc_error(EINVAL, "bitmap name is %zu bytes long, over the %u bytes qcow2 stores", len,
-                                QCOW2_MAX_BITMAP_NAME);
+                return dc_error(EINVAL, "bitmap name is %zu bytes long, over the %u bytes %s", len,
+                                QCOW2_MAX_BITMAP_NAME, transient ? "QEMU takes" : "qcow2 stores");
         if (granularity && (granularity < 512 || (granularity & (granularity - 1))))
                 return dc_error(EINVAL, "Granularity must be power of 2 and at least 512");
         if (granularity > (UINT32_C(1) << 31))
                 return dc_error(EINVAL, "granularity %u is over 2 GiB, the largest qcow2 stores", granularity);
+        if (!transient && (r = no_persistent(img)) < 0)
+                return r;
         r = begin_change(img, name, &B, NULL);
         if (r < 0)
                 return r;
         if (find(B, name))
                 return end(img, NULL, dc_error(EEXIST, "Bitmap already exists: %s", name));
-        /* QEMU's default: the cluster size, at least 4 KiB and at most 64 KiB */
-        cs = QC(img)->cluster_size;
+        /* QEMU's default: the cluster size, at least 4 KiB and at most 64 KiB; 64 KiB without clusters */
+        cs = img->drv == &dc_qcow2_driver ? QC(img)->cluster_size : 65536;
         if (!granularity)
                 granularity = MIN(MAX(cs, UINT32_C(4096)), UINT32_C(65536));
         pthread_mutex_lock(&B->lock);
@@ -843,7 +995,7 @@ DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t gran
                 return end(img, NULL, dc_error(ENOMEM, "out of memory"));
         q = &v[B->n];
         *q = (struct qbm){ .name = strdup(name), .name_size = (uint16_t) len, .gran = (uint8_t) __builtin_ctz(granularity),
-                           .flags = disabled ? 0 : QCOW2_BME_AUTO, .changed = true };
+                           .flags = disabled ? 0 : QCOW2_BME_AUTO, .changed = true, .transient = transient };
         need = bytes_for(img->virtual_size, q->gran);
         if (need > BITS_MAX_TOTAL - B->bits_total)
                 r = dc_error(EFBIG, "'%s': the bitmaps would need more than the %llu MiB diskchain keeps in memory for "
@@ -855,11 +1007,16 @@ DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t gran
                 return end(img, NULL, r);
         }
         q->bytes = need;
-        q->held = !disabled && B->recording;
+        if (transient)
+                hold(img, B); /* (before the lock: the holders' list is taken before it) */
         pthread_mutex_lock(&B->lock);
+        /* a transient one records every write of this open from now on, whatever the format */
+        if (transient)
+                B->recording = true;
+        q->held = !disabled && B->recording && !transient;
         B->bits_total += need;
         B->n++;
-        r = store(img);
+        r = save(img, q);
         if (r < 0) {
                 B->n--;
                 B->bits_total -= need;
@@ -870,7 +1027,7 @@ DC_EXPORT int dc_image_bitmap_add(dc_image *img, const char *name, uint32_t gran
 }
 
 DC_EXPORT int dc_image_bitmap_remove(dc_image *img, const char *name) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         int r = begin_change(img, name, &B, &q);
 
@@ -880,7 +1037,7 @@ DC_EXPORT int dc_image_bitmap_remove(dc_image *img, const char *name) {
                 return end(img, NULL, busy(img, q));
         pthread_mutex_lock(&B->lock);
         q->removed = true;
-        r = store(img);
+        r = save(img, q);
         if (r < 0)
                 q->removed = false;
         pthread_mutex_unlock(&B->lock);
@@ -895,7 +1052,7 @@ static int replace_bits(dc_image *img, struct qbm *q, uint8_t *bits) {
 
         q->bits = bits;
         q->changed = true;
-        r = store(img);
+        r = save(img, q);
         if (r < 0) {
                 q->bits = was;
                 q->changed = changed;
@@ -906,7 +1063,7 @@ static int replace_bits(dc_image *img, struct qbm *q, uint8_t *bits) {
 }
 
 DC_EXPORT int dc_image_bitmap_clear(dc_image *img, const char *name) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         uint8_t *bits;
         int r = begin_bits(img, name, &B, &q);
@@ -935,7 +1092,7 @@ static int merge_cb(void *userdata, uint64_t off, uint64_t len) {
 }
 
 DC_EXPORT int dc_image_bitmap_merge(dc_image *img, const char *target, const char *const *sources, size_t n) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         struct merge m;
         int r = begin_bits(img, target, &B, &q);
@@ -978,7 +1135,7 @@ DC_EXPORT int dc_image_bitmap_merge(dc_image *img, const char *target, const cha
  * the bits it held, for dc_image_bitmap_backup_end.
  */
 int dc_image_bitmap_backup_begin(dc_image *img, const char *name, uint8_t **ret, uint64_t *ret_bytes) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         uint8_t *bits, *was;
         int r = begin_bits(img, name, &B, &q);
@@ -993,7 +1150,7 @@ int dc_image_bitmap_backup_begin(dc_image *img, const char *name, uint8_t **ret,
         q->bits = bits;
         q->changed = true;
         q->busy = true;
-        r = store(img);
+        r = save(img, q);
         if (r < 0) {
                 q->bits = was;
                 q->busy = false;
@@ -1016,7 +1173,7 @@ int dc_image_bitmap_backup_begin(dc_image *img, const char *name, uint8_t **ret,
  */
 int dc_image_bitmap_backup_end(dc_image *img, const char *name, uint8_t *saved, uint64_t saved_bytes,
                                const uint64_t *ranges, size_t n) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct qbm *q;
         int r = begin_change(img, name, &B, &q);
 
@@ -1032,7 +1189,7 @@ int dc_image_bitmap_backup_end(dc_image *img, const char *name, uint8_t *saved, 
         q->changed = true;
         q->busy = false;
         /* a failure leaves it in use on disk: inconsistent, never missing a change */
-        r = store(img);
+        r = save(img, q);
         pthread_mutex_unlock(&B->lock);
         free(saved);
         return end(img, NULL, r);
@@ -1047,7 +1204,7 @@ struct dc_bitmap_copy {
 };
 
 DC_EXPORT int dc_image_bitmap_copy(dc_image *img, const char *name, dc_bitmap_copy **ret) {
-        struct qcow2_bitmaps *B, *tmp;
+        struct dc_bitmap_set *B, *tmp;
         dc_bitmap_copy *c;
         struct qbm *q;
         int r = begin_read(img, name, &tmp, &B, &q);
@@ -1111,8 +1268,8 @@ DC_EXPORT uint64_t dc_bitmap_copy_run(const dc_bitmap_copy *c, uint64_t off, uin
 struct taken {                  /* one bitmap of a committed layer */
         char *name;
         uint8_t gran;
-        bool enabled, inconsistent;
-        bool first;             /* the top-most layer's of its name: its granularity and recording win */
+        bool enabled, inconsistent, transient;
+        bool first;             /* the top-most layer's of its name: its granularity, recording and kind win */
         uint8_t *bits;          /* a copy (NULL when inconsistent) */
         uint64_t bytes, vsize;
 };
@@ -1127,11 +1284,9 @@ static void taken_free(struct taken *t, size_t n) {
 
 /* LAYER's bitmaps, their bits copied, appended to *T. */
 static int take_layer(dc_image *layer, struct taken **t, size_t *n) {
-        struct qcow2_bitmaps *B, *tmp;
+        struct dc_bitmap_set *B, *tmp;
         int r;
 
-        if (layer->drv != &dc_qcow2_driver)
-                return 0;
         r = begin(layer, &tmp, &B);
         if (r < 0)
                 return r;
@@ -1155,7 +1310,8 @@ static int take_layer(dc_image *layer, struct taken **t, size_t *n) {
                 *t = v;
                 e = &v[*n];
                 *e = (struct taken){ .name = strdup(q->name), .gran = q->gran, .enabled = q->flags & QCOW2_BME_AUTO,
-                                     .inconsistent = q->inconsistent, .first = true, .vsize = layer->virtual_size };
+                                     .inconsistent = q->inconsistent, .transient = q->transient, .first = true,
+                                     .vsize = layer->virtual_size };
                 if (e->name && !q->inconsistent && (e->bits = malloc(MAX(q->bytes, 1u)))) {
                         pthread_mutex_lock(&B->lock);
                         memcpy(e->bits, q->bits, q->bytes);
@@ -1192,16 +1348,17 @@ struct undo {
 };
 
 DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, size_t n_layers) {
-        struct qcow2_bitmaps *B;
+        struct dc_bitmap_set *B;
         struct taken *t = NULL;
         struct undo *u = NULL;
         size_t n = 0, nu = 0, n0, adds = 0;
         int r = 0;
 
+        bool file = false, transient = false;
+
         for (size_t l = 0; r >= 0 && l < n_layers; l++)
                 r = take_layer(layers[l], &t, &n);
-        /* a raw or v2 base cannot keep bitmaps: they stay in the layers' files only */
-        if (r < 0 || !n || base->drv != &dc_qcow2_driver || QC(base)->version < 3) {
+        if (r < 0 || !n) {
                 taken_free(t, n);
                 return r;
         }
@@ -1241,12 +1398,16 @@ DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, s
                 }
                 if (q && q->inconsistent)
                         continue; /* stays good only for removal */
+                /* a raw or v2 base cannot keep persistent bitmaps: they stay in the layers' files only */
+                if (!q && !t[i].transient && !persistent_ok(base))
+                        continue;
                 if (bad) {
                         /* what the layer's bitmap missed is missing from the whole name: base's is
                          * no longer to be trusted either (a base without one just has none) */
                         if (q) {
                                 u[nu++] = (struct undo){ .i = (size_t) (q - B->v), .flags = q->flags,
                                                          .inconsistent = false, .held = q->held, .changed = q->changed };
+                                file |= !q->transient;
                                 pthread_mutex_lock(&B->lock);
                                 q->inconsistent = true;
                                 q->held = false;
@@ -1269,11 +1430,12 @@ DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, s
                         take_bits(t, n, t[i].name, bits, q->bytes, q->gran);
                         u[nu++] = (struct undo){ .i = (size_t) (q - B->v), .bits = q->bits, .flags = q->flags,
                                                  .held = q->held, .changed = q->changed };
+                        file |= !q->transient;
                         q->bits = bits;
                         q->changed = true;
                         /* base takes the top-most layer's place: and its recording, too */
                         q->flags = t[i].enabled ? q->flags | QCOW2_BME_AUTO : q->flags & ~QCOW2_BME_AUTO;
-                        q->held = t[i].enabled && B->recording;
+                        q->held = t[i].enabled && B->recording && !q->transient;
                         pthread_mutex_unlock(&B->lock);
                         continue;
                 }
@@ -1288,12 +1450,16 @@ DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, s
                 q = &B->v[B->n];
                 *q = (struct qbm){ .name = strdup(t[i].name), .name_size = (uint16_t) strlen(t[i].name),
                                    .gran = t[i].gran, .flags = t[i].enabled ? QCOW2_BME_AUTO : 0, .changed = true,
-                                   .held = t[i].enabled && B->recording, .bits = calloc(1, MAX(need, 1u)),
-                                   .bytes = need };
+                                   .transient = t[i].transient, .bits = calloc(1, MAX(need, 1u)), .bytes = need };
                 if (q->name && q->bits) {
                         take_bits(t, n, t[i].name, q->bits, q->bytes, q->gran);
                         B->bits_total += need;
                         B->n++;
+                        /* a transient one: base records from now on, as the layer did */
+                        B->recording |= q->transient;
+                        q->held = t[i].enabled && B->recording && !q->transient;
+                        file |= !q->transient;
+                        transient |= q->transient;
                 } else {
                         qbm_done(q);
                         r = dc_error(ENOMEM, "out of memory");
@@ -1301,7 +1467,7 @@ DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, s
                 pthread_mutex_unlock(&B->lock);
         }
         pthread_mutex_lock(&B->lock);
-        if (r >= 0 && (nu || B->n > n0))
+        if (r >= 0 && file)
                 r = store(base);
         if (r < 0) {
                 /* as it was: the new ones gone, the old ones back */
@@ -1325,6 +1491,8 @@ DC_EXPORT int dc_image_bitmaps_commit(dc_image *base, dc_image *const *layers, s
                 for (size_t k = 0; k < nu; k++)
                         free(u[k].bits);
         pthread_mutex_unlock(&B->lock);
+        if (r >= 0 && transient)
+                hold(base, B);
         free(u);
         taken_free(t, n);
         return end(base, NULL, r);

@@ -973,7 +973,7 @@ static void qcow2_close(dc_image *img) {
         if (!s)
                 return;
         (void) qcow2_l2_commit_pending(img);
-        qcow2_bitmaps_close(img);
+        dc_bitmaps_close(img);
         qcow2_cache_free(&s->l2_cache);
         qcow2_cache_free(&s->rb_cache);
         for (int t = 0; t < 3; t++)
@@ -1783,7 +1783,7 @@ static int qcow2_write(dc_image *img, const void *buf, uint64_t off, size_t len)
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
-        qcow2_bitmaps_record(img, off, len);
+        dc_bitmaps_record(img, off, len);
         while (len > 0) {
                 uint64_t gidx = off / cs, l1i = gidx / s->l2_entries, l2i = gidx % s->l2_entries, l2off, e;
                 uint64_t max_run = MIN(MAX(1u, MAX_RUN_BYTES / cs), qcow2_max_run(s)), run = 0, first_host;
@@ -2101,7 +2101,7 @@ static int qcow2_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigne
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
-        qcow2_bitmaps_record(img, off, len);
+        dc_bitmaps_record(img, off, len);
         /* v2 with a backing file has no way to say "zero": write zeroes. */
         if (s->version < 3 && img->backing_file)
                 return write_zero_bytes(img, off, len);
@@ -2145,7 +2145,7 @@ static int qcow2_discard(dc_image *img, uint64_t off, uint64_t len) {
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
-        qcow2_bitmaps_record(img, off, len);
+        dc_bitmaps_record(img, off, len);
         if (off + len == img->virtual_size)
                 last = DIV_ROUND_UP(img->virtual_size, cs);
         if (first >= last)
@@ -2182,7 +2182,7 @@ int dc_qcow2_store_compressed_batch(dc_image *img, const uint8_t *raw, uint64_t 
         r = prepare_for_write(img);
         if (r < 0)
                 return r;
-        qcow2_bitmaps_record(img, off, len);
+        dc_bitmaps_record(img, off, len);
         ne = calloc(n, sizeof *ne);
         if (!ne)
                 return dc_error(ENOMEM, "out of memory");
@@ -2480,7 +2480,7 @@ static int qcow2_truncate(dc_image *img, uint64_t size) {
         need = qcow2_size_to_l1(s->cluster_bits, s->l2_entries, size);
         have_clusters = DIV_ROUND_UP((uint64_t) s->l1_size * 8, cs);
         inflight_wait(img, 0, 0);
-        r = qcow2_bitmaps_resize(img, size);
+        r = dc_bitmaps_resize(img, size);
         if (r < 0)
                 return r;
         r = prepare_for_write(img);

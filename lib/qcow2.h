@@ -113,7 +113,6 @@ struct qcow2 {
         bool has_bitmaps;
         uint32_t nb_bitmaps;
         uint64_t bitmap_dir_offset, bitmap_dir_size;
-        struct qcow2_bitmaps *bitmaps; /* loaded for writing or for a change of the set, else NULL (qcow2-bitmap.c) */
 
         uint64_t fde_offset, fde_length;
 
@@ -256,8 +255,5 @@ int qcow2_read_bitmaps(dc_image *img, uint64_t fsize,
 /* Point the header at a new bitmap directory (NB 0: none), durably (qcow2.c). */
 int qcow2_header_set_bitmaps(dc_image *img, uint32_t nb, uint64_t dir_size, uint64_t dir_offset);
 
-/* The image lock is held for all of these but qcow2_bitmaps_record. */
+/* The image lock is held (the rest of the write path is in dc-internal.h). */
 int qcow2_bitmaps_start_recording(dc_image *img);    /* from the first write's preparation */
-void qcow2_bitmaps_record(dc_image *img, uint64_t off, uint64_t len); /* any thread */
-int qcow2_bitmaps_resize(dc_image *img, uint64_t size); /* before the disk grows to SIZE */
-void qcow2_bitmaps_close(dc_image *img);

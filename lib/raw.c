@@ -18,7 +18,7 @@ static int raw_open(dc_image *img, bool writable) {
 }
 
 static void raw_close(dc_image *img) {
-        (void) img;
+        dc_bitmaps_close(img); /* transient ones only */
 }
 
 static int raw_block_status(dc_image *img, uint64_t off, uint64_t len, struct dc_layer_status *ret) {
@@ -90,6 +90,7 @@ static int raw_write(dc_image *img, const void *buf, uint64_t off, size_t len) {
         int r = guard_first_sector(img, buf, off, len);
         if (r < 0)
                 return r;
+        dc_bitmaps_record(img, off, len);
         r = dc_image_pwrite_data(img, buf, len, off, false);
         if (r < 0)
                 return dc_error(r, "'%s': write error at offset %llu: %s", img->path, (unsigned long long) off,
@@ -104,6 +105,7 @@ static int raw_write_zeroes(dc_image *img, uint64_t off, uint64_t len, unsigned 
 
         if (r < 0)
                 return r;
+        dc_bitmaps_record(img, off, len);
         if (fallocate(img->fd, mode, (off_t) off, (off_t) len) == 0)
                 return 0;
         while (len > 0) {
@@ -122,6 +124,7 @@ static int raw_discard(dc_image *img, uint64_t off, uint64_t len) {
          * skipped because the first sector would turn into a header. */
         if (guard_first_sector(img, NULL, off, len) < 0)
                 return 0;
+        dc_bitmaps_record(img, off, len);
         (void) fallocate(img->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t) off, (off_t) len);
         return 0;
 }
@@ -134,6 +137,10 @@ static int raw_flush(dc_image *img) {
 }
 
 static int raw_truncate(dc_image *img, uint64_t size) {
+        int r = dc_bitmaps_resize(img, size);
+
+        if (r < 0)
+                return r;
         if (ftruncate(img->fd, (off_t) size) < 0)
                 return dc_error(errno, "'%s': cannot resize: %m", img->path);
         img->virtual_size = size;

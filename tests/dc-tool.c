@@ -102,6 +102,27 @@ static void pattern(uint8_t *b, size_t n, uint64_t pat, uint64_t off) {
         }
 }
 
+static int print_dirty(void *userdata, uint64_t off, uint64_t len);
+
+/* What this open's bitmaps, or (LOOK) another open's of the same file, hold: "bitmap NAME GRAN IN_USE ENABLED DIRTY TRANSIENT". */
+static int list_bitmaps(dc_image *img, const char *look) {
+        struct dc_open_options o = { .no_backing = true, .no_lock = true, .check_mode = true };
+        struct dc_bitmap_info *v;
+        dc_image *other = NULL;
+        size_t n;
+        int r = look ? dc_image_open(look, &o, &other) : 0;
+
+        if (r >= 0)
+                r = dc_image_bitmaps(other ? other : img, &v, &n);
+        for (size_t k = 0; r >= 0 && k < n; k++)
+                printf("bitmap %s %u %d %d %" PRIu64 " %d\n", v[k].name, v[k].granularity, v[k].in_use, v[k].enabled,
+                       v[k].dirty, v[k].transient);
+        if (r >= 0)
+                dc_bitmap_info_free(v, n);
+        dc_image_close(other);
+        return r;
+}
+
 static int do_io(int argc, char **argv) {
         struct dc_open_options o = { .roots = roots[0] ? roots : NULL, .writable = true };
         dc_image *img;
@@ -134,6 +155,30 @@ static int do_io(int argc, char **argv) {
                 } else if (!strcmp(c, "discard")) {
                         r = dc_image_discard(img, num(argv[i + 1]), num(argv[i + 2]));
                         i += 3;
+                } else if (!strcmp(c, "transient")) {
+                        /* transient NAME GRANULARITY: a bitmap of this open only */
+                        r = dc_image_bitmap_add(img, argv[i + 1], (uint32_t) num(argv[i + 2]), DC_BITMAP_TRANSIENT);
+                        i += 3;
+                } else if (!strcmp(c, "bm-disable") || !strcmp(c, "bm-enable")) {
+                        r = dc_image_bitmap_set_enabled(img, argv[i + 1], !strcmp(c, "bm-enable"));
+                        i += 2;
+                } else if (!strcmp(c, "bm-remove")) {
+                        r = dc_image_bitmap_remove(img, argv[i + 1]);
+                        i += 2;
+                } else if (!strcmp(c, "bm-clear")) {
+                        r = dc_image_bitmap_clear(img, argv[i + 1]);
+                        i += 2;
+                } else if (!strcmp(c, "bm-merge")) {
+                        r = dc_image_bitmap_merge(img, argv[i + 1], (const char *const[]){ argv[i + 2] }, 1);
+                        i += 3;
+                } else if (!strcmp(c, "extents")) {
+                        /* extents NAME: "OFF LEN" lines, then "end" */
+                        r = dc_image_bitmap_extents(img, argv[i + 1], print_dirty, NULL);
+                        printf("end\n");
+                        i += 2;
+                } else if (!strcmp(c, "list") || !strcmp(c, "list-other")) {
+                        r = list_bitmaps(img, !strcmp(c, "list") ? NULL : argv[2]);
+                        i += 1;
                 } else if (!strcmp(c, "resize")) {
                         r = dc_image_truncate(img, num(argv[i + 1]));
                         i += 2;
@@ -296,7 +341,7 @@ static int do_bitmap(int argc, char **argv) {
                                 disabled = true;
                         else
                                 gran = (uint32_t) strtoul(argv[i], NULL, 0);
-                r = dc_image_bitmap_add(img, name, gran, disabled);
+                r = dc_image_bitmap_add(img, name, gran, disabled ? DC_BITMAP_DISABLED : 0);
         } else if (strcmp(op, "remove") == 0)
                 r = dc_image_bitmap_remove(img, name);
         else if (strcmp(op, "clear") == 0)

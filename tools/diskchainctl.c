@@ -197,9 +197,10 @@ static void print_bitmaps(const char *obj) {
                                 printf(": granularity %s, inconsistent (left in use by a writer: the next backup "
                                        "must be full)", format_bytes(h1, gran));
                         else
-                                printf(": granularity %s, %s dirty%s, %s%s", format_bytes(h1, gran),
+                                printf(": granularity %s, %s dirty%s, %s%s%s", format_bytes(h1, gran),
                                        format_bytes(h2, dirty), busy ? " or more" : "", rec ? "recording" : "disabled",
-                                       busy ? ", busy (diskchain is writing the image)" : "");
+                                       busy ? ", busy (diskchain is writing the image)" : "",
+                                       persistent ? "" : ", transient (gone when the export stops)");
                 }
                 n++;
         }
@@ -1128,7 +1129,7 @@ static int cmd_unexport(const char *name) {
 }
 
 #define BITMAP_USAGE                                                                                   \
-        "diskchainctl: bitmap add IMAGE NAME [--granularity BYTES] [--disabled]\n"                    \
+        "diskchainctl: bitmap add IMAGE NAME [--granularity BYTES] [--disabled] [--transient]\n"      \
         "              bitmap remove|clear|enable|disable IMAGE NAME\n"                                \
         "              bitmap merge IMAGE TARGET SOURCE...\n"
 
@@ -1144,7 +1145,7 @@ static int cmd_bitmap(int argc, char **argv) {
         sd_bus_error e = SD_BUS_ERROR_NULL;
         sd_bus_message *m = NULL;
         uint64_t gran = 0;
-        bool disabled = false;
+        bool disabled = false, transient = false;
         size_t v = 0;
         char *o = NULL;
         int r;
@@ -1156,6 +1157,8 @@ static int cmd_bitmap(int argc, char **argv) {
         for (int i = 4; v == 0 && i < argc; i++)
                 if (strcmp(argv[i], "--disabled") == 0)
                         disabled = true;
+                else if (strcmp(argv[i], "--transient") == 0)
+                        transient = true;
                 else if (strcmp(argv[i], "--granularity") == 0 && i + 1 < argc)
                         gran = strtoull(argv[++i], NULL, 0);
                 else if (strncmp(argv[i], "--granularity=", 14) == 0)
@@ -1172,7 +1175,8 @@ static int cmd_bitmap(int argc, char **argv) {
                 r = sd_bus_message_append(m, "s", argv[3]);
         if (r >= 0 && v == 0) {
                 /* granularity 0: the service's default; the service judges the value */
-                r = sd_bus_message_append(m, "a{sv}", 2, "granularity", "t", gran, "disabled", "b", disabled);
+                r = sd_bus_message_append(m, "a{sv}", 3, "granularity", "t", gran, "disabled", "b", disabled,
+                                          "persistent", "b", !transient);
         }
         if (r >= 0 && v == 5)
                 r = sd_bus_message_append_strv(m, argv + 4);

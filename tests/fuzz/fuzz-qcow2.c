@@ -13,8 +13,8 @@
  *      copy of a v3 image, so that most inputs take that path too): guest
  *      writes, zero writes with and without unmap, a discard, a compressed
  *      write, a flush, a small resize, a check, and a bitmap added, merged,
- *      walked, cleared, disabled and removed (the bitmaps are stored at the
- *      close);
+ *      walked, cleared, disabled and removed, with a transient one beside it
+ *      (the persistent bitmaps are stored at the close);
  *   3. a check-mode writable open of another copy: check with repair;
  *   4. a short backup job from the written copy onto a fresh qcow2 target,
  *      and a stream job on it, both waited for to the end.
@@ -147,12 +147,16 @@ static void write_pass(const char *path) {
                 (void) dc_image_truncate(img, vs + 65536);
                 (void) dc_image_check(img, DC_REPAIR_NONE, &c);
                 /* the bitmaps recorded, changed, and read back from memory */
-                if (dc_image_bitmap_add(img, "fz", 0, false) >= 0) {
+                if (dc_image_bitmap_add(img, "fz", 0, 0) >= 0) {
+                        /* a transient one beside it: merged both ways, never stored */
+                        (void) dc_image_bitmap_add(img, "tz", 4096, DC_BITMAP_TRANSIENT);
                         (void) dc_image_write(img, buf, 0, 512);
-                        (void) dc_image_bitmap_merge(img, "fz", (const char *const[]){ "fz" }, 1);
+                        (void) dc_image_bitmap_merge(img, "fz", (const char *const[]){ "fz", "tz" }, 2);
+                        (void) dc_image_bitmap_merge(img, "tz", (const char *const[]){ "fz" }, 1);
                         walk_bitmaps(img);
                         (void) dc_image_bitmap_clear(img, "fz");
                         (void) dc_image_bitmap_set_enabled(img, "fz", false);
+                        (void) dc_image_bitmap_remove(img, "tz");
                         (void) dc_image_bitmap_remove(img, "fz");
                 }
         }

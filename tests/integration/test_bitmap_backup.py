@@ -343,3 +343,63 @@ def test_bitmaps_across_snapshot_and_commit(bus):
     assert qemu_map("daily") == [(MiB, 65536), (5 * MiB, 65536), (9 * MiB, 65536)]
     assert qemu_map("frozen") == [(9 * MiB, 4096)]
     qemu_img("check", base)
+
+
+def test_transient_bitmap_on_a_live_raw_disk(bus, tmp_path):
+    """A transient bitmap (AddBitmap persistent false, QEMU's non-persistent one) lives in the open image
+    of a live export, as long as the export: on a raw disk too, which can hold no persistent one. It
+    records the clients' writes, Image.Bitmaps lists it (persistent false) with its count, an
+    incremental push backup copies only what it marked, a point-in-time view offers it as
+    qemu:dirty-bitmap, and it is gone when the export stops, leaving the file as it was."""
+    r = bus.root
+    disk = os.path.join(r, "vm.raw")
+    qemu_img("create", "-q", "-f", "raw", disk, "16M")
+    sh("qemu-io", "-f", "raw", "-c", "write -P 1 0 16M", disk)
+    chain = data(bus.call(M, "Manager", "GetChain", "s", "vm.raw"))[0]
+    img = data(bus.call(M, "Manager", "GetImage", "s", "vm.raw"))[0]
+    # no live export: nothing holds the image open for it to live in; no persistent one on raw
+    p = bus.ctl("bitmap", "add", "vm.raw", "t", "--transient", check=False)
+    assert p.returncode != 0 and "export the chain first" in p.stderr, p.stderr
+    p = bus.gdbus("--object-path", img, "--method", "org.diskchain.DiskChain1.Image.AddBitmap", "t", "{}",
+                  check=False)
+    assert "org.diskchain.DiskChain1.Error.NotSupported" in p.stderr and "only qcow2" in p.stderr, p.stderr
+
+    exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "vm"))
+    out = bus.ctl("backup", "vm.raw", "full.qcow2").stdout  # through the export, no writes meanwhile
+    assert "completed" in out, out
+    bus.ctl("bitmap", "add", "vm.raw", "t", "--transient")
+    p = bus.ctl("bitmap", "add", "vm.raw", "t", "--transient", check=False)
+    assert p.returncode != 0 and "already exists" in p.stderr, p.stderr
+    h = nbd.NBD()
+    h.connect_uri(uri_of(bus, exp))
+    h.pwrite(b"\x02" * 65536, MiB)
+    h.pwrite(b"\x03" * 4096, 5 * MiB + 8192)
+    h.flush()
+    bus.ctl("bitmap", "add", "vm.raw", "x", "--transient")  # any bitmap change refreshes the model
+    wait_for(lambda: prop(bus, img, "Image", "Bitmaps") == [["t", 65536, 2 * 65536, True, False, False, False],
+                                                             ["x", 65536, 0, True, False, False, False]],
+             "the transient bitmaps listed, with t's count")
+    assert "transient (gone when the export stops)" in bus.ctl("info", "vm.raw").stdout
+    # an incremental backup from it, into an overlay of the full one
+    want = tmp_path / "now.raw"
+    qemu_img("convert", "-U", "-f", "raw", "-O", "raw", disk, want)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "full.qcow2", "-F", "qcow2", os.path.join(r, "inc.qcow2"))
+    out = bus.ctl("backup", "vm.raw", "inc.qcow2", "--mode", "existing", "--sync", "incremental",
+                  "--bitmap", "t").stdout
+    assert "completed" in out, out
+    inc = os.path.join(r, "inc.qcow2")
+    qemu_img("check", inc)
+    assert qemu_img("compare", "-q", "-F", "raw", inc, want, check=False).returncode == 0
+    assert allocated_top(inc) == 2 * 65536
+    # on-success: t holds only what came after; a view offers it frozen
+    h.pwrite(b"\x04" * 512, 9 * MiB)
+    h.flush()
+    view = export(bus, chain, ("snapshot", "b", "true"), ("bitmap", "s", "t"))
+    out = sh("nbdinfo", "--map=qemu:dirty-bitmap:t", "--json", uri_of(bus, view)).stdout
+    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1] == [(9 * MiB, 65536)]
+    bus.call(view, "Export", "Stop")
+    h.shutdown()
+    bus.call(exp, "Export", "Stop")
+    wait_for(lambda: prop(bus, img, "Image", "Bitmaps") == [], "gone with the export")
+    p = bus.ctl("bitmap", "remove", "vm.raw", "t", check=False)
+    assert p.returncode != 0 and "no bitmap named 't'" in p.stderr, p.stderr

@@ -336,3 +336,75 @@ def test_commit_moves_bitmaps_into_base(tmp):
     qemu_img("compare", "-U", before, c)
     r = qemu_img("check", "--output=json", a)
     assert json.loads(r.stdout).get("corruptions", 0) == 0
+
+
+def io_out(img, *ops, **kw):
+    """dc-tool io IMG OPS: its "bitmap ..." lines (as our_bitmaps gives them, with the transient
+    flag) and the extents each "extents" op printed, in order."""
+    p = dc("io", img, *[str(o) for o in ops], **kw)
+    listed, extents, cur = [], [], []
+    for line in p.stdout.splitlines():
+        w = line.split()
+        if w[0] == "bitmap":
+            listed.append((w[1], int(w[2]), w[3] == "1", w[4] == "1", int(w[5]), w[6] == "1"))
+        elif w[0] == "end":
+            extents.append(cur)
+            cur = []
+        else:
+            cur.append((int(w[0]), int(w[1])))
+    return listed, extents
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_transient_bitmaps(tmp, fmt):
+    """Transient bitmaps (QEMU's persistent: false) of any format: they record this open's writes,
+    zeroes and discards, work with every operation, can merge with persistent ones both ways, grow
+    with the disk, are listed by another open of the file in the same process (how the daemon's scan
+    sees a live export's), and leave nothing in the file: after the close only the persistent ones
+    exist, and qemu-img check finds nothing."""
+    img = tmp / f"a.{fmt}"
+    size = 64 * MiB
+    qemu_img("create", "-q", "-f", fmt, img, str(size))
+    if fmt == "qcow2":
+        qemu_img("bitmap", "--add", img, "p")
+    listed, ext = io_out(img, "transient", "t", 4096, "transient", "off", 65536, "bm-disable", "off",
+                         "write", 0x5a, MiB, 65536, "zero", 5 * MiB, MiB, "discard", 9 * MiB, 65536,
+                         "list", "list-other", "extents", "t", "extents", "off",
+                         "transient", "copy", 0, "bm-merge", "copy", "t", "write", 1, 20 * MiB, 4096,
+                         "extents", "copy", "bm-clear", "t", "extents", "t", "bm-remove", "off", "list",
+                         "resize", 128 * MiB, "write", 2, 100 * MiB, 512, "extents", "t")
+    want_t = [(MiB, 65536), (5 * MiB, MiB), (9 * MiB, 65536)]
+    dirty = sum(n for _, n in want_t)
+    mine = [("t", 4096, False, True, dirty, True), ("off", 65536, False, False, 0, True)]
+    persistent = [("p", 65536, False, True, dirty, False)] if fmt == "qcow2" else []
+    assert listed[:2 + len(persistent)] == persistent + mine
+    # another open sees the file's bitmaps (the enabled persistent one in use, as any writer leaves it)
+    # and this open's transient ones
+    other = listed[2 + len(persistent):4 + 2 * len(persistent)]
+    assert other == [(n, g, True, e, 0, False) for n, g, _, e, _, _ in persistent] + mine
+    assert ext[0] == want_t and ext[1] == []
+    assert ext[2] == want_t + [(20 * MiB, 65536)]     # the copy (64 KiB, the default): t's bits, its own write
+    assert ext[3] == []                                # cleared
+    assert [x[0] for x in listed[4 + 2 * len(persistent):]] == ["p"] * len(persistent) + ["t", "copy"]
+    assert ext[4] == [(100 * MiB, 4096)]               # grown with the disk, recording the new part
+    # nothing transient reached the file
+    assert our_bitmaps(img) == ({"p": dict(granularity=65536, in_use=False, enabled=True,
+                                           dirty=dirty + 2 * 65536)} if fmt == "qcow2" else {})
+    if fmt == "qcow2":
+        assert sorted(qemu_bitmaps(img)) == ["p"]
+        assert json.loads(qemu_img("check", "--output=json", img).stdout).get("leaks", 0) == 0
+    # persistent into transient and back
+    if fmt == "qcow2":
+        _, ext = io_out(img, "transient", "t", 0, "bm-merge", "t", "p", "extents", "t",
+                        "bm-disable", "p", "write", 3, 30 * MiB, 4096, "bm-merge", "p", "t")
+        before = want_t + [(20 * MiB, 65536), (100 * MiB, 65536)]
+        assert ext[0] == before
+        # p stopped recording; the write reached it only through the merge from t
+        assert qemu_dirty(img, "p") == before[:3] + [(20 * MiB, 65536), (30 * MiB, 65536), (100 * MiB, 65536)]
+    # refusals: a clash with a persistent name, a persistent bitmap on raw
+    if fmt == "qcow2":
+        p = dc("io", img, "transient", "p", 0, check=False)
+        assert p.returncode == 1 and "Bitmap already exists: p" in p.stderr
+    else:
+        p = dc("bitmap", "add", img, "x", check=False)
+        assert p.returncode == 1 and "only qcow2 images store persistent bitmaps" in p.stderr
