@@ -5,7 +5,7 @@ set -euo pipefail
 pkgs=(meson ninja-build pkg-config gcc
       libsystemd-dev libglib2.0-dev zlib1g-dev libzstd-dev liburing-dev libgnutls28-dev libdbus-1-dev libpolkit-gobject-1-dev
       dbus polkitd
-      qemu-utils libnbd-bin libnbd-dev python3-libnbd qemu-system-x86 gnutls-bin
+      qemu-utils libnbd-bin libnbd-dev python3-libnbd nbdkit qemu-system-x86 gnutls-bin valgrind
       python3-pytest python3-gi libglib2.0-bin man-db groff-base util-linux passwd strace
       systemd)
 missing=()
