@@ -129,25 +129,41 @@ static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bu
  * 1 when S belongs to the work now (the call is answered later), 0 while
  * polkit is asked, < 0 on error; in the last two cases the caller frees S.
  */
-static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
-                     sd_bus_error *error) {
+static int start_job_as(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                        const char *action, const char *const *more, sd_bus_error *error) {
         Manager *mgr = active->mgr;
-        const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
-                                                                                            : "org.diskchain.modify";
+        const char *details[32];
+        size_t n = 0;
         int r;
 
         s->d_images = paths_joined(images);
         s->d_writes = paths_joined(writes);
         s->d_roots = roots_joined(mgr, images);
-        r = polkit_verify(mgr, m, action,
-                          (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path), "operation",
-                                                 dc_job_type_name(s->type), "job-id", s->id, "top", s->top, "base",
-                                                 s->base, "target", s->target, "images", s->d_images, "writes",
-                                                 s->d_writes, "roots", s->d_roots, NULL },
-                          error);
+        for (const char *const *d = (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path),
+                                                           "operation", dc_job_type_name(s->type), "job-id", s->id,
+                                                           "top", s->top, "base", s->base, "target", s->target,
+                                                           "images", s->d_images, "writes", s->d_writes, "roots",
+                                                           s->d_roots, NULL };
+             *d; d += 2) {
+                details[n++] = d[0];
+                details[n++] = d[1];
+        }
+        for (const char *const *d = more; d && *d && n + 3 < sizeof details / sizeof *details; d += 2) {
+                details[n++] = d[0];
+                details[n++] = d[1];
+        }
+        details[n] = NULL;
+        r = polkit_verify(mgr, m, action, details, error);
         if (r <= 0)
                 return r;
         return job_start(mgr, m, s, paths, error);
+}
+
+static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                     sd_bus_error *error) {
+        const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
+                                                                                            : "org.diskchain.modify";
+        return start_job_as(m, active, s, images, writes, paths, action, NULL, error);
 }
 
 static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
@@ -210,6 +226,46 @@ static int check_backing_file(Manager *mgr, const char *owner, const char *bf, I
         return 0;
 }
 
+/* A stream job of ACTIVE's chain into TOP with the common OPTS, or NULL with ERROR (or out of memory: *RET_R). */
+static JobStart *stream_job_new(Image *active, GPtrArray *layers, Image *top, GHashTable *opts, int *ret_r,
+                                sd_bus_error *error) {
+        JobStart *s;
+
+        if (top->format != DC_FORMAT_QCOW2) {
+                *ret_r = sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                           "'%s': only qcow2 images can receive streamed data", top->path);
+                return NULL;
+        }
+        s = job_start_new(active->mgr, DC_JOB_TYPE_STREAM, active, layers);
+        *ret_r = s ? job_common_options(active->mgr, opts, s, error) : -ENOMEM;
+        if (*ret_r < 0) {
+                job_start_free(s);
+                return NULL;
+        }
+        s->top = strdup(top->path);
+        return s;
+}
+
+int stream_start_internal(sd_bus_message *m, Image *active, sd_bus_error *error) {
+        Manager *mgr = active->mgr;
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, active);
+        g_autoptr(GHashTable) opts = g_hash_table_new(g_str_hash, g_str_equal);
+        g_auto(GStrv) paths = NULL;
+        JobStart *s;
+        int r;
+
+        s = stream_job_new(active, layers, active, opts, &r, error);
+        if (!s)
+                return r;
+        paths = layer_paths(layers, 0, -1, NULL, NULL);
+        r = job_start(mgr, m, s, paths, error);
+        if (r <= 0)
+                job_start_free(s);
+        if (r < 0 && !sd_bus_error_is_set(error))
+                return r;
+        return sd_bus_error_is_set(error) ? -EINVAL : 1;
+}
+
 static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         static const char *const allowed[] = { "job-id", "top", "base", "bottom", "backing-file", "speed", "on-error",
                                                "cache", "auto-finalize", "auto-dismiss", NULL };
@@ -256,18 +312,9 @@ static int method_stream(sd_bus_message *m, void *userdata, sd_bus_error *error)
                                          "backing file specified, but streaming the entire chain");
         if (bf && (r = check_backing_file(mgr, top->path, bf, base, error)) < 0)
                 return r;
-        if (top->format != DC_FORMAT_QCOW2)
-                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported", "'%s': only qcow2 images can receive streamed data",
-                                         top->path);
-        s = job_start_new(mgr, DC_JOB_TYPE_STREAM, active, layers);
+        s = stream_job_new(active, layers, top, opts, &r, error);
         if (!s)
-                return -ENOMEM;
-        r = job_common_options(mgr, opts, s, error);
-        if (r < 0) {
-                job_start_free(s);
                 return r;
-        }
-        s->top = strdup(top->path);
         s->base = base ? strdup(base->path) : NULL;
         s->backing_file = bf ? strdup(bf) : NULL;
         /* reads top and every layer down to base; writes top (data and its header) */
@@ -425,6 +472,28 @@ static int copy_job_options(sd_bus_message *m, const char *const *allowed, const
         return opt_enum(*opts, "format", formats, format, error);
 }
 
+/* A backup's or mirror's start into the file ABS: the target checked, the common options read, the target
+ * set up; NULL with *RET_R (and ERROR) when refused. */
+static JobStart *copy_start_new(Image *active, GPtrArray *layers, GHashTable *opts, int type, const char *abs,
+                                int mode, int format, int sync, const char *same, Image **ret_tgt, int *ret_r,
+                                sd_bus_error *error) {
+        Manager *mgr = active->mgr;
+        JobStart *s;
+
+        *ret_r = target_check(mgr, active, layers, abs, mode, same, ret_tgt, error);
+        if (*ret_r < 0)
+                return NULL;
+        s = job_start_new(mgr, type, active, layers);
+        *ret_r = s ? job_common_options(mgr, opts, s, error) : -ENOMEM;
+        if (*ret_r >= 0)
+                *ret_r = target_setup(s, active, abs, mode, format, sync, error);
+        if (*ret_r < 0) {
+                job_start_free(s);
+                return NULL;
+        }
+        return s;
+}
+
 /*
  * A backup or mirror into an NBD export (TARGET a URI): nothing to create
  * and no file in the roots, so no mode absolute-paths, no format, no
@@ -508,20 +577,11 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
         r = freshen_chain(m, active, layers, abs, error);
         if (r <= 0)
                 return r < 0 ? r : 1;
-        r = target_check(mgr, active, layers, abs, mode,
-                         mirror ? "Can't mirror node into itself" : "Source and target cannot be the same", &tgt, error);
-        if (r < 0)
-                return r;
-        s = job_start_new(mgr, type, active, layers);
+        s = copy_start_new(active, layers, opts, type, abs, mode, format, sync,
+                           mirror ? "Can't mirror node into itself" : "Source and target cannot be the same", &tgt,
+                           &r, error);
         if (!s)
-                return -ENOMEM;
-        r = job_common_options(mgr, opts, s, error);
-        if (r >= 0)
-                r = target_setup(s, active, abs, mode, format, sync, error);
-        if (r < 0) {
-                job_start_free(s);
                 return r;
-        }
         if (bo) {
                 s->bo = *bo;
                 s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
@@ -533,6 +593,60 @@ static int copy_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, G
         images = layer_paths(layers, 0, -1, abs, tgt && tgt->backing_abs ? tgt->backing_abs : NULL);
         paths = layer_paths(layers, 0, -1, abs, NULL);
         return finish_start(m, active, s, images, (char *[]){ abs, NULL }, paths, error);
+}
+
+/*
+ * A backup the daemon asks for on M's behalf (a plan's run, a restore):
+ * SOURCE's chain (SOURCE need not be an active layer) into TARGET_ABS,
+ * made for the job (over TARGET_BACKING, as the header names it, when not
+ * NULL), at SPEED bytes/s (0: no limit), polkit ACTION with MORE details.  As Backup: 1 when the job is
+ * starting (M answered with it later), 0 while M waits (it is dispatched
+ * again), < 0 with ERROR.  *RET_ID: the job's id when 1.
+ */
+int backup_start_internal(sd_bus_message *m, Image *source, const char *target_abs, const char *target_backing,
+                          int format, const struct dc_backup_options *bo, uint64_t speed, const char *action,
+                          const char *const *more, char **ret_id, sd_bus_error *error) {
+        Manager *mgr = source->mgr;
+        g_autoptr(GPtrArray) layers = chain_layer_images(mgr, source);
+        g_autoptr(GHashTable) opts = g_hash_table_new(g_str_hash, g_str_equal);
+        g_auto(GStrv) images = NULL, paths = NULL;
+        _cleanup_free_ char *id = NULL;
+        Image *tgt = NULL;
+        JobStart *s;
+        int r;
+
+        r = freshen_chain(m, source, layers, target_abs, error);
+        if (r <= 0)
+                return r;
+        s = copy_start_new(source, layers, opts, DC_JOB_TYPE_BACKUP, target_abs, 0, format, bo->sync,
+                           "Source and target cannot be the same", &tgt, &r, error);
+        if (!s)
+                return r;
+        if (target_backing) {
+                free(s->target_backing);
+                s->target_backing = strdup(target_backing);
+        }
+        s->jo.speed = speed;
+        s->bo = *bo;
+        s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
+        s->bo.checkpoint = s->checkpoint = bo->checkpoint ? strdup(bo->checkpoint) : NULL;
+        id = strdup(s->id);
+        if (!id) {
+                job_start_free(s);
+                return -ENOMEM;
+        }
+        images = layer_paths(layers, 0, -1, target_abs, NULL);
+        paths = layer_paths(layers, 0, -1, target_abs, NULL);
+        r = start_job_as(m, source, s, images, (char *[]){ (char *) target_abs, NULL }, paths, action, more, error);
+        if (r <= 0)
+                job_start_free(s);
+        if (r < 0 && !sd_bus_error_is_set(error))
+                return r;
+        if (sd_bus_error_is_set(error))
+                return -EINVAL;
+        if (r > 0)
+                *ret_id = TAKE_PTR(id);
+        return r;
 }
 
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {

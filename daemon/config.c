@@ -166,6 +166,9 @@ int config_load(Config *c, const char *file, char **cli_roots, const char *cli_s
         if (have_file && g_key_file_has_key(kf, "Remote", "TLSPSKFile", NULL))
                 c->remote_tls_psk_file = g_strstrip(g_key_file_get_string(kf, "Remote", "TLSPSKFile", NULL));
         load_tcp(c, have_file ? kf : NULL);
+        c->plans_dir = get_path(have_file ? kf : NULL, "Plans", "Directory");
+        if (!c->plans_dir)
+                c->plans_dir = g_strdup(DEFAULT_PLANS_DIR);
         return 0;
 }
 
@@ -186,4 +189,6 @@ void config_done(Config *c) {
         c->tls_dir = NULL;
         g_free(c->tls_psk_file);
         c->tls_psk_file = NULL;
+        g_free(c->plans_dir);
+        c->plans_dir = NULL;
 }

@@ -14,6 +14,7 @@
 #include "claims.h"
 #include "diskchain.h"
 #include "job-rate.h"
+#include "names.h"
 #include "pool.h"
 
 #define BUS_NAME "org.diskchain.DiskChain1"
@@ -22,11 +23,13 @@
 #define CHAIN_PREFIX MANAGER_PATH "/chain"
 #define JOB_PREFIX MANAGER_PATH "/job"
 #define EXPORT_PREFIX MANAGER_PATH "/export"
+#define PLAN_PREFIX MANAGER_PATH "/plan"
 #define IFACE_MANAGER BUS_NAME ".Manager"
 #define IFACE_IMAGE BUS_NAME ".Image"
 #define IFACE_CHAIN BUS_NAME ".Chain"
 #define IFACE_JOB BUS_NAME ".Job"
 #define IFACE_EXPORT BUS_NAME ".Export"
+#define IFACE_PLAN BUS_NAME ".Plan"
 #define ERROR_PREFIX BUS_NAME ".Error."
 
 #define _cleanup_(f) __attribute__((cleanup(f)))
@@ -102,6 +105,7 @@ typedef struct Config {
         uint64_t idle_timeout_usec;
         char *remote_tls_certificates; /* [Remote] TLSCertificates=: x509 directory for nbds targets, or NULL */
         char *remote_tls_psk_file;     /* [Remote] TLSPSKFile=, or NULL */
+        char *plans_dir;      /* [Plans] Directory=: the backup plans, NAME.conf (default /etc/diskchain/plans.d) */
 } Config;
 
 struct Manager {
@@ -146,6 +150,9 @@ struct Manager {
         sd_event_source *job_source, *progress_timer;
         unsigned job_counter;
 
+        /* backup plans (plan.c) */
+        GHashTable *plans;    /* name -> Plan* */
+
         /* NBD exports (export.c) */
         GHashTable *exports;  /* name -> Export* (also those starting or stopping) */
         int export_fd;        /* eventfd: some export's clients or counters changed */
@@ -165,6 +172,9 @@ typedef struct Job {
         JobRate rate;         /* Rate, and when the job started and ended */
         uint64_t expected_end; /* ExpectedEndTime: µs since the epoch, 0 when unknown */
         struct dc_job_info last;
+        char *outcome;        /* how it ended: NULL while running, "" completed, else the error */
+        bool cancelled;
+        uint64_t done_bytes;
 } Job;
 
 /* An NBD export of a chain (export.c; its bus glue is bus-export.c). */
@@ -201,7 +211,57 @@ typedef struct Export {
         dc_nbd_export *nbd;
         struct dc_nbd_export_stats last; /* as last announced */
         GPtrArray *stop_waiters; /* Stop() calls to answer once it is gone */
+        /* called once it serves (R 0) or did not start (R < 0, ERROR why), when the starter wants to know */
+        void (*on_live)(Manager *mgr, const char *name, int r, const char *error, void *userdata);
+        void *on_live_userdata;
 } Export;
+
+/* A backup plan (plan.c, plan-run.c; its bus glue is bus-plan.c). */
+enum { LEVEL_FULL, LEVEL_INCREMENTAL, LEVEL_DIFFERENTIAL, LEVEL_AUTO };
+enum { POINT_UNVERIFIED, POINT_VERIFIED, POINT_DAMAGED };
+enum { KEEP_LAST, KEEP_HOURLY, KEEP_DAILY, KEEP_WEEKLY, KEEP_MONTHLY, KEEP_YEARLY, KEEP_N };
+typedef struct PlanSettings {
+        char *chain;          /* the chain's active layer, absolute */
+        char *destination;    /* absolute directory inside the roots */
+        char *schedule;       /* systemd OnCalendar= */
+        unsigned randomized_delay; /* seconds */
+        int level;            /* LEVEL_* */
+        unsigned full_every;  /* auto: a full point every this many runs */
+        bool compress, prune;
+        char *bitmap;         /* the plan's bitmap on the active layer */
+        uint64_t speed;       /* bytes/s, 0: no limit */
+        unsigned keep[KEEP_N];
+} PlanSettings;
+typedef struct Point {
+        char *id;             /* YYYYMMDDTHHMMSSZ, maybe with -N */
+        uint64_t time;        /* µs since the epoch, the plan's clock at the run */
+        int level;            /* LEVEL_FULL, _INCREMENTAL, _DIFFERENTIAL */
+        char *file;           /* absolute */
+        char *base;           /* the point whose file is its backing file, or NULL */
+        uint64_t size, bytes; /* of the file; what the run copied */
+        char *sums;           /* SHA-256 of each 64 MiB of the file, hex, comma-separated */
+        int state;            /* POINT_* */
+        char *error;          /* what Verify found damaged, or NULL */
+} Point;
+typedef struct Plan {
+        Manager *mgr;
+        char *name, *object, *file, *catalog;
+        PlanSettings set;
+        GPtrArray *points;    /* Point*, oldest first */
+        uint64_t last_run, next_run; /* µs since the epoch, 0: never / unknown */
+        char *last_result;
+        char *pending;        /* a run's file that is not a point yet (NULL: none) */
+        unsigned runs_since_full;
+        /* a run */
+        sd_bus_message *start_msg; /* Run() being started (dispatched again until the job starts) */
+        bool prepared;        /* its destination made, its pending file recorded */
+        bool running, busy;   /* a run's job or its aftermath; prune, verify, delete */
+        char *job_id;
+        int run_level;
+        char *run_id, *run_file, *run_base;
+        uint64_t run_time, run_mono;
+        bool force_full;      /* the last run was interrupted: the bitmap may have lost what it held */
+} Plan;
 
 /* log.c — the journal with structured fields, or stderr lines without one */
 extern int log_max_level;
@@ -271,6 +331,9 @@ Work *work_new(Manager *mgr, work_fn run, work_fn done, void *data, void (*free_
  * dropped.  Without M, W is internal work and never refused.
  */
 int work_submit(Work *w, sd_bus_message *m);
+/* Queue internal work W that takes long (a plan's checksums, streams, checks) on the client workers, not
+ * on the internal thread that model refreshes need; not counted against MaxOperations. */
+int work_submit_long(Work *w);
 /* work_new() and work_submit() in one. */
 int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void *data, void (*free_data)(void *));
 int workers_setup(Manager *mgr);
@@ -414,6 +477,9 @@ typedef struct ExportStart {
         uid_t uid;
         int fd;               /* OpenNBD: the socket to serve at once (or -1) */
         int client_fd;        /* OpenNBD: its other end, the call's answer (or -1) */
+        /* called once it serves (R 0) or did not start (R < 0, ERROR why), when the starter wants to know */
+        void (*on_live)(Manager *mgr, const char *name, int r, const char *error, void *userdata);
+        void *on_live_userdata;
 } ExportStart;
 int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error *error);
 void export_start_clear(ExportStart *es);
@@ -436,6 +502,57 @@ int export_tcp_check(Manager *mgr, const char *tcp, bool *ret_tls, sd_bus_error 
 /* "ADDR" or "ADDR:PORT" (PORT required when NEED_PORT); IPv6 in brackets when a port follows. */
 int tcp_address_parse(const char *s, bool need_port, struct sockaddr_storage *ret, socklen_t *ret_len,
                       bool *ret_has_port);
+
+/* plan.c, plan-run.c, bus-plan.c */
+extern const char *const plan_keep_keys[];
+extern const sd_bus_vtable plan_vtable[];
+const char *plan_level_name(int level);
+int plan_level_from(const char *s);
+const char *plan_state_name(int state);
+uint64_t plan_now(void);
+bool plan_name_valid(const char *name);
+void point_free(void *p);
+Point *plan_point(Plan *p, const char *id);
+void plan_settings_defaults(const char *name, PlanSettings *s);
+void plan_settings_clear(PlanSettings *s);
+int plan_settings_check(Manager *mgr, const char *name, PlanSettings *s, char **ret_error);
+int plan_settings_parse(Manager *mgr, const char *name, const char *text, PlanSettings *s, char **ret_error);
+char *plan_settings_format(const char *name, const PlanSettings *s);
+Plan *plan_new(Manager *mgr, const char *name, PlanSettings *set);
+Plan *plan_free(Plan *p);
+void plan_free_void(void *p);
+void plans_load(Manager *mgr);
+char **model_plan_paths(Manager *mgr);
+bool plans_busy(Manager *mgr);
+void plan_catalog_save_async(Plan *p);
+/* The catalog as it is now, to be written on a worker by plan_catalog_write (which frees it). */
+void *plan_catalog_snapshot(Plan *p);
+void plan_catalog_write(void *snapshot);
+int plan_file_sums(const char *abs, char **roots, char **ret, uint64_t *ret_size);
+char *plan_sums_differ(const char *sums, const char *now, uint64_t size_then, uint64_t size_now);
+void plan_retention(GPtrArray *points, const unsigned *keep, bool *keep_out, char **reason_out);
+int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error);
+int plan_verify(Plan *p, sd_bus_message *m, const char *point, sd_bus_error *error);
+int plan_prune(Plan *p, sd_bus_message *m, bool dry_run, sd_bus_error *error);
+int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *target, int format, bool live,
+                 const char *export_name, sd_bus_error *error);
+/* Job ID reached concluded (ERROR NULL: completed; CANCELLED), having copied BYTES: a plan's run ends. */
+void plans_job_concluded(Manager *mgr, const char *id, const char *error, bool cancelled, uint64_t bytes);
+void plan_send_changed(Plan *p, char **props);
+void plan_send_added(Plan *p);
+void plan_send_removed(Plan *p);
+int plan_object_find(sd_bus *bus, const char *path, const char *iface, void *userdata, void **found,
+                     sd_bus_error *error);
+int method_create_plan(sd_bus_message *m, void *userdata, sd_bus_error *error);
+int method_list_plans(sd_bus_message *m, void *userdata, sd_bus_error *error);
+/* NextRun from the schedule, on a worker. */
+void plan_next_run_refresh(Plan *p);
+/* bus-chain.c: a stream of ACTIVE's whole chain into it (flatten), for an instant recovery, already authorized */
+int stream_start_internal(sd_bus_message *m, Image *active, sd_bus_error *error);
+/* bus-chain.c: a backup the daemon starts for a plan's run or a restore (see there) */
+int backup_start_internal(sd_bus_message *m, Image *source, const char *target_abs, const char *target_backing,
+                          int format, const struct dc_backup_options *bo, uint64_t speed, const char *action,
+                          const char *const *more, char **ret_id, sd_bus_error *error);
 
 /* bus-export.c */
 extern const sd_bus_vtable export_vtable[];

@@ -109,14 +109,7 @@ Export *export_of_path(Manager *mgr, const char *path) {
 }
 
 bool export_name_valid(const char *name) {
-        size_t l = strlen(name);
-
-        if (l == 0 || l > 64 || name[0] == '.' || name[0] == '-')
-                return false;
-        for (const char *c = name; *c; c++)
-                if (!g_ascii_isalnum(*c) && !strchr("._-", *c))
-                        return false;
-        return true;
+        return dc_name_valid(name);
 }
 
 /* The active layer's file name without its extension, in the characters a name may have; unique. */
@@ -632,6 +625,8 @@ static void export_open_done(Work *w) {
                            w->error ? w->error : strerror(-w->r));
                 if (w->m)
                         (void) reply_error_errno(w->m, w->r, w->error);
+                if (e->on_live)
+                        e->on_live(mgr, e->name, w->r, w->error ? w->error : strerror(-w->r), e->on_live_userdata);
                 export_release(e);
                 g_hash_table_remove(mgr->exports, e->name);
                 return;
@@ -655,6 +650,11 @@ static void export_open_done(Work *w) {
                    "export '%s' of '%s' is live (%s%s%s%s%s%s)", e->name, e->active,
                    e->writable ? "writable" : "read-only", e->socket ? ", socket " : "", e->socket ? e->socket : "",
                    e->tcp ? ", TCP " : "", e->tcp ? e->tcp : "", e->tcp ? (e->tls ? " with TLS" : " in plaintext") : "");
+        if (e->on_live) {
+                void (*cb)(Manager *, const char *, int, const char *, void *) = e->on_live;
+                e->on_live = NULL;
+                cb(mgr, e->name, 0, NULL, e->on_live_userdata);
+        }
         /* its client may have come and gone already: look at the counters soon in any case */
         (void) sd_event_source_set_time_relative(mgr->export_timer, 200000);
         (void) sd_event_source_set_enabled(mgr->export_timer, SD_EVENT_ONESHOT);
@@ -736,6 +736,8 @@ int export_start(Manager *mgr, sd_bus_message *m, ExportStart *es, sd_bus_error 
         e->break_snapshot = es->break_snapshot;
         e->cbw_timeout_ms = es->cbw_timeout_ms;
         e->checkpoint = es->checkpoint ? strdup(es->checkpoint) : NULL;
+        e->on_live = es->on_live;
+        e->on_live_userdata = es->on_live_userdata;
         e->claim = TAKE_PTR(claim);
         e->fleece = TAKE_PTR(fleece);
         e->via = via ? strdup(via->name) : NULL;

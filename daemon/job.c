@@ -92,6 +92,7 @@ static void job_release(Job *j) {
 static void job_struct_free(Job *j) {
         g_strfreev(j->paths);
         free(j->id);
+        free(j->outcome);
         free(j->object);
         free(j->chain_object);
         free(j->top);
@@ -205,14 +206,22 @@ static void job_drain(Job *j) {
                 if (ev.kind == DC_EV_STATUS)
                         j->status = ev.status;
                 job_send_event(j, &ev);
-                if (ev.kind == DC_EV_COMPLETED || ev.kind == DC_EV_CANCELLED)
+                if (ev.kind == DC_EV_COMPLETED || ev.kind == DC_EV_CANCELLED) {
                         log_outcome(j, &ev);
+                        free(j->outcome);
+                        j->outcome = strdup(ev.kind == DC_EV_CANCELLED ? "cancelled" : ev.error);
+                        j->cancelled = ev.kind == DC_EV_CANCELLED;
+                        j->done_bytes = ev.offset;
+                }
                 if (ev.kind == DC_EV_ERROR)
                         log_fields(LOG_WARNING, (const char *const[]){ "DISKCHAIN_JOB", j->id, NULL },
                                    "job '%s': I/O error on %s, action %s: %s", j->id, ev.operation, ev.action,
                                    j->last.error);
-                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_CONCLUDED)
+                if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_CONCLUDED) {
                         job_release(j); /* the images are closed: free them for others, read them again */
+                        plans_job_concluded(mgr, j->id, j->outcome && *j->outcome ? j->outcome : NULL,
+                                            j->cancelled, j->done_bytes);
+                }
                 if (ev.kind == DC_EV_STATUS && ev.status == DC_JOB_NULL) {
                         job_send_removed(j);
                         g_hash_table_remove(mgr->jobs, j->id); /* frees j */

@@ -163,6 +163,7 @@ int main(int argc, char **argv) {
         /* Nobody can call us before the name is taken: read the roots now. */
         (void) model_scan_initial(mgr);
         exports_restore(mgr);
+        plans_load(mgr);
         r = polkit_setup(mgr);
         if (r >= 0)
                 r = bus_register(mgr);

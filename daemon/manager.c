@@ -33,6 +33,8 @@ int manager_new(Manager **ret, const Config *config) {
                 r = jobs_setup(mgr);
         if (r >= 0)
                 r = exports_setup(mgr);
+        if (r >= 0)
+                mgr->plans = g_hash_table_new_full(g_str_hash, g_str_equal, free, plan_free_void);
         if (r < 0) {
                 manager_free(mgr);
                 return r;
@@ -46,6 +48,8 @@ Manager *manager_free(Manager *mgr) {
                 return NULL;
         jobs_free(mgr);
         workers_free(mgr);
+        if (mgr->plans)
+                g_hash_table_destroy(mgr->plans);
         exports_free(mgr);
         polkit_free(mgr);
         model_free(mgr);
@@ -62,7 +66,7 @@ bool manager_is_idle(Manager *mgr) {
         /* a job keeps us up while it runs, and until dismissed when concluded */
         /* and an export as long as it exists */
         return mgr->operations == 0 && g_hash_table_size(mgr->polkit) == 0 && g_hash_table_size(mgr->job_ids) == 0 &&
-               (!mgr->exports || g_hash_table_size(mgr->exports) == 0) &&
+               (!mgr->exports || g_hash_table_size(mgr->exports) == 0) && !plans_busy(mgr) &&
                !mgr->refresh_running && mgr->waiters_now->len == 0 && mgr->waiters_next->len == 0;
 }
 
@@ -272,6 +276,11 @@ static int enumerate_exports(sd_bus *bus, const char *prefix, void *userdata, ch
         return 0;
 }
 
+static int enumerate_plans(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
+        *ret = model_plan_paths(userdata);
+        return 0;
+}
+
 static int enumerate_chains(sd_bus *bus, const char *prefix, void *userdata, char ***ret, sd_bus_error *error) {
         *ret = model_chain_paths(userdata);
         return 0;
@@ -302,5 +311,10 @@ int bus_register(Manager *mgr) {
                                                export_object_find, mgr);
         if (r >= 0)
                 r = sd_bus_add_node_enumerator(mgr->bus, NULL, EXPORT_PREFIX, enumerate_exports, mgr);
+        if (r >= 0)
+                r = sd_bus_add_fallback_vtable(mgr->bus, NULL, PLAN_PREFIX, IFACE_PLAN, plan_vtable, plan_object_find,
+                                               mgr);
+        if (r >= 0)
+                r = sd_bus_add_node_enumerator(mgr->bus, NULL, PLAN_PREFIX, enumerate_plans, mgr);
         return r;
 }

@@ -137,6 +137,13 @@ int work_submit(Work *w, sd_bus_message *m) {
         return 0;
 }
 
+int work_submit_long(Work *w) {
+        if (w->holds)
+                claims_hold(w->mgr->claims, w->holds, +1);
+        pool_submit(w->mgr->pool, &w->item, false);
+        return 0;
+}
+
 int work_start(Manager *mgr, sd_bus_message *m, work_fn run, work_fn done, void *data, void (*free_data)(void *)) {
         Work *w = work_new(mgr, run, done, data, free_data);
         if (!w)

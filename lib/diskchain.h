@@ -574,6 +574,7 @@ struct dc_backup_options {
         const char *bitmap;         /* a persistent bitmap of the source's top layer, or NULL */
         int bitmap_mode;            /* DC_BITMAP_MODE_* */
         const char *checkpoint;     /* a new bitmap added to the source at the point in time, or NULL */
+        bool replace_checkpoint;    /* ... replacing one of that name (even an inconsistent one), if any */
         bool compress;              /* write compressed clusters (qcow2 target) */
         unsigned max_workers;       /* copy requests in flight (they compress side by side); 0 = 8, at most 16 */
         uint64_t max_chunk;         /* largest request, at least the target's cluster size; 0 = 2 MiB, the most */

@@ -155,7 +155,8 @@ static const struct dc_job_driver backup_driver = {
 };
 
 /* Quiesced: the filter on, what is to be copied marked, the bitmap taken and the checkpoint added, at one point in time. */
-static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode, const char *checkpoint) {
+static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode, const char *checkpoint,
+                        bool replace) {
         dc_job *j = &s->job;
         char owner[300];
         int r;
@@ -184,9 +185,17 @@ static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int
                                 r = dc_error(ENOMEM, "out of memory");
                 }
         }
-        /* QEMU's transaction of block-dirty-bitmap-add with the backup: no write falls between them */
+        /* QEMU's transaction of block-dirty-bitmap-add with the backup: no write falls between them
+         * (and of block-dirty-bitmap-remove before it, for a replacement) */
+        if (r >= 0 && checkpoint && replace) {
+                r = dc_image_bitmap_remove(s->source, checkpoint);
+                if (r == -ENOENT) {
+                        dc_error_clear();
+                        r = 0;
+                }
+        }
         if (r >= 0 && checkpoint)
-                r = dc_image_bitmap_add(s->source, checkpoint, 0, false);
+                r = dc_image_bitmap_add(s->source, checkpoint, 0, 0);
         dc_disk_unquiesce(j->disk);
         return r;
 }
@@ -244,7 +253,7 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                                                            .compress = bo->compress },
                             &s->copy);
         if (r >= 0)
-                r = backup_setup(s, unit, bo->bitmap, mode, bo->checkpoint);
+                r = backup_setup(s, unit, bo->bitmap, mode, bo->checkpoint, bo->replace_checkpoint);
         if (r < 0)
                 return r;
         j->len = s->source->virtual_size;

@@ -1192,6 +1192,407 @@ static int cmd_bitmap(int argc, char **argv) {
         return 0;
 }
 
+/* --- plan ... ------------------------------------------------------------------------------------------ */
+
+#define EXIT_PLAN_RUNNING 75 /* EX_TEMPFAIL: the previous run is still going */
+
+static char *plan_object(const char *name) {
+        char *o = NULL;
+        if (sd_bus_path_encode(MANAGER_PATH "/plan", name, &o) < 0)
+                return NULL;
+        return o;
+}
+
+static void print_time_usec(uint64_t usec) {
+        char b[64];
+        time_t t = (time_t) (usec / 1000000);
+        struct tm tm;
+        if (!usec) {
+                printf("never");
+                return;
+        }
+        localtime_r(&t, &tm);
+        strftime(b, sizeof b, "%Y-%m-%d %H:%M:%S %Z", &tm);
+        printf("%s", b);
+}
+
+/* The plan's settings from command-line options into an a{sv} already opened on M. */
+static int plan_settings_append(sd_bus_message *m, int argc, char **argv, int first) {
+        static const struct {
+                const char *opt, *key;
+                char type; /* s, u, t, b (flag), n (flag: false) */
+        } map[] = {
+                { "--chain", "chain", 's' },          { "--destination", "destination", 's' },
+                { "--schedule", "schedule", 's' },    { "--level", "level", 's' },
+                { "--bitmap", "bitmap", 's' },        { "--full-every", "full-every", 'u' },
+                { "--randomized-delay-sec", "randomized-delay-sec", 'u' },
+                { "--speed", "speed", 't' },          { "--compress", "compress", 'b' },
+                { "--no-compress", "compress", 'n' }, { "--prune-after-run", "prune-after-run", 'b' },
+                { "--no-prune-after-run", "prune-after-run", 'n' },
+                { "--keep-last", "keep-last", 'u' },  { "--keep-hourly", "keep-hourly", 'u' },
+                { "--keep-daily", "keep-daily", 'u' }, { "--keep-weekly", "keep-weekly", 'u' },
+                { "--keep-monthly", "keep-monthly", 'u' }, { "--keep-yearly", "keep-yearly", 'u' },
+        };
+        int r = 0;
+
+        for (int i = first; r >= 0 && i < argc; i++) {
+                size_t k = 0, n = sizeof map / sizeof map[0];
+                const char *val = NULL;
+                char opt[64];
+                const char *eq = strchr(argv[i], '=');
+
+                if (strcmp(argv[i], "--json") == 0)
+                        continue;
+                snprintf(opt, sizeof opt, "%.*s", eq ? (int) (eq - argv[i]) : (int) strlen(argv[i]), argv[i]);
+                while (k < n && strcmp(map[k].opt, opt) != 0)
+                        k++;
+                if (k == n) {
+                        fprintf(stderr, "diskchainctl: plan: unknown option %s\n", argv[i]);
+                        return -EINVAL;
+                }
+                if (map[k].type == 'b' || map[k].type == 'n') {
+                        r = sd_bus_message_append(m, "{sv}", map[k].key, "b", map[k].type == 'b');
+                        continue;
+                }
+                val = eq ? eq + 1 : i + 1 < argc ? argv[++i] : NULL;
+                if (!val) {
+                        fprintf(stderr, "diskchainctl: plan: %s needs a value\n", opt);
+                        return -EINVAL;
+                }
+                if (map[k].type == 's')
+                        r = sd_bus_message_append(m, "{sv}", map[k].key, "s", val);
+                else if (map[k].type == 'u')
+                        r = sd_bus_message_append(m, "{sv}", map[k].key, "u", (uint32_t) strtoul(val, NULL, 0));
+                else
+                        r = sd_bus_message_append(m, "{sv}", map[k].key, "t", (uint64_t) strtoull(val, NULL, 0));
+        }
+        return r;
+}
+
+static int plan_show(const char *o, bool brief) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        char *name = get_string(o, IFACE("Plan"), "Name"), *chain = get_string(o, IFACE("Plan"), "Chain");
+        char *dest = get_string(o, IFACE("Plan"), "Destination"), *sched = get_string(o, IFACE("Plan"), "Schedule");
+        char *level = get_string(o, IFACE("Plan"), "Level"), *result = get_string(o, IFACE("Plan"), "LastResult");
+        uint64_t last = 0, next = 0, size;
+        uint32_t full_every = 0;
+        int running = 0, n = 0, r;
+        const char *id, *lvl, *file, *state, *base;
+        uint64_t t;
+        char h[HUMAN_MAX];
+
+        (void) get_prop(o, IFACE("Plan"), "LastRun", 't', &last);
+        (void) get_prop(o, IFACE("Plan"), "NextRun", 't', &next);
+        (void) get_prop(o, IFACE("Plan"), "FullEvery", 'u', &full_every);
+        (void) get_prop(o, IFACE("Plan"), "Running", 'b', &running);
+        r = sd_bus_get_property(bus, BUS_NAME, o, IFACE("Plan"), "RestorePoints", &e, &reply, "a(stsstss)");
+        if (arg_json) {
+                printf("{\"name\": ");
+                print_json_string(name);
+                printf(", \"chain\": ");
+                print_json_string(chain);
+                printf(", \"destination\": ");
+                print_json_string(dest);
+                printf(", \"schedule\": ");
+                print_json_string(sched);
+                printf(", \"level\": ");
+                print_json_string(level);
+                printf(", \"full_every\": %u, \"last_run\": %" PRIu64 ", \"next_run\": %" PRIu64
+                       ", \"running\": %s, \"last_result\": ",
+                       full_every, last, next, running ? "true" : "false");
+                print_json_string(result);
+                printf(", \"restore_points\": [");
+        } else if (brief) {
+                printf("%-20s %-12s %-16s last ", name, level, sched);
+                print_time_usec(last);
+                printf(": %s%s\n", *result ? result : "-", running ? " (running)" : "");
+        } else {
+                printf("plan: %s\nchain: %s\ndestination: %s\nschedule: %s (next ", name, chain, dest, sched);
+                print_time_usec(next);
+                printf(")\nlevel: %s (a full backup every %u runs when auto)\nlast run: ", level, full_every);
+                print_time_usec(last);
+                printf("%s\nlast result: %s\nrestore points:", running ? " (running now)" : "", *result ? result : "-");
+        }
+        if (r >= 0 && !brief && sd_bus_message_enter_container(reply, 'a', "(stsstss)") >= 0) {
+                while (sd_bus_message_read(reply, "(stsstss)", &id, &t, &lvl, &file, &size, &state, &base) > 0) {
+                        if (arg_json) {
+                                printf("%s{\"id\": ", n ? ", " : "");
+                                print_json_string(id);
+                                printf(", \"time\": %" PRIu64 ", \"level\": \"%s\", \"file\": ", t, lvl);
+                                print_json_string(file);
+                                printf(", \"size\": %" PRIu64 ", \"state\": \"%s\", \"base\": ", size, state);
+                                print_json_string(base);
+                                printf("}");
+                        } else {
+                                printf("\n  %s  ", id);
+                                print_time_usec(t);
+                                printf("  %-12s %10s  %-10s %s", lvl, format_bytes(h, size), state, file);
+                        }
+                        n++;
+                }
+        }
+        if (arg_json)
+                printf("]}");
+        else if (!brief)
+                printf(n ? "\n" : " (none)\n");
+        sd_bus_message_unref(reply);
+        sd_bus_error_free(&e);
+        free(name);
+        free(chain);
+        free(dest);
+        free(sched);
+        free(level);
+        free(result);
+        return 0;
+}
+
+/* plan run NAME: the job's progress, then the run's outcome once the plan is done with it (prune included). */
+static int plan_run(const char *o, const char *name, bool wait) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        struct waiter w = { 0 };
+        const char *job;
+        char *result;
+        int r = waiter_subscribe(&w), running = 1;
+
+        if (r < 0)
+                return fail("subscribe", NULL, r);
+        r = call(o, IFACE("Plan"), "Run", &reply, &e, NULL);
+        if (r < 0) {
+                bool again = sd_bus_error_has_name(&e, BUS_NAME ".Error.PlanRunning");
+                fail(name, &e, r);
+                sd_bus_error_free(&e);
+                waiter_done(&w);
+                return again ? EXIT_PLAN_RUNNING : 1;
+        }
+        r = sd_bus_message_read(reply, "o", &job);
+        if (r < 0 || !wait) {
+                if (r >= 0)
+                        printf("%s\n", job);
+                sd_bus_message_unref(reply);
+                waiter_done(&w);
+                return r < 0 ? fail("Run", NULL, r) : 0;
+        }
+        waiter_follow(&w, job);
+        (void) wait_job(&w);
+        waiter_done(&w);
+        sd_bus_message_unref(reply);
+        /* the checksums and the prune come after the job */
+        for (int i = 0; running && i < 36000; i++) {
+                if (get_prop(o, IFACE("Plan"), "Running", 'b', &running) < 0)
+                        break;
+                if (running)
+                        usleep(100000);
+        }
+        result = get_string(o, IFACE("Plan"), "LastResult");
+        printf("plan %s: %s\n", name, result);
+        r = strncmp(result, "success", 7) == 0 ? 0 : 1;
+        free(result);
+        return r;
+}
+
+/* An instant recovery's export: the one serving TARGET's chain. */
+static void print_live_export(const char *target, const char *job) {
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *reply = NULL;
+        char *chain = NULL;
+        const char *x;
+
+        if (manager_lookup("GetChain", target, &chain) >= 0 &&
+            call(MANAGER_PATH, IFACE("Manager"), "ListExports", &reply, &e, NULL) >= 0 &&
+            sd_bus_message_enter_container(reply, 'a', "o") >= 0)
+                while (sd_bus_message_read(reply, "o", &x) > 0) {
+                        char *c = NULL, *uri;
+                        sd_bus_error e2 = SD_BUS_ERROR_NULL;
+                        sd_bus_message *cr = NULL;
+                        if (sd_bus_get_property(bus, BUS_NAME, x, IFACE("Export"), "Chain", &e2, &cr, "o") >= 0 &&
+                            sd_bus_message_read(cr, "o", &c) >= 0 && strcmp(c, chain) == 0) {
+                                uri = get_string(x, IFACE("Export"), "Uri");
+                                printf("%s: served at %s while the backup is copied in (%s)\n", target, uri, job);
+                                free(uri);
+                        }
+                        sd_bus_message_unref(cr);
+                        sd_bus_error_free(&e2);
+                }
+        sd_bus_message_unref(reply);
+        sd_bus_error_free(&e);
+        free(chain);
+}
+
+static int cmd_plan(int argc, char **argv) {
+        const char *verb = argc > 1 ? argv[1] : "";
+        sd_bus_error e = SD_BUS_ERROR_NULL;
+        sd_bus_message *m = NULL, *reply = NULL;
+        char *o = NULL;
+        int r = 0;
+
+        if (strcmp(verb, "list") == 0) {
+                const char *p;
+                int n = 0;
+                r = call(MANAGER_PATH, IFACE("Manager"), "ListPlans", &reply, &e, NULL);
+                if (r < 0)
+                        return fail("ListPlans", &e, r);
+                r = sd_bus_message_enter_container(reply, 'a', "o");
+                if (arg_json)
+                        printf("[");
+                while (r >= 0 && sd_bus_message_read(reply, "o", &p) > 0) {
+                        if (arg_json && n)
+                                printf(", ");
+                        plan_show(p, true);
+                        n++;
+                }
+                if (arg_json)
+                        printf("]\n");
+                else if (!n)
+                        printf("no plans\n");
+                sd_bus_message_unref(reply);
+                return 0;
+        }
+        if (argc < 3) {
+                fprintf(stderr, "usage: diskchainctl plan list|show|run|verify|prune|restore|create|edit|delete NAME "
+                                "...\n");
+                return 2;
+        }
+        o = plan_object(argv[2]);
+        if (strcmp(verb, "show") == 0) {
+                char *n = get_string(o, IFACE("Plan"), "Name");
+                if (!*n) {
+                        fprintf(stderr, "diskchainctl: no plan named '%s'\n", argv[2]);
+                        r = 1;
+                } else {
+                        plan_show(o, false);
+                        if (arg_json)
+                                printf("\n");
+                }
+                free(n);
+        } else if (strcmp(verb, "run") == 0) {
+                bool wait = !(argc > 3 && strcmp(argv[3], "--no-wait") == 0);
+                r = plan_run(o, argv[2], wait);
+        } else if (strcmp(verb, "verify") == 0) {
+                const char *point = argc > 4 && strcmp(argv[3], "--point") == 0 ? argv[4] : NULL;
+                const char *id, *detail;
+                int ok;
+                r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Plan"), "Verify");
+                if (r >= 0)
+                        r = point ? sd_bus_message_append(m, "a{sv}", 1, "point", "s", point)
+                                  : sd_bus_message_append(m, "a{sv}", 0);
+                if (r >= 0)
+                        r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
+                if (r < 0)
+                        r = fail(argv[2], &e, r);
+                else {
+                        r = sd_bus_message_enter_container(reply, 'a', "(sbs)");
+                        while (r >= 0 && sd_bus_message_read(reply, "(sbs)", &id, &ok, &detail) > 0)
+                                printf("%s: %s: %s\n", id, ok ? "ok" : "DAMAGED", detail);
+                        r = 0;
+                }
+        } else if (strcmp(verb, "prune") == 0) {
+                bool dry = argc > 3 && strcmp(argv[3], "--dry-run") == 0;
+                const char *id, *what, *detail;
+                r = call(o, IFACE("Plan"), "Prune", &reply, &e, "a{sv}", 1, "dry-run", "b", dry);
+                if (r < 0)
+                        r = fail(argv[2], &e, r);
+                else {
+                        int n = 0;
+                        r = sd_bus_message_enter_container(reply, 'a', "(sss)");
+                        while (r >= 0 && sd_bus_message_read(reply, "(sss)", &id, &what, &detail) > 0) {
+                                printf("%s: %s%s%s%s\n", id, what, *detail ? " (" : "", detail, *detail ? ")" : "");
+                                n++;
+                        }
+                        if (!n)
+                                printf("nothing to prune\n");
+                        r = 0;
+                }
+        } else if (strcmp(verb, "restore") == 0 && argc >= 5) {
+                const char *format = NULL, *job, *name = NULL;
+                bool wait = true, live = false;
+                for (int i = 5; i < argc; i++)
+                        if (strcmp(argv[i], "--format") == 0 && i + 1 < argc)
+                                format = argv[++i];
+                        else if (strcmp(argv[i], "--name") == 0 && i + 1 < argc)
+                                name = argv[++i];
+                        else if (strcmp(argv[i], "--no-wait") == 0)
+                                wait = false;
+                        else if (strcmp(argv[i], "--live") == 0)
+                                live = true;
+                r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Plan"), "Restore");
+                if (r >= 0)
+                        r = sd_bus_message_append(m, "ss", argv[3], argv[4]);
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'a', "{sv}");
+                if (r >= 0 && format)
+                        r = sd_bus_message_append(m, "{sv}", "format", "s", format);
+                if (r >= 0 && live)
+                        r = sd_bus_message_append(m, "{sv}", "live", "b", 1);
+                if (r >= 0 && name)
+                        r = sd_bus_message_append(m, "{sv}", "name", "s", name);
+                if (r >= 0)
+                        r = sd_bus_message_close_container(m);
+                if (r >= 0) {
+                        struct waiter w = { 0 };
+                        (void) waiter_subscribe(&w);
+                        r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
+                        if (r < 0)
+                                r = fail(argv[2], &e, r);
+                        else if (sd_bus_message_read(reply, "o", &job) >= 0) {
+                                if (live)
+                                        print_live_export(argv[4], job);
+                                if (wait) {
+                                        waiter_follow(&w, job);
+                                        r = wait_job(&w);
+                                } else {
+                                        printf("%s\n", job);
+                                        r = 0;
+                                }
+                        }
+                        waiter_done(&w);
+                }
+        } else if (strcmp(verb, "create") == 0 || strcmp(verb, "edit") == 0) {
+                bool create = strcmp(verb, "create") == 0;
+                r = create ? sd_bus_message_new_method_call(bus, &m, BUS_NAME, MANAGER_PATH, IFACE("Manager"),
+                                                            "CreatePlan")
+                           : sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Plan"), "Change");
+                if (r >= 0 && create)
+                        r = sd_bus_message_append(m, "s", argv[2]);
+                if (r >= 0)
+                        r = sd_bus_message_open_container(m, 'a', "{sv}");
+                if (r >= 0)
+                        r = plan_settings_append(m, argc, argv, 3);
+                if (r == -EINVAL) {
+                        sd_bus_message_unref(m);
+                        free(o);
+                        return 2;
+                }
+                if (r >= 0)
+                        r = sd_bus_message_close_container(m);
+                if (r >= 0)
+                        r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
+                if (r < 0)
+                        r = fail(argv[2], &e, r);
+                else {
+                        printf("plan %s: %s\n", argv[2], create ? "created" : "changed");
+                        r = 0;
+                }
+        } else if (strcmp(verb, "delete") == 0) {
+                r = call(o, IFACE("Plan"), "Delete", NULL, &e, NULL);
+                if (r < 0)
+                        r = fail(argv[2], &e, r);
+                else {
+                        printf("plan %s: deleted (its backups stay)\n", argv[2]);
+                        r = 0;
+                }
+        } else {
+                fprintf(stderr, "diskchainctl: plan: unknown verb or missing argument: %s\n", verb);
+                r = 2;
+        }
+        sd_bus_message_unref(m);
+        sd_bus_message_unref(reply);
+        sd_bus_error_free(&e);
+        free(o);
+        return r;
+}
+
 static void print_job(const char *o, bool long_form) {
         char *id = get_string(o, IFACE("Job"), "Id"), *type = get_string(o, IFACE("Job"), "Type");
         char *status = get_string(o, IFACE("Job"), "Status"), *err = get_string(o, IFACE("Job"), "Error");
@@ -1493,6 +1894,8 @@ int main(int argc, char **argv) {
                 r = cmd_wait(argv[1]);
         else if (strcmp(argv[0], "monitor") == 0)
                 r = cmd_monitor();
+        else if (strcmp(argv[0], "plan") == 0)
+                r = cmd_plan(argc, argv);
         else {
                 fprintf(stderr, "diskchainctl: unknown command or missing argument: %s\n", argv[0]);
                 r = 2;

@@ -94,7 +94,8 @@ class Bus:
         self.state = os.path.join(self.dir, "state")
         self.config = os.path.join(self.dir, "diskchain.conf")
         with open(self.config, "w") as f:
-            f.write(config or "")
+            # backup plans in the test's directory, never /etc's
+            f.write(config if config and "[Plans]" in config else f"[Plans]\nDirectory={self.dir}/plans.d\n" + (config or ""))
         self.idle_timeout = idle_timeout
         wrap = ""
         if os.environ.get("DISKCHAIN_VALGRIND"):

@@ -311,7 +311,10 @@ def test_introspection_matches_xml(bus):
     xchain = data(bus.call(M, "Manager", "GetChain", "s", "x.qcow2"))[0]
     export = data(bus.call(xchain, "Chain", "Export", "a{sv}", "0"))[0]
     job = data(bus.call(chain, "Chain", "Stream", "a{sv}", "1", "auto-dismiss", "b", "false"))[0]
-    paths = {"Manager": M, "Image": image(bus, "i.qcow2"), "Chain": chain, "Job": job, "Export": export}
+    plan = data(bus.call(M, "Manager", "CreatePlan", "sa{sv}", "p", "2", "chain", "s", "i.qcow2", "destination", "s",
+                         "b"))[0]
+    paths = {"Manager": M, "Image": image(bus, "i.qcow2"), "Chain": chain, "Job": job, "Export": export,
+             "Plan": plan}
     for name, path in paths.items():
         iface = f"org.diskchain.DiskChain1.{name}"
         live = data(bus.busctl("--json=short", "call", "org.diskchain.DiskChain1", path,

@@ -1,0 +1,338 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Backup plans (diskchain.plan(5)): months of nightly runs simulated with the plans' test clock
+(DISKCHAIN_TEST_CLOCK_FILE, never a sleep), writes between them, a run killed half-way, a backup
+file damaged on purpose; at the end the kept restore points are exactly the ones the retention rules
+name (computed here independently, as restic computes them), each restores byte-identical to the
+disk at its time, and qemu-img check is clean on every file. Also: creating, changing and deleting
+plans over the bus, polkit's word on each, runs that would overlap, and bad plans."""
+import calendar
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bustest import TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io, sh
+from test_bus import M, data, prop
+from test_export import wait_for
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+T0 = calendar.timegm((2026, 1, 5, 1, 30, 0))  # a Monday night, 01:30 UTC
+DAY = 86400
+
+
+@pytest.fixture
+def pbus(request, tmp_path):
+    clock = tmp_path / "clock"
+    clock.write_text(str(T0))
+    b = Bus(prefix=f"TZ=UTC DISKCHAIN_TEST_CLOCK_FILE={clock} ")
+    b.clock, b.plans = clock, Path(b.dir) / "plans.d"
+    yield b
+    finish(request, b)
+
+
+def set_clock(bus, t):
+    bus.clock.write_text(str(int(t)))
+
+
+def plan_obj(name):
+    return f"{M}/plan/{name}"
+
+
+def points(bus, name="vm"):
+    return prop(bus, plan_obj(name), "Plan", "RestorePoints")
+
+
+def content_hash(tmp, img):
+    raw = tmp / "content.raw"
+    qemu_img("convert", "-U", "-O", "raw", img, raw)
+    h = hashlib.sha256(raw.read_bytes()).hexdigest()
+    raw.unlink()
+    return h
+
+
+def restic_keep(times, keep):
+    """restic's policy (internal/data/snapshot_policy.go, 0.16+), newest first: a point is kept when it
+    opens a new period of a rule that has periods left, and the oldest while a rule has; no rule keeps all
+    (as Proxmox; restic refuses); the newest is always kept (ours)."""
+    rules = [("last", lambda t, i: i), ("hourly", lambda t, i: time.strftime("%Y%m%d%H", time.gmtime(t))),
+             ("daily", lambda t, i: time.strftime("%Y%m%d", time.gmtime(t))),
+             ("weekly", lambda t, i: time.strftime("%G%V", time.gmtime(t))),
+             ("monthly", lambda t, i: time.strftime("%Y%m", time.gmtime(t))),
+             ("yearly", lambda t, i: time.strftime("%Y", time.gmtime(t)))]
+    left = {r: keep.get(r, 0) for r, _ in rules}
+    last = {r: None for r, _ in rules}
+    kept = set()
+    order = sorted(times, reverse=True)
+    for i, t in enumerate(order):
+        for r, f in rules:
+            if left[r] > 0:
+                v = f(t, i)
+                if v != last[r] or i == len(order) - 1:  # restic >= 0.16 keeps the oldest while a count is left
+                    last[r] = v
+                    left[r] -= 1
+                    kept.add(t)
+    if not any(keep.values()):
+        kept = set(times)
+    if order:
+        kept.add(order[0])
+    return kept
+
+
+def test_months_of_nightly_backups(pbus, tmp_path):
+    """Ten weeks of nightly runs (auto: a full backup every 7 runs, incrementals between; keep 7 daily,
+    4 weekly and 2 monthly), a guest's writes between runs; day 23's run killed with -9 while it
+    copies (the next run must be full, and its leftover file goes); day 40's newest backup file
+    damaged (Verify fails and names it; put back, it verifies again); every kept point restored."""
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    rng = random.Random(42)
+    qemu_img("create", "-q", "-f", "qcow2", disk, str(SIZE))
+    (tmp_path / "fill").write_bytes(rng.randbytes(16 * MiB))
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 16M")
+    out = bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "backups/vm", "--schedule",
+                  "*-*-* 01:30:00", "--level", "auto", "--full-every", "7", "--keep-daily", "7", "--keep-weekly",
+                  "4", "--keep-monthly", "2").stdout
+    assert "created" in out, out
+    text = (bus.plans / "vm.conf").read_text()
+    assert "Chain=" + disk in text and "KeepWeekly=4" in text and "Schedule=*-*-* 01:30:00" in text, text
+    want = {}          # point time -> content hash at that time
+    levels = []
+    for day in range(70):
+        t = T0 + day * DAY + rng.randrange(0, 3600)
+        set_clock(bus, t)
+        # the guest's day: new data here and there, zeros, a discard
+        ops = []
+        for _ in range(rng.randrange(3, 9)):
+            off = rng.randrange(0, SIZE // 4096 - 64) * 4096
+            blob = tmp_path / "blob"
+            blob.write_bytes(rng.randbytes(rng.randrange(1, 64) * 4096))
+            ops.append(f"write -s {blob} {off} {blob.stat().st_size}")
+            qemu_io(disk, ops[-1])
+        if day % 9 == 4:
+            qemu_io(disk, f"write -z {rng.randrange(0, SIZE // MiB - 1)}M 64k")
+        if day == 23:
+            # a run killed while it copies: slow it down, start it, kill the daemon
+            qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 8M")
+            bus.ctl("plan", "edit", "vm", "--speed", str(2 * MiB))
+            job = bus.ctl("plan", "run", "vm", "--no-wait").stdout.strip()
+            wait_for(lambda: prop(bus, job, "Job", "CurrentProgress") > 0, "the run copies")
+            leftover = prop(bus, job, "Job", "Target")
+            kill_daemon(bus)
+            assert os.path.exists(leftover)
+            bus.ctl("plan", "edit", "vm", "--speed", "0")
+            assert prop(bus, plan_obj("vm"), "Plan", "Running") is False
+            set_clock(bus, t + 600)
+            t += 600
+        h = content_hash(tmp_path, disk)
+        p = bus.ctl("plan", "run", "vm", check=False)
+        assert p.returncode == 0, (day, p.stdout, p.stderr)
+        res = prop(bus, plan_obj("vm"), "Plan", "LastResult")
+        assert res.startswith("success"), res
+        level = res.split()[1]
+        levels.append(level)
+        if day == 23:
+            assert level == "full", res  # the killed run's bitmap cannot be trusted
+            assert not os.path.exists(leftover)
+        want[t] = h
+        assert prop(bus, plan_obj("vm"), "Plan", "LastRun") == t * 1000000
+        if day == 40:
+            newest = points(bus)[-1]
+            f = newest[3]
+            saved = (tmp_path / "saved").write_bytes(open(f, "rb").read())
+            with open(f, "r+b") as fd:
+                fd.seek(os.path.getsize(f) - 4096)
+                fd.write(rng.randbytes(4096))
+            p = bus.ctl("plan", "verify", "vm", check=False)
+            assert p.returncode != 0 and newest[0] in p.stderr and f in p.stderr, p.stderr
+            assert [x[5] for x in points(bus) if x[0] == newest[0]] == ["damaged"]
+            p = bus.ctl("plan", "restore", "vm", newest[0], "nope.qcow2", check=False)
+            assert p.returncode != 0 and "damaged" in p.stderr, p.stderr
+            with open(f, "wb") as fd:
+                fd.write((tmp_path / "saved").read_bytes())
+            assert saved
+            bus.ctl("plan", "verify", "vm", "--point", newest[0])
+            assert [x[5] for x in points(bus) if x[0] == newest[0]] == ["verified"]
+    # auto: a full every 7 runs, incrementals between (and the one after the kill)
+    assert levels[0] == "full" and levels.count("full") >= 10 and levels.count("incremental") >= 50, levels
+    kept = points(bus)
+    assert {x[1] // 1000000 for x in kept} == restic_keep(list(want), {"daily": 7, "weekly": 4, "monthly": 2})
+    files = sorted(os.listdir(os.path.join(r, "backups/vm")))
+    assert files == sorted(os.path.basename(x[3]) for x in kept), files  # nothing pruned is left behind
+    bus.ctl("plan", "verify", "vm")
+    for x in kept:
+        qemu_img("check", x[3])
+        target = f"restored-{x[0]}.qcow2"
+        out = bus.ctl("plan", "restore", "vm", x[0], target).stdout
+        assert "completed" in out, out
+        qemu_img("check", os.path.join(r, target))
+        assert content_hash(tmp_path, os.path.join(r, target)) == want[x[1] // 1000000], x
+    # a dry run says what would go, and nothing more goes now
+    out = bus.ctl("plan", "prune", "vm", "--dry-run").stdout
+    assert "remove" not in out and out.count(": keep") == len(kept), out
+    assert f"{kept[-1][0]}: keep (daily weekly monthly)" in out, out
+    # the runs' structured journal fields
+    log = open(bus.log).read()
+    assert "DISKCHAIN_PLAN=vm DISKCHAIN_CHAIN=" + disk in log and "DISKCHAIN_RESULT=success" in log
+
+
+def test_plan_lifecycle_and_refusals(pbus, tmp_path):
+    """Create, change and delete over the bus (the daemon writes the file), each its own polkit
+    action; a run while the last one goes is refused with its own error (diskchainctl exits 75);
+    bad settings are refused with what is wrong; a hand-written plan that does not parse is left
+    out, and the daemon says why."""
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "16M")
+    qemu_io(disk, "write -P 7 0 12M")
+    bus.plans.mkdir()
+    (bus.plans / "broken.conf").write_text("[Plan]\nChain=vm.qcow2\nDestination=/etc\n")
+    (bus.plans / "typo.conf").write_text(f"[Plan]\nChain=vm.qcow2\nDestination={r}/b\nKeepDailly=3\n")
+    assert data(bus.call(M, "Manager", "ListPlans")) == [[]]
+    log = open(bus.log).read()
+    assert "plan 'broken' (" in log and "not inside the storage roots" in log, log[-2000:]
+    assert "unknown key KeepDailly=" in log
+    # refusals, each naming the problem
+    for args, err in [(["--chain", "vm.qcow2", "--destination", "/etc/x"], "not inside the storage roots"),
+                      (["--chain", "nosuch.qcow2", "--destination", "b"], "nosuch.qcow2"),
+                      (["--chain", "vm.qcow2", "--destination", "b", "--level", "weekly"], "level 'weekly'"),
+                      (["--chain", "vm.qcow2", "--destination", "b", "--schedule", "every tuesday-ish"],
+                       "no calendar event"),
+                      (["--chain", "vm.qcow2", "--destination", "b", "--full-every", "0"], "FullEvery=")]:
+        p = bus.ctl("plan", "create", "p1", *args, check=False)
+        assert p.returncode != 0 and err in p.stderr, (args, p.stderr)
+    p = bus.gdbus("--object-path", M, "--method", "org.diskchain.DiskChain1.Manager.CreatePlan", "../x",
+                  "{'chain': <'vm.qcow2'>}", check=False)
+    assert "InvalidArgs" in p.stderr and "must be 1..64" in p.stderr, p.stderr
+    # polkit: the unprivileged test user may do none of it
+    p = bus.gdbus("--object-path", M, "--method", "org.diskchain.DiskChain1.Manager.CreatePlan", "vm",
+                  "{'chain': <'vm.qcow2'>, 'destination': <'b'>}", check=False, user=TEST_USER)
+    assert ("AccessDenied" in p.stderr or "InteractiveAuthorizationRequired" in p.stderr) and \
+        "plan-create" in p.stderr, p.stderr
+    assert not (bus.plans / "vm.conf").exists()
+    bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "b", "--keep-last", "2", "--speed",
+            str(4 * MiB))
+    p = bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "b", check=False)
+    assert p.returncode != 0 and "exists already" in p.stderr
+    for method, args, action in [("Run", [], "plan-run"), ("Delete", [], "plan-delete"),
+                                 ("Change", ["{'level': <'full'>}"], "plan-change"),
+                                 ("Prune", ["{}"], "plan-prune"), ("Verify", ["{}"], "plan-verify")]:
+        p = bus.gdbus("--object-path", plan_obj("vm"), "--method", f"org.diskchain.DiskChain1.Plan.{method}", *args,
+                      check=False, user=TEST_USER)
+        assert p.returncode != 0 and action in p.stderr, (method, p.stderr)
+    # two runs never overlap: the second says so, with its own exit status
+    job = bus.ctl("plan", "run", "vm", "--no-wait").stdout.strip()
+    p = bus.ctl("plan", "run", "vm", check=False)
+    assert p.returncode == 75 and "still going" in p.stderr, (p.returncode, p.stderr)
+    p = bus.gdbus("--object-path", plan_obj("vm"), "--method", "org.diskchain.DiskChain1.Plan.Run", check=False)
+    assert "org.diskchain.DiskChain1.Error.PlanRunning" in p.stderr, p.stderr
+    p = bus.ctl("plan", "delete", "vm", check=False)
+    assert p.returncode != 0 and "running" in p.stderr
+    assert prop(bus, plan_obj("vm"), "Plan", "Job") == job
+    wait_for(lambda: prop(bus, plan_obj("vm"), "Plan", "Running") is False, "the run ends", timeout=30)
+    assert prop(bus, plan_obj("vm"), "Plan", "LastResult").startswith("success: full backup")
+    # changed: the file says so, the properties too
+    bus.ctl("plan", "edit", "vm", "--level", "full", "--keep-daily", "3", "--schedule", "weekly")
+    text = (bus.plans / "vm.conf").read_text()
+    assert "Level=full" in text and "KeepDaily=3" in text and "KeepLast=2" in text and "Schedule=weekly" in text
+    assert prop(bus, plan_obj("vm"), "Plan", "Retention") == {"KeepLast": 2, "KeepDaily": 3}
+    assert prop(bus, plan_obj("vm"), "Plan", "NextRun") > 0
+    show = json.loads(bus.ctl("--json", "plan", "show", "vm").stdout)
+    assert show["level"] == "full" and len(show["restore_points"]) == 1, show
+    # deleted: the file and the object go, the backups stay
+    backups = os.listdir(os.path.join(r, "b"))
+    bus.ctl("plan", "delete", "vm")
+    assert not (bus.plans / "vm.conf").exists()
+    assert data(bus.call(M, "Manager", "ListPlans")) == [[]]
+    assert os.listdir(os.path.join(r, "b")) == backups and len(backups) == 1
+
+
+def test_instant_recovery(pbus, tmp_path):
+    """Restore with live: the point is served at once over NBD, writable, its writes going to the new
+    overlay, while a stream copies the backup in; a client reads the point's content and writes
+    through it all along; when the copy is done the image stands alone (no backing file) and holds the
+    point plus the client's writes; meanwhile the plan's files are held, so a prune cannot take them."""
+    import nbd
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    rng = random.Random(5)
+    qemu_img("create", "-q", "-f", "qcow2", disk, str(SIZE))
+    (tmp_path / "fill").write_bytes(rng.randbytes(SIZE))
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 {SIZE}")
+    bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "backups/vm", "--keep-last", "2")
+    bus.ctl("plan", "run", "vm")
+    set_clock(bus, T0 + DAY)
+    qemu_io(disk, "write -P 9 1M 3M")
+    bus.ctl("plan", "run", "vm")
+    qemu_io(disk, "write -P 10 5M 1M")  # after the point: not in it
+    point = points(bus)[-1]
+    want = bytearray((tmp_path / "fill").read_bytes())
+    want[MiB:4 * MiB] = b"\x09" * (3 * MiB)
+    bus.ctl("plan", "edit", "vm", "--speed", str(8 * MiB))  # (a restore has its own speed: none)
+    out = bus.ctl("plan", "restore", "vm", point[0], "live.qcow2", "--live", "--name", "rescue", "--no-wait").stdout
+    assert "served at nbd+unix:///rescue?socket=" in out, out
+    uri = prop(bus, f"{M}/export/rescue", "Export", "Uri")
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    got = bytearray()
+    for off in range(0, SIZE, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    assert got == want  # the point, at once
+    h.pwrite(b"\x0b" * 65536, 7 * MiB)
+    want[7 * MiB:7 * MiB + 65536] = b"\x0b" * 65536
+    h.flush()
+    # the backups are held while the copy needs them
+    bus.ctl("plan", "edit", "vm", "--keep-last", "1")
+    p = bus.ctl("plan", "prune", "vm", check=False)
+    assert p.returncode != 0 and "exported over NBD as 'rescue'" in p.stderr, (p.stdout, p.stderr)
+    wait_for(lambda: "backing-filename" not in json.loads(qemu_img("info", "-U", "--output=json",
+                                                                 os.path.join(r, "live.qcow2")).stdout),
+             "the copy ends and the overlay stands alone", timeout=60)
+    got = bytearray()
+    for off in range(0, SIZE, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    assert got == want  # the point plus the client's write, after the copy too
+    h.shutdown()
+    bus.call(f"{M}/export/rescue", "Export", "Stop")
+    qemu_img("check", os.path.join(r, "live.qcow2"))
+    out = bus.ctl("plan", "prune", "vm").stdout  # free now: the recovered image needs no backup
+    assert "removed" in out, out
+    raw = tmp_path / "live.raw"
+    qemu_img("convert", "-O", "raw", os.path.join(r, "live.qcow2"), raw)
+    assert raw.read_bytes() == bytes(want)
+    # the refusals: raw, an existing target
+    p = bus.ctl("plan", "restore", "vm", point[0], "live.qcow2", "--live", check=False)
+    assert p.returncode != 0 and "already exists" in p.stderr, p.stderr
+    p = bus.ctl("plan", "restore", "vm", point[0], "x.raw", "--live", "--format", "raw", check=False)
+    assert p.returncode != 0 and "raw does not go with live" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("case", ["restic-a", "restic-b"])
+def test_retention_examples(pbus, case):
+    """restic's own arithmetic, worked by hand: ten daily points with keep-last 2 and keep-daily 3 keep
+    the newest three (Proxmox would keep five); two points on one day and one the next with keep-daily
+    5 keep all three, the oldest because a rule still has room (restic 0.16)."""
+    bus = pbus
+    qemu_img("create", "-q", "-f", "qcow2", os.path.join(bus.root, "d.qcow2"), "1M")
+    if case == "restic-a":
+        times = [T0 + d * DAY + 10 * 3600 for d in range(10)]
+        keep = ["--keep-last", "2", "--keep-daily", "3"]
+        want = times[-3:]
+    else:
+        times = [T0 + 8 * 3600, T0 + 20 * 3600, T0 + DAY + 12 * 3600]
+        keep = ["--keep-daily", "5"]
+        want = times
+    bus.ctl("plan", "create", "d", "--chain", "d.qcow2", "--destination", "b", "--level", "full", *keep)
+    for t in times:
+        set_clock(bus, t)
+        bus.ctl("plan", "run", "d")
+    assert [x[1] // 1000000 for x in points(bus, "d")] == want
+    assert sorted(restic_keep(times, {"last": 2, "daily": 3} if case == "restic-a" else {"daily": 5})) == want
