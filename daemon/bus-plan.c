@@ -537,12 +537,12 @@ static int method_prune(sd_bus_message *m, void *userdata, sd_bus_error *error) 
 }
 
 static int method_restore(sd_bus_message *m, void *userdata, sd_bus_error *error) {
-        static const char *const allowed[] = { "format", "live", "name", NULL };
+        static const char *const allowed[] = { "format", "live", "name", "chain", NULL };
         static const char *const formats[] = { "qcow2", "raw", NULL };
         g_autoptr(GHashTable) opts = NULL;
         const char *point, *target, *name = NULL;
         int format = 0, r;
-        bool live = false;
+        bool live = false, chain = false;
         Plan *p = PLAN;
 
         r = sd_bus_message_read(m, "ss", &point, &target);
@@ -550,11 +550,16 @@ static int method_restore(sd_bus_message *m, void *userdata, sd_bus_error *error
                 return r;
         if ((r = parse_options(m, allowed, &opts, error)) < 0 ||
             (r = opt_enum(opts, "format", formats, &format, error)) < 0 ||
-            (r = opt_bool(opts, "live", &live, error)) < 0 || (r = opt_string(opts, "name", &name, error)) < 0)
+            (r = opt_bool(opts, "live", &live, error)) < 0 || (r = opt_string(opts, "name", &name, error)) < 0 ||
+            (r = opt_bool(opts, "chain", &chain, error)) < 0)
                 return r;
+        if (live && chain)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "live and chain do not go together: live copies the backup in, chain leaves "
+                                         "it below the new image");
         if (name && !live)
                 return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "'name' (of the export) goes with live true");
-        r = plan_restore(p, m, point, target, format, live, name, error);
+        r = plan_restore(p, m, point, target, format, live, chain, name, error);
         return r < 0 ? r : 1;
 }
 

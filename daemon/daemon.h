@@ -535,7 +535,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error);
 int plan_verify(Plan *p, sd_bus_message *m, const char *point, sd_bus_error *error);
 int plan_prune(Plan *p, sd_bus_message *m, bool dry_run, sd_bus_error *error);
 int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *target, int format, bool live,
-                 const char *export_name, sd_bus_error *error);
+                 bool chain, const char *export_name, sd_bus_error *error);
 /* Job ID reached concluded (ERROR NULL: completed; CANCELLED), having copied BYTES: a plan's run ends. */
 void plans_job_concluded(Manager *mgr, const char *id, const char *error, bool cancelled, uint64_t bytes);
 void plan_send_changed(Plan *p, char **props);

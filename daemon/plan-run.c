@@ -646,8 +646,23 @@ static GPtrArray *prune_plan(Plan *p, bool **ret_keep, char ***ret_why) {
         g_autofree Point **base = calloc(MAX(n, 1u), sizeof *base);
 
         plan_retention(p->points, p->set.keep, keep, why);
-        for (guint i = 0; i < n; i++)
-                base[i] = point_base(p, p->points->pdata[i]);
+        for (guint i = 0; i < n; i++) {
+                Point *x = p->points->pdata[i];
+                GPtrArray *ov = g_hash_table_lookup(p->mgr->overlays, x->file);
+                base[i] = point_base(p, x);
+                /* an image of somebody's built on a point (a restore as a chain, say) keeps it */
+                for (guint k = 0; !keep[i] && ov && k < ov->len; k++) {
+                        Image *o = ov->pdata[k];
+                        bool ours = false;
+                        for (guint j = 0; j < n && !ours; j++)
+                                ours = strcmp(((Point *) p->points->pdata[j])->file, o->path) == 0;
+                        if (!ours) {
+                                keep[i] = true;
+                                free(why[i]);
+                                why[i] = g_strdup_printf("the backing file of '%s'", o->path);
+                        }
+                }
+        }
         for (guint i = n; i > 0; i--) {
                 Point *x = p->points->pdata[i - 1];
                 PruneStep *s;
@@ -1039,8 +1054,60 @@ static void live_create_done(Work *w) {
         w->data = NULL; /* the export's hook has it now */
 }
 
+static void chain_create_done(Work *w) {
+        LiveRestore *l = w->data;
+
+        if (w->r < 0)
+                (void) reply_error_errno(l->m, w->r, w->error);
+        else {
+                log_fields(LOG_INFO,
+                           (const char *const[]){ "DISKCHAIN_PLAN", l->plan, "DISKCHAIN_POINT", l->point,
+                                                  "DISKCHAIN_TARGET", l->target, NULL },
+                           "plan '%s': point %s restored as the chain '%s' over the backup", l->plan, l->point,
+                           l->target);
+                (void) sd_bus_reply_method_return(l->m, "o", "/");
+        }
+}
+
+/* A thin restore: TARGET, a new qcow2 overlay of the point's file (its chain the backup's), ready at once. */
+static int restore_as_chain(Plan *p, sd_bus_message *m, Point *x, const char *abs, int format, sd_bus_error *error) {
+        _cleanup_free_ char *dir = NULL, *tdir = NULL;
+        LiveRestore *l;
+        Work *w;
+        int r;
+
+        if (format != 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                         "plan '%s': a restore as a chain is a qcow2 overlay of the backup: format raw "
+                                         "does not go with chain", p->name);
+        if (model_find(p->mgr, abs))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists", abs);
+        r = polkit_verify(p->mgr, m, "org.diskchain.plan-restore",
+                          (const char *const[]){ "plan", p->name, "point", x->id, "target", abs, "chain", "true", NULL },
+                          error);
+        if (r <= 0)
+                return r < 0 ? r : 1;
+        l = calloc(1, sizeof *l);
+        l->mgr = p->mgr;
+        l->m = sd_bus_message_ref(m);
+        l->plan = strdup(p->name);
+        l->point = strdup(x->id);
+        l->file = strdup(x->file);
+        l->target = strdup(abs);
+        dir = g_path_get_dirname(x->file);
+        tdir = g_path_get_dirname(abs);
+        l->backing = strcmp(dir, tdir) == 0 ? g_path_get_basename(x->file) : strdup(x->file);
+        l->roots = g_strdupv(p->mgr->config.roots);
+        l->oracle = &p->mgr->oracle;
+        w = work_new(p->mgr, live_create_run, chain_create_done, l, live_restore_free);
+        if (!w)
+                return -ENOMEM;
+        r = work_submit(w, m);
+        return r < 0 ? r : 1;
+}
+
 int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *target, int format, bool live,
-                 const char *export_name, sd_bus_error *error) {
+                 bool chain, const char *export_name, sd_bus_error *error) {
         Manager *mgr = p->mgr;
         Point *x = plan_point(p, point);
         _cleanup_free_ char *abs = NULL, *id = NULL, *dir = NULL, *tdir = NULL;
@@ -1068,6 +1135,8 @@ int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *targ
         r = manager_resolve_path(mgr, target, &abs, error);
         if (r < 0)
                 return r;
+        if (chain)
+                return restore_as_chain(p, m, x, abs, format, error);
         if (!live) {
                 r = backup_start_internal(m, img, abs, NULL, format, &bo, 0, "org.diskchain.plan-restore",
                                           (const char *const[]){ "plan", p->name, "point", point, "live", "false",

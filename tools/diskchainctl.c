@@ -1505,8 +1505,8 @@ static int cmd_plan(int argc, char **argv) {
                         r = 0;
                 }
         } else if (strcmp(verb, "restore") == 0 && argc >= 5) {
-                const char *format = NULL, *job, *name = NULL;
-                bool wait = true, live = false;
+                const char *format = NULL, *job = NULL, *name = NULL;
+                bool wait = true, live = false, as_chain = false;
                 for (int i = 5; i < argc; i++)
                         if (strcmp(argv[i], "--format") == 0 && i + 1 < argc)
                                 format = argv[++i];
@@ -1516,6 +1516,8 @@ static int cmd_plan(int argc, char **argv) {
                                 wait = false;
                         else if (strcmp(argv[i], "--live") == 0)
                                 live = true;
+                        else if (strcmp(argv[i], "--chain") == 0)
+                                as_chain = true;
                 r = sd_bus_message_new_method_call(bus, &m, BUS_NAME, o, IFACE("Plan"), "Restore");
                 if (r >= 0)
                         r = sd_bus_message_append(m, "ss", argv[3], argv[4]);
@@ -1527,6 +1529,8 @@ static int cmd_plan(int argc, char **argv) {
                         r = sd_bus_message_append(m, "{sv}", "live", "b", 1);
                 if (r >= 0 && name)
                         r = sd_bus_message_append(m, "{sv}", "name", "s", name);
+                if (r >= 0 && as_chain)
+                        r = sd_bus_message_append(m, "{sv}", "chain", "b", 1);
                 if (r >= 0)
                         r = sd_bus_message_close_container(m);
                 if (r >= 0) {
@@ -1535,7 +1539,11 @@ static int cmd_plan(int argc, char **argv) {
                         r = sd_bus_call(bus, m, LONG_CALL, &e, &reply);
                         if (r < 0)
                                 r = fail(argv[2], &e, r);
-                        else if (sd_bus_message_read(reply, "o", &job) >= 0) {
+                        else if (sd_bus_message_read(reply, "o", &job) >= 0 && strcmp(job, "/") == 0) {
+                                printf("%s: restored as an overlay of the backup (it stays a backing file)\n",
+                                       argv[4]);
+                                r = 0;
+                        } else if (job) {
                                 if (live)
                                         print_live_export(argv[4], job);
                                 if (wait) {

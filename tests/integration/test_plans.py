@@ -336,3 +336,36 @@ def test_retention_examples(pbus, case):
         bus.ctl("plan", "run", "d")
     assert [x[1] // 1000000 for x in points(bus, "d")] == want
     assert sorted(restic_keep(times, {"last": 2, "daily": 3} if case == "restic-a" else {"daily": 5})) == want
+
+
+def test_restore_as_a_chain_keeps_its_backup(pbus, tmp_path):
+    """Restore with chain: a new overlay of the backup, ready at once (the call answers '/', no job),
+    reading as the disk did; while it exists its point is kept by the prune, whatever the rules say,
+    and the dry run says why."""
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
+    qemu_io(disk, "write -P 3 0 8M")
+    bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "backups", "--keep-last", "1",
+            "--level", "full")
+    bus.ctl("plan", "run", "vm")
+    first = points(bus)[0]
+    want = content_hash(tmp_path, disk)
+    out = bus.ctl("plan", "restore", "vm", first[0], "backups/thin.qcow2", "--chain").stdout
+    assert "restored as an overlay of the backup" in out, out
+    thin = os.path.join(r, "backups/thin.qcow2")
+    assert json.loads(qemu_img("info", "--output=json", thin).stdout)["backing-filename"] == \
+        os.path.basename(first[3])
+    assert content_hash(tmp_path, thin) == want
+    qemu_io(disk, "write -P 4 0 1M")
+    set_clock(bus, T0 + DAY)
+    bus.ctl("plan", "run", "vm")  # keep-last 1 would drop the first point: the overlay keeps it
+    assert [x[0] for x in points(bus)] == [first[0], points(bus)[1][0]]
+    out = bus.ctl("plan", "prune", "vm", "--dry-run").stdout
+    assert f"{first[0]}: keep (the backing file of '{thin}')" in out, out
+    assert content_hash(tmp_path, thin) == want
+    os.unlink(thin)
+    wait_for(lambda: "remove" in bus.ctl("plan", "prune", "vm", "--dry-run").stdout, "the overlay is gone")
+    bus.ctl("plan", "prune", "vm")
+    assert len(points(bus)) == 1
