@@ -390,6 +390,7 @@ static void run_end_done(Work *w) {
         free(p->job_id);
         p->job_id = NULL;
         p->running = false;
+        plan_next_run_refresh(p);
         if (strncmp(p->last_result, "success", 7) == 0 && p->set.prune) {
                 p->busy = true;
                 plan_changed(p, "LastRun", "LastResult", "RestorePoints");
