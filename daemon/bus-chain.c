@@ -159,23 +159,30 @@ static int start_job_as(sd_bus_message *m, Image *active, JobStart *s, char **im
         return job_start(mgr, m, s, paths, error);
 }
 
-static int start_job(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
-                     sd_bus_error *error) {
-        const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
-                                                                                            : "org.diskchain.modify";
-        return start_job_as(m, active, s, images, writes, paths, action, NULL, error);
-}
 
-static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
-                        sd_bus_error *error) {
-        int r = start_job(m, active, s, images, writes, paths, error);
+/* start_job_as, S freed unless the work has it: 1 (*RET_ID: the job's id), 0 while M waits, < 0 with ERROR. */
+static int finish_start_as(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                           const char *action, const char *const *more, char **ret_id, sd_bus_error *error) {
+        _cleanup_free_ char *id = ret_id ? strdup(s->id) : NULL;
+        int r = start_job_as(m, active, s, images, writes, paths, action, more, error);
+
         if (r <= 0)
                 job_start_free(s);
         if (r < 0 && !sd_bus_error_is_set(error))
                 return r;
         if (sd_bus_error_is_set(error))
                 return -EINVAL;
-        return 1;
+        if (r > 0 && ret_id)
+                *ret_id = TAKE_PTR(id);
+        return r;
+}
+
+static int finish_start(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
+                        sd_bus_error *error) {
+        const char *action = s->type == DC_JOB_TYPE_BACKUP || s->type == DC_JOB_TYPE_MIRROR ? "org.diskchain.copy"
+                                                                                            : "org.diskchain.modify";
+        int r = finish_start_as(m, active, s, images, writes, paths, action, NULL, NULL, error);
+        return r < 0 ? r : 1;
 }
 
 /* Every layer of LAYERS from FIRST to LAST (inclusive; LAST < 0: to the end), with their data files, as paths. */
@@ -610,7 +617,6 @@ int backup_start_internal(sd_bus_message *m, Image *source, const char *target_a
         g_autoptr(GPtrArray) layers = chain_layer_images(mgr, source);
         g_autoptr(GHashTable) opts = g_hash_table_new(g_str_hash, g_str_equal);
         g_auto(GStrv) images = NULL, paths = NULL;
-        _cleanup_free_ char *id = NULL;
         Image *tgt = NULL;
         JobStart *s;
         int r;
@@ -630,23 +636,10 @@ int backup_start_internal(sd_bus_message *m, Image *source, const char *target_a
         s->bo = *bo;
         s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
         s->bo.checkpoint = s->checkpoint = bo->checkpoint ? strdup(bo->checkpoint) : NULL;
-        id = strdup(s->id);
-        if (!id) {
-                job_start_free(s);
-                return -ENOMEM;
-        }
         images = layer_paths(layers, 0, -1, target_abs, NULL);
         paths = layer_paths(layers, 0, -1, target_abs, NULL);
-        r = start_job_as(m, source, s, images, (char *[]){ (char *) target_abs, NULL }, paths, action, more, error);
-        if (r <= 0)
-                job_start_free(s);
-        if (r < 0 && !sd_bus_error_is_set(error))
-                return r;
-        if (sd_bus_error_is_set(error))
-                return -EINVAL;
-        if (r > 0)
-                *ret_id = TAKE_PTR(id);
-        return r;
+        return finish_start_as(m, source, s, images, (char *[]){ (char *) target_abs, NULL }, paths, action, more,
+                               ret_id, error);
 }
 
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {

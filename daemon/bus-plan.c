@@ -61,7 +61,7 @@ static int get_string(sd_bus *bus, const char *path, const char *iface, const ch
                         : strcmp(prop, "Schedule") == 0    ? p->set.schedule
                         : strcmp(prop, "Level") == 0       ? plan_level_name(p->set.level)
                         : strcmp(prop, "Bitmap") == 0      ? p->set.bitmap
-                        : strcmp(prop, "Mode") == 0        ? "push"
+                        : strcmp(prop, "Mode") == 0        ? (p->set.pull ? "pull" : "push")
                                                            : p->last_result;
         return sd_bus_message_append(reply, "s", v ? v : "");
 }
@@ -129,7 +129,7 @@ static int get_points(sd_bus *bus, const char *path, const char *iface, const ch
 static const char *const setting_keys[] = { "chain", "destination", "schedule", "randomized-delay-sec", "level",
                                             "full-every", "compress", "bitmap", "speed", "prune-after-run",
                                             "keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly",
-                                            "keep-yearly", NULL };
+                                            "keep-yearly", "mode", NULL };
 
 /* OPTS over S (what they name changes); paths resolved in the roots. */
 static int settings_apply(Manager *mgr, const char *name, GHashTable *opts, PlanSettings *s, sd_bus_error *error) {
@@ -169,6 +169,13 @@ static int settings_apply(Manager *mgr, const char *name, GHashTable *opts, Plan
                 free(s->bitmap);
                 s->bitmap = strdup(v);
         }
+        if ((r = opt_string(opts, "mode", &v, error)) < 0)
+                return r;
+        if (r > 0 && strcmp(v, "push") != 0 && strcmp(v, "pull") != 0)
+                return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "plan '%s': mode '%s' is not push or pull",
+                                         name, v);
+        if (r > 0)
+                s->pull = strcmp(v, "pull") == 0;
         if ((r = opt_string(opts, "level", &v, error)) < 0)
                 return r;
         if (r > 0 && (s->level = plan_level_from(v)) < 0)
@@ -337,7 +344,7 @@ static void create_done(Work *w) {
                 plan_send_changed(p, (char *[]){ "Chain", "Destination", "Schedule", "Level", "Retention", "NextRun",
                                                  NULL });
                 plan_send_changed(p, (char *[]){ "FullEvery", "Compress", "Bitmap", "Speed", "PruneAfterRun",
-                                                 "RandomizedDelaySec", NULL });
+                                                 "RandomizedDelaySec", "Mode", NULL });
                 (void) sd_bus_reply_method_return(w->m, NULL);
         } else {
                 p = plan_new(w->mgr, pw->name, &pw->set);
@@ -586,7 +593,7 @@ const sd_bus_vtable plan_vtable[] = {
         P("Level", "s", get_string),
         P("FullEvery", "u", get_u32),
         P("Compress", "b", get_bool),
-        SD_BUS_PROPERTY("Mode", "s", get_string, 0, SD_BUS_VTABLE_PROPERTY_CONST),
+        P("Mode", "s", get_string),
         P("Bitmap", "s", get_string),
         P("Speed", "t", get_u64),
         P("PruneAfterRun", "b", get_bool),

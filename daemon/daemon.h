@@ -228,6 +228,7 @@ typedef struct PlanSettings {
         int level;            /* LEVEL_* */
         unsigned full_every;  /* auto: a full point every this many runs */
         bool compress, prune;
+        bool pull;            /* Mode=pull: the run reads a point-in-time view (fleecing) */
         char *bitmap;         /* the plan's bitmap on the active layer */
         uint64_t speed;       /* bytes/s, 0: no limit */
         unsigned keep[KEEP_N];
@@ -258,7 +259,7 @@ typedef struct Plan {
         bool running, busy;   /* a run's job or its aftermath; prune, verify, delete */
         char *job_id;
         int run_level;
-        char *run_id, *run_file, *run_base;
+        char *run_id, *run_file, *run_base, *run_fleece;
         uint64_t run_time, run_mono;
         bool force_full;      /* the last run was interrupted: the bitmap may have lost what it held */
 } Plan;
@@ -528,6 +529,7 @@ void plan_catalog_save_async(Plan *p);
 /* The catalog as it is now, to be written on a worker by plan_catalog_write (which frees it). */
 void *plan_catalog_snapshot(Plan *p);
 void plan_catalog_write(void *snapshot);
+void plan_catalog_snapshot_free(void *snapshot);
 int plan_file_sums(const char *abs, char **roots, char **ret, uint64_t *ret_size);
 char *plan_sums_differ(const char *sums, const char *now, uint64_t size_then, uint64_t size_now);
 void plan_retention(GPtrArray *points, const unsigned *keep, bool *keep_out, char **reason_out);

@@ -59,17 +59,20 @@ static Point *point_base(Plan *p, Point *x) {
 
 typedef struct RunPrep {
         char *name, *dest, *leftover, **roots;
+        char *fleece;         /* pull: the fleecing image to make, of SIZE bytes */
+        uint64_t size;
+        const struct dc_format_oracle *oracle;
         void *catalog;
 } RunPrep;
 
 static void run_prep_free(void *d) {
         RunPrep *r = d;
         free(r->name);
+        free(r->fleece);
         free(r->dest);
         free(r->leftover);
         g_strfreev(r->roots);
-        if (r->catalog)
-                plan_catalog_write(r->catalog); /* (only when the work never ran: frees it) */
+        plan_catalog_snapshot_free(r->catalog); /* (not written: the run did not get that far) */
         free(r);
 }
 
@@ -90,6 +93,19 @@ static void run_prep_run(Work *w) {
                 if (u < 0 && u != -ENOENT)
                         log_warning("cannot remove '%s', left by an interrupted run: %s", rp->leftover, dc_get_error());
                 dc_error_clear();
+        }
+        if (r >= 0 && rp->fleece) {
+                /* pull: an empty fleecing image beside the disk (an interrupted run's goes first) */
+                struct dc_create_options co = { .format = DC_FORMAT_QCOW2, .backing_format = -1, .oracle = rp->oracle };
+                int u = dc_path_unlink(rp->fleece, (const char *const *) rp->roots, NULL);
+                if (u < 0 && u != -ENOENT)
+                        r = u;
+                else
+                        r = dc_image_create(rp->fleece, rp->size, &co, (const char *const *) rp->roots);
+                dc_error_clear();
+                if (r < 0)
+                        r = dc_set_error(-r, "cannot make the fleecing image '%s'", rp->fleece);
+                w->refresh = g_strdupv((char *[]){ rp->fleece, NULL });
         }
         if (r >= 0) {
                 /* the run's file is pending before the job can make it */
@@ -151,7 +167,8 @@ static int run_continue(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         Manager *mgr = p->mgr;
         Image *active = model_find(mgr, p->set.chain);
         Point *base = p->run_base ? plan_point(p, p->run_base) : NULL;
-        struct dc_backup_options bo = { .compress = p->set.compress };
+        struct dc_backup_options bo = { .compress = p->set.compress,
+                                        .fleece = p->set.pull ? p->run_fleece : NULL };
         _cleanup_free_ char *backing = NULL, *id = NULL, *dir = NULL;
         int r;
 
@@ -249,6 +266,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         RunPrep *rp;
         time_t t;
         struct tm tm;
+        int r;
 
         if (p->start_msg == m)
                 return run_continue(p, m, error); /* dispatched again */
@@ -257,6 +275,10 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
                                          "plan '%s': the previous run%s%s%s is still going", p->name,
                                          p->job_id ? " (job '" : "", p->job_id ? p->job_id : "",
                                          p->job_id ? "')" : (p->running ? "" : " (or a prune or verify)"));
+        /* the chain as it is now (0: M waits for the model and comes back) */
+        r = model_freshen(mgr, m, (char *[]){ p->set.chain, NULL }, error);
+        if (r <= 0)
+                return r;
         active = model_find(mgr, p->set.chain);
         if (!active || active->error)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "plan '%s': '%s' is %s", p->name,
@@ -291,6 +313,19 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         rp->name = strdup(p->name);
         rp->dest = strdup(p->set.destination);
         rp->roots = g_strdupv(mgr->config.roots);
+        rp->oracle = &mgr->oracle;
+        free(p->run_fleece);
+        p->run_fleece = NULL;
+        if (p->set.pull) {
+                /* beside the active layer, as a point-in-time export's: the guest's old data goes there */
+                g_autofree char *stem = g_strdup(active->path);
+                char *dot = strrchr(stem, '.');
+                if (dot && !strchr(dot, '/'))
+                        *dot = 0;
+                p->run_fleece = g_strdup_printf("%s.fleece-plan-%s.qcow2", stem, p->name);
+                rp->fleece = strdup(p->run_fleece);
+                rp->size = active->virtual_size;
+        }
         /* an interrupted run's file goes; the bitmap may have lost what it held: this run is full (above) */
         rp->leftover = p->pending && !plan_point(p, p->pending) ? strdup(p->pending) : NULL;
         free(p->pending);
@@ -317,6 +352,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
 
 typedef struct RunEnd {
         char *name, *file, **roots, *error;
+        char *fleece;         /* pull: removed at the end */
         bool ok;
         uint64_t bytes, size;
         char *sums;
@@ -325,6 +361,7 @@ typedef struct RunEnd {
 static void run_end_free(void *d) {
         RunEnd *e = d;
         free(e->name);
+        free(e->fleece);
         free(e->file);
         g_strfreev(e->roots);
         free(e->error);
@@ -336,13 +373,19 @@ static void run_end_run(Work *w) {
         RunEnd *e = w->data;
         int r = 0;
 
+        if (e->fleece) {
+                int u = dc_path_unlink(e->fleece, (const char *const *) e->roots, NULL);
+                if (u < 0 && u != -ENOENT)
+                        log_warning("cannot remove the fleecing image '%s': %s", e->fleece, dc_get_error());
+                dc_error_clear();
+        }
         if (e->ok)
                 r = plan_file_sums(e->file, e->roots, &e->sums, &e->size);
         else {
                 r = dc_path_unlink(e->file, (const char *const *) e->roots, NULL);
                 r = r == -ENOENT ? 0 : r;
         }
-        w->refresh = g_strdupv((char *[]){ e->file, NULL });
+        w->refresh = g_strdupv((char *[]){ e->file, e->fleece, NULL });
         work_capture_error(w, r);
 }
 
@@ -414,6 +457,7 @@ void plans_job_concluded(Manager *mgr, const char *id, const char *error, bool c
                         continue;
                 e = calloc(1, sizeof *e);
                 *e = (RunEnd){ .name = strdup(p->name), .file = strdup(p->run_file),
+                               .fleece = p->run_fleece ? strdup(p->run_fleece) : NULL,
                                .roots = g_strdupv(mgr->config.roots), .ok = !error && !cancelled, .bytes = bytes,
                                .error = cancelled ? strdup("the job was cancelled") : error ? strdup(error) : NULL };
                 if (!e->ok)

@@ -140,6 +140,7 @@ Plan *plan_free(Plan *p) {
         free(p->run_id);
         free(p->run_file);
         free(p->run_base);
+        free(p->run_fleece);
         free(p);
         return NULL;
 }
@@ -283,12 +284,12 @@ int plan_settings_parse(Manager *mgr, const char *name, const char *text, PlanSe
                 g_free(v);
         }
         if ((v = g_key_file_get_string(kf, "Plan", "Mode", NULL))) {
-                bool push = strcmp(g_strstrip(v), "push") == 0;
-                if (!push)
-                        *ret_error = g_strdup_printf("plan '%s': Mode=%s: only push backups run from a plan (a pull "
-                                                     "backup is a client reading a point-in-time export)", name, v);
+                bool ok = strcmp(g_strstrip(v), "push") == 0 || strcmp(v, "pull") == 0;
+                s->pull = strcmp(v, "pull") == 0;
+                if (!ok)
+                        *ret_error = g_strdup_printf("plan '%s': Mode=%s: push or pull", name, v);
                 g_free(v);
-                if (!push)
+                if (!ok)
                         return -EINVAL;
         }
         if ((v = g_key_file_get_string(kf, "Plan", "Bitmap", NULL))) {
@@ -337,9 +338,9 @@ char *plan_settings_format(const char *name, const PlanSettings *s) {
         g_string_append_printf(t, "Chain=%s\nDestination=%s\nSchedule=%s\n", s->chain, s->destination, s->schedule);
         if (s->randomized_delay)
                 g_string_append_printf(t, "RandomizedDelaySec=%u\n", s->randomized_delay);
-        g_string_append_printf(t, "Level=%s\nFullEvery=%u\nCompress=%s\nMode=push\nBitmap=%s\nPruneAfterRun=%s\n",
-                               plan_level_name(s->level), s->full_every, s->compress ? "yes" : "no", s->bitmap,
-                               s->prune ? "yes" : "no");
+        g_string_append_printf(t, "Level=%s\nFullEvery=%u\nCompress=%s\nMode=%s\nBitmap=%s\nPruneAfterRun=%s\n",
+                               plan_level_name(s->level), s->full_every, s->compress ? "yes" : "no",
+                               s->pull ? "pull" : "push", s->bitmap, s->prune ? "yes" : "no");
         if (s->speed)
                 g_string_append_printf(t, "Speed=%" PRIu64 "\n", s->speed);
         g_string_append(t, "\n[Retention]\n");
@@ -487,6 +488,11 @@ void plan_catalog_save_async(Plan *p) {
 /* Taken on the loop, written by the caller's worker with plan_catalog_write (then freed). */
 void *plan_catalog_snapshot(Plan *p) {
         return catalog_write_new(p);
+}
+
+void plan_catalog_snapshot_free(void *snapshot) {
+        if (snapshot)
+                catalog_write_free(snapshot);
 }
 
 void plan_catalog_write(void *snapshot) {

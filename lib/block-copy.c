@@ -307,7 +307,8 @@ static int copy(dc_block_copy *bc, uint8_t *buf, uint64_t off, uint64_t len, boo
         int r;
 
         *ret_read_error = true;
-        r = dc_chain_read(bc->p.source, buf, off, (size_t) len);
+        r = bc->p.read ? bc->p.read(bc->p.read_opaque, buf, off, (size_t) len)
+                       : dc_chain_read(bc->p.source, buf, off, (size_t) len);
         if (r < 0)
                 return r;
         *ret_read_error = false;
@@ -413,9 +414,11 @@ static int request(struct pass *ps, uint8_t *buf, uint64_t *off, uint64_t end) {
         r = h->pause(bc->p.opaque, 0, 0);
         if (r != 0)
                 goto out;
-        dc_disk_range_lock(bc->p.disk, &rl, *off, end - *off);
+        if (!bc->p.read)
+                dc_disk_range_lock(bc->p.disk, &rl, *off, end - *off);
         r = step(bc, buf, *off, end - *off, &st);
-        dc_disk_range_unlock(bc->p.disk, &rl);
+        if (!bc->p.read)
+                dc_disk_range_unlock(bc->p.disk, &rl);
         if (r < 0) {
                 r = h->error(bc->p.opaque, r, st.read_error);
                 if (r != 1)
@@ -517,12 +520,12 @@ int dc_block_copy_range(dc_block_copy *bc, uint64_t off, uint64_t len, bool lock
                         l = MIN(n * u, bc->size - a);
                         if (!buf && !(buf = dc_io_buffer(MAX(bc->p.chunk, u))))
                                 return dc_error(ENOMEM, "out of memory");
-                        if (!locked)
+                        if (!locked && !bc->p.read)
                                 dc_disk_range_lock(bc->p.disk, &rl, a, l);
                         r = copy(bc, buf, a, l, &read_error);
                         if (r >= 0)
                                 units_done(bc, a, l);
-                        if (!locked)
+                        if (!locked && !bc->p.read)
                                 dc_disk_range_unlock(bc->p.disk, &rl);
                         if (r < 0 && ret_read_error)
                                 *ret_read_error = read_error;

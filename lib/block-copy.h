@@ -69,6 +69,10 @@ struct dc_block_copy_params {
         int cache;                  /* DC_CACHE_*: how the target takes the data while the engine exists */
         const struct dc_block_copy_hooks *hooks;
         void *opaque;
+        /* the source read through a view of its own (a pull backup's point-in-time view) instead of
+         * the chain; the view takes the disk's range locks itself, so the engine takes none */
+        int (*read)(void *read_opaque, void *buf, uint64_t off, size_t len);
+        void *read_opaque;
 };
 
 /* A new engine with a clear bitmap over the source's virtual size. */

@@ -575,6 +575,13 @@ struct dc_backup_options {
         int bitmap_mode;            /* DC_BITMAP_MODE_* */
         const char *checkpoint;     /* a new bitmap added to the source at the point in time, or NULL */
         bool replace_checkpoint;    /* ... replacing one of that name (even an inconsistent one), if any */
+        /*
+         * A pull backup (QEMU's backup with fleecing): the copy reads a point-in-time view of the
+         * disk whose copy-before-write data goes into FLEECE (an empty qcow2 of the disk's size,
+         * made and removed by the caller), not into the target, so guest writes wait on that image
+         * only, however slow the target; what was read is dropped from it.  NULL: push.
+         */
+        const char *fleece;
         bool compress;              /* write compressed clusters (qcow2 target) */
         unsigned max_workers;       /* copy requests in flight (they compress side by side); 0 = 8, at most 16 */
         uint64_t max_chunk;         /* largest request, at least the target's cluster size; 0 = 2 MiB, the most */

@@ -20,6 +20,12 @@
  *   before any guest write reaches it.
  * - sync=none never ends by itself: its run waits at a pause point until
  *   cancelled (QEMU's fleecing backup).
+ * - A pull backup (fleece, QEMU's backup with fleecing since 9.1) puts no
+ *   filter of its own on the disk: a point-in-time view (snapshot-access.c)
+ *   keeps the old data in the fleecing image, and the engine reads the
+ *   view instead of the chain (its read hook; the view takes the range
+ *   locks), dropping what it read from the image.  A guest write then
+ *   waits on the fleecing image only, never on the target.
  * - sync=bitmap (and incremental) copies what a persistent bitmap of the
  *   source layer marks dirty, read at the point in time; QEMU's argument
  *   rules are kept, and an inconsistent bitmap is refused, since only a
@@ -53,6 +59,7 @@ struct backup {
         int sync;
         dc_block_copy *copy;
         dc_cbw *cbw;
+        dc_snapshot *view;      /* pull: the point-in-time view read instead of the chain, or NULL */
         char *bitmap;           /* held from the point in time to the end (bitmap-mode on-success, always) */
         int bitmap_mode;
         uint8_t *saved;         /* its bits at the point in time */
@@ -108,6 +115,7 @@ static int backup_run(dc_job *j) {
 static void backup_clean(dc_job *j) {
         struct backup *s = container_of(j, struct backup, job);
         bitmap_end(s, false); /* a job that never ran */
+        s->view = dc_snapshot_free(s->view); /* its filter off, the fleecing image closed */
         s->cbw = dc_cbw_detach(s->cbw);
         s->copy = dc_block_copy_free(s->copy);
         s->tgt = dc_image_close(s->tgt);
@@ -155,15 +163,26 @@ static const struct dc_job_driver backup_driver = {
 };
 
 /* Quiesced: the filter on, what is to be copied marked, the bitmap taken and the checkpoint added, at one point in time. */
+static int view_read(void *opaque, void *buf, uint64_t off, size_t len) {
+        return dc_snapshot_read(((struct backup *) opaque)->view, buf, off, len);
+}
+
 static int backup_setup(struct backup *s, uint64_t unit, const char *bitmap, int mode, const char *checkpoint,
-                        bool replace) {
+                        bool replace, const char *fleece, const struct dc_open_options *oo) {
         dc_job *j = &s->job;
         char owner[300];
         int r;
 
         snprintf(owner, sizeof owner, "backup job '%s'", j->id);
         dc_disk_quiesce(j->disk);
-        r = dc_cbw_attach(j->disk, s->copy, unit, owner, &s->cbw);
+        if (fleece)
+                /* pull: the view's own filter keeps the old data in the fleecing image, the copy reads the view */
+                r = dc_snapshot_new(j->disk,
+                                    &(struct dc_snapshot_options){ .fleece = fleece, .open = oo,
+                                                                   .discard_after_read = true },
+                                    &s->view);
+        else
+                r = dc_cbw_attach(j->disk, s->copy, unit, owner, &s->cbw);
         if (r >= 0) {
                 if (s->sync == DC_SYNC_NONE)
                         dc_block_copy_mark_all(s->copy); /* whatever guests are about to overwrite */
@@ -244,16 +263,20 @@ DC_EXPORT int dc_job_backup(const char *source_path, const char *target_path, co
                 unit = chunk;
         if (chunk)
                 chunk = ALIGN_DOWN(chunk, unit);
+        if (bo->fleece && bo->sync == DC_SYNC_NONE)
+                return dc_error(EINVAL, "a pull backup (fleece) copies something: not with sync 'none'");
         r = dc_job_copy_new(j,
                             (struct dc_block_copy_params){ .source = s->source,
                                                            .target = s->tgt,
                                                            .unit = unit,
                                                            .chunk = chunk,
                                                            .workers = bo->max_workers,
-                                                           .compress = bo->compress },
+                                                           .compress = bo->compress,
+                                                           .read = bo->fleece ? view_read : NULL,
+                                                           .read_opaque = s },
                             &s->copy);
         if (r >= 0)
-                r = backup_setup(s, unit, bo->bitmap, mode, bo->checkpoint, bo->replace_checkpoint);
+                r = backup_setup(s, unit, bo->bitmap, mode, bo->checkpoint, bo->replace_checkpoint, bo->fleece, oo);
         if (r < 0)
                 return r;
         j->len = s->source->virtual_size;

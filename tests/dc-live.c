@@ -215,7 +215,8 @@ int main(int argc, char **argv) {
         sleep_ms(100);
 
         if (!strcmp(op, "backup") && argc == 6) {
-                struct dc_backup_options bo = { .sync = sync_mode(argv[5]) };
+                /* DC_LIVE_FLEECE: a pull backup through a point-in-time view whose old data goes there */
+                struct dc_backup_options bo = { .sync = sync_mode(argv[5]), .fleece = getenv("DC_LIVE_FLEECE") };
                 /* the point in time is the call's return: nothing is written during it */
                 writer_pause(true);
                 memcpy(point, model, size);

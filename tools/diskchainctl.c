@@ -1225,6 +1225,7 @@ static int plan_settings_append(sd_bus_message *m, int argc, char **argv, int fi
                 { "--chain", "chain", 's' },          { "--destination", "destination", 's' },
                 { "--schedule", "schedule", 's' },    { "--level", "level", 's' },
                 { "--bitmap", "bitmap", 's' },        { "--full-every", "full-every", 'u' },
+                { "--mode", "mode", 's' },
                 { "--randomized-delay-sec", "randomized-delay-sec", 'u' },
                 { "--speed", "speed", 't' },          { "--compress", "compress", 'b' },
                 { "--no-compress", "compress", 'n' }, { "--prune-after-run", "prune-after-run", 'b' },
@@ -1353,17 +1354,20 @@ static int plan_run(const char *o, const char *name, bool wait) {
         sd_bus_message *reply = NULL;
         struct waiter w = { 0 };
         const char *job;
-        char *result;
+        char *result, *before = get_string(o, IFACE("Plan"), "LastResult");
         int r = waiter_subscribe(&w), running = 1;
 
-        if (r < 0)
+        if (r < 0) {
+                free(before);
                 return fail("subscribe", NULL, r);
+        }
         r = call(o, IFACE("Plan"), "Run", &reply, &e, NULL);
         if (r < 0) {
                 bool again = sd_bus_error_has_name(&e, BUS_NAME ".Error.PlanRunning");
                 fail(name, &e, r);
                 sd_bus_error_free(&e);
                 waiter_done(&w);
+                free(before);
                 return again ? EXIT_PLAN_RUNNING : 1;
         }
         r = sd_bus_message_read(reply, "o", &job);
@@ -1372,6 +1376,7 @@ static int plan_run(const char *o, const char *name, bool wait) {
                         printf("%s\n", job);
                 sd_bus_message_unref(reply);
                 waiter_done(&w);
+                free(before);
                 return r < 0 ? fail("Run", NULL, r) : 0;
         }
         waiter_follow(&w, job);
@@ -1386,9 +1391,17 @@ static int plan_run(const char *o, const char *name, bool wait) {
                         usleep(100000);
         }
         result = get_string(o, IFACE("Plan"), "LastResult");
-        printf("plan %s: %s\n", name, result);
-        r = strncmp(result, "success", 7) == 0 ? 0 : 1;
+        if (strcmp(result, before) == 0) {
+                /* the service went away with the run (a crash): the next run starts over, full */
+                fprintf(stderr, "diskchainctl: plan %s: the run ended without an outcome (the service stopped?)\n",
+                        name);
+                r = 1;
+        } else {
+                printf("plan %s: %s\n", name, result);
+                r = strncmp(result, "success", 7) == 0 ? 0 : 1;
+        }
         free(result);
+        free(before);
         return r;
 }
 

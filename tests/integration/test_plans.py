@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bustest import TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io, sh
+from bustest import CTL, TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io
 from test_bus import M, data, prop
 from test_export import wait_for
 
@@ -121,10 +121,15 @@ def test_months_of_nightly_backups(pbus, tmp_path):
             # a run killed while it copies: slow it down, start it, kill the daemon
             qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 8M")
             bus.ctl("plan", "edit", "vm", "--speed", str(2 * MiB))
-            job = bus.ctl("plan", "run", "vm", "--no-wait").stdout.strip()
+            run = subprocess.Popen([CTL, "plan", "run", "vm"], env={**os.environ, **bus.env}, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            wait_for(lambda: prop(bus, plan_obj("vm"), "Plan", "Job") != "/", "the run starts")
+            job = prop(bus, plan_obj("vm"), "Plan", "Job")
             wait_for(lambda: prop(bus, job, "Job", "CurrentProgress") > 0, "the run copies")
             leftover = prop(bus, job, "Job", "Target")
             kill_daemon(bus)
+            _, err = run.communicate(timeout=60)
+            assert run.returncode == 1 and "without an outcome" in err, (run.returncode, err)
             assert os.path.exists(leftover)
             bus.ctl("plan", "edit", "vm", "--speed", "0")
             assert prop(bus, plan_obj("vm"), "Plan", "Running") is False
@@ -369,3 +374,53 @@ def test_restore_as_a_chain_keeps_its_backup(pbus, tmp_path):
     wait_for(lambda: "remove" in bus.ctl("plan", "prune", "vm", "--dry-run").stdout, "the overlay is gone")
     bus.ctl("plan", "prune", "vm")
     assert len(points(bus)) == 1
+
+
+def test_pull_mode_runs_under_a_writing_guest(pbus, tmp_path):
+    """Mode=pull: each run reads a point-in-time view of the disk whose copy-before-write data goes
+    into a fleecing image beside the disk (removed at the end), not into the backup; a guest writing
+    through a live export all over the disk while a slowed run copies does not reach the point, which
+    restores as the disk was when the run started; the incremental after it too."""
+    import nbd
+    from test_bus import data as _data
+    from test_export import export, uri_of
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    rng = random.Random(9)
+    qemu_img("create", "-q", "-f", "qcow2", disk, str(16 * MiB))
+    (tmp_path / "fill").write_bytes(rng.randbytes(16 * MiB))
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 16M")
+    bus.ctl("plan", "create", "vm", "--chain", "vm.qcow2", "--destination", "backups", "--mode", "pull",
+            "--speed", str(4 * MiB))
+    assert "Mode=pull" in (bus.plans / "vm.conf").read_text()
+    assert prop(bus, plan_obj("vm"), "Plan", "Mode") == "pull"
+    chain = _data(bus.call(M, "Manager", "GetChain", "s", "vm.qcow2"))[0]
+    exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "vm"))
+    h = nbd.NBD()
+    h.connect_uri(uri_of(bus, exp))
+    fleece = os.path.join(r, "vm.fleece-plan-vm.qcow2")
+    for day in range(2):
+        set_clock(bus, T0 + day * DAY)
+        want = content_hash(tmp_path, disk)
+        job = bus.ctl("plan", "run", "vm", "--no-wait").stdout.strip()
+        if day == 0:
+            wait_for(lambda: prop(bus, job, "Job", "CurrentProgress") > 0, "the run copies")
+            assert os.path.exists(fleece)
+            for off in range(0, 16 * MiB, MiB):  # the guest writes all over while the copy goes on
+                h.pwrite(bytes([day + 1]) * 65536, off + 65536)
+            h.flush()
+            assert prop(bus, job, "Job", "Status") == "running", "the writes came while the run copied"
+        wait_for(lambda: prop(bus, plan_obj("vm"), "Plan", "Running") is False, "the run ends", timeout=60)
+        res = prop(bus, plan_obj("vm"), "Plan", "LastResult")
+        assert res.startswith("success: " + ("full" if day == 0 else "incremental")), res
+        assert not os.path.exists(fleece)
+        point = points(bus)[-1]
+        target = f"restored{day}.qcow2"
+        bus.ctl("plan", "restore", "vm", point[0], target)
+        assert content_hash(tmp_path, os.path.join(r, target)) == want, day
+        qemu_img("check", point[3])
+        # the next day's writes
+        h.pwrite(b"\x07" * 4096, (day + 3) * MiB)
+        h.flush()
+    h.shutdown()

@@ -98,6 +98,23 @@ def test_backup_is_the_disk_at_its_start(chain, sync):
     check_all(t)
 
 
+@pytest.mark.parametrize("sync", ["full", "top"])
+def test_pull_backup_is_the_disk_at_its_start(chain, sync, monkeypatch):
+    """A pull backup (fleece): the copy reads a point-in-time view whose copy-before-write data goes into
+    the fleecing image, never into the target; under a writer the target still holds the disk as it
+    was at the job's start."""
+    t = chain
+    make_target(t, sync)
+    qemu_img("create", "-q", "-f", "qcow2", t / "F.qcow2", "32M")
+    monkeypatch.setenv("DC_LIVE_FLEECE", str(t / "F.qcow2"))
+    events, info = live(t, "backup", t / "C.qcow2", t / "T.qcow2", sync)
+    assert events[-5:] == DONE
+    assert differs(t / "point.raw", t / "model.raw"), "the writer changed the disk during the backup"
+    same(t / "T.qcow2", t / "point.raw")
+    same(t / "C.qcow2", t / "model.raw")
+    check_all(t)
+
+
 @pytest.mark.parametrize("mode", ["background", "write-blocking"])
 @pytest.mark.parametrize("sync", ["full", "top", "none"])
 def test_mirror_complete_moves_the_writers(chain, sync, mode):
