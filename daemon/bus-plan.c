@@ -223,6 +223,7 @@ static void settings_copy(const PlanSettings *from, PlanSettings *to) {
 
 typedef struct PlanWrite {
         char *name, *dir, *path, *text, *schedule, *catalog;
+        char *catalog_text;   /* a new plan's catalog as its file holds it (read on the worker) */
         PlanSettings set;
         bool remove;
         uint64_t next_run;
@@ -236,6 +237,7 @@ static void plan_write_free(void *d) {
         free(w->text);
         free(w->schedule);
         free(w->catalog);
+        free(w->catalog_text);
         plan_settings_clear(&w->set);
         free(w);
 }
@@ -288,6 +290,8 @@ static void plan_write_run(Work *w) {
                                                    &err))
                         r = dc_set_error(EIO, "cannot write '%s': %s", pw->path, err->message);
                 pw->next_run = next > 0 ? (uint64_t) next : 0;
+                if (r >= 0 && pw->catalog)
+                        (void) g_file_get_contents(pw->catalog, &pw->catalog_text, NULL, NULL);
         } else {
                 if (unlink(pw->path) < 0 && errno != ENOENT)
                         r = dc_set_error(errno, "cannot remove '%s': %m", pw->path);
@@ -347,7 +351,7 @@ static void create_done(Work *w) {
                                                  "RandomizedDelaySec", "Mode", NULL });
                 (void) sd_bus_reply_method_return(w->m, NULL);
         } else {
-                p = plan_new(w->mgr, pw->name, &pw->set);
+                p = plan_new(w->mgr, pw->name, &pw->set, pw->catalog_text);
                 p->next_run = pw->next_run;
                 g_hash_table_insert(w->mgr->plans, strdup(p->name), p);
                 plan_send_added(p);
@@ -366,6 +370,7 @@ static int plan_write_start(Manager *mgr, sd_bus_message *m, const char *name, P
         pw->path = g_strdup_printf("%s/%s.conf", mgr->config.plans_dir, name);
         pw->text = plan_settings_format(name, set);
         pw->schedule = strdup(set->schedule);
+        pw->catalog = g_hash_table_contains(mgr->plans, name) ? NULL : plan_catalog_path(mgr, name);
         pw->set = *set;
         *set = (PlanSettings){ 0 };
         return work_start(mgr, m, plan_write_run, done, pw, plan_write_free);

@@ -519,7 +519,9 @@ void plan_settings_clear(PlanSettings *s);
 int plan_settings_check(Manager *mgr, const char *name, PlanSettings *s, char **ret_error);
 int plan_settings_parse(Manager *mgr, const char *name, const char *text, PlanSettings *s, char **ret_error);
 char *plan_settings_format(const char *name, const PlanSettings *s);
-Plan *plan_new(Manager *mgr, const char *name, PlanSettings *set);
+/* A plan of SET (taken), its catalog parsed from CATALOG_TEXT (NULL: none). */
+Plan *plan_new(Manager *mgr, const char *name, PlanSettings *set, const char *catalog_text);
+char *plan_catalog_path(Manager *mgr, const char *name);
 Plan *plan_free(Plan *p);
 void plan_free_void(void *p);
 void plans_load(Manager *mgr);

@@ -352,11 +352,12 @@ char *plan_settings_format(const char *name, const PlanSettings *s) {
 
 /* --- the catalog ------------------------------------------------------------------------------------ */
 
-static void catalog_load(Plan *p) {
+/* The catalog from TEXT, its file's contents (NULL: none yet). */
+static void catalog_load(Plan *p, const char *text) {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_auto(GStrv) groups = NULL;
 
-        if (!g_key_file_load_from_file(kf, p->catalog, G_KEY_FILE_NONE, NULL))
+        if (!text || !g_key_file_load_from_data(kf, text, (gsize) -1, G_KEY_FILE_NONE, NULL))
                 return;
         p->last_run = g_key_file_get_uint64(kf, "Plan", "LastRun", NULL);
         p->last_result = g_key_file_get_string(kf, "Plan", "LastResult", NULL);
@@ -646,18 +647,22 @@ static char *plan_object_path(const char *name) {
         return o;
 }
 
-Plan *plan_new(Manager *mgr, const char *name, PlanSettings *set) {
+char *plan_catalog_path(Manager *mgr, const char *name) {
+        return g_strdup_printf("%s/plans/%s.catalog", mgr->config.state_dir, name);
+}
+
+Plan *plan_new(Manager *mgr, const char *name, PlanSettings *set, const char *catalog_text) {
         Plan *p = calloc(1, sizeof *p);
 
         p->mgr = mgr;
         p->name = strdup(name);
         p->object = plan_object_path(name);
         p->file = g_strdup_printf("%s/%s.conf", mgr->config.plans_dir, name);
-        p->catalog = g_strdup_printf("%s/plans/%s.catalog", mgr->config.state_dir, name);
+        p->catalog = plan_catalog_path(mgr, name);
         p->set = *set;
         *set = (PlanSettings){ 0 };
         p->points = g_ptr_array_new_with_free_func(point_free);
-        catalog_load(p);
+        catalog_load(p, catalog_text);
         g_ptr_array_sort(p->points, point_cmp);
         /* a run that did not get to its end: what the bitmap held may be lost with it */
         p->force_full = p->pending != NULL;
@@ -694,7 +699,11 @@ void plans_load(Manager *mgr) {
                         plan_settings_clear(&set);
                         continue;
                 }
-                Plan *p = plan_new(mgr, name, &set);
+                g_autofree char *cpath = plan_catalog_path(mgr, name), *ctext = NULL;
+                Plan *p;
+                /* (at start, before the loop serves anyone) */
+                (void) g_file_get_contents(cpath, &ctext, NULL, NULL);
+                p = plan_new(mgr, name, &set, ctext);
                 g_hash_table_insert(mgr->plans, strdup(name), p);
                 plan_next_run_refresh(p);
         }
