@@ -18,10 +18,7 @@
  * - A job that moves on every tick is measured over the last 5 s: the rate
  *   follows changes in speed within seconds and smooths the ticks' jitter.
  * - The first tick (250 ms after the start) already gives a rate, from the
- *   start; a job that ends before any tick gets its average (below).  A
- *   measurement over less than JOB_RATE_MIN_USEC gives none: a job event
- *   just after the start would measure the first request's burst, far
- *   above a speed limit that has not yet had time to act.
+ *   start; a job that ends before any tick gets its average (below).
  * - Under a low speed limit the job moves in steps further apart than the
  *   window (one 2 MiB request every 32 s at 64 KiB/s).  A is then the step
  *   before L, and the rate is one step over the time it took, the same all
@@ -89,8 +86,7 @@ void job_rate_sample(JobRate *r, uint64_t t, uint64_t offset) {
                 }
         span = r->s[l].t - r->s[a].t;
         gap = t - r->s[l].t;
-        if (span == 0 || span + gap < JOB_RATE_MIN_USEC ||
-            gap > 4 * (span > JOB_RATE_WINDOW_USEC ? span : JOB_RATE_WINDOW_USEC)) {
+        if (span == 0 || gap > 4 * (span > JOB_RATE_WINDOW_USEC ? span : JOB_RATE_WINDOW_USEC)) {
                 r->rate = 0;
                 return;
         }

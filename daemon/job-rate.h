@@ -8,7 +8,6 @@
 
 #define JOB_RATE_WINDOW_USEC 5000000u /* measure over about the last 5 s */
 #define JOB_RATE_SAMPLES 32u          /* progress changes kept: 8 s of the 250 ms ticks */
-#define JOB_RATE_MIN_USEC 200000u     /* no rate from less time than this (a first request's burst) */
 
 typedef struct JobRate {
         struct {

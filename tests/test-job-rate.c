@@ -31,17 +31,6 @@ static void run(JobRate *r, uint64_t *t, uint64_t *off, uint64_t rate, uint64_t 
         }
 }
 
-/* A job event just after the start measures the first request alone: no rate from that, one from the tick. */
-static void test_first_burst(void) {
-        JobRate r;
-
-        job_rate_start(&r, T0);
-        job_rate_sample(&r, T0 + 5000, 256 * KIB);
-        CHECK(r.rate == 0);
-        job_rate_sample(&r, T0 + TICK, 256 * KIB);
-        CHECK(near(r.rate, (uint64_t) 256 * KIB * SEC / (245 * MS))); /* over the 5 ms of the step and 240 ms of gap */
-}
-
 static void test_first_tick(void) {
         JobRate r;
 
@@ -161,7 +150,6 @@ static void test_end_average(void) {
 
 int main(void) {
         test_first_tick();
-        test_first_burst();
         test_follows_changes();
         test_steps();
         test_pause_and_stall();
