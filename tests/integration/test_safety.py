@@ -663,7 +663,9 @@ for iface, m in (("org.freedesktop.DBus.ObjectManager", "GetManagedObjects"),
     p = sh("/usr/bin/python3", "-c", code, env=bus.env)
     got = {line.split()[0]: (int(line.split()[1]), float(line.split()[2])) for line in p.stdout.splitlines()}
     assert got["GetManagedObjects"][0] == 16000 and got["ListChains"][0] == 6000, got
-    assert not timing or (got["GetManagedObjects"][1] < 1.0 and got["ListChains"][1] < 0.2), got
+    # a sanity bound, not a speed goal (those are the benchmark's): 16,000 objects, 11 MB, took 0.86 to
+    # 1.14 s on the 2-core CI machine at the same commit, so 1.0 s failed now and then
+    assert not timing or (got["GetManagedObjects"][1] < 2.5 and got["ListChains"][1] < 0.2), got
     # one chain's layer list and a shared base's chains, also quick
     top = data(bus.call(M, "Manager", "GetChain", "s", "d07/c000007-04.qcow2"))[0]
     assert len(prop(bus, top, "Chain", "Layers")) == 5
