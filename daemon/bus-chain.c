@@ -129,30 +129,36 @@ static int job_common_options(Manager *mgr, GHashTable *opts, JobStart *s, sd_bu
  * 1 when S belongs to the work now (the call is answered later), 0 while
  * polkit is asked, < 0 on error; in the last two cases the caller frees S.
  */
+/* polkit details into OUT (room for 32 entries): the pairs of BASE, then those of MORE that fit. */
+static void details_of(const char **out, const char *const *base, const char *const *more) {
+        size_t n = 0;
+
+        for (const char *const *d = base; *d; d += 2) {
+                out[n++] = d[0];
+                out[n++] = d[1];
+        }
+        for (const char *const *d = more; d && *d && n + 3 < 32; d += 2) {
+                out[n++] = d[0];
+                out[n++] = d[1];
+        }
+        out[n] = NULL;
+}
+
 static int start_job_as(sd_bus_message *m, Image *active, JobStart *s, char **images, char **writes, char **paths,
                         const char *action, const char *const *more, sd_bus_error *error) {
         Manager *mgr = active->mgr;
         const char *details[32];
-        size_t n = 0;
         int r;
 
         s->d_images = paths_joined(images);
         s->d_writes = paths_joined(writes);
         s->d_roots = roots_joined(mgr, images);
-        for (const char *const *d = (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path),
-                                                           "operation", dc_job_type_name(s->type), "job-id", s->id,
-                                                           "top", s->top, "base", s->base, "target", s->target,
-                                                           "images", s->d_images, "writes", s->d_writes, "roots",
-                                                           s->d_roots, NULL };
-             *d; d += 2) {
-                details[n++] = d[0];
-                details[n++] = d[1];
-        }
-        for (const char *const *d = more; d && *d && n + 3 < sizeof details / sizeof *details; d += 2) {
-                details[n++] = d[0];
-                details[n++] = d[1];
-        }
-        details[n] = NULL;
+        details_of(details,
+                   (const char *const[]){ "path", active->path, "root", root_of(mgr, active->path), "operation",
+                                          dc_job_type_name(s->type), "job-id", s->id, "top", s->top, "base", s->base,
+                                          "target", s->target, "images", s->d_images, "writes", s->d_writes, "roots",
+                                          s->d_roots, NULL },
+                   more);
         r = polkit_verify(mgr, m, action, details, error);
         if (r <= 0)
                 return r;
@@ -509,9 +515,10 @@ static JobStart *copy_start_new(Image *active, GPtrArray *layers, GHashTable *op
  * socket of an nbd+unix URI is connected with the caller's rights
  * (remote.c).
  */
-static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
-                            int type, int mode, const struct dc_backup_options *bo, const struct dc_mirror_options *mo,
-                            sd_bus_error *error) {
+static int remote_job_start_as(sd_bus_message *m, Image *active, GPtrArray *layers, GHashTable *opts,
+                               const char *target, int type, int mode, const struct dc_backup_options *bo,
+                               const struct dc_mirror_options *mo, uint64_t speed, const char *action,
+                               const char *const *more, char **ret_id, sd_bus_error *error) {
         _cleanup_free_ char *uri = NULL;
         g_auto(GStrv) images = NULL;
         JobStart *s;
@@ -546,6 +553,8 @@ static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers,
         s->top = strdup(active->path);
         s->target = TAKE_PTR(uri);
         s->remote = true;
+        if (action) /* the daemon's own start: its speed, not an option */
+                s->jo.speed = speed;
         if (bo) {
                 s->bo = *bo;
                 s->bo.bitmap = s->bitmap = bo->bitmap ? strdup(bo->bitmap) : NULL;
@@ -557,7 +566,16 @@ static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers,
         }
         /* reads every layer; writes the export, which is no image of ours */
         images = layer_paths(layers, 0, -1, NULL, NULL);
+        if (action)
+                return finish_start_as(m, active, s, images, (char *[]){ s->target, NULL }, images, action, more,
+                                       ret_id, error);
         return finish_start(m, active, s, images, (char *[]){ s->target, NULL }, images, error);
+}
+
+static int remote_job_start(sd_bus_message *m, Image *active, GPtrArray *layers, GHashTable *opts, const char *target,
+                            int type, int mode, const struct dc_backup_options *bo, const struct dc_mirror_options *mo,
+                            sd_bus_error *error) {
+        return remote_job_start_as(m, active, layers, opts, target, type, mode, bo, mo, 0, NULL, NULL, NULL, error);
 }
 
 /*
@@ -621,6 +639,9 @@ int backup_start_internal(sd_bus_message *m, Image *source, const char *target_a
         JobStart *s;
         int r;
 
+        if (dc_nbd_uri_is(target_abs)) /* a plan's replica: the export it updates */
+                return remote_job_start_as(m, source, layers, opts, target_abs, DC_JOB_TYPE_BACKUP, 1, bo, NULL, speed,
+                                           action, more, ret_id, error);
         r = freshen_chain(m, source, layers, target_abs, error);
         if (r <= 0)
                 return r;
@@ -640,6 +661,66 @@ int backup_start_internal(sd_bus_message *m, Image *source, const char *target_a
         paths = layer_paths(layers, 0, -1, target_abs, NULL);
         return finish_start_as(m, source, s, images, (char *[]){ (char *) target_abs, NULL }, paths, action, more,
                                ret_id, error);
+}
+
+/*
+ * A restore of a replica: the NBD export URI (a plan's remote destination,
+ * normalised), read-only, copied by a Backup job into TARGET_ABS, a new
+ * image of SIZE bytes (FORMAT 1: raw), for M's caller as polkit ACTION
+ * with MORE details allows.  The URI is claimed for the job, so no run of
+ * the plan updates the replica while it is read.  Returns as
+ * backup_start_internal.
+ */
+int restore_remote_start(Manager *mgr, sd_bus_message *m, const char *uri, uint64_t size, const char *target_abs,
+                         int format, const char *action, const char *const *more, char **ret_id,
+                         sd_bus_error *error) {
+        _cleanup_free_ char *id = NULL;
+        const char *details[32];
+        JobStart *s;
+        int r;
+
+        r = model_freshen(mgr, m, (char *[]){ (char *) target_abs, NULL }, error);
+        if (r <= 0)
+                return r;
+        if (model_find(mgr, target_abs))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Exists", "'%s' already exists", target_abs);
+        s = calloc(1, sizeof *s);
+        if (!s)
+                return -ENOMEM;
+        s->mgr = mgr;
+        s->type = DC_JOB_TYPE_BACKUP;
+        s->id = job_new_id(mgr, "backup");
+        s->expect = g_strdupv((char *[]){ (char *) uri, NULL });
+        s->chain_object = chain_object_path(target_abs); /* the chain the job makes */
+        s->top = strdup(uri);
+        s->target = strdup(target_abs);
+        s->remote_source = true;
+        s->create_target = true;
+        s->target_size = size;
+        s->co.format = format == 1 ? DC_FORMAT_RAW : DC_FORMAT_QCOW2;
+        s->bo = (struct dc_backup_options){ .sync = DC_SYNC_FULL };
+        s->jo = (struct dc_job_options){ .auto_finalize = true, .auto_dismiss = true };
+        s->d_images = g_strdup_printf("%s\n%s", uri, target_abs);
+        s->d_writes = g_strdup(target_abs);
+        details_of(details,
+                   (const char *const[]){ "path", uri, "operation", "backup", "job-id", s->id, "top", uri, "target",
+                                          target_abs, "images", s->d_images, "writes", s->d_writes, "roots",
+                                          root_of(mgr, target_abs), NULL },
+                   more);
+        r = polkit_verify(mgr, m, action, details, error);
+        if (r <= 0) {
+                job_start_free(s);
+                return r;
+        }
+        id = strdup(s->id);
+        r = job_start(mgr, m, s, (char *[]){ (char *) uri, NULL }, error);
+        if (r < 0) {
+                job_start_free(s);
+                return sd_bus_error_is_set(error) ? -EINVAL : r;
+        }
+        if (ret_id)
+                *ret_id = TAKE_PTR(id);
+        return 1;
 }
 
 static int method_backup(sd_bus_message *m, void *userdata, sd_bus_error *error) {

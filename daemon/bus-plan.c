@@ -152,7 +152,9 @@ static int settings_apply(Manager *mgr, const char *name, GHashTable *opts, Plan
                 return r;
         if (r > 0) {
                 free(s->destination);
-                if (v[0] == '/')
+                if (dc_nbd_uri_is(v))
+                        s->destination = strdup(v); /* a replica's export (checked, normalised later) */
+                else if (v[0] == '/')
                         s->destination = g_canonicalize_filename(v, "/");
                 else /* relative to the first root */
                         s->destination = g_canonicalize_filename(v, mgr->config.roots[0]);

@@ -85,6 +85,12 @@ int claims_take(Claims *c, const char *id, char *const *paths, const char *targe
                 *ret_message = g_strdup_printf("'%s' is the target of job '%s'", target, holder);
                 return -EBUSY;
         }
+        /* (a file target in use is refused before, by the model; an NBD export a job reads is only here) */
+        holder = target ? claims_holder(c, target) : NULL;
+        if (holder) {
+                *ret_message = g_strdup_printf("'%s' is in use by job '%s'", target, holder);
+                return -EBUSY;
+        }
         holder = target ? claims_exporter(c, target) : NULL;
         if (holder) {
                 *ret_message = g_strdup_printf("'%s' is exported over NBD as '%s'", target, holder);

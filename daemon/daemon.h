@@ -222,7 +222,7 @@ enum { POINT_UNVERIFIED, POINT_VERIFIED, POINT_DAMAGED };
 enum { KEEP_LAST, KEEP_HOURLY, KEEP_DAILY, KEEP_WEEKLY, KEEP_MONTHLY, KEEP_YEARLY, KEEP_N };
 typedef struct PlanSettings {
         char *chain;          /* the chain's active layer, absolute */
-        char *destination;    /* absolute directory inside the roots */
+        char *destination;    /* absolute directory inside the roots, or an NBD URI (normalised): a replica */
         char *schedule;       /* systemd OnCalendar= */
         unsigned randomized_delay; /* seconds */
         int level;            /* LEVEL_* */
@@ -262,6 +262,7 @@ typedef struct Plan {
         char *run_id, *run_file, *run_base, *run_fleece;
         uint64_t run_time, run_mono;
         bool force_full;      /* the last run was interrupted: the bitmap may have lost what it held */
+        Point *run_replaced;  /* a replica's point, out of the catalog while its run starts */
 } Plan;
 
 /* log.c — the journal with structured fields, or stderr lines without one */
@@ -415,6 +416,8 @@ typedef struct JobStart {
         uint64_t started;     /* job_rate_now() as the job was started */
         struct dc_job_options jo;
         bool remote;          /* the target is an NBD URI (normalised) */
+        bool remote_source;   /* TOP is one: a replica restored into TARGET, made of TARGET_SIZE bytes */
+        uint64_t target_size;
         struct dc_nbd_client_options nbd;
         dc_job *job;
         char *d_images, *d_writes, *d_roots; /* polkit details */
@@ -514,6 +517,10 @@ uint64_t plan_now(void);
 bool plan_name_valid(const char *name);
 void point_free(void *p);
 Point *plan_point(Plan *p, const char *id);
+/* How a plan's worker reads a replica back: TLS as the jobs, sockets with the daemon's (root's) rights. */
+struct dc_nbd_client_options plan_nbd_options(Manager *mgr);
+/* Is the destination an NBD URI: a replica, one export updated in place? */
+bool plan_replica(const PlanSettings *s);
 void plan_settings_defaults(const char *name, PlanSettings *s);
 void plan_settings_clear(PlanSettings *s);
 int plan_settings_check(Manager *mgr, const char *name, PlanSettings *s, char **ret_error);
@@ -533,6 +540,8 @@ void *plan_catalog_snapshot(Plan *p);
 void plan_catalog_write(void *snapshot);
 void plan_catalog_snapshot_free(void *snapshot);
 int plan_file_sums(const char *abs, char **roots, char **ret, uint64_t *ret_size);
+/* The same of a point's FILE, a path or a replica's URI (read over NBD as O says). */
+int plan_sums(const char *file, char **roots, const struct dc_nbd_client_options *o, char **ret, uint64_t *ret_size);
 char *plan_sums_differ(const char *sums, const char *now, uint64_t size_then, uint64_t size_now);
 void plan_retention(GPtrArray *points, const unsigned *keep, bool *keep_out, char **reason_out);
 int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error);
@@ -553,6 +562,10 @@ int method_list_plans(sd_bus_message *m, void *userdata, sd_bus_error *error);
 void plan_next_run_refresh(Plan *p);
 /* bus-chain.c: a stream of ACTIVE's whole chain into it (flatten), for an instant recovery, already authorized */
 int stream_start_internal(sd_bus_message *m, Image *active, sd_bus_error *error);
+/* bus-chain.c: a restore of a plan's replica (an NBD export) into a new image (see there) */
+int restore_remote_start(Manager *mgr, sd_bus_message *m, const char *uri, uint64_t size, const char *target_abs,
+                         int format, const char *action, const char *const *more, char **ret_id,
+                         sd_bus_error *error);
 /* bus-chain.c: a backup the daemon starts for a plan's run or a restore (see there) */
 int backup_start_internal(sd_bus_message *m, Image *source, const char *target_abs, const char *target_backing,
                           int format, const struct dc_backup_options *bo, uint64_t speed, const char *action,

@@ -211,7 +211,7 @@ static void job_drain(Job *j) {
                         free(j->outcome);
                         j->outcome = strdup(ev.kind == DC_EV_CANCELLED ? "cancelled" : ev.error);
                         j->cancelled = ev.kind == DC_EV_CANCELLED;
-                        j->done_bytes = ev.offset;
+                        j->done_bytes = ev.copied; /* (not the offset: an incremental skips most) */
                 }
                 if (ev.kind == DC_EV_ERROR)
                         log_fields(LOG_WARNING, (const char *const[]){ "DISKCHAIN_JOB", j->id, NULL },
@@ -429,7 +429,7 @@ static void job_start_run(Work *w) {
 
         s->jo.id = s->id;
         s->jo.expect_chain = (const char *const *) s->expect;
-        if (s->remote) {
+        if (s->remote || s->remote_source) {
                 /* an NBD target: its socket opened with the caller's rights, TLS with the daemon's credentials */
                 s->nbd = (struct dc_nbd_client_options){ .connect_unix = job_connect_unix, .userdata = s,
                                                          .tls_certificates = w->mgr->config.remote_tls_certificates,
@@ -441,8 +441,13 @@ static void job_start_run(Work *w) {
                 dc_image *src = NULL;
                 struct dc_open_options so = o;
                 so.no_lock = true;
-                r = dc_image_open(s->top, &so, &src);
-                if (r >= 0) {
+                r = s->remote_source ? 0 : dc_image_open(s->top, &so, &src);
+                if (r >= 0 && s->remote_source) {
+                        /* a replica's size as its plan recorded it (the job fails if the export's differs) */
+                        s->co.oracle = &w->mgr->oracle;
+                        s->co.backing_format = -1;
+                        r = dc_image_create(s->target, s->target_size, &s->co, (const char *const *) s->roots);
+                } else if (r >= 0) {
                         s->co.oracle = &w->mgr->oracle;
                         s->co.backing = s->target_backing;
                         s->co.backing_format = -1;

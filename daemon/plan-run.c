@@ -29,12 +29,12 @@ static char *str_printf(const char *fmt, ...) {
         return s;
 }
 
-/* The newest point whose file the model has as a usable image (of LEVEL, or any: -1). */
+/* The newest point whose file the model has as a usable image (of LEVEL, or any: -1); a replica's one point. */
 static Point *newest_point(Plan *p, int level) {
         for (guint i = p->points->len; i > 0; i--) {
                 Point *x = p->points->pdata[i - 1];
-                Image *img = model_find(p->mgr, x->file);
-                if ((level < 0 || x->level == level) && img && !img->error)
+                Image *img = plan_replica(&p->set) ? NULL : model_find(p->mgr, x->file);
+                if ((level < 0 || x->level == level) && (plan_replica(&p->set) || (img && !img->error)))
                         return x;
         }
         return NULL;
@@ -44,6 +44,8 @@ static Point *newest_point(Plan *p, int level) {
 static Point *point_base(Plan *p, Point *x) {
         Image *img = model_find(p->mgr, x->file);
 
+        if (plan_replica(&p->set))
+                return NULL; /* one point, no chain */
         if (img && !img->error) {
                 for (guint i = 0; img->backing_abs && i < p->points->len; i++) {
                         Point *y = p->points->pdata[i];
@@ -81,8 +83,10 @@ static void run_prep_run(Work *w) {
         _cleanup_free_ char *inside = NULL;
         int r = 0;
 
-        /* the destination, inside the roots also through any symbolic link on the way */
-        if (g_mkdir_with_parents(rp->dest, 0750) < 0)
+        /* the destination, inside the roots also through any symbolic link on the way (a replica: none) */
+        if (!rp->dest)
+                ;
+        else if (g_mkdir_with_parents(rp->dest, 0750) < 0)
                 r = dc_set_error(errno, "cannot make the destination '%s': %m", rp->dest);
         else if (dc_path_resolve(rp->dest, (const char *const *) rp->roots, &inside, NULL) < 0 ||
                  strcmp(inside, rp->dest) != 0)
@@ -146,6 +150,11 @@ static void run_prep_done(Work *w) {
 
 /* The run ended before its job did anything: no point, the pending file forgotten. */
 static void run_fail(Plan *p, int r, const char *error) {
+        if (p->run_replaced) {
+                /* the job never started: the replica still holds its point */
+                g_ptr_array_add(p->points, p->run_replaced);
+                p->run_replaced = NULL;
+        }
         free(p->last_result);
         p->last_result = str_printf("failed: %s", error ? error : strerror(-r));
         p->last_run = p->run_time;
@@ -175,11 +184,11 @@ static int run_continue(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         if (!active || active->error)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound", "plan '%s': '%s' is no usable image", p->name,
                                          p->set.chain);
-        if (p->run_level != LEVEL_FULL && !base)
+        if (p->run_level != LEVEL_FULL && !base && !plan_replica(&p->set))
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",
                                          "plan '%s': the point the %s backup builds on is gone", p->name,
                                          plan_level_name(p->run_level));
-        if (base) {
+        if (base && !plan_replica(&p->set)) {
                 /* the name the overlay's header records: relative within the destination */
                 dir = g_path_get_dirname(base->file);
                 backing = strcmp(dir, p->set.destination) == 0 ? g_path_get_basename(base->file) : strdup(base->file);
@@ -206,6 +215,9 @@ static int run_continue(Plan *p, sd_bus_message *m, sd_bus_error *error) {
                                   &id, error);
         if (r <= 0)
                 return r; /* 0: M waits (polkit, a model refresh) and comes back */
+        /* a replica's point is being overwritten: it is no point until the run ends well */
+        point_free(p->run_replaced);
+        p->run_replaced = NULL;
         free(p->job_id);
         p->job_id = TAKE_PTR(id);
         p->run_mono = g_get_monotonic_time();
@@ -236,6 +248,12 @@ static int run_choose(Plan *p, Image *active, Point **ret_base, char **why) {
                 *why = str_printf("bitmap '%s' is inconsistent (a writer stopped without saving it)", p->set.bitmap);
         else if (p->force_full)
                 *why = strdup("the previous run was interrupted");
+        if (last && last->state == POINT_DAMAGED) {
+                /* the changes since then would land on (or over) bytes that are no longer the point's */
+                usable = false;
+                if (!*why)
+                        *why = str_printf("the newest point, %s, is damaged", last->id);
+        }
         if (level == LEVEL_AUTO) {
                 level = LEVEL_INCREMENTAL;
                 if (usable && last && p->runs_since_full + 1 >= p->set.full_every) {
@@ -275,6 +293,11 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
                                          "plan '%s': the previous run%s%s%s is still going", p->name,
                                          p->job_id ? " (job '" : "", p->job_id ? p->job_id : "",
                                          p->job_id ? "')" : (p->running ? "" : " (or a prune or verify)"));
+        if (plan_replica(&p->set) && claims_holder(mgr->claims, p->set.destination))
+                return sd_bus_error_setf(error, ERROR_PREFIX "Busy",
+                                         "plan '%s': job '%s' is reading the replica %s (a restore): run when it is "
+                                         "done", p->name, claims_holder(mgr->claims, p->set.destination),
+                                         p->set.destination);
         /* the chain as it is now (0: M waits for the model and comes back) */
         r = model_freshen(mgr, m, (char *[]){ p->set.chain, NULL }, error);
         if (r <= 0)
@@ -292,13 +315,14 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         t = (time_t) (p->run_time / 1000000);
         gmtime_r(&t, &tm);
         strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
-        /* a new name: no point's, no file's */
+        /* a new name: no point's, no file's (a replica's file is its export) */
         for (int n = 1;; n++) {
                 g_autofree char *file = NULL;
                 id = n == 1 ? strdup(stamp) : g_strdup_printf("%s-%d", stamp, n);
-                file = g_strdup_printf("%s/%s-%s-%s.qcow2", p->set.destination, p->name, id,
-                                       plan_level_name(p->run_level));
-                if (!plan_point(p, id) && !model_find(mgr, file)) {
+                file = plan_replica(&p->set) ? strdup(p->set.destination)
+                                             : g_strdup_printf("%s/%s-%s-%s.qcow2", p->set.destination, p->name, id,
+                                                               plan_level_name(p->run_level));
+                if (!plan_point(p, id) && (plan_replica(&p->set) || !model_find(mgr, file))) {
                         free(p->run_file);
                         p->run_file = g_steal_pointer(&file);
                         break;
@@ -311,7 +335,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         p->run_base = base ? strdup(base->id) : NULL;
         rp = calloc(1, sizeof *rp);
         rp->name = strdup(p->name);
-        rp->dest = strdup(p->set.destination);
+        rp->dest = plan_replica(&p->set) ? NULL : strdup(p->set.destination);
         rp->roots = g_strdupv(mgr->config.roots);
         rp->oracle = &mgr->oracle;
         free(p->run_fleece);
@@ -327,9 +351,17 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
                 rp->size = active->virtual_size;
         }
         /* an interrupted run's file goes; the bitmap may have lost what it held: this run is full (above) */
-        rp->leftover = p->pending && !plan_point(p, p->pending) ? strdup(p->pending) : NULL;
+        rp->leftover = p->pending && !plan_point(p, p->pending) && !dc_nbd_uri_is(p->pending) ? strdup(p->pending)
+                                                                                               : NULL;
         free(p->pending);
         p->pending = strdup(p->run_file);
+        if (plan_replica(&p->set) && p->points->len) {
+                /* the export changes under its point from the job's start: the catalog forgets it first
+                 * (if the daemon dies meanwhile, the pending run makes the next one full) */
+                point_free(p->run_replaced);
+                p->run_replaced = g_ptr_array_steal_index(p->points, p->points->len - 1);
+                g_ptr_array_set_size(p->points, 0);
+        }
         rp->catalog = plan_catalog_snapshot(p);
         p->running = true;
         p->prepared = false;
@@ -352,6 +384,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
 
 typedef struct RunEnd {
         char *name, *file, **roots, *error;
+        struct dc_nbd_client_options nbd; /* a replica read back */
         char *fleece;         /* pull: removed at the end */
         bool ok;
         uint64_t bytes, size;
@@ -380,12 +413,13 @@ static void run_end_run(Work *w) {
                 dc_error_clear();
         }
         if (e->ok)
-                r = plan_file_sums(e->file, e->roots, &e->sums, &e->size);
-        else {
+                r = plan_sums(e->file, e->roots, &e->nbd, &e->sums, &e->size);
+        else if (!dc_nbd_uri_is(e->file)) {
                 r = dc_path_unlink(e->file, (const char *const *) e->roots, NULL);
                 r = r == -ENOENT ? 0 : r;
         }
-        w->refresh = g_strdupv((char *[]){ e->file, e->fleece, NULL });
+        w->refresh = dc_nbd_uri_is(e->file) ? g_strdupv((char *[]){ e->fleece, NULL })
+                                            : g_strdupv((char *[]){ e->file, e->fleece, NULL });
         work_capture_error(w, r);
 }
 
@@ -409,15 +443,17 @@ static void run_end_done(Work *w) {
         if (e->ok && w->r >= 0) {
                 Point *x = calloc(1, sizeof *x);
                 *x = (Point){ .id = strdup(p->run_id), .time = p->run_time, .level = p->run_level,
-                              .file = strdup(p->run_file), .base = p->run_base ? strdup(p->run_base) : NULL,
+                              .file = strdup(p->run_file),
+                              .base = p->run_base && !plan_replica(&p->set) ? strdup(p->run_base) : NULL,
                               .size = e->size, .bytes = e->bytes, .sums = TAKE_PTR(e->sums),
                               .state = POINT_UNVERIFIED };
                 g_ptr_array_add(p->points, x);
                 p->runs_since_full = p->run_level == LEVEL_FULL ? 0 : p->runs_since_full + 1;
                 p->force_full = false;
-                p->last_result = str_printf("success: %s backup %s, %" PRIu64 " bytes read, %" PRIu64
-                                            " bytes stored, in %.1f s",
-                                            plan_level_name(p->run_level), p->run_id, e->bytes, e->size, secs);
+                p->last_result = str_printf("success: %s backup %s, %" PRIu64 " bytes copied, %" PRIu64
+                                            " bytes %s, in %.1f s",
+                                            plan_level_name(p->run_level), p->run_id, e->bytes, e->size,
+                                            plan_replica(&p->set) ? "in the replica" : "stored", secs);
         } else {
                 const char *why = !e->ok ? e->error : w->error;
                 p->last_result = str_printf("failed: %s", why ? why : "unknown error");
@@ -456,7 +492,7 @@ void plans_job_concluded(Manager *mgr, const char *id, const char *error, bool c
                 if (!p->job_id || strcmp(p->job_id, id) != 0)
                         continue;
                 e = calloc(1, sizeof *e);
-                *e = (RunEnd){ .name = strdup(p->name), .file = strdup(p->run_file),
+                *e = (RunEnd){ .name = strdup(p->name), .file = strdup(p->run_file), .nbd = plan_nbd_options(mgr),
                                .fleece = p->run_fleece ? strdup(p->run_fleece) : NULL,
                                .roots = g_strdupv(mgr->config.roots), .ok = !error && !cancelled, .bytes = bytes,
                                .error = cancelled ? strdup("the job was cancelled") : error ? strdup(error) : NULL };
@@ -843,6 +879,7 @@ typedef struct VerifyItem {
 
 typedef struct Verify {
         char *name, **roots;
+        struct dc_nbd_client_options nbd;
         const struct dc_format_oracle *oracle;
         GPtrArray *items;
 } Verify;
@@ -877,13 +914,21 @@ static void verify_run(Work *w) {
                 dc_image *img = NULL;
                 int r;
 
-                r = plan_file_sums(it->file, v->roots, &now, &size);
+                r = plan_sums(it->file, v->roots, &v->nbd, &now, &size);
                 if (r < 0) {
                         it->detail = g_strdup_printf("'%s' cannot be read: %s", it->file, dc_get_error());
                         dc_error_clear();
                         continue;
                 }
                 diff = plan_sums_differ(it->sums, now, it->size, size);
+                if (dc_nbd_uri_is(it->file)) {
+                        /* a replica: its server's format is not ours to check; the checksums are the word */
+                        it->ok = !*diff;
+                        it->detail = *diff ? g_strdup_printf("'%s' is not what the backup stored: %s", it->file, diff)
+                                           : g_strdup_printf("checksums agree (%" PRIu64 " bytes read back over NBD)",
+                                                             size);
+                        continue;
+                }
                 r = dc_image_open(it->file, &oo, &img);
                 if (r >= 0 && dc_image_format(img) == DC_FORMAT_QCOW2)
                         r = dc_image_check(img, DC_REPAIR_NONE, &c);
@@ -969,6 +1014,7 @@ int plan_verify(Plan *p, sd_bus_message *m, const char *point, sd_bus_error *err
         v->name = strdup(p->name);
         v->roots = g_strdupv(p->mgr->config.roots);
         v->oracle = &p->mgr->oracle;
+        v->nbd = plan_nbd_options(p->mgr);
         v->items = g_ptr_array_new_with_free_func(verify_item_free);
         for (guint i = 0; i < p->points->len; i++) {
                 Point *x = p->points->pdata[i];
@@ -1151,6 +1197,36 @@ static int restore_as_chain(Plan *p, sd_bus_message *m, Point *x, const char *ab
         return r < 0 ? r : 1;
 }
 
+/* A replica's point: its export copied into TARGET (flattened only: a URI is no image's backing file). */
+static int restore_replica(Plan *p, sd_bus_message *m, Point *x, const char *target, int format, bool live,
+                           bool chain, sd_bus_error *error) {
+        _cleanup_free_ char *abs = NULL, *id = NULL;
+        int r;
+
+        if (p->running)
+                return sd_bus_error_setf(error, ERROR_PREFIX "PlanRunning",
+                                         "plan '%s': a run is updating the replica %s: restore when it is done",
+                                         p->name, x->file);
+        if (live || chain)
+                return sd_bus_error_setf(error, ERROR_PREFIX "NotSupported",
+                                         "plan '%s': restore point %s is the NBD export %s, which no image can have as "
+                                         "its backing file: restore it flattened (without %s), then export the copy",
+                                         p->name, x->id, x->file, live ? "live" : "chain");
+        r = manager_resolve_path(p->mgr, target, &abs, error);
+        if (r < 0)
+                return r;
+        r = restore_remote_start(p->mgr, m, x->file, x->size, abs, format, "org.diskchain.plan-restore",
+                                 (const char *const[]){ "plan", p->name, "point", x->id, "live", "false", NULL }, &id,
+                                 error);
+        if (r > 0)
+                log_fields(LOG_INFO,
+                           (const char *const[]){ "DISKCHAIN_PLAN", p->name, "DISKCHAIN_POINT", x->id,
+                                                  "DISKCHAIN_TARGET", abs, "DISKCHAIN_JOB", id, NULL },
+                           "plan '%s': restoring point %s from %s into '%s' (job '%s')", p->name, x->id, x->file, abs,
+                           id);
+        return r < 0 ? r : 1;
+}
+
 int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *target, int format, bool live,
                  bool chain, const char *export_name, sd_bus_error *error) {
         Manager *mgr = p->mgr;
@@ -1172,6 +1248,8 @@ int plan_restore(Plan *p, sd_bus_message *m, const char *point, const char *targ
         if (p->busy)
                 return sd_bus_error_setf(error, ERROR_PREFIX "PlanRunning",
                                          "plan '%s' is pruning or verifying: restore when it is done", p->name);
+        if (plan_replica(&p->set))
+                return restore_replica(p, m, x, target, format, live, chain, error);
         img = model_find(mgr, x->file);
         if (!img || img->error)
                 return sd_bus_error_setf(error, ERROR_PREFIX "NotFound",

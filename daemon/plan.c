@@ -91,6 +91,15 @@ uint64_t plan_now(void) {
         return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
 }
 
+struct dc_nbd_client_options plan_nbd_options(Manager *mgr) {
+        return (struct dc_nbd_client_options){ .tls_certificates = mgr->config.remote_tls_certificates,
+                                               .tls_psk_file = mgr->config.remote_tls_psk_file };
+}
+
+bool plan_replica(const PlanSettings *s) {
+        return s->destination && dc_nbd_uri_is(s->destination);
+}
+
 bool plan_name_valid(const char *name) {
         return dc_name_valid(name);
 }
@@ -141,6 +150,7 @@ Plan *plan_free(Plan *p) {
         free(p->run_file);
         free(p->run_base);
         free(p->run_fleece);
+        point_free(p->run_replaced);
         free(p);
         return NULL;
 }
@@ -160,12 +170,41 @@ int plan_settings_check(Manager *mgr, const char *name, PlanSettings *s, char **
                 *ret_error = g_strdup_printf("plan '%s': Chain= names no image", name);
                 return -EINVAL;
         }
-        if (!s->destination || s->destination[0] != '/') {
-                *ret_error = g_strdup_printf("plan '%s': Destination= must be an absolute directory", name);
+        if (plan_replica(s)) {
+                /* a replica: one export, updated in place by every run (see the notes) */
+                _cleanup_free_ char *normal = NULL;
+                if (dc_nbd_uri_normalize(s->destination, false, &normal, NULL) < 0) {
+                        *ret_error = g_strdup_printf("plan '%s': Destination=%s: %s", name, s->destination,
+                                                     dc_get_error());
+                        dc_error_clear();
+                        return -EINVAL;
+                }
+                free(s->destination);
+                s->destination = TAKE_PTR(normal);
+                if (s->compress) {
+                        *ret_error = g_strdup_printf("plan '%s': Compress=yes writes qcow2 compressed clusters, which "
+                                                     "the NBD export %s does not have", name, s->destination);
+                        return -EINVAL;
+                }
+                if (s->level == LEVEL_DIFFERENTIAL) {
+                        *ret_error = g_strdup_printf("plan '%s': a replica (%s) is updated in place, so it holds no "
+                                                     "full point to build a differential on: Level=incremental or "
+                                                     "auto", name, s->destination);
+                        return -EINVAL;
+                }
+                for (int i = 0; i < KEEP_N; i++)
+                        if (s->keep[i]) {
+                                *ret_error = g_strdup_printf("plan '%s': %s=: a replica (%s) holds one restore point, "
+                                                             "its latest state; retention needs a directory",
+                                                             name, plan_keep_keys[i], s->destination);
+                                return -EINVAL;
+                        }
+        } else if (!s->destination || s->destination[0] != '/') {
+                *ret_error = g_strdup_printf("plan '%s': Destination= must be an absolute directory or an NBD URI",
+                                             name);
                 return -EINVAL;
-        }
-        /* inside a root: the directory itself need not exist yet */
-        {
+        } else {
+                /* inside a root: the directory itself need not exist yet */
                 bool inside = false;
                 for (char **r = mgr->config.roots; *r && !inside; r++) {
                         size_t l = strlen(*r);
@@ -271,7 +310,7 @@ int plan_settings_parse(Manager *mgr, const char *name, const char *text, PlanSe
         }
         if ((v = g_key_file_get_string(kf, "Plan", "Destination", NULL))) {
                 g_strstrip(v);
-                s->destination = v[0] == '/' ? g_canonicalize_filename(v, "/") : strdup(v);
+                s->destination = v[0] == '/' && !dc_nbd_uri_is(v) ? g_canonicalize_filename(v, "/") : strdup(v);
                 g_free(v);
         }
         if ((v = g_key_file_get_string(kf, "Plan", "Schedule", NULL))) {
@@ -506,6 +545,51 @@ void plan_catalog_write(void *snapshot) {
 /* --- checksums (on workers) --------------------------------------------------------------------------- */
 
 /* The SHA-256 of every CHUNK of the file at ABS (inside ROOTS), hex, comma-separated; *RET_SIZE its size. */
+/* A replica's checksums: the export URI's contents, read back over NBD (O: TLS as the daemon's jobs use it). */
+static int remote_sums(const char *uri, const struct dc_nbd_client_options *o, char **ret, uint64_t *ret_size) {
+        dc_image *img = NULL;
+        GString *out;
+        uint8_t *buf;
+        uint64_t off = 0, size;
+        int r = dc_image_open_nbd(uri, false, o, &img);
+
+        if (r < 0)
+                return r;
+        size = dc_image_virtual_size(img);
+        buf = malloc(4 << 20);
+        out = g_string_new(NULL);
+        r = buf ? 0 : dc_set_error(ENOMEM, "out of memory");
+        while (r >= 0 && off < size) {
+                GChecksum *c = g_checksum_new(G_CHECKSUM_SHA256);
+                uint64_t end = MIN(off + CHUNK, size);
+                while (r >= 0 && off < end) {
+                        size_t n = (size_t) MIN(end - off, (uint64_t) 4 << 20);
+                        r = dc_image_read(img, buf, off, n);
+                        if (r >= 0) {
+                                g_checksum_update(c, buf, (gssize) n);
+                                off += n;
+                        }
+                }
+                g_string_append_printf(out, "%s%s", out->len ? "," : "", g_checksum_get_string(c));
+                g_checksum_free(c);
+        }
+        free(buf);
+        dc_image_close(img);
+        if (r < 0) {
+                g_string_free(out, TRUE);
+                return r;
+        }
+        *ret = g_string_free(out, FALSE);
+        *ret_size = size;
+        return 0;
+}
+
+int plan_sums(const char *file, char **roots, const struct dc_nbd_client_options *o, char **ret, uint64_t *ret_size) {
+        if (dc_nbd_uri_is(file))
+                return remote_sums(file, o, ret, ret_size);
+        return plan_file_sums(file, roots, ret, ret_size);
+}
+
 int plan_file_sums(const char *abs, char **roots, char **ret, uint64_t *ret_size) {
         int fd = dc_path_open(abs, (const char *const *) roots, O_RDONLY | O_CLOEXEC, 0);
         GString *out;

@@ -204,6 +204,8 @@ extern const struct dc_driver dc_nbd_driver;
 
 /* A job's target: the NBD export URI names, connected, writable (nbd-client.c). */
 int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, dc_image **ret);
+/* The same, read-only when !WRITABLE (a read-only export accepted). */
+int dc_nbd_image_open(const char *uri, bool writable, const struct dc_nbd_client_options *o, dc_image **ret);
 /* Is IMG an NBD export (no file, no backing, never a chain's layer)? */
 bool dc_image_is_remote(dc_image *img);
 /* The smallest block IMG takes a request of (an NBD server's minimum block size; 1 for files). */

@@ -499,6 +499,7 @@ struct dc_job_event {
         int kind;
         int status;                 /* DC_EV_STATUS */
         uint64_t len, offset, speed;
+        uint64_t copied;            /* data the job copied so far (offset counts skipped ranges too) */
         char error[512];            /* DC_EV_COMPLETED: empty on success */
         const char *operation;      /* DC_EV_ERROR: "read" or "write" */
         const char *action;         /* DC_EV_ERROR: "report", "ignore" or "stop" */
@@ -627,6 +628,10 @@ int dc_job_change_copy_mode(dc_job *j, int copy_mode);
  * active layer); its soft cancel once ready leaves a flushed point-in-time
  * copy.  Backup's compress is refused.  A URI is never a chain's layer or
  * backing file.
+ * The SOURCE_PATH of dc_job_backup may be a URI too (restoring a replica):
+ * the export, opened read-only, is the whole chain; no bitmap and no
+ * checkpoint (it has none of ours), and nothing writes it meanwhile but
+ * its own server's clients, which the backup does not see.
  */
 struct dc_nbd_client_options {
         /*
@@ -658,6 +663,14 @@ bool dc_nbd_uri_is(const char *s);
  * tls-psk-file= unless ALLOW_FILES.
  */
 int dc_nbd_uri_normalize(const char *uri, bool allow_files, char **ret_normal, char **ret_socket);
+/*
+ * An NBD export as an image of its own, for reading (WRITABLE false: a
+ * read-only export is accepted; writes fail with EROFS) or, WRITABLE, as
+ * the jobs' targets open it.  Reads, block status and flush as a job's
+ * target has them; dc_image_close() disconnects.  A service reads a
+ * replica back with it (a plan's checksums of what it stored).
+ */
+int dc_image_open_nbd(const char *uri, bool writable, const struct dc_nbd_client_options *o, dc_image **ret);
 
 const char *dc_job_id(dc_job *j);
 int dc_job_type(dc_job *j);
@@ -668,6 +681,7 @@ const char *dc_job_type_name(int type);
 struct dc_job_info {
         int status, io_status;
         uint64_t len, offset, speed;
+        uint64_t copied;            /* data copied so far; OFFSET counts ranges found clean or skipped too */
         bool busy, paused, ready, auto_finalize, auto_dismiss, actively_synced;
         char error[512];
 };

@@ -220,17 +220,40 @@ int dc_job_new_copy(const struct dc_job_driver *drv, const char *source_path, bo
 
         /* an NBD URI is a remote target (nbd-client.c), never a path in the roots */
         bool remote = dc_nbd_uri_is(target_path);
+        /* or a backup's remote source (a replica restored): the read-only export is the whole chain */
+        bool remote_source = dc_nbd_uri_is(source_path);
 
-        r = dc_job_path(source_path, oo, &source);
+        if (remote_source && (remote || source_writable || jo->disk || drv->type != DC_JOB_TYPE_BACKUP))
+                return dc_error(EINVAL, "'%s': an NBD export is a backup's source only into a file, with no bitmap "
+                                        "or checkpoint", source_path);
+        r = remote_source ? 0 : dc_job_path(source_path, oo, &source);
         if (r >= 0 && !remote)
                 r = dc_job_path(target_path, oo, &target);
         if (r < 0)
                 return r;
-        if (!remote && strcmp(source, target) == 0)
+        if (!remote && !remote_source && strcmp(source, target) == 0)
                 return dc_error(EINVAL, "%s", same);
         r = dc_job_new(drv, jo, &j);
         if (r < 0)
                 return r;
+        if (remote_source) {
+                r = dc_nbd_image_open(source_path, false, jo->nbd, &src);
+                if (r >= 0) {
+                        r = dc_disk_new(src, oo, &j->disk); /* (closes SRC when it fails) */
+                        if (r < 0)
+                                src = NULL;
+                }
+                if (r >= 0)
+                        r = open_target(src, target, oo, same, &tgt);
+                if (r < 0) {
+                        dc_job_free(j);
+                        return r;
+                }
+                *ret = j;
+                *ret_source = src;
+                *ret_target = tgt;
+                return 0;
+        }
         /* a backup that changes a bitmap of the source writes its metadata */
         r = dc_job_open_chain(j, source, oo, jo, source_writable ? (const char *const[]){ source, NULL } : NULL);
         if (r >= 0) {

@@ -149,7 +149,8 @@ void dc_job_set_status(dc_job *j, int s) {
 }
 
 void dc_job_event(dc_job *j, int kind, const char *error) {
-        struct dc_job_event ev = { .kind = kind, .len = j->len, .offset = j->offset, .speed = j->speed };
+        struct dc_job_event ev = { .kind = kind, .len = j->len, .offset = j->offset, .speed = j->speed,
+                                   .copied = j->copied };
         if (error)
                 snprintf(ev.error, sizeof ev.error, "%s", error);
         queue_event(j, &ev);
@@ -193,6 +194,7 @@ DC_EXPORT void dc_job_get_info(dc_job *j, struct dc_job_info *ret) {
                 .io_status = j->io_status,
                 .len = j->len,
                 .offset = j->offset,
+                .copied = j->copied,
                 .speed = j->speed,
                 .busy = j->busy,
                 .paused = j->user_paused || j->paused_now,
@@ -307,6 +309,7 @@ int dc_job_pause_point(dc_job *j, uint64_t bytes_done, uint64_t bytes_copied) {
         pthread_mutex_lock(&j->lock);
         j->offset += bytes_done;
         j->rate_bytes += bytes_copied; /* the limit counts data copied, not ranges skipped */
+        j->copied += bytes_copied;
         for (;;) {
                 if (j->force_cancel) {
                         /* a cancelled paused job is resumed first, as QEMU does */

@@ -50,6 +50,7 @@ struct dc_job {
         char *id;
         int status;
         uint64_t len, offset, speed;
+        uint64_t copied;        /* data copied (the rate limit's count, never reset) */
         bool user_paused, paused_now, cancelled, force_cancel, finalize_requested;
         bool auto_finalize, auto_dismiss, busy;
         int on_error, on_error_write, io_status;

@@ -740,6 +740,15 @@ static int connect_handle(struct nbd_target *t, const struct nbd_uri *u, const c
 }
 
 int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, dc_image **ret) {
+        return dc_nbd_image_open(uri, true, o, ret);
+}
+
+DC_EXPORT int dc_image_open_nbd(const char *uri, bool writable, const struct dc_nbd_client_options *o,
+                                dc_image **ret) {
+        return dc_nbd_image_open(uri, writable, o, ret);
+}
+
+int dc_nbd_image_open(const char *uri, bool writable, const struct dc_nbd_client_options *o, dc_image **ret) {
         _cleanup_(nbd_uri_release) struct nbd_uri u = { 0 };
         _cleanup_free_ char *normal = NULL;
         struct nbd_target *t;
@@ -773,7 +782,7 @@ int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, d
                         r = nbd_fail(normal, "the server did not tell the export's size");
                 else if (size == 0)
                         r = dc_error(EINVAL, "'%s': the export is empty", normal);
-                else if (nbd_is_read_only(t->h) == 1)
+                else if (writable && nbd_is_read_only(t->h) == 1)
                         r = dc_error(EROFS, "'%s': the NBD server exports it read-only; a backup or mirror target "
                                             "must be writable", normal);
         }
@@ -816,7 +825,7 @@ int dc_nbd_target_open(const char *uri, const struct dc_nbd_client_options *o, d
         img->priv = t;
         img->path = TAKE_PTR(normal);
         img->virtual_size = (uint64_t) size;
-        img->writable = true;
+        img->writable = writable;
         img->no_lock = true;
         *ret = img;
         return 0;

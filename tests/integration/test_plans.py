@@ -424,3 +424,122 @@ def test_pull_mode_runs_under_a_writing_guest(pbus, tmp_path):
         h.pwrite(b"\x07" * 4096, (day + 3) * MiB)
         h.flush()
     h.shutdown()
+
+
+def test_replica_on_an_nbd_server(pbus, tmp_path):
+    """Destination= an NBD URI: a replica, one export on another server (qemu-nbd) updated in place.
+    The first run is full, the next ones send only what the bitmap says changed; the one restore point
+    is the export's latest state, with checksums read back; a byte changed on the server fails Verify,
+    naming the URI and the range, and makes the next run full; a run killed half-way leaves no point
+    and the next run full; a restore copies the export into a new image, byte-identical; what a
+    replica cannot do is refused with the reason."""
+    import nbd
+    from nbdservers import start, stop, wait_socket
+    bus = pbus
+    r = bus.root
+    disk = os.path.join(r, "vm.qcow2")
+    rng = random.Random(11)
+    qemu_img("create", "-q", "-f", "qcow2", disk, str(SIZE))
+    (tmp_path / "fill").write_bytes(rng.randbytes(SIZE))
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 {SIZE}")
+    remote = tmp_path / "remote.qcow2"  # on "another host": outside the storage roots
+    qemu_img("create", "-q", "-f", "qcow2", remote, str(SIZE))
+    sock = tmp_path / "nbd.sock"
+    server = start(["qemu-nbd", "-f", "qcow2", "-t", "-e", "4", "-x", "replica", "--socket", sock, remote])
+    wait_socket(str(sock), server)
+    uri = f"nbd+unix:///replica?socket={sock}"
+
+    # what a replica cannot be
+    for extra, why in ((["--keep-daily", "7"], "retention needs a directory"),
+                       (["--level", "differential"], "Level=incremental or auto"),
+                       (["--compress"], "compressed clusters")):
+        p = bus.ctl("plan", "create", "rep", "--chain", "vm.qcow2", "--destination", uri, *extra, check=False)
+        assert p.returncode != 0 and why in p.stderr, (extra, p.stderr)
+    p = bus.ctl("plan", "create", "rep", "--chain", "vm.qcow2", "--destination", "nbd+unix:///x?bogus=1",
+                check=False)
+    assert p.returncode != 0 and "Destination=" in p.stderr, p.stderr
+    bus.ctl("plan", "create", "rep", "--chain", "vm.qcow2", "--destination", uri, "--level", "auto",
+            "--full-every", "4")
+    assert prop(bus, plan_obj("rep"), "Plan", "Destination") == uri
+    assert f"Destination={uri}" in (bus.plans / "rep.conf").read_text()
+
+    def run(day, level):
+        set_clock(bus, T0 + day * DAY)
+        want = content_hash(tmp_path, disk)
+        bus.ctl("plan", "run", "rep")
+        res = prop(bus, plan_obj("rep"), "Plan", "LastResult")
+        assert res.startswith(f"success: {level} backup"), (day, res)
+        pts = points(bus, "rep")
+        assert len(pts) == 1 and pts[0][2] == level and pts[0][3] == uri, pts
+        return want, res
+
+    def remote_content():
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        c = hashlib.sha256()
+        for off in range(0, SIZE, 4 * MiB):
+            c.update(h.pread(4 * MiB, off))
+        h.shutdown()
+        return c.hexdigest()
+
+    want, _ = run(0, "full")
+    assert remote_content() == want
+    # a day of writes: the incremental sends those, not the disk
+    qemu_io(disk, "write -P 3 2M 1M")
+    qemu_io(disk, "write -z 9M 256k")
+    want, res = run(1, "incremental")
+    assert remote_content() == want
+    sent = int(res.split(", ")[1].split()[0])
+    assert sent <= 2 * MiB, res
+    out = bus.ctl("plan", "verify", "rep").stdout
+    assert "read back over NBD" in out, out
+    assert points(bus, "rep")[0][5] == "verified"
+
+    # the server's disk changes behind the plan's back: Verify says where, and the next run is full
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(b"\xee" * 4096, 70 * MiB % SIZE)
+    h.flush()
+    h.shutdown()
+    p = bus.ctl("plan", "verify", "rep", check=False)
+    assert p.returncode != 0 and uri in p.stderr and "bytes 0..25165824 changed" in p.stderr, p.stderr
+    point = points(bus, "rep")[0]
+    assert point[5] == "damaged"
+    p = bus.ctl("plan", "restore", "rep", point[0], "nope.qcow2", check=False)
+    assert p.returncode != 0 and "damaged" in p.stderr, p.stderr
+    qemu_io(disk, "write -P 4 5M 64k")
+    want, _ = run(2, "full")
+    assert remote_content() == want
+
+    # a run killed while it writes the export: no point survives it, and the next run is full
+    qemu_io(disk, f"write -s {tmp_path / 'fill'} 0 8M")
+    bus.ctl("plan", "edit", "rep", "--level", "incremental", "--speed", str(2 * MiB))
+    set_clock(bus, T0 + 3 * DAY)
+    job = bus.ctl("plan", "run", "rep", "--no-wait").stdout.strip()
+    assert prop(bus, job, "Job", "Speed") == 2 * MiB  # the plan's speed reaches a replica's job too
+    wait_for(lambda: prop(bus, job, "Job", "CurrentProgress") > 0, "the run copies")
+    assert points(bus, "rep") == []  # the export is no point while it changes
+    kill_daemon(bus)
+    bus.ctl("plan", "edit", "rep", "--speed", "0")
+    assert points(bus, "rep") == []
+    qemu_io(disk, "write -P 6 12M 64k")
+    want, _ = run(4, "full")
+    assert remote_content() == want
+    qemu_io(disk, "write -P 7 1M 64k")
+    want, _ = run(5, "incremental")
+    assert remote_content() == want
+
+    # restore: flattened only, into a new image, byte-identical; the export stays as it was
+    point = points(bus, "rep")[0]
+    for opt, why in (("--live", "no image can have as its backing file"), ("--chain", "restore it flattened")):
+        p = bus.ctl("plan", "restore", "rep", point[0], "x.qcow2", opt, check=False)
+        assert p.returncode != 0 and why in p.stderr, (opt, p.stderr)
+    bus.ctl("plan", "restore", "rep", point[0], "restored.qcow2")
+    restored = os.path.join(r, "restored.qcow2")
+    qemu_img("check", restored)
+    assert content_hash(tmp_path, restored) == want
+    bus.ctl("plan", "restore", "rep", point[0], "restored.raw", "--format", "raw")
+    assert hashlib.sha256(open(os.path.join(r, "restored.raw"), "rb").read()).hexdigest() == want
+    stop(server)
+    qemu_img("check", remote)
+    assert content_hash(tmp_path, remote) == want
