@@ -7,7 +7,7 @@ pkgs=(meson ninja-build pkg-config gcc
       dbus polkitd
       qemu-utils libnbd-bin libnbd-dev python3-libnbd nbdkit qemu-system-x86 gnutls-bin valgrind
       python3-pytest python3-gi libglib2.0-bin man-db groff-base util-linux passwd strace
-      systemd)
+      systemd bash-completion)
 missing=()
 for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
