@@ -1,0 +1,132 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The Cockpit page in a real browser: the private bus with the real polkitd
+and the daemon, the page as `meson install` lays it out, cockpit-ws with a
+local session of cockpit-bridge on a loopback port (as root, and as the
+unprivileged test user), and headless Chromium driven by
+tests/cockpit/browser.mjs.  It loads the page, sees the seed chain and its
+allocation map, backs up from the dialog and watches the progress bar reach
+completion, pauses and resumes a job, completes a mirror, exports the chain,
+creates and runs a plan, and sees the refusal shown to an unprivileged user;
+any JavaScript error fails it.  qemu-img then judges what the page made.
+Screenshots of each view go to BUILD/test-artifacts/cockpit/ (the README
+shows copies of the main ones, in docs/)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from bustest import BUILD, SRC, TEST_USER, qemu_img
+from test_bus import make_seed_chain
+
+COCKPIT_WS = "/usr/lib/cockpit/cockpit-ws"
+SHOTS = os.path.join(BUILD, "test-artifacts", "cockpit")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def package():
+    """The page as meson installs it (install tag cockpit), in a data dir of its own."""
+    dest = tempfile.mkdtemp(prefix="diskchain-cockpit-")
+    os.chmod(dest, 0o755)
+    subprocess.run(["meson", "install", "-C", BUILD, "--destdir", dest, "--tags", "cockpit", "--quiet"], check=True,
+                   capture_output=True)
+    found = [r for r, _, files in os.walk(dest) if "manifest.json" in files and r.endswith("/cockpit/diskchain")]
+    assert len(found) == 1, found
+    for r, dirs, files in os.walk(dest):
+        for n in dirs:
+            os.chmod(os.path.join(r, n), 0o755)
+    yield os.path.dirname(os.path.dirname(found[0]))  # .../share
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def cockpit_ws(bus, share, user=None):
+    """cockpit-ws on a loopback port with a local cockpit-bridge session (as USER), on the test's bus."""
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="diskchain-cockpit-home-")
+    cmd = [COCKPIT_WS, "--local-session=cockpit-bridge", "--port", str(port), "--address", "127.0.0.1"]
+    if user:
+        shutil.chown(home, user, user)
+        cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"] + cmd
+    env = {**os.environ, **bus.env, "XDG_DATA_DIRS": f"{share}:/usr/share", "HOME": home,
+           "XDG_RUNTIME_DIR": home, "LANG": "C.UTF-8"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    p.home = home
+    return p, f"http://127.0.0.1:{port}/cockpit/@localhost/diskchain/index.html"
+
+
+def browse(scenario, url):
+    os.makedirs(SHOTS, exist_ok=True)
+    p = subprocess.run(["node", os.path.join(SRC, "tests", "cockpit", "browser.mjs"), scenario, url, SHOTS],
+                       capture_output=True, text=True, timeout=600)
+    lines = p.stdout.strip().splitlines()
+    summary = json.loads(lines[-1]) if lines else {}
+    assert p.returncode == 0 and not summary.get("problems"), "\n".join(
+        [f"exit {p.returncode}", *summary.get("problems", []), p.stderr[-3000:]])
+    return summary
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    shutil.rmtree(p.home, ignore_errors=True)
+
+
+def test_cockpit_page_as_admin(bus, package):
+    make_seed_chain(bus)
+    ws, url = cockpit_ws(bus, package)
+    try:
+        s = browse("admin", url)
+    finally:
+        stop(ws)
+    assert s["layers"] == ["A.qcow2", "B.qcow2", "C.qcow2", "D.qcow2"]
+    assert s["depths"] == [0, 1, 2, 3], s  # every layer of the seed holds data the map shows
+    # the progress bar moved through the middle and reached the end
+    assert any(0 < x < 100 for x in s["progress"]) and "completed" in s["backupNotice"], s
+    assert s["paused"] and s["resumed"]
+    assert s["mirrored"] == ["D-mirror.qcow2"], s
+    assert s["exportUri"].startswith("nbd+unix:///vm?socket="), s
+    assert s["points"] == 1
+    assert s["committed"] and s["imageLifecycle"] and "clean" in s["check"], s
+    r = bus.root
+    for img in ("D-backup.qcow2", "D-mirror.qcow2"):
+        qemu_img("check", os.path.join(r, img))
+        p = qemu_img("compare", "-F", "raw", os.path.join(r, img), os.path.join(bus.dir, "D.ref"), check=False)
+        assert p.returncode == 0, (img, p.stdout)
+    # the commit left D's content as it was, on [A] <-- [B] <-- [D]
+    qemu_img("check", os.path.join(r, "B.qcow2"))
+    assert qemu_img("compare", "-F", "raw", os.path.join(r, "D.qcow2"), os.path.join(bus.dir, "D.ref"),
+                    check=False).returncode == 0
+    assert not os.path.exists(os.path.join(r, "new.qcow2"))
+    assert not os.path.exists(os.path.join(r, "D-slow.qcow2")) or qemu_img(
+        "check", os.path.join(r, "D-slow.qcow2"), check=False).returncode == 0
+
+
+def test_cockpit_page_refusal_for_an_unprivileged_user(bus, package):
+    make_seed_chain(bus)
+    ws, url = cockpit_ws(bus, package, user=TEST_USER)
+    try:
+        s = browse("limited", url)
+    finally:
+        stop(ws)
+    assert "Not authorized" in s["refusal"] and "org.diskchain" in s["refusal"], s
+    assert not os.path.exists(os.path.join(bus.root, "E.qcow2"))
