@@ -99,6 +99,11 @@ try {
         await chainCard("D.qcow2").locator("[data-map] svg rect.dc-map__data").first().waitFor();
         summary.depths = await chainCard("D.qcow2").locator("[data-map] svg rect.dc-map__data")
                 .evaluateAll(els => [...new Set(els.map(e => Number(e.dataset.depth)))].sort());
+        // left alone, the page asks the daemon nothing (the test watches the bus meanwhile)
+        await page.waitForTimeout(500);
+        summary.idleFrom = Date.now();
+        await page.waitForTimeout(3000);
+        summary.idleTo = Date.now();
         await chainCard("D.qcow2").locator('[data-layer$="/B.qcow2"]').click();
         await page.waitForSelector('[data-chain$="/D.qcow2"] [data-map$="/B.qcow2"] svg rect.dc-map__data');
         await shot("chains");

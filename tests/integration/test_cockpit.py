@@ -91,13 +91,33 @@ def stop(p):
     shutil.rmtree(p.home, ignore_errors=True)
 
 
+def calls_to_daemon(bus):
+    """busctl monitor of every method call to the daemon; stop() returns their (realtime µs, member)."""
+    p = subprocess.Popen(["busctl", "--system", "monitor", "--json=short", "--match",
+                          "type='method_call',destination='org.diskchain.DiskChain1'"],
+                         env={**os.environ, **bus.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "Monitoring bus message stream" in p.stderr.readline()
+
+    def stop_monitor():
+        p.terminate()
+        out = p.communicate()[0]
+        return [(m.get("timestamp-realtime", 0), m.get("member")) for m in map(json.loads, out.splitlines())]
+    return stop_monitor
+
+
 def test_cockpit_page_as_admin(bus, package):
     make_seed_chain(bus)
     ws, url = cockpit_ws(bus, package)
+    monitor = calls_to_daemon(bus)
     try:
         s = browse("admin", url)
     finally:
         stop(ws)
+        calls = monitor()
+    # no polling: while the page sat still, not one call reached the daemon (and some did before and after)
+    idle = [c for c in calls if s["idleFrom"] * 1000 <= c[0] <= s["idleTo"] * 1000]
+    assert not idle, idle
+    assert any(c[0] < s["idleFrom"] * 1000 for c in calls) and any(c[0] > s["idleTo"] * 1000 for c in calls)
     assert s["layers"] == ["A.qcow2", "B.qcow2", "C.qcow2", "D.qcow2"]
     assert s["depths"] == [0, 1, 2, 3], s  # every layer of the seed holds data the map shows
     # the progress bar moved through the middle and reached the end
