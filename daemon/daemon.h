@@ -519,6 +519,8 @@ void point_free(void *p);
 Point *plan_point(Plan *p, const char *id);
 /* How a plan's worker reads a replica back: TLS as the jobs, sockets with the daemon's (root's) rights. */
 struct dc_nbd_client_options plan_nbd_options(Manager *mgr);
+/* Remove PATH (a file a plan's run or restore made and nothing uses) on a worker. */
+void plan_remove_later(Manager *mgr, const char *path);
 /* Is the destination an NBD URI: a replica, one export updated in place? */
 bool plan_replica(const PlanSettings *s);
 void plan_settings_defaults(const char *name, PlanSettings *s);

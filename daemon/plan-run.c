@@ -62,6 +62,7 @@ static Point *point_base(Plan *p, Point *x) {
 typedef struct RunPrep {
         char *name, *dest, *leftover, **roots;
         char *fleece;         /* pull: the fleecing image to make, of SIZE bytes */
+        bool fleece_leftover; /* an interrupted run's may be in its place: ours to remove */
         uint64_t size;
         const struct dc_format_oracle *oracle;
         void *catalog;
@@ -99,15 +100,20 @@ static void run_prep_run(Work *w) {
                 dc_error_clear();
         }
         if (r >= 0 && rp->fleece) {
-                /* pull: an empty fleecing image beside the disk (an interrupted run's goes first) */
+                /* pull: an empty fleecing image beside the disk (an interrupted run's goes first; any
+                 * other file of that name is somebody's, and stays: the run fails, saying so) */
                 struct dc_create_options co = { .format = DC_FORMAT_QCOW2, .backing_format = -1, .oracle = rp->oracle };
-                int u = dc_path_unlink(rp->fleece, (const char *const *) rp->roots, NULL);
+                int u = rp->fleece_leftover ? dc_path_unlink(rp->fleece, (const char *const *) rp->roots, NULL)
+                                            : -ENOENT;
                 if (u < 0 && u != -ENOENT)
                         r = u;
                 else
                         r = dc_image_create(rp->fleece, rp->size, &co, (const char *const *) rp->roots);
                 dc_error_clear();
-                if (r < 0)
+                if (r == -EEXIST)
+                        r = dc_set_error(EEXIST, "'%s' exists: it is in the way of the plan's fleecing image "
+                                                 "(move it, or use Mode=push)", rp->fleece);
+                else if (r < 0)
                         r = dc_set_error(-r, "cannot make the fleecing image '%s'", rp->fleece);
                 w->refresh = g_strdupv((char *[]){ rp->fleece, NULL });
         }
@@ -131,7 +137,11 @@ static void run_prep_done(Work *w) {
         if (!p || !p->start_msg)
                 return;
         if (w->r < 0) {
+                /* the caller hears why (run_fail lets go of the call) */
+                sd_bus_message *m = sd_bus_message_ref(p->start_msg);
                 run_fail(p, w->r, w->error);
+                (void) reply_error_errno(m, w->r, w->error);
+                sd_bus_message_unref(m);
                 return;
         }
         p->prepared = true;
@@ -149,7 +159,42 @@ static void run_prep_done(Work *w) {
 }
 
 /* The run ended before its job did anything: no point, the pending file forgotten. */
+/* A file a run made and no job will use: removed on a worker. */
+typedef struct Leftover {
+        char *path, **roots;
+} Leftover;
+
+static void leftover_free(void *d) {
+        Leftover *l = d;
+        free(l->path);
+        g_strfreev(l->roots);
+        free(l);
+}
+
+static void leftover_run(Work *w) {
+        Leftover *l = w->data;
+        int r = dc_path_unlink(l->path, (const char *const *) l->roots, NULL);
+
+        if (r < 0 && r != -ENOENT)
+                log_warning("cannot remove '%s': %s", l->path, dc_get_error());
+        dc_error_clear();
+        w->refresh = g_strdupv((char *[]){ l->path, NULL });
+}
+
+void plan_remove_later(Manager *mgr, const char *path) {
+        Leftover *l = calloc(1, sizeof *l);
+        Work *w;
+
+        l->path = strdup(path);
+        l->roots = g_strdupv(mgr->config.roots);
+        w = work_new(mgr, leftover_run, NULL, l, leftover_free);
+        if (w)
+                (void) work_submit(w, NULL);
+}
+
 static void run_fail(Plan *p, int r, const char *error) {
+        if (p->prepared && p->run_fleece)
+                plan_remove_later(p->mgr, p->run_fleece); /* made by the preparation, for a job that never ran */
         if (p->run_replaced) {
                 /* the job never started: the replica still holds its point */
                 g_ptr_array_add(p->points, p->run_replaced);
@@ -286,8 +331,13 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
         struct tm tm;
         int r;
 
-        if (p->start_msg == m)
-                return run_continue(p, m, error); /* dispatched again */
+        if (p->start_msg == m) {
+                /* dispatched again (after polkit, a model refresh): a refusal now ends the run */
+                r = run_continue(p, m, error);
+                if (r < 0)
+                        run_fail(p, r, sd_bus_error_is_set(error) ? error->message : NULL);
+                return r;
+        }
         if (p->running || p->busy)
                 return sd_bus_error_setf(error, ERROR_PREFIX "PlanRunning",
                                          "plan '%s': the previous run%s%s%s is still going", p->name,
@@ -348,6 +398,7 @@ int plan_run(Plan *p, sd_bus_message *m, sd_bus_error *error) {
                         *dot = 0;
                 p->run_fleece = g_strdup_printf("%s.fleece-plan-%s.qcow2", stem, p->name);
                 rp->fleece = strdup(p->run_fleece);
+                rp->fleece_leftover = p->pending != NULL;
                 rp->size = active->virtual_size;
         }
         /* an interrupted run's file goes; the bitmap may have lost what it held: this run is full (above) */
@@ -1135,6 +1186,7 @@ static void live_create_done(Work *w) {
         es.on_live_userdata = l;
         r = export_start(mgr, NULL, &es, &e);
         if (r < 0 || sd_bus_error_is_set(&e)) {
+                plan_remove_later(mgr, l->target); /* the overlay made for it serves nobody */
                 if (sd_bus_error_is_set(&e))
                         (void) sd_bus_reply_method_error(l->m, &e);
                 else

@@ -396,10 +396,26 @@ def test_pull_mode_runs_under_a_writing_guest(pbus, tmp_path):
     assert "Mode=pull" in (bus.plans / "vm.conf").read_text()
     assert prop(bus, plan_obj("vm"), "Plan", "Mode") == "pull"
     chain = _data(bus.call(M, "Manager", "GetChain", "s", "vm.qcow2"))[0]
+    fleece = os.path.join(r, "vm.fleece-plan-vm.qcow2")
+    # a file of the fleecing image's name is somebody's: the run fails, saying so, and leaves it
+    with open(fleece, "wb") as f:
+        f.write(b"not ours")
+    p = bus.ctl("plan", "run", "vm", check=False)
+    assert p.returncode != 0 and "in the way of the plan's fleecing image" in p.stderr, p.stderr
+    assert open(fleece, "rb").read() == b"not ours"
+    os.unlink(fleece)
+    # a run whose job cannot start (the chain is another job's) leaves no fleecing image behind
+    other = _data(bus.call(chain, "Chain", "Backup", "sa{sv}", "other.qcow2", "1", "speed", "t", str(MiB)))[0]
+    p = bus.ctl("plan", "run", "vm", check=False)
+    assert p.returncode != 0 and "in use by job" in p.stderr, p.stderr
+    wait_for(lambda: not os.path.exists(fleece), "the run's fleecing image is removed")
+    assert prop(bus, plan_obj("vm"), "Plan", "Running") is False  # and the plan can run again
+    assert "in use by job" in prop(bus, plan_obj("vm"), "Plan", "LastResult")
+    bus.call(other, "Job", "Cancel", "b", "false")
+    wait_for(lambda: prop(bus, chain, "Chain", "Jobs") == [], "the other job ends")
     exp = export(bus, chain, ("writable", "b", "true"), ("name", "s", "vm"))
     h = nbd.NBD()
     h.connect_uri(uri_of(bus, exp))
-    fleece = os.path.join(r, "vm.fleece-plan-vm.qcow2")
     for day in range(2):
         set_clock(bus, T0 + day * DAY)
         want = content_hash(tmp_path, disk)
