@@ -346,6 +346,7 @@ function renderChain(chain) {
     const imageActions = h("div", { class: "dc-actions dc-actions--image" },
                            h("span", { class: "dc-actions__label" }, basename(shown.Path) + ":"),
                            button(_("Check"), () => dialogCheck(shown), "link", { "data-action": "check" }),
+                           button(_("Bitmaps"), () => dialogBitmaps(shown), "link", { "data-action": "bitmaps" }),
                            button(_("Resize"), () => dialogResize(shown), "link", { "data-action": "resize" }),
                            button(_("Delete"), () => dialogDelete(shown), "link", { "data-action": "delete" }));
     return h("article", { class: "pf-v5-c-card dc-chain", "data-chain": active.Path },
@@ -410,6 +411,8 @@ function renderJob(job) {
     const eta = job.ExpectedEndTime && job.Status === "running" ? duration((job.ExpectedEndTime - now) / 1e6) : null;
     const verbs = (VERBS[job.Status] || []).filter(v => v !== "complete" || job.Ready);
     const names = { pause: _("Pause"), resume: _("Resume"), cancel: _("Cancel"), complete: _("Complete"), finalize: _("Finalize"), dismiss: _("Dismiss"), speed: _("Set speed") };
+    if (job.Type === "mirror" && job.Status === "ready")
+        names.cancel = _("Stop, keep the copy"); /* QEMU's cancel of a ready mirror: a point-in-time copy */
     const ev = state.jobEvents[job.path];
     const err = state.jobErrors[job.path];
     const statusColor = { running: "blue", ready: "green", paused: "orange", standby: "orange", concluded: "grey", pending: "purple", aborting: "red" }[job.Status];
@@ -518,7 +521,11 @@ function renderPlan(plan) {
                          state.planErrors[plan.path] = { title: _("Verified"), text: r[0].map(x => x[0] + ": " + x[2]).join("; "), ok: true };
                      redraw();
                  }), "secondary", { "data-action": "plan-verify", disabled: plan.Running }),
-                 button(_("Prune"), () => planAction(plan, "Prune", [{}]), "secondary", { "data-action": "plan-prune", disabled: plan.Running })),
+                 button(_("Prune"), () => planAction(plan, "Prune", [{}]), "secondary", { "data-action": "plan-prune", disabled: plan.Running }),
+                 button(_("Edit"), () => dialogEditPlan(plan), "link", { "data-action": "plan-edit" }),
+                 button(_("Delete"), () => dialog(cockpit.format(_("Delete plan $0?"), plan.Name), [], _("Delete"),
+                                                  () => plan.call("Delete", []), _("The plan and its catalog go; the backup files stay, as ordinary images.")),
+                        "link", { "data-action": "plan-delete", disabled: plan.Running })),
                pointsTable(plan, points)));
 }
 
@@ -608,7 +615,7 @@ function dialog(title, fields, submitLabel, submit, intro) {
             primary.disabled = false;
             primary.classList.remove("pf-m-progress", "pf-m-in-progress");
         });
-    } }, intro ? h("p", {}, intro) : null, groups, errBox,
+    } }, intro ? h("div", { class: "dc-dialog-intro" }, intro) : null, groups, errBox,
     h("footer", { class: "pf-v5-c-modal-box__footer" }, primary, h("button", { class: "pf-v5-c-button pf-m-link", type: "button", onclick: close }, _("Cancel"))));
     host.replaceChildren(h("div", { class: "pf-v5-c-backdrop" },
                            h("div", { class: "pf-v5-l-bullseye" },
@@ -774,24 +781,67 @@ function dialogRestore(plan, point) {
             .then(([obj]) => { if (obj && obj !== "/") { state.tab = "jobs"; showTab() } }));
 }
 
+/* The settings a plan's dialogs edit, as Manager.CreatePlan and Plan.Change take them. */
+function planFields(plan, chains) {
+    const keep = (plan && plan.Retention) || {};
+    return [
+        { id: "destination", label: _("Destination"), value: plan ? plan.Destination : "backups", help: _("A directory in the storage roots, or an NBD URI for a replica") },
+        { id: "schedule", label: _("Schedule"), value: plan ? plan.Schedule : "daily", help: _("systemd calendar syntax, e.g. *-*-* 01:30:00") },
+        { id: "level", label: _("Level"), type: "select", value: plan ? plan.Level : "auto", options: [["auto", "auto"], ["full", "full"], ["incremental", "incremental"], ["differential", "differential"]] },
+        { id: "mode", label: _("Mode"), type: "select", value: plan ? plan.Mode : "push", options: [["push", _("push")], ["pull", _("pull (fleecing: the guest never waits on the destination)")]] },
+        { id: "daily", label: _("Keep daily"), value: plan ? String(keep.KeepDaily || "") : "7" },
+        { id: "weekly", label: _("Keep weekly"), value: plan ? String(keep.KeepWeekly || "") : "4" },
+        { id: "monthly", label: _("Keep monthly"), value: plan ? String(keep.KeepMonthly || "") : "" },
+    ];
+}
+
+function planSettings(v) {
+    const n = k => (v[k] === "" ? (v.destination.includes("://") ? undefined : 0) : Number(v[k]));
+    const replica = v.destination.includes("://");
+    for (const k of ["daily", "weekly", "monthly"])
+        if (v[k] !== "" && !/^\d+$/.test(v[k]))
+            throw { title: _("Invalid number"), text: cockpit.format(_("keep $0: '$1' is no number"), k, v[k]) };
+    return opts({
+        chain: ["s", v.chain], destination: ["s", v.destination], schedule: ["s", v.schedule], level: ["s", v.level],
+        mode: ["s", v.mode], "keep-daily": ["u", replica ? undefined : n("daily")],
+        "keep-weekly": ["u", replica ? undefined : n("weekly")], "keep-monthly": ["u", replica ? undefined : n("monthly")],
+    });
+}
+
+function dialogEditPlan(plan) {
+    dialog(cockpit.format(_("Edit plan $0"), plan.Name), planFields(plan), _("Save"),
+           v => plan.call("Change", [planSettings(v)]));
+}
+
+function dialogBitmaps(image) {
+    const list = (image.Bitmaps || []).map(([name, gran, dirty, recording, busy, persistent, inconsistent]) =>
+        h("li", { class: "dc-bitmap", "data-bitmap": name },
+          h("strong", {}, name), " ",
+          cockpit.format(_("$0 changed since it started, granularity $1"), bytes(dirty), bytes(gran)), " ",
+          recording ? null : label(_("disabled")), persistent ? null : label(_("transient")),
+          inconsistent ? label(_("inconsistent"), "red") : null, busy ? label(_("in use"), "orange") : null));
+    dialog(cockpit.format(_("Bitmaps of $0"), basename(image.Path)), [
+        { id: "name", label: _("Add a bitmap"), placeholder: _("name"), help: _("It records every change from now on, for incremental backups") },
+        { id: "remove", label: _("Remove"), type: "select", value: "", options: [["", _("nothing")]].concat((image.Bitmaps || []).map(b => [b[0], b[0]])) },
+    ], _("Apply"), v => {
+        if (!v.name && !v.remove)
+            return fail(_("Nothing to do"), _("Name a bitmap to add, or choose one to remove."));
+        const steps = [];
+        if (v.remove)
+            steps.push(() => image.call("RemoveBitmap", [v.remove, {}]));
+        if (v.name)
+            steps.push(() => image.call("AddBitmap", [v.name, {}]));
+        return steps.reduce((p, f) => p.then(f), Promise.resolve());
+    }, list.length ? h("ul", { class: "dc-bitmaps" }, list) : _("No bitmaps yet."));
+}
+
 function dialogCreatePlan() {
     const chains = valid(P.Chain).map(c => P.Image[c.Active]).filter(Boolean);
     dialog(_("Create a backup plan"), [
         { id: "name", label: _("Name"), value: chains.length ? stem(chains[0].Path) : "" },
         { id: "chain", label: _("Chain"), type: "select", value: chains.length ? chains[0].Path : "", options: chains.map(i => [i.Path, basename(i.Path)]) },
-        { id: "destination", label: _("Destination"), value: "backups", help: _("A directory in the storage roots, or an NBD URI for a replica") },
-        { id: "schedule", label: _("Schedule"), value: "daily", help: _("systemd calendar syntax, e.g. *-*-* 01:30:00") },
-        { id: "level", label: _("Level"), type: "select", value: "auto", options: [["auto", "auto"], ["full", "full"], ["incremental", "incremental"], ["differential", "differential"]] },
-        { id: "daily", label: _("Keep daily"), value: "7" },
-        { id: "weekly", label: _("Keep weekly"), value: "4" },
-    ], _("Create"), v => {
-        const n = k => (v[k] === "" ? undefined : Number(v[k]));
-        const dest = v.destination.includes("://");
-        return managerCall("CreatePlan", [v.name, opts({
-            chain: ["s", v.chain], destination: ["s", v.destination], schedule: ["s", v.schedule], level: ["s", v.level],
-            "keep-daily": ["u", dest ? undefined : n("daily")], "keep-weekly": ["u", dest ? undefined : n("weekly")],
-        })]).then(() => { state.tab = "plans"; showTab() });
-    });
+    ].concat(planFields(null)), _("Create"), v => managerCall("CreatePlan", [v.name, planSettings(v)])
+            .then(() => { state.tab = "plans"; showTab() }));
 }
 
 /* --- tabs, signals, startup ---------------------------------------------------------------------- */

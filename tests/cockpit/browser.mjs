@@ -110,7 +110,7 @@ try {
 
         // a backup from the dialog, its progress bar watched to completion
         await chainCard("D.qcow2").locator('[data-action="backup"]').click();
-        await submitDialog({ target: "D-backup.qcow2", speed: "2M" });
+        await submitDialog({ target: "D-backup.qcow2", speed: "2M", compress: true });
         await page.waitForSelector('[data-view="jobs"]:not([hidden]) [data-job]');
         let shotTaken = false;
         for (;;) {
@@ -185,6 +185,19 @@ try {
         await chainCard("new.qcow2").waitFor({ state: "detached" });
         summary.imageLifecycle = true;
 
+        // a bitmap from its dialog, and an incremental backup from it after a change
+        await chainCard("D-mirror.qcow2").locator('[data-action="bitmaps"]').click();
+        await submitDialog({ name: "nightly" });
+        await page.waitForFunction(() => [...document.querySelectorAll('[data-chain$="/D-mirror.qcow2"] .dc-layer__labels')]
+            .some(e => e.textContent.includes("1 bitmaps")));
+        summary.bitmapAdded = true;
+        await chainCard("D-mirror.qcow2").locator('[data-action="backup"]').click();
+        await submitDialog({ target: "D-incr.qcow2", sync: "incremental", bitmap: "nightly" });
+        await page.waitForFunction(() => [...document.querySelectorAll("[data-notice]")].some(e => e.textContent.includes("completed") && e.dataset.notice.startsWith("backup")
+            && !document.querySelector("[data-job]")));
+        await tab("chains");
+        summary.incremental = true;
+
         // an export over NBD, listed with its URI
         await chainCard("D-mirror.qcow2").locator('[data-action="export"]').click();
         await submitDialog({ name: "vm" });
@@ -199,6 +212,10 @@ try {
         await page.locator('[data-plan="nightly"] [data-action="plan-run"]').click();
         await page.waitForSelector('[data-plan="nightly"] [data-point]', { timeout: 60000 });
         summary.points = await page.locator('[data-plan="nightly"] [data-point]').count();
+        await page.locator('[data-plan="nightly"] [data-action="plan-edit"]').click();
+        await submitDialog({ schedule: "*-*-* 02:15:00" });
+        await page.waitForFunction(() => document.querySelector('[data-plan="nightly"]').textContent.includes("*-*-* 02:15:00"));
+        summary.planEdited = true;
         await shot("plans");
     }
 } catch (err) {

@@ -12,6 +12,7 @@ Screenshots of each view go to BUILD/test-artifacts/cockpit/ (the README
 shows copies of the main ones, in docs/)."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -128,6 +129,13 @@ def test_cockpit_page_as_admin(bus, package):
     assert s["points"] == 1
     assert s["committed"] and s["imageLifecycle"] and "clean" in s["check"], s
     r = bus.root
+    assert s["bitmapAdded"] and s["incremental"] and s["planEdited"], s
+    assert "Schedule=*-*-* 02:15:00" in open(os.path.join(bus.dir, "plans.d", "nightly.conf")).read()
+    info = json.loads(qemu_img("info", "--output=json", os.path.join(r, "D-mirror.qcow2")).stdout)
+    assert {"nightly", "diskchain-plan-nightly"} == {b["name"] for b in info["format-specific"]["data"]["bitmaps"]}
+    qemu_img("check", os.path.join(r, "D-incr.qcow2"))
+    out = qemu_img("check", os.path.join(r, "D-backup.qcow2")).stdout  # the dialog's compress reached the job
+    assert float(re.search(r"([\d.]+)% compressed clusters", out).group(1)) > 50, out
     for img in ("D-backup.qcow2", "D-mirror.qcow2"):
         qemu_img("check", os.path.join(r, img))
         p = qemu_img("compare", "-F", "raw", os.path.join(r, img), os.path.join(bus.dir, "D.ref"), check=False)
