@@ -168,8 +168,10 @@ function redraw() {
         renderHeader();
         const view = document.getElementById("view-" + state.tab);
         const fn = { chains: renderChains, jobs: renderJobs, exports: renderExports, plans: renderPlans }[state.tab];
-        const content = fn();
-        view.replaceChildren(content);
+        const content = [fn()].flat();
+        /* (nodes already in place stay: the chains' toolbar keeps its focus) */
+        if (content.length !== view.children.length || content.some((c, i) => view.children[i] !== c))
+            view.replaceChildren(...content);
         document.body.dataset.ready = "1";
     });
 }
@@ -314,7 +316,7 @@ function renderLayer(image, color, chainPath, isActive) {
       isActive ? label(_("active"), "blue") : null, inUse,
       image.Corrupt ? label(_("corrupt"), "red") : null,
       image.Dirty ? label(_("dirty"), "orange") : null,
-      (image.Bitmaps || []).length ? label(cockpit.format(_("$0 bitmaps"), image.Bitmaps.length), "purple") : null));
+      (image.Bitmaps || []).length ? label(image.Bitmaps.length === 1 ? _("1 bitmap") : cockpit.format(_("$0 bitmaps"), image.Bitmaps.length), "purple") : null));
 }
 
 function renderChain(chain) {
@@ -353,8 +355,8 @@ function renderChain(chain) {
              h("div", { class: "pf-v5-c-card__header" },
                h("div", { class: "pf-v5-c-card__title" },
                  h("h2", { class: "pf-v5-c-title pf-m-lg" }, basename(active.Path)),
-                 h("span", { class: "dc-muted" }, cockpit.format(_("$0 layers, $1"), layers.length, bytes(chain.VirtualSize))),
-                 jobs.length ? label(cockpit.format(_("$0 jobs"), jobs.length), "blue") : null,
+                 h("span", { class: "dc-muted" }, cockpit.format(layers.length === 1 ? _("1 layer, $1") : _("$0 layers, $1"), layers.length, bytes(chain.VirtualSize))),
+                 jobs.length ? label(jobs.length === 1 ? _("1 job") : cockpit.format(_("$0 jobs"), jobs.length), "blue") : null,
                  exps.map(e => label(cockpit.format(_("exported as $0"), e.Name), "green")))),
              h("div", { class: "pf-v5-c-card__body" },
                row,
@@ -363,17 +365,44 @@ function renderChain(chain) {
                actions, imageActions));
 }
 
+/*
+ * Ten thousand images make thousands of chains: the page draws the first
+ * CHAIN_PAGE that match the filter (more on request), and only drawn cards
+ * ask for an allocation map.  The toolbar is made once, so that typing in
+ * the filter keeps its focus across redraws.
+ */
+const CHAIN_PAGE = 25;
+const chainsToolbar = h("div", { class: "dc-toolbar" },
+                        button(_("Create image"), () => dialogCreate(), "primary", { "data-action": "create-image" }),
+                        h("input", { class: "pf-v5-c-form-control dc-filter", type: "search", "aria-label": _("Filter chains"),
+                                     placeholder: _("Filter by name"), "data-filter": "chains",
+                                     oninput: ev => { state.filter = ev.target.value.trim(); state.limit = CHAIN_PAGE; redraw() } }));
+const chainsList = h("div", { class: "dc-chains" });
+
 function renderChains() {
-    const chains = valid(P.Chain).sort((a, b) => (a.path < b.path ? -1 : 1));
-    const toolbar = h("div", { class: "dc-toolbar" },
-                      button(_("Create image"), dialogCreate, "primary", { "data-action": "create-image" }));
-    if (!chains.length)
-        return h("div", {}, toolbar,
-                 h("div", { class: "pf-v5-c-empty-state" },
-                   h("div", { class: "pf-v5-c-empty-state__content" },
-                     h("h2", { class: "pf-v5-c-title pf-m-lg" }, _("No images in the storage roots")),
-                     h("div", { class: "pf-v5-c-empty-state__body" }, _("Create one, or copy qcow2 or raw images into a storage root.")))));
-    return h("div", { class: "dc-chains" }, toolbar, chains.map(renderChain));
+    const all = valid(P.Chain).filter(c => P.Image[c.Active]).sort((a, b) => (a.path < b.path ? -1 : 1));
+    const filter = (state.filter || "").toLowerCase();
+    const chains = filter ? all.filter(c => (chainLayers(c)).some(i => basename(i.Path).toLowerCase().includes(filter))) : all;
+    const limit = state.limit || CHAIN_PAGE;
+    let content;
+    if (!all.length)
+        content = h("div", { class: "pf-v5-c-empty-state" },
+                    h("div", { class: "pf-v5-c-empty-state__content" },
+                      h("h2", { class: "pf-v5-c-title pf-m-lg" }, _("No images in the storage roots")),
+                      h("div", { class: "pf-v5-c-empty-state__body" }, _("Create one, or copy qcow2 or raw images into a storage root."))));
+    else
+        content = [chains.slice(0, limit).map(renderChain),
+            chains.length > limit
+                ? button(cockpit.format(_("Show $0 more ($1 not shown)"), Math.min(CHAIN_PAGE, chains.length - limit), chains.length - limit),
+                         () => { state.limit = limit + CHAIN_PAGE; redraw() }, "link", { "data-action": "more-chains" })
+                : null,
+            !chains.length ? h("p", { class: "dc-muted" }, cockpit.format(_("No chain has a layer named like '$0'."), state.filter)) : null];
+    chainsList.replaceChildren(...[content].flat(Infinity).filter(Boolean));
+    return [chainsToolbar, chainsList];
+}
+
+function chainLayers(chain) {
+    return (chain.Layers || []).map(p => P.Image[p]).filter(Boolean);
 }
 
 /* --- jobs ----------------------------------------------------------------------------------------- */

@@ -77,6 +77,20 @@ async function waitStatus(status, timeout) {
 try {
     await page.goto(url);
     await page.waitForSelector("body[data-ready]");
+    if (scenario === "many") {
+        // thousands of images: a page of chains drawn, more on request, the filter finds one
+        await page.waitForSelector('[data-action="more-chains"]');
+        summary.drawn = await page.locator("[data-chain]").count();
+        summary.more = await page.locator('[data-action="more-chains"]').innerText();
+        await page.click('[data-action="more-chains"]');
+        await page.waitForFunction(n => document.querySelectorAll("[data-chain]").length > n, summary.drawn);
+        summary.drawnAfterMore = await page.locator("[data-chain]").count();
+        await page.locator('[data-filter="chains"]').pressSequentially("disk-1777");
+        await page.waitForFunction(() => document.querySelectorAll("[data-chain]").length === 1);
+        summary.filtered = await page.locator("[data-chain]").getAttribute("data-chain");
+        summary.focusKept = await page.evaluate(() => document.activeElement && document.activeElement.dataset.filter === "chains");
+        await shot("many");
+    } else {
     // the seed chain [A] <-- [B] <-- [C] <-- [D], drawn base to active
     await chainCard("D.qcow2").waitFor();
     const layers = await chainCard("D.qcow2").locator("[data-layer]").evaluateAll(els => els.map(e => e.dataset.layer.split("/").pop()));
@@ -189,7 +203,7 @@ try {
         await chainCard("D-mirror.qcow2").locator('[data-action="bitmaps"]').click();
         await submitDialog({ name: "nightly" });
         await page.waitForFunction(() => [...document.querySelectorAll('[data-chain$="/D-mirror.qcow2"] .dc-layer__labels')]
-            .some(e => e.textContent.includes("1 bitmaps")));
+            .some(e => e.textContent.includes("1 bitmap")));
         summary.bitmapAdded = true;
         await chainCard("D-mirror.qcow2").locator('[data-action="backup"]').click();
         await submitDialog({ target: "D-incr.qcow2", sync: "incremental", bitmap: "nightly" });
@@ -217,6 +231,7 @@ try {
         await page.waitForFunction(() => document.querySelector('[data-plan="nightly"]').textContent.includes("*-*-* 02:15:00"));
         summary.planEdited = true;
         await shot("plans");
+    }
     }
 } catch (err) {
     problems.push(String(err && err.stack || err));

@@ -158,3 +158,28 @@ def test_cockpit_page_refusal_for_an_unprivileged_user(bus, package):
         stop(ws)
     assert "Not authorized" in s["refusal"] and "org.diskchain" in s["refusal"], s
     assert not os.path.exists(os.path.join(bus.root, "E.qcow2"))
+
+
+def test_cockpit_page_with_thousands_of_images(bus, package):
+    """Two thousand images in the root (a chain each): the page draws a page of them and asks the
+    allocation map of those only, shows more on request, and its filter finds one while keeping focus."""
+    for i in range(2000):
+        with open(os.path.join(bus.root, f"disk-{i:04d}.raw"), "wb") as f:
+            f.truncate(1 << 20)
+    subprocess.run(["busctl", "--system", "call", "org.diskchain.DiskChain1", "/org/diskchain/DiskChain1",
+                    "org.diskchain.DiskChain1.Manager", "ListImages"], env={**os.environ, **bus.env}, check=True,
+                   capture_output=True)
+    ws, url = cockpit_ws(bus, package)
+    monitor = calls_to_daemon(bus)
+    try:
+        s = browse("many", url)
+    finally:
+        stop(ws)
+        calls = monitor()
+    assert s["drawn"] == 25 and "(1975 not shown)" in s["more"], s
+    assert s["drawnAfterMore"] == 50, s
+    assert s["filtered"].endswith("/disk-1777.raw") and s["focusKept"], s
+    maps = [c for c in calls if c[1] == "Map"]
+    # the drawn cards' maps (51 cards; a card asks again when its layer's properties change as the
+    # daemon reads the files in), not two thousand
+    assert 51 <= len(maps) <= 150, len(maps)
