@@ -106,15 +106,21 @@ def calls_to_daemon(bus):
     return stop_monitor
 
 
-def test_cockpit_page_as_admin(bus, package):
-    make_seed_chain(bus)
-    ws, url = cockpit_ws(bus, package)
+def page_session(bus, package, scenario, user=None):
+    """SCENARIO of browser.mjs through cockpit-ws (as USER): its summary and the calls the daemon got."""
+    ws, url = cockpit_ws(bus, package, user=user)
     monitor = calls_to_daemon(bus)
     try:
-        s = browse("admin", url)
+        s = browse(scenario, url)
     finally:
-        stop(ws)
         calls = monitor()
+        stop(ws)
+    return s, calls
+
+
+def test_cockpit_page_as_admin(bus, package):
+    make_seed_chain(bus)
+    s, calls = page_session(bus, package, "admin")
     # no polling: while the page sat still, not one call reached the daemon (and some did before and after)
     idle = [c for c in calls if s["idleFrom"] * 1000 <= c[0] <= s["idleTo"] * 1000]
     assert not idle, idle
@@ -151,11 +157,7 @@ def test_cockpit_page_as_admin(bus, package):
 
 def test_cockpit_page_refusal_for_an_unprivileged_user(bus, package):
     make_seed_chain(bus)
-    ws, url = cockpit_ws(bus, package, user=TEST_USER)
-    try:
-        s = browse("limited", url)
-    finally:
-        stop(ws)
+    s, _ = page_session(bus, package, "limited", user=TEST_USER)
     assert "Not authorized" in s["refusal"] and "org.diskchain" in s["refusal"], s
     assert not os.path.exists(os.path.join(bus.root, "E.qcow2"))
 
@@ -169,13 +171,7 @@ def test_cockpit_page_with_thousands_of_images(bus, package):
     subprocess.run(["busctl", "--system", "call", "org.diskchain.DiskChain1", "/org/diskchain/DiskChain1",
                     "org.diskchain.DiskChain1.Manager", "ListImages"], env={**os.environ, **bus.env}, check=True,
                    capture_output=True)
-    ws, url = cockpit_ws(bus, package)
-    monitor = calls_to_daemon(bus)
-    try:
-        s = browse("many", url)
-    finally:
-        stop(ws)
-        calls = monitor()
+    s, calls = page_session(bus, package, "many")
     assert s["drawn"] == 25 and "(1975 not shown)" in s["more"], s
     assert s["drawnAfterMore"] == 50, s
     assert s["filtered"].endswith("/disk-1777.raw") and s["focusKept"], s
