@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bustest import CTL, TEST_USER, Bus, finish, kill_daemon, qemu_img, qemu_io
+from nbdservers import servers, start, stop, wait_socket  # noqa: F401 (servers: autouse, no server outlives its test)
 from test_bus import M, data, prop
 from test_export import wait_for
 
@@ -450,7 +451,6 @@ def test_replica_on_an_nbd_server(pbus, tmp_path):
     and the next run full; a restore copies the export into a new image, byte-identical; what a
     replica cannot do is refused with the reason."""
     import nbd
-    from nbdservers import start, stop, wait_socket
     bus = pbus
     r = bus.root
     disk = os.path.join(r, "vm.qcow2")
