@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -60,7 +61,9 @@ def cockpit_ws(bus, share, user=None):
         cmd = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"] + cmd
     env = {**os.environ, **bus.env, "XDG_DATA_DIRS": f"{share}:/usr/share", "HOME": home,
            "XDG_RUNTIME_DIR": home, "LANG": "C.UTF-8"}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a process group of its own: the bridge starts a session bus, which must go with it
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     for _ in range(100):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -83,12 +86,21 @@ def browse(scenario, url):
 
 
 def stop(p):
-    p.terminate()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+    """cockpit-ws and everything it started (the bridge, its session bus) are gone."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            p.poll()
+            time.sleep(0.05)
+    p.wait()
     shutil.rmtree(p.home, ignore_errors=True)
 
 
