@@ -429,6 +429,7 @@ function jobVerb(job, verb) {
         complete: () => job.call("Complete", []),
         finalize: () => job.call("Finalize", []),
         dismiss: () => job.call("Dismiss", []),
+        blocking: () => job.call("Change", [{ "copy-mode": cockpit.variant("s", "write-blocking") }]),
     }[verb];
     delete state.jobErrors[job.path];
     call().catch(err => { state.jobErrors[job.path] = describeError(err); redraw() });
@@ -439,7 +440,10 @@ function renderJob(job) {
     const now = Date.now() * 1000;
     const eta = job.ExpectedEndTime && job.Status === "running" ? duration((job.ExpectedEndTime - now) / 1e6) : null;
     const verbs = (VERBS[job.Status] || []).filter(v => v !== "complete" || job.Ready);
-    const names = { pause: _("Pause"), resume: _("Resume"), cancel: _("Cancel"), complete: _("Complete"), finalize: _("Finalize"), dismiss: _("Dismiss"), speed: _("Set speed") };
+    /* block-job-change: a mirror's copy mode goes from background to write-blocking (not back) */
+    if (job.Type === "mirror" && !job.ActivelySynced && ["running", "ready"].includes(job.Status))
+        verbs.push("blocking");
+    const names = { pause: _("Pause"), resume: _("Resume"), cancel: _("Cancel"), complete: _("Complete"), finalize: _("Finalize"), dismiss: _("Dismiss"), speed: _("Set speed"), blocking: _("Write-blocking") };
     if (job.Type === "mirror" && job.Status === "ready")
         names.cancel = _("Stop, keep the copy"); /* QEMU's cancel of a ready mirror: a point-in-time copy */
     const ev = state.jobEvents[job.path];
@@ -851,13 +855,15 @@ function dialogBitmaps(image) {
           inconsistent ? label(_("inconsistent"), "red") : null, busy ? label(_("in use"), "orange") : null));
     dialog(cockpit.format(_("Bitmaps of $0"), basename(image.Path)), [
         { id: "name", label: _("Add a bitmap"), placeholder: _("name"), help: _("It records every change from now on, for incremental backups") },
-        { id: "remove", label: _("Remove"), type: "select", value: "", options: [["", _("nothing")]].concat((image.Bitmaps || []).map(b => [b[0], b[0]])) },
+        { id: "which", label: _("Or change"), type: "select", value: "", options: [["", _("no bitmap")]].concat((image.Bitmaps || []).map(b => [b[0], b[0]])) },
+        { id: "op", label: _("Action"), type: "select", value: "RemoveBitmap", show: v => !!v.which,
+          options: [["RemoveBitmap", _("remove")], ["ClearBitmap", _("clear (start again from now)")], ["DisableBitmap", _("stop recording")], ["EnableBitmap", _("record again")]] },
     ], _("Apply"), v => {
-        if (!v.name && !v.remove)
-            return fail(_("Nothing to do"), _("Name a bitmap to add, or choose one to remove."));
+        if (!v.name && !v.which)
+            return fail(_("Nothing to do"), _("Name a bitmap to add, or choose one to change."));
         const steps = [];
-        if (v.remove)
-            steps.push(() => image.call("RemoveBitmap", [v.remove, {}]));
+        if (v.which)
+            steps.push(() => image.call(v.op, [v.which]));
         if (v.name)
             steps.push(() => image.call("AddBitmap", [v.name, {}]));
         return steps.reduce((p, f) => p.then(f), Promise.resolve());

@@ -176,6 +176,10 @@ try {
         await submitDialog({ target: "D-mirror.qcow2" });
         await waitStatus("ready");
         await page.waitForSelector('[data-job] [data-event="ready"]');
+        await jobRow.first().locator('[data-verb="blocking"]').click();
+        await page.waitForSelector('[data-job] [data-verb="complete"]');
+        await page.waitForFunction(() => !document.querySelector('[data-job] [data-verb="blocking"]'));
+        summary.writeBlocking = true;
         await jobRow.first().locator('[data-verb="complete"]').click();
         await page.waitForSelector("[data-job]", { state: "detached" });
         await tab("chains");
@@ -205,6 +209,17 @@ try {
         await page.waitForFunction(() => [...document.querySelectorAll('[data-chain$="/D-mirror.qcow2"] .dc-layer__labels')]
             .some(e => e.textContent.includes("1 bitmap")));
         summary.bitmapAdded = true;
+        await chainCard("D-mirror.qcow2").locator('[data-action="bitmaps"]').click();
+        await submitDialog({ name: "scratch" });
+        await page.waitForFunction(() => document.querySelector('[data-chain$="/D-mirror.qcow2"] .dc-layer__labels').textContent.includes("2 bitmaps"));
+        await chainCard("D-mirror.qcow2").locator('[data-action="bitmaps"]').click();
+        await submitDialog({ which: "scratch", op: "DisableBitmap" });
+        await chainCard("D-mirror.qcow2").locator('[data-action="bitmaps"]').click();
+        await page.waitForSelector('[data-dialog] [data-bitmap="scratch"]');
+        summary.disabledShown = (await page.locator('[data-dialog] [data-bitmap="scratch"]').innerText()).includes("disabled");
+        await submitDialog({ which: "scratch", op: "RemoveBitmap" });
+        await page.waitForFunction(() => document.querySelector('[data-chain$="/D-mirror.qcow2"] .dc-layer__labels').textContent.includes("1 bitmap"));
+        summary.bitmapRemoved = true;
         await chainCard("D-mirror.qcow2").locator('[data-action="backup"]').click();
         await submitDialog({ target: "D-incr.qcow2", sync: "incremental", bitmap: "nightly" });
         await page.waitForFunction(() => [...document.querySelectorAll("[data-notice]")].some(e => e.textContent.includes("completed") && e.dataset.notice.startsWith("backup")

@@ -148,6 +148,7 @@ def test_cockpit_page_as_admin(bus, package):
     assert s["committed"] and s["imageLifecycle"] and "clean" in s["check"], s
     r = bus.root
     assert s["bitmapAdded"] and s["incremental"] and s["planEdited"], s
+    assert s["writeBlocking"] and s["disabledShown"] and s["bitmapRemoved"], s
     assert "Schedule=*-*-* 02:15:00" in open(os.path.join(bus.dir, "plans.d", "nightly.conf")).read()
     info = json.loads(qemu_img("info", "--output=json", os.path.join(r, "D-mirror.qcow2")).stdout)
     assert {"nightly", "diskchain-plan-nightly"} == {b["name"] for b in info["format-specific"]["data"]["bitmaps"]}
