@@ -74,6 +74,12 @@ int claims_take(Claims *c, const char *id, char *const *paths, const char *targe
                         *ret_message = g_strdup_printf("'%s' is in use by job '%s'", *p, holder);
                         return -EBUSY;
                 }
+                /* (an NBD export another job writes: the model knows no such image to refuse it earlier) */
+                holder = claims_target_of(c, *p);
+                if (holder) {
+                        *ret_message = g_strdup_printf("'%s' is the target of job '%s'", *p, holder);
+                        return -EBUSY;
+                }
                 holder = claims_exporter(c, *p);
                 if (holder && g_strcmp0(holder, via) != 0) {
                         *ret_message = g_strdup_printf("'%s' is exported over NBD as '%s'", *p, holder);

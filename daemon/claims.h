@@ -20,8 +20,8 @@ Claims *claims_free(Claims *c);
  * Claim PATHS (NULL-terminated) busy for job ID, and TARGET (NULL: none) as
  * its target, all or nothing; the job writes through the export VIA (NULL:
  * none), whose images it may use.  -EBUSY when a path is some job's
- * already or another export's, or TARGET is some job's target or path, or
- * exported;
+ * path or target already or another export's, or TARGET is some job's
+ * target or path, or exported;
  * then *RET_MESSAGE (g_free() it) says which, in the words of the D-Bus
  * error Busy, and nothing was taken.
  */

@@ -75,6 +75,19 @@ static void test_refused(void) {
         CHECK(!claims_holder(c, "/r/y"));
         CHECK(streq(claims_target_of(c, "/r/t"), "mirror0"));
 
+        /* an NBD export (a URI: no image of the model) one job reads and another would write, either way */
+        CHECK(claims_take(c, "restore0", (char *[]){ "nbd://h/e", NULL }, "/r/new", NULL, &msg) == 0);
+        CHECK(claims_take(c, "run0", (char *[]){ "/r/vm", NULL }, "nbd://h/e", NULL, &msg) == -EBUSY);
+        CHECK(streq(msg, "'nbd://h/e' is in use by job 'restore0'"));
+        g_free(msg), msg = NULL;
+        CHECK(!claims_holder(c, "/r/vm"));
+        CHECK(claims_release(c, "restore0", (char *[]){ "nbd://h/e", NULL }, "/r/new"));
+        CHECK(claims_take(c, "run0", (char *[]){ "/r/vm", NULL }, "nbd://h/e", NULL, &msg) == 0);
+        CHECK(claims_take(c, "restore1", (char *[]){ "nbd://h/e", NULL }, "/r/new", NULL, &msg) == -EBUSY);
+        CHECK(streq(msg, "'nbd://h/e' is the target of job 'run0'"));
+        g_free(msg), msg = NULL;
+        CHECK(!claims_target_of(c, "/r/new"));
+
         /* a job's own paths are claimed once: a second claim by the same id is refused too */
         CHECK(claims_take(c, "stream0", (char *[]){ "/r/top", NULL }, NULL, NULL, &msg) == -EBUSY);
         g_free(msg), msg = NULL;
