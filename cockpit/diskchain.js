@@ -166,6 +166,8 @@ function redraw() {
     window.requestAnimationFrame(() => {
         redrawQueued = false;
         renderHeader();
+        if (state.reconnecting)
+            return; /* (the last view stays while the daemon starts again) */
         const view = document.getElementById("view-" + state.tab);
         const fn = { chains: renderChains, jobs: renderJobs, exports: renderExports, plans: renderPlans }[state.tab];
         const content = [fn()].flat();
@@ -188,8 +190,8 @@ function renderHeader() {
     const jobs = valid(P.Job);
     document.getElementById("job-count").textContent = String(jobs.length);
     const st = document.getElementById("service-state");
-    if (state.owner === null)
-        st.textContent = _("diskchaind is not running; it starts again with the next action.");
+    if (state.reconnecting || state.owner === null)
+        st.textContent = _("diskchaind stopped while idle; starting it again…");
     else if (state.manager)
         st.textContent = cockpit.format(_("diskchaind $0 — storage roots: $1"), state.manager.Version,
                                         state.manager.StorageRoots.join(", "));
@@ -932,8 +934,20 @@ function activate() {
         box.replaceChildren(alert("danger", _("Cannot reach diskchaind"), describeError(err).text, { "data-error": "service" }));
     });
 }
+/*
+ * diskchaind leaves when idle (no job, export or call for its idle timeout)
+ * and comes back with the next call.  While the page is open that next call
+ * is made at once: the view stays as it was drawn until the objects are back.
+ */
 client.addEventListener("owner", (ev, owner) => {
+    const was = state.owner;
     state.owner = owner;
+    if (owner === null && was) {
+        state.reconnecting = true;
+        document.body.dataset.reconnects = String(Number(document.body.dataset.reconnects || 0) + 1);
+        window.setTimeout(() => activate().then(() => Promise.all(Object.values(P).map(p => p.wait())))
+                .then(() => { state.reconnecting = false; redraw() }), 200);
+    }
     redraw();
 });
 client.addEventListener("close", (ev, options) => {

@@ -77,7 +77,21 @@ async function waitStatus(status, timeout) {
 try {
     await page.goto(url);
     await page.waitForSelector("body[data-ready]");
-    if (scenario === "many") {
+    if (scenario === "idle") {
+        // the daemon leaves when idle: the page starts it again and shows the chain as before
+        await chainCard("D.qcow2").waitFor();
+        await page.waitForSelector("body[data-reconnects]", { timeout: 60000 });
+        await page.waitForFunction(() => document.getElementById("service-state").textContent.includes("storage roots"),
+                                   null, { timeout: 30000 });
+        await chainCard("D.qcow2").locator("[data-map] svg").waitFor();
+        summary.layers = await chainCard("D.qcow2").locator("[data-layer]").evaluateAll(els => els.map(e => e.dataset.layer.split("/").pop()));
+        summary.reconnects = Number(await page.evaluate(() => document.body.dataset.reconnects));
+        // and its actions work on the new daemon
+        await chainCard("D.qcow2").locator('[data-action="snapshot"]').click();
+        await submitDialog({ overlay: "E.qcow2" });
+        await chainCard("E.qcow2").waitFor();
+        summary.snapshot = true;
+    } else if (scenario === "many") {
         // thousands of images: a page of chains drawn, more on request, the filter finds one
         await page.waitForSelector('[data-action="more-chains"]');
         summary.drawn = await page.locator("[data-chain]").count();

@@ -192,3 +192,13 @@ def test_cockpit_page_with_thousands_of_images(bus, package):
     # the drawn cards' maps (51 cards; a card asks again when its layer's properties change as the
     # daemon reads the files in), not two thousand
     assert 51 <= len(maps) <= 150, len(maps)
+
+
+def test_cockpit_page_when_the_daemon_leaves_idle(bus_idle, package):
+    """diskchaind exits when idle (here after 2 s): the open page starts it again at once, keeps showing
+    the chain meanwhile, and its actions work on the new daemon."""
+    bus = bus_idle
+    make_seed_chain(bus)
+    s, _ = page_session(bus, package, "idle")
+    assert s["reconnects"] >= 1 and s["layers"] == ["A.qcow2", "B.qcow2", "C.qcow2", "D.qcow2"] and s["snapshot"], s
+    assert "idle, exiting" in open(bus.log).read()
